@@ -1,0 +1,89 @@
+//! Replacing a file atomically.
+//!
+//! The new content goes to a temporary file next to the destination, is flushed
+//! to disk and renamed over it. A crash or an error at any point leaves the old
+//! file (or no file) under the destination name, never a half-written one;
+//! on error the temporary file is removed. Readers that still have the old
+//! file mapped keep their pages: the old inode is not truncated.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Buffer for small writes; writes at least this large bypass it.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Writes a file through `write` and moves it into place at `path`.
+///
+/// The new file gets the mode of the file it replaces, or `0o666` minus the
+/// process umask when there is none, like any newly created file. When `path`
+/// is a symbolic link, the link is kept and its target is replaced.
+pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
+{
+    let target = resolve_symlinks(path)?;
+    let dir = match target.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = target.file_name().ok_or_else(|| Error::Io {
+        context: "the destination has no file name".into(),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    })?;
+
+    let mut builder = tempfile::Builder::new();
+    let prefix = format!(".{}.", file_name.to_string_lossy());
+    builder.prefix(&prefix).suffix(".tmp");
+    #[cfg(unix)]
+    let existing_mode = {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&target).ok().map(|m| m.permissions().mode() & 0o7777);
+        // Created with 0o666 the kernel applies the umask, as for any new file.
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+        mode
+    };
+    let temp = builder
+        .tempfile_in(&dir)
+        .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
+
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, temp);
+    write(&mut out).map_err(|e| Error::io("writing", e))?;
+    let temp = out.into_inner().map_err(|e| Error::io("writing", e.into_error()))?;
+    #[cfg(unix)]
+    if let Some(mode) = existing_mode {
+        use std::os::unix::fs::PermissionsExt;
+        temp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("copying the permissions of the replaced file", e))?;
+    }
+    temp.as_file().sync_all().map_err(|e| Error::io("flushing to disk", e))?;
+    temp.persist(&target).map_err(|e| Error::io("renaming the temporary file into place", e.error))?;
+    // Make the rename itself durable. Not every filesystem supports syncing a
+    // directory; the data is already safe, so a failure here is not an error.
+    #[cfg(unix)]
+    if let Ok(dir) = File::open(&dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Follows symbolic links at `path` (up to a fixed depth) to the file they name.
+fn resolve_symlinks(path: &Path) -> Result<PathBuf> {
+    let mut current = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let link = std::fs::read_link(&current).map_err(|e| Error::io("reading a symbolic link", e))?;
+                current = match current.parent() {
+                    Some(parent) if link.is_relative() => parent.join(link),
+                    _ => link,
+                };
+            }
+            _ => return Ok(current),
+        }
+    }
+    Err(Error::io("following symbolic links", std::io::Error::other("too many levels of symbolic links")))
+}

@@ -1,0 +1,438 @@
+//! Parsing and validating the header: the 8-byte length, the JSON text, and the
+//! layout rules that tie the tensors to the data section.
+//!
+//! The checks run in the reference implementation's order, so a bad file gets
+//! the same kind of error from both; on top of them tensafe rejects duplicate
+//! tensor names and names with control characters, which the reference lets
+//! through.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use crate::error::{Diagnosis, Error, Result};
+use crate::Dtype;
+
+/// The header size limit of the reference implementation (100 MB).
+pub const DEFAULT_MAX_HEADER_SIZE: u64 = 100_000_000;
+
+/// The key under which the header keeps free-form string metadata.
+pub const METADATA_KEY: &str = "__metadata__";
+
+/// Options for reading a file.
+#[derive(Debug, Clone)]
+pub struct ReadOptions {
+    /// Largest accepted header, in bytes (`N == max_header_size` is accepted).
+    pub max_header_size: u64,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions { max_header_size: DEFAULT_MAX_HEADER_SIZE }
+    }
+}
+
+/// Where one tensor lives and how to interpret its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TensorInfo {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Logical shape (for sub-byte dtypes, a count of 4- or 6-bit values).
+    pub shape: Vec<usize>,
+    /// `[begin, end)` relative to the start of the data section.
+    pub data_offsets: (usize, usize),
+}
+
+impl TensorInfo {
+    /// Number of elements (1 for a scalar).
+    pub fn num_elements(&self) -> usize {
+        // Validated at parse time not to overflow.
+        self.shape.iter().product()
+    }
+
+    /// Size of the tensor's data in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.data_offsets.1 - self.data_offsets.0
+    }
+}
+
+/// A validated header: metadata, and every tensor in file order.
+#[derive(Debug, Clone)]
+pub struct Header {
+    header_len: usize,
+    metadata: Option<Vec<(String, String)>>,
+    /// Tensors in data-offset order; ties (zero-size tensors) in header order.
+    tensors: Vec<(String, TensorInfo)>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Header {
+    /// Reads the header length from the first 8 bytes of a file of `file_len`
+    /// bytes and checks it against the limit and the file size.
+    ///
+    /// `prefix` is whatever the caller has of the file's start (at least 8 bytes
+    /// when the file has them); it is also used to diagnose files that are not
+    /// safetensors at all.
+    pub fn header_len(prefix: &[u8], file_len: u64, options: &ReadOptions) -> Result<usize> {
+        if file_len < 8 || prefix.len() < 8 {
+            return Err(Error::HeaderTooSmall { file_len, hint: Diagnosis::sniff(prefix) });
+        }
+        let declared = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+        if declared > options.max_header_size {
+            return Err(Error::HeaderTooLarge { declared, limit: options.max_header_size, hint: Diagnosis::sniff(prefix) });
+        }
+        let available = file_len - 8;
+        if declared > available || usize::try_from(declared).is_err() {
+            return Err(Error::InvalidHeaderLength { declared, available, hint: Diagnosis::sniff(prefix) });
+        }
+        Ok(declared as usize)
+    }
+
+    /// Parses and validates the header JSON of a file of `file_len` bytes.
+    ///
+    /// `json` is the `header_len` bytes after the 8-byte prefix.
+    pub fn parse(json: &[u8], file_len: u64) -> Result<Header> {
+        let header_len = json.len();
+        let text = std::str::from_utf8(json).map_err(|source| Error::InvalidUtf8 {
+            offset: 8 + source.valid_up_to() as u64,
+            source,
+            hint: Diagnosis::Unknown,
+        })?;
+        let raw = parse_json(text).map_err(|source| {
+            // A document that is not an object at all is probably not ours.
+            let hint = if text.trim_start().starts_with('{') { Diagnosis::Unknown } else { Diagnosis::sniff(json) };
+            Error::InvalidJson { source, hint }
+        })?;
+        let data_len = file_len - 8 - header_len as u64;
+        let tensors = layout(raw.tensors, 8 + header_len as u64, data_len)?;
+        let by_name = tensors.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect();
+        Ok(Header { header_len, metadata: raw.metadata, tensors, by_name })
+    }
+
+    /// Parses a complete file held in memory; returns the header and the data section.
+    pub fn parse_file_bytes<'a>(bytes: &'a [u8], options: &ReadOptions) -> Result<(Header, &'a [u8])> {
+        let n = Header::header_len(bytes, bytes.len() as u64, options)?;
+        let header = Header::parse(&bytes[8..8 + n], bytes.len() as u64)?;
+        Ok((header, &bytes[8 + n..]))
+    }
+
+    /// Length of the JSON header in bytes (`N`, padding included).
+    pub fn header_len_bytes(&self) -> usize {
+        self.header_len
+    }
+
+    /// File offset where the data section starts (`8 + N`).
+    pub fn data_start(&self) -> u64 {
+        8 + self.header_len as u64
+    }
+
+    /// Size of the data section in bytes.
+    pub fn data_len(&self) -> usize {
+        self.tensors.last().map_or(0, |(_, info)| info.data_offsets.1)
+    }
+
+    /// Free-form metadata in header order; `None` when absent or `null`.
+    pub fn metadata(&self) -> Option<&[(String, String)]> {
+        self.metadata.as_deref()
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the file holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Looks a tensor up by name.
+    pub fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.tensors[i].1)
+            .ok_or_else(|| Error::TensorNotFound { name: name.to_owned() })
+    }
+
+    /// Tensors in file (data-offset) order, without allocating.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &TensorInfo)> + '_ {
+        self.tensors.iter().map(|(name, info)| (name.as_str(), info))
+    }
+
+    /// Tensor names in file order.
+    pub fn names_in_file_order(&self) -> Vec<&str> {
+        self.tensors.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    /// Tensor names sorted by byte-wise comparison.
+    pub fn names_sorted(&self) -> Vec<&str> {
+        let mut names = self.names_in_file_order();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// The header as written, before the layout checks.
+struct RawHeader {
+    metadata: Option<Vec<(String, String)>>,
+    tensors: Vec<(String, TensorInfo)>,
+}
+
+fn parse_json(text: &str) -> serde_json::Result<RawHeader> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw = de.deserialize_map(HeaderVisitor)?;
+    de.end()?;
+    Ok(raw)
+}
+
+struct HeaderVisitor;
+
+impl<'de> Visitor<'de> for HeaderVisitor {
+    type Value = RawHeader;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object mapping tensor names (and optionally `__metadata__`) to their descriptions")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawHeader, A::Error> {
+        let mut metadata: Option<Option<Vec<(String, String)>>> = None;
+        let mut tensors: Vec<(String, TensorInfo)> = Vec::new();
+        let mut seen: HashMap<String, ()> = HashMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if key == METADATA_KEY {
+                if metadata.is_some() {
+                    return Err(de::Error::duplicate_field(METADATA_KEY));
+                }
+                metadata = Some(map.next_value_seed(OptionalStringMap)?);
+                continue;
+            }
+            if let Some(reason) = invalid_name_reason(&key) {
+                return Err(de::Error::custom(format_args!("tensor name {key:?} {reason}")));
+            }
+            if seen.insert(key.clone(), ()).is_some() {
+                return Err(de::Error::custom(format_args!(
+                    "duplicate tensor name `{key}` (the format forbids it; the reference keeps the last one silently)"
+                )));
+            }
+            let raw: RawTensorInfo = map.next_value()?;
+            tensors.push((key, raw.into_info()?));
+        }
+        Ok(RawHeader { metadata: metadata.flatten(), tensors })
+    }
+}
+
+/// Why a tensor name is refused, or `None` if it is fine. Shared by the reader
+/// and the writer so both apply the same rule.
+pub(crate) fn invalid_name_reason(name: &str) -> Option<&'static str> {
+    if name == METADATA_KEY {
+        Some("is reserved for the metadata map")
+    } else if name.chars().any(char::is_control) {
+        Some("contains control characters (NUL, escape, newline, …), which tensafe refuses because they corrupt terminals and logs")
+    } else {
+        None
+    }
+}
+
+#[derive(Deserialize)]
+struct RawTensorInfo {
+    dtype: DtypeCode,
+    shape: Vec<usize>,
+    data_offsets: Vec<usize>,
+    /// Unknown fields are allowed, as by the reference. Parsing them into values
+    /// (rather than skipping) applies serde_json's nesting limit to them too,
+    /// so deeply nested junk is rejected like the reference rejects it.
+    #[serde(flatten)]
+    _unknown: HashMap<String, serde::de::IgnoredAny>,
+}
+
+impl RawTensorInfo {
+    fn into_info<E: de::Error>(self) -> Result<TensorInfo, E> {
+        match self.data_offsets[..] {
+            [begin, end] => Ok(TensorInfo { dtype: self.dtype.0, shape: self.shape, data_offsets: (begin, end) }),
+            _ => Err(E::invalid_length(self.data_offsets.len(), &"2 elements in sequence")),
+        }
+    }
+}
+
+struct DtypeCode(Dtype);
+
+impl<'de> Deserialize<'de> for DtypeCode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CodeVisitor;
+        impl<'de> Visitor<'de> for CodeVisitor {
+            type Value = DtypeCode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a dtype code")
+            }
+            fn visit_str<E: de::Error>(self, code: &str) -> Result<DtypeCode, E> {
+                Dtype::from_code(code).map(DtypeCode).ok_or_else(|| E::unknown_variant(code, Dtype::CODES))
+            }
+        }
+        deserializer.deserialize_str(CodeVisitor)
+    }
+}
+
+/// `null` or an object of string values, kept in header order; duplicate keys refused.
+struct OptionalStringMap;
+
+impl<'de> DeserializeSeed<'de> for OptionalStringMap {
+    type Value = Option<Vec<(String, String)>>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for OptionalStringMap {
+    type Value = Option<Vec<(String, String)>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("null or an object of string values")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries: Vec<(String, String)> = Vec::new();
+        let mut seen: HashMap<String, ()> = HashMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value: String = map.next_value()?;
+            if seen.insert(key.clone(), ()).is_some() {
+                return Err(de::Error::custom(format_args!("duplicate metadata key `{key}`")));
+            }
+            entries.push((key, value));
+        }
+        Ok(Some(entries))
+    }
+}
+
+/// Orders tensors by their data offsets and checks that they tile the data
+/// section exactly, in the reference's order of checks.
+fn layout(mut tensors: Vec<(String, TensorInfo)>, data_start: u64, data_len: u64) -> Result<Vec<(String, TensorInfo)>> {
+    // Stable: zero-size tensors sharing an offset keep their header order.
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    let mut expected = 0usize;
+    for (name, info) in &tensors {
+        let (begin, end) = info.data_offsets;
+        if begin != expected || end < begin {
+            return Err(Error::InvalidOffset {
+                name: name.clone(),
+                begin: begin as u64,
+                end: end as u64,
+                expected: expected as u64,
+                file_offset: data_start.saturating_add(begin as u64),
+            });
+        }
+        let needed = expected_byte_len(name, info.dtype, &info.shape)?;
+        if end - begin != needed {
+            return Err(Error::TensorInvalidInfo {
+                name: name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                expected: needed as u64,
+                actual: (end - begin) as u64,
+            });
+        }
+        expected = end;
+    }
+    if expected as u64 != data_len {
+        return Err(Error::MetadataIncompleteBuffer { expected: data_start + expected as u64, actual: data_start + data_len });
+    }
+    Ok(tensors)
+}
+
+/// Bytes needed by a tensor, with the overflow and sub-byte checks of the format.
+pub(crate) fn expected_byte_len(name: &str, dtype: Dtype, shape: &[usize]) -> Result<usize> {
+    let overflow = || Error::Overflow { name: name.to_owned(), shape: shape.to_vec() };
+    let elements = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(overflow)?;
+    let bits = elements.checked_mul(dtype.bits()).ok_or_else(overflow)?;
+    if bits % 8 != 0 {
+        return Err(Error::Misaligned { name: Some(name.to_owned()) });
+    }
+    Ok(bits / 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(json: &str, data_len: usize) -> Vec<u8> {
+        let mut out = (json.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(json.as_bytes());
+        out.resize(out.len() + data_len, 0);
+        out
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Header> {
+        Header::parse_file_bytes(bytes, &ReadOptions::default()).map(|(h, _)| h)
+    }
+
+    #[test]
+    fn orders_by_offset_and_keeps_metadata_order() {
+        let json = r#"{"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},"__metadata__":{"z":"1","a":"2"},"a":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}"#;
+        let h = parse(&file(json, 8)).unwrap();
+        assert_eq!(h.names_in_file_order(), ["a", "b"]);
+        assert_eq!(h.metadata().unwrap(), [("z".to_string(), "1".to_string()), ("a".into(), "2".into())]);
+        assert_eq!(h.info("b").unwrap().data_offsets, (4, 8));
+    }
+
+    #[test]
+    fn reference_check_order() {
+        assert!(matches!(parse(b""), Err(Error::HeaderTooSmall { file_len: 0, .. })));
+        assert!(matches!(parse(&u64::MAX.to_le_bytes()), Err(Error::HeaderTooLarge { .. })));
+        assert!(matches!(parse(&100u64.to_le_bytes()), Err(Error::InvalidHeaderLength { .. })));
+        assert!(matches!(parse(&file("{\"a\":1}\0", 0)), Err(Error::InvalidJson { .. })));
+        let hole = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        assert!(matches!(parse(&file(hole, 8)), Err(Error::InvalidOffset { .. })));
+        let size = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#;
+        assert!(matches!(parse(&file(size, 4)), Err(Error::TensorInvalidInfo { .. })));
+        let f4 = r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#;
+        assert!(matches!(parse(&file(f4, 2)), Err(Error::Misaligned { .. })));
+        let big = r#"{"a":{"dtype":"F32","shape":[18446744073709551615,2],"data_offsets":[0,4]}}"#;
+        assert!(matches!(parse(&file(big, 4)), Err(Error::Overflow { .. })));
+        let ok = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        assert!(matches!(parse(&file(ok, 5)), Err(Error::MetadataIncompleteBuffer { .. })));
+        assert!(matches!(parse(&file(ok, 3)), Err(Error::MetadataIncompleteBuffer { .. })));
+        assert!(parse(&file(ok, 4)).is_ok());
+    }
+
+    #[test]
+    fn stricter_than_the_reference() {
+        let dup = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
+        let err = parse(&file(dup, 2)).unwrap_err().to_string();
+        assert!(err.contains("duplicate tensor name `a`"), "{err}");
+        let ctrl = "{\"a\\u001b[31m\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}";
+        let err = parse(&file(ctrl, 1)).unwrap_err().to_string();
+        assert!(err.contains("control characters"), "{err}");
+        let dup_meta = r#"{"__metadata__":{"k":"1","k":"2"}}"#;
+        assert!(parse(&file(dup_meta, 0)).unwrap_err().to_string().contains("duplicate metadata key"));
+        let top = "[]";
+        assert!(matches!(parse(&file(top, 0)), Err(Error::InvalidJson { .. })));
+    }
+
+    #[test]
+    fn deep_json_is_an_error_not_a_crash() {
+        let deep = format!(r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":{}{}}}}}"#, "[".repeat(100_000), "]".repeat(100_000));
+        let err = parse(&file(&deep, 1)).unwrap_err().to_string();
+        assert!(err.contains("recursion limit"), "{err}");
+    }
+
+    #[test]
+    fn metadata_null_and_empty() {
+        assert!(parse(&file(r#"{"__metadata__":null}"#, 0)).unwrap().metadata().is_none());
+        assert_eq!(parse(&file(r#"{"__metadata__":{}}"#, 0)).unwrap().metadata().unwrap().len(), 0);
+        let err = parse(&file(r#"{"__metadata__":{"x":1}}"#, 0)).unwrap_err().to_string();
+        assert!(err.starts_with("invalid JSON in header: invalid type: integer `1`, expected a string"), "{err}");
+    }
+}

@@ -1,0 +1,292 @@
+//! Three ways to read a file, sharing one validated [`Header`]:
+//!
+//! * [`SafeTensors`] — bytes already in memory (a `&[u8]`);
+//! * [`MmapFile`] — a read-only memory map, zero-copy views into the page cache;
+//! * [`PreadFile`] — positional reads: the header in at most two reads, each
+//!   tensor only when asked for. Prefer it on network and FUSE filesystems,
+//!   where page faults on a mapping are slow, and for header-only inspection.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+use crate::header::{Header, ReadOptions, TensorInfo};
+use crate::slice::{SliceIndex, SlicePlan};
+use crate::Dtype;
+
+/// A zero-copy view of one tensor's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorView<'a> {
+    info: &'a TensorInfo,
+    data: &'a [u8],
+}
+
+impl<'a> TensorView<'a> {
+    /// Element type.
+    pub fn dtype(&self) -> Dtype {
+        self.info.dtype
+    }
+
+    /// Logical shape.
+    pub fn shape(&self) -> &'a [usize] {
+        &self.info.shape
+    }
+
+    /// Raw little-endian bytes, row-major.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Position of the tensor in the file.
+    pub fn info(&self) -> &'a TensorInfo {
+        self.info
+    }
+
+    /// Plans a numpy-style selection of this tensor.
+    pub fn slice(&self, indices: &[SliceIndex]) -> Result<SlicePlan> {
+        SlicePlan::new(self.dtype(), self.shape(), indices)
+    }
+
+    /// Copies a planned selection into `dst` (exactly `plan.byte_len()` bytes).
+    pub fn copy_slice_into(&self, plan: &SlicePlan, dst: &mut [u8]) -> Result<()> {
+        plan.copy_into(self.data, dst)
+    }
+}
+
+/// Builds the view of `name` from a header and the data section it describes.
+fn view<'a>(header: &'a Header, data: &'a [u8], name: &str) -> Result<TensorView<'a>> {
+    let info = header.info(name)?;
+    Ok(TensorView { info, data: &data[info.data_offsets.0..info.data_offsets.1] })
+}
+
+fn views<'a>(header: &'a Header, data: &'a [u8]) -> impl ExactSizeIterator<Item = (&'a str, TensorView<'a>)> + 'a {
+    header
+        .iter()
+        .map(move |(name, info)| (name, TensorView { info, data: &data[info.data_offsets.0..info.data_offsets.1] }))
+}
+
+/// A safetensors file held in memory.
+#[derive(Debug, Clone)]
+pub struct SafeTensors<'data> {
+    header: Header,
+    data: &'data [u8],
+}
+
+impl<'data> SafeTensors<'data> {
+    /// Parses and validates a whole file held in `bytes`.
+    pub fn deserialize(bytes: &'data [u8]) -> Result<Self> {
+        SafeTensors::deserialize_with(bytes, &ReadOptions::default())
+    }
+
+    /// Like [`SafeTensors::deserialize`], with options.
+    pub fn deserialize_with(bytes: &'data [u8], options: &ReadOptions) -> Result<Self> {
+        let (header, data) = Header::parse_file_bytes(bytes, options)?;
+        Ok(SafeTensors { header, data })
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The view of one tensor.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        view(&self.header, self.data, name)
+    }
+
+    /// Every tensor in file order.
+    pub fn tensors(&self) -> impl ExactSizeIterator<Item = (&str, TensorView<'_>)> + '_ {
+        views(&self.header, self.data)
+    }
+}
+
+/// A file opened for positional reads of the header and then of single tensors.
+#[derive(Debug)]
+pub struct PreadFile {
+    path: PathBuf,
+    file: File,
+    header: Header,
+}
+
+/// The first read takes this many bytes, which holds the whole header of all but
+/// very large checkpoints; a second read fetches the rest when it does not.
+const FIRST_READ: usize = 64 * 1024;
+
+impl PreadFile {
+    /// Opens a file and reads and validates its header, and nothing else.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        PreadFile::open_with(path, &ReadOptions::default())
+    }
+
+    /// Like [`PreadFile::open`], with options.
+    pub fn open_with(path: impl AsRef<Path>, options: &ReadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| Error::io("opening the file", e).in_file(path))?;
+        PreadFile::from_file(file, path, options)
+    }
+
+    /// Reads the header of an already opened file; `path` is used in messages.
+    pub fn from_file(file: File, path: impl Into<PathBuf>, options: &ReadOptions) -> Result<Self> {
+        let path = path.into();
+        let header = read_header(&file, options).map_err(|e| e.in_file(&path))?;
+        Ok(PreadFile { path, file, header })
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The path given at open.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Reads `buf.len()` bytes starting at `offset` within the data section.
+    pub fn read_data_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = self.header.data_start() + offset;
+        read_exact_at(&self.file, buf, at).map_err(|e| Error::io(format!("reading {} bytes at file offset {at}", buf.len()), e).in_file(&self.path))
+    }
+
+    /// Reads one tensor's bytes into a new buffer.
+    pub fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
+        let info = self.header.info(name)?;
+        let mut buf = vec![0u8; info.byte_len()];
+        self.read_data_at(info.data_offsets.0 as u64, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads one tensor's bytes into `dst`, which must have exactly its size.
+    pub fn read_tensor_into(&self, name: &str, dst: &mut [u8]) -> Result<()> {
+        let info = self.header.info(name)?;
+        if dst.len() != info.byte_len() {
+            return Err(Error::BufferSize { expected: info.byte_len() as u64, actual: dst.len() as u64 });
+        }
+        self.read_data_at(info.data_offsets.0 as u64, dst)
+    }
+
+    /// Reads only the bytes a slice selects into `dst` (`plan.byte_len()` bytes).
+    pub fn read_slice_into(&self, name: &str, plan: &SlicePlan, dst: &mut [u8]) -> Result<()> {
+        let info = self.header.info(name)?;
+        if dst.len() != plan.byte_len() {
+            return Err(Error::BufferSize { expected: plan.byte_len() as u64, actual: dst.len() as u64 });
+        }
+        let mut written = 0;
+        for range in plan.ranges() {
+            let len = range.len();
+            self.read_data_at((info.data_offsets.0 + range.start) as u64, &mut dst[written..written + len])?;
+            written += len;
+        }
+        Ok(())
+    }
+}
+
+/// Reads and validates the header of `file` with at most two reads.
+fn read_header(file: &File, options: &ReadOptions) -> Result<Header> {
+    let file_len = file.metadata().map_err(|e| Error::io("reading the file size", e))?.len();
+    let first_len = FIRST_READ.min(usize::try_from(file_len).unwrap_or(FIRST_READ));
+    let mut first = vec![0u8; first_len];
+    read_exact_at(file, &mut first, 0).map_err(|e| Error::io("reading the header", e))?;
+    let n = Header::header_len(&first, file_len, options)?;
+    if 8 + n <= first.len() {
+        return Header::parse(&first[8..8 + n], file_len);
+    }
+    let mut json = vec![0u8; n];
+    let have = first.len() - 8;
+    json[..have].copy_from_slice(&first[8..]);
+    read_exact_at(file, &mut json[have..], first.len() as u64).map_err(|e| Error::io("reading the header", e))?;
+    Header::parse(&json, file_len)
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A file mapped read-only into memory; tensor views borrow from the mapping.
+#[derive(Debug)]
+pub struct MmapFile {
+    path: PathBuf,
+    header: Header,
+    mmap: Mmap,
+}
+
+impl MmapFile {
+    /// Opens and maps a file after validating its header with positional reads.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        MmapFile::open_with(path, &ReadOptions::default())
+    }
+
+    /// Like [`MmapFile::open`], with options.
+    pub fn open_with(path: impl AsRef<Path>, options: &ReadOptions) -> Result<Self> {
+        let pread = PreadFile::open_with(path, options)?;
+        MmapFile::from_pread(pread)
+    }
+
+    /// Maps a file whose header is already read.
+    pub fn from_pread(pread: PreadFile) -> Result<Self> {
+        let PreadFile { path, file, header } = pread;
+        // SAFETY: the map is read-only. Like every reader of memory-mapped files,
+        // we rely on the file not being truncated or modified while mapped
+        // (the tensafe writer never does that: it replaces files by rename).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mapping the file", e).in_file(&path))?;
+        let expected = header.data_start() + header.data_len() as u64;
+        if mmap.len() as u64 != expected {
+            // The file changed size between the header read and the mapping.
+            return Err(Error::MetadataIncompleteBuffer { expected, actual: mmap.len() as u64 }.in_file(&path));
+        }
+        Ok(MmapFile { path, header, mmap })
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The path given at open.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    /// The data section of the mapping.
+    pub fn data(&self) -> &[u8] {
+        &self.mmap[self.header.data_start() as usize..]
+    }
+
+    /// The zero-copy view of one tensor.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        view(&self.header, self.data(), name)
+    }
+
+    /// Every tensor in file order.
+    pub fn tensors(&self) -> impl ExactSizeIterator<Item = (&str, TensorView<'_>)> + '_ {
+        views(&self.header, self.data())
+    }
+}
