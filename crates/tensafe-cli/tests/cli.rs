@@ -1,0 +1,95 @@
+//! End-to-end tests of the `tensafe` binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tensafe::{Dtype, RawTensor};
+
+fn tensafe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tensafe")).args(args).output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn write_file(path: &Path, count: usize) {
+    let data: Vec<Vec<u8>> = (0..count).map(|i| vec![i as u8; 4 * (i % 7 + 1)]).collect();
+    let shapes: Vec<[usize; 1]> = (0..count).map(|i| [i % 7 + 1]).collect();
+    let tensors = (0..count).map(|i| (format!("layers.{i}.weight"), RawTensor { dtype: Dtype::F32, shape: &shapes[i], data: &data[i] }));
+    tensafe::serialize_to_file(tensors, None, path).unwrap();
+}
+
+#[test]
+fn inspect_small_file_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("five.safetensors");
+    write_file(&path, 5);
+    let out = tensafe(&["inspect", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("5 tensors, 15 parameters"), "{text}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("layers.")).collect();
+    assert_eq!(rows.len(), 5, "{text}");
+    // Columns line up: every row has its dtype at the same position.
+    let col = rows[0].find("F32").unwrap();
+    assert!(rows.iter().all(|r| r.find("F32") == Some(col)), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("F32 ") && l.contains(" 5 ")), "{text}");
+}
+
+#[test]
+fn inspect_json_of_5000_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.safetensors");
+    write_file(&path, 5000);
+    let out = tensafe(&["inspect", "--json", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tensors"].as_array().unwrap().len(), 5000);
+    assert_eq!(v["totals"]["tensors"], 5000);
+    let params: u64 = (0..5000u64).map(|i| i % 7 + 1).sum();
+    assert_eq!(v["totals"]["parameters"], params);
+    assert_eq!(v["totals"]["by_dtype"]["F32"]["bytes"], params * 4);
+    let table = stdout(&tensafe(&["inspect", path.to_str().unwrap()]));
+    assert_eq!(table.lines().filter(|l| l.starts_with("layers.")).count(), 5000);
+}
+
+#[test]
+fn verify_reports_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    write_file(&good, 3);
+    let out = tensafe(&["verify", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).starts_with("OK"));
+
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 5]).unwrap();
+    let out = tensafe(&["verify", good.to_str().unwrap(), truncated.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(text.contains("FAIL") && text.contains("truncated") && text.contains("5 bytes missing"), "{text}");
+
+    let lfs = dir.path().join("lfs.safetensors");
+    std::fs::write(&lfs, "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4242\n").unwrap();
+    let text = stdout(&tensafe(&["verify", lfs.to_str().unwrap()]));
+    assert!(text.contains("Git LFS pointer") && text.contains("4242 bytes"), "{text}");
+
+    let html = dir.path().join("page.safetensors");
+    std::fs::write(&html, "<!DOCTYPE html><html><body>Access denied</body></html>").unwrap();
+    assert!(stdout(&tensafe(&["verify", html.to_str().unwrap()])).contains("HTML page"));
+
+    let empty = dir.path().join("empty.safetensors");
+    std::fs::write(&empty, "").unwrap();
+    assert!(stdout(&tensafe(&["verify", empty.to_str().unwrap()])).contains("empty"));
+
+    let bad_bool = dir.path().join("bool.safetensors");
+    tensafe::serialize_to_file([("m", RawTensor { dtype: Dtype::Bool, shape: &[3], data: &[0, 1, 2] })], None, &bad_bool).unwrap();
+    let text = stdout(&tensafe(&["verify", bad_bool.to_str().unwrap()]));
+    assert!(text.contains("BOOL tensor `m` holds the byte 2 at element 2"), "{text}");
+
+    let missing = tensafe(&["inspect", dir.path().join("nope").to_str().unwrap()]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("No such file"));
+}
