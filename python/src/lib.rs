@@ -1,0 +1,544 @@
+//! `tensafe._tensafe_rust`: the compiled half of the Python package.
+//!
+//! It exposes files ([`File`]), zero-copy buffers into mapped files
+//! ([`TensorBuffer`]), and the serializers. Framework-specific work (building
+//! torch/numpy/… tensors from buffers) lives in the Python modules, which keeps
+//! this layer free of any framework import.
+//!
+//! All file I/O runs with the GIL released.
+
+use std::collections::BTreeMap;
+use std::ffi::c_int;
+use std::path::PathBuf;
+
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyEllipsis, PyList, PySlice, PyTuple};
+use tensafe::{Dtype, Error, Header, MmapFile, PreadFile, RawTensor, SliceIndex, SlicePlan};
+
+create_exception!(
+    tensafe._tensafe_rust,
+    SafetensorError,
+    PyException,
+    "Raised for invalid files, invalid arguments and failed reads or writes."
+);
+
+/// Python-visible text of a core error: the reference's message prefix, then ours.
+fn error(prefix: &str, e: &Error) -> PyErr {
+    if let Error::Io { source, .. } = e.without_file() {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return PyFileNotFoundError::new_err(format!("{prefix}{}", e.without_file()));
+        }
+    }
+    SafetensorError::new_err(format!("{prefix}{}", e.without_file()))
+}
+
+fn header_error(e: Error) -> PyErr {
+    error("Error while deserializing header: ", &e)
+}
+
+fn serialize_error(e: Error) -> PyErr {
+    error("Error while serializing: ", &e)
+}
+
+fn metadata_to_dict<'py>(py: Python<'py>, header: &Header) -> PyResult<Option<Bound<'py, PyDict>>> {
+    header
+        .metadata()
+        .map(|entries| {
+            let dict = PyDict::new(py);
+            for (k, v) in entries {
+                dict.set_item(k, v)?;
+            }
+            Ok(dict)
+        })
+        .transpose()
+}
+
+enum Source {
+    Mapped(MmapFile),
+    Pread(PreadFile),
+}
+
+/// An open safetensors file: the validated header plus a mapping or a file
+/// handle for positional reads.
+#[pyclass(module = "tensafe._tensafe_rust", frozen)]
+struct File {
+    source: Source,
+}
+
+impl File {
+    fn header(&self) -> &Header {
+        match &self.source {
+            Source::Mapped(m) => m.header(),
+            Source::Pread(p) => p.header(),
+        }
+    }
+}
+
+#[pymethods]
+impl File {
+    /// Opens `filename` with `backend` `"mmap"` (copy-on-write mapping) or `"pread"`.
+    #[new]
+    #[pyo3(signature = (filename, backend = "mmap"))]
+    fn new(py: Python<'_>, filename: PathBuf, backend: &str) -> PyResult<Self> {
+        let mapped = match backend {
+            "mmap" => true,
+            "pread" => false,
+            other => {
+                return Err(SafetensorError::new_err(format!(
+                    "backend \"{other}\" is invalid (expected one of: \"mmap\", \"pread\")"
+                )));
+            }
+        };
+        let file = std::fs::File::open(&filename).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                PyFileNotFoundError::new_err(format!("No such file or directory: {}", filename.display()))
+            }
+            _ => PyOSError::new_err(format!("{}: {e}", filename.display())),
+        })?;
+        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            return Err(PyOSError::new_err(format!("{}: is a directory", filename.display())));
+        }
+        py.detach(|| {
+            let pread = PreadFile::from_file(file, &filename, &Default::default())?;
+            Ok(if mapped { Source::Mapped(MmapFile::from_pread_copy_on_write(pread)?) } else { Source::Pread(pread) })
+        })
+        .map(|source| File { source })
+        .map_err(header_error)
+    }
+
+    /// `"mmap"` or `"pread"`.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        match self.source {
+            Source::Mapped(_) => "mmap",
+            Source::Pread(_) => "pread",
+        }
+    }
+
+    /// Metadata dict, or `None` when the header has none.
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        metadata_to_dict(py, self.header())
+    }
+
+    /// Tensor names sorted.
+    fn keys(&self) -> Vec<&str> {
+        self.header().names_sorted()
+    }
+
+    /// Tensor names in file order.
+    fn offset_keys(&self) -> Vec<&str> {
+        self.header().names_in_file_order()
+    }
+
+    /// `(dtype_code, shape, begin, end)` of one tensor.
+    fn info(&self, name: &str) -> PyResult<(&'static str, Vec<usize>, usize, usize)> {
+        let info = self.header().info(name).map_err(|_| not_found(name))?;
+        Ok((info.dtype.code(), info.shape.clone(), info.data_offsets.0, info.data_offsets.1))
+    }
+
+    /// `[(name, dtype_code, shape), …]` in file order.
+    fn infos(&self) -> Vec<(&str, &'static str, Vec<usize>)> {
+        self.header().iter().map(|(name, info)| (name, info.dtype.code(), info.shape.clone())).collect()
+    }
+
+    /// The bytes of one tensor: a zero-copy writable (copy-on-write) buffer
+    /// into the mapping, or a new `bytearray` read with `pread`.
+    fn buffer<'py>(slf: &Bound<'py, Self>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let info = this.header().info(name).map_err(|_| not_found(name))?;
+        match &this.source {
+            Source::Mapped(m) => {
+                let offset = m.header().data_start() as usize + info.data_offsets.0;
+                let buffer = TensorBuffer { file: slf.clone().unbind(), offset, len: info.byte_len() };
+                Ok(Bound::new(py, buffer)?.into_any())
+            }
+            Source::Pread(p) => {
+                let len = info.byte_len();
+                let begin = info.data_offsets.0 as u64;
+                let array = PyByteArray::new_with(py, len, |dst| {
+                    py.detach(|| p.read_data_at(begin, dst)).map_err(|e| error("", &e))
+                })?;
+                Ok(array.into_any())
+            }
+        }
+    }
+
+    /// Copies the selection `index` (int, slice, `...`, `None` or a tuple of
+    /// them, numpy semantics) of a tensor into a new bytearray.
+    /// Returns `(shape, bytearray)`.
+    fn read_slice<'py>(&self, py: Python<'py>, name: &str, index: &Bound<'py, PyAny>) -> PyResult<(Vec<usize>, Bound<'py, PyByteArray>)> {
+        let info = self.header().info(name).map_err(|_| not_found(name))?;
+        let indices = parse_index(index)?;
+        let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(&info.shape, &e))?;
+        let array = PyByteArray::new_with(py, plan.byte_len(), |dst| {
+            py.detach(|| match &self.source {
+                Source::Mapped(m) => m.tensor(name).and_then(|t| t.copy_slice_into(&plan, dst)),
+                Source::Pread(p) => p.read_slice_into(name, &plan, dst),
+            })
+            .map_err(|e| error("", &e))
+        })?;
+        Ok((plan.shape().to_vec(), array))
+    }
+
+    /// Reads a tensor into a caller's writable C-contiguous buffer of the exact size.
+    fn read_into(&self, py: Python<'_>, name: &str, dst: &Bound<'_, PyAny>) -> PyResult<()> {
+        let info = self.header().info(name).map_err(|_| not_found(name))?;
+        let buffer = PyUntypedBuffer::get(dst)?;
+        if buffer.readonly() || !buffer.is_c_contiguous() || buffer.len_bytes() != info.byte_len() {
+            return Err(PyValueError::new_err(format!(
+                "read_into needs a writable contiguous buffer of {} bytes for tensor `{name}`",
+                info.byte_len()
+            )));
+        }
+        let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        py.detach(|| {
+            // SAFETY: the buffer export is held for the duration of the call.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            match &self.source {
+                Source::Mapped(m) => m.tensor(name).map(|t| dst.copy_from_slice(t.data())),
+                Source::Pread(p) => p.read_tensor_into(name, dst),
+            }
+        })
+        .map_err(|e| error("", &e))
+    }
+}
+
+fn not_found(name: &str) -> PyErr {
+    SafetensorError::new_err(format!("File does not contain tensor {name}"))
+}
+
+fn slice_error(shape: &[usize], e: &Error) -> PyErr {
+    SafetensorError::new_err(format!("Error during slicing with shape {shape:?}: {e}"))
+}
+
+/// Turns a Python index (int, slice, Ellipsis, None or a tuple/list of them) into slice items.
+fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
+    let items: Vec<Bound<'_, PyAny>> = if let Ok(tuple) = index.cast::<PyTuple>() {
+        tuple.iter().collect()
+    } else {
+        vec![index.clone()]
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(position, item)| {
+            if item.is_none() {
+                Ok(SliceIndex::NewAxis)
+            } else if item.is_instance_of::<PyEllipsis>() {
+                Ok(SliceIndex::Ellipsis)
+            } else if let Ok(slice) = item.cast::<PySlice>() {
+                let bound = |attr: &str| -> PyResult<Option<i64>> {
+                    let value = slice.getattr(attr)?;
+                    if value.is_none() { Ok(None) } else { value.extract::<i64>().map(Some) }
+                };
+                Ok(SliceIndex::Range { start: bound("start")?, stop: bound("stop")?, step: bound("step")? })
+            } else if let Ok(i) = item.extract::<i64>() {
+                Ok(SliceIndex::Index(i))
+            } else {
+                Err(SafetensorError::new_err(format!(
+                    "Unsupported slice index at position {position}: expected slice, int, None or ellipsis, got {}",
+                    item.get_type().name()?
+                )))
+            }
+        })
+        .collect()
+}
+
+/// A zero-copy window on a tensor inside a [`File`]'s copy-on-write mapping.
+/// It keeps the file (and so the mapping) alive while any view of it exists.
+#[pyclass(module = "tensafe._tensafe_rust", frozen)]
+struct TensorBuffer {
+    file: Py<File>,
+    offset: usize,
+    len: usize,
+}
+
+#[pymethods]
+impl TensorBuffer {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let this = slf.get();
+        let Source::Mapped(mapped) = &this.file.get().source else {
+            unreachable!("buffers are only made for mapped files");
+        };
+        let base = mapped.as_mut_ptr().expect("File maps copy-on-write");
+        // SAFETY: offset..offset+len lies inside the mapping (validated header);
+        // the mapping lives as long as `file`, which this object keeps alive,
+        // and PyBuffer_FillInfo takes a reference to this object for the view.
+        let rc = unsafe {
+            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), base.add(this.offset).cast(), this.len as isize, 0, flags)
+        };
+        if rc < 0 { Err(PyErr::fetch(slf.py())) } else { Ok(()) }
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+}
+
+/// A tensor described by a raw address, for compatibility with the reference's
+/// `TensorSpec`. The caller keeps the memory alive and unchanged until the
+/// serializer returns.
+#[pyclass(module = "tensafe._tensafe_rust", frozen)]
+struct TensorSpec {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data_ptr: usize,
+    data_len: usize,
+}
+
+#[pymethods]
+impl TensorSpec {
+    #[new]
+    #[pyo3(signature = (*, dtype, shape, data_ptr, data_len))]
+    fn new(dtype: &str, shape: Vec<usize>, data_ptr: usize, data_len: usize) -> PyResult<Self> {
+        let parsed = Dtype::from_framework_name(dtype).ok_or_else(|| {
+            let names: Vec<&str> = SPEC_DTYPE_ORDER.iter().filter_map(|d| d.framework_name()).collect();
+            SafetensorError::new_err(format!("Unknown dtype \"{dtype}\". Supported dtypes: {}", names.join(", ")))
+        })?;
+        let mut shape = shape;
+        if parsed == Dtype::F4 {
+            // torch packs two F4 values per element: the header counts values.
+            if let Some(last) = shape.last_mut() {
+                *last = last.checked_mul(2).ok_or_else(|| SafetensorError::new_err("shape overflows"))?;
+            }
+        }
+        Ok(TensorSpec { dtype: parsed, shape, data_ptr, data_len })
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.dtype.code()
+    }
+    #[getter]
+    fn shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+    #[getter]
+    fn data_ptr(&self) -> usize {
+        self.data_ptr
+    }
+    #[getter]
+    fn data_len(&self) -> usize {
+        self.data_len
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "TensorSpec(dtype='{}', shape={:?}, data_ptr={}, data_len={})",
+            self.dtype.code(),
+            self.shape,
+            self.data_ptr,
+            self.data_len
+        )
+    }
+}
+
+/// The order in which the reference lists TensorSpec dtypes in its error message.
+const SPEC_DTYPE_ORDER: [Dtype; 19] = [
+    Dtype::Bool,
+    Dtype::I8,
+    Dtype::U8,
+    Dtype::I16,
+    Dtype::U16,
+    Dtype::I32,
+    Dtype::U32,
+    Dtype::I64,
+    Dtype::U64,
+    Dtype::F16,
+    Dtype::F32,
+    Dtype::F64,
+    Dtype::BF16,
+    Dtype::F8E4M3,
+    Dtype::F8E4M3Fnuz,
+    Dtype::F8E5M2,
+    Dtype::F8E5M2Fnuz,
+    Dtype::F8E8M0,
+    Dtype::F4,
+];
+
+/// Where a tensor's bytes come from while serializing.
+enum Bytes {
+    /// A raw address from a `TensorSpec`.
+    Raw { ptr: usize, len: usize },
+    /// A buffer export, held until the write ends.
+    Buffer(PyUntypedBuffer),
+}
+
+struct Owned {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Bytes,
+}
+
+impl Owned {
+    fn raw(&self) -> RawTensor<'_> {
+        let (ptr, len) = match &self.bytes {
+            Bytes::Raw { ptr, len } => (*ptr, *len),
+            Bytes::Buffer(b) => (b.buf_ptr() as usize, b.len_bytes()),
+        };
+        // SAFETY: a TensorSpec's caller guarantees the address range (as with the
+        // reference); a buffer export stays valid until it is released.
+        let data: &[u8] = if len == 0 { &[] } else { unsafe { std::slice::from_raw_parts(ptr as *const u8, len) } };
+        RawTensor { dtype: self.dtype, shape: &self.shape, data }
+    }
+}
+
+fn specs_from_dict(tensor_dict: &Bound<'_, PyDict>) -> PyResult<Vec<Owned>> {
+    let mut out = Vec::with_capacity(tensor_dict.len());
+    for (name, spec) in tensor_dict.iter() {
+        let name: String = name.extract().map_err(|_| {
+            PyTypeError::new_err(format!("argument 'tensor_dict': '{}' object is not an instance of 'str'", type_name(&name)))
+        })?;
+        let spec = spec.cast::<TensorSpec>().map_err(|_| {
+            PyTypeError::new_err(format!("argument 'tensor_dict': '{}' object is not an instance of 'TensorSpec'", type_name(&spec)))
+        })?;
+        let spec = spec.get();
+        out.push(Owned {
+            name,
+            dtype: spec.dtype,
+            shape: spec.shape.clone(),
+            bytes: Bytes::Raw { ptr: spec.data_ptr, len: spec.data_len },
+        });
+    }
+    Ok(out)
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+fn metadata_arg(metadata: Option<&Bound<'_, PyDict>>) -> PyResult<Option<BTreeMap<String, String>>> {
+    metadata
+        .map(|dict| {
+            dict.iter()
+                .map(|(k, v)| {
+                    let k: String = k.extract().map_err(|_| {
+                        PyTypeError::new_err(format!("argument 'metadata': '{}' object is not an instance of 'str'", type_name(&k)))
+                    })?;
+                    let v: String = v.extract().map_err(|_| {
+                        PyTypeError::new_err(format!("argument 'metadata': '{}' object is not an instance of 'str'", type_name(&v)))
+                    })?;
+                    Ok((k, v))
+                })
+                .collect()
+        })
+        .transpose()
+}
+
+/// Writes to `filename` (atomically) or into new `bytes`, without the GIL.
+fn write<'py>(py: Python<'py>, tensors: Vec<Owned>, metadata: Option<BTreeMap<String, String>>, filename: Option<PathBuf>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let items = || tensors.iter().map(|t| (t.name.as_str(), t.raw()));
+    match filename {
+        Some(path) => {
+            py.detach(|| tensafe::serialize_to_file(items(), metadata.as_ref(), &path)).map_err(serialize_error)?;
+            Ok(None)
+        }
+        None => {
+            let prepared = py.detach(|| tensafe::prepare(items(), metadata.as_ref(), &Default::default())).map_err(serialize_error)?;
+            let bytes = PyBytes::new_with(py, prepared.file_len() as usize, |mut dst| {
+                py.detach(|| prepared.write_to(&mut dst)).map_err(|e| SafetensorError::new_err(e.to_string()))
+            })?;
+            Ok(Some(bytes))
+        }
+    }
+}
+
+/// `serialize(tensor_dict, metadata=None) -> bytes`, as in the reference.
+#[pyfunction]
+#[pyo3(signature = (tensor_dict, metadata = None))]
+fn serialize<'py>(py: Python<'py>, tensor_dict: &Bound<'py, PyDict>, metadata: Option<&Bound<'py, PyDict>>) -> PyResult<Bound<'py, PyBytes>> {
+    let specs = specs_from_dict(tensor_dict)?;
+    Ok(write(py, specs, metadata_arg(metadata)?, None)?.expect("bytes requested"))
+}
+
+/// `serialize_file(tensor_dict, filename, metadata=None)`, as in the reference.
+#[pyfunction]
+#[pyo3(signature = (tensor_dict, filename, metadata = None))]
+fn serialize_file(py: Python<'_>, tensor_dict: &Bound<'_, PyDict>, filename: PathBuf, metadata: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+    let specs = specs_from_dict(tensor_dict)?;
+    write(py, specs, metadata_arg(metadata)?, Some(filename)).map(|_| ())
+}
+
+/// Serializes `[(name, dtype_code, shape, buffer), …]` where each buffer is any
+/// C-contiguous object with the buffer protocol (numpy arrays, memoryviews):
+/// zero-copy and safe, the path the framework modules use. Writes to
+/// `filename` when given, else returns bytes.
+#[pyfunction]
+#[pyo3(signature = (tensors, metadata = None, filename = None))]
+fn serialize_buffers<'py>(
+    py: Python<'py>,
+    tensors: &Bound<'py, PyList>,
+    metadata: Option<&Bound<'py, PyDict>>,
+    filename: Option<PathBuf>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for item in tensors.iter() {
+        let (name, code, shape, obj): (String, String, Vec<usize>, Bound<'py, PyAny>) = item.extract()?;
+        let dtype = Dtype::from_code(&code).ok_or_else(|| SafetensorError::new_err(format!("unknown dtype code {code}")))?;
+        let buffer = PyUntypedBuffer::get(&obj)?;
+        if !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("tensor `{name}`: buffer is not contiguous")));
+        }
+        owned.push(Owned { name, dtype, shape, bytes: Bytes::Buffer(buffer) });
+    }
+    write(py, owned, metadata_arg(metadata)?, filename)
+}
+
+/// `deserialize(bytes) -> [(name, {"shape", "dtype", "data"})]` in file order.
+#[pyfunction]
+fn deserialize<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+    let buffer = PyUntypedBuffer::get(bytes)?;
+    // SAFETY: the export is held for this call; the bytes are only read.
+    let data = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
+    let file = py
+        .detach(|| tensafe::SafeTensors::deserialize(data))
+        .map_err(|e| error("Error while deserializing: ", &e))?;
+    let out = PyList::empty(py);
+    for (name, view) in file.tensors() {
+        let entry = PyDict::new(py);
+        entry.set_item("shape", view.shape().to_vec())?;
+        entry.set_item("dtype", view.dtype().code())?;
+        entry.set_item("data", PyByteArray::new(py, view.data()))?;
+        out.append((name, entry))?;
+    }
+    Ok(out)
+}
+
+/// Parses a header held in memory: `(metadata, [(name, dtype, shape, begin, end)])`.
+#[pyfunction]
+fn read_header<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<(Option<Bound<'py, PyDict>>, Vec<(String, &'static str, Vec<usize>, usize, usize)>)> {
+    let buffer = PyUntypedBuffer::get(bytes)?;
+    // SAFETY: the export is held for this call; the bytes are only read.
+    let data = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
+    let (header, _) = tensafe::Header::parse_file_bytes(data, &Default::default()).map_err(header_error)?;
+    let tensors = header
+        .iter()
+        .map(|(n, i)| (n.to_string(), i.dtype.code(), i.shape.clone(), i.data_offsets.0, i.data_offsets.1))
+        .collect();
+    Ok((metadata_to_dict(py, &header)?, tensors))
+}
+
+#[pymodule]
+fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("SafetensorError", py.get_type::<SafetensorError>())?;
+    m.add_class::<File>()?;
+    m.add_class::<TensorBuffer>()?;
+    m.add_class::<TensorSpec>()?;
+    m.add_function(wrap_pyfunction!(serialize, m)?)?;
+    m.add_function(wrap_pyfunction!(serialize_file, m)?)?;
+    m.add_function(wrap_pyfunction!(serialize_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(deserialize, m)?)?;
+    m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    // The dtype table, from its single source in the core crate:
+    // (code, bits, framework name or None), in the reference's order.
+    let dtypes: Vec<(&str, usize, Option<&str>)> = Dtype::ALL.iter().map(|d| (d.code(), d.bits(), d.framework_name())).collect();
+    m.add("DTYPES", dtypes)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

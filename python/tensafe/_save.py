@@ -1,0 +1,51 @@
+"""The common end of every framework's save path.
+
+Each framework module turns its tensors into `(name, code, shape, array)`
+where `array` is a C-contiguous little-endian numpy uint8 view of the tensor's
+memory (no copy). The compiled serializer reads those buffers in place, with
+the GIL released.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._tensafe_rust import SafetensorError, serialize_buffers
+
+Item = Tuple[str, str, List[int], Any]
+
+
+def check_metadata(metadata: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict of str to str, got {type(metadata)}")
+    return metadata
+
+
+def write(items: List[Item], metadata: Optional[Dict[str, str]], filename: Any = None) -> Optional[bytes]:
+    """Serializes `items` to `filename`, or to bytes when it is None."""
+    check_metadata(metadata)
+    if filename is not None:
+        filename = os.fspath(filename)
+    return serialize_buffers(items, metadata, filename)
+
+
+def numpy_item(name: str, array: Any) -> Item:
+    """An item for a numpy array: made contiguous and little-endian if needed
+    (the only copies on the save path), then viewed as bytes."""
+    import numpy as np
+
+    from . import _dtypes
+
+    if not isinstance(name, str):
+        raise SafetensorError(f"tensor names must be str, got {type(name)}")
+    if not isinstance(array, np.ndarray):
+        raise SafetensorError(f"Key `{name}` is invalid, expected numpy.ndarray but received {type(array)}")
+    code = _dtypes.code_for_numpy(array.dtype)
+    byteorder = array.dtype.byteorder
+    if byteorder == ">" or (byteorder == "=" and sys.byteorder == "big"):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    # Non-contiguous arrays (A.T, A[:, ::2]) are saved by their logical values.
+    contiguous = np.ascontiguousarray(array)
+    return name, code, list(array.shape), contiguous.reshape(-1).view(np.uint8)

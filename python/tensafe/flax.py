@@ -1,0 +1,27 @@
+"""flax / jax: the `safetensors.flax` API on tensafe."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import _numpy_like
+
+
+def save(tensors: Dict[str, jnp.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    return _numpy_like.save(tensors, metadata, np.asarray, "jax.Array")
+
+
+def save_file(tensors: Dict[str, jnp.ndarray], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
+    _numpy_like.save(tensors, metadata, np.asarray, "jax.Array", filename)
+
+
+def load(data: bytes) -> Dict[str, jnp.ndarray]:
+    return _numpy_like.load(data, jnp.asarray)
+
+
+def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, jnp.ndarray]:
+    return _numpy_like.load_file(filename, "flax", backend=backend)

@@ -1,0 +1,27 @@
+"""mlx: the `safetensors.mlx` API on tensafe."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+from . import _numpy_like
+
+
+def save(tensors: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    return _numpy_like.save(tensors, metadata, np.asarray, "mlx.core.array")
+
+
+def save_file(tensors: Dict[str, mx.array], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
+    _numpy_like.save(tensors, metadata, np.asarray, "mlx.core.array", filename)
+
+
+def load(data: bytes) -> Dict[str, mx.array]:
+    return _numpy_like.load(data, mx.array)
+
+
+def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, mx.array]:
+    return _numpy_like.load_file(filename, "mlx", backend=backend)

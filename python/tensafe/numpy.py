@@ -1,0 +1,43 @@
+"""numpy: `save`, `save_file`, `load`, `load_file`, as in `safetensors.numpy`.
+
+Unlike the reference, non-contiguous arrays are saved with their logical
+values, bfloat16/float8 work through ml_dtypes, and `load` handles every dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Union
+
+import numpy as np
+
+from . import _save
+from ._open import _to_numpy, safe_open
+from ._tensafe_rust import deserialize
+
+
+def _items(tensor_dict: Dict[str, np.ndarray]):
+    if not isinstance(tensor_dict, dict):
+        raise ValueError(f"Expected a dict of [str, np.ndarray] but received {type(tensor_dict)}")
+    return [_save.numpy_item(k, v) for k, v in tensor_dict.items()]
+
+
+def save(tensor_dict: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """Serializes arrays to bytes."""
+    return _save.write(_items(tensor_dict), metadata)
+
+
+def save_file(tensor_dict: Dict[str, np.ndarray], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Saves arrays to a file (atomically)."""
+    _save.write(_items(tensor_dict), metadata, filename)
+
+
+def load(data: bytes) -> Dict[str, np.ndarray]:
+    """Loads arrays from bytes, in file order."""
+    return {name: _to_numpy(t["dtype"], t["shape"], t["data"]) for name, t in deserialize(data)}
+
+
+def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, np.ndarray]:
+    """Loads every array of a file, in file order."""
+    with safe_open(filename, framework="np", backend=backend) as f:
+        return f.get_tensors()

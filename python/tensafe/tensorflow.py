@@ -1,0 +1,30 @@
+"""tensorflow: the `safetensors.tensorflow` API on tensafe."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Union
+
+import tensorflow as tf
+
+from . import _numpy_like
+
+
+def _to_numpy(tensor: tf.Tensor):
+    return tensor.numpy()
+
+
+def save(tensors: Dict[str, tf.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    return _numpy_like.save(tensors, metadata, _to_numpy, "tf.Tensor")
+
+
+def save_file(tensors: Dict[str, tf.Tensor], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
+    _numpy_like.save(tensors, metadata, _to_numpy, "tf.Tensor", filename)
+
+
+def load(data: bytes) -> Dict[str, tf.Tensor]:
+    return _numpy_like.load(data, tf.convert_to_tensor)
+
+
+def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, tf.Tensor]:
+    return _numpy_like.load_file(filename, "tensorflow", backend=backend)

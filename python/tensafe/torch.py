@@ -1,0 +1,256 @@
+"""torch: the `safetensors.torch` API on tensafe.
+
+Saving reads tensor memory in place (a uint8 numpy view of each CPU tensor, no
+copy); loading is lazy and zero-copy from a copy-on-write mapping by default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
+
+import torch
+
+from . import _dtypes, _save
+from ._open import _to_torch, safe_open
+from ._tensafe_rust import deserialize
+
+#: torch dtype -> element size in bytes (F4 counts its packed byte), as the reference exposes it.
+_SIZE: Dict[Any, int] = {}
+#: header code -> torch dtype, for the dtypes this torch has.
+_TYPES: Dict[str, Any] = {}
+for _code, (_bits, _name) in _dtypes.BY_CODE.items():
+    _dt = getattr(torch, _name, None) if _name else None
+    if _dt is not None:
+        _TYPES[_code] = _dt
+        _SIZE[_dt] = max(_bits // 8, 1)
+
+
+def _getdtype(dtype_str: str) -> Any:
+    return _TYPES[dtype_str]
+
+
+# -- shared storage helpers (same results as the reference's) ---------------
+
+def storage_ptr(tensor: torch.Tensor) -> int:
+    """Address of the tensor's storage (0 for meta tensors)."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except Exception:
+        try:
+            return tensor.storage().data_ptr()
+        except NotImplementedError:
+            return 0
+
+
+def storage_size(tensor: torch.Tensor) -> int:
+    """Size in bytes of the tensor's storage."""
+    try:
+        return tensor.untyped_storage().nbytes()
+    except AttributeError:
+        try:
+            return tensor.storage().size() * _SIZE[tensor.dtype]
+        except NotImplementedError:
+            return tensor.nelement() * _SIZE[tensor.dtype]
+
+
+def _end_ptr(tensor: torch.Tensor) -> int:
+    if tensor.nelement():
+        return tensor.view(-1)[-1].data_ptr() + _SIZE[tensor.dtype]
+    return tensor.data_ptr()
+
+
+def _filter_shared_not_shared(tensors: List[Set[str]], state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
+    """Splits each storage group into clusters of overlapping byte ranges."""
+    result: List[Set[str]] = []
+    for group in tensors:
+        if len(group) < 2:
+            result.append(group)
+            continue
+        members = sorted((state_dict[n].data_ptr(), _end_ptr(state_dict[n]), n) for n in group)
+        cluster: Set[str] = {members[0][2]}
+        previous_end = members[0][1]
+        for start, end, name in members[1:]:
+            # Compared with the previous member's end, as the reference does.
+            if start >= previous_end:
+                result.append(cluster)
+                cluster = {name}
+            else:
+                cluster.add(name)
+            previous_end = end
+        result.append(cluster)
+    return result
+
+
+def _find_shared_tensors(state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
+    """Groups tensor names by the storage they share."""
+    groups: Dict[Tuple[Any, int, int], Set[str]] = defaultdict(set)
+    for name, tensor in state_dict.items():
+        if tensor.device != torch.device("meta") and storage_ptr(tensor) != 0 and storage_size(tensor) != 0:
+            groups[(tensor.device, storage_ptr(tensor), storage_size(tensor))].add(name)
+    return _filter_shared_not_shared(list(groups.values()), state_dict)
+
+
+def _is_complete(tensor: torch.Tensor) -> bool:
+    """Whether the tensor covers its whole storage."""
+    return tensor.data_ptr() == storage_ptr(tensor) and tensor.nelement() * _SIZE[tensor.dtype] == storage_size(tensor)
+
+
+def _remove_duplicate_names(
+    state_dict: Dict[str, torch.Tensor],
+    *,
+    preferred_names: Optional[List[str]] = None,
+    discard_names: Optional[List[str]] = None,
+) -> Dict[str, List[str]]:
+    """For each group of shared tensors, the name to keep and the names to drop."""
+    preferred = set(preferred_names or [])
+    discard = set(discard_names or [])
+    to_remove: Dict[str, List[str]] = defaultdict(list)
+    for group in _find_shared_tensors(state_dict):
+        if len(group) <= 1:
+            continue
+        complete = {name for name in group if _is_complete(state_dict[name])}
+        if not complete:
+            raise RuntimeError(
+                "Error while trying to find names to remove to save state dict, but found no suitable name to keep"
+                f" for saving amongst: {group}. None is covering the entire storage.Refusing to save/load the model"
+                " since you could be storing much more memory than needed. Please refer to"
+                " https://huggingface.co/docs/safetensors/torch_shared_tensors for more information. Or open an"
+                " issue."
+            )
+        keep = sorted(complete)[0]
+        not_discarded = sorted(complete - discard)
+        if not_discarded:
+            keep = not_discarded[0]
+        wanted = sorted(complete & preferred)
+        if wanted:
+            keep = wanted[0]
+        for name in sorted(group):
+            if name != keep:
+                to_remove[keep].append(name)
+    return to_remove
+
+
+# -- saving ------------------------------------------------------------------
+
+def _flatten(tensors: Dict[str, torch.Tensor]) -> List[_save.Item]:
+    if not isinstance(tensors, dict):
+        raise ValueError(f"Expected a dict of [str, torch.Tensor] but received {type(tensors)}")
+    sparse = []
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"Key `{name}` is invalid, expected torch.Tensor but received {type(tensor)}")
+        if tensor.layout != torch.strided:
+            sparse.append(name)
+    if sparse:
+        raise ValueError(
+            f"You are trying to save a sparse tensors: `{sparse}` which this library does not support."
+            " You can make it a dense tensor before saving with `.to_dense()` but be aware this might"
+            " make a much larger file than needed."
+        )
+    shared = [names for names in _find_shared_tensors(tensors) if len(names) > 1]
+    if shared:
+        raise RuntimeError(
+            f"""
+            Some tensors share memory, this will lead to duplicate memory on disk and potential differences when loading them again: {shared}.
+            A potential way to correctly save your model is to use `save_model`.
+            More information at https://huggingface.co/docs/safetensors/torch_shared_tensors
+            """
+        )
+    return [_item(name, tensor) for name, tensor in tensors.items()]
+
+
+def _item(name: str, tensor: torch.Tensor) -> _save.Item:
+    if not tensor.is_contiguous():
+        raise ValueError(
+            f"You are trying to save a non contiguous tensor: `{name}` which is not allowed. It either means you"
+            " are trying to save tensors which are reference of each other in which case it's recommended to save"
+            " only the full tensors, and reslice at load time, or simply call `.contiguous()` on your tensor to"
+            " pack it before saving."
+        )
+    try:
+        code = _dtypes.BY_NAME[str(tensor.dtype).removeprefix("torch.")]
+    except KeyError:
+        raise KeyError(tensor.dtype) from None
+    shape = list(tensor.shape)
+    if code == "F4" and shape:
+        shape[-1] *= 2
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    # A byte view of the tensor's own memory: no copy. (torch only runs on
+    # little-endian hosts, so the bytes are already in file order.)
+    return name, code, shape, tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """Serializes tensors to bytes."""
+    return _save.write(_flatten(tensors), metadata)
+
+
+def save_file(tensors: Dict[str, torch.Tensor], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Saves tensors to a file, atomically, reading their memory in place."""
+    _save.write(_flatten(tensors), metadata, filename)
+
+
+def save_model(model: torch.nn.Module, filename: str, metadata: Optional[Dict[str, str]] = None, force_contiguous: bool = True) -> None:
+    """Saves a model's state dict, storing shared tensors once (aliases go to metadata)."""
+    state_dict = model.state_dict()
+    to_remove = _remove_duplicate_names(state_dict)
+    if metadata is None:
+        metadata = {}
+    for kept, removed in to_remove.items():
+        for name in removed:
+            if name not in metadata:
+                metadata[name] = kept
+            del state_dict[name]
+    if force_contiguous:
+        state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    try:
+        save_file(state_dict, filename, metadata=metadata)
+    except ValueError as e:
+        raise ValueError(f"{e} Or use save_model(..., force_contiguous=True), read the docs for potential caveats.") from e
+
+
+# -- loading -----------------------------------------------------------------
+
+def load(data: bytes) -> Dict[str, torch.Tensor]:
+    """Loads tensors from bytes (every dtype), in file order."""
+    return {name: _to_torch(t["dtype"], t["shape"], t["data"], "cpu") for name, t in deserialize(data)}
+
+
+def load_file(filename: Union[str, os.PathLike], device: Union[str, int] = "cpu", *, backend: str = "mmap") -> Dict[str, torch.Tensor]:
+    """Loads every tensor of a file, in file order."""
+    with safe_open(filename, framework="pt", device=device, backend=backend) as f:
+        return f.get_tensors()
+
+
+def load_model(
+    model: torch.nn.Module,
+    filename: Union[str, os.PathLike],
+    strict: bool = True,
+    device: Union[str, int] = "cpu",
+    *,
+    backend: str = "mmap",
+) -> Tuple[Set[str], List[str]]:
+    """Loads a file written by `save_model` into `model`; returns (missing, unexpected)."""
+    state_dict = load_file(filename, device=device, backend=backend)
+    model_state_dict = model.state_dict()
+    to_remove = _remove_duplicate_names(model_state_dict, preferred_names=list(state_dict.keys()))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = set(missing)
+    for removed in to_remove.values():
+        for name in removed:
+            if name in missing:
+                missing.remove(name)
+            else:
+                unexpected.append(name)
+    if strict and (missing or unexpected):
+        error = f"Error(s) in loading state_dict for {model.__class__.__name__}:"
+        if missing:
+            error += "\n    Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(missing))
+        if unexpected:
+            error += "\n    Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(unexpected))
+        raise RuntimeError(error)
+    return missing, unexpected
