@@ -12,6 +12,8 @@ or, as the first import of a program: `import tensafe.drop_in; tensafe.drop_in.i
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import runpy
 import sys
 

@@ -1,0 +1,208 @@
+"""Differential tests: tensafe against the reference, byte for byte and value for value."""
+
+import numpy as np
+import pytest
+import torch
+
+import safetensors
+import safetensors.numpy as ref_np
+import safetensors.torch as ref_pt
+import tensafe
+import tensafe.numpy as ts_np
+import tensafe.torch as ts_pt
+
+TORCH_DTYPES = [
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
+    torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.complex64, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz, torch.float8_e8m0fnu, torch.float4_e2m1fn_x2,
+]
+SHAPES = [(), (0,), (3,), (2, 3), (2, 0, 4), (1, 2, 3, 2)]
+
+
+def random_tensor(dtype, shape, seed):
+    """Random bytes reinterpreted as `dtype` (every bit pattern, NaNs included)."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(np.prod(shape)) if shape else 1
+    size = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g)
+    if dtype == torch.bool:
+        return (raw % 2).bool().reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def as_bytes(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+def test_torch_bytes_identical_for_every_dtype(dtype, tmp_path):
+    # A scalar F4 is half a byte: neither implementation can write it.
+    shapes = [s for s in SHAPES if s or dtype != torch.float4_e2m1fn_x2]
+    tensors = {f"t{i}": random_tensor(dtype, s, i) for i, s in enumerate(shapes)}
+    tensors["other.f32"] = random_tensor(torch.float32, (5,), 99)
+    meta = {"format": "pt"}
+    expected = ref_pt.save(tensors, metadata=meta)
+    assert ts_pt.save(tensors, metadata=meta) == expected
+    ts_pt.save_file(tensors, tmp_path / "a.safetensors", metadata=meta)
+    assert (tmp_path / "a.safetensors").read_bytes() == expected
+
+    # And it reads back what the reference reads, on both backends. (The
+    # reference's own `load(bytes)` lacks F8_E8M0 and F4, so read its file.)
+    reference = ref_pt.load_file(tmp_path / "a.safetensors")
+    for backend in ("mmap", "pread"):
+        ours = ts_pt.load_file(tmp_path / "a.safetensors", backend=backend)
+        assert list(ours) == [k for k in safetensors.safe_open(tmp_path / "a.safetensors", "pt").offset_keys()]
+        for name, tensor in ours.items():
+            assert tensor.dtype == reference[name].dtype and tensor.shape == reference[name].shape, name
+            assert torch.equal(as_bytes(tensor), as_bytes(reference[name])), name
+    loaded = ts_pt.load(expected)
+    for name, tensor in loaded.items():
+        assert torch.equal(as_bytes(tensor), as_bytes(reference[name])), name
+
+
+NUMPY_DTYPES = ["bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                "float16", "float32", "float64", "complex64", "bfloat16", "float8_e4m3fn", "float8_e5m2"]
+
+
+@pytest.mark.parametrize("name", NUMPY_DTYPES)
+def test_numpy_bytes_identical(name, tmp_path):
+    import ml_dtypes  # noqa: F401  (registers bfloat16/float8 for the reference too)
+
+    dtype = np.dtype(getattr(ml_dtypes, name, None) or name)
+    rng = np.random.default_rng(0)
+    arrays = {f"a{i}": rng.integers(0, 256, size=int(np.prod(s)) * dtype.itemsize, dtype=np.uint8).view(dtype).reshape(s)
+              for i, s in enumerate(SHAPES)}
+    if name == "bool":
+        arrays = {k: np.asarray(v.view(np.uint8) % 2 == 1) for k, v in arrays.items()}
+    expected = ref_np.save(arrays)
+    assert ts_np.save(arrays) == expected
+    with tensafe.safe_open(_write(tmp_path, expected), "np") as f:
+        for key in f.keys():
+            got = f.get_tensor(key)
+            assert got.dtype == arrays[key].dtype and got.shape == arrays[key].shape
+            assert got.tobytes() == arrays[key].tobytes()
+    for key, value in ts_np.load(expected).items():
+        assert value.tobytes() == arrays[key].tobytes()
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(data)
+    return path
+
+
+def test_numpy_non_contiguous_is_saved_by_value():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    views = {"t": a.T, "strided": a[:, ::2]}
+    loaded = ts_np.load(ts_np.save(views))
+    np.testing.assert_array_equal(loaded["t"], a.T)
+    np.testing.assert_array_equal(loaded["strided"], a[:, ::2])
+    # The reference writes the raw memory of the base array instead.
+    wrong = ref_np.load(ref_np.save(views))
+    assert not np.array_equal(wrong["t"], a.T)
+
+
+def test_big_endian_numpy_arrays_are_stored_little_endian():
+    a = np.arange(6, dtype=">i4")
+    assert ts_np.save({"a": a}) == ref_np.save({"a": a.astype("<i4")})
+
+
+def test_metadata_order_is_sorted_and_deterministic():
+    meta = {"z": "1", "a": "2", "m": "3"}
+    first = ts_pt.save({"x": torch.zeros(1)}, metadata=meta)
+    assert first == ts_pt.save({"x": torch.zeros(1)}, metadata=dict(reversed(meta.items())))
+    assert b'{"__metadata__":{"a":"2","m":"3","z":"1"}' in first
+    assert safetensors.safe_open(_write_tmp(first), "pt").metadata() == meta
+
+
+def _write_tmp(data, _n=[0]):
+    import tempfile
+    _n[0] += 1
+    path = tempfile.mktemp(suffix=".safetensors")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_serialize_and_tensorspec_match_the_reference():
+    data = np.arange(8, dtype=np.float32)
+    for mod in (safetensors, tensafe):
+        spec = mod.TensorSpec(dtype="float32", shape=[2, 4], data_ptr=data.ctypes.data, data_len=data.nbytes)
+        assert spec.dtype == "F32" and spec.shape == [2, 4]
+    ours = tensafe.serialize({"w": tensafe.TensorSpec(dtype="float32", shape=[2, 4], data_ptr=data.ctypes.data, data_len=32)}, {"k": "v"})
+    theirs = safetensors.serialize({"w": safetensors.TensorSpec(dtype="float32", shape=[2, 4], data_ptr=data.ctypes.data, data_len=32)}, {"k": "v"})
+    assert ours == theirs
+    f4 = tensafe.TensorSpec(dtype="float4_e2m1fn_x2", shape=[3], data_ptr=data.ctypes.data, data_len=3)
+    assert f4.shape == [6]
+    with pytest.raises(tensafe.SafetensorError, match='Unknown dtype "nope". Supported dtypes: bool, int8'):
+        tensafe.TensorSpec(dtype="nope", shape=[1], data_ptr=0, data_len=0)
+    with pytest.raises(TypeError):
+        tensafe.TensorSpec("float32", [1], 0, 0)
+    with pytest.raises(TypeError, match="not an instance of 'TensorSpec'"):
+        tensafe.serialize({"w": {"dtype": "float32"}})
+
+
+def test_deserialize_matches_the_reference():
+    blob = ref_pt.save({"b": torch.arange(3, dtype=torch.int16), "a": torch.ones(2, 2)})
+    ours = tensafe.deserialize(blob)
+    theirs = dict(safetensors.deserialize(blob))
+    assert [n for n, _ in ours] == ["a", "b"]  # file order
+    for name, entry in ours:
+        assert list(entry) == ["shape", "dtype", "data"]
+        assert entry == theirs[name]
+
+
+# -- slicing ---------------------------------------------------------------
+
+SLICES = [
+    (slice(None),), (slice(2),), (slice(None), slice(2)), (0, slice(2)), (slice(2, None), 0),
+    (slice(2, None), -1), (slice(1, 6, 2), slice(1, 5, 3)), (0, 0), Ellipsis, (Ellipsis, 2),
+    (slice(-3, None),), (slice(None, 20),), (slice(3, 1),), (slice(10, 10),), (None, 1, None),
+    (slice(-100, 100, 4),), -1, (),
+]
+
+
+@pytest.mark.parametrize("index", SLICES, ids=repr)
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_slices_follow_numpy_on_every_framework(index, backend, tmp_path):
+    a = np.arange(50, dtype=np.float32).reshape(10, 5)
+    path = tmp_path / "s.safetensors"
+    ts_np.save_file({"a": a}, path)
+    with tensafe.safe_open(path, "np", backend=backend) as f:
+        s = f.get_slice("a")
+        assert s.get_shape() == [10, 5] and s.get_dtype() == "F32"
+        np.testing.assert_array_equal(s[index], a[index])
+    with tensafe.safe_open(path, "pt", backend=backend) as f:
+        got = f.get_slice("a")[index]
+        assert torch.equal(got, torch.from_numpy(a)[index])
+
+
+def test_slice_errors_are_clear(tmp_path):
+    path = tmp_path / "s.safetensors"
+    ts_np.save_file({"a": np.zeros((10, 5), np.float32)}, path)
+    with tensafe.safe_open(path, "np") as f:
+        s = f.get_slice("a")
+        with pytest.raises(tensafe.SafetensorError, match="index 5 out of bounds for tensor dimension #1 of size 5"):
+            s[:, 5]
+        with pytest.raises(tensafe.SafetensorError, match="more slicing indexes than dimensions"):
+            s[0, 0, 0]
+        with pytest.raises(tensafe.SafetensorError, match="step must be a positive integer"):
+            s[::-1]
+        with pytest.raises(tensafe.SafetensorError, match="Unsupported slice index at position 0"):
+            s[1.5]
+
+
+def test_f4_on_every_path(tmp_path):
+    packed = torch.randint(0, 256, (2, 4), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    blob = ref_pt.save({"f": packed})
+    path = _write(tmp_path, blob)
+    assert ts_pt.save({"f": packed}) == blob
+    for backend in ("mmap", "pread"):
+        with tensafe.safe_open(path, "pt", backend=backend) as f:
+            got = f.get_tensor("f")
+            assert got.shape == (2, 4) and got.dtype == torch.float4_e2m1fn_x2
+            assert torch.equal(got.view(torch.uint8), packed.view(torch.uint8))
+            # Logical shape [2, 8]: row 1 is whole bytes.
+            assert torch.equal(f.get_slice("f")[1].view(torch.uint8), packed[1].view(torch.uint8))
+    assert torch.equal(ts_pt.load(blob)["f"].view(torch.uint8), packed.view(torch.uint8))

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit, differential and CLI tests, the Python suite
+# (against the reference implementation installed side by side), and a short
+# fuzzing run. Sets up what it needs first (idempotent).
+#   FUZZ_SECONDS=N  seconds per fuzz target (default 20; 0 skips fuzzing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== Python environment"
+scripts/python-env.sh
+. .venv/bin/activate
+
+echo "== Rust tests"
+cargo test --workspace --exclude tensafe-python
+
+echo "== Python extension (release build)"
+maturin develop --release -q -m python/Cargo.toml
+
+echo "== Python tests"
+python -m pytest python/tests -q
+
+if [ "${FUZZ_SECONDS:-20}" != 0 ]; then
+  echo "== Fuzzing (${FUZZ_SECONDS:-20}s per target)"
+  scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
+fi
+echo "== all tests passed"
