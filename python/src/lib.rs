@@ -60,6 +60,23 @@ fn metadata_to_dict<'py>(py: Python<'py>, header: &Header) -> PyResult<Option<Bo
 enum Source {
     Mapped(MmapFile),
     Pread(PreadFile),
+    /// A whole file held by a Python bytes-like object.
+    Memory { header: Header, object: Py<PyAny>, buffer: PyUntypedBuffer },
+}
+
+impl Source {
+    /// The data section, for sources that hold it in memory.
+    fn data(&self) -> Option<&[u8]> {
+        match self {
+            Source::Mapped(m) => Some(m.data()),
+            Source::Pread(_) => None,
+            Source::Memory { header, buffer, .. } => {
+                // SAFETY: the buffer export is held as long as this source.
+                let all = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
+                Some(&all[header.data_start() as usize..])
+            }
+        }
+    }
 }
 
 /// An open safetensors file: the validated header plus a mapping or a file
@@ -74,6 +91,7 @@ impl File {
         match &self.source {
             Source::Mapped(m) => m.header(),
             Source::Pread(p) => p.header(),
+            Source::Memory { header, .. } => header,
         }
     }
 }
@@ -110,12 +128,31 @@ impl File {
         .map_err(header_error)
     }
 
-    /// `"mmap"` or `"pread"`.
+    /// Parses a whole file held by a bytes-like object (kept, not copied).
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: Bound<'_, PyAny>) -> PyResult<Self> {
+        let buffer = PyUntypedBuffer::get(&data)?;
+        if !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err("the bytes-like object must be contiguous"));
+        }
+        let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        let header = py
+            .detach(|| {
+                // SAFETY: the export is held for the call (and later by the File).
+                let all = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+                Header::parse_file_bytes(all, &Default::default()).map(|(header, _)| header)
+            })
+            .map_err(header_error)?;
+        Ok(File { source: Source::Memory { header, object: data.unbind(), buffer } })
+    }
+
+    /// `"mmap"`, `"pread"` or `"memory"`.
     #[getter]
     fn backend(&self) -> &'static str {
         match self.source {
             Source::Mapped(_) => "mmap",
             Source::Pread(_) => "pread",
+            Source::Memory { .. } => "memory",
         }
     }
 
@@ -165,6 +202,11 @@ impl File {
                 })?;
                 Ok(array.into_any())
             }
+            Source::Memory { header, object, .. } => {
+                let start = header.data_start() as usize + info.data_offsets.0;
+                let view = pyo3::types::PyMemoryView::from(object.bind(py))?;
+                view.get_item(pyo3::types::PySlice::new(py, start as isize, (start + info.byte_len()) as isize, 1))
+            }
         }
     }
 
@@ -176,9 +218,12 @@ impl File {
         let indices = parse_index(index)?;
         let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(&info.shape, &e))?;
         let array = PyByteArray::new_with(py, plan.byte_len(), |dst| {
-            py.detach(|| match &self.source {
-                Source::Mapped(m) => m.tensor(name).and_then(|t| t.copy_slice_into(&plan, dst)),
-                Source::Pread(p) => p.read_slice_into(name, &plan, dst),
+            py.detach(|| match self.source.data() {
+                Some(data) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst),
+                None => match &self.source {
+                    Source::Pread(p) => p.read_slice_into(name, &plan, dst),
+                    _ => unreachable!("only pread has no data in memory"),
+                },
             })
             .map_err(|e| error("", &e))
         })?;
@@ -199,9 +244,13 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            match &self.source {
-                Source::Mapped(m) => m.tensor(name).map(|t| dst.copy_from_slice(t.data())),
-                Source::Pread(p) => p.read_tensor_into(name, dst),
+            match (self.source.data(), &self.source) {
+                (Some(data), _) => {
+                    dst.copy_from_slice(&data[info.data_offsets.0..info.data_offsets.1]);
+                    Ok(())
+                }
+                (None, Source::Pread(p)) => p.read_tensor_into(name, dst),
+                (None, _) => unreachable!("only pread has no data in memory"),
             }
         })
         .map_err(|e| error("", &e))

@@ -121,9 +121,7 @@ class safe_open:
             raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread")')
         if self._framework in _NUMPY_LIKE and self._device != "cpu":
             raise SafetensorError(f"Device {device} is not supported for framework {_NUMPY_LIKE[self._framework]}")
-        if isinstance(filename, (bytes, bytearray)):
-            raise TypeError("safe_open() argument 'filename' must be str or os.PathLike, not bytes")
-        self._file: Optional[File] = File(os.fspath(filename), backend)
+        self._file: Optional[File] = _open_source(filename, backend)
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> "safe_open":
@@ -188,6 +186,20 @@ class PySafeSlice:
             index = slice(0, 0)
         shape, data = self._file.read_slice(self._name, index)
         return _convert(self._framework, self._device, self._code, shape, data)
+
+
+def _open_source(source: Any, backend: str) -> File:
+    """A path, a bytes-like object holding a whole file, or a file object."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return File.from_bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        return File(os.fspath(source), backend)
+    if hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        if isinstance(name, (str, os.PathLike)) and os.path.isfile(name):
+            return File(os.fspath(name), backend)
+        return File.from_bytes(source.read())
+    raise TypeError(f"expected a path, a bytes-like object or a file object, got {type(source).__name__}")
 
 
 def _safe_open_handle(f: Any, framework: str, device: Any = "cpu", *, backend: str = "mmap") -> safe_open:

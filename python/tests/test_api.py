@@ -1,0 +1,229 @@
+"""The public API: names, argument handling, errors, lifecycle, concurrency, files."""
+
+import io
+import os
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import safetensors
+import safetensors.torch as ref_pt
+import tensafe
+import tensafe.numpy as ts_np
+import tensafe.torch as ts_pt
+
+
+@pytest.fixture
+def sample(tmp_path):
+    path = tmp_path / "sample.safetensors"
+    tensors = {"b": torch.arange(6, dtype=torch.int32).reshape(2, 3), "a": torch.ones(4), "c": torch.zeros(0)}
+    ref_pt.save_file(tensors, path, metadata={"format": "pt"})
+    return path, tensors
+
+
+def test_public_names():
+    for name in ["SafetensorError", "TensorSpec", "__version__", "deserialize", "safe_open", "_safe_open_handle", "serialize", "serialize_file"]:
+        assert hasattr(tensafe, name), name
+    for module in ("torch", "numpy"):
+        mod = __import__(f"tensafe.{module}", fromlist=["_"])
+        for fn in ("save", "save_file", "load", "load_file"):
+            assert callable(getattr(mod, fn))
+    for fn in ("save_model", "load_model", "storage_ptr", "storage_size", "_find_shared_tensors", "_remove_duplicate_names"):
+        assert callable(getattr(ts_pt, fn))
+
+
+def test_safetensor_error_is_an_importable_picklable_exception():
+    assert issubclass(tensafe.SafetensorError, Exception)
+    err = pickle.loads(pickle.dumps(tensafe.SafetensorError("boom")))
+    assert isinstance(err, tensafe.SafetensorError) and err.args == ("boom",)
+
+
+def test_keys_metadata_and_order(sample):
+    path, _ = sample
+    with tensafe.safe_open(path, "pt") as ours, safetensors.safe_open(path, "pt") as ref:
+        assert ours.keys() == ref.keys() == ["a", "b", "c"]
+        assert ours.offset_keys() == ref.offset_keys() == ["a", "c", "b"]
+        assert ours.metadata() == ref.metadata() == {"format": "pt"}
+        assert list(ours.get_tensors()) == ours.offset_keys()
+
+
+def test_closed_handle(sample):
+    path, _ = sample
+    with tensafe.safe_open(path, "pt") as f:
+        kept = f.get_tensor("b")
+        s = f.get_slice("b")
+    for call in (f.keys, f.offset_keys, f.metadata, f.get_tensors, lambda: f.get_tensor("a"), lambda: f.get_slice("a")):
+        with pytest.raises(tensafe.SafetensorError, match="File is closed"):
+            call()
+    # What was handed out before closing still works.
+    assert kept.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert s[1].tolist() == [3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "framework,device,message",
+    [
+        ("nope", "cpu", "framework nope is invalid"),
+        ("pt", "gpu", "device gpu is invalid"),
+        ("pt", "CPU", "device CPU is invalid"),
+        ("pt", "cuda:0:1", "device cuda:0:1 is invalid"),
+        ("pt", -1, "device -1 is invalid"),
+        ("pt", "mps:1", "device mps:1 is invalid: only mps or mps:0 is supported"),
+        ("np", "cuda:0", "Device cuda:0 is not supported for framework numpy"),
+        ("flax", 0, "Device 0 is not supported for framework flax"),
+    ],
+)
+def test_argument_errors_match_the_reference(sample, framework, device, message):
+    path, _ = sample
+    for mod in (tensafe, safetensors):
+        with pytest.raises(mod.SafetensorError) as info:
+            mod.safe_open(path, framework, device=device)
+        assert str(info.value) == message, mod
+
+
+def test_backend_and_missing_tensor_errors(sample):
+    path, _ = sample
+    with pytest.raises(tensafe.SafetensorError, match='backend "foo" is invalid'):
+        tensafe.safe_open(path, "pt", backend="foo")
+    with tensafe.safe_open(path, "pt") as f:
+        with pytest.raises(tensafe.SafetensorError, match="File does not contain tensor nope"):
+            f.get_tensor("nope")
+        with pytest.raises(tensafe.SafetensorError, match="File does not contain tensor nope"):
+            f.get_slice("nope")
+
+
+def test_missing_file_directory_and_bad_header(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No such file or directory: .*notafile"):
+        tensafe.safe_open(tmp_path / "notafile", "pt")
+    with pytest.raises(OSError):
+        tensafe.safe_open(tmp_path, "pt")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(tensafe.SafetensorError, match="^Error while deserializing header: invalid header length"):
+        tensafe.safe_open(bad, "pt")
+    lfs = tmp_path / "lfs.safetensors"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 123\n")
+    with pytest.raises(tensafe.SafetensorError, match="Git LFS pointer"):
+        tensafe.safe_open(lfs, "pt")
+    good = ts_pt.save({"w": torch.ones(100)})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good[:-10])
+    with pytest.raises(tensafe.SafetensorError, match="expected .* bytes, found .*truncated"):
+        tensafe.safe_open(cut, "pt")
+
+
+def test_bytes_memoryview_and_file_objects_work_as_sources(sample):
+    path, tensors = sample
+    data = path.read_bytes()
+    for source in (data, bytearray(data), memoryview(data), io.BytesIO(data), open(path, "rb")):
+        with tensafe.safe_open(source, "pt") as f:
+            assert torch.equal(f.get_tensor("b"), tensors["b"])
+            assert f.get_slice("b")[:, 1].tolist() == [1, 4]
+    with open(path, "r") as text_mode:
+        with tensafe._safe_open_handle(text_mode, "np") as f:
+            assert f.get_tensor("a").tolist() == [1.0] * 4
+
+
+def test_save_errors_name_the_tensor():
+    with pytest.raises(ValueError, match=r"Expected a dict of \[str, torch.Tensor\] but received <class 'str'>"):
+        ts_pt.save("x")
+    with pytest.raises(ValueError, match="Key `t` is invalid, expected torch.Tensor but received <class 'dict'>"):
+        ts_pt.save({"t": {}})
+    with pytest.raises(ValueError, match="non contiguous tensor: `nc`"):
+        ts_pt.save({"nc": torch.zeros(3, 4).T})
+    base = torch.zeros(10)
+    with pytest.raises(RuntimeError, match="Some tensors share memory"):
+        ts_pt.save({"x": base, "y": base[:5]})
+    with pytest.raises(KeyError):
+        ts_pt.save({"c": torch.zeros(2, dtype=torch.complex128)})
+    with pytest.raises(tensafe.SafetensorError, match="cannot be stored"):
+        ts_np.save({"s": np.array(["text"])})
+    with pytest.raises(tensafe.SafetensorError, match="reserved"):
+        ts_np.save({"__metadata__": np.zeros(1)})
+    with pytest.raises(TypeError, match="argument 'metadata': 'int' object is not an instance of 'str'"):
+        ts_pt.save({"a": torch.zeros(1)}, metadata={"k": 1})
+
+
+def test_shared_tensor_helpers_match_the_reference():
+    x = torch.zeros(10)
+    state = {"Y": torch.ones(3), "B": x[:5], "C": x[5:], "D": x[:3]}
+    assert ts_pt._find_shared_tensors(state) == ref_pt._find_shared_tensors(state) == [{"Y"}, {"B", "D"}, {"C"}]
+    full = {"a": x, "b": x, "c": torch.ones(2)}
+    assert ts_pt._remove_duplicate_names(full) == ref_pt._remove_duplicate_names(full)
+    assert ts_pt._remove_duplicate_names(full, preferred_names=["b"]) == ref_pt._remove_duplicate_names(full, preferred_names=["b"])
+    assert ts_pt.storage_ptr(x) == ref_pt.storage_ptr(x) and ts_pt.storage_size(x) == ref_pt.storage_size(x)
+
+
+def test_save_model_and_load_model_round_trip_tied_weights(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.b = torch.nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+    model = Tied()
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    ts_pt.save_model(model, ours)
+    ref_pt.save_model(model, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+    fresh = Tied()
+    missing, unexpected = ts_pt.load_model(fresh, ours)
+    assert not missing and not unexpected
+    assert torch.equal(fresh.b.weight, model.a.weight)
+
+
+def test_new_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        ts_pt.save_file({"a": torch.zeros(1)}, tmp_path / "u.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "u.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_mmap_tensors_are_lazy_private_and_outlive_the_handle(tmp_path):
+    path = tmp_path / "w.safetensors"
+    ts_pt.save_file({"w": torch.arange(4.0)}, path)
+    with tensafe.safe_open(path, "pt") as f:
+        t = f.get_tensor("w")
+    t += 1  # copy-on-write: the file is untouched
+    assert t.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert ts_pt.load_file(path)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_overwriting_a_mapped_file_keeps_old_tensors_intact(tmp_path):
+    path = tmp_path / "m.safetensors"
+    ts_pt.save_file({"w": torch.full((1024,), 7.0)}, path)
+    old = ts_pt.load_file(path)["w"]
+    ts_pt.save_file({"w": torch.full((1024,), 9.0)}, path)
+    assert bool((old == 7.0).all())
+    assert bool((ts_pt.load_file(path)["w"] == 9.0).all())
+
+
+def test_many_threads_read_and_write_concurrently(tmp_path):
+    tensors = {f"t{i}": torch.randn(64, 64) for i in range(16)}
+    path = tmp_path / "shared.safetensors"
+    ts_pt.save_file(tensors, path)
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(10):
+                mine = tmp_path / f"out{k}.safetensors"
+                ts_pt.save_file(tensors, mine)
+                for backend in ("mmap", "pread"):
+                    loaded = ts_pt.load_file(mine if k % 2 else path, backend=backend)
+                    assert all(torch.equal(loaded[n], tensors[n]) for n in tensors)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
