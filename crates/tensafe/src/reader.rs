@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::error::{Error, Result};
 use crate::header::{Header, ReadOptions, TensorInfo};
@@ -225,12 +225,27 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
     Ok(())
 }
 
-/// A file mapped read-only into memory; tensor views borrow from the mapping.
+/// A file mapped into memory; tensor views borrow from the mapping.
 #[derive(Debug)]
 pub struct MmapFile {
     path: PathBuf,
     header: Header,
-    mmap: Mmap,
+    mapping: Mapping,
+}
+
+#[derive(Debug)]
+enum Mapping {
+    ReadOnly(Mmap),
+    CopyOnWrite(MmapMut),
+}
+
+impl Mapping {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Mapping::ReadOnly(m) => m,
+            Mapping::CopyOnWrite(m) => m,
+        }
+    }
 }
 
 impl MmapFile {
@@ -245,19 +260,50 @@ impl MmapFile {
         MmapFile::from_pread(pread)
     }
 
-    /// Maps a file whose header is already read.
+    /// Maps a file whose header is already read, read-only.
     pub fn from_pread(pread: PreadFile) -> Result<Self> {
+        MmapFile::map(pread, false)
+    }
+
+    /// Maps a file whose header is already read as a private copy-on-write
+    /// mapping: the bytes may be modified through [`MmapFile::as_mut_ptr`]
+    /// (this is how Python frameworks get writable zero-copy tensors), and no
+    /// write ever reaches the file.
+    pub fn from_pread_copy_on_write(pread: PreadFile) -> Result<Self> {
+        MmapFile::map(pread, true)
+    }
+
+    fn map(pread: PreadFile, copy_on_write: bool) -> Result<Self> {
         let PreadFile { path, file, header } = pread;
-        // SAFETY: the map is read-only. Like every reader of memory-mapped files,
-        // we rely on the file not being truncated or modified while mapped
-        // (the tensafe writer never does that: it replaces files by rename).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mapping the file", e).in_file(&path))?;
-        let expected = header.data_start() + header.data_len() as u64;
-        if mmap.len() as u64 != expected {
-            // The file changed size between the header read and the mapping.
-            return Err(Error::MetadataIncompleteBuffer { expected, actual: mmap.len() as u64 }.in_file(&path));
+        // SAFETY: writes to the mapping (copy-on-write only) never reach the
+        // file. Like every reader of memory-mapped files, we rely on the file
+        // not being truncated or modified in place while mapped; the tensafe
+        // writer never does that, it replaces files by rename.
+        let mapping = unsafe {
+            if copy_on_write {
+                MmapOptions::new().map_copy(&file).map(Mapping::CopyOnWrite)
+            } else {
+                Mmap::map(&file).map(Mapping::ReadOnly)
+            }
         }
-        Ok(MmapFile { path, header, mmap })
+        .map_err(|e| Error::io("mapping the file", e).in_file(&path))?;
+        let expected = header.data_start() + header.data_len() as u64;
+        let actual = mapping.bytes().len() as u64;
+        if actual != expected {
+            // The file changed size between the header read and the mapping.
+            return Err(Error::MetadataIncompleteBuffer { expected, actual }.in_file(&path));
+        }
+        Ok(MmapFile { path, header, mapping })
+    }
+
+    /// Start of a copy-on-write mapping, for callers that hand out writable
+    /// views; `None` for a read-only mapping. Writing through it is only sound
+    /// while no Rust reference to the same bytes is in use.
+    pub fn as_mut_ptr(&self) -> Option<*mut u8> {
+        match &self.mapping {
+            Mapping::CopyOnWrite(m) => Some(m.as_ptr() as *mut u8),
+            Mapping::ReadOnly(_) => None,
+        }
     }
 
     /// The validated header.
@@ -272,12 +318,12 @@ impl MmapFile {
 
     /// The whole mapped file.
     pub fn bytes(&self) -> &[u8] {
-        &self.mmap
+        self.mapping.bytes()
     }
 
     /// The data section of the mapping.
     pub fn data(&self) -> &[u8] {
-        &self.mmap[self.header.data_start() as usize..]
+        &self.bytes()[self.header.data_start() as usize..]
     }
 
     /// The zero-copy view of one tensor.
