@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Union
 
+import numpy as np
 import paddle
 
 from . import _numpy_like
@@ -13,7 +14,7 @@ from . import _numpy_like
 def _to_numpy(tensor: Any):
     if not isinstance(tensor, paddle.Tensor):
         raise ValueError(f"expected paddle.Tensor but received {type(tensor)}")
-    return tensor.cpu().numpy()
+    return np.asarray(tensor.cpu().numpy())
 
 
 def save(tensors: Dict[str, paddle.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional, Union
 
+import numpy as np
 import tensorflow as tf
 
 from . import _numpy_like
 
 
 def _to_numpy(tensor: tf.Tensor):
-    return tensor.numpy()
+    # Scalars come back as numpy scalars, not arrays.
+    return np.asarray(tensor.numpy())
 
 
 def save(tensors: Dict[str, tf.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
