@@ -1,0 +1,422 @@
+//! What a save leaves on disk when it does not complete, and which file mode
+//! and which file it ends up with when it does.
+//!
+//! * A writer killed mid-save (SIGKILL, so no destructor runs) leaves the old
+//!   file under the target name, byte for byte, or no file if there was none.
+//!   The killing is real: the test binary re-executes itself as a child
+//!   process (see [`child_process`]) that saves a slow, large tensor, and the
+//!   parent kills it once the temporary file has data in it.
+//! * A save that fails with an error, before or during writing, leaves no
+//!   temporary file behind.
+//! * A new file's mode is `0o666` minus the umask; a replaced file keeps its
+//!   mode; a symbolic link is kept and the file it names is replaced.
+
+#![cfg(unix)]
+
+use std::borrow::Cow;
+use std::ffi::OsString;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tensafe::{Dtype, RawTensor, SafeTensors, View};
+
+/// Names the job of a child process; unset in the parent.
+const CHILD_JOB: &str = "TENSAFE_CRASH_SAFETY_JOB";
+/// The file the child saves to.
+const CHILD_PATH: &str = "TENSAFE_CRASH_SAFETY_PATH";
+
+/// Child job: save [`SLOW_TENSORS`] slow tensors, to be killed half-way.
+const JOB_SLOW_SAVE: &str = "slow-save";
+/// Child job: save under a file-size limit, so that writing fails with EFBIG.
+const JOB_SIZE_LIMITED_SAVE: &str = "size-limited-save";
+/// Child job: save new files under various umasks (the umask is per process,
+/// so changing it among the parallel tests would be a race).
+const JOB_UMASK_MODES: &str = "umask-modes";
+
+/// Bytes in one slow tensor.
+const CHUNK: usize = 1 << 20;
+/// Number of slow tensors: 1 GiB in all, far more than gets written.
+const SLOW_TENSORS: usize = 1024;
+/// How long the slow tensor takes to hand over its bytes (20 s for them all).
+const SLOW_DELAY: Duration = Duration::from_millis(20);
+
+static ZEROS: [u8; CHUNK] = [0; CHUNK];
+
+/// A 1 MiB tensor of zeros that takes [`SLOW_DELAY`] to produce its bytes.
+struct SlowZeros;
+
+impl View for SlowZeros {
+    fn dtype(&self) -> Dtype {
+        Dtype::U8
+    }
+    fn shape(&self) -> &[usize] {
+        &[CHUNK]
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        std::thread::sleep(SLOW_DELAY);
+        Cow::Borrowed(&ZEROS)
+    }
+    fn data_len(&self) -> usize {
+        CHUNK
+    }
+}
+
+/// The entry point of child processes: does the job named in [`CHILD_JOB`],
+/// and nothing when run as an ordinary (ignored) test.
+#[test]
+#[ignore = "helper: the other tests run it in a child process"]
+fn child_process() {
+    let (Some(job), Some(path)) = (std::env::var_os(CHILD_JOB), std::env::var_os(CHILD_PATH)) else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    match job.to_str() {
+        Some(JOB_SLOW_SAVE) => {
+            let tensors = (0..SLOW_TENSORS).map(|i| (format!("t{i:04}"), SlowZeros));
+            tensafe::serialize_to_file(tensors, None, &path).expect("the slow save itself works");
+            panic!("the slow save finished before it was killed");
+        }
+        Some(JOB_SIZE_LIMITED_SAVE) => {
+            let dir = path.parent().expect("the path has a directory");
+            let before = listing(dir);
+            // SAFETY: plain libc calls with valid arguments, in a child process
+            // whose only job is this save.
+            unsafe {
+                assert_ne!(libc::signal(libc::SIGXFSZ, libc::SIG_IGN), libc::SIG_ERR);
+                let limit = libc::rlimit { rlim_cur: 64 * 1024, rlim_max: libc::RLIM_INFINITY };
+                assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+            }
+            let data = vec![7u8; CHUNK];
+            let tensor = RawTensor { dtype: Dtype::U8, shape: &[CHUNK], data: &data };
+            let err = tensafe::serialize_to_file([("big", tensor)], None, &path)
+                .expect_err("the file size limit makes the save fail");
+            let message = err.to_string();
+            eprintln!("the save failed as expected: {message}");
+            assert!(message.contains("File too large") && message.contains("writing"), "{message}");
+            assert_eq!(listing(dir), before, "the failed save left files behind");
+        }
+        Some(JOB_UMASK_MODES) => {
+            for mask in [0o022, 0o027, 0o077, 0o002, 0o000, 0o266] {
+                let new_path = path.with_file_name(format!("umask-{mask:03o}.safetensors"));
+                // SAFETY: umask cannot fail, and this process runs no other test.
+                unsafe { libc::umask(mask) };
+                save_small(&new_path, "w", 1).unwrap();
+                #[allow(clippy::useless_conversion, reason = "mode_t is narrower than u32 on some systems")]
+                let expected = u32::from(0o666 & !mask);
+                assert_eq!(mode(&new_path), expected, "umask {mask:03o}");
+            }
+        }
+        other => panic!("unknown child job {other:?}"),
+    }
+}
+
+/// Starts this test binary again, running only [`child_process`] with `job`.
+fn spawn_child(job: &str, path: &Path) -> Child {
+    Command::new(std::env::current_exe().expect("the test binary's path"))
+        .args(["child_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(CHILD_JOB, job)
+        .env(CHILD_PATH, path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the child process")
+}
+
+/// Runs [`child_process`] with `job` to completion; asserts that it passed.
+fn run_child(job: &str, path: &Path) -> Output {
+    let output = spawn_child(job, path).wait_with_output().expect("waiting for the child");
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("1 passed"),
+        "the child did not run:\n{}",
+        describe(&output)
+    );
+    output
+}
+
+/// The child's output, for failure messages.
+fn describe(output: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<OsString> {
+    let mut names: Vec<_> =
+        fs::read_dir(dir).expect("listing the directory").map(|e| e.expect("a directory entry").file_name()).collect();
+    names.sort();
+    names
+}
+
+/// The writer's temporary files for `file_name` in `dir` (`.NAME.*.tmp`).
+fn temp_files(dir: &Path, file_name: &str) -> Vec<PathBuf> {
+    let prefix = format!(".{file_name}.");
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("listing the directory")
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".tmp"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// A small valid file to be replaced.
+fn old_file_bytes() -> Vec<u8> {
+    let data: Vec<u8> = (0..24).collect();
+    let mut metadata = tensafe::Metadata::new();
+    metadata.insert("version".into(), "old".into());
+    tensafe::serialize([("old", RawTensor { dtype: Dtype::F32, shape: &[2, 3], data: &data })], Some(&metadata))
+        .unwrap()
+}
+
+/// Asserts `path` holds exactly `expected`, which parses as the old file.
+fn assert_old_file(path: &Path, expected: &[u8]) {
+    let bytes = fs::read(path).expect("the old file is still there");
+    assert!(
+        bytes == expected,
+        "the file under the target name changed ({} bytes, was {})",
+        bytes.len(),
+        expected.len()
+    );
+    let file = SafeTensors::deserialize(&bytes).expect("the old file still parses");
+    assert_eq!(file.tensor("old").unwrap().shape(), [2, 3]);
+}
+
+/// A file holding one small `U8` tensor named `name` filled with `fill`.
+fn save_small(path: &Path, name: &str, fill: u8) -> tensafe::Result<()> {
+    let data = [fill; 4];
+    tensafe::serialize_to_file([(name, RawTensor { dtype: Dtype::U8, shape: &[4], data: &data })], None, path)
+}
+
+/// Starts a slow save to `path`, waits until its temporary file holds data,
+/// SIGKILLs it, and returns the temporary file it left.
+fn kill_mid_save(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap();
+    let file_name = path.file_name().unwrap().to_str().unwrap();
+    let mut child = spawn_child(JOB_SLOW_SAVE, path);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let temp = loop {
+        if let Some(temp) = temp_files(dir, file_name).into_iter().find(|t| fs::metadata(t).is_ok_and(|m| m.len() > 0))
+        {
+            break temp;
+        }
+        if child.try_wait().expect("polling the child").is_some() || Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the child never started writing:\n{}", describe(&child.wait_with_output().unwrap()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    child.kill().expect("killing the child");
+    let output = child.wait_with_output().expect("waiting for the child");
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGKILL),
+        "the child was not killed mid-save:\n{}",
+        describe(&output)
+    );
+
+    // The kill came mid-save: the temporary file is partly written.
+    let written = fs::metadata(&temp).expect("SIGKILL leaves the temporary file").len();
+    assert!(written > 0 && written < (SLOW_TENSORS * CHUNK) as u64, "{written} bytes written");
+    temp
+}
+
+#[test]
+fn killed_writer_leaves_the_old_file_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let old = old_file_bytes();
+    fs::write(&path, &old).unwrap();
+
+    let temp = kill_mid_save(&path);
+    assert_old_file(&path, &old);
+    // The only other file is the abandoned temporary one, which no reader
+    // looking for `model.safetensors` would open.
+    let mut expected = vec![OsString::from("model.safetensors"), temp.file_name().unwrap().to_owned()];
+    expected.sort();
+    assert_eq!(listing(dir.path()), expected);
+}
+
+#[test]
+fn killed_first_save_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.safetensors");
+    let temp = kill_mid_save(&path);
+    assert!(!path.exists(), "a half-written file appeared under the target name");
+    assert_eq!(listing(dir.path()), [temp.file_name().unwrap().to_owned()]);
+}
+
+#[test]
+fn invalid_tensors_fail_before_touching_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let old = old_file_bytes();
+    fs::write(&path, &old).unwrap();
+
+    // 4 bytes for two F32 values.
+    let short = [0u8; 4];
+    let err =
+        tensafe::serialize_to_file([("w", RawTensor { dtype: Dtype::F32, shape: &[2], data: &short })], None, &path)
+            .expect_err("data_len disagrees with the shape");
+    assert!(err.to_string().contains("takes 8 bytes but data_offsets span 4"), "{err}");
+
+    // A name the writer refuses, and a bad option.
+    let err = save_small(&path, "bad\nname", 1).expect_err("control character in a name");
+    assert!(err.to_string().contains("control characters"), "{err}");
+    let options = tensafe::WriteOptions { data_alignment: 12, ..Default::default() };
+    let data = [0u8; 4];
+    let tensors = [("w", RawTensor { dtype: Dtype::U8, shape: &[4], data: &data })];
+    assert!(tensafe::serialize_to_file_with(tensors, None, &path, &options).is_err());
+
+    assert_old_file(&path, &old);
+    assert_eq!(listing(dir.path()), ["model.safetensors"]);
+}
+
+/// A `View` whose `data()` is shorter than the `data_len()` it announced.
+struct ShortData;
+
+impl View for ShortData {
+    fn dtype(&self) -> Dtype {
+        Dtype::U8
+    }
+    fn shape(&self) -> &[usize] {
+        &[8]
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&[1, 2, 3])
+    }
+    fn data_len(&self) -> usize {
+        8
+    }
+}
+
+#[test]
+#[ignore = "known gap: the writer trusts data_len() and persists a file it cannot read back"]
+fn view_whose_data_disagrees_with_data_len_fails_the_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let old = old_file_bytes();
+    fs::write(&path, &old).unwrap();
+
+    let result = tensafe::serialize_to_file([("w", ShortData)], None, &path);
+    assert!(result.is_err(), "a save with 3 of the 8 announced bytes succeeded");
+    assert_old_file(&path, &old);
+    assert_eq!(listing(dir.path()), ["model.safetensors"]);
+}
+
+#[test]
+fn missing_directory_is_an_error_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing").join("model.safetensors");
+    let err = save_small(&path, "w", 1).expect_err("the directory does not exist");
+    let message = err.to_string();
+    assert!(message.contains("model.safetensors") && message.contains("creating a temporary file"), "{message}");
+    assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+}
+
+#[test]
+fn failed_write_removes_its_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let old = old_file_bytes();
+    fs::write(&path, &old).unwrap();
+
+    // The child checks the directory itself right after the error, then exits.
+    run_child(JOB_SIZE_LIMITED_SAVE, &path);
+
+    assert_old_file(&path, &old);
+    assert_eq!(listing(dir.path()), ["model.safetensors"]);
+}
+
+/// Permission bits of `path`.
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn new_file_mode_follows_the_umask() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child(JOB_UMASK_MODES, &dir.path().join("unused"));
+    assert_eq!(listing(dir.path()).len(), 6, "{:?}", listing(dir.path()));
+}
+
+#[test]
+fn replacing_a_file_keeps_its_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    for kept in [0o640, 0o600, 0o755, 0o444] {
+        save_small(&path, "w", 1).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(kept)).unwrap();
+        let mut old_handle = fs::File::open(&path).unwrap();
+        let old_inode = fs::metadata(&path).unwrap().ino();
+
+        save_small(&path, "w", 2).unwrap();
+        assert_eq!(mode(&path), kept, "mode {kept:o} not kept");
+        // Replaced by a new inode: a reader of the old file still sees it whole.
+        assert_ne!(fs::metadata(&path).unwrap().ino(), old_inode);
+        let mut old = Vec::new();
+        old_handle.read_to_end(&mut old).unwrap();
+        assert_eq!(SafeTensors::deserialize(&old).unwrap().tensor("w").unwrap().data(), [1; 4]);
+        let new = fs::read(&path).unwrap();
+        assert_eq!(SafeTensors::deserialize(&new).unwrap().tensor("w").unwrap().data(), [2; 4]);
+        assert_eq!(listing(dir.path()), ["model.safetensors"]);
+    }
+}
+
+#[test]
+fn writing_through_a_symlink_replaces_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let links = dir.path().join("links");
+    fs::create_dir_all(&store).unwrap();
+    fs::create_dir_all(&links).unwrap();
+    let real = store.join("real.safetensors");
+    save_small(&real, "w", 1).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o640)).unwrap();
+
+    // links/b -> links/a -> ../store/real.safetensors, both relative.
+    let a = links.join("a.safetensors");
+    let b = links.join("b.safetensors");
+    std::os::unix::fs::symlink("../store/real.safetensors", &a).unwrap();
+    std::os::unix::fs::symlink("a.safetensors", &b).unwrap();
+
+    for (through, fill) in [(&a, 2u8), (&b, 3u8)] {
+        save_small(through, "w", fill).unwrap();
+        for link in [&a, &b] {
+            assert!(
+                fs::symlink_metadata(link).unwrap().file_type().is_symlink(),
+                "{} is no longer a link",
+                link.display()
+            );
+        }
+        assert_eq!(fs::read_link(&a).unwrap(), Path::new("../store/real.safetensors"));
+        assert_eq!(fs::read_link(&b).unwrap(), Path::new("a.safetensors"));
+        let bytes = fs::read(&real).unwrap();
+        assert_eq!(SafeTensors::deserialize(&bytes).unwrap().tensor("w").unwrap().data(), [fill; 4]);
+        assert_eq!(mode(&real), 0o640);
+        // The temporary file went next to the target, and is gone.
+        assert_eq!(listing(&store), ["real.safetensors"]);
+        assert_eq!(listing(&links), ["a.safetensors", "b.safetensors"]);
+    }
+
+    // A dangling link: the file it names is created, the link kept.
+    let dangling = links.join("dangling.safetensors");
+    std::os::unix::fs::symlink("../store/created.safetensors", &dangling).unwrap();
+    save_small(&dangling, "w", 4).unwrap();
+    assert!(fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
+    let bytes = fs::read(store.join("created.safetensors")).unwrap();
+    assert_eq!(SafeTensors::deserialize(&bytes).unwrap().tensor("w").unwrap().data(), [4; 4]);
+    assert_eq!(listing(&store), ["created.safetensors", "real.safetensors"]);
+}
