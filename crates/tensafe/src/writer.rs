@@ -121,17 +121,34 @@ pub struct Prepared<N, V> {
     pub data_len: u64,
 }
 
-impl<N, V: View> Prepared<N, V> {
+impl<N: AsRef<str>, V: View> Prepared<N, V> {
     /// Total size of the file.
     pub fn file_len(&self) -> u64 {
         self.header.len() as u64 + self.data_len
     }
 
-    /// Streams header then tensor bytes to `out`.
-    pub fn write_to<W: Write + ?Sized>(&self, out: &mut W) -> std::io::Result<()> {
+    /// Streams header then tensor bytes to `out`. Fails, before writing a
+    /// tensor, if its [`View::data`] disagrees with the `data_len` the header
+    /// was built from (a file written anyway would be unreadable).
+    pub fn write_to<W: Write + ?Sized>(&self, out: &mut W) -> std::io::Result<()>
+    where
+        N: AsRef<str>,
+    {
         out.write_all(&self.header)?;
-        for (_, view) in &self.tensors {
-            out.write_all(&view.data())?;
+        for (name, view) in &self.tensors {
+            let data = view.data();
+            if data.len() != view.data_len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "tensor `{}`: the view gave {} bytes but announced {}",
+                        name.as_ref(),
+                        data.len(),
+                        view.data_len()
+                    ),
+                ));
+            }
+            out.write_all(&data)?;
         }
         Ok(())
     }
@@ -242,7 +259,8 @@ where
 {
     let prepared = prepare(tensors, metadata, &WriteOptions::default())?;
     let mut out = Vec::with_capacity(prepared.file_len() as usize);
-    prepared.write_to(&mut out).expect("writing into a Vec cannot fail");
+    // Writing into a Vec only fails when a view's data disagrees with its length.
+    prepared.write_to(&mut out).map_err(|e| Error::io("serializing", e))?;
     Ok(out)
 }
 
