@@ -98,19 +98,16 @@ impl File {
 
 #[pymethods]
 impl File {
-    /// Opens `filename` with `backend` `"mmap"` (copy-on-write mapping) or `"pread"`.
+    /// Opens `filename` with `backend` `"mmap"` (copy-on-write mapping),
+    /// `"pread"`, or `"auto"` (pread on network/FUSE filesystems, else mmap).
     #[new]
     #[pyo3(signature = (filename, backend = "mmap"))]
     fn new(py: Python<'_>, filename: PathBuf, backend: &str) -> PyResult<Self> {
-        let mapped = match backend {
-            "mmap" => true,
-            "pread" => false,
-            other => {
-                return Err(SafetensorError::new_err(format!(
-                    "backend \"{other}\" is invalid (expected one of: \"mmap\", \"pread\")"
-                )));
-            }
-        };
+        if !matches!(backend, "mmap" | "pread" | "auto") {
+            return Err(SafetensorError::new_err(format!(
+                "backend \"{backend}\" is invalid (expected one of: \"mmap\", \"pread\", \"auto\")"
+            )));
+        }
         let file = std::fs::File::open(&filename).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 PyFileNotFoundError::new_err(format!("No such file or directory: {}", filename.display()))
@@ -120,6 +117,12 @@ impl File {
         if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             return Err(PyOSError::new_err(format!("{}: is a directory", filename.display())));
         }
+        // "auto": positional reads on network and FUSE filesystems, where page
+        // faults on a mapping are slow; a mapping elsewhere.
+        let mapped = match backend {
+            "auto" => !tensafe::FilesystemKind::of(&file).prefers_pread(),
+            other => other == "mmap",
+        };
         py.detach(|| {
             let pread = PreadFile::from_file(file, &filename, &Default::default())?;
             Ok(if mapped { Source::Mapped(MmapFile::from_pread_copy_on_write(pread)?) } else { Source::Pread(pread) })

@@ -64,6 +64,10 @@ def _to_torch(code: str, shape: List[int], buf: Any, device: Union[str, int]) ->
 
     dtype = _dtypes.torch_dtype(code)
     shape = _dtypes.packed_shape(code, shape)
+    if isinstance(buf, memoryview) and buf.readonly:
+        # torch tensors are always writable: never hand one out over a caller's
+        # immutable bytes.
+        buf = bytearray(buf)
     if len(buf) == 0:
         tensor = torch.empty(shape, dtype=dtype)
     else:
@@ -111,14 +115,15 @@ class safe_open:
     tensor never reaches the file, but is visible to later `get_tensor` calls
     on the same handle (as with the reference). `backend="pread"` reads each
     tensor into private memory with positional reads, the better choice on
-    network and FUSE filesystems.
+    network and FUSE filesystems; `backend="auto"` picks `pread` there and
+    `mmap` elsewhere.
     """
 
     def __init__(self, filename: Union[str, "os.PathLike[str]"], framework: str, device: Any = "cpu", *, backend: str = "mmap"):
         self._framework = _framework(framework)
         self._device = _device(device)
-        if backend not in ("mmap", "pread"):
-            raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread")')
+        if backend not in ("mmap", "pread", "auto"):
+            raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread", "auto")')
         if self._framework in _NUMPY_LIKE and self._device != "cpu":
             raise SafetensorError(f"Device {device} is not supported for framework {_NUMPY_LIKE[self._framework]}")
         self._file: Optional[File] = _open_source(filename, backend)

@@ -227,3 +227,23 @@ def test_many_threads_read_and_write_concurrently(tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_backend_auto_maps_local_files(sample):
+    path, tensors = sample
+    with tensafe.safe_open(path, "pt", backend="auto") as f:
+        assert f._open().backend == "mmap"  # a local filesystem
+        assert torch.equal(f.get_tensor("b"), tensors["b"])
+
+
+def test_type_stubs_cover_the_compiled_module():
+    import ast
+    import pathlib
+
+    from tensafe import _tensafe_rust
+
+    stub = pathlib.Path(tensafe.__file__).with_name("_tensafe_rust.pyi")
+    names = {n.name for n in ast.parse(stub.read_text()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    names |= {t.id for n in ast.parse(stub.read_text()).body if isinstance(n, ast.AnnAssign) for t in [n.target]}
+    public = {n for n in dir(_tensafe_rust) if not n.startswith("__") or n == "__version__"}
+    assert public - names == set(), public - names

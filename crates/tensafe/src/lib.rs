@@ -25,6 +25,7 @@
 mod atomic;
 mod dtype;
 mod error;
+mod fs;
 mod header;
 mod reader;
 mod slice;
@@ -33,6 +34,7 @@ mod writer;
 pub use atomic::write_atomically;
 pub use dtype::Dtype;
 pub use error::{Diagnosis, Error, Result};
+pub use fs::FilesystemKind;
 pub use header::{Header, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 pub use reader::{MmapFile, PreadFile, SafeTensors, TensorView};
 pub use slice::{ByteRanges, SliceIndex, SlicePlan};
