@@ -69,32 +69,39 @@ fn main() {
     let buffers: Vec<Vec<u8>> = (0..write_mib.div_ceil(64)).map(|i| vec![i as u8 + 1; chunk.min((write_mib << 20) - i * chunk)]).collect();
     let shapes: Vec<Vec<usize>> = buffers.iter().map(|b| vec![b.len() / 4]).collect();
     let bytes = buffers.iter().map(Vec::len).sum::<usize>() as f64;
-    let (mut ours, mut theirs, mut dd) = (vec![], vec![], vec![]);
+    let mut results: [Vec<Duration>; 3] = [vec![], vec![], vec![]];
     for rep in 0..reps {
-        let target = dir.path().join(format!("ours{rep}.safetensors"));
-        ours.push(time(|| {
-            let tensors = buffers.iter().zip(&shapes).enumerate().map(|(i, (b, s))| (format!("t{i}"), RawTensor { dtype: Dtype::F32, shape: s, data: b }));
-            tensafe::serialize_to_file(tensors, None, &target).unwrap();
-        }));
-        std::fs::remove_file(&target).unwrap();
-        let target = dir.path().join(format!("ref{rep}.safetensors"));
-        let views: Vec<Ref> = buffers.iter().zip(&shapes).map(|(b, s)| Ref(b, s.clone())).collect();
-        theirs.push(time(|| {
-            safetensors::serialize_to_file(views.iter().enumerate().map(|(i, v)| (format!("t{i}"), v)), None, &target).unwrap();
-            // The reference does not fsync; do it so both pay for durability.
-            std::fs::File::open(&target).unwrap().sync_all().unwrap();
-        }));
-        std::fs::remove_file(&target).unwrap();
-        let target = dir.path().join(format!("dd{rep}"));
-        dd.push(time(|| {
-            let status = Command::new("dd")
-                .args(["if=/dev/zero", &format!("of={}", target.display()), "bs=1M", &format!("count={write_mib}"), "conv=fsync", "status=none"])
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }));
-        std::fs::remove_file(&target).unwrap();
+        // Rotate the order every repetition so no contender always runs
+        // right after another one's 1 GiB file was deleted.
+        for k in 0..3 {
+            let which = (rep + k) % 3;
+            let target = dir.path().join(format!("out{rep}-{which}"));
+            let elapsed = match which {
+                0 => time(|| {
+                    let tensors = buffers.iter().zip(&shapes).enumerate().map(|(i, (b, s))| (format!("t{i}"), RawTensor { dtype: Dtype::F32, shape: s, data: b }));
+                    tensafe::serialize_to_file(tensors, None, &target).unwrap();
+                }),
+                1 => {
+                    let views: Vec<Ref> = buffers.iter().zip(&shapes).map(|(b, s)| Ref(b, s.clone())).collect();
+                    time(|| {
+                        safetensors::serialize_to_file(views.iter().enumerate().map(|(i, v)| (format!("t{i}"), v)), None, &target).unwrap();
+                        // The reference does not fsync; do it so both pay for durability.
+                        std::fs::File::open(&target).unwrap().sync_all().unwrap();
+                    })
+                }
+                _ => time(|| {
+                    let status = Command::new("dd")
+                        .args(["if=/dev/zero", &format!("of={}", target.display()), "bs=1M", &format!("count={write_mib}"), "conv=fsync", "status=none"])
+                        .status()
+                        .unwrap();
+                    assert!(status.success());
+                }),
+            };
+            results[which].push(elapsed);
+            std::fs::remove_file(&target).unwrap();
+        }
     }
+    let [ours, theirs, dd] = results;
     let gbps = |d: Duration| bytes / d.as_secs_f64() / 1e9;
     let (o, t, d) = (median(ours), median(theirs), median(dd));
     println!("write {write_mib} MiB with fsync, median of {reps}:");
