@@ -20,10 +20,7 @@ const WRITE_BUFFER: usize = 1 << 20;
 /// The new file gets the mode of the file it replaces, or `0o666` minus the
 /// process umask when there is none, like any newly created file. When `path`
 /// is a symbolic link, the link is kept and its target is replaced.
-///
-/// `len`, when known, pre-sizes the file so the filesystem can allocate it in
-/// one go.
-pub fn write_atomically<F>(path: &Path, len: Option<u64>, write: F) -> Result<()>
+pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
 {
@@ -52,9 +49,6 @@ where
         .tempfile_in(&dir)
         .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
 
-    if let Some(len) = len {
-        temp.as_file().set_len(len).map_err(|e| Error::io("sizing the temporary file", e))?;
-    }
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, temp);
     write(&mut out).map_err(|e| Error::io("writing", e))?;
     let temp = out.into_inner().map_err(|e| Error::io("writing", e.into_error()))?;

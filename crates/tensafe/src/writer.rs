@@ -290,5 +290,5 @@ where
 {
     let path = path.as_ref();
     let prepared = prepare(tensors, metadata, options).map_err(|e| e.in_file(path))?;
-    write_atomically(path, Some(prepared.file_len()), |out| prepared.write_to(out)).map_err(|e| e.in_file(path))
+    write_atomically(path, |out| prepared.write_to(out)).map_err(|e| e.in_file(path))
 }
