@@ -41,7 +41,8 @@ fn header_error(e: Error) -> PyErr {
 }
 
 fn serialize_error(e: Error) -> PyErr {
-    error("Error while serializing: ", &e)
+    // Always SafetensorError here, as in the reference (no FileNotFoundError).
+    SafetensorError::new_err(format!("Error while serializing: {}", e.without_file()))
 }
 
 fn metadata_to_dict<'py>(py: Python<'py>, header: &Header) -> PyResult<Option<Bound<'py, PyDict>>> {

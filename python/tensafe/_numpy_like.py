@@ -9,16 +9,20 @@ from ._open import _to_numpy, safe_open
 from ._tensafe_rust import deserialize
 
 
-def items(tensors: Dict[str, Any], to_numpy: Callable[[Any], Any], kind: str) -> list:
+ToNumpy = Callable[[Any], Any]
+
+
+def items(tensors: Dict[str, Any], to_numpy: ToNumpy, kind: str, code_of: Optional[Callable[[Any], Optional[str]]] = None) -> list:
     """Converts values with `to_numpy` into a new list; the caller's dict is left alone
-    (the reference's flax and tensorflow modules overwrite it)."""
+    (the reference's flax and tensorflow modules overwrite it). `code_of` gives a
+    value's dtype code when its numpy form does not tell it."""
     if not isinstance(tensors, dict):
         raise ValueError(f"Expected a dict of [str, {kind}] but received {type(tensors)}")
-    return [_save.numpy_item(name, to_numpy(value)) for name, value in tensors.items()]
+    return [_save.numpy_item(name, to_numpy(value), code_of(value) if code_of else None) for name, value in tensors.items()]
 
 
-def save(tensors: Dict[str, Any], metadata: Optional[Dict[str, str]], to_numpy: Callable[[Any], Any], kind: str, filename: Any = None) -> Optional[bytes]:
-    return _save.write(items(tensors, to_numpy, kind), metadata, filename)
+def save(tensors: Dict[str, Any], metadata: Optional[Dict[str, str]], to_numpy: ToNumpy, kind: str, filename: Any = None, code_of: Any = None) -> Optional[bytes]:
+    return _save.write(items(tensors, to_numpy, kind, code_of), metadata, filename)
 
 
 def load(data: bytes, from_numpy: Callable[[Any], Any]) -> Dict[str, Any]:

@@ -97,10 +97,9 @@ def _convert(framework: str, device: Union[str, int], code: str, shape: List[int
 
         return mx.array(array)
     if framework == "paddle":
-        import paddle
+        from .paddle import from_numpy
 
-        place = device.replace("cuda", "gpu") if isinstance(device, str) else device
-        return paddle.to_tensor(array, place=place)
+        return from_numpy(array, device.replace("cuda", "gpu") if isinstance(device, str) else device)
     raise SafetensorError(f"framework {framework} is invalid")
 
 

@@ -31,9 +31,10 @@ def write(items: List[Item], metadata: Optional[Dict[str, str]], filename: Any =
     return serialize_buffers(items, metadata, filename)
 
 
-def numpy_item(name: str, array: Any) -> Item:
+def numpy_item(name: str, array: Any, code: Optional[str] = None) -> Item:
     """An item for a numpy array: made contiguous and little-endian if needed
-    (the only copies on the save path), then viewed as bytes."""
+    (the only copies on the save path), then viewed as bytes. `code` overrides
+    the dtype read from the array (paddle exports bfloat16 as uint16)."""
     import numpy as np
 
     from . import _dtypes
@@ -42,7 +43,7 @@ def numpy_item(name: str, array: Any) -> Item:
         raise SafetensorError(f"tensor names must be str, got {type(name)}")
     if not isinstance(array, np.ndarray):
         raise SafetensorError(f"Key `{name}` is invalid, expected numpy.ndarray but received {type(array)}")
-    code = _dtypes.code_for_numpy(array.dtype)
+    code = code or _dtypes.code_for_numpy(array.dtype)
     byteorder = array.dtype.byteorder
     if byteorder == ">" or (byteorder == "=" and sys.byteorder == "big"):
         array = array.astype(array.dtype.newbyteorder("<"))

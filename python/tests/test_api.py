@@ -247,3 +247,47 @@ def test_type_stubs_cover_the_compiled_module():
     names |= {t.id for n in ast.parse(stub.read_text()).body if isinstance(n, ast.AnnAssign) for t in [n.target]}
     public = {n for n in dir(_tensafe_rust) if not n.startswith("__") or n == "__version__"}
     assert public - names == set(), public - names
+
+
+def test_serialize_file_matches_the_reference(tmp_path):
+    data = np.arange(6, dtype=np.int16)
+    spec = dict(dtype="int16", shape=[2, 3], data_ptr=data.ctypes.data, data_len=data.nbytes)
+    tensafe.serialize_file({"x": tensafe.TensorSpec(**spec)}, tmp_path / "a.safetensors", {"m": "1"})
+    safetensors.serialize_file({"x": safetensors.TensorSpec(**spec)}, tmp_path / "b.safetensors", {"m": "1"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with pytest.raises(tensafe.SafetensorError, match="^Error while serializing: .*no-such-dir"):
+        tensafe.serialize_file({"x": tensafe.TensorSpec(**spec)}, tmp_path / "no-such-dir" / "c.safetensors")
+
+
+def test_f6_tensors_are_listed_but_not_converted(tmp_path):
+    header = b'{"f6":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[0,3]}}'
+    path = tmp_path / "f6.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x01\x02\x03")
+    for framework in ("pt", "np"):
+        with tensafe.safe_open(path, framework) as f:
+            assert f.keys() == ["f6"] and f.get_slice("f6").get_dtype() == "F6_E2M3"
+            with pytest.raises(tensafe.SafetensorError, match="Dtype not understood: F6_E2M3"):
+                f.get_tensor("f6")
+
+
+def test_the_gil_is_released_while_saving(tmp_path):
+    """A pure-Python thread keeps running while a large save is in progress."""
+    big = {"w": torch.ones(128 * 1024 * 1024, dtype=torch.uint8)}
+    ticks = []
+    done = threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(1)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        before = len(ticks)
+        ts_pt.save_file(big, tmp_path / "big.safetensors")
+        during = len(ticks) - before
+    finally:
+        done.set()
+        thread.join()
+    # With the GIL held for the whole write the ticker would barely move.
+    assert during > 1000, during

@@ -47,7 +47,8 @@ where
     };
     let temp = builder
         .tempfile_in(&dir)
-        .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
+        // tempfile names its random path in the error; report the directory instead.
+        .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), without_path(e)))?;
 
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, temp);
     write(&mut out).map_err(|e| Error::io("writing", e))?;
@@ -68,6 +69,11 @@ where
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// The OS error alone, without the path tempfile attaches to it.
+fn without_path(e: std::io::Error) -> std::io::Error {
+    e.raw_os_error().map_or(e, std::io::Error::from_raw_os_error)
 }
 
 /// Follows symbolic links at `path` (up to a fixed depth) to the file they name.
