@@ -181,9 +181,94 @@ impl File {
         Ok((info.dtype.code(), info.shape.clone(), info.data_offsets.0, info.data_offsets.1))
     }
 
-    /// `[(name, dtype_code, shape), …]` in file order.
-    fn infos(&self) -> Vec<(&str, &'static str, Vec<usize>)> {
-        self.header().iter().map(|(name, info)| (name, info.dtype.code(), info.shape.clone())).collect()
+    /// `[(name, dtype_code, shape, begin, end), …]` in file order; offsets
+    /// are relative to the data section.
+    fn infos(&self) -> Vec<(&str, &'static str, Vec<usize>, usize, usize)> {
+        self.header()
+            .iter()
+            .map(|(name, info)| (name, info.dtype.code(), info.shape.clone(), info.data_offsets.0, info.data_offsets.1))
+            .collect()
+    }
+
+    /// Size of the data section in bytes.
+    #[getter]
+    fn data_len(&self) -> usize {
+        self.header().data_len()
+    }
+
+    /// The whole data section: a zero-copy buffer for mapped and in-memory
+    /// files (tensors are then cut out of it without one object per tensor).
+    fn data_buffer<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        match &this.source {
+            Source::Mapped(m) => {
+                let buffer = TensorBuffer { file: slf.clone().unbind(), offset: m.header().data_start() as usize, len: m.header().data_len() };
+                Ok(Bound::new(py, buffer)?.into_any())
+            }
+            Source::Memory { header, object, .. } => {
+                let start = header.data_start() as isize;
+                let view = pyo3::types::PyMemoryView::from(object.bind(py))?;
+                view.get_item(pyo3::types::PySlice::new(py, start, start + header.data_len() as isize, 1))
+            }
+            Source::Pread(_) => Err(PyValueError::new_err("a pread file has no data in memory; use read_all_into")),
+        }
+    }
+
+    /// Reads the whole data section into `dst` (a writable contiguous buffer of
+    /// `data_len` bytes) with the parallel I/O engine, without the GIL.
+    /// `progress(done, total)` is called as bytes arrive; `drop_cache` evicts
+    /// the file from the page cache afterwards. Returns the number of reads made.
+    #[pyo3(signature = (dst, threads = None, chunk_bytes = None, progress = None, drop_cache = false))]
+    fn read_all_into(
+        &self,
+        py: Python<'_>,
+        dst: &Bound<'_, PyAny>,
+        threads: Option<usize>,
+        chunk_bytes: Option<usize>,
+        progress: Option<Py<PyAny>>,
+        drop_cache: bool,
+    ) -> PyResult<u64> {
+        let Source::Pread(p) = &self.source else {
+            return Err(PyValueError::new_err("read_all_into needs a file opened with backend=\"pread\""));
+        };
+        let total = p.header().data_len();
+        let buffer = PyUntypedBuffer::get(dst)?;
+        if buffer.readonly() || !buffer.is_c_contiguous() || buffer.len_bytes() != total {
+            return Err(PyValueError::new_err(format!("read_all_into needs a writable contiguous buffer of {total} bytes")));
+        }
+        let mut options = tensafe_io::EngineOptions::default();
+        options.threads = threads.unwrap_or(options.threads);
+        options.chunk_bytes = chunk_bytes.unwrap_or(options.chunk_bytes);
+        let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        let range = tensafe_io::ReadRange { file_offset: p.header().data_start(), dst_offset: 0, len };
+        // Report at most every 64 MiB, and the end.
+        let next_report = std::sync::atomic::AtomicU64::new(0);
+        let report = |done: u64| {
+            if let Some(callback) = &progress {
+                let due = next_report.load(std::sync::atomic::Ordering::Relaxed);
+                if done >= due || done == total as u64 {
+                    next_report.store(done + (64 << 20), std::sync::atomic::Ordering::Relaxed);
+                    Python::attach(|py| {
+                        if let Err(e) = callback.call1(py, (done, total)) {
+                            e.write_unraisable(py, None);
+                        }
+                    });
+                }
+            }
+        };
+        let stats = py
+            .detach(|| {
+                // SAFETY: the buffer export is held for the duration of the call.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+                let stats = tensafe_io::read_into(p.file(), &[range], dst, &options, Some(&report))?;
+                if drop_cache {
+                    tensafe_io::evict(p.file(), 0, 0)?;
+                }
+                Ok::<_, std::io::Error>(stats)
+            })
+            .map_err(|e| SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display())))?;
+        Ok(stats.reads)
     }
 
     /// The bytes of one tensor: a zero-copy writable (copy-on-write) buffer

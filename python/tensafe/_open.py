@@ -49,39 +49,58 @@ def _device(device: Any) -> Union[str, int]:
     raise SafetensorError(f"device {device} is invalid")
 
 
-def _to_numpy(code: str, shape: List[int], buf: Any) -> Any:
+def _numpy_bytes(buf: Any) -> Any:
+    """A uint8 numpy array over `buf`, without copying."""
     import numpy as np
 
+    return np.frombuffer(buf, dtype=np.uint8) if len(buf) else np.empty(0, dtype=np.uint8)
+
+
+def _numpy_from_bytes(code: str, shape: List[int], flat: Any) -> Any:
+    """Reinterprets a uint8 array holding one tensor (a view, no copy)."""
     dtype = _dtypes.numpy_dtype(code)
     shape = _dtypes.packed_shape(code, shape) if code == "F4" else shape
+    return flat.view(dtype).reshape(shape)
+
+
+def _to_numpy(code: str, shape: List[int], buf: Any) -> Any:
+    return _numpy_from_bytes(code, shape, _numpy_bytes(buf))
+
+
+def _torch_bytes(buf: Any) -> Any:
+    """A uint8 torch tensor over `buf`, without copying (except immutable bytes:
+    torch tensors are always writable, so they never alias a caller's bytes)."""
+    import torch
+
+    if isinstance(buf, memoryview) and buf.readonly:
+        buf = bytearray(buf)
     if len(buf) == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(buf, dtype=torch.uint8)
 
 
-def _to_torch(code: str, shape: List[int], buf: Any, device: Union[str, int]) -> Any:
+def _torch_from_bytes(code: str, shape: List[int], flat: Any) -> Any:
+    """Reinterprets a uint8 tensor holding one tensor (a view when aligned)."""
     import torch
 
     dtype = _dtypes.torch_dtype(code)
     shape = _dtypes.packed_shape(code, shape)
-    if isinstance(buf, memoryview) and buf.readonly:
-        # torch tensors are always writable: never hand one out over a caller's
-        # immutable bytes.
-        buf = bytearray(buf)
-    if len(buf) == 0:
-        tensor = torch.empty(shape, dtype=dtype)
-    else:
-        tensor = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
-    if device != "cpu":
-        tensor = tensor.to(device)
-    return tensor
+    if flat.numel() == 0:
+        return torch.empty(shape, dtype=dtype, device=flat.device)
+    try:
+        return flat.view(dtype).reshape(shape)
+    except RuntimeError:
+        # Other writers may leave a tensor unaligned for its element size.
+        return flat.clone().view(dtype).reshape(shape)
 
 
-def _convert(framework: str, device: Union[str, int], code: str, shape: List[int], buf: Any) -> Any:
-    """Builds a framework tensor over `buf` (zero-copy where the framework allows)."""
-    if framework == "pt":
-        return _to_torch(code, shape, buf, device)
-    array = _to_numpy(code, shape, buf)
+def _to_torch(code: str, shape: List[int], buf: Any, device: Union[str, int]) -> Any:
+    tensor = _torch_from_bytes(code, shape, _torch_bytes(buf))
+    return tensor if device == "cpu" else tensor.to(device)
+
+
+def _wrap(framework: str, device: Union[str, int], array: Any) -> Any:
+    """Turns a numpy array into the framework's tensor type."""
     if framework == "numpy":
         return array
     if framework == "flax":
@@ -101,6 +120,47 @@ def _convert(framework: str, device: Union[str, int], code: str, shape: List[int
 
         return from_numpy(array, device.replace("cuda", "gpu") if isinstance(device, str) else device)
     raise SafetensorError(f"framework {framework} is invalid")
+
+
+def _read_all(file: File, framework: str, device: Union[str, int], threads: Optional[int], progress: Any, drop_cache: bool) -> Any:
+    """Reads a pread file's whole data section into one fresh allocation with
+    the parallel I/O engine; returns it as a uint8 torch tensor or numpy array."""
+    import numpy as np
+
+    if framework == "pt":
+        import torch
+
+        pin = device != "cpu" and torch.cuda.is_available()
+        base = torch.empty(file.data_len, dtype=torch.uint8, pin_memory=pin)
+        target = base.numpy()
+    else:
+        base = target = np.empty(file.data_len, dtype=np.uint8)
+    if file.data_len:
+        file.read_all_into(target, threads=threads, progress=progress, drop_cache=drop_cache)
+    return base
+
+
+def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
+    """Every tensor of a file, cut out of one buffer: the mapping itself (mmap),
+    or one allocation filled by parallel reads (pread)."""
+    if file.backend == "pread":
+        base = _read_all(file, framework, device, threads, progress, drop_cache)
+    else:
+        data = file.data_buffer()
+        base = _torch_bytes(data) if framework == "pt" else _numpy_bytes(data)
+    if framework == "pt":
+        if device != "cpu":
+            # One host-to-device copy; the tensors are views of it on the device.
+            base = base.to(device, non_blocking=base.is_pinned())
+        return {name: _torch_from_bytes(code, shape, base[begin:end]) for name, code, shape, begin, end in file.infos()}
+    return {name: _wrap(framework, device, _numpy_from_bytes(code, shape, base[begin:end])) for name, code, shape, begin, end in file.infos()}
+
+
+def _convert(framework: str, device: Union[str, int], code: str, shape: List[int], buf: Any) -> Any:
+    """Builds a framework tensor over `buf` (zero-copy where the framework allows)."""
+    if framework == "pt":
+        return _to_torch(code, shape, buf, device)
+    return _wrap(framework, device, _to_numpy(code, shape, buf))
 
 
 _NUMPY_LIKE = {"numpy": "numpy", "tensorflow": "tensorflow", "flax": "flax", "mlx": "mlx"}
@@ -159,11 +219,16 @@ class safe_open:
         code, shape, _begin, _end = file.info(name)
         return _convert(self._framework, self._device, code, shape, file.buffer(name))
 
-    def get_tensors(self) -> Dict[str, Any]:
-        """Every tensor, in file order."""
-        file = self._open()
-        framework, device = self._framework, self._device
-        return {name: _convert(framework, device, code, shape, file.buffer(name)) for name, code, shape in file.infos()}
+    def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
+        """Every tensor, in file order.
+
+        With `backend="mmap"` the tensors are lazy views of the mapping. With
+        `backend="pread"` the whole file is read into one allocation by
+        `threads` parallel readers (default 4), calling `progress(done, total)`
+        as bytes arrive; `drop_cache=True` then evicts the file from the page
+        cache so the model is not held twice in RAM.
+        """
+        return _bulk(self._open(), self._framework, self._device, threads, progress, drop_cache)
 
     def get_slice(self, name: str) -> "PySafeSlice":
         file = self._open()

@@ -7,7 +7,7 @@ values, bfloat16/float8 work through ml_dtypes, and `load` handles every dtype.
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def load(data: bytes) -> Dict[str, np.ndarray]:
     return {name: _to_numpy(t["dtype"], t["shape"], t["data"]) for name, t in deserialize(data)}
 
 
-def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, np.ndarray]:
-    """Loads every array of a file, in file order."""
+def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap", threads: Optional[int] = None, progress: Any = None) -> Dict[str, np.ndarray]:
+    """Loads every array of a file, in file order (see `tensafe.torch.load_file`)."""
     with safe_open(filename, framework="np", backend=backend) as f:
-        return f.get_tensors()
+        return f.get_tensors(threads=threads, progress=progress)

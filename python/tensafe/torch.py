@@ -220,10 +220,24 @@ def load(data: bytes) -> Dict[str, torch.Tensor]:
     return {name: _to_torch(t["dtype"], t["shape"], t["data"], "cpu") for name, t in deserialize(data)}
 
 
-def load_file(filename: Union[str, os.PathLike], device: Union[str, int] = "cpu", *, backend: str = "mmap") -> Dict[str, torch.Tensor]:
-    """Loads every tensor of a file, in file order."""
+def load_file(
+    filename: Union[str, os.PathLike],
+    device: Union[str, int] = "cpu",
+    *,
+    backend: str = "mmap",
+    threads: Optional[int] = None,
+    progress: Any = None,
+    drop_cache: bool = False,
+) -> Dict[str, torch.Tensor]:
+    """Loads every tensor of a file, in file order.
+
+    `backend="mmap"` (default): lazy zero-copy views. `backend="pread"`: one
+    allocation filled by `threads` parallel readers, the fast path on network
+    filesystems and for private memory; `backend="auto"` picks between them by
+    filesystem. See `safe_open.get_tensors` for `progress` and `drop_cache`.
+    """
     with safe_open(filename, framework="pt", device=device, backend=backend) as f:
-        return f.get_tensors()
+        return f.get_tensors(threads=threads, progress=progress, drop_cache=drop_cache)
 
 
 def load_model(
