@@ -190,6 +190,32 @@ impl File {
             .collect()
     }
 
+    /// Tensors grouped into runs for bulk creation, in file order:
+    /// `[(dtype_code, shape, begin, bytes_each, [names…]), …]`. A run is a
+    /// stretch of consecutive non-empty tensors with one dtype and one shape
+    /// (the experts of a MoE layer, say), which Python turns into tensors with
+    /// a single `unbind` instead of one slice and view per tensor.
+    fn runs(&self) -> Vec<(&'static str, Vec<usize>, usize, usize, Vec<&str>)> {
+        let mut runs: Vec<(&'static str, Vec<usize>, usize, usize, Vec<&str>)> = Vec::new();
+        let mut run_end = 0usize;
+        for (name, info) in self.header().iter() {
+            let (begin, end) = info.data_offsets;
+            if let Some(last) = runs.last_mut()
+                && end > begin
+                && last.3 == end - begin
+                && run_end == begin
+                && last.0 == info.dtype.code()
+                && last.1 == info.shape
+            {
+                last.4.push(name);
+            } else {
+                runs.push((info.dtype.code(), info.shape.clone(), begin, end - begin, vec![name]));
+            }
+            run_end = end;
+        }
+        runs
+    }
+
     /// Size of the data section in bytes.
     #[getter]
     fn data_len(&self) -> usize {

@@ -114,3 +114,24 @@ def test_cuda_load_matches_the_reference(every_dtype_file, backend):
     for name in theirs:
         assert ours[name].device == theirs[name].device
     assert_same({k: v.cpu() for k, v in ours.items()}, {k: v.cpu() for k, v in theirs.items()})
+
+
+def test_bulk_loads_leave_the_garbage_collector_as_they_found_it(tmp_path):
+    import gc
+    import threading
+
+    path = tmp_path / "gc.safetensors"
+    ts_pt.save_file({f"t{i}": torch.zeros(i + 1) for i in range(200)}, path)
+    assert gc.isenabled()
+    threads = [threading.Thread(target=lambda: [ts_pt.load_file(path) for _ in range(20)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        ts_pt.load_file(path)
+        assert not gc.isenabled(), "a caller's disabled collector stays disabled"
+    finally:
+        gc.enable()

@@ -1,0 +1,137 @@
+"""Loading at the hardware limit: tensafe against the raw read speed, the
+reference `safetensors` and `torch.load(mmap=True)`, interleaved in one run.
+
+    .venv/bin/python bench/load_bench.py [--gib 1.0] [--small 50000] [--reps 5] [--threads 4] [--dir DIR]
+
+Cases (cold = file evicted from the page cache with posix_fadvise(DONTNEED)
+right before; every load is followed by a touch of every page of every tensor):
+
+- raw parallel pread, cold / warm: `--threads` threads reading 8 MiB blocks
+  into one buffer (the limit a loader can reach)
+- tensafe load_file (mmap, default), cold
+- reference load_file (mmap, default), cold
+- torch.load(mmap=True, weights_only=True), cold (a file torch.save wrote here)
+- tensafe load_file(backend="pread"), cold: private memory, parallel reads
+- reference load_file(backend="pread"), cold
+- small tensors: open + get_tensors of a file of `--small` tiny tensors, warm
+
+Prints medians (GB/s) and ratios; numbers, not pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+import safetensors.torch as ref_pt
+import tensafe.torch as ts_pt
+
+sys.path.insert(0, os.path.dirname(__file__))
+from python_bench import evict, model_like, small_tensors, touch_all  # noqa: E402
+
+
+def raw_pread(path: str, threads: int, block: int = 8 << 20) -> None:
+    size = os.path.getsize(path)
+    buf = bytearray(size)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    next_offset = [0]
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                offset = next_offset[0]
+                next_offset[0] += block
+            if offset >= size:
+                return
+            end = min(size, offset + block)
+            while offset < end:  # os.preadv releases the GIL
+                offset += os.preadv(fd, [view[offset:end]], offset)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    os.close(fd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--small", type=int, default=50000)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        path, small, pt_path = (os.path.join(tmp, n) for n in ("big.safetensors", "small.safetensors", "big.pt"))
+        tensors = model_like(args.gib)
+        ref_pt.save_file(tensors, path)
+        torch.save(tensors, pt_path)
+        ref_pt.save_file(small_tensors(args.small), small)
+        del tensors
+        size = os.path.getsize(path)
+        print(f"{size / 2**30:.2f} GiB bf16 file; {args.small} small tensors; {args.threads} threads; "
+              f"median of {args.reps}; cold = evicted from the page cache")
+
+        def cold(fn, target=path):
+            def run():
+                evict(target)
+                start = time.perf_counter()
+                fn()
+                return time.perf_counter() - start
+            return run
+
+        def warm(fn):
+            def run():
+                fn()  # fill the cache
+                start = time.perf_counter()
+                fn()
+                return time.perf_counter() - start
+            return run
+
+        cases = {
+            "raw parallel pread, cold": cold(lambda: raw_pread(path, args.threads)),
+            "raw parallel pread, warm": warm(lambda: raw_pread(path, args.threads)),
+            "tensafe load_file + touch": cold(lambda: touch_all(ts_pt.load_file(path))),
+            "reference load_file + touch": cold(lambda: touch_all(ref_pt.load_file(path))),
+            "torch.load(mmap) + touch": cold(lambda: touch_all(torch.load(pt_path, mmap=True, weights_only=True)), pt_path),
+            "tensafe pread (private)": cold(lambda: touch_all(ts_pt.load_file(path, backend="pread", threads=args.threads))),
+            "reference pread (private)": cold(lambda: touch_all(ref_pt.load_file(path, backend="pread"))),
+            f"tensafe {args.small} small": warm(lambda: ts_pt.load_file(small)),
+            f"reference {args.small} small": warm(lambda: ref_pt.load_file(small)),
+        }
+        times: dict = {name: [] for name in cases}
+        for rep in range(args.reps):
+            names = list(cases) if rep % 2 == 0 else list(reversed(cases))
+            for name in names:
+                times[name].append(cases[name]())
+
+        med = {name: statistics.median(v) for name, v in times.items()}
+        raw = med["raw parallel pread, cold"]
+        print(f"\n{'case':<32}{'seconds':>9}{'GB/s':>8}{'vs raw cold':>13}")
+        for name, t in med.items():
+            if "small" in name:
+                continue
+            print(f"{name:<32}{t:>9.3f}{size / t / 1e9:>8.2f}{raw / t:>12.2f}x")
+        print()
+        print(f"tensafe/reference, default mmap load + touch: {med['reference load_file + touch'] / med['tensafe load_file + touch']:.2f}x faster")
+        print(f"tensafe/reference, pread private load:        {med['reference pread (private)'] / med['tensafe pread (private)']:.2f}x faster")
+        ts_small, ref_small = med[f"tensafe {args.small} small"], med[f"reference {args.small} small"]
+        print(f"{args.small} small tensors, open + get all:     tensafe {ts_small * 1e3:.1f} ms "
+              f"({ts_small / args.small * 1e6:.1f} us/tensor), reference {ref_small * 1e3:.1f} ms "
+              f"({ref_small / args.small * 1e6:.1f} us/tensor): {ref_small / ts_small:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
