@@ -1,5 +1,9 @@
 //! The `tensafe` command line.
 
+mod convert;
+mod diff;
+mod scan;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,7 +14,7 @@ use serde_json::json;
 use tensafe::{Dtype, Header, PreadFile};
 
 #[derive(Parser)]
-#[command(name = "tensafe", version, about = "Inspect and verify safetensors files")]
+#[command(name = "tensafe", version, about = "Inspect, verify and diff safetensors files; scan and convert pickle checkpoints without running them")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,6 +36,16 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Convert a pickle (PyTorch) checkpoint to safetensors without executing
+    /// it. Exit code 1 when the input is refused.
+    Convert(convert::ConvertArgs),
+    /// Report every import and call a pickle file would make if loaded.
+    /// Exit codes: 0 only allowlisted content, 1 suspicious or dangerous
+    /// content found, 2 a file could not be scanned completely.
+    Scan(scan::ScanArgs),
+    /// Compare the tensors of two files (safetensors or torch checkpoints).
+    /// Exit codes: 0 identical tensors, 1 differences, 2 unreadable input.
+    Diff(diff::DiffArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +78,9 @@ fn main() -> ExitCode {
             }
             if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
+        Command::Convert(args) => convert::run(&args),
+        Command::Scan(args) => scan::run(&args),
+        Command::Diff(args) => diff::run(&args),
     }
 }
 
@@ -211,7 +228,7 @@ fn group_digits(n: u128) -> String {
     out
 }
 
-fn human_bytes(n: u128) -> String {
+pub(crate) fn human_bytes(n: u128) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
     let mut unit = 0;

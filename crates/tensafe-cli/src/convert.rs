@@ -1,0 +1,160 @@
+//! `tensafe convert IN OUT`: pickle checkpoint → safetensors, without
+//! executing the pickle.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use tensafe_pickle::{ConvertOptions, ConvertReport, ExtractOptions, LoadOptions};
+
+/// Arguments of `tensafe convert`.
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// A torch checkpoint (.bin/.pt/.pth/.ckpt: detected by content), or a
+    /// sharded one: its `*.index.json` or the folder holding it.
+    input: PathBuf,
+    /// The .safetensors file to write (a folder for a sharded input).
+    output: PathBuf,
+    /// Dotted key of the state dict inside the checkpoint (e.g. `model` or `state_dict`).
+    #[arg(long)]
+    key: Option<String>,
+    /// Convert every tensor in every container when no state dict is found.
+    #[arg(long)]
+    flatten: bool,
+    /// Also convert optimizer state (named `optimizer.…`).
+    #[arg(long)]
+    include_optimizer: bool,
+    /// Write exact aliases once; the metadata maps each removed name to the
+    /// kept one (the reference's save_model convention).
+    #[arg(long)]
+    dedupe: bool,
+    /// Keep non-tensor values (epoch, hyper-parameters…) as JSON strings in `__metadata__`.
+    #[arg(long)]
+    keep_metadata: bool,
+    /// Map BOOL bytes other than 0/1 to 1 instead of refusing the file.
+    #[arg(long)]
+    lenient_bool: bool,
+    /// Refuse meta tensors instead of skipping them.
+    #[arg(long)]
+    strict_meta: bool,
+    /// Accept objects of this class as opaque data (`module.Name` or
+    /// `module.*`); they are never executed. Repeatable.
+    #[arg(long = "allow-class", value_name = "PATTERN")]
+    allow_class: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ConvertArgs {
+    fn options(&self) -> ConvertOptions {
+        ConvertOptions {
+            load: LoadOptions { allow_opaque: self.allow_class.clone(), ..Default::default() },
+            extract: ExtractOptions {
+                key: self.key.clone(),
+                flatten: self.flatten,
+                include_optimizer: self.include_optimizer,
+                strict_meta: self.strict_meta,
+            },
+            dedupe: self.dedupe,
+            keep_non_tensors: self.keep_metadata,
+            lenient_bool: self.lenient_bool,
+            format_metadata: true,
+        }
+    }
+}
+
+/// The index file of a sharded checkpoint named by `input`, if it is one.
+fn sharded_index(input: &Path) -> Option<PathBuf> {
+    if input.is_dir() {
+        let index = input.join("pytorch_model.bin.index.json");
+        return index.is_file().then_some(index);
+    }
+    input.to_string_lossy().ends_with(".index.json").then(|| input.to_owned())
+}
+
+/// Runs the subcommand. Exit codes: 0 converted, 1 refused or failed.
+pub fn run(args: &ConvertArgs) -> ExitCode {
+    let options = args.options();
+    let start = Instant::now();
+    if let Some(index) = sharded_index(&args.input) {
+        return match tensafe_pickle::convert_sharded(&index, &args.output, &options) {
+            Ok(report) => {
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize"));
+                } else {
+                    for (input, output, r) in &report.shards {
+                        println!("{input} → {output}: {} tensors, {}", r.tensors.len(), crate::human_bytes(r.data_bytes as u128));
+                        print_details(r);
+                    }
+                    println!(
+                        "wrote {} shards and {} ({}) in {:.2} s",
+                        report.shards.len(),
+                        report.index.display(),
+                        crate::human_bytes(report.total_size as u128),
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    match tensafe_pickle::convert_file(&args.input, &args.output, &options) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize"));
+            } else {
+                let seconds = start.elapsed().as_secs_f64();
+                let root = if report.root.is_empty() { String::new() } else { format!(", state dict at `{}`", report.root) };
+                println!(
+                    "{} ({} format{root}) → {}: {} tensors, {} in {:.2} s ({:.0} MB/s)",
+                    args.input.display(),
+                    report.format,
+                    args.output.display(),
+                    report.tensors.len(),
+                    crate::human_bytes(report.data_bytes as u128),
+                    seconds,
+                    report.data_bytes as f64 / seconds.max(1e-9) / 1e6
+                );
+                print_details(&report);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &tensafe_pickle::Error) -> ExitCode {
+    eprintln!("tensafe convert: refused: {e}");
+    ExitCode::FAILURE
+}
+
+fn print_details(r: &ConvertReport) {
+    let copied: Vec<&str> = r.tensors.iter().filter(|t| t.copied).map(|t| t.name.as_str()).collect();
+    if !copied.is_empty() {
+        println!("  copied to contiguous / little-endian form: {}", list(&copied));
+    }
+    for group in &r.shared_storages {
+        println!("  share one storage: {}", group.join(", "));
+    }
+    for (removed, kept) in &r.deduplicated {
+        println!("  de-duplicated: {removed} → {kept}");
+    }
+    for (path, why) in &r.skipped {
+        println!("  skipped {path}: {why}");
+    }
+    for (path, json) in &r.non_tensors {
+        let shown: String = json.chars().take(100).collect();
+        println!("  non-tensor {path} = {shown}{}", if json.chars().count() > 100 { "…" } else { "" });
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+fn list(names: &[&str]) -> String {
+    let shown = names.iter().take(8).copied().collect::<Vec<_>>().join(", ");
+    if names.len() > 8 { format!("{shown}, … ({} in all)", names.len()) } else { shown }
+}

@@ -1,0 +1,114 @@
+//! `tensafe scan PATH...`: what each file would do if loaded with pickle.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+use tensafe_pickle::{scan_file, ScanOptions, ScanReport, Severity, Verdict};
+
+/// Arguments of `tensafe scan`.
+#[derive(Args)]
+pub struct ScanArgs {
+    /// Files, or folders to scan recursively (symbolic links are not followed).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Print one JSON report per file (a JSON array).
+    #[arg(long)]
+    json: bool,
+    /// Accept objects of this class (`module.Name` or `module.*`) as not a
+    /// finding. Repeatable.
+    #[arg(long = "allow-class", value_name = "PATTERN")]
+    allow_class: Vec<String>,
+    /// Show every import and call, not only findings.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+fn collect(path: &Path, out: &mut Vec<PathBuf>) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let mut entries: Vec<PathBuf> = match std::fs::read_dir(path) {
+                Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+                Err(_) => {
+                    out.push(path.to_owned());
+                    return;
+                }
+            };
+            entries.sort();
+            for e in entries {
+                collect(&e, out);
+            }
+        }
+        Ok(m) if m.file_type().is_symlink() && path.is_dir() => {}
+        _ => out.push(path.to_owned()),
+    }
+}
+
+/// Runs the subcommand. Exit codes: 0 every file holds only allowlisted
+/// content; 1 something suspicious or dangerous was found; 2 a file could
+/// not be scanned completely (and nothing worse was found).
+pub fn run(args: &ScanArgs) -> ExitCode {
+    let options = ScanOptions { allow_opaque: args.allow_class.clone(), ..Default::default() };
+    let mut files = Vec::new();
+    for p in &args.paths {
+        collect(p, &mut files);
+    }
+    let reports: Vec<ScanReport> = files.iter().map(|f| scan_file(f, &options)).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports).expect("reports serialize"));
+    } else {
+        for r in &reports {
+            print_report(r, args.verbose);
+        }
+    }
+    let worst = reports.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Safe);
+    let flagged = reports.iter().any(|r| matches!(r.verdict, Verdict::Suspicious | Verdict::Dangerous));
+    if flagged {
+        ExitCode::from(1)
+    } else if worst == Verdict::Error {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn label(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Safe => "SAFE",
+        Verdict::Suspicious => "SUSPICIOUS",
+        Verdict::Dangerous => "DANGEROUS",
+        Verdict::Error => "ERROR",
+    }
+}
+
+fn print_report(r: &ScanReport, verbose: bool) {
+    let tensors = if r.tensors.is_empty() { String::new() } else { format!(", {} tensors", r.tensors.len()) };
+    println!("{:<10}  {}  ({}{tensors})", label(r.verdict), r.path, r.container);
+    if let Some(e) = &r.error {
+        println!("  error: {e}");
+    }
+    let show = |s: Severity| verbose || s > Severity::Safe;
+    for f in r.findings.iter().filter(|f| show(f.severity)) {
+        println!("  [{:?}] {}: {}", f.severity, f.kind, f.detail);
+    }
+    for p in &r.pickles {
+        let rep = &p.report;
+        for i in rep.imports.iter().filter(|i| show(i.severity)) {
+            let raw = i.raw.as_ref().map(|r| format!(" (written as {r})")).unwrap_or_default();
+            println!("  [{:?}] {} offset {}: {} {}{raw} ({})", i.severity, rep.name, i.offset, i.opcode, i.global, i.status);
+        }
+        for c in rep.calls.iter().filter(|c| show(c.severity)) {
+            let reach = if c.reachable { "reachable" } else { "unreachable from the result" };
+            println!("  [{:?}] {} offset {}: {} {} {} [{reach}]", c.severity, rep.name, c.offset, c.opcode, c.callee, c.args);
+        }
+        for a in rep.anomalies.iter().filter(|a| show(a.severity)) {
+            println!("  [{:?}] {} offset {}: {}: {}", a.severity, rep.name, a.offset, a.kind, a.detail);
+        }
+        if rep.dropped_events > 0 {
+            println!("  {}: {} more events not recorded", rep.name, rep.dropped_events);
+        }
+        if let Some(e) = &rep.error {
+            println!("  {}: stopped: {e}", rep.name);
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! Torch checkpoint containers, detected by content as `torch.load` does:
+//! the first four bytes decide zip; else a tar header; else the legacy
+//! stacked-pickle stream. This module loads them strictly for conversion.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::value::{Heap, Object, Value};
+use crate::vm::{Mode, PidSchema, StorageTable, Vm, VmOptions};
+use crate::zip;
+
+/// The legacy stream's magic number, as LONG1 little-endian bytes.
+pub(crate) const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+/// The legacy stream's protocol version.
+pub(crate) const LEGACY_PROTOCOL: i64 = 1001;
+
+/// What a file is, judged by its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Starts with a zip local header: torch's zip path.
+    Zip,
+    /// A tar archive (`ustar` at offset 257).
+    Tar,
+    /// A NumPy `.npy` file.
+    Npy,
+    /// A compressed wrapper torch cannot open directly.
+    Wrapper(&'static str),
+    /// Anything else: a pickle stream (torch's legacy path).
+    Stream,
+}
+
+/// Detects the container from its first bytes, never from a file name.
+pub fn detect(bytes: &[u8]) -> Kind {
+    if bytes.starts_with(b"PK\x03\x04") {
+        Kind::Zip
+    } else if bytes.get(257..262) == Some(b"ustar") {
+        Kind::Tar
+    } else if bytes.starts_with(b"\x93NUMPY") {
+        Kind::Npy
+    } else if bytes.starts_with(b"\x1f\x8b") {
+        Kind::Wrapper("gzip")
+    } else if bytes.starts_with(b"7z\xbc\xaf\x27\x1c") {
+        Kind::Wrapper("7z")
+    } else if bytes.starts_with(b"BZh") {
+        Kind::Wrapper("bzip2")
+    } else if bytes.starts_with(b"\xfd7zXZ\x00") {
+        Kind::Wrapper("xz")
+    } else if bytes.starts_with(b"\x28\xb5\x2f\xfd") {
+        Kind::Wrapper("zstd")
+    } else {
+        Kind::Stream
+    }
+}
+
+/// Records that mark a zip as something `torch.load` hands to a more
+/// powerful loader (or that is not a `torch.save` file at all).
+pub(crate) fn foreign_archive_kind(names: &[&str]) -> Option<&'static str> {
+    let has = |record: &str| names.iter().any(|n| *n == record || n.ends_with(&format!("/{record}")));
+    let has_dir = |dir: &str| names.iter().any(|n| n.starts_with(&format!("{dir}/")) || n.contains(&format!("/{dir}/")));
+    if has("constants.pkl") || has_dir("code") {
+        Some("a TorchScript archive (torch.jit.save): loading it runs its TorchScript code")
+    } else if has("model.json") || has("attributes.pkl") {
+        Some("a TorchScript v1.0/1.1 archive: loading it runs its code")
+    } else if has("bytecode.pkl") {
+        Some("a mobile / lite-interpreter archive (.ptl): loading it runs its code")
+    } else if has("archive_format") {
+        Some("a torch.export (.pt2) archive")
+    } else if has(".data/extern_modules") {
+        Some("a torch.package archive: loading it imports its bundled Python code")
+    } else {
+        None
+    }
+}
+
+/// How tensor data is laid out in the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `torch.save` zip (default since torch 1.6).
+    Zip,
+    /// The legacy stacked-pickle stream (`_use_new_zipfile_serialization=False`).
+    Legacy,
+}
+
+/// A checkpoint loaded for conversion: the object tree (modelled, never
+/// executed) and the storage bytes it refers to.
+pub struct Checkpoint<'a> {
+    /// Container format.
+    pub format: Format,
+    /// The objects.
+    pub heap: Heap,
+    /// Declared storages.
+    pub storages: StorageTable,
+    /// The unpickled root object.
+    pub root: Value,
+    /// Storage key → the record's bytes (borrowed from the input when stored).
+    pub records: HashMap<Rc<str>, Cow<'a, [u8]>>,
+    /// Whether storages are big-endian.
+    pub big_endian: bool,
+    /// Things worth telling the user that are not errors.
+    pub warnings: Vec<String>,
+}
+
+/// Options for loading.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Limits.
+    pub limits: Limits,
+    /// Classes modelled as opaque objects instead of refused (`module.Name`
+    /// or `module.*`). Never executed.
+    pub allow_opaque: Vec<String>,
+}
+
+/// Loads a torch checkpoint from its bytes. Refuses anything that is not a
+/// strictly valid `torch.save` zip or legacy stream.
+pub fn load<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<'a>> {
+    match detect(bytes) {
+        Kind::Zip => load_zip(bytes, options),
+        Kind::Tar => Err(Error::Unsupported(
+            "a legacy tar checkpoint (torch < 0.1.10): refused (torch extracts its members to disk by name); `tensafe scan` can inspect it".into(),
+        )),
+        Kind::Npy => Err(Error::Unsupported("a NumPy .npy file, not a torch checkpoint".into())),
+        Kind::Wrapper(w) => Err(Error::Unsupported(format!(
+            "a {w}-compressed file: torch.load cannot open it directly; decompress it (and scan the result) first"
+        ))),
+        Kind::Stream => {
+            if bytes.is_empty() {
+                return Err(Error::Container("empty file".into()));
+            }
+            if zip::has_end_record(bytes) {
+                return Err(Error::Container(
+                    "polyglot: the file does not start with a zip header (torch reads it as a pickle stream) but ends with a zip directory (zip tools read an archive)".into(),
+                ));
+            }
+            load_legacy(bytes, options)
+        }
+    }
+}
+
+fn run_pickle(
+    name: &str,
+    data: &[u8],
+    heap: &mut Heap,
+    storages: &mut StorageTable,
+    opts: VmOptions<'_>,
+) -> Result<(Value, usize)> {
+    let (outcome, _) = Vm::new(name, data, heap, storages, opts).run();
+    Ok((outcome.result?, outcome.end))
+}
+
+fn load_zip<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<'a>> {
+    let limits = &options.limits;
+    let archive = zip::read(bytes, limits).map_err(|e| Error::Container(format!("zip: {e}")))?;
+    if !archive.problems.is_empty() {
+        let shown: Vec<&str> = archive.problems.iter().take(5).map(String::as_str).collect();
+        return Err(Error::Container(format!(
+            "zip: refused by the strict reader ({} problem{}): {}",
+            archive.problems.len(),
+            if archive.problems.len() == 1 { "" } else { "s" },
+            shown.join("; ")
+        )));
+    }
+    let names: Vec<&str> = archive.entries.iter().map(|e| e.name.as_str()).collect();
+    if let Some(kind) = foreign_archive_kind(&names) {
+        return Err(Error::Unsupported(format!("{kind}; tensafe converts torch.save checkpoints only")));
+    }
+    let first = names.first().ok_or_else(|| Error::Container("zip: the archive is empty".into()))?;
+    let prefix = match first.split_once('/') {
+        Some((p, _)) if !p.is_empty() => p.to_owned(),
+        _ => return Err(Error::Container(format!("zip: the first entry `{first}` is not inside an archive folder"))),
+    };
+    if let Some(foreign) = names.iter().find(|n| n.strip_prefix(prefix.as_str()).is_none_or(|r| !r.starts_with('/'))) {
+        return Err(Error::Container(format!(
+            "zip: entry `{foreign}` is outside the archive folder `{prefix}/` that torch reads (several trees in one file)"
+        )));
+    }
+    let mut budget = limits.max_inflate;
+    let read = |name: &str, budget: &mut u64| -> Result<Option<Cow<'a, [u8]>>> {
+        match archive.get(&format!("{prefix}/{name}")) {
+            None => Ok(None),
+            Some(e) => archive.data(bytes, e, budget).map(Some).map_err(|m| Error::Container(format!("zip: {m}"))),
+        }
+    };
+    let mut warnings = Vec::new();
+    // Version record: required, integer ≥ 1 within what torch supports.
+    let version = match read("version", &mut budget)? {
+        Some(v) => v,
+        None => read(".data/version", &mut budget)?
+            .ok_or_else(|| Error::Container(format!("zip: no `{prefix}/version` record; not a torch.save archive")))?,
+    };
+    let version_text = std::str::from_utf8(&version).ok().map(|s| s.strip_suffix('\n').unwrap_or(s));
+    match version_text.and_then(|s| s.parse::<u32>().ok()) {
+        Some(1..=3) => {}
+        _ => return Err(Error::Container(format!("zip: unsupported archive version {:?}", String::from_utf8_lossy(&version)))),
+    }
+    let big_endian = match read("byteorder", &mut budget)?.as_deref() {
+        None | Some(b"little") => false,
+        Some(b"big") => true,
+        Some(other) => return Err(Error::Container(format!("zip: byteorder record holds {:?}", String::from_utf8_lossy(other)))),
+    };
+    let pkl_name = format!("{prefix}/data.pkl");
+    let entry = archive.get(&pkl_name).ok_or_else(|| Error::Container(format!("zip: no `{pkl_name}`; not a torch.save archive")))?;
+    if entry.size > limits.max_pickle_bytes {
+        return Err(Error::Limit(format!("`{pkl_name}` is {} bytes (limit {})", entry.size, limits.max_pickle_bytes)));
+    }
+    let pkl = archive.data(bytes, entry, &mut budget).map_err(|m| Error::Container(format!("zip: {m}")))?;
+    let mut heap = Heap::default();
+    let mut storages = StorageTable::default();
+    let opts = VmOptions {
+        mode: Mode::Convert,
+        pids: PidSchema::Zip,
+        data_only: false,
+        allow_opaque: &options.allow_opaque,
+        limits,
+        no_trailing: true,
+    };
+    let (root, _) = run_pickle(&pkl_name, &pkl, &mut heap, &mut storages, opts)?;
+
+    let mut records = HashMap::new();
+    for key in &storages.order {
+        let decl = &storages.by_key[key];
+        let name = format!("{prefix}/data/{key}");
+        let entry = archive
+            .get(&name)
+            .ok_or_else(|| Error::Container(format!("zip: storage `{key}` is declared but record `{name}` is missing")))?;
+        let declared = decl.byte_len().expect("checked when the pid was read");
+        if entry.size != declared {
+            return Err(Error::Container(format!(
+                "zip: record `{name}` holds {} bytes but the pickle declares {} × {} = {declared} bytes",
+                entry.size,
+                decl.numel,
+                decl.storage_type.element_size()
+            )));
+        }
+        let data = archive.data(bytes, entry, &mut budget).map_err(|m| Error::Container(format!("zip: {m}")))?;
+        records.insert(key.clone(), data);
+    }
+    // Every other record: known names only (warn otherwise), CRC-checked.
+    const KNOWN: &[&str] =
+        &["data.pkl", "version", ".data/version", "byteorder", ".format_version", ".storage_alignment", ".data/serialization_id"];
+    for e in &archive.entries {
+        let local = &e.name[prefix.len() + 1..];
+        let is_storage = local.strip_prefix("data/").is_some_and(|k| records.contains_key(k));
+        if is_storage || local == "data.pkl" {
+            continue;
+        }
+        if e.method == 0 {
+            archive.data(bytes, e, &mut budget).map_err(|m| Error::Container(format!("zip: {m}")))?;
+        }
+        if !KNOWN.contains(&local) {
+            warnings.push(format!("unknown record `{}` ignored", e.name));
+        }
+    }
+    Ok(Checkpoint { format: Format::Zip, heap, storages, root, records, big_endian, warnings })
+}
+
+fn load_legacy<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<'a>> {
+    let limits = &options.limits;
+    let mut heap = Heap::default();
+    let mut storages = StorageTable::default();
+    let mut pos = 0usize;
+    let data_only = |no_trailing| VmOptions {
+        mode: Mode::Convert,
+        pids: PidSchema::None,
+        data_only: true,
+        allow_opaque: &[],
+        limits,
+        no_trailing,
+    };
+    let mut next = |name: &str, opts: VmOptions<'_>, heap: &mut Heap, storages: &mut StorageTable| -> Result<(Value, u64)> {
+        let start = pos;
+        let (v, end) = run_pickle(name, &bytes[start..], heap, storages, opts)?;
+        pos = start + end;
+        Ok((v, start as u64))
+    };
+    let (magic, at) = next("legacy pickle 1 (magic number)", data_only(false), &mut heap, &mut storages)?;
+    if !matches!(&magic, Value::BigInt(b) if **b == LEGACY_MAGIC) {
+        return Err(Error::Container(format!(
+            "not a torch checkpoint: not a zip, and the first pickle (offset {at}) is {} rather than torch's magic number (a plain pickle?)",
+            heap.summary(&magic, 60)
+        )));
+    }
+    let (protocol, at) = next("legacy pickle 2 (protocol)", data_only(false), &mut heap, &mut storages)?;
+    if protocol.as_int() != Some(LEGACY_PROTOCOL) || matches!(protocol, Value::Bool(_)) {
+        return Err(Error::Container(format!("legacy stream: protocol pickle at offset {at} is not {LEGACY_PROTOCOL}")));
+    }
+    let (sys_info, at) = next("legacy pickle 3 (sys_info)", data_only(false), &mut heap, &mut storages)?;
+    let little_endian = check_sys_info(&heap, &sys_info).map_err(|m| Error::Container(format!("legacy stream: sys_info pickle at offset {at}: {m}")))?;
+    let opts = VmOptions {
+        mode: Mode::Convert,
+        pids: PidSchema::Legacy,
+        data_only: false,
+        allow_opaque: &options.allow_opaque,
+        limits,
+        no_trailing: false,
+    };
+    let (root, _) = next("legacy pickle 4 (object)", opts, &mut heap, &mut storages)?;
+    let (keys, at) = next("legacy pickle 5 (storage keys)", data_only(false), &mut heap, &mut storages)?;
+    let keys: Vec<Rc<str>> = match heap.object(&keys) {
+        Some(Object::List(items)) => items.iter().map(|k| k.as_str().map(Rc::from)).collect::<Option<_>>(),
+        _ => None,
+    }
+    .ok_or_else(|| Error::Container(format!("legacy stream: the key pickle at offset {at} is not a list of str")))?;
+    if !keys.is_sorted() {
+        return Err(Error::Container("legacy stream: storage keys are not sorted as torch writes them".into()));
+    }
+    let mut declared: Vec<&Rc<str>> = storages.order.iter().collect();
+    declared.sort();
+    if declared.len() != keys.len() || declared.iter().zip(&keys).any(|(a, b)| **a != *b) {
+        return Err(Error::Container(format!(
+            "legacy stream: the key list ({} keys) does not match the storages the object pickle declares ({})",
+            keys.len(),
+            declared.len()
+        )));
+    }
+    let mut records = HashMap::new();
+    for key in &keys {
+        let decl = &storages.by_key[key];
+        let header = bytes
+            .get(pos..pos + 8)
+            .ok_or_else(|| Error::Container(format!("legacy stream: truncated before storage `{key}` at offset {pos}")))?;
+        let header: [u8; 8] = header.try_into().expect("8 bytes");
+        let numel = if little_endian { u64::from_le_bytes(header) } else { u64::from_be_bytes(header) };
+        if numel != decl.numel {
+            return Err(Error::Container(format!(
+                "legacy stream: storage `{key}` at offset {pos} holds {numel} elements but the pickle declares {}",
+                decl.numel
+            )));
+        }
+        let len = decl.byte_len().expect("checked when the pid was read");
+        let start = pos + 8;
+        let end = (start as u64).checked_add(len).filter(|&e| e <= bytes.len() as u64).ok_or_else(|| {
+            Error::Container(format!("legacy stream: storage `{key}` ({len} bytes at offset {start}) runs past the end of the file"))
+        })? as usize;
+        records.insert(key.clone(), Cow::Borrowed(&bytes[start..end]));
+        pos = end;
+    }
+    if pos != bytes.len() {
+        return Err(Error::Container(format!("legacy stream: {} unexpected bytes after the last storage (offset {pos})", bytes.len() - pos)));
+    }
+    Ok(Checkpoint { format: Format::Legacy, heap, storages, root, records, big_endian: !little_endian, warnings: vec![] })
+}
+
+/// `{'protocol_version': 1001, 'little_endian': bool, 'type_sizes': {str: int}}`.
+fn check_sys_info(heap: &Heap, v: &Value) -> std::result::Result<bool, String> {
+    let Some(Object::Dict(d)) = heap.object(v) else { return Err("not a dict".into()) };
+    let mut little = None;
+    for (k, val) in &d.entries {
+        match (k.as_str(), val) {
+            (Some("protocol_version"), Value::Int(LEGACY_PROTOCOL)) => {}
+            (Some("little_endian"), Value::Bool(b)) => little = Some(*b),
+            (Some("type_sizes"), Value::Obj(_)) => match heap.object(val) {
+                Some(Object::Dict(sizes)) if sizes.entries.iter().all(|(k, v)| k.as_str().is_some() && matches!(v, Value::Int(_))) => {}
+                _ => return Err("type_sizes is not a dict of str to int".into()),
+            },
+            _ => return Err(format!("unexpected entry {}: {}", heap.summary(k, 40), heap.summary(val, 40))),
+        }
+    }
+    little.ok_or_else(|| "no little_endian entry".into())
+}

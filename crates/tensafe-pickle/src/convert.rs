@@ -1,0 +1,544 @@
+//! Conversion: tensors from a loaded checkpoint to a safetensors file.
+//!
+//! Each tensor becomes a [`View`] over the storage bytes. Row-major,
+//! little-endian tensors without conj/neg bits are written straight from the
+//! input mapping (no copy); the others are gathered, byte-swapped or
+//! sign-fixed lazily, one tensor at a time, while the writer streams.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use tensafe::{Dtype, Metadata, View};
+
+use crate::container::{self, Checkpoint, Format, LoadOptions};
+use crate::error::{Error, Result};
+use crate::extract::{self, ExtractOptions};
+use crate::names::TorchDtype;
+use crate::value::{Object, ObjId, Tensor};
+
+/// Conversion options.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Loading (limits, opaque classes).
+    pub load: LoadOptions,
+    /// Finding the tensors.
+    pub extract: ExtractOptions,
+    /// Write one copy of exact aliases, recording `removed → kept` in the
+    /// metadata like the reference's `save_model`.
+    pub dedupe: bool,
+    /// Keep non-tensor values as JSON strings in `__metadata__`.
+    pub keep_non_tensors: bool,
+    /// Map BOOL bytes other than 0/1 to 1 instead of refusing.
+    pub lenient_bool: bool,
+    /// Write `"format": "pt"` in the metadata (what transformers expects).
+    pub format_metadata: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            load: LoadOptions::default(),
+            extract: ExtractOptions::default(),
+            dedupe: false,
+            keep_non_tensors: false,
+            lenient_bool: false,
+            format_metadata: true,
+        }
+    }
+}
+
+/// One converted tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    /// Name in the output.
+    pub name: String,
+    /// safetensors dtype.
+    pub dtype: &'static str,
+    /// Shape in the output.
+    pub shape: Vec<usize>,
+    /// Bytes in the output.
+    pub bytes: usize,
+    /// Storage key it was read from.
+    pub storage: String,
+    /// Whether it had to be copied (strided view, byte swap, conj/neg bit).
+    pub copied: bool,
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConvertReport {
+    /// `zip` or `legacy`.
+    pub format: &'static str,
+    /// Path of the selected state dict (empty: the top level).
+    pub root: String,
+    /// Tensors written, in input order.
+    pub tensors: Vec<TensorReport>,
+    /// Names sharing one storage (views or aliases), for information.
+    pub shared_storages: Vec<Vec<String>>,
+    /// `(removed, kept)` pairs when de-duplicating.
+    pub deduplicated: Vec<(String, String)>,
+    /// Non-tensor values: path and JSON text.
+    pub non_tensors: Vec<(String, String)>,
+    /// Things left out and why.
+    pub skipped: Vec<(String, String)>,
+    /// Warnings.
+    pub warnings: Vec<String>,
+    /// Bytes of tensor data written.
+    pub data_bytes: u64,
+}
+
+/// How one tensor's bytes are produced from the input: borrowed when they
+/// are already row-major little-endian, else gathered on demand. Implements
+/// [`View`], so it can be handed to the writer directly.
+pub struct TensorPlan<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    len: usize,
+    /// The storage bytes (the whole record, or the legacy view of it).
+    storage: &'a [u8],
+    itemsize: usize,
+    offset: usize,
+    size: Vec<usize>,
+    stride: Vec<usize>,
+    contiguous: bool,
+    swap_unit: Option<usize>,
+    conj: bool,
+    neg: Neg,
+    normalize_bool: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Neg {
+    No,
+    SignBit,
+    TwosComplement,
+}
+
+impl TensorPlan<'_> {
+    /// Whether the bytes are written straight from the input.
+    pub fn borrowable(&self) -> bool {
+        self.contiguous && self.swap_unit.is_none() && !self.conj && self.neg == Neg::No && !self.normalize_bool
+    }
+
+    fn gather(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        if self.len == 0 {
+            return out;
+        }
+        if self.contiguous {
+            let start = self.offset * self.itemsize;
+            out.extend_from_slice(&self.storage[start..start + self.len]);
+        } else {
+            // The innermost dimensions that are row-major form one run.
+            let ndim = self.size.len();
+            let mut k = ndim;
+            let mut run = 1usize;
+            while k > 0 && (self.size[k - 1] == 1 || self.stride[k - 1] == run) {
+                run *= self.size[k - 1];
+                k -= 1;
+            }
+            let run_bytes = run * self.itemsize;
+            let mut index = vec![0usize; k];
+            loop {
+                let at = self.offset + index.iter().zip(&self.stride).map(|(i, s)| i * s).sum::<usize>();
+                let start = at * self.itemsize;
+                out.extend_from_slice(&self.storage[start..start + run_bytes]);
+                // Odometer over the outer dimensions.
+                let mut d = k;
+                loop {
+                    if d == 0 {
+                        return self.fix(out);
+                    }
+                    d -= 1;
+                    index[d] += 1;
+                    if index[d] < self.size[d] {
+                        break;
+                    }
+                    index[d] = 0;
+                }
+            }
+        }
+        self.fix(out)
+    }
+
+    /// Byte order, conj and neg bits, BOOL normalisation, on output bytes.
+    fn fix(&self, mut out: Vec<u8>) -> Vec<u8> {
+        if let Some(unit) = self.swap_unit {
+            out.chunks_exact_mut(unit).for_each(<[u8]>::reverse);
+        }
+        let item = self.itemsize;
+        if self.conj {
+            // complex64: flip the sign of the imaginary part (little-endian f32).
+            out.chunks_exact_mut(item).for_each(|c| c[item - 1] ^= 0x80);
+        }
+        match self.neg {
+            Neg::No => {}
+            Neg::SignBit => {
+                let unit = self.swap_unit_len();
+                out.chunks_exact_mut(unit).for_each(|c| c[unit - 1] ^= 0x80);
+            }
+            Neg::TwosComplement => out.chunks_exact_mut(item).for_each(|c| {
+                // Little-endian two's complement negation: invert, add one.
+                let mut carry = true;
+                for b in c.iter_mut() {
+                    let (v, o) = (!*b).overflowing_add(carry as u8);
+                    *b = v;
+                    carry = o;
+                }
+            }),
+        }
+        if self.normalize_bool {
+            out.iter_mut().for_each(|b| *b = (*b != 0) as u8);
+        }
+        out
+    }
+
+    fn swap_unit_len(&self) -> usize {
+        if self.dtype == Dtype::C64 { 4 } else { self.itemsize }
+    }
+}
+
+impl View for TensorPlan<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        if self.borrowable() {
+            let start = self.offset * self.itemsize;
+            Cow::Borrowed(&self.storage[start..start + self.len])
+        } else {
+            Cow::Owned(self.gather())
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.len
+    }
+}
+
+fn to_usize(v: u64, name: &str) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Error::Tensor { name: name.to_owned(), reason: format!("{v} does not fit in memory addresses") })
+}
+
+/// Builds the copy plan of one tensor, checking it against the real bytes.
+fn plan<'a>(ck: &'a Checkpoint<'_>, name: &str, t: &Tensor, lenient_bool: bool) -> Result<TensorPlan<'a>> {
+    let err = |reason: String| Error::Tensor { name: name.to_owned(), reason };
+    let dtype = t.dtype.safetensors().ok_or_else(|| err(format!("torch dtype {} has no safetensors equivalent", t.dtype.name)))?;
+    let Object::Storage(st) = ck.heap.get(t.storage) else { unreachable!("tensors point at storages") };
+    let record = ck.records.get(&st.key).ok_or_else(|| err(format!("storage `{}` has no data record", st.key)))?;
+    let es = st.storage_type.element_size() as usize;
+    let storage: &[u8] = match &st.view {
+        None => record,
+        Some((view_key, off, len)) => record
+            .get(*off as usize * es..(*off + *len) as usize * es)
+            .ok_or_else(|| err(format!("storage view `{view_key}` lies outside storage `{}`", st.key)))?,
+    };
+    let itemsize = t.dtype.itemsize as usize;
+    let size: Vec<usize> = t.size.iter().map(|&s| to_usize(s, name)).collect::<Result<_>>()?;
+    let stride: Vec<usize> = t.stride.iter().map(|&s| to_usize(s, name)).collect::<Result<_>>()?;
+    let offset = to_usize(t.offset, name)?;
+    let numel = size.iter().try_fold(1usize, |a, &s| a.checked_mul(s)).ok_or_else(|| err("element count overflows".into()))?;
+    let len = numel.checked_mul(itemsize).ok_or_else(|| err("byte size overflows".into()))?;
+    // Extent against the actual bytes (the VM checked it against the declaration).
+    let mut extent_end = 0usize;
+    if numel > 0 {
+        let last = size.iter().zip(&stride).try_fold(offset, |acc, (s, st)| (s - 1).checked_mul(*st).and_then(|x| x.checked_add(acc)));
+        let end = last.and_then(|l| l.checked_add(1)).and_then(|e| e.checked_mul(itemsize));
+        match end {
+            Some(end) if end <= storage.len() => extent_end = end,
+            _ => return Err(err(format!("extent runs past the {} bytes of storage `{}`", storage.len(), st.key))),
+        }
+    }
+    let mut shape = size.clone();
+    if dtype == Dtype::F4 {
+        // float4_e2m1fn_x2 packs two values per byte: safetensors counts values.
+        let last = shape.last_mut().ok_or_else(|| err("a 0-d float4_e2m1fn_x2 tensor cannot be written as F4".into()))?;
+        *last = last.checked_mul(2).ok_or_else(|| err("shape overflows".into()))?;
+    }
+    let mut expected = 1usize;
+    let mut contiguous = true;
+    for (s, st) in size.iter().zip(&stride).rev() {
+        if *s != 1 {
+            if *st != expected {
+                contiguous = false;
+            }
+            expected *= s;
+        }
+    }
+    let neg = if !t.neg {
+        Neg::No
+    } else if t.dtype.neg_is_sign_flip() {
+        Neg::SignBit
+    } else if t.dtype.neg_is_twos_complement() {
+        Neg::TwosComplement
+    } else {
+        return Err(err(format!("the negative bit cannot be applied exactly to {}", t.dtype.name)));
+    };
+    if t.conj && dtype != Dtype::C64 {
+        return Err(err(format!("conjugate bit on a non-complex {} tensor", t.dtype.name)));
+    }
+    let mut normalize_bool = false;
+    if dtype == Dtype::Bool && numel > 0 {
+        let window = &storage[offset..extent_end];
+        if let Some(i) = window.iter().position(|&b| b > 1) {
+            if lenient_bool {
+                normalize_bool = true;
+            } else {
+                return Err(err(format!(
+                    "BOOL storage `{}` holds the byte {} at element {}; booleans must be 0 or 1 (pass --lenient-bool to map it to 1)",
+                    st.key,
+                    window[i],
+                    offset + i
+                )));
+            }
+        }
+    }
+    let swap_unit = (ck.big_endian && t.dtype.swap_unit() > 1).then(|| t.dtype.swap_unit());
+    Ok(TensorPlan { dtype, shape, len, storage, itemsize, offset, size, stride, contiguous, swap_unit, conj: t.conj, neg, normalize_bool })
+}
+
+/// The alias identity of a tensor: same bytes, same geometry.
+fn alias_key(ck: &Checkpoint<'_>, t: &Tensor) -> (String, Option<(u64, u64)>, &'static str, u64, Vec<u64>, Vec<u64>, bool, bool) {
+    let Object::Storage(st) = ck.heap.get(t.storage) else { unreachable!("tensors point at storages") };
+    (st.key.to_string(), st.view.as_ref().map(|v| (v.1, v.2)), t.dtype.name, t.offset, t.size.clone(), t.stride.clone(), t.conj, t.neg)
+}
+
+/// A checked conversion, ready to write.
+pub struct Planned<'a> {
+    /// What will be written and what was left out.
+    pub report: ConvertReport,
+    /// The `__metadata__` to write.
+    pub metadata: Metadata,
+    /// Output tensors, in input order.
+    pub tensors: Vec<(String, TensorPlan<'a>)>,
+}
+
+/// Plans a conversion: selects and names the tensors, checks each against
+/// its storage bytes and the output budget, and builds the metadata.
+pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> Result<Planned<'a>> {
+    let limits = &options.load.limits;
+    let ex = extract::extract(&ck.heap, &ck.root, &options.extract, limits)?;
+    let mut report = ConvertReport {
+        format: match ck.format {
+            Format::Zip => "zip",
+            Format::Legacy => "legacy",
+        },
+        root: ex.root.clone(),
+        skipped: ex.skipped.clone(),
+        warnings: ck.warnings.clone(),
+        ..Default::default()
+    };
+    let mut metadata = Metadata::new();
+    if options.format_metadata {
+        metadata.insert("format".into(), "pt".into());
+    }
+    for (path, value) in &ex.non_tensors {
+        let text = extract::to_json(&ck.heap, value).to_string();
+        if options.keep_non_tensors && metadata.insert(path.clone(), text.clone()).is_some() {
+            return Err(Error::Structure(format!("metadata key `{path}` is used twice")));
+        }
+        report.non_tensors.push((path.clone(), text));
+    }
+    for (path, why) in &ex.skipped {
+        if why.starts_with("meta tensor") {
+            report.warnings.push(format!("`{path}` skipped: {why}"));
+        }
+    }
+
+    // Aliases: same storage and geometry. Storage sharing, for the report.
+    let tensor = |id: ObjId| match ck.heap.get(id) {
+        Object::Tensor(t) => t,
+        _ => unreachable!("extract emits tensors only"),
+    };
+    let mut by_storage: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut alias_groups: HashMap<_, Vec<usize>> = HashMap::new();
+    for (i, (name, id)) in ex.tensors.iter().enumerate() {
+        let t = tensor(*id);
+        let Object::Storage(st) = ck.heap.get(t.storage) else { unreachable!() };
+        by_storage.entry(st.key.to_string()).or_default().push(name.clone());
+        alias_groups.entry(alias_key(ck, t)).or_default().push(i);
+    }
+    report.shared_storages = by_storage.into_values().filter(|names| names.len() > 1).collect();
+    let mut dropped = vec![false; ex.tensors.len()];
+    if options.dedupe {
+        let mut groups: Vec<&Vec<usize>> = alias_groups.values().filter(|g| g.len() > 1).collect();
+        groups.sort();
+        for group in groups {
+            let keep = *group.iter().min_by_key(|&&i| &ex.tensors[i].0).expect("non-empty group");
+            for &i in group {
+                if i != keep {
+                    dropped[i] = true;
+                    let (removed, kept) = (ex.tensors[i].0.clone(), ex.tensors[keep].0.clone());
+                    if metadata.insert(removed.clone(), kept.clone()).is_some() {
+                        return Err(Error::Structure(format!("metadata key `{removed}` is used twice")));
+                    }
+                    report.deduplicated.push((removed, kept));
+                }
+            }
+        }
+        report.deduplicated.sort();
+    }
+
+    // Plans, with the output budget.
+    let unique: u64 = ck.records.values().map(|r| r.len() as u64).sum();
+    let budget = unique.saturating_mul(limits.output_factor).max(limits.min_output_budget);
+    let mut total = 0u64;
+    let mut plans = Vec::with_capacity(ex.tensors.len());
+    for (i, (name, id)) in ex.tensors.iter().enumerate() {
+        if dropped[i] {
+            continue;
+        }
+        let p = plan(ck, name, tensor(*id), options.lenient_bool)?;
+        total = total.saturating_add(p.len as u64);
+        if total > budget {
+            return Err(Error::Limit(format!(
+                "the tensors would write more than {budget} bytes from {unique} bytes of storage (stride-0 or view bomb; ratio {:.1}×)",
+                total as f64 / unique.max(1) as f64
+            )));
+        }
+        let Object::Storage(st) = ck.heap.get(tensor(*id).storage) else { unreachable!() };
+        report.tensors.push(TensorReport {
+            name: name.clone(),
+            dtype: p.dtype.code(),
+            shape: p.shape.clone(),
+            bytes: p.len,
+            storage: st.key.to_string(),
+            copied: !p.borrowable(),
+        });
+        plans.push((name.clone(), p));
+    }
+    report.data_bytes = total;
+    Ok(Planned { report, metadata, tensors: plans })
+}
+
+/// Converts a loaded checkpoint, writing `out` atomically.
+pub fn convert_checkpoint(ck: &Checkpoint<'_>, out: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
+    let planned = plan_checkpoint(ck, options)?;
+    tensafe::serialize_to_file(planned.tensors.iter().map(|(n, p)| (n.as_str(), p)), Some(&planned.metadata), out)?;
+    Ok(planned.report)
+}
+
+/// Maps a file read-only (an empty file gives an empty slice).
+pub fn map_file(path: &Path) -> Result<Mapped> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    let len = file.metadata().map_err(|source| Error::Io { path: path.to_owned(), source })?.len();
+    if len == 0 {
+        return Ok(Mapped(None));
+    }
+    // SAFETY: the mapping is read-only and private to this process. Another
+    // process truncating the file while it is mapped could fault the read, as
+    // with any mapped reader; the data are validated before use either way.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    Ok(Mapped(Some(map)))
+}
+
+/// A read-only mapped input file.
+pub struct Mapped(Option<memmap2::Mmap>);
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+/// Converts one checkpoint file to one safetensors file.
+pub fn convert_file(input: &Path, output: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
+    let bytes = map_file(input)?;
+    let ck = container::load(&bytes, &options.load).map_err(|e| in_file(e, input))?;
+    convert_checkpoint(&ck, output, options)
+}
+
+fn in_file(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Container(m) => Error::Container(format!("{}: {m}", path.display())),
+        Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", path.display())),
+        other => other,
+    }
+}
+
+/// What a sharded conversion wrote.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardedReport {
+    /// Input shard → output shard and its report.
+    pub shards: Vec<(String, String, ConvertReport)>,
+    /// The index written.
+    pub index: PathBuf,
+    /// Sum of tensor bytes.
+    pub total_size: u64,
+}
+
+/// Converts a sharded checkpoint (`pytorch_model.bin.index.json` and its
+/// shards) into `out_dir`: `model-0000i-of-0000n.safetensors` and
+/// `model.safetensors.index.json`, as transformers names them.
+pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -> Result<ShardedReport> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Io { path, source }
+    };
+    let text = std::fs::read(index).map_err(io(index))?;
+    let parsed: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| Error::Structure(format!("{}: not JSON: {e}", index.display())))?;
+    let weight_map = parsed
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Structure(format!("{}: no `weight_map` object", index.display())))?;
+    let mut shard_names: Vec<&str> = Vec::new();
+    for (name, shard) in weight_map {
+        let shard = shard.as_str().ok_or_else(|| Error::Structure(format!("weight_map[{name:?}] is not a file name")))?;
+        if shard.contains('/') || shard.contains('\\') || shard == ".." || shard.is_empty() {
+            return Err(Error::Structure(format!("weight_map[{name:?}] = {shard:?} is not a plain file name")));
+        }
+        if !shard_names.contains(&shard) {
+            shard_names.push(shard);
+        }
+    }
+    shard_names.sort();
+    let n = shard_names.len();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let mut report = ShardedReport::default();
+    let mut new_map = BTreeMap::new();
+    for (i, shard) in shard_names.iter().enumerate() {
+        let out_name = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        let input = dir.join(shard);
+        let shard_report = convert_file(&input, &out_dir.join(&out_name), options)?;
+        for t in &shard_report.tensors {
+            match weight_map.get(&t.name).and_then(|v| v.as_str()) {
+                Some(s) if s == *shard => {}
+                Some(other) => {
+                    return Err(Error::Structure(format!("tensor `{}` is in {shard} but the index maps it to {other}", t.name)));
+                }
+                None => return Err(Error::Structure(format!("tensor `{}` in {shard} is missing from the index", t.name))),
+            }
+            new_map.insert(t.name.clone(), out_name.clone());
+            report.total_size += t.bytes as u64;
+        }
+        for (removed, _) in &shard_report.deduplicated {
+            new_map.insert(removed.clone(), out_name.clone());
+        }
+        report.shards.push((shard.to_string(), out_name, shard_report));
+    }
+    for (name, shard) in weight_map {
+        if !new_map.contains_key(name) {
+            return Err(Error::Structure(format!("the index maps `{name}` to {} but that shard does not hold it", shard)));
+        }
+    }
+    let mut meta = parsed.get("metadata").and_then(|m| m.as_object()).cloned().unwrap_or_default();
+    meta.insert("total_size".into(), report.total_size.into());
+    let index_json = serde_json::json!({ "metadata": meta, "weight_map": new_map });
+    let out_index = out_dir.join("model.safetensors.index.json");
+    let body = serde_json::to_string_pretty(&index_json).expect("JSON values serialize") + "\n";
+    tensafe::write_atomically(&out_index, |w| w.write_all(body.as_bytes())).map_err(Error::Write)?;
+    report.index = out_index;
+    Ok(report)
+}
+
+/// The torch dtype → safetensors dtype table, for documentation and tests.
+pub fn dtype_table() -> Vec<(&'static str, Option<&'static str>)> {
+    crate::names::TORCH_DTYPES.iter().map(|d: &TorchDtype| (d.name, d.safetensors().map(Dtype::code))).collect()
+}

@@ -1,0 +1,449 @@
+//! From the object tree to named tensors: root selection, naming, and the
+//! non-tensor values around them. The walk is iterative, keeps a visited set
+//! (cycles are legal in pickle; shared subtrees are emitted once) and stops
+//! at the nesting and path limits.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::value::{Heap, Object, ObjId, Value};
+
+/// Keys tried, in order, for the state dict inside a training checkpoint.
+pub const STATE_DICT_KEYS: &[&str] = &["state_dict", "model_state_dict", "model", "module", "state_dict_ema"];
+
+/// Top-level keys holding optimizer state, skipped unless asked for.
+pub const OPTIMIZER_KEYS: &[&str] = &["optimizer", "optimizer_state_dict", "optimizer_states", "optim", "lr_schedulers"];
+
+/// How to find the tensors.
+#[derive(Debug, Clone, Default)]
+pub struct ExtractOptions {
+    /// Dotted key path of the state dict (e.g. `model.ema`).
+    pub key: Option<String>,
+    /// Walk every container when no state dict is found.
+    pub flatten: bool,
+    /// Also convert optimizer state (prefixed with its top-level key).
+    pub include_optimizer: bool,
+    /// Refuse meta tensors instead of skipping them with a warning.
+    pub strict_meta: bool,
+}
+
+/// Named tensors plus what was left out.
+#[derive(Debug, Default)]
+pub struct Extracted {
+    /// Path of the selected root (empty: the top level).
+    pub root: String,
+    /// Tensor name → tensor object.
+    pub tensors: Vec<(String, ObjId)>,
+    /// Non-tensor values: path → value.
+    pub non_tensors: Vec<(String, Value)>,
+    /// Things not converted: path → reason.
+    pub skipped: Vec<(String, String)>,
+}
+
+struct Walker<'h> {
+    heap: &'h Heap,
+    holders: HashSet<ObjId>,
+    counted: HashSet<ObjId>,
+    limits: &'h Limits,
+    options: &'h ExtractOptions,
+    visited: HashMap<ObjId, String>,
+    names: HashSet<String>,
+    out: Extracted,
+}
+
+fn join(prefix: &str, part: &str) -> String {
+    if prefix.is_empty() { part.to_owned() } else { format!("{prefix}.{part}") }
+}
+
+/// A dict key as a name part: str as is, ints in decimal.
+fn key_name(heap: &Heap, k: &Value) -> std::result::Result<String, String> {
+    match k {
+        Value::Str(s) => Ok(s.to_string()),
+        Value::Int(i) => Ok(i.to_string()),
+        other => Err(format!("a {} key ({}) cannot name a tensor", heap.type_name(other), heap.summary(other, 40))),
+    }
+}
+
+fn dict_get<'a>(heap: &'a Heap, v: &Value, key: &str) -> Option<&'a Value> {
+    match heap.object(v)? {
+        Object::Dict(d) => d.entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
+        _ => None,
+    }
+}
+
+fn is_tensor(heap: &Heap, v: &Value) -> bool {
+    matches!(heap.object(v), Some(Object::Tensor(_)))
+}
+
+/// Finds the state dict and names every tensor under it.
+pub fn extract(heap: &Heap, root: &Value, options: &ExtractOptions, limits: &Limits) -> Result<Extracted> {
+    let mut w = Walker { heap, holders: tensor_holders(heap, root), counted: HashSet::new(), limits, options, visited: HashMap::new(), names: HashSet::new(), out: Extracted::default() };
+    let top_dict = match heap.object(root) {
+        Some(Object::Dict(d)) => Some(d),
+        _ => None,
+    };
+    let all_tensors = top_dict.is_some_and(|d| d.entries.iter().all(|(_, v)| is_tensor(heap, v)));
+    let selected: Option<(String, Value)> = if all_tensors {
+        Some((String::new(), root.clone()))
+    } else if let Some(key) = &options.key {
+        let mut v = root.clone();
+        for part in key.split('.') {
+            v = dict_get(heap, &v, part)
+                .ok_or_else(|| Error::Structure(format!("--key {key}: no entry `{part}` (the top level has {})", describe_keys(heap, root))))?
+                .clone();
+        }
+        Some((key.clone(), v))
+    } else {
+        STATE_DICT_KEYS
+            .iter()
+            .find_map(|k| dict_get(heap, root, k).filter(|v| w.holds_tensor(v)).map(|v| (k.to_string(), v.clone())))
+    };
+    match selected {
+        Some((path, value)) => {
+            w.out.root = path.clone();
+            w.walk(&value, "", &path)?;
+            // Everything beside the root: reported, or converted when it is
+            // optimizer state and that was asked for.
+            if let Some(d) = top_dict
+                && !path.is_empty()
+            {
+                let top = path.split('.').next().unwrap_or_default();
+                for (k, v) in &d.entries {
+                    let name = key_name(heap, k).unwrap_or_else(|_| heap.summary(k, 40));
+                    if name == top {
+                        continue;
+                    }
+                    w.beside(&name, v)?;
+                }
+            }
+        }
+        None if options.flatten => {
+            w.out.root = String::new();
+            if let Some(d) = top_dict {
+                for (k, v) in &d.entries {
+                    let name = key_name(heap, k).map_err(Error::Structure)?;
+                    if OPTIMIZER_KEYS.contains(&name.as_str()) {
+                        w.beside(&name, v)?;
+                    } else {
+                        w.walk(v, &name, &name)?;
+                    }
+                }
+            } else {
+                w.walk(root, "", "")?;
+            }
+        }
+        None => {
+            return Err(Error::Structure(format!(
+                "no state dict found: the top level is {} with {}; pass --key KEY to pick one, or --flatten to convert every tensor",
+                heap.type_name(root),
+                describe_keys(heap, root)
+            )));
+        }
+    }
+    if w.out.tensors.is_empty() {
+        return Err(Error::Structure("the checkpoint holds no tensor to convert".into()));
+    }
+    Ok(w.out)
+}
+
+fn describe_keys(heap: &Heap, v: &Value) -> String {
+    match heap.object(v) {
+        Some(Object::Dict(d)) => {
+            let keys: Vec<String> = d.entries.iter().take(12).map(|(k, _)| heap.summary(k, 40)).collect();
+            format!("keys [{}{}]", keys.join(", "), if d.entries.len() > 12 { ", …" } else { "" })
+        }
+        _ => "no keys".into(),
+    }
+}
+
+fn children(heap: &Heap, id: ObjId) -> Vec<ObjId> {
+    let ids = |items: &[Value]| items.iter().filter_map(|v| if let Value::Obj(c) = v { Some(*c) } else { None }).collect::<Vec<_>>();
+    match heap.get(id) {
+        Object::Dict(d) => d.entries.iter().filter_map(|(_, v)| if let Value::Obj(c) = v { Some(*c) } else { None }).collect(),
+        Object::List(items) | Object::Tuple(items) => ids(items),
+        Object::Opaque(o) => {
+            let mut out = ids(&o.states);
+            out.extend(ids(&o.items));
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The objects whose subtree holds a tensor (tensors included), computed
+/// once in linear time by an iterative post-order walk. A back edge of a
+/// cycle counts as holding nothing.
+fn tensor_holders(heap: &Heap, root: &Value) -> HashSet<ObjId> {
+    let mut holders = HashSet::new();
+    let Value::Obj(root) = root else { return holders };
+    let mut state: HashSet<ObjId> = HashSet::new();
+    let mut stack: Vec<(ObjId, bool)> = vec![(*root, false)];
+    while let Some((id, expanded)) = stack.pop() {
+        if expanded {
+            if matches!(heap.get(id), Object::Tensor(_)) || children(heap, id).iter().any(|c| holders.contains(c)) {
+                holders.insert(id);
+            }
+            continue;
+        }
+        if !state.insert(id) {
+            continue;
+        }
+        stack.push((id, true));
+        for c in children(heap, id) {
+            if !state.contains(&c) {
+                stack.push((c, false));
+            }
+        }
+    }
+    holders
+}
+
+impl Walker<'_> {
+    fn holds_tensor(&self, v: &Value) -> bool {
+        matches!(v, Value::Obj(id) if self.holders.contains(id))
+    }
+
+    /// Tensors under `v` not counted before (linear over all calls).
+    fn count_new_tensors(&mut self, v: &Value) -> usize {
+        let mut n = 0;
+        let mut todo: Vec<ObjId> = match v {
+            Value::Obj(id) => vec![*id],
+            _ => vec![],
+        };
+        while let Some(id) = todo.pop() {
+            if !self.holders.contains(&id) || !self.counted.insert(id) {
+                continue;
+            }
+            if matches!(self.heap.get(id), Object::Tensor(_)) {
+                n += 1;
+            }
+            todo.extend(children(self.heap, id));
+        }
+        n
+    }
+
+    fn emit(&mut self, name: String, id: ObjId) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::Structure("a tensor at the top level has no name; pass --key or --flatten on a dict".into()));
+        }
+        if !self.names.insert(name.clone()) {
+            return Err(Error::Tensor { name, reason: "two tensors get this name after flattening with `.`".into() });
+        }
+        if self.out.tensors.len() >= self.limits.max_tensors {
+            return Err(Error::Limit(format!("more than {} tensors", self.limits.max_tensors)));
+        }
+        self.out.tensors.push((name, id));
+        Ok(())
+    }
+
+    /// A top-level entry beside the selected root.
+    fn beside(&mut self, name: &str, v: &Value) -> Result<()> {
+        if !self.holds_tensor(v) {
+            self.out.non_tensors.push((name.to_owned(), v.clone()));
+        } else if OPTIMIZER_KEYS.contains(&name) && self.options.include_optimizer {
+            self.walk(v, name, name)?;
+        } else if OPTIMIZER_KEYS.contains(&name) {
+            let n = self.count_new_tensors(v);
+            self.out.skipped.push((name.to_owned(), format!("optimizer state with {n} tensors (pass --include-optimizer to keep it)")));
+        } else {
+            let n = self.count_new_tensors(v);
+            self.out.skipped.push((name.to_owned(), format!("{n} tensors outside the selected state dict")));
+        }
+        Ok(())
+    }
+
+    /// Walks `v`, naming tensors `prefix.<…>`; `path` is for messages.
+    fn walk(&mut self, v: &Value, prefix: &str, _path: &str) -> Result<()> {
+        let mut todo: Vec<(Value, String, usize)> = vec![(v.clone(), prefix.to_owned(), 0)];
+        let mut paths = 0usize;
+        while let Some((v, name, depth)) = todo.pop() {
+            paths += 1;
+            if paths > self.limits.max_paths {
+                return Err(Error::Limit(format!("more than {} paths (shared-reference explosion)", self.limits.max_paths)));
+            }
+            if depth > self.limits.max_nesting {
+                return Err(Error::Limit(format!("containers nested deeper than {} at `{name}`", self.limits.max_nesting)));
+            }
+            let Value::Obj(id) = v else {
+                self.out.non_tensors.push((name, v));
+                continue;
+            };
+            let obj = self.heap.get(id);
+            if matches!(obj, Object::Dict(_) | Object::List(_) | Object::Tuple(_) | Object::Opaque(_)) {
+                if let Some(first) = self.visited.get(&id) {
+                    self.out.skipped.push((name, format!("the same container as `{first}` (shared reference, emitted once)")));
+                    continue;
+                }
+                self.visited.insert(id, name.clone());
+            }
+            let mut children: Vec<(Value, String)> = Vec::new();
+            match obj {
+                Object::Tensor(_) => self.emit(name, id)?,
+                Object::Dict(d) => {
+                    for (k, v) in &d.entries {
+                        let part = key_name(self.heap, k).map_err(|reason| Error::Structure(format!("at `{name}`: {reason}")))?;
+                        children.push((v.clone(), join(&name, &part)));
+                    }
+                }
+                Object::List(items) | Object::Tuple(items) => {
+                    if self.holders.contains(&id) {
+                        for (i, item) in items.iter().enumerate() {
+                            children.push((item.clone(), join(&name, &i.to_string())));
+                        }
+                    } else {
+                        self.out.non_tensors.push((name, v));
+                    }
+                }
+                Object::Unconvertible(u) => {
+                    if u.kind == "meta tensor" && !self.options.strict_meta {
+                        self.out.skipped.push((name, format!("meta tensor: {}", u.detail)));
+                    } else {
+                        return Err(Error::Tensor { name, reason: format!("{}: {}", u.kind, u.detail) });
+                    }
+                }
+                Object::Opaque(o) => match module_state(self.heap, o) {
+                    Some(fields) => children.extend(fields.into_iter().map(|(v, part)| (v, join(&name, &part)))),
+                    None => self.out.non_tensors.push((name, v)),
+                },
+                _ => self.out.non_tensors.push((name, v)),
+            }
+            // Reverse so that children are visited in order.
+            for (v, n) in children.into_iter().rev() {
+                todo.push((v, n, depth + 1));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The state of an opaque object (only user-allowed classes become opaque
+/// in conversion): an `nn.Module`'s `_parameters`, persistent `_buffers` and
+/// `_modules`, or else the entries of a dict state.
+fn module_state(heap: &Heap, o: &crate::value::Opaque) -> Option<Vec<(Value, String)>> {
+    let state = o.states.last()?;
+    let Some(Object::Dict(d)) = heap.object(state) else { return None };
+    let field = |name: &str| d.entries.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v);
+    let mut out = Vec::new();
+    if field("_parameters").is_some() || field("_modules").is_some() {
+        let non_persistent: HashSet<String> = match field("_non_persistent_buffers_set").and_then(|v| heap.object(v)) {
+            Some(Object::Set(s)) => s.items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
+            _ => HashSet::new(),
+        };
+        for group in ["_parameters", "_buffers", "_modules"] {
+            if let Some(Object::Dict(g)) = field(group).and_then(|v| heap.object(v)) {
+                for (k, v) in &g.entries {
+                    let Some(k) = k.as_str() else { continue };
+                    if (group == "_buffers" && non_persistent.contains(k)) || matches!(v, Value::None) {
+                        continue;
+                    }
+                    out.push((v.clone(), k.to_owned()));
+                }
+            }
+        }
+    } else {
+        for (k, v) in &d.entries {
+            out.push((v.clone(), key_name(heap, k).ok()?));
+        }
+    }
+    Some(out)
+}
+
+/// A JSON rendering of a non-tensor value (bounded in size and depth).
+pub fn to_json(heap: &Heap, v: &Value) -> serde_json::Value {
+    let mut budget = 100_000usize;
+    json_inner(heap, v, 0, &mut budget)
+}
+
+fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde_json::Value {
+    if *budget == 0 || depth > 32 {
+        return json!("…");
+    }
+    *budget -= 1;
+    match v {
+        Value::None => serde_json::Value::Null,
+        Value::Bool(b) => json!(b),
+        Value::Int(i) => json!(i),
+        Value::BigInt(b) => json!(big_to_decimal(b)),
+        Value::Float(f) if f.is_finite() => json!(f),
+        Value::Float(f) => json!(f.to_string()),
+        Value::Str(s) => json!(&**s),
+        Value::Bytes(_) => json!(heap.summary(v, 1000)),
+        Value::Obj(id) => match heap.get(*id) {
+            Object::Tuple(items) | Object::List(items) => {
+                serde_json::Value::Array(items.iter().map(|i| json_inner(heap, i, depth + 1, budget)).collect())
+            }
+            Object::Set(s) => serde_json::Value::Array(s.items.iter().map(|i| json_inner(heap, i, depth + 1, budget)).collect()),
+            Object::Dict(d) => serde_json::Value::Object(
+                d.entries
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = k.as_str().map(str::to_owned).unwrap_or_else(|| heap.summary(k, 100));
+                        (key, json_inner(heap, v, depth + 1, budget))
+                    })
+                    .collect(),
+            ),
+            Object::Complex(re, im) => json!([re, im]),
+            Object::Opaque(o) => {
+                let class = heap.global(&o.callable).map(|g| g.qualified()).unwrap_or_else(|| "?".into());
+                let mut m = serde_json::Map::new();
+                m.insert("__class__".into(), json!(class));
+                if let Some(state) = o.states.last() {
+                    m.insert("__state__".into(), json_inner(heap, state, depth + 1, budget));
+                }
+                serde_json::Value::Object(m)
+            }
+            _ => json!(heap.summary(v, 200)),
+        },
+    }
+}
+
+/// Decimal text of a little-endian two's complement integer.
+pub(crate) fn big_to_decimal(le: &[u8]) -> String {
+    let negative = le.last().is_some_and(|b| b & 0x80 != 0);
+    let mut mag: Vec<u8> = le.to_vec();
+    if negative {
+        let mut carry = 1u16;
+        for b in mag.iter_mut() {
+            let v = (!*b) as u16 + carry;
+            *b = v as u8;
+            carry = v >> 8;
+        }
+    }
+    // Repeated division by 10 on big-endian base-256 digits.
+    let mut be: Vec<u8> = mag.into_iter().rev().skip_while(|&b| b == 0).collect();
+    let mut digits = Vec::new();
+    while !be.is_empty() {
+        let mut rem = 0u32;
+        for b in be.iter_mut() {
+            let cur = rem * 256 + *b as u32;
+            *b = (cur / 10) as u8;
+            rem = cur % 10;
+        }
+        digits.push(b'0' + rem as u8);
+        be = be.into_iter().skip_while(|&b| b == 0).collect();
+    }
+    if digits.is_empty() {
+        digits.push(b'0');
+    }
+    if negative {
+        digits.push(b'-');
+    }
+    digits.reverse();
+    String::from_utf8(digits).expect("ASCII digits")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_ints_print_in_decimal() {
+        assert_eq!(big_to_decimal(&[0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]), "119547037146038801333356");
+        assert_eq!(big_to_decimal(&[0xff]), "-1");
+        assert_eq!(big_to_decimal(&[0]), "0");
+        assert_eq!(big_to_decimal(&[0, 0, 0, 0, 0, 0, 0, 0x80]), "-9223372036854775808");
+    }
+}

@@ -1,0 +1,627 @@
+//! The scanner: what a file would do if it were loaded with pickle.
+//!
+//! It runs the VM in [`Mode::Scan`] over every pickle it can find — by
+//! content, never by file name: all pickles of a legacy stream, every zip
+//! member that is or parses as a pickle (every copy of a duplicated name
+//! too), tar members, object-dtype `.npy` payloads — and reports every
+//! import, call, persistent id and anomaly with a verdict.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::container::{self, Kind, LEGACY_MAGIC, LEGACY_PROTOCOL};
+use crate::extract;
+use crate::limits::Limits;
+use crate::names::Severity;
+use crate::value::{Heap, Object, Value};
+use crate::vm::{Mode, PickleReport, PidSchema, StorageTable, Vm, VmOptions};
+use crate::zip;
+
+/// The overall verdict for a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Only allowlisted globals and no anomaly.
+    Safe,
+    /// Something not allowlisted, or an anomaly.
+    Suspicious,
+    /// Code execution, a disguised name, or an evasion technique.
+    Dangerous,
+    /// The file could not be scanned completely and nothing worse was found.
+    Error,
+}
+
+/// A container-level finding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// Short kind.
+    pub kind: &'static str,
+    /// Details.
+    pub detail: String,
+    /// Severity.
+    pub severity: Severity,
+}
+
+/// One scanned pickle.
+#[derive(Debug, Clone, Serialize)]
+pub struct PickleScan {
+    /// The VM's report.
+    #[serde(flatten)]
+    pub report: PickleReport,
+    /// Where the pickle starts in its member or file.
+    pub start: u64,
+    /// Whether `torch.load` (without `weights_only`) would unpickle it.
+    pub torch_would_run: bool,
+}
+
+/// A tensor seen while scanning a torch checkpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorRow {
+    /// Flattened name.
+    pub name: String,
+    /// torch dtype.
+    pub dtype: &'static str,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Strides.
+    pub stride: Vec<u64>,
+    /// Storage key.
+    pub storage: String,
+    /// Storage offset (elements).
+    pub offset: u64,
+}
+
+/// Everything the scanner found in one file.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScanReport {
+    /// The file.
+    pub path: String,
+    /// What the container is.
+    pub container: String,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Why scanning was incomplete, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Container-level findings.
+    pub findings: Vec<Finding>,
+    /// Pickles scanned.
+    pub pickles: Vec<PickleScan>,
+    /// Non-allowlisted imports and calls a pickle-based load would execute.
+    pub would_execute: Vec<String>,
+    /// Tensors of a torch checkpoint (from the pickle torch would load).
+    pub tensors: Vec<TensorRow>,
+}
+
+impl ScanReport {
+    fn new(path: &str) -> ScanReport {
+        ScanReport {
+            path: path.to_owned(),
+            container: String::new(),
+            verdict: Verdict::Safe,
+            error: None,
+            findings: vec![],
+            pickles: vec![],
+            would_execute: vec![],
+            tensors: vec![],
+        }
+    }
+
+    fn finding(&mut self, severity: Severity, kind: &'static str, detail: impl Into<String>) {
+        self.findings.push(Finding { kind, detail: detail.into(), severity });
+    }
+
+    fn fail(&mut self, message: impl Into<String>) {
+        let message = message.into();
+        self.error = Some(match self.error.take() {
+            Some(first) => format!("{first}; {message}"),
+            None => message,
+        });
+    }
+
+    /// The worst severity found.
+    pub fn severity(&self) -> Severity {
+        let pickles = self.pickles.iter().map(|p| p.report.severity());
+        self.findings.iter().map(|f| f.severity).chain(pickles).max().unwrap_or(Severity::Safe)
+    }
+
+    fn finish(mut self) -> ScanReport {
+        for p in &self.pickles {
+            if p.torch_would_run || p.report.name.ends_with(".pkl") || self.container == "pickle" {
+                for i in &p.report.imports {
+                    if i.severity > Severity::Safe {
+                        self.would_execute.push(format!("{}: import {} (offset {})", p.report.name, i.global, i.offset));
+                    }
+                }
+                for c in &p.report.calls {
+                    if c.severity > Severity::Safe {
+                        self.would_execute.push(format!("{}: {} {}{} (offset {})", p.report.name, c.opcode, c.callee, c.args, c.offset));
+                    }
+                }
+            }
+        }
+        self.verdict = match self.severity() {
+            Severity::Dangerous => Verdict::Dangerous,
+            Severity::Suspicious => Verdict::Suspicious,
+            Severity::Safe if self.error.is_some() || self.pickles.iter().any(|p| p.report.error.is_some()) => Verdict::Error,
+            Severity::Safe => Verdict::Safe,
+        };
+        self
+    }
+}
+
+/// Scanner options.
+#[derive(Debug, Clone, Default)]
+pub struct ScanOptions {
+    /// Limits.
+    pub limits: Limits,
+    /// Classes the user accepts (not a finding). Never executed.
+    pub allow_opaque: Vec<String>,
+}
+
+/// Scans a file.
+pub fn scan_file(path: &Path, options: &ScanOptions) -> ScanReport {
+    match crate::convert::map_file(path) {
+        Ok(bytes) => scan_bytes(&bytes, &path.display().to_string(), options),
+        Err(e) => {
+            let mut r = ScanReport::new(&path.display().to_string());
+            r.container = "unreadable".into();
+            r.fail(e.to_string());
+            r.finish()
+        }
+    }
+}
+
+/// Scans bytes (`name` is used in the report).
+pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport {
+    let mut r = ScanReport::new(name);
+    let mut s = Scanner { options, heap: Heap::default() };
+    match container::detect(bytes) {
+        Kind::Zip => s.zip(bytes, &mut r, true),
+        Kind::Tar => s.tar(bytes, &mut r),
+        Kind::Npy => {
+            r.container = "npy".into();
+            s.npy(bytes, name, &mut r);
+        }
+        Kind::Wrapper(w) => {
+            r.container = format!("{w} (compressed)");
+            r.fail(format!("a {w}-compressed file is not loadable by torch.load directly and was not unpacked; decompress it and scan the result"));
+        }
+        Kind::Stream => {
+            if bytes.is_empty() {
+                r.container = "empty".into();
+                r.fail("empty file");
+            } else {
+                s.stream(bytes, name, &mut r);
+                if zip::has_end_record(bytes) {
+                    r.finding(
+                        Severity::Dangerous,
+                        "polyglot",
+                        "the file starts as a pickle stream (what torch.load runs) but also ends with a zip directory (what zip-first tools read)",
+                    );
+                    let mut zr = ScanReport::new(name);
+                    s.zip(bytes, &mut zr, false);
+                    r.findings.extend(zr.findings);
+                    r.pickles.extend(zr.pickles);
+                    if let Some(e) = zr.error {
+                        r.fail(format!("zip view: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    r.finish()
+}
+
+struct Scanner<'o> {
+    options: &'o ScanOptions,
+    heap: Heap,
+}
+
+impl<'o> Scanner<'o> {
+    fn vm_options(&self, pids: PidSchema, data_only: bool) -> VmOptions<'o> {
+        let options: &'o ScanOptions = self.options;
+        VmOptions { mode: Mode::Scan, pids, data_only, allow_opaque: &options.allow_opaque, limits: &options.limits, no_trailing: false }
+    }
+
+    /// Runs one pickle in scan mode and records it.
+    fn pickle(
+        &mut self,
+        name: &str,
+        data: &[u8],
+        start: u64,
+        pids: PidSchema,
+        data_only: bool,
+        torch_would_run: bool,
+        r: &mut ScanReport,
+    ) -> (Option<Value>, usize, StorageTable) {
+        let mut storages = StorageTable::default();
+        let opts = self.vm_options(pids, data_only);
+        let (outcome, mut report) = Vm::new(name, data, &mut self.heap, &mut storages, opts).run();
+        report.name = name.to_owned();
+        let value = outcome.result.ok();
+        r.pickles.push(PickleScan { report, start, torch_would_run });
+        (value, outcome.end, storages)
+    }
+
+    /// A stream of pickles: the legacy torch format, or plain pickle(s).
+    fn stream(&mut self, bytes: &[u8], name: &str, r: &mut ScanReport) {
+        let mut pos = 0usize;
+        let mut index = 0usize;
+        let mut legacy_ok = true;
+        let mut declared = StorageTable::default();
+        let mut keys: Vec<String> = Vec::new();
+        let mut little = true;
+        let labels = ["magic number", "protocol", "sys_info", "object", "storage keys"];
+        while pos < bytes.len() {
+            if index == 5 && legacy_ok {
+                // The legacy raw storage section follows the key list.
+                match raw_section(bytes, pos, &keys, &declared, little) {
+                    Ok(end) => {
+                        pos = end;
+                        if pos == bytes.len() {
+                            break;
+                        }
+                        r.finding(Severity::Suspicious, "trailing-data", format!("{} bytes after the legacy storage section (offset {pos})", bytes.len() - pos));
+                    }
+                    Err(e) => r.finding(Severity::Suspicious, "legacy", format!("storage section: {e}")),
+                }
+            }
+            let label = if index < 5 && legacy_ok {
+                format!("{name} pickle {} ({}) at offset {pos}", index + 1, labels[index])
+            } else {
+                format!("{name} pickle {} at offset {pos}", index + 1)
+            };
+            let pids = if index == 3 { PidSchema::Legacy } else { PidSchema::None };
+            let runs = index == 0 || (legacy_ok && index < 5);
+            let data_only = index != 3 && legacy_ok && index < 5 && index > 0;
+            let (value, end, storages) = self.pickle(&label, &bytes[pos..], pos as u64, pids, data_only, runs, r);
+            let failed = r.pickles.last().is_some_and(|p| p.report.error.is_some());
+            if index > 0 && !(legacy_ok && index < 5) {
+                r.finding(
+                    Severity::Suspicious,
+                    "trailing-pickle",
+                    format!("pickle at offset {pos} after the {}", if index == 1 && !legacy_ok { "first pickle" } else { "expected pickles" }),
+                );
+            }
+            // Follow the legacy layout while it holds.
+            if legacy_ok {
+                legacy_ok = match (index, &value) {
+                    (0, Some(Value::BigInt(b))) => **b == LEGACY_MAGIC,
+                    (1, Some(Value::Int(LEGACY_PROTOCOL))) => true,
+                    (2, Some(v)) => {
+                        little = sys_info_little(&self.heap, v).unwrap_or(true);
+                        true
+                    }
+                    (3, Some(v)) => {
+                        declared = storages;
+                        self.tensor_rows(v, r);
+                        true
+                    }
+                    (4, Some(v)) => match self.heap.object(v) {
+                        Some(Object::List(items)) => {
+                            keys = items.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect();
+                            true
+                        }
+                        _ => false,
+                    },
+                    _ => false,
+                };
+                if index == 0 {
+                    r.container = if legacy_ok { "torch legacy stream".into() } else { "pickle".into() };
+                }
+            }
+            index += 1;
+            if failed {
+                let at = pos + end;
+                r.fail(format!("malformed pickle at offset {at}; bytes after it were not scanned"));
+                return;
+            }
+            pos += end;
+        }
+        if legacy_ok && index < 5 {
+            r.finding(Severity::Suspicious, "legacy", format!("the legacy stream ends after {index} of its 5 pickles"));
+        }
+    }
+
+    fn tensor_rows(&mut self, root: &Value, r: &mut ScanReport) {
+        let limits = &self.options.limits;
+        let options = extract::ExtractOptions { flatten: true, include_optimizer: true, ..Default::default() };
+        if let Ok(ex) = extract::extract(&self.heap, root, &options, limits) {
+            for (name, id) in ex.tensors.iter().take(100_000) {
+                if let Object::Tensor(t) = self.heap.get(*id)
+                    && let Object::Storage(st) = self.heap.get(t.storage)
+                {
+                    r.tensors.push(TensorRow {
+                        name: name.clone(),
+                        dtype: t.dtype.name,
+                        shape: t.size.clone(),
+                        stride: t.stride.clone(),
+                        storage: st.key.to_string(),
+                        offset: t.offset,
+                    });
+                }
+            }
+        }
+    }
+
+    fn zip(&mut self, bytes: &[u8], r: &mut ScanReport, zip_first: bool) {
+        r.container = "zip".into();
+        let archive = match zip::read(bytes, &self.options.limits) {
+            Ok(a) => a,
+            Err(e) => {
+                r.fail(format!("zip: {e}"));
+                return;
+            }
+        };
+        if !zip_first {
+            r.container = "zip (not at offset 0)".into();
+        }
+        for p in &archive.problems {
+            r.finding(Severity::Dangerous, "zip", p.clone());
+        }
+        let names: Vec<&str> = archive.entries.iter().map(|e| e.name.as_str()).collect();
+        let prefix = names.first().and_then(|n| n.split_once('/')).map(|(p, _)| p.to_owned()).unwrap_or_default();
+        let foreign = container::foreign_archive_kind(&names);
+        let is_torch = foreign.is_none() && names.iter().any(|n| *n == format!("{prefix}/data.pkl"));
+        let is_npz = !names.is_empty() && names.iter().all(|n| n.ends_with(".npy"));
+        r.container = match (foreign, is_torch, is_npz) {
+            (Some(kind), _, _) => {
+                r.finding(Severity::Dangerous, "code", format!("{kind}; code files: {}", code_files(&names)));
+                "torch archive that runs code".into()
+            }
+            (None, true, _) => "torch zip".into(),
+            (None, false, true) => "npz".into(),
+            _ => "zip".into(),
+        };
+        if is_torch {
+            let outside: Vec<&&str> = names.iter().filter(|n| !n.starts_with(&format!("{prefix}/"))).collect();
+            if !outside.is_empty() {
+                r.finding(
+                    Severity::Dangerous,
+                    "zip",
+                    format!("{} entries outside the folder `{prefix}/` torch reads, e.g. `{}`", outside.len(), outside[0]),
+                );
+            }
+        }
+        // The data.pkl torch resolves: the last entry of that name.
+        let torch_pkl = archive.entries.iter().rposition(|e| e.name == format!("{prefix}/data.pkl"));
+        let mut storage_records: Vec<String> = Vec::new();
+        let mut order: Vec<usize> = (0..archive.entries.len()).collect();
+        if let Some(i) = torch_pkl {
+            order.retain(|&j| j != i);
+            order.insert(0, i);
+        }
+        let mut budget = self.options.limits.max_inflate;
+        for i in order {
+            let e = &archive.entries[i];
+            if storage_records.contains(&e.name) {
+                continue;
+            }
+            let data = match archive.data(bytes, e, &mut budget) {
+                Ok(d) => d,
+                Err(msg) => {
+                    r.finding(Severity::Dangerous, "zip", msg);
+                    if e.method == 0 {
+                        std::borrow::Cow::Borrowed(&bytes[e.data_offset as usize..(e.data_offset + e.compressed_size) as usize])
+                    } else {
+                        continue;
+                    }
+                }
+            };
+            if e.name.ends_with(".npy") {
+                self.npy(&data, &e.name, r);
+                continue;
+            }
+            let looks_like_pickle = data.first() == Some(&0x80) || e.name.ends_with(".pkl") || e.name.ends_with(".pickle");
+            if !looks_like_pickle && !parses_as_pickle(&data, &self.options.limits) {
+                continue;
+            }
+            let is_torch_pkl = Some(i) == torch_pkl;
+            let pids = if is_torch_pkl || e.name.ends_with(".pkl") { PidSchema::Zip } else { PidSchema::None };
+            let (value, end, storages) = self.pickle(&e.name, &data, 0, pids, false, is_torch_pkl || foreign.is_some(), r);
+            if end < data.len() && r.pickles.last().is_some_and(|p| p.report.error.is_none()) {
+                r.finding(Severity::Suspicious, "trailing-data", format!("{} bytes after STOP in `{}`", data.len() - end, e.name));
+                let rest = &data[end..];
+                let mut tr = ScanReport::new(&e.name);
+                self.stream(rest, &format!("{} (after STOP)", e.name), &mut tr);
+                r.pickles.extend(tr.pickles);
+            }
+            if is_torch_pkl {
+                for key in &storages.order {
+                    storage_records.push(format!("{prefix}/data/{key}"));
+                    let decl = &storages.by_key[key];
+                    match archive.get(&format!("{prefix}/data/{key}")) {
+                        None => r.finding(Severity::Suspicious, "storage", format!("storage `{key}` has no record")),
+                        Some(rec) if Some(rec.size) != decl.byte_len() => r.finding(
+                            Severity::Dangerous,
+                            "storage",
+                            format!("record `{}` holds {} bytes but the pickle declares {:?}", rec.name, rec.size, decl.byte_len()),
+                        ),
+                        Some(_) => {}
+                    }
+                }
+                if let Some(v) = value {
+                    self.tensor_rows(&v, r);
+                }
+            }
+        }
+    }
+
+    fn tar(&mut self, bytes: &[u8], r: &mut ScanReport) {
+        r.container = "legacy tar (torch < 0.1.10)".into();
+        r.finding(Severity::Suspicious, "tar", "legacy tar checkpoint: torch extracts its members to a temporary directory by name");
+        let mut at = 0usize;
+        while at + 512 <= bytes.len() {
+            let h = &bytes[at..at + 512];
+            if h.iter().all(|&b| b == 0) {
+                break;
+            }
+            let name_end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
+            let prefix_end = h[345..500].iter().position(|&b| b == 0).unwrap_or(155);
+            let mut name = String::from_utf8_lossy(&h[..name_end]).into_owned();
+            if &h[257..262] == b"ustar" && prefix_end > 0 {
+                name = format!("{}/{name}", String::from_utf8_lossy(&h[345..345 + prefix_end]));
+            }
+            let size_text = String::from_utf8_lossy(&h[124..136]);
+            let Ok(size) = u64::from_str_radix(size_text.trim_matches(|c: char| c == '\0' || c == ' '), 8) else {
+                r.fail(format!("tar: bad size field for `{name}` at offset {at}"));
+                return;
+            };
+            let kind = h[156];
+            let data_start = at + 512;
+            let Some(data_end) = (data_start as u64).checked_add(size).filter(|&e| e <= bytes.len() as u64) else {
+                r.fail(format!("tar: member `{name}` runs past the end of the file"));
+                return;
+            };
+            let data = &bytes[data_start..data_end as usize];
+            if kind == b'1' || kind == b'2' {
+                r.finding(Severity::Dangerous, "tar", format!("member `{name}` is a link (torch would extract it)"));
+            }
+            if name.starts_with('/') || name.split('/').any(|c| c == "..") {
+                r.finding(Severity::Dangerous, "tar", format!("member `{name}` escapes the extraction directory"));
+            }
+            if matches!(kind, b'0' | 0) && !data.is_empty() {
+                let base = name.rsplit('/').next().unwrap_or(&name).to_owned();
+                match base.as_str() {
+                    "storages" | "tensors" => self.tar_records(data, &name, base == "storages", r),
+                    _ => {
+                        let mut tr = ScanReport::new(&name);
+                        self.stream(data, &format!("tar member `{name}`"), &mut tr);
+                        for p in &mut tr.pickles {
+                            p.torch_would_run = true;
+                        }
+                        r.pickles.extend(tr.pickles);
+                        r.findings.extend(tr.findings.into_iter().filter(|f| f.kind != "legacy"));
+                        if let Some(e) = tr.error {
+                            r.fail(e);
+                        }
+                    }
+                }
+            }
+            at = data_start + (size as usize).div_ceil(512) * 512;
+        }
+    }
+
+    /// The tar `storages` / `tensors` members: a count pickle, then per
+    /// record a pickle followed by raw bytes.
+    fn tar_records(&mut self, data: &[u8], name: &str, storages: bool, r: &mut ScanReport) {
+        let (count, end, _) = self.pickle(&format!("tar member `{name}` count"), data, 0, PidSchema::None, true, true, r);
+        let Some(count) = count.and_then(|c| c.as_int()).filter(|&c| c >= 0) else {
+            r.fail(format!("tar member `{name}`: no record count; rest not scanned"));
+            return;
+        };
+        let mut pos = end;
+        for i in 0..count {
+            let label = format!("tar member `{name}` record {i}");
+            let (record, end, _) = self.pickle(&label, &data[pos..], pos as u64, PidSchema::None, false, true, r);
+            pos += end;
+            let skip = if storages {
+                // (key, location, storage_type) then int64 numel and the data.
+                let elsize = record
+                    .as_ref()
+                    .and_then(|v| self.heap.tuple(v))
+                    .and_then(|t| t.get(2))
+                    .and_then(|s| self.heap.global(s))
+                    .and_then(|g| match g.known {
+                        Some(crate::names::Known::Storage(st)) => Some(st.element_size()),
+                        _ => None,
+                    });
+                let numel = data.get(pos..pos + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                match (elsize, numel) {
+                    (Some(es), Some(n)) => n.checked_mul(es).and_then(|b| b.checked_add(8)),
+                    _ => None,
+                }
+            } else {
+                // int32 ndim, 4 pad bytes, ndim sizes, ndim strides, offset.
+                data.get(pos..pos + 4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).filter(|&n| (0..=64).contains(&n)).map(|n| 8 + 16 * n as u64 + 8)
+            };
+            match skip.filter(|&s| pos as u64 + s <= data.len() as u64) {
+                Some(s) => pos += s as usize,
+                None => {
+                    r.fail(format!("tar member `{name}`: cannot follow record {i}; rest not scanned"));
+                    return;
+                }
+            }
+        }
+        if storages && pos < data.len() {
+            self.pickle(&format!("tar member `{name}` views"), &data[pos..], pos as u64, PidSchema::None, false, true, r);
+        }
+    }
+
+    fn npy(&mut self, bytes: &[u8], name: &str, r: &mut ScanReport) {
+        let Some((header, data_start)) = npy_header(bytes) else {
+            r.fail(format!("{name}: malformed .npy header"));
+            return;
+        };
+        if header.contains("'|O'") || header.contains("\"|O\"") {
+            r.finding(Severity::Suspicious, "npy", format!("{name}: object-dtype array; its payload is a pickle"));
+            let mut tr = ScanReport::new(name);
+            self.stream(&bytes[data_start..], &format!("{name} payload"), &mut tr);
+            for p in &mut tr.pickles {
+                p.torch_would_run = true;
+            }
+            r.pickles.extend(tr.pickles);
+            if let Some(e) = tr.error {
+                r.fail(e);
+            }
+        }
+    }
+}
+
+/// The `.npy` header text and where the data start.
+fn npy_header(bytes: &[u8]) -> Option<(String, usize)> {
+    let major = *bytes.get(6)?;
+    let (len, start): (usize, usize) = match major {
+        1 => (u16::from_le_bytes(bytes.get(8..10)?.try_into().ok()?) as usize, 10),
+        2 | 3 => (u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize, 12),
+        _ => return None,
+    };
+    let text = bytes.get(start..start.checked_add(len)?)?;
+    Some((String::from_utf8_lossy(text).into_owned(), start + len))
+}
+
+fn code_files(names: &[&str]) -> String {
+    let code: Vec<&&str> = names.iter().filter(|n| n.contains("/code/") || n.starts_with("code/") || n.ends_with(".py")).collect();
+    if code.is_empty() {
+        return "none listed".into();
+    }
+    let shown: Vec<&str> = code.iter().take(10).map(|s| **s).collect();
+    format!("{}{}", shown.join(", "), if code.len() > 10 { ", …" } else { "" })
+}
+
+/// Whether bytes decode as a complete pickle (used to find pickles by content).
+fn parses_as_pickle(data: &[u8], limits: &Limits) -> bool {
+    if data.is_empty() || data.len() > 1 << 20 {
+        return false;
+    }
+    let mut heap = Heap::default();
+    let mut storages = StorageTable::default();
+    let opts = VmOptions { mode: Mode::Scan, pids: PidSchema::None, data_only: false, allow_opaque: &[], limits, no_trailing: false };
+    let (outcome, report) = Vm::new("probe", data, &mut heap, &mut storages, opts).run();
+    outcome.result.is_ok() && (!report.imports.is_empty() || outcome.end == data.len())
+}
+
+fn sys_info_little(heap: &Heap, v: &Value) -> Option<bool> {
+    let Some(Object::Dict(d)) = heap.object(v) else { return None };
+    d.entries.iter().find(|(k, _)| k.as_str() == Some("little_endian")).and_then(|(_, v)| match v {
+        Value::Bool(b) => Some(*b),
+        _ => None,
+    })
+}
+
+/// Follows the legacy raw storage section; returns where it ends.
+fn raw_section(bytes: &[u8], mut pos: usize, keys: &[String], declared: &StorageTable, little: bool) -> Result<usize, String> {
+    for key in keys {
+        let decl = declared.by_key.get(key.as_str()).ok_or_else(|| format!("key `{key}` was not declared"))?;
+        let h: [u8; 8] = bytes.get(pos..pos + 8).ok_or("truncated")?.try_into().expect("8 bytes");
+        let numel = if little { u64::from_le_bytes(h) } else { u64::from_be_bytes(h) };
+        if numel != decl.numel {
+            return Err(format!("storage `{key}` holds {numel} elements but {} were declared", decl.numel));
+        }
+        let len = decl.byte_len().ok_or("size overflows")?;
+        pos = (pos as u64 + 8).checked_add(len).filter(|&e| e <= bytes.len() as u64).ok_or("runs past the end")? as usize;
+    }
+    Ok(pos)
+}
