@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import torch
 
 import safetensors.torch as ref_pt
@@ -39,7 +40,8 @@ from python_bench import evict, model_like, small_tensors, touch_all  # noqa: E4
 
 def raw_pread(path: str, threads: int, block: int = 8 << 20) -> None:
     size = os.path.getsize(path)
-    buf = bytearray(size)
+    # Like a loader's fresh allocation: not zero-filled up front (bytearray would be).
+    buf = np.empty(size, dtype=np.uint8)
     view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
     next_offset = [0]
