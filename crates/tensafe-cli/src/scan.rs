@@ -98,8 +98,14 @@ fn print_report(r: &ScanReport, verbose: bool) {
             println!("  [{:?}] {} offset {}: {} {}{raw} ({})", i.severity, rep.name, i.offset, i.opcode, i.global, i.status);
         }
         for c in rep.calls.iter().filter(|c| show(c.severity)) {
-            let reach = if c.reachable { "reachable" } else { "unreachable from the result" };
-            println!("  [{:?}] {} offset {}: {} {} {} [{reach}]", c.severity, rep.name, c.offset, c.opcode, c.callee, c.args);
+            // Reachability matters for calls that would run code; modelled
+            // calls are consumed by the rebuild that follows them.
+            let reach = match (c.severity, c.reachable) {
+                (Severity::Safe, _) => "",
+                (_, true) => " [result reachable from the unpickled object]",
+                (_, false) => " [result discarded or only in the memo: it would run all the same]",
+            };
+            println!("  [{:?}] {} offset {}: {} {} {}{reach}", c.severity, rep.name, c.offset, c.opcode, c.callee, c.args);
         }
         for a in rep.anomalies.iter().filter(|a| show(a.severity)) {
             println!("  [{:?}] {} offset {}: {}: {}", a.severity, rep.name, a.offset, a.kind, a.detail);

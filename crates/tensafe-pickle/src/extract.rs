@@ -86,7 +86,8 @@ pub fn extract(heap: &Heap, root: &Value, options: &ExtractOptions, limits: &Lim
         _ => None,
     };
     let all_tensors = top_dict.is_some_and(|d| d.entries.iter().all(|(_, v)| is_tensor(heap, v)));
-    let selected: Option<(String, Value)> = if all_tensors {
+    let whole_module = matches!(heap.object(root), Some(Object::Opaque(o)) if module_state(heap, o).is_some());
+    let selected: Option<(String, Value)> = if all_tensors || whole_module {
         Some((String::new(), root.clone()))
     } else if let Some(key) = &options.key {
         let mut v = root.clone();

@@ -432,8 +432,18 @@ impl Heap {
                 let _ = write!(out, "{f:?}");
             }
             Value::Str(s) => {
-                let shown: String = s.chars().take(limit).collect();
-                let _ = write!(out, "{shown:?}");
+                // Python's repr: single quotes, escapes for quotes, backslashes
+                // and unprintable characters.
+                out.push('\'');
+                for c in s.chars().take(limit) {
+                    match c {
+                        '\'' => out.push_str("\\'"),
+                        '\\' => out.push_str("\\\\"),
+                        c if c.is_control() => out.extend(c.escape_default()),
+                        c => out.push(c),
+                    }
+                }
+                out.push('\'');
             }
             Value::Bytes(b) => {
                 out.push_str("b\"");
