@@ -241,6 +241,37 @@ impl File {
         }
     }
 
+    /// Copies `len(dst)` bytes of the data section starting at `offset` into
+    /// `dst` (a writable contiguous buffer), without the GIL: positional reads
+    /// for pread files, a copy out of memory otherwise.
+    fn read_data_into(&self, py: Python<'_>, offset: usize, dst: &Bound<'_, PyAny>) -> PyResult<()> {
+        let buffer = PyUntypedBuffer::get(dst)?;
+        if buffer.readonly() || !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err("read_data_into needs a writable contiguous buffer"));
+        }
+        let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        let end = offset.checked_add(len).filter(|end| *end <= self.header().data_len());
+        if end.is_none() {
+            return Err(PyValueError::new_err(format!(
+                "range {offset}+{len} is outside the {}-byte data section",
+                self.header().data_len()
+            )));
+        }
+        py.detach(|| {
+            // SAFETY: the buffer export is held for the duration of the call.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            match (self.source.data(), &self.source) {
+                (Some(data), _) => {
+                    dst.copy_from_slice(&data[offset..offset + len]);
+                    Ok(())
+                }
+                (None, Source::Pread(p)) => p.read_data_at(offset as u64, dst),
+                (None, _) => unreachable!("only pread has no data in memory"),
+            }
+        })
+        .map_err(|e| error("", &e))
+    }
+
     /// Reads the whole data section into `dst` (a writable contiguous buffer of
     /// `data_len` bytes) with the parallel I/O engine, without the GIL.
     /// `progress(done, total)` is called as bytes arrive; `drop_cache` evicts

@@ -125,7 +125,12 @@ def _wrap(framework: str, device: Union[str, int], array: Any) -> Any:
     raise SafetensorError(f"framework {framework} is invalid")
 
 
-def _read_all(file: File, framework: str, device: Union[str, int], threads: Optional[int], progress: Any, drop_cache: bool) -> Any:
+def _is_cuda(device: Union[str, int]) -> bool:
+    """Whether torch would put tensors for `device` on a CUDA GPU (ints are CUDA indices)."""
+    return isinstance(device, int) or str(device).startswith("cuda")
+
+
+def _read_all(file: File, framework: str, threads: Optional[int], progress: Any, drop_cache: bool) -> Any:
     """Reads a pread file's whole data section into one fresh allocation with
     the parallel I/O engine; returns it as a uint8 torch tensor or numpy array."""
     import numpy as np
@@ -133,8 +138,7 @@ def _read_all(file: File, framework: str, device: Union[str, int], threads: Opti
     if framework == "pt":
         import torch
 
-        pin = device != "cpu" and torch.cuda.is_available()
-        base = torch.empty(file.data_len, dtype=torch.uint8, pin_memory=pin)
+        base = torch.empty(file.data_len, dtype=torch.uint8)
         target = base.numpy()
     else:
         base = target = np.empty(file.data_len, dtype=np.uint8)
@@ -211,14 +215,20 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
 
 
 def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads: Optional[int], progress: Any, drop_cache: bool) -> Dict[str, Any]:
-    if file.backend == "pread":
-        base = _read_all(file, framework, device, threads, progress, drop_cache)
+    if framework == "pt" and _is_cuda(device):
+        # Straight to the device through pinned staging buffers; the tensors
+        # are views of one device allocation.
+        from ._pipeline import load_data_section
+
+        base = load_data_section(file, device, threads=threads, progress=progress)
+    elif file.backend == "pread":
+        base = _read_all(file, framework, threads, progress, drop_cache)
     else:
         data = file.data_buffer()
         base = _torch_bytes(data) if framework == "pt" else _numpy_bytes(data)
-    if framework == "pt" and device != "cpu":
-        # One host-to-device copy; the tensors are views of it on the device.
-        base = base.to(device, non_blocking=base.is_pinned())
+    if framework == "pt" and base.device.type == "cpu" and device != "cpu":
+        # Other accelerators: one host-to-device copy, tensors are views of it.
+        base = base.to(device)
     cut = _torch_from_bytes if framework == "pt" else _numpy_from_bytes
     typed_views = _TypedViews(base, framework == "pt")
     out: Dict[str, Any] = {}

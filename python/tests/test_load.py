@@ -135,3 +135,22 @@ def test_bulk_loads_leave_the_garbage_collector_as_they_found_it(tmp_path):
         assert not gc.isenabled(), "a caller's disabled collector stays disabled"
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+@pytest.mark.parametrize("chunk,ring", [(4096, 1), (65536, 3), (1 << 20, 4)])
+def test_staging_pipeline_is_exact_and_bounded(every_dtype_file, backend, chunk, ring):
+    """The accelerator pipeline's scheduling, run with a CPU target."""
+    from tensafe._pipeline import StagingStats, load_data_section
+    from tensafe._tensafe_rust import File
+
+    file = File(str(every_dtype_file), backend)
+    stats = StagingStats()
+    seen = []
+    data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, progress=lambda d, t: seen.append(d), stats=stats)
+    raw = every_dtype_file.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert bytes(data.numpy()) == raw[8 + header_len :]
+    assert stats.pinned_bytes <= ring * chunk
+    assert stats.chunks == -(-file.data_len // chunk)
+    assert seen == sorted(seen) and seen[-1] == file.data_len
