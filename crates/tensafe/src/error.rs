@@ -86,6 +86,10 @@ pub enum Error {
     #[error("invalid option: {reason}")]
     InvalidOption { reason: String },
 
+    /// A sharded checkpoint whose index and shards disagree.
+    #[error("invalid checkpoint: {reason}")]
+    InvalidCheckpoint { reason: String },
+
     /// An operating-system error, with what tensafe was doing.
     #[error("I/O error: {source} ({context})")]
     Io { context: String, source: std::io::Error },

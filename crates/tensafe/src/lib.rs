@@ -28,6 +28,7 @@ mod error;
 mod fs;
 mod header;
 mod reader;
+mod shards;
 mod slice;
 mod writer;
 
@@ -37,6 +38,7 @@ pub use error::{Diagnosis, Error, Result};
 pub use fs::FilesystemKind;
 pub use header::{Header, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 pub use reader::{MmapFile, PreadFile, SafeTensors, TensorView};
+pub use shards::{parse_size, reshard, save_sharded, LazyTensor, ShardIndex, ShardedCheckpoint, INDEX_FILE, SINGLE_FILE};
 pub use slice::{ByteRanges, SliceIndex, SlicePlan};
 pub use writer::{
     prepare, serialize, serialize_to_file, serialize_to_file_with, Metadata, Prepared, RawTensor, View, WriteOptions,

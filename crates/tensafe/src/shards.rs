@@ -1,0 +1,459 @@
+//! Sharded checkpoints: several safetensors files plus an index, in the
+//! transformers convention.
+//!
+//! ```text
+//! model-00001-of-00003.safetensors
+//! model-00002-of-00003.safetensors
+//! model-00003-of-00003.safetensors
+//! model.safetensors.index.json   {"metadata": {"total_size": N}, "weight_map": {tensor: file}}
+//! ```
+//!
+//! [`ShardedCheckpoint`] opens a directory, an index file or a single file as
+//! one checkpoint and checks that the pieces agree (every shard present, every
+//! tensor exactly where the index says, sizes consistent). [`save_sharded`]
+//! splits tensors into shards no larger than a limit and writes the index.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::atomic::write_atomically;
+use crate::error::{Error, Result};
+use crate::header::TensorInfo;
+use crate::reader::PreadFile;
+use crate::writer::{serialize_to_file, Metadata, View};
+use crate::Dtype;
+
+/// The usual name of the index file.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The usual name of an unsharded checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// The parsed index file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardIndex {
+    /// The index's `metadata` object (`total_size` and anything else kept as is).
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Tensor name → shard file name (relative to the index's directory).
+    pub weight_map: BTreeMap<String, String>,
+}
+
+impl ShardIndex {
+    /// Parses index JSON.
+    pub fn parse(text: &str) -> Result<ShardIndex> {
+        let invalid = |reason: String| Error::InvalidCheckpoint { reason };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| invalid(format!("the index is not valid JSON: {e}")))?;
+        let object = value.as_object().ok_or_else(|| invalid("the index is not a JSON object".into()))?;
+        let weight_map = object
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| invalid("the index has no `weight_map` object".into()))?
+            .iter()
+            .map(|(name, file)| match file.as_str() {
+                Some(file) if is_plain_file_name(file) => Ok((name.clone(), file.to_owned())),
+                Some(file) => Err(invalid(format!("tensor `{name}` points outside the checkpoint directory: {file:?}"))),
+                None => Err(invalid(format!("the weight_map entry of `{name}` is not a file name"))),
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let metadata = match object.get("metadata") {
+            None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+            Some(serde_json::Value::Object(m)) => m.clone(),
+            Some(_) => return Err(invalid("the index's `metadata` is not an object".into())),
+        };
+        Ok(ShardIndex { metadata, weight_map })
+    }
+
+    /// `metadata.total_size`, when present.
+    pub fn total_size(&self) -> Option<u64> {
+        self.metadata.get("total_size").and_then(|v| v.as_u64())
+    }
+
+    /// The index as transformers writes it: sorted keys, two-space indent, final newline.
+    pub fn to_json(&self) -> String {
+        let value = serde_json::json!({ "metadata": self.metadata, "weight_map": self.weight_map });
+        // serde_json's `preserve_order` keeps insertion order; sort explicitly.
+        let mut text = serde_json::to_string_pretty(&sort_keys(value)).expect("JSON values serialize");
+        text.push('\n');
+        text
+    }
+}
+
+fn sort_keys(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let sorted: BTreeMap<String, serde_json::Value> = map.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            serde_json::Value::Object(sorted.into_iter().collect())
+        }
+        other => other,
+    }
+}
+
+/// Shard file names must stay inside the checkpoint directory.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && !name.contains('\\') && name != "." && name != ".."
+}
+
+/// One or several safetensors files opened as a single checkpoint.
+#[derive(Debug)]
+pub struct ShardedCheckpoint {
+    index: Option<ShardIndex>,
+    shards: Vec<PreadFile>,
+    /// Tensor name → shard position.
+    location: HashMap<String, usize>,
+}
+
+impl ShardedCheckpoint {
+    /// Opens a directory (its index, or its single `model.safetensors`), an
+    /// index file, or one safetensors file. Reads headers only.
+    pub fn open(path: impl AsRef<Path>) -> Result<ShardedCheckpoint> {
+        let path = path.as_ref();
+        let index_path = if path.is_dir() {
+            let index = path.join(INDEX_FILE);
+            if index.is_file() {
+                Some(index)
+            } else if path.join(SINGLE_FILE).is_file() {
+                return ShardedCheckpoint::single(&path.join(SINGLE_FILE));
+            } else {
+                return Err(Error::InvalidCheckpoint {
+                    reason: format!("{} has neither {INDEX_FILE} nor {SINGLE_FILE}", path.display()),
+                });
+            }
+        } else if path.to_string_lossy().ends_with(".json") {
+            Some(path.to_path_buf())
+        } else {
+            None
+        };
+        match index_path {
+            Some(index_path) => ShardedCheckpoint::from_index(&index_path),
+            None => ShardedCheckpoint::single(path),
+        }
+    }
+
+    fn single(path: &Path) -> Result<ShardedCheckpoint> {
+        let file = PreadFile::open(path)?;
+        let location = file.header().iter().map(|(name, _)| (name.to_owned(), 0)).collect();
+        Ok(ShardedCheckpoint { index: None, shards: vec![file], location })
+    }
+
+    fn from_index(index_path: &Path) -> Result<ShardedCheckpoint> {
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io("reading the index", e).in_file(index_path))?;
+        let index = ShardIndex::parse(&text).map_err(|e| e.in_file(index_path))?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        // Shards in name order (00001, 00002, …): also the order of their tensors.
+        let files: Vec<&String> = {
+            let mut files: Vec<&String> = index.weight_map.values().collect();
+            files.sort();
+            files.dedup();
+            files
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        for file in &files {
+            let shard_path = dir.join(file);
+            if !shard_path.is_file() {
+                return Err(Error::InvalidCheckpoint { reason: format!("missing shard {file} (listed in the index)") }
+                    .in_file(index_path));
+            }
+            shards.push(PreadFile::open(&shard_path)?);
+        }
+        let position: HashMap<&str, usize> = files.iter().enumerate().map(|(i, f)| (f.as_str(), i)).collect();
+        let mut location = HashMap::with_capacity(index.weight_map.len());
+        for (i, shard) in shards.iter().enumerate() {
+            for (name, _) in shard.header().iter() {
+                match index.weight_map.get(name) {
+                    None => {
+                        return Err(Error::InvalidCheckpoint {
+                            reason: format!("tensor `{name}` is in shard {} but not in the index", files[i]),
+                        }
+                        .in_file(index_path));
+                    }
+                    Some(listed) if position[listed.as_str()] != i => {
+                        return Err(Error::InvalidCheckpoint {
+                            reason: format!("tensor `{name}` is in shard {} but the index lists it in {listed}", files[i]),
+                        }
+                        .in_file(index_path));
+                    }
+                    Some(_) => {
+                        location.insert(name.to_owned(), i);
+                    }
+                }
+            }
+        }
+        if let Some((name, file)) = index.weight_map.iter().find(|(name, _)| !location.contains_key(*name)) {
+            return Err(Error::InvalidCheckpoint { reason: format!("tensor `{name}` is listed in {file} but that shard does not contain it") }
+                .in_file(index_path));
+        }
+        let checkpoint = ShardedCheckpoint { index: Some(index), shards, location };
+        if let Some(declared) = checkpoint.index.as_ref().and_then(ShardIndex::total_size) {
+            let actual = checkpoint.total_size();
+            if declared != actual {
+                return Err(Error::InvalidCheckpoint {
+                    reason: format!("the index declares total_size {declared} but the shards hold {actual} bytes of tensors"),
+                }
+                .in_file(index_path));
+            }
+        }
+        Ok(checkpoint)
+    }
+
+    /// The index, for sharded checkpoints.
+    pub fn index(&self) -> Option<&ShardIndex> {
+        self.index.as_ref()
+    }
+
+    /// The shard files, in order.
+    pub fn shards(&self) -> &[PreadFile] {
+        &self.shards
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.location.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.location.is_empty()
+    }
+
+    /// Bytes of tensor data over all shards (transformers' `total_size`).
+    pub fn total_size(&self) -> u64 {
+        self.shards.iter().map(|s| s.header().data_len() as u64).sum()
+    }
+
+    /// Tensor names, sorted.
+    pub fn names_sorted(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.location.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Every tensor in shard order then file order: (shard position, name, info).
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &str, &TensorInfo)> + '_ {
+        self.shards.iter().enumerate().flat_map(|(i, s)| s.header().iter().map(move |(name, info)| (i, name, info)))
+    }
+
+    /// The shard holding `name` and the tensor's description.
+    pub fn locate(&self, name: &str) -> Result<(usize, &TensorInfo)> {
+        let shard = *self.location.get(name).ok_or_else(|| Error::TensorNotFound { name: name.to_owned() })?;
+        Ok((shard, self.shards[shard].header().info(name)?))
+    }
+
+    /// Reads one tensor's bytes.
+    pub fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
+        let (shard, _) = self.locate(name)?;
+        self.shards[shard].read_tensor(name)
+    }
+}
+
+/// Parses a size like `5GB` (10⁹), `500MiB` (2²⁰), `1.5GB` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let factor: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KIB" => 1 << 10,
+        "MIB" => 1 << 20,
+        "GIB" => 1 << 30,
+        "TIB" => 1 << 40,
+        other => return Err(Error::InvalidOption { reason: format!("unknown size unit {other:?} in {text:?}") }),
+    };
+    let value: f64 = number.parse().map_err(|_| Error::InvalidOption { reason: format!("not a size: {text:?}") })?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(Error::InvalidOption { reason: format!("sizes must be positive: {text:?}") });
+    }
+    Ok((value * factor as f64) as u64)
+}
+
+/// Splits tensors, in the given order, into shards of at most `max_shard_bytes`
+/// of tensor data (a larger tensor gets a shard of its own), writes them as
+/// `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json` into
+/// `dir`, and returns the index. A single shard is written as
+/// `model.safetensors` with no index, as transformers does. Every file is
+/// written atomically; the index last.
+pub fn save_sharded<N, V, I>(tensors: I, dir: impl AsRef<Path>, max_shard_bytes: u64, metadata: Option<&Metadata>) -> Result<Option<ShardIndex>>
+where
+    N: AsRef<str>,
+    V: View,
+    I: IntoIterator<Item = (N, V)>,
+{
+    let dir = dir.as_ref();
+    let mut shards: Vec<Vec<(N, V)>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (name, view) in tensors {
+        let len = view.data_len() as u64;
+        if current > 0 && current + len > max_shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += len;
+        shards.last_mut().expect("one shard at least").push((name, view));
+    }
+    if shards.len() == 1 {
+        let only = shards.pop().expect("one shard");
+        serialize_to_file(only, metadata, dir.join(SINGLE_FILE))?;
+        return Ok(None);
+    }
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0u64;
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+        for (name, view) in &shard {
+            weight_map.insert(name.as_ref().to_owned(), file.clone());
+            total += view.data_len() as u64;
+        }
+        serialize_to_file(shard, metadata, dir.join(&file))?;
+    }
+    let mut index_metadata = serde_json::Map::new();
+    index_metadata.insert("total_size".into(), total.into());
+    let index = ShardIndex { metadata: index_metadata, weight_map };
+    let index_path = dir.join(INDEX_FILE);
+    let text = index.to_json();
+    write_atomically(&index_path, |out| out.write_all(text.as_bytes())).map_err(|e| e.in_file(&index_path))?;
+    Ok(Some(index))
+}
+
+/// A tensor of another checkpoint, read only when the writer asks for its
+/// bytes: resharding holds one tensor in memory at a time.
+pub struct LazyTensor<'a> {
+    file: &'a PreadFile,
+    name: &'a str,
+    info: &'a TensorInfo,
+    /// Where a failed read is kept: `View::data` cannot return an error, so the
+    /// writer sees a short buffer (and refuses it) and the caller reports this.
+    error: &'a Mutex<Option<Error>>,
+}
+
+impl<'a> LazyTensor<'a> {
+    /// The tensor `name` of `file`; a read failure is stored in `error`.
+    pub fn new(file: &'a PreadFile, name: &'a str, info: &'a TensorInfo, error: &'a Mutex<Option<Error>>) -> Self {
+        LazyTensor { file, name, info, error }
+    }
+}
+
+impl View for LazyTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.info.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.info.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self.file.read_tensor(self.name) {
+            Ok(bytes) => Cow::Owned(bytes),
+            Err(e) => {
+                self.error.lock().expect("error slot").get_or_insert(e);
+                Cow::Owned(Vec::new())
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.info.byte_len()
+    }
+}
+
+/// Rewrites a checkpoint (directory, index or file) into `out_dir` with a new
+/// shard size, keeping each shard's `__metadata__` of the first input shard.
+pub fn reshard(input: impl AsRef<Path>, out_dir: impl AsRef<Path>, max_shard_bytes: u64) -> Result<Option<ShardIndex>> {
+    let checkpoint = ShardedCheckpoint::open(input)?;
+    let metadata: Option<Metadata> = checkpoint.shards.first().and_then(|s| s.header().metadata()).map(|m| m.iter().cloned().collect());
+    let read_error = Mutex::new(None);
+    let tensors: Vec<(String, LazyTensor<'_>)> = checkpoint
+        .iter()
+        .map(|(shard, name, info)| (name.to_owned(), LazyTensor::new(&checkpoint.shards[shard], name, info, &read_error)))
+        .collect();
+    std::fs::create_dir_all(out_dir.as_ref()).map_err(|e| Error::io("creating the output directory", e).in_file(out_dir.as_ref()))?;
+    let saved = save_sharded(tensors, out_dir, max_shard_bytes, metadata.as_ref());
+    match read_error.into_inner().expect("error slot") {
+        Some(read_failure) => Err(read_failure),
+        None => saved,
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RawTensor;
+
+    fn tensors(data: &[Vec<u8>]) -> Vec<(String, RawTensor<'_>)> {
+        data.iter()
+            .enumerate()
+            .map(|(i, d)| (format!("layer.{i}"), RawTensor { dtype: Dtype::U8, shape: std::slice::from_ref(&SHAPES[i]), data: d }))
+            .collect()
+    }
+    const SHAPES: [usize; 5] = [100, 300, 50, 500, 10];
+
+    fn sample() -> Vec<Vec<u8>> {
+        SHAPES.iter().enumerate().map(|(i, &n)| vec![i as u8; n]).collect()
+    }
+
+    #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("500MiB").unwrap(), 500 << 20);
+        assert_eq!(parse_size("1.5KB").unwrap(), 1500);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("-1GB").is_err());
+    }
+
+    #[test]
+    fn save_open_and_reshard() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample();
+        let index = save_sharded(tensors(&data), dir.path(), 400, None).unwrap().unwrap();
+        // 100+300 | 50 | 500 (alone, over the limit) | 10
+        assert_eq!(index.weight_map["layer.0"], "model-00001-of-00004.safetensors");
+        assert_eq!(index.weight_map["layer.1"], "model-00001-of-00004.safetensors");
+        assert_eq!(index.weight_map["layer.3"], "model-00003-of-00004.safetensors");
+        assert_eq!(index.total_size(), Some(960));
+        let text = std::fs::read_to_string(dir.path().join(INDEX_FILE)).unwrap();
+        assert!(text.starts_with("{\n  \"metadata\": {\n    \"total_size\": 960\n  },\n  \"weight_map\": {"), "{text}");
+
+        for path in [dir.path().to_path_buf(), dir.path().join(INDEX_FILE)] {
+            let ckpt = ShardedCheckpoint::open(&path).unwrap();
+            assert_eq!(ckpt.len(), 5);
+            assert_eq!(ckpt.shards().len(), 4);
+            for (i, d) in data.iter().enumerate() {
+                assert_eq!(&ckpt.read_tensor(&format!("layer.{i}")).unwrap(), d);
+            }
+        }
+
+        let out = dir.path().join("one");
+        assert!(reshard(dir.path(), &out, 10_000).unwrap().is_none());
+        let single = ShardedCheckpoint::open(&out).unwrap();
+        assert_eq!(single.shards().len(), 1);
+        assert_eq!(single.read_tensor("layer.3").unwrap(), data[3]);
+    }
+
+    #[test]
+    fn inconsistencies_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample();
+        save_sharded(tensors(&data), dir.path(), 400, None).unwrap();
+        let index_path = dir.path().join(INDEX_FILE);
+        let original = std::fs::read_to_string(&index_path).unwrap();
+        let check = |text: String, expected: &str| {
+            std::fs::write(&index_path, text).unwrap();
+            let err = ShardedCheckpoint::open(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        };
+        check(original.replace("\"total_size\": 960", "\"total_size\": 961"), "declares total_size 961");
+        check(original.replace("\"layer.0\": \"model-00001-of-00004.safetensors\"", "\"layer.0\": \"model-00002-of-00004.safetensors\""), "index lists it in");
+        check(original.replace("\"layer.4\": \"model-00004-of-00004.safetensors\"", "\"layer.4\": \"model-00003-of-00004.safetensors\""), "that shard does not contain it");
+        check(original.replace("\n    \"layer.1\": \"model-00001-of-00004.safetensors\",", ""), "is in shard model-00001-of-00004.safetensors but not in the index");
+        check(original.replace("\"layer.0\": ", "\"ghost\": \"model-00001-of-00004.safetensors\",\n    \"layer.0\": "), "that shard does not contain it");
+        check(original.replace("model-00002-of-00004", "model-00002-of-00009"), "missing shard model-00002-of-00009");
+        check(original.replace("model-00002-of-00004.safetensors", "../evil.safetensors"), "outside the checkpoint directory");
+        std::fs::write(&index_path, original).unwrap();
+        std::fs::remove_file(dir.path().join("model-00002-of-00004.safetensors")).unwrap();
+        assert!(ShardedCheckpoint::open(dir.path()).unwrap_err().to_string().contains("missing shard model-00002-of-00004"));
+    }
+}
