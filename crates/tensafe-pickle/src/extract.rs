@@ -123,7 +123,8 @@ pub fn extract(heap: &Heap, root: &Value, options: &ExtractOptions, limits: &Lim
         }
         None if options.flatten => {
             w.out.root = String::new();
-            if let Some(d) = top_dict {
+            if let (Some(d), Value::Obj(id)) = (top_dict, root) {
+                w.visited.insert(*id, "<top level>".into());
                 for (k, v) in &d.entries {
                     let name = key_name(heap, k).map_err(Error::Structure)?;
                     if OPTIMIZER_KEYS.contains(&name.as_str()) {

@@ -396,9 +396,6 @@ impl<'o> Scanner<'o> {
         let mut budget = self.options.limits.max_inflate;
         for i in order {
             let e = &archive.entries[i];
-            if storage_records.contains(&e.name) {
-                continue;
-            }
             let data = match archive.data(bytes, e, &mut budget) {
                 Ok(d) => d,
                 Err(msg) => {
@@ -410,6 +407,10 @@ impl<'o> Scanner<'o> {
                     }
                 }
             };
+            if storage_records.contains(&e.name) {
+                // Declared raw storage: checked (size, CRC, inflation), not parsed.
+                continue;
+            }
             if e.name.ends_with(".npy") {
                 self.npy(&data, &e.name, r);
                 continue;

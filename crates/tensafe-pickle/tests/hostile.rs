@@ -1,0 +1,816 @@
+//! The hostile corpus: one test per class of PICKLE.md §17, built by
+//! assembling opcodes and zip records here. For each: conversion refuses
+//! (and writes nothing), the scanner flags it, and the canary payload —
+//! `posix.system("touch <marker>")`, which any real unpickler would run —
+//! leaves no marker behind.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tensafe_pickle::{scan_bytes, ConvertOptions, ExtractOptions, LoadOptions, ScanOptions, ScanReport, Severity, Verdict};
+
+struct Canary {
+    dir: tempfile::TempDir,
+}
+
+impl Canary {
+    fn new() -> Canary {
+        Canary { dir: tempfile::tempdir().unwrap() }
+    }
+    fn marker(&self) -> PathBuf {
+        self.dir.path().join("executed")
+    }
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out.safetensors")
+    }
+}
+
+impl Drop for Canary {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert!(!self.marker().exists(), "the payload ran");
+        }
+    }
+}
+
+/// Converts `bytes`; asserts it fails without writing, returns the message.
+fn refused_with(bytes: &[u8], options: &ConvertOptions) -> String {
+    let c = Canary::new();
+    let input = c.dir.path().join("input.bin");
+    std::fs::write(&input, bytes).unwrap();
+    let err = tensafe_pickle::convert_file(&input, &c.out(), options).expect_err("conversion must refuse");
+    assert!(!c.out().exists(), "nothing may be written on refusal");
+    err.to_string()
+}
+
+fn refused(bytes: &[u8]) -> String {
+    refused_with(bytes, &ConvertOptions::default())
+}
+
+fn scan(bytes: &[u8]) -> ScanReport {
+    let r = scan_bytes(bytes, "input", &ScanOptions::default());
+    serde_json::to_string(&r).expect("reports serialize");
+    r
+}
+
+fn dangerous(bytes: &[u8]) -> ScanReport {
+    let r = scan(bytes);
+    assert_eq!(r.verdict, Verdict::Dangerous, "{}", serde_json::to_string_pretty(&r).unwrap());
+    r
+}
+
+fn flagged(bytes: &[u8]) -> ScanReport {
+    let r = scan(bytes);
+    assert!(matches!(r.verdict, Verdict::Suspicious | Verdict::Dangerous), "{}", serde_json::to_string_pretty(&r).unwrap());
+    r
+}
+
+fn imports(r: &ScanReport) -> Vec<String> {
+    r.pickles.iter().flat_map(|p| p.report.imports.iter().map(|i| i.global.clone())).collect()
+}
+
+/// A state dict whose tensor sits next to `payload` (pushed, then popped or kept).
+fn with_payload(payload: impl FnOnce(Asm) -> Asm) -> Vec<u8> {
+    let pkl = payload(Asm::new().proto(2).global("collections", "OrderedDict").empty_tuple().reduce().mark().str("w"))
+        .tensor_v2("FloatStorage", "0", 12, 0, &[3, 4], &[4, 1])
+        .setitems()
+        .stop()
+        .finish();
+    torch_zip(&pkl, &[("0", &floats12())])
+}
+
+#[test]
+fn baseline_the_builders_make_a_convertible_checkpoint() {
+    let c = Canary::new();
+    let input = c.dir.path().join("ok.pt");
+    std::fs::write(&input, torch_zip(&state_dict_pickle(), &[("0", &floats12())])).unwrap();
+    let report = tensafe_pickle::convert_file(&input, &c.out(), &ConvertOptions::default()).unwrap();
+    assert_eq!(report.tensors.len(), 1);
+    let bytes = std::fs::read(c.out()).unwrap();
+    let st = tensafe::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("w").unwrap().data(), floats12());
+    assert_eq!(scan(&std::fs::read(&input).unwrap()).verdict, Verdict::Safe);
+}
+
+// 1. Imports of globals that are not allowlisted.
+#[test]
+fn class01_non_allowlisted_globals() {
+    let c = Canary::new();
+    for (module, name) in [
+        ("posix", "system"),
+        ("os", "system"),
+        ("nt", "system"),
+        ("subprocess", "Popen"),
+        ("builtins", "eval"),
+        ("builtins", "exec"),
+        ("builtins", "getattr"),
+        ("builtins", "__import__"),
+        ("importlib", "import_module"),
+        ("runpy", "_run_code"),
+        ("socket", "create_connection"),
+        ("webbrowser", "open"),
+        ("pdb", "run"),
+        ("torch", "load"),
+        ("shutil", "rmtree"),
+    ] {
+        let marker = c.marker();
+        let bytes = with_payload(|a| {
+            a.global(module, name).str(&format!("touch {}", marker.display())).tuple1().reduce().pop()
+        });
+        let msg = refused(&bytes);
+        assert!(msg.contains(&format!("`{module}.{name}` is not allowlisted")), "{msg}");
+        assert!(msg.contains("archive/data.pkl: offset 36 (GLOBAL)") && msg.ends_with("[while building ['w']]"), "{msg}");
+        let r = dangerous(&bytes);
+        assert!(imports(&r).contains(&format!("{module}.{name}")));
+        assert!(r.would_execute.iter().any(|w| w.contains(name)), "{:?}", r.would_execute);
+    }
+}
+
+// 2. One global, several spellings: Python 2 names, GLOBAL vs STACK_GLOBAL vs INST.
+#[test]
+fn class02_aliased_spellings() {
+    let c = Canary::new();
+    let py2 = Asm::new().proto(2).global("__builtin__", "eval").str("1").tuple1().reduce().stop().finish();
+    let msg = refused(&torch_zip(&py2, &[]));
+    assert!(msg.contains("builtins.eval"), "{msg}");
+    let r = dangerous(&torch_zip(&py2, &[]));
+    let import = &r.pickles[0].report.imports[0];
+    assert_eq!((import.global.as_str(), import.raw.as_deref()), ("builtins.eval", Some("__builtin__.eval")));
+    // Protocol 0 INST of the same function, and STACK_GLOBAL of posix.system.
+    let inst = Asm::new().mark().str("1").inst("__builtin__", "eval").stop().finish();
+    assert!(refused(&torch_zip(&inst, &[])).contains("builtins.eval"));
+    dangerous(&inst);
+    let stack = Asm::new().proto(4).short_str("posix").short_str("system").stack_global().str("x").tuple1().reduce().stop().finish();
+    assert!(refused(&torch_zip(&stack, &[])).contains("posix.system"));
+    let _ = c.marker();
+    dangerous(&stack);
+}
+
+// 3. STACK_GLOBAL operands that arrive through the memo.
+#[test]
+fn class03_indirect_stack_global_operands() {
+    let c = Canary::new();
+    let pkl = Asm::new()
+        .proto(4)
+        .short_str("po")
+        .memoize()
+        .pop()
+        .short_str("system")
+        .memoize()
+        .pop()
+        .short_str("posix")
+        .memoize()
+        .pop()
+        .binget(2)
+        .binget(1)
+        .stack_global()
+        .str(&format!("touch {}", c.marker().display()))
+        .tuple1()
+        .reduce()
+        .stop()
+        .finish();
+    assert!(refused(&torch_zip(&pkl, &[])).contains("posix.system"));
+    let r = dangerous(&pkl);
+    assert!(imports(&r).contains(&"posix.system".to_string()));
+    // Non-str operands are an anomaly, never a lexical guess.
+    let bad = Asm::new().proto(4).int(1).short_str("system").stack_global().stop().finish();
+    assert!(refused(&torch_zip(&bad, &[])).contains("must be str"));
+    dangerous(&bad);
+}
+
+// 4. Attribute paths in the name half.
+#[test]
+fn class04_dotted_names() {
+    let pkl = Asm::new()
+        .proto(4)
+        .short_str("torch")
+        .short_str("serialization.os.system")
+        .stack_global()
+        .str("id")
+        .tuple1()
+        .reduce()
+        .stop()
+        .finish();
+    let msg = refused(&torch_zip(&pkl, &[]));
+    assert!(msg.contains("torch.serialization.os.system"), "{msg}");
+    let r = dangerous(&pkl);
+    assert!(r.pickles[0].report.anomalies.iter().any(|a| a.kind == "attribute-walk"));
+    // An allowlisted module with an attribute walk off an allowlisted name.
+    let pkl = Asm::new().proto(2).global("torch._utils", "_rebuild_tensor_v2.__globals__").stop().finish();
+    assert!(refused(&torch_zip(&pkl, &[])).contains("not allowlisted"));
+}
+
+// 5. Other call and construct opcodes.
+#[test]
+fn class05_other_call_opcodes() {
+    let c = Canary::new();
+    let touch = format!("touch {}", c.marker().display());
+    // OBJ with an allowlisted class is still refused: OBJ and INST never are accepted.
+    let obj = Asm::new().proto(2).mark().global("collections", "OrderedDict").op(b'o').stop().finish();
+    assert!(refused(&torch_zip(&obj, &[])).contains("OBJ"));
+    flagged(&obj);
+    let obj = Asm::new().proto(2).mark().global("posix", "system").str(&touch).op(b'o').stop().finish();
+    dangerous(&obj);
+    // NEWOBJ and NEWOBJ_EX of a non-allowlisted class, then a BUILD (setstate).
+    let newobj = Asm::new().proto(2).global("subprocess", "Popen").str(&touch).tuple1().op(0x81).empty_dict().build().stop().finish();
+    assert!(refused(&torch_zip(&newobj, &[])).contains("subprocess.Popen"));
+    let r = dangerous(&newobj);
+    assert!(r.pickles[0].report.calls.iter().any(|c| c.opcode == "NEWOBJ" && c.callee == "subprocess.Popen"));
+    assert!(r.pickles[0].report.calls.iter().any(|c| c.opcode == "BUILD"));
+    let newobj_ex = Asm::new().proto(4).global("subprocess", "Popen").empty_tuple().empty_dict().op(0x92).stop().finish();
+    dangerous(&newobj_ex);
+    // Extension registry codes: refused in both modes.
+    let ext = Asm::new().proto(2).op(0x82).raw(&[1]).stop().finish();
+    assert!(refused(&torch_zip(&ext, &[])).contains("EXT"));
+    let r = scan(&ext);
+    assert!(r.pickles[0].report.error.as_deref().unwrap().contains("EXT"));
+}
+
+// 6. Calls whose results are discarded or kept only in the memo.
+#[test]
+fn class06_unreachable_calls() {
+    let c = Canary::new();
+    let bytes = with_payload(|a| a.system_call(&c.marker()).binput(9).pop());
+    assert!(refused(&bytes).contains("posix.system"));
+    let r = dangerous(&bytes);
+    let call = r.pickles[0].report.calls.iter().find(|c| c.callee == "posix.system").unwrap();
+    assert!(!call.reachable);
+    let bytes = with_payload(|a| a.system_call(&c.marker()));
+    let r = scan(&bytes);
+    assert_eq!(r.verdict, Verdict::Dangerous);
+}
+
+// 7. Content after STOP; several pickles.
+#[test]
+fn class07_trailing_pickles() {
+    let c = Canary::new();
+    let mut pkl = state_dict_pickle();
+    pkl.extend(Asm::new().proto(2).system_call(&c.marker()).stop().finish());
+    let bytes = torch_zip(&pkl, &[("0", &floats12())]);
+    let msg = refused(&bytes);
+    assert!(msg.contains("bytes after STOP"), "{msg}");
+    let r = dangerous(&bytes);
+    assert!(imports(&r).contains(&"posix.system".to_string()));
+    // A plain stream of pickles: every one is scanned.
+    let mut stream = Asm::new().proto(2).int(1).stop().finish();
+    stream.extend(Asm::new().proto(2).system_call(&c.marker()).stop().finish());
+    let r = dangerous(&stream);
+    assert!(r.findings.iter().any(|f| f.kind == "trailing-pickle"));
+    assert!(refused(&stream).contains("not a torch checkpoint"));
+}
+
+// 8. A payload, then a stream that turns corrupt.
+#[test]
+fn class08_broken_pickle_after_payload() {
+    let c = Canary::new();
+    let pkl = Asm::new().proto(2).system_call(&c.marker()).pop().raw(&[0xff, 0xfe]).finish();
+    assert!(refused(&torch_zip(&pkl, &[])).contains("posix.system"));
+    let r = dangerous(&pkl);
+    assert!(r.pickles[0].report.error.as_deref().unwrap().contains("invalid opcode 0xff"));
+    assert!(r.pickles[0].report.calls.iter().any(|c| c.callee == "posix.system"));
+}
+
+// 9. Frame violations.
+#[test]
+fn class09_frames() {
+    // An opcode whose argument crosses the frame end.
+    let crossing = Asm::new().proto(4).frame(3).short_str("posix").stop().finish();
+    assert!(refused(&torch_zip(&crossing, &[])).contains("crosses the frame end"));
+    let r = dangerous(&crossing);
+    assert!(r.pickles[0].report.anomalies.iter().any(|a| a.kind == "frame"));
+    // A new frame before the old one is used up.
+    let early = Asm::new().proto(4).frame(11).none().frame(1).stop().finish();
+    assert!(refused(&torch_zip(&early, &[])).contains("new FRAME before"));
+    dangerous(&early);
+    // A frame longer than the input.
+    let long = Asm::new().proto(4).frame(1 << 40).none().stop().finish();
+    assert!(refused(&torch_zip(&long, &[])).contains("FRAME of"));
+    assert_eq!(scan(&long).verdict, Verdict::Error);
+    // Frames used correctly are fine, including unframed stretches.
+    let ok = Asm::new().proto(4).frame(2).none().pop().none().stop().finish();
+    assert_eq!(scan(&ok).verdict, Verdict::Safe);
+}
+
+// 10. Protocol header anomalies.
+#[test]
+fn class10_protocol_anomalies() {
+    let late = Asm::new().none().proto(2).stop().finish();
+    assert!(refused(&torch_zip(&late, &[])).contains("PROTO is not the first opcode"));
+    flagged(&late);
+    let repeated = Asm::new().proto(2).proto(4).none().stop().finish();
+    assert!(refused(&torch_zip(&repeated, &[])).contains("PROTO"));
+    flagged(&repeated);
+    let six = Asm::new().proto(6).none().stop().finish();
+    assert!(refused(&torch_zip(&six, &[])).contains("unsupported protocol 6"));
+    assert_eq!(scan(&six).verdict, Verdict::Error);
+}
+
+fn zip_with(f: impl FnOnce(&mut Zip)) -> Vec<u8> {
+    let mut z = Zip::new(torch_entries("archive", &state_dict_pickle(), &[("0", &floats12())]));
+    f(&mut z);
+    z.build()
+}
+
+// 11. Zip differentials.
+#[test]
+fn class11_zip_differentials() {
+    let c = Canary::new();
+    let evil = Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("CRC-32", zip_with(|z| z.entries[0].crc = Some(0x1234_5678))),
+        ("flags 0x0001", zip_with(|z| z.entries[0].flags = 1)),
+        ("flags 0x0020", zip_with(|z| z.entries[2].flags = 0x20)),
+        ("names it differently", zip_with(|z| z.entries[0].local_name = Some("archive/data.pkx".into()))),
+        ("duplicate entry name", zip_with(|z| z.entries.push(Entry::new("archive/data.pkl", &evil)))),
+        ("overlaps", zip_with(|z| z.overlap = true)),
+        ("several end-of-central-directory records", zip_with(|z| z.second_eocd = true)),
+        ("compression method 12", zip_with(|z| z.entries[1].method = 12)),
+        ("zip comment", zip_with(|z| z.comment = evil.clone())),
+    ];
+    for (needle, bytes) in cases {
+        let msg = refused(&bytes);
+        assert!(msg.contains(needle), "{needle}: {msg}");
+        let r = dangerous(&bytes);
+        assert!(r.findings.iter().any(|f| f.kind == "zip"), "{needle}");
+    }
+    // With a duplicate, the scanner scans both copies, and the last is torch's.
+    let r = dangerous(&zip_with(|z| z.entries.push(Entry::new("archive/data.pkl", &evil))));
+    assert!(imports(&r).contains(&"posix.system".to_string()));
+    assert!(r.pickles.iter().any(|p| p.torch_would_run && p.report.imports.iter().any(|i| i.global == "posix.system")));
+}
+
+// 12. Several trees, entries outside the torch prefix.
+#[test]
+fn class12_several_trees() {
+    let c = Canary::new();
+    let evil = Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    let mut entries = torch_entries("archive", &state_dict_pickle(), &[("0", &floats12())]);
+    entries.extend(torch_entries("other", &evil, &[]));
+    let bytes = Zip::new(entries).build();
+    assert!(refused(&bytes).contains("outside the archive folder"));
+    let r = dangerous(&bytes);
+    assert!(imports(&r).contains(&"posix.system".to_string()));
+}
+
+// 13. Pickles under non-pickle names; misleading extensions.
+#[test]
+fn class13_pickles_found_by_content() {
+    let c = Canary::new();
+    let evil = Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    // A zip without the torch records is not a torch archive, whatever its members.
+    let bytes = Zip::new(vec![Entry::new("weights/model.bin", &evil)]).build();
+    assert!(refused(&bytes).contains("not a torch.save archive"));
+    let r = dangerous(&bytes);
+    assert!(imports(&r).contains(&"posix.system".to_string()));
+    // An extra member inside a torch archive, named like data, holding a pickle.
+    let bytes = zip_with(|z| z.entries.push(Entry::new("archive/data/notes.txt", &evil)));
+    dangerous(&bytes);
+    // A protocol-0 pickle (no PROTO byte) under an innocent name.
+    let p0 = Asm::new().global("posix", "system").mark().str("x").tuple().reduce().stop().finish();
+    let bytes = zip_with(|z| z.entries.push(Entry::new("archive/readme", &p0)));
+    dangerous(&bytes);
+}
+
+// 14. Polyglots.
+#[test]
+fn class14_polyglots() {
+    let c = Canary::new();
+    let mut bytes = Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    bytes.extend(torch_zip(&state_dict_pickle(), &[("0", &floats12())]));
+    let msg = refused(&bytes);
+    assert!(msg.contains("polyglot"), "{msg}");
+    let r = dangerous(&bytes);
+    assert!(r.findings.iter().any(|f| f.kind == "polyglot"));
+    assert!(r.pickles.iter().any(|p| p.torch_would_run && p.report.imports.iter().any(|i| i.global == "posix.system")));
+    // Bytes before a zip: torch reads a stream, zip tools an archive.
+    let mut z = Zip::new(torch_entries("archive", &state_dict_pickle(), &[("0", &floats12())]));
+    z.before = b"junk".to_vec();
+    let bytes = z.build();
+    assert!(refused(&bytes).contains("polyglot"));
+    flagged(&bytes);
+    // A pickle hidden between the entries of a zip that starts correctly.
+    let mut z = Zip::new(torch_entries("archive", &state_dict_pickle(), &[("0", &floats12())]));
+    z.gap = Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    let bytes = z.build();
+    assert!(refused(&bytes).contains("unaccounted bytes"));
+    dangerous(&bytes);
+}
+
+// 15. Wrappers torch cannot open directly.
+#[test]
+fn class15_wrappers() {
+    for (magic, name) in [(&b"\x1f\x8b\x08\x00"[..], "gzip"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"BZh91AY", "bzip2"), (b"\xfd7zXZ\x00", "xz")] {
+        let mut bytes = magic.to_vec();
+        bytes.extend_from_slice(&[0u8; 64]);
+        assert!(refused(&bytes).contains(name));
+        let r = scan(&bytes);
+        assert_eq!(r.verdict, Verdict::Error, "{name}: never reported clean");
+    }
+}
+
+// 16. Legacy side pickles carrying code.
+#[test]
+fn class16_legacy_side_pickles() {
+    let c = Canary::new();
+    let evil = || Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    let good = legacy_stream(legacy_magic(), legacy_sys_info(), legacy_object("1"), legacy_keys(&["1"]), &[(12, &floats12())]);
+    {
+        let c2 = Canary::new();
+        let input = c2.dir.path().join("legacy.bin");
+        std::fs::write(&input, &good).unwrap();
+        tensafe_pickle::convert_file(&input, &c2.out(), &ConvertOptions::default()).unwrap();
+        assert_eq!(scan(&good).verdict, Verdict::Safe);
+    }
+    let variants = [
+        legacy_stream(evil(), legacy_sys_info(), legacy_object("1"), legacy_keys(&["1"]), &[(12, &floats12())]),
+        legacy_stream(legacy_magic(), evil(), legacy_object("1"), legacy_keys(&["1"]), &[(12, &floats12())]),
+        legacy_stream(legacy_magic(), legacy_sys_info(), legacy_object("1"), evil(), &[(12, &floats12())]),
+    ];
+    for bytes in variants {
+        assert!(refused(&bytes).contains("posix.system"));
+        let r = dangerous(&bytes);
+        assert!(r.pickles.iter().any(|p| p.torch_would_run && p.report.imports.iter().any(|i| i.global == "posix.system")));
+    }
+    // Side pickles must be pure data: even an allowlisted global is refused there.
+    let sys = Asm::new().proto(2).global("collections", "OrderedDict").empty_tuple().reduce().stop().finish();
+    let bytes = legacy_stream(legacy_magic(), sys, legacy_object("1"), legacy_keys(&["1"]), &[(12, &floats12())]);
+    assert!(refused(&bytes).contains("plain data only"));
+    flagged(&bytes);
+}
+
+// 17. Archives routed to a more powerful loader.
+#[test]
+fn class17_torchscript_and_friends() {
+    for extra in ["archive/constants.pkl", "archive/code/__torch__.py", "archive/bytecode.pkl", "archive/.data/extern_modules", "archive/attributes.pkl"] {
+        let bytes = zip_with(|z| z.entries.push(Entry::new(extra, &Asm::new().proto(2).none().stop().finish())));
+        let msg = refused(&bytes);
+        assert!(msg.contains("runs") || msg.contains("imports"), "{extra}: {msg}");
+        let r = dangerous(&bytes);
+        assert!(r.findings.iter().any(|f| f.kind == "code"));
+    }
+    let pt2 = zip_with(|z| z.entries.push(Entry::new("archive/archive_format", b"pt2")));
+    assert!(refused(&pt2).contains("torch.export"));
+}
+
+// 18. Shared-reference explosions through the memo.
+#[test]
+fn class18_billion_laughs() {
+    // level0 = [tensor]; level(i+1) = [level i, level i]: 2^60 paths.
+    let mut a = Asm::new().proto(2).empty_list().mark().tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1]).op(b'e').binput(0);
+    for i in 0..60u8 {
+        a = a.pop().empty_list().mark().binget(i).binget(i).op(b'e').binput(i + 1);
+    }
+    let pkl = a.stop().finish();
+    let bytes = torch_zip(&pkl, &[("0", &floats12())]);
+    let start = Instant::now();
+    let c = Canary::new();
+    let input = c.dir.path().join("bomb.pt");
+    std::fs::write(&input, &bytes).unwrap();
+    let options = ConvertOptions { extract: ExtractOptions { flatten: true, ..Default::default() }, ..Default::default() };
+    let report = tensafe_pickle::convert_file(&input, &c.out(), &options).unwrap();
+    assert_eq!(report.tensors.len(), 1);
+    assert!(report.skipped.iter().any(|(_, why)| why.contains("shared reference")));
+    scan(&bytes);
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+// 19. Declared lengths larger than the input.
+#[test]
+fn class19_lying_lengths() {
+    let cases = [
+        Asm::new().proto(2).op(b'X').raw(&u32::MAX.to_le_bytes()).raw(b"abc").stop().finish(),
+        Asm::new().proto(4).op(0x8e).raw(&u64::MAX.to_le_bytes()).stop().finish(),
+        Asm::new().proto(4).op(0x8d).raw(&(1u64 << 50).to_le_bytes()).stop().finish(),
+        Asm::new().proto(2).op(b'T').raw(&(-5i32).to_le_bytes()).stop().finish(),
+        Asm::new().proto(2).op(0x8b).raw(&(1i32 << 30).to_le_bytes()).stop().finish(),
+    ];
+    for pkl in cases {
+        let msg = refused(&torch_zip(&pkl, &[]));
+        assert!(msg.contains("remain") || msg.contains("negative"), "{msg}");
+        assert_eq!(scan(&pkl).verdict, Verdict::Error);
+    }
+    // A LONG longer than 64 bytes (but present) is refused too.
+    let long = Asm::new().proto(2).op(0x8a).raw(&[100]).raw(&[1; 100]).stop().finish();
+    assert!(refused(&torch_zip(&long, &[])).contains("100-byte int"));
+}
+
+// 20. Depth and volume floods.
+#[test]
+fn class20_floods() {
+    let marks = Asm::new().proto(2).raw(&vec![b'('; 100_001]).stop().finish();
+    assert!(refused(&torch_zip(&marks, &[])).contains("MARKs"));
+    let stack = Asm::new().proto(2).raw(&vec![b'N'; 1_000_001]).stop().finish();
+    assert!(refused(&torch_zip(&stack, &[])).contains("value stack deeper"));
+    let mut memo = Asm::new().proto(2).none();
+    for i in 0..1_000_001u32 {
+        memo = memo.op(b'r').raw(&i.to_le_bytes());
+    }
+    let memo = memo.stop().finish();
+    assert!(refused(&torch_zip(&memo, &[])).contains("memo entries"));
+    // Deep nesting: the VM is iterative, extraction stops at the limit.
+    let mut nested = Asm::new().proto(2).empty_dict().str("x");
+    for _ in 0..2000 {
+        nested = nested.empty_list();
+    }
+    nested = nested.tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1]);
+    for _ in 0..2000 {
+        nested = nested.append();
+    }
+    let nested = nested.setitem().stop().finish();
+    let options = ConvertOptions { extract: ExtractOptions { flatten: true, ..Default::default() }, ..Default::default() };
+    let msg = refused_with(&torch_zip(&nested, &[("0", &floats12())]), &options);
+    assert!(msg.contains("nested deeper than 1000"), "{msg}");
+    scan(&nested);
+}
+
+// 21. Storage size lies.
+#[test]
+fn class21_storage_sizes() {
+    // Declared 12 floats, record holds 8.
+    let msg = refused(&torch_zip(&state_dict_pickle(), &[("0", &floats12()[..32])]));
+    assert!(msg.contains("holds 32 bytes but the pickle declares"), "{msg}");
+    flagged(&torch_zip(&state_dict_pickle(), &[("0", &floats12()[..32])]));
+    // numel × element size overflows.
+    let pkl = Asm::new().proto(2).tensor_v2("DoubleStorage", "0", i64::MAX, 0, &[1], &[1]).stop().finish();
+    assert!(refused(&torch_zip(&pkl, &[("0", &[0; 8])])).contains("overflows"));
+    // One key declared with two sizes.
+    let pkl = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .mark()
+        .str("a")
+        .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
+        .str("b")
+        .tensor_v2("FloatStorage", "0", 1000, 0, &[1000], &[1])
+        .setitems()
+        .stop()
+        .finish();
+    let bytes = torch_zip(&pkl, &[("0", &floats12())]);
+    assert!(refused(&bytes).contains("declared twice"));
+    dangerous(&bytes);
+}
+
+// 22. Tensor geometry outside its storage.
+#[test]
+fn class22_geometry() {
+    let geometry = |offset: i64, size: &[i64], stride: &[i64]| {
+        let pkl = Asm::new().proto(2).empty_dict().mark().str("w").tensor_v2("FloatStorage", "0", 12, offset, size, stride).setitems().stop().finish();
+        torch_zip(&pkl, &[("0", &floats12())])
+    };
+    assert!(refused(&geometry(0, &[4, 4], &[4, 1])).contains("extent"));
+    assert!(refused(&geometry(11, &[2], &[1])).contains("extent"));
+    assert!(refused(&geometry(0, &[3, 4], &[1, 4])).contains("extent"));
+    assert!(refused(&geometry(-1, &[2], &[1])).contains("negative"));
+    assert!(refused(&geometry(0, &[-2], &[1])).contains("negative"));
+    assert!(refused(&geometry(0, &[2], &[-1])).contains("negative"));
+    assert!(refused(&geometry(0, &[1; 65], &[1; 65])).contains("dimensions"));
+    assert!(refused(&geometry(0, &[2, 2], &[1])).contains("dimensions"));
+    flagged(&geometry(0, &[4, 4], &[4, 1]));
+}
+
+// 23. Materialisation bombs.
+#[test]
+fn class23_stride_zero_bomb() {
+    let pkl = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .mark()
+        .str("w")
+        .tensor_v2("FloatStorage", "0", 1, 0, &[1 << 20, 1 << 20], &[0, 0])
+        .setitems()
+        .stop()
+        .finish();
+    let msg = refused(&torch_zip(&pkl, &[("0", &[0; 4])]));
+    assert!(msg.contains("stride-0 or view bomb"), "{msg}");
+    // A modest expansion is fine.
+    let ok = Asm::new().proto(2).empty_dict().mark().str("w").tensor_v2("FloatStorage", "0", 1, 0, &[100, 3], &[0, 0]).setitems().stop().finish();
+    let c = Canary::new();
+    let input = c.dir.path().join("ok.pt");
+    std::fs::write(&input, torch_zip(&ok, &[("0", &1f32.to_le_bytes())])).unwrap();
+    tensafe_pickle::convert_file(&input, &c.out(), &ConvertOptions::default()).unwrap();
+}
+
+// 24. Container operations on the wrong type.
+#[test]
+fn class24_type_confusion() {
+    let tensor = |a: Asm| a.tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1]);
+    let cases = [
+        // Item assignment on a tensor (CVE-2026-24747's class).
+        tensor(Asm::new().proto(2)).str("k").int(1).setitem().stop().finish(),
+        // APPEND on a dict, ADDITEMS on a list, BUILD on a list and on a plain dict.
+        Asm::new().proto(2).empty_dict().int(1).append().stop().finish(),
+        Asm::new().proto(4).empty_list().mark().int(1).op(0x90).stop().finish(),
+        Asm::new().proto(2).empty_list().empty_dict().build().stop().finish(),
+        Asm::new().proto(2).empty_dict().empty_dict().build().stop().finish(),
+    ];
+    for pkl in cases {
+        let msg = refused(&torch_zip(&pkl, &[("0", &floats12())]));
+        assert!(msg.contains("on a"), "{msg}");
+        dangerous(&pkl);
+    }
+}
+
+// 25. Rebuild-function abuse.
+#[test]
+fn class25_rebuild_abuse() {
+    let storage = |a: Asm| a.storage("FloatStorage", "0", 12);
+    // _rebuild_from_type_v2 with a non-rebuild func, and with an arbitrary class.
+    let from_type = |func: (&str, &str), new_type: (&str, &str)| {
+        let a = Asm::new().proto(2).global("torch._tensor", "_rebuild_from_type_v2").mark().global(func.0, func.1).global(new_type.0, new_type.1);
+        let a = storage(a.mark()).int(0).ints_tuple(&[12]).ints_tuple(&[1]).newfalse().global("collections", "OrderedDict").empty_tuple().reduce().tuple();
+        a.empty_dict().tuple().reduce().stop().finish()
+    };
+    let msg = refused(&torch_zip(&from_type(("collections", "OrderedDict"), ("torch", "Tensor")), &[("0", &floats12())]));
+    assert!(msg.contains("func must be a torch rebuild function"), "{msg}");
+    let msg = refused(&torch_zip(&from_type(("torch._utils", "_rebuild_tensor"), ("torch", "FloatStorage")), &[("0", &floats12())]));
+    assert!(msg.contains("new_type"), "{msg}");
+    assert!(refused(&torch_zip(&from_type(("builtins", "eval"), ("torch", "Tensor")), &[])).contains("builtins.eval"));
+    // Non-empty backward hooks.
+    let hooks = storage(Asm::new().proto(2).global("torch._utils", "_rebuild_tensor_v2").mark())
+        .int(0)
+        .ints_tuple(&[12])
+        .ints_tuple(&[1])
+        .newfalse()
+        .empty_dict()
+        .int(1)
+        .int(2)
+        .setitem()
+        .tuple()
+        .reduce()
+        .stop()
+        .finish();
+    assert!(refused(&torch_zip(&hooks, &[("0", &floats12())])).contains("backward hooks"));
+    flagged(&hooks);
+    // Per-channel quantized tensor with an axis outside the tensor.
+    let q = storage(Asm::new().proto(2).global("torch._utils", "_rebuild_qtensor").mark())
+        .int(0)
+        .ints_tuple(&[12])
+        .ints_tuple(&[1])
+        .mark()
+        .global("torch", "per_channel_affine")
+        .none()
+        .none()
+        .int(5)
+        .tuple()
+        .newfalse()
+        .empty_dict()
+        .tuple()
+        .reduce()
+        .stop()
+        .finish();
+    assert!(refused(&torch_zip(&q, &[("0", &floats12())])).contains("axis 5"));
+    // Unsupported tensor kinds.
+    let nested = Asm::new().proto(2).global("torch._utils", "_rebuild_nested_tensor").mark().none().none().none().none().tuple().reduce().stop().finish();
+    assert!(refused(&torch_zip(&nested, &[])).contains("nested tensors"));
+}
+
+// 26. Persistent-id abuse.
+#[test]
+fn class26_persistent_ids() {
+    let pid = |pid: Asm| {
+        let a = Asm::new().proto(2).empty_dict().mark().str("w").global("torch._utils", "_rebuild_tensor_v2").mark();
+        let a = Asm(a.0.into_iter().chain(pid.0).collect());
+        let pkl = a.binpersid().int(0).ints_tuple(&[12]).ints_tuple(&[1]).newfalse().empty_dict().tuple().reduce().setitems().stop().finish();
+        torch_zip(&pkl, &[("0", &floats12())])
+    };
+    let cases = [
+        (Asm::new().mark().str("module").global("torch", "FloatStorage").str("0").str("cpu").int(12).tuple(), "whole-module"),
+        (Asm::new().mark().str("storage").global("torch", "FloatStorage").str("0").str("cpu").tuple(), "persistent id must be"),
+        (Asm::new().int(3), "must be a tuple"),
+        (Asm::new().mark().str("storage").global("torch", "FloatStorage").str("../version").str("cpu").int(12).tuple(), "is not a decimal number"),
+        (Asm::new().mark().str("storage").global("torch", "FloatStorage").str("7").str("cpu").int(12).tuple(), "is missing"),
+        (Asm::new().mark().str("storage").global("torch", "float32").str("0").str("cpu").int(12).tuple(), "storage type"),
+    ];
+    for (p, needle) in cases {
+        let bytes = pid(p);
+        let msg = refused(&bytes);
+        assert!(msg.contains(needle), "{needle}: {msg}");
+        flagged(&bytes);
+    }
+}
+
+// 27. Text anomalies.
+#[test]
+fn class27_text() {
+    let bad_utf8 = Asm::new().proto(2).op(b'X').raw(&3u32.to_le_bytes()).raw(&[0xff, 0xfe, 0x41]).stop().finish();
+    assert!(refused(&torch_zip(&bad_utf8, &[])).contains("UTF-8"));
+    flagged(&bad_utf8);
+    let surrogate = Asm::new().proto(2).op(b'X').raw(&3u32.to_le_bytes()).raw(&[0xed, 0xa0, 0x80]).stop().finish();
+    assert!(refused(&torch_zip(&surrogate, &[])).contains("surrogate"));
+    let hex_int = Asm::new().op(b'I').raw(b"0x10\n").stop().finish();
+    assert!(refused(&torch_zip(&hex_int, &[])).contains("not plain decimal"));
+    flagged(&hex_int);
+    // Names that collide after flattening.
+    let pkl = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .mark()
+        .str("a.b")
+        .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
+        .str("a")
+        .empty_dict()
+        .str("b")
+        .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
+        .setitem()
+        .setitems()
+        .stop()
+        .finish();
+    let options = ConvertOptions { extract: ExtractOptions { flatten: true, ..Default::default() }, ..Default::default() };
+    assert!(refused_with(&torch_zip(&pkl, &[("0", &floats12())]), &options).contains("two tensors get this name"));
+}
+
+// 28. Compression bombs.
+#[test]
+fn class28_compression_bombs() {
+    // A deflated storage that inflates past its declared size.
+    let big = vec![0u8; 1 << 20];
+    let bytes = zip_with(|z| {
+        z.entries[2].data = big.clone();
+        z.entries[2].method = 8;
+        z.entries[2].declared_size = Some(48);
+        z.entries[2].crc = Some(0);
+    });
+    let msg = refused(&bytes);
+    assert!(msg.contains("inflat"), "{msg}");
+    flagged(&bytes);
+    // More inflated bytes than the budget.
+    let options = ConvertOptions { load: LoadOptions { limits: tensafe_pickle::Limits { max_inflate: 100, ..Default::default() }, ..Default::default() }, ..Default::default() };
+    let bytes = zip_with(|z| z.entries[0].method = 8);
+    assert!(refused_with(&bytes, &options).contains("inflate budget"));
+}
+
+// 29. Legacy tar with links and traversal.
+#[test]
+fn class29_tar() {
+    fn member(name: &str, kind: u8, data: &[u8]) -> Vec<u8> {
+        let mut h = vec![0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        h[156] = kind;
+        h[257..263].copy_from_slice(b"ustar\0");
+        let mut out = h;
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+    let c = Canary::new();
+    let evil = Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    let mut tar = member("sys_info", b'0', &Asm::new().proto(2).empty_dict().stop().finish());
+    tar.extend(member("../escape", b'0', b"x"));
+    tar.extend(member("link", b'2', b""));
+    tar.extend(member("pickle", b'0', &evil));
+    tar.extend(vec![0; 1024]);
+    assert!(refused(&tar).contains("tar"));
+    let r = dangerous(&tar);
+    assert!(r.findings.iter().any(|f| f.detail.contains("link")));
+    assert!(r.findings.iter().any(|f| f.detail.contains("escapes")));
+    assert!(imports(&r).contains(&"posix.system".to_string()));
+}
+
+// 30. Cycles.
+#[test]
+fn class30_cycles() {
+    // d = {'w': tensor, 'self': d}; l = [l].
+    let pkl = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .binput(0)
+        .mark()
+        .str("w")
+        .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
+        .str("loop")
+        .empty_list()
+        .binput(1)
+        .binget(1)
+        .append()
+        .str("self")
+        .binget(0)
+        .setitems()
+        .stop()
+        .finish();
+    let bytes = torch_zip(&pkl, &[("0", &floats12())]);
+    let c = Canary::new();
+    let input = c.dir.path().join("cycle.pt");
+    std::fs::write(&input, &bytes).unwrap();
+    let options = ConvertOptions { extract: ExtractOptions { flatten: true, ..Default::default() }, ..Default::default() };
+    let report = tensafe_pickle::convert_file(&input, &c.out(), &options).unwrap();
+    assert_eq!(report.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["w"]);
+    assert_eq!(scan(&bytes).verdict, Verdict::Safe);
+}
+
+#[test]
+fn scan_reports_every_event_with_severity() {
+    let c = Canary::new();
+    let bytes = with_payload(|a| a.system_call(&c.marker()).pop());
+    let r = dangerous(&bytes);
+    let p = &r.pickles[0].report;
+    assert_eq!(p.protocol, Some(2));
+    assert!(p.opcodes["REDUCE"] >= 3);
+    assert!(p.imports.iter().any(|i| i.global == "collections.OrderedDict" && i.severity == Severity::Safe));
+    assert_eq!(r.tensors.len(), 1);
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["verdict"], "dangerous");
+}
