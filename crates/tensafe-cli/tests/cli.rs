@@ -93,3 +93,36 @@ fn verify_reports_and_exits() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("No such file"));
 }
+
+#[test]
+fn inspect_and_reshard_a_sharded_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("model.safetensors");
+    write_file(&single, 40);
+    let sharded = dir.path().join("sharded");
+    let out = tensafe(&["reshard", single.to_str().unwrap(), sharded.to_str().unwrap(), "--max-shard-size", "300B"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shard_count = std::fs::read_dir(&sharded).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors")).count();
+    assert!(shard_count > 1);
+    assert!(stdout(&out).contains(&format!("wrote {shard_count} shards")));
+
+    for target in [sharded.clone(), sharded.join("model.safetensors.index.json")] {
+        let json: serde_json::Value = serde_json::from_slice(&tensafe(&["inspect", "--json", target.to_str().unwrap()]).stdout).unwrap();
+        assert_eq!(json["tensors"].as_array().unwrap().len(), 40);
+        assert_eq!(json["shards"].as_array().unwrap().len(), shard_count);
+        assert_eq!(json["tensors"][0]["shard"], "model-00001-of-0000".to_string() + &shard_count.to_string() + ".safetensors");
+    }
+    let table = stdout(&tensafe(&["inspect", sharded.to_str().unwrap()]));
+    assert!(table.contains(&format!("40 tensors in {shard_count} shards")), "{table}");
+
+    // Back to one file: byte-identical to the original.
+    let back = dir.path().join("back");
+    assert!(tensafe(&["reshard", sharded.to_str().unwrap(), back.to_str().unwrap()]).status.success());
+    assert_eq!(std::fs::read(back.join("model.safetensors")).unwrap(), std::fs::read(&single).unwrap());
+
+    // A missing shard is named.
+    std::fs::remove_file(sharded.join(format!("model-00002-of-{shard_count:05}.safetensors"))).unwrap();
+    let out = tensafe(&["inspect", sharded.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing shard model-00002"));
+}
