@@ -671,9 +671,14 @@ fn serialize_buffers<'py>(
     metadata: Option<&Bound<'py, PyDict>>,
     filename: Option<PathBuf>,
 ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    write(py, buffers_from_list(tensors)?, metadata_arg(metadata)?, filename)
+}
+
+/// Takes buffer exports of `[(name, dtype_code, shape, buffer), …]`.
+fn buffers_from_list(tensors: &Bound<'_, PyList>) -> PyResult<Vec<Owned>> {
     let mut owned = Vec::with_capacity(tensors.len());
     for item in tensors.iter() {
-        let (name, code, shape, obj): (String, String, Vec<usize>, Bound<'py, PyAny>) = item.extract()?;
+        let (name, code, shape, obj): (String, String, Vec<usize>, Bound<'_, PyAny>) = item.extract()?;
         let dtype = Dtype::from_code(&code).ok_or_else(|| SafetensorError::new_err(format!("unknown dtype code {code}")))?;
         let buffer = PyUntypedBuffer::get(&obj)?;
         if !buffer.is_c_contiguous() {
@@ -681,7 +686,7 @@ fn serialize_buffers<'py>(
         }
         owned.push(Owned { name, dtype, shape, bytes: Bytes::Buffer(buffer) });
     }
-    write(py, owned, metadata_arg(metadata)?, filename)
+    Ok(owned)
 }
 
 /// `deserialize(bytes) -> [(name, {"shape", "dtype", "data"})]` in file order.
@@ -718,6 +723,49 @@ fn read_header<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<(Opt
     Ok((metadata_to_dict(py, &header)?, tensors))
 }
 
+/// Validates a checkpoint (a directory, an index file or a single file) and
+/// returns the paths of its files in order; raises on any inconsistency
+/// (missing shard, tensor in the wrong shard or missing, wrong total size).
+#[pyfunction]
+fn checkpoint_files(py: Python<'_>, path: PathBuf) -> PyResult<Vec<PathBuf>> {
+    let checkpoint = py.detach(|| tensafe::ShardedCheckpoint::open(&path)).map_err(|e| {
+        let is_missing_file = matches!(e.without_file(), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+        if is_missing_file { PyFileNotFoundError::new_err(format!("No such file or directory: {}", path.display())) } else { SafetensorError::new_err(e.to_string()) }
+    })?;
+    Ok(checkpoint.shards().iter().map(|s| s.path().to_path_buf()).collect())
+}
+
+/// Parses a shard size such as `"5GB"`, `"500MiB"` or `"1000"`.
+#[pyfunction]
+fn parse_size(text: &str) -> PyResult<u64> {
+    tensafe::parse_size(text).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Saves `[(name, dtype_code, shape, buffer), …]` (as for `serialize_buffers`)
+/// as shards of at most `max_shard_bytes` plus an index in `directory`.
+/// Returns the index as a dict, or `None` when everything fit in one file.
+#[pyfunction]
+#[pyo3(signature = (tensors, directory, max_shard_bytes, metadata = None))]
+fn save_sharded_buffers<'py>(
+    py: Python<'py>,
+    tensors: &Bound<'py, PyList>,
+    directory: PathBuf,
+    max_shard_bytes: u64,
+    metadata: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let owned = buffers_from_list(tensors)?;
+    let metadata = metadata_arg(metadata)?;
+    let index = py
+        .detach(|| {
+            std::fs::create_dir_all(&directory).map_err(|source| Error::Io { context: "creating the directory".into(), source })?;
+            tensafe::save_sharded(owned.iter().map(|t| (t.name.as_str(), t.raw())), &directory, max_shard_bytes, metadata.as_ref())
+        })
+        .map_err(serialize_error)?;
+    index
+        .map(|index| py.import("json")?.call_method1("loads", (index.to_json(),)))
+        .transpose()
+}
+
 #[pymodule]
 fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -730,6 +778,9 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serialize_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(deserialize, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint_files, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(save_sharded_buffers, m)?)?;
     // The dtype table, from its single source in the core crate:
     // (code, bits, framework name or None), in the reference's order.
     let dtypes: Vec<(&str, usize, Option<&str>)> = Dtype::ALL.iter().map(|d| (d.code(), d.bits(), d.framework_name())).collect();

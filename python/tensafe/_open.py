@@ -10,7 +10,7 @@ import threading
 from typing import Any, Dict, List, Optional, Union
 
 from . import _dtypes
-from ._tensafe_rust import File, SafetensorError
+from ._tensafe_rust import File, SafetensorError, checkpoint_files
 
 _FRAMEWORKS = {
     "pt": "pt", "torch": "pt", "pytorch": "pt",
@@ -271,6 +271,14 @@ class safe_open:
     `mmap` elsewhere.
     """
 
+    def __new__(cls, filename: Any, *args: Any, **kwargs: Any) -> "safe_open":
+        # A checkpoint directory or index opens every shard as one checkpoint.
+        if cls is safe_open and isinstance(filename, (str, os.PathLike)):
+            name = os.fspath(filename)
+            if os.path.isdir(name) or name.endswith(".json"):
+                return super().__new__(_CheckpointOpen)
+        return super().__new__(cls)
+
     def __init__(self, filename: Union[str, "os.PathLike[str]"], framework: str, device: Any = "cpu", *, backend: str = "mmap"):
         self._framework = _framework(framework)
         self._device = _device(device)
@@ -338,6 +346,60 @@ class safe_open:
         file = self._open()
         code, shape, _begin, _end = file.info(name)
         return PySafeSlice(file, name, code, shape, self._framework, self._device)
+
+
+class _CheckpointOpen(safe_open):
+    """`safe_open` on a sharded checkpoint (a directory or its index): the
+    shards behave as one file. The index and shards are checked for agreement
+    first (missing shard, misplaced or missing tensor, wrong total size)."""
+
+    def __init__(self, filename: Any, framework: str, device: Any = "cpu", *, backend: str = "mmap"):
+        _framework(framework)
+        _device(device)
+        paths = checkpoint_files(os.fspath(filename))
+        self._shards: Optional[List[safe_open]] = [safe_open(p, framework, device, backend=backend) for p in paths]
+        self._where = {name: shard for shard in self._shards for name in shard.offset_keys()}
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        for shard in self._shards or []:
+            shard.__exit__(exc_type, exc_value, traceback)
+        self._shards = None
+
+    def _parts(self) -> List[safe_open]:
+        if self._shards is None:
+            raise SafetensorError("File is closed")
+        return self._shards
+
+    def _shard(self, name: str) -> safe_open:
+        self._parts()
+        try:
+            return self._where[name]
+        except KeyError:
+            raise SafetensorError(f"File does not contain tensor {name}") from None
+
+    def keys(self) -> List[str]:
+        self._parts()
+        return sorted(self._where)
+
+    def offset_keys(self) -> List[str]:
+        """Tensor names in shard order, then file order."""
+        return [name for shard in self._parts() for name in shard.offset_keys()]
+
+    def metadata(self) -> Optional[Dict[str, str]]:
+        """The first shard's `__metadata__` (shards written together share it)."""
+        return self._parts()[0].metadata()
+
+    def get_tensor(self, name: str) -> Any:
+        return self._shard(name).get_tensor(name)
+
+    def get_slice(self, name: str) -> "PySafeSlice":
+        return self._shard(name).get_slice(name)
+
+    def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for shard in self._parts():
+            out.update(shard.get_tensors(threads=threads, progress=progress, drop_cache=drop_cache))
+        return out
 
 
 class PySafeSlice:

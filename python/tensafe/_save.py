@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._tensafe_rust import SafetensorError, serialize_buffers
+from ._tensafe_rust import SafetensorError, parse_size, save_sharded_buffers, serialize_buffers
 
 Item = Tuple[str, str, List[int], Any]
 
@@ -29,6 +29,17 @@ def write(items: List[Item], metadata: Optional[Dict[str, str]], filename: Any =
     if filename is not None:
         filename = os.fspath(filename)
     return serialize_buffers(items, metadata, filename)
+
+
+def write_sharded(items: List[Item], directory: Any, max_shard_size: Any, metadata: Optional[Dict[str, str]]) -> Optional[dict]:
+    """Writes `items` as shards of at most `max_shard_size` (bytes, or a
+    string like "5GB") plus `model.safetensors.index.json`; returns the index,
+    or None when one `model.safetensors` was enough."""
+    check_metadata(metadata)
+    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    if limit <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    return save_sharded_buffers(items, os.fspath(directory), limit, metadata)
 
 
 def numpy_item(name: str, array: Any, code: Optional[str] = None) -> Item:

@@ -32,6 +32,16 @@ def save_file(tensor_dict: Dict[str, np.ndarray], filename: Union[str, os.PathLi
     _save.write(_items(tensor_dict), metadata, filename)
 
 
+def save_sharded(
+    tensor_dict: Dict[str, np.ndarray],
+    save_directory: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "5GB",
+    metadata: Optional[Dict[str, str]] = None,
+) -> Optional[Dict[str, Any]]:
+    """Saves arrays as shards plus an index (see `tensafe.torch.save_sharded`)."""
+    return _save.write_sharded(_items(tensor_dict), save_directory, max_shard_size, metadata)
+
+
 def load(data: bytes) -> Dict[str, np.ndarray]:
     """Loads arrays from bytes, in file order."""
     return {name: _to_numpy(t["dtype"], t["shape"], t["data"]) for name, t in deserialize(data)}

@@ -194,6 +194,21 @@ def save_file(tensors: Dict[str, torch.Tensor], filename: Union[str, os.PathLike
     _save.write(_flatten(tensors), metadata, filename)
 
 
+def save_sharded(
+    tensors: Dict[str, torch.Tensor],
+    save_directory: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "5GB",
+    metadata: Optional[Dict[str, str]] = None,
+) -> Optional[Dict[str, Any]]:
+    """Saves tensors as `model-0000i-of-0000n.safetensors` shards of at most
+    `max_shard_size` plus `model.safetensors.index.json` (the transformers
+    layout), in dict order. Returns the index, or None if one file sufficed
+    (then written as `model.safetensors`). Each shard carries `metadata`,
+    `{"format": "pt"}` by default as transformers and huggingface_hub write.
+    Open the result with `safe_open` or `load_file` on the directory."""
+    return _save.write_sharded(_flatten(tensors), save_directory, max_shard_size, {"format": "pt"} if metadata is None else metadata)
+
+
 def save_model(model: torch.nn.Module, filename: str, metadata: Optional[Dict[str, str]] = None, force_contiguous: bool = True) -> None:
     """Saves a model's state dict, storing shared tensors once (aliases go to metadata)."""
     state_dict = model.state_dict()

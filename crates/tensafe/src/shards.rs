@@ -271,7 +271,8 @@ pub fn parse_size(text: &str) -> Result<u64> {
 }
 
 /// Splits tensors, in the given order, into shards of at most `max_shard_bytes`
-/// of tensor data (a larger tensor gets a shard of its own), writes them as
+/// of tensor data (a larger tensor gets a shard of its own), exactly as
+/// huggingface_hub's `split_torch_state_dict_into_shards` does, writes them as
 /// `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json` into
 /// `dir`, and returns the index. A single shard is written as
 /// `model.safetensors` with no index, as transformers does. Every file is
@@ -283,16 +284,27 @@ where
     I: IntoIterator<Item = (N, V)>,
 {
     let dir = dir.as_ref();
-    let mut shards: Vec<Vec<(N, V)>> = vec![Vec::new()];
-    let mut current = 0u64;
+    // The huggingface_hub / transformers split: in order, a new shard when the
+    // next tensor would overflow the current one; a tensor larger than the
+    // limit gets a shard of its own right away while the current one goes on.
+    let mut shards: Vec<Vec<(N, V)>> = Vec::new();
+    let mut current: Vec<(N, V)> = Vec::new();
+    let mut current_bytes = 0u64;
     for (name, view) in tensors {
         let len = view.data_len() as u64;
-        if current > 0 && current + len > max_shard_bytes {
-            shards.push(Vec::new());
-            current = 0;
+        if len > max_shard_bytes {
+            shards.push(vec![(name, view)]);
+            continue;
         }
-        current += len;
-        shards.last_mut().expect("one shard at least").push((name, view));
+        if current_bytes + len > max_shard_bytes {
+            shards.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current.push((name, view));
+        current_bytes += len;
+    }
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
     }
     if shards.len() == 1 {
         let only = shards.pop().expect("one shard");
@@ -409,10 +421,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = sample();
         let index = save_sharded(tensors(&data), dir.path(), 400, None).unwrap().unwrap();
-        // 100+300 | 50 | 500 (alone, over the limit) | 10
-        assert_eq!(index.weight_map["layer.0"], "model-00001-of-00004.safetensors");
-        assert_eq!(index.weight_map["layer.1"], "model-00001-of-00004.safetensors");
-        assert_eq!(index.weight_map["layer.3"], "model-00003-of-00004.safetensors");
+        // 100+300 | 500 (over the limit: its own shard, at once) | 50+10
+        assert_eq!(index.weight_map["layer.0"], "model-00001-of-00003.safetensors");
+        assert_eq!(index.weight_map["layer.1"], "model-00001-of-00003.safetensors");
+        assert_eq!(index.weight_map["layer.3"], "model-00002-of-00003.safetensors");
+        assert_eq!(index.weight_map["layer.2"], "model-00003-of-00003.safetensors");
+        assert_eq!(index.weight_map["layer.4"], "model-00003-of-00003.safetensors");
         assert_eq!(index.total_size(), Some(960));
         let text = std::fs::read_to_string(dir.path().join(INDEX_FILE)).unwrap();
         assert!(text.starts_with("{\n  \"metadata\": {\n    \"total_size\": 960\n  },\n  \"weight_map\": {"), "{text}");
@@ -420,7 +434,7 @@ mod tests {
         for path in [dir.path().to_path_buf(), dir.path().join(INDEX_FILE)] {
             let ckpt = ShardedCheckpoint::open(&path).unwrap();
             assert_eq!(ckpt.len(), 5);
-            assert_eq!(ckpt.shards().len(), 4);
+            assert_eq!(ckpt.shards().len(), 3);
             for (i, d) in data.iter().enumerate() {
                 assert_eq!(&ckpt.read_tensor(&format!("layer.{i}")).unwrap(), d);
             }
@@ -446,14 +460,13 @@ mod tests {
             assert!(err.contains(expected), "{err}");
         };
         check(original.replace("\"total_size\": 960", "\"total_size\": 961"), "declares total_size 961");
-        check(original.replace("\"layer.0\": \"model-00001-of-00004.safetensors\"", "\"layer.0\": \"model-00002-of-00004.safetensors\""), "index lists it in");
-        check(original.replace("\"layer.4\": \"model-00004-of-00004.safetensors\"", "\"layer.4\": \"model-00003-of-00004.safetensors\""), "that shard does not contain it");
-        check(original.replace("\n    \"layer.1\": \"model-00001-of-00004.safetensors\",", ""), "is in shard model-00001-of-00004.safetensors but not in the index");
-        check(original.replace("\"layer.0\": ", "\"ghost\": \"model-00001-of-00004.safetensors\",\n    \"layer.0\": "), "that shard does not contain it");
-        check(original.replace("model-00002-of-00004", "model-00002-of-00009"), "missing shard model-00002-of-00009");
-        check(original.replace("model-00002-of-00004.safetensors", "../evil.safetensors"), "outside the checkpoint directory");
+        check(original.replace("\"layer.0\": \"model-00001-of-00003.safetensors\"", "\"layer.0\": \"model-00002-of-00003.safetensors\""), "index lists it in");
+        check(original.replace("\n    \"layer.1\": \"model-00001-of-00003.safetensors\",", ""), "is in shard model-00001-of-00003.safetensors but not in the index");
+        check(original.replace("\"layer.0\": ", "\"ghost\": \"model-00001-of-00003.safetensors\",\n    \"layer.0\": "), "that shard does not contain it");
+        check(original.replace("model-00002-of-00003", "model-00002-of-00009"), "missing shard model-00002-of-00009");
+        check(original.replace("model-00002-of-00003.safetensors", "../evil.safetensors"), "outside the checkpoint directory");
         std::fs::write(&index_path, original).unwrap();
-        std::fs::remove_file(dir.path().join("model-00002-of-00004.safetensors")).unwrap();
-        assert!(ShardedCheckpoint::open(dir.path()).unwrap_err().to_string().contains("missing shard model-00002-of-00004"));
+        std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+        assert!(ShardedCheckpoint::open(dir.path()).unwrap_err().to_string().contains("missing shard model-00002-of-00003"));
     }
 }

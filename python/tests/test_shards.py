@@ -1,0 +1,100 @@
+"""Sharded checkpoints: the huggingface_hub / transformers layout, opened as one checkpoint."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import huggingface_hub
+import safetensors.torch as ref_pt
+import tensafe
+import tensafe.numpy as ts_np
+import tensafe.torch as ts_pt
+
+
+def state_dict():
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layers.{i}.weight": torch.randn(100 + 37 * i, generator=g) for i in range(12)}
+    sd["big"] = torch.randn(3000, generator=g)  # over the limit: a shard of its own
+    sd["layers.0.bias"] = torch.arange(7, dtype=torch.int64)
+    return sd
+
+
+def test_same_shards_as_huggingface_hub(tmp_path):
+    sd = state_dict()
+    theirs, ours = tmp_path / "hub", tmp_path / "ours"
+    theirs.mkdir()
+    huggingface_hub.save_torch_state_dict(sd, str(theirs), max_shard_size=2000)
+    index = ts_pt.save_sharded(sd, ours, max_shard_size=2000)
+    assert sorted(os.listdir(theirs)) == sorted(os.listdir(ours))
+    for name in os.listdir(theirs):
+        if name.endswith(".safetensors"):
+            assert (theirs / name).read_bytes() == (ours / name).read_bytes(), name
+    hub_index = json.loads((theirs / "model.safetensors.index.json").read_text())
+    assert json.loads((ours / "model.safetensors.index.json").read_text()) == hub_index == index
+    # Written the transformers way: sorted keys, two-space indent, final newline.
+    text = (ours / "model.safetensors.index.json").read_text()
+    assert text == json.dumps(hub_index, indent=2, sort_keys=True) + "\n"
+
+
+def test_one_shard_is_a_plain_model_file(tmp_path):
+    sd = {"a": torch.ones(3)}
+    assert ts_pt.save_sharded(sd, tmp_path, max_shard_size="5GB") is None
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert (tmp_path / "model.safetensors").read_bytes() == ref_pt.save(sd, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("target", ["dir", "index"])
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_open_a_checkpoint_as_one(tmp_path, target, backend):
+    sd = state_dict()
+    ts_pt.save_sharded(sd, tmp_path, max_shard_size="2KB")
+    path = tmp_path if target == "dir" else tmp_path / "model.safetensors.index.json"
+    with tensafe.safe_open(path, "pt", backend=backend) as f:
+        assert isinstance(f, tensafe.safe_open)
+        assert f.keys() == sorted(sd)
+        assert set(f.offset_keys()) == set(sd)
+        assert f.metadata() == {"format": "pt"}
+        for name, tensor in sd.items():
+            assert torch.equal(f.get_tensor(name), tensor), name
+        assert torch.equal(f.get_slice("big")[10:20], sd["big"][10:20])
+        everything = f.get_tensors()
+    assert set(everything) == set(sd)
+    with pytest.raises(tensafe.SafetensorError, match="File is closed"):
+        f.keys()
+    loaded = ts_pt.load_file(path, backend=backend)
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+def test_numpy_sharded_round_trip(tmp_path):
+    arrays = {f"w{i}": np.full((50,), i, dtype=np.float32) for i in range(10)}
+    index = ts_np.save_sharded(arrays, tmp_path, max_shard_size=600)
+    assert len(set(index["weight_map"].values())) == 4
+    loaded = ts_np.load_file(tmp_path)
+    assert all(np.array_equal(loaded[k], v) for k, v in arrays.items())
+
+
+def test_inconsistent_checkpoints_are_refused_with_the_reason(tmp_path):
+    ts_pt.save_sharded(state_dict(), tmp_path, max_shard_size=2000)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    files = sorted(set(index["weight_map"].values()))
+
+    broken = dict(index, metadata={"total_size": index["metadata"]["total_size"] + 1})
+    index_path.write_text(json.dumps(broken))
+    with pytest.raises(tensafe.SafetensorError, match="declares total_size"):
+        tensafe.safe_open(tmp_path, "pt")
+
+    moved = dict(index, weight_map=dict(index["weight_map"], **{"layers.0.weight": files[-1]}))
+    index_path.write_text(json.dumps(moved))
+    with pytest.raises(tensafe.SafetensorError, match="layers.0.weight"):
+        tensafe.safe_open(tmp_path, "pt")
+
+    index_path.write_text(json.dumps(index))
+    os.remove(tmp_path / files[1])
+    with pytest.raises(tensafe.SafetensorError, match=f"missing shard {files[1]}"):
+        tensafe.safe_open(tmp_path, "pt")
+    with pytest.raises(FileNotFoundError):
+        tensafe.safe_open(tmp_path / "nope.json", "pt")
