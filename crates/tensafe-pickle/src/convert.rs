@@ -474,66 +474,45 @@ pub struct ShardedReport {
 
 /// Converts a sharded checkpoint (`pytorch_model.bin.index.json` and its
 /// shards) into `out_dir`: `model-0000i-of-0000n.safetensors` and
-/// `model.safetensors.index.json`, as transformers names them.
+/// `model.safetensors.index.json`, as transformers names them. The input
+/// index must agree with the shards: every tensor where it says, none missing.
 pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -> Result<ShardedReport> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::Io { path, source }
-    };
-    let text = std::fs::read(index).map_err(io(index))?;
-    let parsed: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| Error::Structure(format!("{}: not JSON: {e}", index.display())))?;
-    let weight_map = parsed
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::Structure(format!("{}: no `weight_map` object", index.display())))?;
-    let mut shard_names: Vec<&str> = Vec::new();
-    for (name, shard) in weight_map {
-        let shard = shard.as_str().ok_or_else(|| Error::Structure(format!("weight_map[{name:?}] is not a file name")))?;
-        if shard.contains('/') || shard.contains('\\') || shard == ".." || shard.is_empty() {
-            return Err(Error::Structure(format!("weight_map[{name:?}] = {shard:?} is not a plain file name")));
-        }
-        if !shard_names.contains(&shard) {
-            shard_names.push(shard);
-        }
-    }
+    let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: index.to_owned(), source })?;
+    let input = tensafe::ShardIndex::parse(&text).map_err(|e| Error::Structure(format!("{}: {e}", index.display())))?;
+    let mut shard_names: Vec<&str> = input.weight_map.values().map(String::as_str).collect();
     shard_names.sort();
+    shard_names.dedup();
     let n = shard_names.len();
     let dir = index.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io { path: out_dir.to_owned(), source })?;
     let mut report = ShardedReport::default();
-    let mut new_map = BTreeMap::new();
+    let mut output = tensafe::ShardIndex { metadata: input.metadata.clone(), weight_map: BTreeMap::new() };
     for (i, shard) in shard_names.iter().enumerate() {
         let out_name = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-        let input = dir.join(shard);
-        let shard_report = convert_file(&input, &out_dir.join(&out_name), options)?;
+        let shard_report = convert_file(&dir.join(shard), &out_dir.join(&out_name), options)?;
         for t in &shard_report.tensors {
-            match weight_map.get(&t.name).and_then(|v| v.as_str()) {
-                Some(s) if s == *shard => {}
+            match input.weight_map.get(&t.name) {
+                Some(s) if s == shard => {}
                 Some(other) => {
                     return Err(Error::Structure(format!("tensor `{}` is in {shard} but the index maps it to {other}", t.name)));
                 }
                 None => return Err(Error::Structure(format!("tensor `{}` in {shard} is missing from the index", t.name))),
             }
-            new_map.insert(t.name.clone(), out_name.clone());
+            output.weight_map.insert(t.name.clone(), out_name.clone());
             report.total_size += t.bytes as u64;
         }
         for (removed, _) in &shard_report.deduplicated {
-            new_map.insert(removed.clone(), out_name.clone());
+            output.weight_map.insert(removed.clone(), out_name.clone());
         }
         report.shards.push((shard.to_string(), out_name, shard_report));
     }
-    for (name, shard) in weight_map {
-        if !new_map.contains_key(name) {
-            return Err(Error::Structure(format!("the index maps `{name}` to {} but that shard does not hold it", shard)));
-        }
+    if let Some((name, shard)) = input.weight_map.iter().find(|(name, _)| !output.weight_map.contains_key(*name)) {
+        return Err(Error::Structure(format!("the index maps `{name}` to {shard} but that shard does not hold it")));
     }
-    let mut meta = parsed.get("metadata").and_then(|m| m.as_object()).cloned().unwrap_or_default();
-    meta.insert("total_size".into(), report.total_size.into());
-    let index_json = serde_json::json!({ "metadata": meta, "weight_map": new_map });
-    let out_index = out_dir.join("model.safetensors.index.json");
-    let body = serde_json::to_string_pretty(&index_json).expect("JSON values serialize") + "\n";
-    tensafe::write_atomically(&out_index, |w| w.write_all(body.as_bytes())).map_err(Error::Write)?;
+    output.metadata.insert("total_size".into(), report.total_size.into());
+    let out_index = out_dir.join(tensafe::INDEX_FILE);
+    let body = output.to_json();
+    tensafe::write_atomically(&out_index, |w| w.write_all(body.as_bytes()))?;
     report.index = out_index;
     Ok(report)
 }

@@ -538,7 +538,7 @@ impl<'o> Scanner<'o> {
                 // int32 ndim, 4 pad bytes, ndim sizes, ndim strides, offset.
                 data.get(pos..pos + 4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).filter(|&n| (0..=64).contains(&n)).map(|n| 8 + 16 * n as u64 + 8)
             };
-            match skip.filter(|&s| pos as u64 + s <= data.len() as u64) {
+            match skip.filter(|&s| (pos as u64).checked_add(s).is_some_and(|end| end <= data.len() as u64)) {
                 Some(s) => pos += s as usize,
                 None => {
                     r.fail(format!("tar member `{name}`: cannot follow record {i}; rest not scanned"));

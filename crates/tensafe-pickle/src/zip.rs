@@ -110,12 +110,12 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         if u32_at(bytes, locator + 4) != Some(0) || u32_at(bytes, locator + 16) != Some(1) {
             return Err("multi-disk Zip64 archives are not supported".into());
         }
-        let e64 = usize::try_from(e64).map_err(|_| "Zip64 end record offset overflows")?;
+        let e64 = usize::try_from(e64).ok().filter(|&o| o < locator).ok_or("Zip64 end record offset is past its locator")?;
         if bytes.get(e64..e64 + 4) != Some(EOCD64_SIG) {
             return Err(format!("Zip64 locator points at offset {e64}, which holds no Zip64 end record"));
         }
         let record_size = u64_at(bytes, e64 + 4).ok_or("truncated Zip64 end record")?;
-        if e64 as u64 + 12 + record_size != locator as u64 {
+        if (e64 as u64 + 12).checked_add(record_size) != Some(locator as u64) {
             problems.push(format!(
                 "Zip64 end record at {e64} ({} bytes) does not end where the locator starts ({locator})",
                 12 + record_size
@@ -212,8 +212,12 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
             problems.push(format!("entry `{name}`: stored with {csize} bytes but declares {usize_}"));
         }
         // The local header: same name, same method; data follows it.
-        let lo = usize::try_from(local).map_err(|_| "local header offset overflows")?;
-        let lh = bytes.get(lo..lo + 30).ok_or_else(|| format!("entry `{name}`: local header at {lo} is outside the file"))?;
+        let lh = usize::try_from(local)
+            .ok()
+            .filter(|&lo| lo < cd_offset as usize)
+            .and_then(|lo| bytes.get(lo..lo + 30))
+            .ok_or_else(|| format!("entry `{name}`: local header at {local} is outside the entries area"))?;
+        let lo = local as usize;
         if &lh[..4] != LOCAL_SIG {
             return Err(format!("entry `{name}`: no local header at offset {lo}"));
         }
