@@ -723,6 +723,39 @@ fn read_header<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<(Opt
     Ok((metadata_to_dict(py, &header)?, tensors))
 }
 
+/// This rank's share of tensors: rules `[(glob pattern, dim or None), …]`,
+/// first match wins, unmatched tensors replicated.
+#[pyclass(module = "tensafe._tensafe_rust", frozen, name = "TensorParallelPlan")]
+struct PyTensorParallelPlan {
+    plan: tensafe::TensorParallelPlan,
+}
+
+#[pymethods]
+impl PyTensorParallelPlan {
+    #[new]
+    fn new(rank: usize, world_size: usize, rules: Vec<(String, Option<usize>)>) -> PyResult<Self> {
+        let rules: Vec<(String, tensafe::Split)> =
+            rules.into_iter().map(|(p, dim)| (p, dim.map_or(tensafe::Split::Replicate, tensafe::Split::Dim))).collect();
+        tensafe::TensorParallelPlan::new(rank, world_size, &rules)
+            .map(|plan| PyTensorParallelPlan { plan })
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// `None` for a replicated tensor, else `(dim, start, stop)` of this rank.
+    fn split(&self, name: &str, shape: Vec<usize>) -> PyResult<Option<(usize, usize, usize)>> {
+        match self.plan.split_for(name) {
+            tensafe::Split::Replicate => Ok(None),
+            tensafe::Split::Dim(dim) if dim >= shape.len() => Err(PyValueError::new_err(format!(
+                "tensor `{name}` of shape {shape:?} has no dimension {dim} to split"
+            ))),
+            tensafe::Split::Dim(dim) => {
+                let (start, stop) = self.plan.bounds(shape[dim]);
+                Ok(Some((dim, start, stop)))
+            }
+        }
+    }
+}
+
 /// Validates a checkpoint (a directory, an index file or a single file) and
 /// returns the paths of its files in order; raises on any inconsistency
 /// (missing shard, tensor in the wrong shard or missing, wrong total size).
@@ -773,6 +806,7 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<File>()?;
     m.add_class::<TensorBuffer>()?;
     m.add_class::<TensorSpec>()?;
+    m.add_class::<PyTensorParallelPlan>()?;
     m.add_function(wrap_pyfunction!(serialize, m)?)?;
     m.add_function(wrap_pyfunction!(serialize_file, m)?)?;
     m.add_function(wrap_pyfunction!(serialize_buffers, m)?)?;

@@ -80,3 +80,11 @@ def packed_shape(code: str, shape: list) -> list:
     if not shape or shape[-1] % 2:
         raise SafetensorError(f"f4_x2 dtype requires that the last dim be divisible by 2 in torch: got {list(shape)}")
     return [*shape[:-1], shape[-1] // 2]
+
+
+def byte_size(code: str, shape: list) -> int:
+    """Bytes of a tensor of `code` and logical `shape`."""
+    elements = 1
+    for dim in shape:
+        elements *= dim
+    return elements * BY_CODE[code][0] // 8

@@ -74,3 +74,9 @@ def save_sharded_buffers(
     max_shard_bytes: int,
     metadata: Optional[Dict[str, str]] = None,
 ) -> Optional[Dict[str, Any]]: ...
+
+class TensorParallelPlan:
+    """This rank's share of tensors: rules `[(glob, dim or None)]`, first match wins."""
+
+    def __init__(self, rank: int, world_size: int, rules: List[Tuple[str, Optional[int]]]) -> None: ...
+    def split(self, name: str, shape: List[int]) -> Optional[Tuple[int, int, int]]: ...

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 
 from . import _dtypes, _save
 from ._open import _to_torch, safe_open
-from ._tensafe_rust import deserialize
+from ._tensafe_rust import TensorParallelPlan, deserialize
 
 #: torch dtype -> element size in bytes (F4 counts its packed byte), as the reference exposes it.
 _SIZE: Dict[Any, int] = {}
@@ -253,6 +253,49 @@ def load_file(
     """
     with safe_open(filename, framework="pt", device=device, backend=backend) as f:
         return f.get_tensors(threads=threads, progress=progress, drop_cache=drop_cache)
+
+
+class TensorParallelLoad(NamedTuple):
+    """What `load_tensor_parallel` returns."""
+
+    tensors: Dict[str, torch.Tensor]
+    #: Bytes of tensor data this rank read.
+    bytes_read: int
+    #: Bytes of tensor data in the whole checkpoint.
+    total_bytes: int
+
+
+def load_tensor_parallel(
+    filename: Union[str, os.PathLike],
+    rank: int,
+    world_size: int,
+    rules: List[Tuple[str, Optional[int]]],
+    device: Union[str, int] = "cpu",
+    *,
+    backend: str = "pread",
+) -> TensorParallelLoad:
+    """Loads only this rank's part of every tensor of a file or sharded checkpoint.
+
+    `rules` are `(glob pattern, dim)` pairs matched against tensor names in
+    order: the first match splits the tensor along `dim` (contiguous parts,
+    the first `size % world_size` ranks one row larger), `dim=None` replicates
+    it; unmatched tensors are replicated. With `backend="pread"` only the
+    selected bytes are read from storage.
+    """
+    plan = TensorParallelPlan(rank, world_size, rules)
+    tensors: Dict[str, torch.Tensor] = {}
+    read = total = 0
+    with safe_open(filename, framework="pt", device=device, backend=backend) as f:
+        for name in f.offset_keys():
+            part = f.get_slice(name)
+            full_shape = part.get_shape()
+            split = plan.split(name, full_shape)
+            index = () if split is None else (slice(None),) * split[0] + (slice(split[1], split[2]),)
+            tensor = part[index]
+            tensors[name] = tensor
+            read += tensor.element_size() * tensor.nelement()
+            total += _dtypes.byte_size(part.get_dtype(), full_shape)
+    return TensorParallelLoad(tensors, read, total)
 
 
 def load_model(

@@ -1,0 +1,57 @@
+"""Tensor-parallel loads: each rank reads only its part."""
+
+import torch
+
+import tensafe.torch as ts_pt
+
+RULES = [("*.q.weight", 0), ("*.o.weight", 1), ("*norm*", None), ("embed", 0)]
+
+
+def bytes_read_by_process():
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def checkpoint(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {"embed": torch.randn(1001, 64, generator=g)}
+    for i in range(3):
+        sd[f"l{i}.q.weight"] = torch.randn(256, 64, generator=g).to(torch.bfloat16)
+        sd[f"l{i}.o.weight"] = torch.randn(64, 256, generator=g)
+        sd[f"l{i}.norm.weight"] = torch.randn(64, generator=g)
+    ts_pt.save_sharded(sd, tmp_path, max_shard_size="200KB")
+    return sd
+
+
+def test_four_ranks_tile_every_tensor_and_read_a_quarter(tmp_path):
+    sd = checkpoint(tmp_path)
+    parts = []
+    for rank in range(4):
+        before = bytes_read_by_process()
+        loaded = ts_pt.load_tensor_parallel(tmp_path, rank, 4, RULES)
+        from_storage = bytes_read_by_process() - before
+        parts.append(loaded.tensors)
+        replicated = sum(t.nbytes for n, t in sd.items() if "norm" in n)
+        split = loaded.total_bytes - replicated
+        # About a quarter of the split tensors (embed's 1001 rows do not divide by 4).
+        assert abs(loaded.bytes_read - replicated - split / 4) <= 64 * 4, (rank, loaded.bytes_read)
+        # What came from storage is that, plus the headers (each under 64 KiB).
+        assert loaded.bytes_read <= from_storage <= loaded.bytes_read + 8 * 65536, (from_storage, loaded.bytes_read)
+    for name, full in sd.items():
+        if "norm" in name:
+            assert all(torch.equal(p[name], full) for p in parts)
+        else:
+            dim = 1 if ".o." in name else 0
+            assert torch.equal(torch.cat([p[name] for p in parts], dim=dim), full), name
+    # embed: 1001 rows → 251, 250, 250, 250.
+    assert [p["embed"].shape[0] for p in parts] == [251, 250, 250, 250]
+
+
+def test_same_parts_from_mmap_and_a_single_file(tmp_path):
+    sd = checkpoint(tmp_path)
+    single = tmp_path / "single.safetensors"
+    ts_pt.save_file(sd, single)
+    a = ts_pt.load_tensor_parallel(single, 2, 4, RULES, backend="mmap")
+    b = ts_pt.load_tensor_parallel(tmp_path, 2, 4, RULES)
+    assert a.bytes_read == b.bytes_read and a.total_bytes == b.total_bytes
+    assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in sd)
