@@ -1,0 +1,297 @@
+//! [`RemoteFile`]: a safetensors object whose header has been read and
+//! validated, with tensors, slices and whole data sections fetched on demand.
+
+use std::sync::Arc;
+
+use object_store::{GetOptions, GetRange, ObjectStore};
+use tensafe::{Header, SlicePlan};
+
+use crate::error::{RemoteError, Result};
+use crate::fetch::{classify, read_pieces, Object, Piece};
+use crate::store::{block_on, store_for, RemoteUrl};
+use crate::traffic::{Counter, Probe, Traffic};
+use crate::RemoteOptions;
+
+/// A remote safetensors file opened for reading.
+///
+/// Opening reads the header alone, in one range request (two when the
+/// header is longer than [`RemoteOptions::first_read`]). Reads after that
+/// send `If-Match` with the object's ETag (when the server gave one), so an
+/// object replaced in the meantime is an error ([`RemoteError::Changed`])
+/// rather than a mix of old header and new data.
+#[derive(Debug)]
+pub struct RemoteFile {
+    url: RemoteUrl,
+    store: Arc<dyn ObjectStore>,
+    header: Header,
+    size: u64,
+    etag: Option<String>,
+    options: RemoteOptions,
+    /// This file's counter, then the caller's ([`RemoteOptions::counter`]).
+    counters: [Counter; 2],
+}
+
+/// One byte range of a remote file to read into a destination buffer (see [`read_into`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteRange<'f> {
+    /// The file.
+    pub file: &'f RemoteFile,
+    /// Offset in the file (not in its data section).
+    pub file_offset: u64,
+    /// Offset in the destination buffer.
+    pub dst_offset: usize,
+    /// Number of bytes.
+    pub len: usize,
+}
+
+impl RemoteFile {
+    /// Opens `url` with default options and reads its header.
+    pub fn open(url: &str) -> Result<RemoteFile> {
+        RemoteFile::open_with(url, &RemoteOptions::default())
+    }
+
+    /// Opens `url` and reads its header.
+    pub fn open_with(url: &str, options: &RemoteOptions) -> Result<RemoteFile> {
+        let url = RemoteUrl::parse(url)?;
+        block_on(RemoteFile::open_async(url, options))?
+    }
+
+    /// Opens several files at once (e.g. the shards of a checkpoint), with up
+    /// to [`RemoteOptions::concurrency`] header reads in flight.
+    pub fn open_many(urls: &[&str], options: &RemoteOptions) -> Result<Vec<RemoteFile>> {
+        let urls = urls.iter().map(|u| RemoteUrl::parse(u)).collect::<Result<Vec<_>>>()?;
+        block_on(async {
+            use futures::StreamExt;
+            futures::stream::iter(urls.into_iter().map(|url| RemoteFile::open_async(url, options)))
+                .buffered(options.concurrency.max(1))
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect()
+        })?
+    }
+
+    async fn open_async(url: RemoteUrl, options: &RemoteOptions) -> Result<RemoteFile> {
+        let store = store_for(&url, options)?;
+        let counters = [Counter::new(), options.counter.clone()];
+        let name = url.to_string();
+        let probe = Probe::new(counters.to_vec(), options.max_retry_after);
+        let object = |size, etag| Object { url: &name, store: store.as_ref(), path: url.object_path(), size, etag, counters: &counters };
+
+        // First request: the start of the file, which tells the size too.
+        let first_len = options.first_read.max(8) as u64;
+        let get = GetOptions { range: Some(GetRange::Bounded(0..first_len)), extensions: probe.extensions(), ..GetOptions::default() };
+        let first = match store.get_opts(url.object_path(), get).await {
+            Ok(result) => result,
+            Err(e) => {
+                let error = classify(e, &probe, &object(0, None), 0..first_len);
+                return Err(match error {
+                    // An empty object has no byte 0 (416), or some servers
+                    // answer it with an empty 200: say what the format says.
+                    RemoteError::RangeNotSatisfiable { .. } => RemoteFile::empty_or(error, &url, &store, options).await,
+                    RemoteError::RangeIgnored { .. } if probe.whole_object_len().is_some_and(|n| n < 8) => {
+                        let n = probe.whole_object_len().unwrap_or_default();
+                        Header::header_len(&[], n, &options.read_options).map_or_else(|e| RemoteError::format(&name, e), |_| error)
+                    }
+                    other => other,
+                });
+            }
+        };
+        let size = first.meta.size;
+        let etag = first.meta.e_tag.clone();
+        let expected = first.range.clone();
+        let prefix = first.bytes().await.map_err(|e| classify(e, &probe, &object(size, None), expected.clone()))?;
+        if expected.start != 0 || prefix.len() as u64 != expected.end || expected.end != first_len.min(size) {
+            return Err(RemoteError::WrongLength { url: name, range: 0..first_len.min(size), received: prefix.len() as u64, attempts: 1 });
+        }
+        let format = |e| RemoteError::format(&name, e);
+        let n = Header::header_len(&prefix, size, &options.read_options).map_err(format)?;
+        let header = if 8 + n <= prefix.len() {
+            Header::parse(&prefix[8..8 + n], size).map_err(format)?
+        } else {
+            // Second request: the rest of the header.
+            let mut json = vec![0u8; n];
+            let have = prefix.len() - 8;
+            json[..have].copy_from_slice(&prefix[8..]);
+            let piece = Piece { object: 0, offset: prefix.len() as u64, dst_offset: 0, len: n - have };
+            read_pieces(&[object(size, etag.as_deref())], &[piece], &mut json[have..], options, None).await?;
+            Header::parse(&json, size).map_err(format)?
+        };
+        Ok(RemoteFile { url, store, header, size, etag, options: options.clone(), counters })
+    }
+
+    /// The error for a 416 on the first bytes: a HEAD tells whether the object is empty.
+    async fn empty_or(error: RemoteError, url: &RemoteUrl, store: &Arc<dyn ObjectStore>, options: &RemoteOptions) -> RemoteError {
+        let probe = Probe::new(vec![options.counter.clone()], options.max_retry_after);
+        let head = GetOptions { head: true, extensions: probe.extensions(), ..GetOptions::default() };
+        match store.get_opts(url.object_path(), head).await {
+            Ok(result) if result.meta.size < 8 => match Header::header_len(&[], result.meta.size, &options.read_options) {
+                Err(e) => RemoteError::format(url.as_str(), e),
+                Ok(_) => error,
+            },
+            _ => error,
+        }
+    }
+
+    /// The URL.
+    pub fn url(&self) -> &RemoteUrl {
+        &self.url
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Size of the object in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The object's ETag when opened, if the server sent one.
+    pub fn etag(&self) -> Option<&str> {
+        self.etag.as_deref()
+    }
+
+    /// The options the file was opened with.
+    pub fn options(&self) -> &RemoteOptions {
+        &self.options
+    }
+
+    /// Requests made and bytes received for this file so far, opening included.
+    pub fn traffic(&self) -> Traffic {
+        self.counters[0].traffic()
+    }
+
+    fn object(&self) -> Object<'_> {
+        Object {
+            url: self.url.as_str(),
+            store: self.store.as_ref(),
+            path: self.url.object_path(),
+            size: self.size,
+            etag: self.etag.as_deref(),
+            counters: &self.counters,
+        }
+    }
+
+    /// A range of this file for [`read_into`]: `len` bytes at `file_offset` to `dst_offset`.
+    pub fn range(&self, file_offset: u64, dst_offset: usize, len: usize) -> RemoteRange<'_> {
+        RemoteRange { file: self, file_offset, dst_offset, len }
+    }
+
+    /// Reads one tensor's bytes into a new buffer.
+    pub fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
+        let len = self.header.info(name).map_err(|e| RemoteError::format(self.url.as_str(), e))?.byte_len();
+        let mut buf = vec![0u8; len];
+        self.read_tensor_into(name, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads one tensor's bytes into `dst`, which must have exactly its size.
+    pub fn read_tensor_into(&self, name: &str, dst: &mut [u8]) -> Result<Traffic> {
+        let format = |e| RemoteError::format(self.url.as_str(), e);
+        let info = self.header.info(name).map_err(format)?;
+        if dst.len() != info.byte_len() {
+            return Err(format(tensafe::Error::BufferSize { expected: info.byte_len() as u64, actual: dst.len() as u64 }));
+        }
+        let at = self.header.data_start() + info.data_offsets.0 as u64;
+        read_into(&[self.range(at, 0, dst.len())], dst, &self.options, None)
+    }
+
+    /// Reads only the bytes a slice selects into `dst` (`plan.byte_len()`
+    /// bytes): the plan's runs become range requests, merged across gaps of
+    /// at most [`RemoteOptions::merge_gap`].
+    pub fn read_slice_into(&self, name: &str, plan: &SlicePlan, dst: &mut [u8]) -> Result<Traffic> {
+        let format = |e| RemoteError::format(self.url.as_str(), e);
+        let info = self.header.info(name).map_err(format)?;
+        if dst.len() != plan.byte_len() {
+            return Err(format(tensafe::Error::BufferSize { expected: plan.byte_len() as u64, actual: dst.len() as u64 }));
+        }
+        let base = self.header.data_start() + info.data_offsets.0 as u64;
+        if plan.ranges().last().is_some_and(|r| r.end > info.byte_len()) {
+            return Err(format(tensafe::Error::BufferSize { expected: plan.ranges().last().map_or(0, |r| r.end) as u64, actual: info.byte_len() as u64 }));
+        }
+        let mut written = 0usize;
+        let ranges: Vec<RemoteRange<'_>> = plan
+            .ranges()
+            .map(|r| {
+                let range = self.range(base + r.start as u64, written, r.len());
+                written += r.len();
+                range
+            })
+            .collect();
+        read_into(&ranges, dst, &self.options, None)
+    }
+
+    /// Reads the whole data section (every tensor, in file order) into `dst`
+    /// (`header().data_len()` bytes) with [`RemoteOptions::concurrency`]
+    /// requests in flight. `progress` gets the running total of bytes delivered.
+    pub fn read_data_into(&self, dst: &mut [u8], progress: Option<&(dyn Fn(u64) + Sync)>) -> Result<Traffic> {
+        if dst.len() != self.header.data_len() {
+            return Err(RemoteError::format(
+                self.url.as_str(),
+                tensafe::Error::BufferSize { expected: self.header.data_len() as u64, actual: dst.len() as u64 },
+            ));
+        }
+        read_into(&[self.range(self.header.data_start(), 0, dst.len())], dst, &self.options, progress)
+    }
+
+    /// Streams the data section through `visit` in order, `window` bytes at a
+    /// time (each window fetched with concurrent requests), using one buffer
+    /// of `window` bytes. `visit` gets each window's offset in the data
+    /// section; `progress` the running total over the whole section.
+    pub fn stream_data<E: From<RemoteError>>(
+        &self,
+        window: usize,
+        progress: Option<&(dyn Fn(u64) + Sync)>,
+        mut visit: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Traffic, E> {
+        let total = self.header.data_len() as u64;
+        let window = window.max(1) as u64;
+        let mut buf = vec![0u8; window.min(total) as usize];
+        let mut traffic = Traffic::default();
+        let mut at = 0u64;
+        while at < total {
+            let len = window.min(total - at) as usize;
+            let base = at;
+            let shifted = move |n: u64| {
+                if let Some(p) = progress {
+                    p(base + n);
+                }
+            };
+            let range = self.range(self.header.data_start() + at, 0, len);
+            let step = read_into(&[range], &mut buf[..len], &self.options, Some(&shifted))?;
+            traffic = Traffic { requests: traffic.requests + step.requests, bytes: traffic.bytes + step.bytes };
+            visit(at, &buf[..len])?;
+            at += len as u64;
+        }
+        Ok(traffic)
+    }
+}
+
+/// Reads byte ranges of one or several remote files into `dst` with
+/// coalesced, concurrent range requests (like `tensafe_io::read_into` for
+/// local files). `options` sets the concurrency and request sizes; the files
+/// keep their own clients and counters.
+///
+/// Ranges must lie inside their file and inside `dst`, and must not overlap
+/// in `dst` (checked). Returns the traffic of this call.
+pub fn read_into(ranges: &[RemoteRange<'_>], dst: &mut [u8], options: &RemoteOptions, progress: Option<&(dyn Fn(u64) + Sync)>) -> Result<Traffic> {
+    // One object entry per distinct file, in first-seen order.
+    let mut files: Vec<&RemoteFile> = Vec::new();
+    let pieces: Vec<Piece> = ranges
+        .iter()
+        .map(|r| {
+            let object = match files.iter().position(|f| std::ptr::eq(*f, r.file)) {
+                Some(i) => i,
+                None => {
+                    files.push(r.file);
+                    files.len() - 1
+                }
+            };
+            Piece { object, offset: r.file_offset, dst_offset: r.dst_offset, len: r.len }
+        })
+        .collect();
+    let objects: Vec<Object<'_>> = files.iter().map(|f| f.object()).collect();
+    block_on(read_pieces(&objects, &pieces, dst, options, progress))?
+}

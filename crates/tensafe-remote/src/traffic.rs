@@ -1,0 +1,253 @@
+//! Counting what goes over the wire, and the HTTP layer that counts it.
+//!
+//! Every request the object store client sends (retries and HEADs included)
+//! passes through [`InstrumentedConnector`]'s service, which counts it and the
+//! response body bytes as they arrive, into the process-wide counter and into
+//! the counters of the [`Probe`] that tensafe attaches to its own requests.
+//! The same layer detects servers that ignore `Range` (and drops their body
+//! unread) and honours `Retry-After` on 429/503 answers.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body::{Body, Frame, SizeHint};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpResponseBody, HttpService, ReqwestConnector,
+};
+use object_store::ClientOptions;
+
+/// Requests made and response body bytes received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// HTTP requests sent (each retry counts).
+    pub requests: u64,
+    /// Response body bytes received (error bodies and retried bytes included).
+    pub bytes: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, earlier: Traffic) -> Traffic {
+        Traffic { requests: self.requests - earlier.requests, bytes: self.bytes - earlier.bytes }
+    }
+}
+
+/// A shared, thread-safe traffic counter. Clones count into the same totals.
+///
+/// Give one to [`RemoteOptions::counter`](crate::RemoteOptions::counter) to
+/// total several files (e.g. everything one rank reads); every file also has
+/// its own ([`RemoteFile::traffic`](crate::RemoteFile::traffic)), and
+/// [`global_traffic`] totals the whole process.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(Arc<CounterCells>);
+
+#[derive(Debug, Default)]
+struct CounterCells {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Counter {
+    /// A counter at zero.
+    pub fn new() -> Counter {
+        Counter::default()
+    }
+
+    /// The totals so far.
+    pub fn traffic(&self) -> Traffic {
+        Traffic { requests: self.0.requests.load(Ordering::Relaxed), bytes: self.0.bytes.load(Ordering::Relaxed) }
+    }
+
+    fn add_request(&self) {
+        self.0.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn add_bytes(&self, n: u64) {
+        self.0.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+static GLOBAL: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::new);
+
+/// Everything tensafe-remote sent and received in this process so far
+/// (credential requests included).
+pub fn global_traffic() -> Traffic {
+    GLOBAL.traffic()
+}
+
+/// Attached to tensafe's requests (as an `http::Extensions` value that the
+/// object store client passes through): where to count, and what the HTTP
+/// layer saw.
+#[derive(Debug, Clone)]
+pub(crate) struct Probe(Arc<ProbeState>);
+
+#[derive(Debug)]
+struct ProbeState {
+    counters: Vec<Counter>,
+    retry_after_cap: Duration,
+    range_ignored: AtomicBool,
+    last_status: AtomicU16,
+    /// Content-Length of a 200 answer to a range request (`u64::MAX`: none).
+    whole_len: AtomicU64,
+}
+
+impl Probe {
+    pub(crate) fn new(counters: Vec<Counter>, retry_after_cap: Duration) -> Probe {
+        Probe(Arc::new(ProbeState { counters, retry_after_cap, range_ignored: AtomicBool::new(false), last_status: AtomicU16::new(0), whole_len: AtomicU64::new(u64::MAX) }))
+    }
+
+    /// Whether a range request got a 200 answer.
+    pub(crate) fn range_ignored(&self) -> bool {
+        self.0.range_ignored.load(Ordering::Relaxed)
+    }
+
+    /// The object's length, when a range request was answered with all of it.
+    pub(crate) fn whole_object_len(&self) -> Option<u64> {
+        Some(self.0.whole_len.load(Ordering::Relaxed)).filter(|&n| n != u64::MAX)
+    }
+
+    /// Status of the last response (0 before any).
+    pub(crate) fn last_status(&self) -> u16 {
+        self.0.last_status.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn extensions(&self) -> http::Extensions {
+        let mut extensions = http::Extensions::new();
+        extensions.insert(self.clone());
+        extensions
+    }
+
+    fn add_request(&self) {
+        self.0.counters.iter().for_each(Counter::add_request);
+    }
+
+    fn add_bytes(&self, n: u64) {
+        self.0.counters.iter().for_each(|c| c.add_bytes(n));
+    }
+}
+
+/// Builds object store clients whose requests go through [`Instrumented`].
+#[derive(Debug, Default)]
+pub(crate) struct InstrumentedConnector;
+
+impl HttpConnector for InstrumentedConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let inner = ReqwestConnector::default().connect(options)?;
+        Ok(HttpClient::new(Instrumented(inner)))
+    }
+}
+
+#[derive(Debug)]
+struct Instrumented(HttpClient);
+
+/// Longest `Retry-After` that is honoured when no probe says otherwise.
+const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
+
+#[async_trait::async_trait]
+impl HttpService for Instrumented {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let probe = request.extensions().get::<Probe>().cloned();
+        let ranged = request.headers().contains_key(http::header::RANGE);
+        GLOBAL.add_request();
+        if let Some(p) = &probe {
+            p.add_request();
+        }
+        let response = self.0.execute(request).await?;
+        let status = response.status();
+        if let Some(p) = &probe {
+            p.0.last_status.store(status.as_u16(), Ordering::Relaxed);
+        }
+        if ranged && status == StatusCode::OK {
+            // The whole object is coming: drop the body unread (closing the
+            // connection) and let the client report the missing 206.
+            if let Some(p) = &probe {
+                p.0.range_ignored.store(true, Ordering::Relaxed);
+                let length = response.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+                p.0.whole_len.store(length.unwrap_or(u64::MAX), Ordering::Relaxed);
+            }
+            let (parts, _whole_object) = response.into_parts();
+            return Ok(HttpResponse::from_parts(parts, HttpResponseBody::from(Bytes::new())));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            // The client retries these with its own backoff; wait first as long
+            // as the server asked (bounded), so a retry does not come too early.
+            let cap = probe.as_ref().map_or(DEFAULT_RETRY_AFTER_CAP, |p| p.0.retry_after_cap);
+            if let Some(wait) = retry_after(response.headers()) {
+                tokio::time::sleep(wait.min(cap)).await;
+            }
+        }
+        let (parts, body) = response.into_parts();
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(CountingBody { inner: body, probe })))
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not used by object stores).
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+/// A response body that counts its data bytes as they are received.
+struct CountingBody {
+    inner: HttpResponseBody,
+    probe: Option<Probe>,
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &poll
+            && let Some(data) = frame.data_ref()
+        {
+            let n = data.len() as u64;
+            GLOBAL.add_bytes(n);
+            if let Some(p) = &this.probe {
+                p.add_bytes(n);
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_only() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(http::header::RETRY_AFTER, " 3 ".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
+        headers.insert(http::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn counters_add_up() {
+        let (a, b) = (Counter::new(), Counter::new());
+        let probe = Probe::new(vec![a.clone(), b.clone()], Duration::ZERO);
+        probe.add_request();
+        probe.add_bytes(10);
+        probe.add_bytes(5);
+        assert_eq!(a.traffic(), Traffic { requests: 1, bytes: 15 });
+        assert_eq!(b.traffic() - Traffic { requests: 1, bytes: 5 }, Traffic { requests: 0, bytes: 10 });
+    }
+}
