@@ -110,7 +110,7 @@ fn print_report(r: &ScanReport, verbose: bool) {
         for a in rep.anomalies.iter().filter(|a| show(a.severity)) {
             println!("  [{:?}] {} offset {}: {}: {}", a.severity, rep.name, a.offset, a.kind, a.detail);
         }
-        if rep.dropped_events > 0 {
+        if rep.dropped_events > 0 && (verbose || rep.severity() > Severity::Safe) {
             println!("  {}: {} more events not recorded", rep.name, rep.dropped_events);
         }
         if let Some(e) = &rep.error {

@@ -387,7 +387,7 @@ impl<'o> Scanner<'o> {
         }
         // The data.pkl torch resolves: the last entry of that name.
         let torch_pkl = archive.entries.iter().rposition(|e| e.name == format!("{prefix}/data.pkl"));
-        let mut storage_records: Vec<String> = Vec::new();
+        let mut storage_records: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut order: Vec<usize> = (0..archive.entries.len()).collect();
         if let Some(i) = torch_pkl {
             order.retain(|&j| j != i);
@@ -431,7 +431,7 @@ impl<'o> Scanner<'o> {
             }
             if is_torch_pkl {
                 for key in &storages.order {
-                    storage_records.push(format!("{prefix}/data/{key}"));
+                    storage_records.insert(format!("{prefix}/data/{key}"));
                     let decl = &storages.by_key[key];
                     match archive.get(&format!("{prefix}/data/{key}")) {
                         None => r.finding(Severity::Suspicious, "storage", format!("storage `{key}` has no record")),

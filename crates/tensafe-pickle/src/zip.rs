@@ -12,7 +12,7 @@
 //! converter can refuse and the scanner can report them.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use crate::limits::Limits;
 
@@ -51,6 +51,8 @@ pub struct Archive {
     pub entries: Vec<Entry>,
     /// Strictness violations (empty for a clean torch archive).
     pub problems: Vec<String>,
+    /// Name → index of its last entry (the one torch's reader resolves).
+    by_name: HashMap<String, usize>,
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -244,9 +246,9 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         problems.push(format!("central directory declares {cd_size} bytes but its entries take {}", at as u64 - cd_offset));
     }
 
-    let mut seen = HashSet::new();
-    for e in &entries {
-        if !seen.insert(e.name.as_str()) {
+    let mut by_name = HashMap::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        if by_name.insert(e.name.clone(), i).is_some() {
             problems.push(format!("duplicate entry name `{}`", e.name));
         }
     }
@@ -268,7 +270,7 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     } else if cursor > cd_offset {
         problems.push("the last entry overlaps the central directory".to_string());
     }
-    Ok(Archive { entries, problems })
+    Ok(Archive { entries, problems, by_name })
 }
 
 /// Length of the data descriptor after an entry (0 without flag 0x0008).
@@ -309,9 +311,9 @@ fn name_problem(name: &str, limits: &Limits) -> Option<&'static str> {
 }
 
 impl Archive {
-    /// The entry with this exact name.
+    /// The entry with this exact name (the last one, if duplicated).
     pub fn get(&self, name: &str) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.name == name)
+        self.by_name.get(name).map(|&i| &self.entries[i])
     }
 
     /// An entry's uncompressed bytes: borrowed when stored, inflated (to

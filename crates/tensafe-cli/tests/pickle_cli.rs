@@ -1,0 +1,84 @@
+//! Exit codes and output of `tensafe scan`, `convert` and `diff` on small
+//! hand-made inputs (the torch-made corpus is in python/tests/test_convert.py).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tensafe::{Dtype, RawTensor};
+
+fn run(args: &[&str], paths: &[&Path]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tensafe")).args(args).args(paths).output().expect("the binary runs")
+}
+
+/// The legacy stream torch writes for `{'w': tensor([1., 2.])}`.
+fn legacy_checkpoint() -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.");
+    out.extend_from_slice(b"\x80\x02M\xe9\x03.");
+    out.extend_from_slice(b"\x80\x02}(X\x10\x00\x00\x00protocol_versionM\xe9\x03X\x0d\x00\x00\x00little_endian\x88X\x0a\x00\x00\x00type_sizes}(X\x05\x00\x00\x00shortK\x02X\x03\x00\x00\x00intK\x04X\x04\x00\x00\x00longK\x04uu.");
+    out.extend_from_slice(b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x007X\x03\x00\x00\x00cpuK\x02NtQK\x00K\x02\x85K\x01\x85\x89}tRu.");
+    out.extend_from_slice(b"\x80\x02]X\x01\x00\x00\x007a.");
+    out.extend_from_slice(&2u64.to_le_bytes());
+    out.extend_from_slice(&1f32.to_le_bytes());
+    out.extend_from_slice(&2f32.to_le_bytes());
+    out
+}
+
+#[test]
+fn scan_exit_codes_are_0_safe_1_flagged_2_unscannable() {
+    let dir = tempfile::tempdir().unwrap();
+    let safe = dir.path().join("model.bin");
+    std::fs::write(&safe, legacy_checkpoint()).unwrap();
+    let evil = dir.path().join("innocent.safetensors");
+    std::fs::write(&evil, b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00idq\x00\x85R.").unwrap();
+    let gz = dir.path().join("model.pt.gz");
+    std::fs::write(&gz, b"\x1f\x8b\x08\x00\x00\x00\x00\x00").unwrap();
+
+    let out = run(&["scan"], &[&safe]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("SAFE"));
+
+    let out = run(&["scan"], &[&safe, &evil]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("DANGEROUS") && text.contains("posix.system"), "{text}");
+
+    let out = run(&["scan"], &[&safe, &gz]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&["scan", "--json"], &[dir.path()]);
+    assert_eq!(out.status.code(), Some(1));
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reports.as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn convert_writes_or_refuses_and_diff_proves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("model.bin");
+    std::fs::write(&input, legacy_checkpoint()).unwrap();
+    let output = dir.path().join("model.safetensors");
+    let out = run(&["convert"], &[&input, &output]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&output).unwrap();
+    let st = tensafe::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("w").unwrap().data(), [1f32.to_le_bytes(), 2f32.to_le_bytes()].concat());
+
+    // The checkpoint and its conversion hold the same tensors.
+    assert_eq!(run(&["diff"], &[&input, &output]).status.code(), Some(0));
+    let other = dir.path().join("other.safetensors");
+    let data = [1f32.to_le_bytes(), 4f32.to_le_bytes()].concat();
+    tensafe::serialize_to_file([("w", RawTensor { dtype: Dtype::F32, shape: &[2], data: &data })], None, &other).unwrap();
+    let out = run(&["diff"], &[&output, &other]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("max abs difference 2"));
+    assert_eq!(run(&["diff"], &[&output, &dir.path().join("missing")]).status.code(), Some(2));
+
+    // A hostile file is refused and nothing is written.
+    let evil = dir.path().join("evil.pt");
+    std::fs::write(&evil, b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00idq\x00\x85R.").unwrap();
+    let target = dir.path().join("evil.safetensors");
+    let out = run(&["convert"], &[&evil, &target]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("posix.system"));
+    assert!(!target.exists());
+}

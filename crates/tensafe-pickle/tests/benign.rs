@@ -1,0 +1,203 @@
+//! Benign inputs torch no longer writes (or that need hand assembly):
+//! Python 2-era strings, legacy storage views, big-endian legacy streams,
+//! NumPy files, and the geometry and byte-order paths checked against a
+//! naive index loop.
+
+mod common;
+
+use common::*;
+use tensafe::SafeTensors;
+use tensafe_pickle::{scan_bytes, ConvertOptions, ScanOptions, Verdict};
+
+fn convert(bytes: &[u8]) -> Vec<(String, tensafe::Dtype, Vec<usize>, Vec<u8>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, out) = (dir.path().join("in.bin"), dir.path().join("out.safetensors"));
+    std::fs::write(&input, bytes).unwrap();
+    tensafe_pickle::convert_file(&input, &out, &ConvertOptions::default()).unwrap();
+    let data = std::fs::read(&out).unwrap();
+    let st = SafeTensors::deserialize(&data).unwrap();
+    let mut tensors: Vec<_> = st.tensors().map(|(n, v)| (n.to_owned(), v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+#[test]
+fn python2_short_binstring_keys() {
+    let pkl = Asm::new()
+        .proto(2)
+        .global("collections", "OrderedDict")
+        .empty_tuple()
+        .reduce()
+        .mark()
+        .op(b'U')
+        .raw(&[6])
+        .raw(b"weight")
+        .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
+        .setitems()
+        .stop()
+        .finish();
+    let t = convert(&torch_zip(&pkl, &[("0", &floats12())]));
+    assert_eq!(t[0].0, "weight");
+    assert_eq!(t[0].3, floats12());
+}
+
+#[test]
+fn protocol0_text_opcodes_build_the_same_state_dict() {
+    // (dict) 'w' → _rebuild_tensor_v2 with every argument in text form.
+    let pkl = Asm::new()
+        .op(b'(')
+        .op(b'd')
+        .raw(b"p0\n")
+        .raw(b"S'w'\np1\n")
+        .global("torch._utils", "_rebuild_tensor_v2")
+        .mark()
+        .mark()
+        .raw(b"S'storage'\n")
+        .global("torch", "FloatStorage")
+        .raw(b"S'0'\nS'cpu'\nI12\n")
+        .tuple()
+        .binpersid()
+        .raw(b"I0\n")
+        .mark()
+        .raw(b"L3L\nI4\n")
+        .tuple()
+        .mark()
+        .raw(b"I4\nI1\n")
+        .tuple()
+        .raw(b"I00\n")
+        .global("collections", "OrderedDict")
+        .mark()
+        .tuple()
+        .reduce()
+        .tuple()
+        .reduce()
+        .setitem()
+        .stop()
+        .finish();
+    let t = convert(&torch_zip(&pkl, &[("0", &floats12())]));
+    assert_eq!((t[0].0.as_str(), t[0].2.clone()), ("w", vec![3, 4]));
+    assert_eq!(t[0].3, floats12());
+}
+
+#[test]
+fn legacy_storage_views_and_big_endian_streams() {
+    // A legacy pid with view metadata: view '5' = elements [4, 10) of root '1'.
+    let object = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .mark()
+        .str("v")
+        .global("torch._utils", "_rebuild_tensor_v2")
+        .mark()
+        .mark()
+        .str("storage")
+        .global("torch", "FloatStorage")
+        .str("1")
+        .str("cpu")
+        .int(12)
+        .str("5")
+        .int(4)
+        .int(6)
+        .op(0x87)
+        .tuple()
+        .binpersid()
+        .int(1)
+        .ints_tuple(&[2, 2])
+        .ints_tuple(&[1, 2])
+        .newfalse()
+        .empty_dict()
+        .tuple()
+        .reduce()
+        .setitems()
+        .stop()
+        .finish();
+    let little = legacy_stream(legacy_magic(), legacy_sys_info(), object.clone(), legacy_keys(&["1"]), &[(12, &floats12())]);
+    let t = convert(&little);
+    // View elements 4..10 = [4..10]; offset 1 → 5; shape (2,2) stride (1,2): [[5,7],[6,8]].
+    let expect: Vec<u8> = [5f32, 7., 6., 8.].iter().flat_map(|f| f.to_le_bytes()).collect();
+    assert_eq!(t[0].3, expect);
+    // The same data written by a big-endian machine.
+    let sys_be = legacy_sys_info().into_iter().map(|b| if b == 0x88 { 0x89 } else { b }).collect::<Vec<u8>>();
+    let be_data: Vec<u8> = (0..12).flat_map(|i| (i as f32).to_be_bytes()).collect();
+    let mut big = legacy_magic();
+    big.extend(Asm::new().proto(2).int(1001).stop().finish());
+    big.extend(sys_be);
+    big.extend(object);
+    big.extend(legacy_keys(&["1"]));
+    big.extend_from_slice(&12u64.to_be_bytes());
+    big.extend_from_slice(&be_data);
+    assert_eq!(convert(&big), t);
+    assert_eq!(scan_bytes(&big, "big", &ScanOptions::default()).verdict, Verdict::Safe);
+}
+
+#[test]
+fn strided_views_match_a_naive_index_loop() {
+    // Storage of 60 int16; views with assorted offsets, sizes and strides.
+    let storage: Vec<u8> = (0..60i16).flat_map(|i| (i * 3 - 7).to_le_bytes()).collect();
+    let cases: &[(i64, &[i64], &[i64])] = &[
+        (0, &[60], &[1]),
+        (5, &[3, 4], &[4, 1]),
+        (1, &[4, 3], &[1, 4]),
+        (2, &[2, 3, 4], &[1, 8, 2]),
+        (0, &[5, 2], &[0, 1]),
+        (3, &[2, 1, 3], &[10, 7, 2]),
+        (59, &[], &[]),
+        (0, &[0, 7], &[1, 1]),
+        (0, &[3, 3, 3], &[20, 6, 2]),
+    ];
+    for (offset, size, stride) in cases {
+        let pkl = Asm::new()
+            .proto(2)
+            .empty_dict()
+            .mark()
+            .str("x")
+            .tensor_v2("ShortStorage", "0", 60, *offset, size, stride)
+            .setitems()
+            .stop()
+            .finish();
+        let t = convert(&torch_zip(&pkl, &[("0", &storage)]));
+        // Naive: every index of the output in row-major order.
+        let mut expect = Vec::new();
+        let n: i64 = size.iter().product();
+        for flat in 0..n {
+            let mut rem = flat;
+            let mut at = *offset;
+            for d in (0..size.len()).rev() {
+                at += (rem % size[d]) * stride[d];
+                rem /= size[d];
+            }
+            expect.extend_from_slice(&storage[at as usize * 2..at as usize * 2 + 2]);
+        }
+        assert_eq!(t[0].3, expect, "offset {offset} size {size:?} stride {stride:?}");
+        assert_eq!(t[0].2, size.iter().map(|&s| s as usize).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn numpy_files_are_scanned_by_content() {
+    fn npy(descr: &str, payload: &[u8]) -> Vec<u8> {
+        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (1,), }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+    let plain = npy("<f4", &1f32.to_le_bytes());
+    assert_eq!(scan_bytes(&plain, "a.npy", &ScanOptions::default()).verdict, Verdict::Safe);
+    let evil = Asm::new().proto(2).global("posix", "system").str("id").tuple1().reduce().stop().finish();
+    let object = npy("|O", &evil);
+    let r = scan_bytes(&object, "b.npy", &ScanOptions::default());
+    assert_eq!(r.verdict, Verdict::Dangerous);
+    // The same inside an .npz (a zip of .npy members).
+    let npz = Zip::new(vec![Entry::new("a.npy", &plain), Entry::new("b.npy", &object)]).build();
+    let r = scan_bytes(&npz, "x.npz", &ScanOptions::default());
+    assert_eq!((r.container.as_str(), r.verdict), ("npz", Verdict::Dangerous));
+    // A joblib-style plain pickle with numpy globals is at least suspicious.
+    let joblib = Asm::new().proto(2).global("joblib.numpy_pickle", "NumpyArrayWrapper").empty_tuple().op(0x81).stop().finish();
+    assert_eq!(scan_bytes(&joblib, "m.joblib", &ScanOptions::default()).verdict, Verdict::Dangerous);
+}
