@@ -181,45 +181,60 @@ impl RemoteFile {
 
     /// Reads one tensor's bytes into a new buffer.
     pub fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
-        let len = self.header.info(name).map_err(|e| RemoteError::format(self.url.as_str(), e))?.byte_len();
-        let mut buf = vec![0u8; len];
+        let mut buf = vec![0u8; self.tensor_range(name, 0)?.len];
         self.read_tensor_into(name, &mut buf)?;
         Ok(buf)
     }
 
     /// Reads one tensor's bytes into `dst`, which must have exactly its size.
     pub fn read_tensor_into(&self, name: &str, dst: &mut [u8]) -> Result<Traffic> {
+        let range = self.tensor_range(name, 0)?;
+        if dst.len() != range.len {
+            let e = tensafe::Error::BufferSize { expected: range.len as u64, actual: dst.len() as u64 };
+            return Err(RemoteError::format(self.url.as_str(), e));
+        }
+        read_into(&[range], dst, &self.options, None)
+    }
+
+    /// The range of one whole tensor, to go to `dst_offset` (for [`read_into`]).
+    pub fn tensor_range(&self, name: &str, dst_offset: usize) -> Result<RemoteRange<'_>> {
+        let info = self.header.info(name).map_err(|e| RemoteError::format(self.url.as_str(), e))?;
+        Ok(self.range(self.header.data_start() + info.data_offsets.0 as u64, dst_offset, info.byte_len()))
+    }
+
+    /// Appends the ranges of a slice of tensor `name` to `out`, its bytes to
+    /// go to `dst_offset..dst_offset + plan.byte_len()` in output order. Lets
+    /// a caller read the slices of many tensors (e.g. one rank's share of a
+    /// whole checkpoint) in one concurrent [`read_into`].
+    pub fn slice_ranges<'f>(&'f self, name: &str, plan: &SlicePlan, dst_offset: usize, out: &mut Vec<RemoteRange<'f>>) -> Result<()> {
         let format = |e| RemoteError::format(self.url.as_str(), e);
         let info = self.header.info(name).map_err(format)?;
-        if dst.len() != info.byte_len() {
-            return Err(format(tensafe::Error::BufferSize { expected: info.byte_len() as u64, actual: dst.len() as u64 }));
+        let end = plan.ranges().map(|r| r.end).max().unwrap_or(0);
+        if end > info.byte_len() {
+            return Err(format(tensafe::Error::InvalidSlice {
+                reason: format!("the plan reaches byte {end} of tensor `{name}`, which has {} bytes", info.byte_len()),
+            }));
         }
-        let at = self.header.data_start() + info.data_offsets.0 as u64;
-        read_into(&[self.range(at, 0, dst.len())], dst, &self.options, None)
+        let base = self.header.data_start() + info.data_offsets.0 as u64;
+        let mut at = dst_offset;
+        out.extend(plan.ranges().map(|r| {
+            let range = self.range(base + r.start as u64, at, r.len());
+            at += r.len();
+            range
+        }));
+        Ok(())
     }
 
     /// Reads only the bytes a slice selects into `dst` (`plan.byte_len()`
     /// bytes): the plan's runs become range requests, merged across gaps of
     /// at most [`RemoteOptions::merge_gap`].
     pub fn read_slice_into(&self, name: &str, plan: &SlicePlan, dst: &mut [u8]) -> Result<Traffic> {
-        let format = |e| RemoteError::format(self.url.as_str(), e);
-        let info = self.header.info(name).map_err(format)?;
         if dst.len() != plan.byte_len() {
-            return Err(format(tensafe::Error::BufferSize { expected: plan.byte_len() as u64, actual: dst.len() as u64 }));
+            let e = tensafe::Error::BufferSize { expected: plan.byte_len() as u64, actual: dst.len() as u64 };
+            return Err(RemoteError::format(self.url.as_str(), e));
         }
-        let base = self.header.data_start() + info.data_offsets.0 as u64;
-        if plan.ranges().last().is_some_and(|r| r.end > info.byte_len()) {
-            return Err(format(tensafe::Error::BufferSize { expected: plan.ranges().last().map_or(0, |r| r.end) as u64, actual: info.byte_len() as u64 }));
-        }
-        let mut written = 0usize;
-        let ranges: Vec<RemoteRange<'_>> = plan
-            .ranges()
-            .map(|r| {
-                let range = self.range(base + r.start as u64, written, r.len());
-                written += r.len();
-                range
-            })
-            .collect();
+        let mut ranges = Vec::with_capacity(plan.num_ranges());
+        self.slice_ranges(name, plan, 0, &mut ranges)?;
         read_into(&ranges, dst, &self.options, None)
     }
 
