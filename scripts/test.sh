@@ -10,6 +10,9 @@ echo "== Python environment"
 scripts/python-env.sh
 . .venv/bin/activate
 
+echo "== System packages"
+scripts/system-deps.sh
+
 echo "== Rust tests"
 cargo test --workspace --exclude tensafe-python
 
