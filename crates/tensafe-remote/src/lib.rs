@@ -13,6 +13,8 @@
 //!   concurrency and request sizes, and a progress callback.
 //! * Every response must hold exactly the bytes asked for; anything else is
 //!   retried, then reported ([`RemoteError::WrongLength`]): never returned.
+//! * [`RemoteCheckpoint`] opens a sharded checkpoint (index URL or "directory"
+//!   URL ending in `/`) or a single file as one, with the local checks.
 //! * [`Counter`] / [`Traffic`] count requests and bytes received, per file,
 //!   per caller and per process ([`global_traffic`]).
 //!
@@ -63,6 +65,7 @@
 //! `Retry-After` in seconds is waited for first (at most
 //! [`RemoteOptions::max_retry_after`]).
 
+mod checkpoint;
 mod error;
 mod fetch;
 mod file;
@@ -71,6 +74,7 @@ mod traffic;
 
 use std::time::Duration;
 
+pub use checkpoint::RemoteCheckpoint;
 pub use error::{RemoteError, Result};
 pub use file::{read_into, RemoteFile, RemoteRange};
 pub use object_store::{BackoffConfig, RetryConfig};

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{Seaweed, Tensor};
 use tensafe::{Dtype, ShardedCheckpoint, Split, TensorParallelPlan};
-use tensafe_remote::{read_into, Counter, RemoteError, RemoteFile, RemoteOptions, RemoteRange};
+use tensafe_remote::{read_into, Counter, RemoteCheckpoint, RemoteError, RemoteFile, RemoteOptions, RemoteRange};
 
 /// Tensors for a checkpoint of a few shards.
 fn checkpoint_tensors() -> Vec<Tensor> {
@@ -115,6 +115,31 @@ fn seaweedfs_serves_a_sharded_checkpoint() {
         rank_bytes.push(t.bytes);
     }
     eprintln!("bytes fetched per rank (headers included): {rank_bytes:?}; whole checkpoint {total}");
+
+    // The checkpoint as one, by its index or its "directory".
+    for url in [weed.url("ckpt/model.safetensors.index.json"), weed.url("ckpt/")] {
+        let checkpoint = RemoteCheckpoint::open(&url, &options).unwrap();
+        assert_eq!(checkpoint.len(), tensors.len());
+        assert_eq!(checkpoint.shards().len(), shard_names.len());
+        assert_eq!(checkpoint.total_size(), local.total_size());
+        let opened = checkpoint.traffic();
+        assert_eq!(opened.requests as usize, 1 + shard_names.len(), "{opened:?}");
+        for t in &tensors {
+            assert_eq!(checkpoint.read_tensor(&t.name).unwrap(), t.data, "{}", t.name);
+        }
+    }
+    // A single file is a checkpoint too, and a "directory" with one.
+    common::put(&options, &weed.url("single/model.safetensors"), std::fs::read(local.shards()[0].path()).unwrap()).unwrap();
+    let single = RemoteCheckpoint::open(&weed.url("single/"), &options).unwrap();
+    assert!(single.index().is_none() && single.len() == local.shards()[0].header().len());
+    let nothing = RemoteCheckpoint::open(&weed.url("nothing/"), &options).unwrap_err().to_string();
+    assert!(nothing.contains("has neither model.safetensors.index.json nor model.safetensors"), "{nothing}");
+    // An index naming a shard that is not there.
+    let mut broken = index.clone();
+    broken.weight_map.insert("ghost".into(), "model-00009-of-00009.safetensors".into());
+    common::put(&options, &weed.url("ckpt/broken.index.json"), broken.to_json().into_bytes()).unwrap();
+    let ghost = RemoteCheckpoint::open(&weed.url("ckpt/broken.index.json"), &options).unwrap_err().to_string();
+    assert!(ghost.contains("missing shard") && ghost.contains("model-00009-of-00009.safetensors"), "{ghost}");
 
     // A header longer than the first read: two requests.
     let big = dir.path().join("big-header.safetensors");

@@ -1,0 +1,181 @@
+//! [`RemoteCheckpoint`]: a sharded checkpoint (index + shards, transformers
+//! convention) or a single file in object storage, opened as one.
+
+use std::collections::HashMap;
+
+use object_store::GetOptions;
+use tensafe::{ShardIndex, TensorInfo, INDEX_FILE, SINGLE_FILE};
+
+use crate::error::{RemoteError, Result};
+use crate::fetch::{classify, Object};
+use crate::store::{block_on, store_for, RemoteUrl};
+use crate::traffic::{Counter, Probe, Traffic};
+use crate::{RemoteFile, RemoteOptions};
+
+/// Largest index file read (transformers' indexes are a few hundred KB).
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// One or several remote safetensors files opened as one checkpoint.
+#[derive(Debug)]
+pub struct RemoteCheckpoint {
+    index: Option<ShardIndex>,
+    shards: Vec<RemoteFile>,
+    /// Tensor name → shard position.
+    location: HashMap<String, usize>,
+    index_traffic: Traffic,
+}
+
+impl RemoteCheckpoint {
+    /// Opens an index URL (`….json`), a "directory" URL ending in `/` (its
+    /// `model.safetensors.index.json`, else its `model.safetensors`), or one
+    /// safetensors file. Reads the index and every shard's header, with the
+    /// same consistency checks as a local checkpoint.
+    pub fn open(url: &str, options: &RemoteOptions) -> Result<RemoteCheckpoint> {
+        if url.ends_with('/') {
+            let index_url = RemoteUrl::parse(&format!("{url}{INDEX_FILE}"))?;
+            return match RemoteCheckpoint::from_index(&index_url, options) {
+                Err(e) if e.is_not_found() => RemoteCheckpoint::single(&format!("{url}{SINGLE_FILE}"), options).map_err(|e| {
+                    if e.is_not_found() {
+                        invalid(url, format!("{url} has neither {INDEX_FILE} nor {SINGLE_FILE}"))
+                    } else {
+                        e
+                    }
+                }),
+                other => other,
+            };
+        }
+        let parsed = RemoteUrl::parse(url)?;
+        if parsed.object_path().as_ref().ends_with(".json") {
+            RemoteCheckpoint::from_index(&parsed, options)
+        } else {
+            RemoteCheckpoint::single(url, options)
+        }
+    }
+
+    fn single(url: &str, options: &RemoteOptions) -> Result<RemoteCheckpoint> {
+        let file = RemoteFile::open_with(url, options)?;
+        let location = file.header().iter().map(|(name, _)| (name.to_owned(), 0)).collect();
+        Ok(RemoteCheckpoint { index: None, shards: vec![file], location, index_traffic: Traffic::default() })
+    }
+
+    fn from_index(index_url: &RemoteUrl, options: &RemoteOptions) -> Result<RemoteCheckpoint> {
+        let counter = Counter::new();
+        let text = read_small(index_url, options, &counter)?;
+        let url = index_url.as_str();
+        let text = String::from_utf8(text).map_err(|_| invalid(url, "the index is not UTF-8 text".into()))?;
+        let index = ShardIndex::parse(&text).map_err(|e| RemoteError::format(url, e))?;
+        // Shards in name order (00001, 00002, …): also the order of their tensors.
+        let mut files: Vec<&String> = index.weight_map.values().collect();
+        files.sort();
+        files.dedup();
+        let urls = files.iter().map(|f| index_url.join(f).map(|u| u.to_string())).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
+        let shards = RemoteFile::open_many(&refs, options).map_err(|e| match e {
+            RemoteError::NotFound { url: shard, .. } => invalid(url, format!("missing shard {shard} (listed in the index)")),
+            other => other,
+        })?;
+        let position: HashMap<&str, usize> = files.iter().enumerate().map(|(i, f)| (f.as_str(), i)).collect();
+        let mut location = HashMap::with_capacity(index.weight_map.len());
+        for (i, shard) in shards.iter().enumerate() {
+            for (name, _) in shard.header().iter() {
+                let listed = index.weight_map.get(name).map(|file| (file, position[file.as_str()]));
+                match listed {
+                    Some((_, p)) if p == i => location.insert(name.to_owned(), i),
+                    Some((file, _)) => return Err(invalid(url, format!("tensor `{name}` is in shard {} but the index lists it in {file}", files[i]))),
+                    None => return Err(invalid(url, format!("tensor `{name}` is in shard {} but not in the index", files[i]))),
+                };
+            }
+        }
+        if let Some((name, file)) = index.weight_map.iter().find(|(name, _)| !location.contains_key(*name)) {
+            return Err(invalid(url, format!("tensor `{name}` is listed in {file} but that shard does not contain it")));
+        }
+        let checkpoint = RemoteCheckpoint { index: Some(index), shards, location, index_traffic: counter.traffic() };
+        if let Some(declared) = checkpoint.index.as_ref().and_then(ShardIndex::total_size)
+            && declared != checkpoint.total_size()
+        {
+            let actual = checkpoint.total_size();
+            return Err(invalid(url, format!("the index declares total_size {declared} but the shards hold {actual} bytes of tensors")));
+        }
+        Ok(checkpoint)
+    }
+
+    /// The index, for sharded checkpoints.
+    pub fn index(&self) -> Option<&ShardIndex> {
+        self.index.as_ref()
+    }
+
+    /// The shard files, in order.
+    pub fn shards(&self) -> &[RemoteFile] {
+        &self.shards
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.location.len()
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.location.is_empty()
+    }
+
+    /// Bytes of tensor data over all shards.
+    pub fn total_size(&self) -> u64 {
+        self.shards.iter().map(|s| s.header().data_len() as u64).sum()
+    }
+
+    /// Every tensor in shard order then file order: (shard position, name, info).
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &str, &TensorInfo)> + '_ {
+        self.shards.iter().enumerate().flat_map(|(i, s)| s.header().iter().map(move |(name, info)| (i, name, info)))
+    }
+
+    /// The shard holding `name` and the tensor's description.
+    pub fn locate(&self, name: &str) -> Result<(usize, &TensorInfo)> {
+        let not_found = || tensafe::Error::TensorNotFound { name: name.to_owned() };
+        let shard = *self.location.get(name).ok_or_else(|| RemoteError::format(self.url(), not_found()))?;
+        Ok((shard, self.shards[shard].header().info(name).map_err(|e| RemoteError::format(self.url(), e))?))
+    }
+
+    /// Reads one tensor's bytes.
+    pub fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
+        let (shard, _) = self.locate(name)?;
+        self.shards[shard].read_tensor(name)
+    }
+
+    /// Requests made and bytes received so far: index, headers and reads.
+    pub fn traffic(&self) -> Traffic {
+        self.shards.iter().fold(self.index_traffic, |t, s| {
+            let f = s.traffic();
+            Traffic { requests: t.requests + f.requests, bytes: t.bytes + f.bytes }
+        })
+    }
+
+    fn url(&self) -> &str {
+        self.shards.first().map_or("", |s| s.url().as_str())
+    }
+}
+
+fn invalid(url: &str, reason: String) -> RemoteError {
+    RemoteError::format(url, tensafe::Error::InvalidCheckpoint { reason })
+}
+
+/// Reads a whole small object (an index) in one request.
+fn read_small(url: &RemoteUrl, options: &RemoteOptions, counter: &Counter) -> Result<Vec<u8>> {
+    let store = store_for(url, options)?;
+    let counters = [counter.clone(), options.counter.clone()];
+    let object = Object { url: url.as_str(), store: store.as_ref(), path: url.object_path(), size: 0, etag: None, counters: &counters };
+    block_on(async {
+        let probe = Probe::new(counters.to_vec(), options.max_retry_after);
+        let get = GetOptions { extensions: probe.extensions(), ..GetOptions::default() };
+        let result = store.get_opts(url.object_path(), get).await.map_err(|e| classify(e, &probe, &object, 0..0))?;
+        let size = result.meta.size;
+        if size > MAX_INDEX_BYTES {
+            return Err(invalid(url.as_str(), format!("the index has {size} bytes, more than the {MAX_INDEX_BYTES} an index may have")));
+        }
+        let bytes = result.bytes().await.map_err(|e| classify(e, &probe, &object, 0..size))?;
+        if bytes.len() as u64 != size {
+            return Err(RemoteError::WrongLength { url: url.to_string(), range: 0..size, received: bytes.len() as u64, attempts: 1 });
+        }
+        Ok(bytes.to_vec())
+    })?
+}
