@@ -9,9 +9,9 @@ use serde_json::json;
 use tensafe::{Dtype, Header, ShardedCheckpoint};
 
 /// One file of what is inspected: its name (for checkpoints) and header.
-struct Part<'a> {
-    shard: Option<String>,
-    header: &'a Header,
+pub(crate) struct Part<'a> {
+    pub(crate) shard: Option<String>,
+    pub(crate) header: &'a Header,
 }
 
 pub fn run(path: &Path, as_json: bool) -> ExitCode {
@@ -31,10 +31,15 @@ pub fn run(path: &Path, as_json: bool) -> ExitCode {
             header: s.header(),
         })
         .collect();
+    print(path, &parts, as_json)
+}
+
+/// Prints what `inspect` shows of `parts` (also used for remote checkpoints).
+pub(crate) fn print(path: &Path, parts: &[Part<'_>], as_json: bool) -> ExitCode {
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&parts)).expect("JSON values serialize"));
+        println!("{}", serde_json::to_string_pretty(&to_json(parts)).expect("JSON values serialize"));
     } else {
-        print!("{}", to_table(path, &parts));
+        print!("{}", to_table(path, parts));
     }
     ExitCode::SUCCESS
 }

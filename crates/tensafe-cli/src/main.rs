@@ -3,6 +3,7 @@
 mod convert;
 mod diff;
 mod inspect;
+mod remote;
 mod scan;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +26,8 @@ struct Cli {
 enum Command {
     /// List the tensors of a file or sharded checkpoint (reads headers only).
     Inspect {
-        /// A .safetensors file, a checkpoint directory or its index (.json).
+        /// A .safetensors file, a checkpoint directory or its index (.json);
+        /// or their URL (s3://, gs://, az://, http(s)://; a directory URL ends in /).
         path: PathBuf,
         /// Print JSON for scripts instead of a table.
         #[arg(long)]
@@ -33,7 +35,7 @@ enum Command {
     },
     /// Validate files completely and read every byte; exit code 1 on any problem.
     Verify {
-        /// The .safetensors files.
+        /// The .safetensors files (paths or s3://, gs://, az://, http(s):// URLs).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -63,11 +65,18 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Inspect { path, json } => inspect::run(&path, json),
+        Command::Inspect { path, json } => match remote::url(&path) {
+            Some(url) => remote::inspect(url, json),
+            None => inspect::run(&path, json),
+        },
         Command::Verify { files } => {
             let mut ok = true;
             for file in &files {
-                match verify(file) {
+                let result = match remote::url(file) {
+                    Some(url) => remote::verify(url),
+                    None => verify(file),
+                };
+                match result {
                     Ok(report) => println!("OK    {report}"),
                     Err(e) => {
                         println!("FAIL  {e}");

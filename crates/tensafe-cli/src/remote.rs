@@ -1,0 +1,102 @@
+//! URLs for `inspect` and `verify`: files and checkpoints in object storage
+//! (s3://, gs://, az://) or on web servers (http(s)://), read with range
+//! requests through tensafe-remote. Credentials and endpoints come from the
+//! usual environment variables (AWS_*, GOOGLE_*, AZURE_*).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use tensafe::Dtype;
+use tensafe_remote::{RemoteCheckpoint, RemoteError, RemoteFile, RemoteOptions, RemoteUrl};
+
+use crate::inspect::{self, Part};
+
+/// The argument as a URL, when it is one.
+pub fn url(arg: &Path) -> Option<&str> {
+    arg.to_str().filter(|s| RemoteUrl::is_remote(s))
+}
+
+/// `tensafe inspect URL`: headers only (one or two range requests a file).
+pub fn inspect(url: &str, as_json: bool) -> ExitCode {
+    let checkpoint = match RemoteCheckpoint::open(url, &RemoteOptions::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tensafe: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sharded = checkpoint.index().is_some();
+    let parts: Vec<Part<'_>> = checkpoint
+        .shards()
+        .iter()
+        .map(|s| Part {
+            shard: sharded.then(|| s.url().object_path().filename().unwrap_or_default().to_owned()),
+            header: s.header(),
+        })
+        .collect();
+    inspect::print(Path::new(url), &parts, as_json)
+}
+
+/// Bytes fetched per step of `verify` (with concurrent requests inside it).
+const WINDOW: usize = 256 << 20;
+
+/// Transfers shorter than this get no progress bar.
+const LONG_TRANSFER: u64 = 64 << 20;
+
+struct Failure(String);
+
+impl From<RemoteError> for Failure {
+    fn from(e: RemoteError) -> Failure {
+        Failure(e.to_string())
+    }
+}
+
+/// `tensafe verify URL`: the header, then every data byte streamed through a
+/// bounded buffer (BOOL tensors must hold 0 or 1), with a progress bar on
+/// long transfers when stderr is a terminal.
+pub fn verify(url: &str) -> Result<String, String> {
+    let start = Instant::now();
+    let file = RemoteFile::open(url).map_err(|e| e.to_string())?;
+    let header = file.header();
+    let data_len = header.data_len() as u64;
+    let bar = if data_len >= LONG_TRANSFER { indicatif::ProgressBar::new(data_len) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(file.url().object_path().filename().unwrap_or_default().to_owned());
+    let bools: Vec<_> = header.iter().filter(|(_, info)| info.dtype == Dtype::Bool).collect();
+    let result = file.stream_data(WINDOW, Some(&|n| bar.set_position(n)), |offset, bytes| {
+        let end = offset + bytes.len() as u64;
+        for (name, info) in &bools {
+            let (begin, stop) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+            let (lo, hi) = (begin.max(offset), stop.min(end));
+            if lo >= hi {
+                continue;
+            }
+            if let Some(i) = bytes[(lo - offset) as usize..(hi - offset) as usize].iter().position(|&b| b > 1) {
+                let at = lo + i as u64;
+                return Err(Failure(format!(
+                    "{url}: BOOL tensor `{name}` holds the byte {} at element {} (file offset {}); booleans must be 0 or 1",
+                    bytes[(at - offset) as usize],
+                    at - begin,
+                    header.data_start() + at
+                )));
+            }
+        }
+        Ok(())
+    });
+    bar.finish_and_clear();
+    let traffic = result.map_err(|Failure(e)| e)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let total = file.size();
+    Ok(format!(
+        "{url}: {} tensors, {total} bytes read in {:.3} s ({:.2} GB/s, {} requests)",
+        header.len(),
+        seconds,
+        total as f64 / seconds.max(1e-9) / 1e9,
+        file.traffic().requests.max(traffic.requests)
+    ))
+}

@@ -1,0 +1,109 @@
+//! `tensafe inspect URL` and `tensafe verify URL` against real servers on
+//! 127.0.0.1: nginx (http://) and SeaweedFS (s3://, configured through the
+//! AWS_* environment variables as a user would).
+
+#[path = "../../tensafe-remote/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{Nginx, Seaweed, Tensor};
+use tensafe::{Dtype, RawTensor};
+
+fn tensafe(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tensafe"));
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A single file, a sharded checkpoint and a file with a bad BOOL.
+fn fixtures(root: &Path) {
+    common::write_file(&root.join("mixed.safetensors"), &common::mixed_tensors());
+    let mut tensors = common::mixed_tensors();
+    tensors.push(Tensor::new("big", Dtype::F16, &[300, 700], 11));
+    std::fs::create_dir(root.join("ckpt")).unwrap();
+    tensafe::save_sharded(tensors.iter().map(Tensor::raw), root.join("ckpt"), 300_000, None).unwrap().expect("shards");
+    tensafe::serialize_to_file([("m", RawTensor { dtype: Dtype::Bool, shape: &[3], data: &[0, 1, 2] })], None, root.join("bad-bool.safetensors")).unwrap();
+}
+
+#[test]
+fn inspect_and_verify_http_urls() {
+    let root = tempfile::tempdir().unwrap();
+    fixtures(root.path());
+    let Some(nginx) = Nginx::start(root.path()) else { return };
+
+    // The same report as for the local file, the path aside.
+    let local = tensafe(&["inspect", root.path().join("mixed.safetensors").to_str().unwrap()], &[]);
+    let remote = tensafe(&["inspect", &nginx.url("mixed.safetensors")], &[]);
+    assert!(remote.status.success(), "{}", String::from_utf8_lossy(&remote.stderr));
+    let body = |o: &Output| stdout(o).split_once('\n').map(|(_, rest)| rest.to_owned()).unwrap();
+    assert_eq!(body(&remote), body(&local));
+    assert!(stdout(&remote).starts_with(&format!("{}: 7 tensors", nginx.url("mixed.safetensors"))), "{}", stdout(&remote));
+
+    // A sharded checkpoint by its index or its directory URL: same JSON.
+    let local = tensafe(&["inspect", "--json", root.path().join("ckpt").to_str().unwrap()], &[]);
+    for url in [nginx.url("ckpt/model.safetensors.index.json"), nginx.url("ckpt/")] {
+        let remote = tensafe(&["inspect", "--json", &url], &[]);
+        assert!(remote.status.success(), "{url}: {}", String::from_utf8_lossy(&remote.stderr));
+        assert_eq!(stdout(&remote), stdout(&local), "{url}");
+    }
+
+    let ok = tensafe(&["verify", &nginx.url("mixed.safetensors"), root.path().join("mixed.safetensors").to_str().unwrap()], &[]);
+    assert!(ok.status.success(), "{}", stdout(&ok));
+    assert!(stdout(&ok).starts_with(&format!("OK    {}: 7 tensors", nginx.url("mixed.safetensors"))), "{}", stdout(&ok));
+
+    let bad = tensafe(&["verify", &nginx.url("bad-bool.safetensors"), &nginx.url("missing.safetensors")], &[]);
+    assert_eq!(bad.status.code(), Some(1));
+    let text = stdout(&bad);
+    assert!(text.contains("FAIL  ") && text.contains("BOOL tensor `m` holds the byte 2 at element 2"), "{text}");
+    assert!(text.contains("missing.safetensors: not found (HTTP 404)"), "{text}");
+
+    let missing = tensafe(&["inspect", &nginx.url("missing.safetensors")], &[]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found (HTTP 404)"));
+}
+
+#[test]
+fn inspect_and_verify_s3_urls_with_aws_environment_variables() {
+    let root = tempfile::tempdir().unwrap();
+    fixtures(root.path());
+    let Some(weed) = Seaweed::start("models") else { return };
+    let options = weed.options();
+    for entry in std::fs::read_dir(root.path().join("ckpt")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        common::put(&options, &weed.url(&format!("ckpt/{name}")), std::fs::read(&path).unwrap()).unwrap();
+    }
+    let env = |secret: &str| {
+        vec![
+            ("AWS_ENDPOINT_URL", weed.endpoint()),
+            ("AWS_ACCESS_KEY_ID", common::ACCESS_KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", secret.to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ]
+    };
+    let good = env(common::SECRET_KEY);
+    let local = tensafe(&["inspect", "--json", root.path().join("ckpt").to_str().unwrap()], &[]);
+    let remote = tensafe(&["inspect", "--json", &weed.url("ckpt/")], &good);
+    assert!(remote.status.success(), "{}", String::from_utf8_lossy(&remote.stderr));
+    assert_eq!(stdout(&remote), stdout(&local));
+
+    let index = tensafe::ShardIndex::parse(&std::fs::read_to_string(root.path().join("ckpt/model.safetensors.index.json")).unwrap()).unwrap();
+    let shard = weed.url(&format!("ckpt/{}", index.weight_map["big"]));
+    let ok = tensafe(&["verify", &shard], &good);
+    assert!(ok.status.success(), "{}", stdout(&ok));
+
+    let denied = tensafe(&["inspect", &shard], &env("wrong-secret"));
+    assert_eq!(denied.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&denied.stderr);
+    assert!(text.contains("access denied (HTTP 403)") && text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
+}
