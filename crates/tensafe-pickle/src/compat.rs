@@ -2,8 +2,11 @@
 //! GLOBAL/INST names when the declared protocol is below 3 (`fix_imports`).
 //! Generated from CPython 3.11's module; the data is CPython's.
 
+/// A `(module, name)` pair.
+type Name = (&'static str, &'static str);
+
 /// `(module, name)` pairs renamed as a whole (checked first).
-pub(crate) static NAME_MAPPING: &[((&str, &str), (&str, &str))] = &[
+pub(crate) static NAME_MAPPING: &[(Name, Name)] = &[
     (("UserDict", "IterableUserDict"), ("collections", "UserDict")),
     (("UserDict", "UserDict"), ("collections", "UserDict")),
     (("UserList", "UserList"), ("collections", "UserList")),

@@ -301,10 +301,31 @@ fn plan<'a>(ck: &'a Checkpoint<'_>, name: &str, t: &Tensor, lenient_bool: bool) 
     Ok(TensorPlan { dtype, shape, len, storage, itemsize, offset, size, stride, contiguous, swap_unit, conj: t.conj, neg, normalize_bool })
 }
 
-/// The alias identity of a tensor: same bytes, same geometry.
-fn alias_key(ck: &Checkpoint<'_>, t: &Tensor) -> (String, Option<(u64, u64)>, &'static str, u64, Vec<u64>, Vec<u64>, bool, bool) {
+/// The alias identity of a tensor: same bytes, same geometry, same bits.
+#[derive(PartialEq, Eq, Hash)]
+struct AliasKey {
+    storage: String,
+    view: Option<(u64, u64)>,
+    dtype: &'static str,
+    offset: u64,
+    size: Vec<u64>,
+    stride: Vec<u64>,
+    conj: bool,
+    neg: bool,
+}
+
+fn alias_key(ck: &Checkpoint<'_>, t: &Tensor) -> AliasKey {
     let Object::Storage(st) = ck.heap.get(t.storage) else { unreachable!("tensors point at storages") };
-    (st.key.to_string(), st.view.as_ref().map(|v| (v.1, v.2)), t.dtype.name, t.offset, t.size.clone(), t.stride.clone(), t.conj, t.neg)
+    AliasKey {
+        storage: st.key.to_string(),
+        view: st.view.as_ref().map(|v| (v.1, v.2)),
+        dtype: t.dtype.name,
+        offset: t.offset,
+        size: t.size.clone(),
+        stride: t.stride.clone(),
+        conj: t.conj,
+        neg: t.neg,
+    }
 }
 
 /// A checked conversion, ready to write.

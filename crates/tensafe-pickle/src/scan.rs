@@ -214,6 +214,26 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
     r.finish()
 }
 
+/// How to run one pickle in scan mode.
+struct Run<'n> {
+    /// Name in the report.
+    name: &'n str,
+    /// Offset of the pickle in its file or member.
+    start: u64,
+    /// Accepted persistent ids.
+    pids: PidSchema,
+    /// A pure-data pickle (legacy side pickles).
+    data_only: bool,
+    /// Whether torch.load would unpickle it.
+    torch_would_run: bool,
+}
+
+impl<'n> Run<'n> {
+    fn new(name: &'n str, start: u64, pids: PidSchema, torch_would_run: bool) -> Run<'n> {
+        Run { name, start, pids, data_only: false, torch_would_run }
+    }
+}
+
 struct Scanner<'o> {
     options: &'o ScanOptions,
     heap: Heap,
@@ -226,22 +246,13 @@ impl<'o> Scanner<'o> {
     }
 
     /// Runs one pickle in scan mode and records it.
-    fn pickle(
-        &mut self,
-        name: &str,
-        data: &[u8],
-        start: u64,
-        pids: PidSchema,
-        data_only: bool,
-        torch_would_run: bool,
-        r: &mut ScanReport,
-    ) -> (Option<Value>, usize, StorageTable) {
+    fn pickle(&mut self, run: Run<'_>, data: &[u8], r: &mut ScanReport) -> (Option<Value>, usize, StorageTable) {
         let mut storages = StorageTable::default();
-        let opts = self.vm_options(pids, data_only);
-        let (outcome, mut report) = Vm::new(name, data, &mut self.heap, &mut storages, opts).run();
-        report.name = name.to_owned();
+        let opts = self.vm_options(run.pids, run.data_only);
+        let (outcome, mut report) = Vm::new(run.name, data, &mut self.heap, &mut storages, opts).run();
+        report.name = run.name.to_owned();
         let value = outcome.result.ok();
-        r.pickles.push(PickleScan { report, start, torch_would_run });
+        r.pickles.push(PickleScan { report, start: run.start, torch_would_run: run.torch_would_run });
         (value, outcome.end, storages)
     }
 
@@ -268,15 +279,16 @@ impl<'o> Scanner<'o> {
                     Err(e) => r.finding(Severity::Suspicious, "legacy", format!("storage section: {e}")),
                 }
             }
-            let label = if index < 5 && legacy_ok {
+            let label = if index < 5 && index > 0 && legacy_ok {
                 format!("{name} pickle {} ({}) at offset {pos}", index + 1, labels[index])
             } else {
                 format!("{name} pickle {} at offset {pos}", index + 1)
             };
-            let pids = if index == 3 { PidSchema::Legacy } else { PidSchema::None };
+            let pids = if index == 3 && legacy_ok { PidSchema::Legacy } else { PidSchema::Any };
             let runs = index == 0 || (legacy_ok && index < 5);
             let data_only = index != 3 && legacy_ok && index < 5 && index > 0;
-            let (value, end, storages) = self.pickle(&label, &bytes[pos..], pos as u64, pids, data_only, runs, r);
+            let run = Run { data_only, ..Run::new(&label, pos as u64, pids, runs) };
+            let (value, end, storages) = self.pickle(run, &bytes[pos..], r);
             let failed = r.pickles.last().is_some_and(|p| p.report.error.is_some());
             if index > 0 && !(legacy_ok && index < 5) {
                 r.finding(
@@ -421,7 +433,7 @@ impl<'o> Scanner<'o> {
             }
             let is_torch_pkl = Some(i) == torch_pkl;
             let pids = if is_torch_pkl || e.name.ends_with(".pkl") { PidSchema::Zip } else { PidSchema::None };
-            let (value, end, storages) = self.pickle(&e.name, &data, 0, pids, false, is_torch_pkl || foreign.is_some(), r);
+            let (value, end, storages) = self.pickle(Run::new(&e.name, 0, pids, is_torch_pkl || foreign.is_some()), &data, r);
             if end < data.len() && r.pickles.last().is_some_and(|p| p.report.error.is_none()) {
                 r.finding(Severity::Suspicious, "trailing-data", format!("{} bytes after STOP in `{}`", data.len() - end, e.name));
                 let rest = &data[end..];
@@ -508,7 +520,8 @@ impl<'o> Scanner<'o> {
     /// The tar `storages` / `tensors` members: a count pickle, then per
     /// record a pickle followed by raw bytes.
     fn tar_records(&mut self, data: &[u8], name: &str, storages: bool, r: &mut ScanReport) {
-        let (count, end, _) = self.pickle(&format!("tar member `{name}` count"), data, 0, PidSchema::None, true, true, r);
+        let label = format!("tar member `{name}` count");
+        let (count, end, _) = self.pickle(Run { data_only: true, ..Run::new(&label, 0, PidSchema::None, true) }, data, r);
         let Some(count) = count.and_then(|c| c.as_int()).filter(|&c| c >= 0) else {
             r.fail(format!("tar member `{name}`: no record count; rest not scanned"));
             return;
@@ -516,7 +529,7 @@ impl<'o> Scanner<'o> {
         let mut pos = end;
         for i in 0..count {
             let label = format!("tar member `{name}` record {i}");
-            let (record, end, _) = self.pickle(&label, &data[pos..], pos as u64, PidSchema::None, false, true, r);
+            let (record, end, _) = self.pickle(Run::new(&label, pos as u64, PidSchema::None, true), &data[pos..], r);
             pos += end;
             let skip = if storages {
                 // (key, location, storage_type) then int64 numel and the data.
@@ -547,7 +560,8 @@ impl<'o> Scanner<'o> {
             }
         }
         if storages && pos < data.len() {
-            self.pickle(&format!("tar member `{name}` views"), &data[pos..], pos as u64, PidSchema::None, false, true, r);
+            let label = format!("tar member `{name}` views");
+            self.pickle(Run::new(&label, pos as u64, PidSchema::None, true), &data[pos..], r);
         }
     }
 

@@ -415,7 +415,8 @@ impl Vm<'_, '_> {
                 Ok(self.alloc(Object::Storage(storage)))
             }
             Err(reason) => {
-                self.flag(Severity::Dangerous, "persistent-id", reason)?;
+                let severity = if self.opts.pids == PidSchema::None { Severity::Suspicious } else { Severity::Dangerous };
+                self.flag(severity, "persistent-id", reason)?;
                 let callee = self.alloc(Object::Global(crate::value::Global { module: "<persistent_load>".into(), name: "BINPERSID".into(), known: None }));
                 let id = self.heap.alloc(
                     Object::Opaque(crate::value::Opaque { callable: callee, args: pid, how: "BINPERSID", states: vec![], items: vec![] }),
@@ -437,9 +438,14 @@ impl Vm<'_, '_> {
             let source = items.get(3).map(|s| self.heap.summary(s, 200)).unwrap_or_default();
             return Err(format!("whole-module persistent id for {class} (torch would return the class; embedded source {source})"));
         }
-        let want = if schema == PidSchema::Zip { 5 } else { 6 };
-        if items.len() != want || items[0].as_str() != Some("storage") {
-            return Err(format!("persistent id must be ('storage', type, key, location, numel{}), got {}", if want == 6 { ", view" } else { "" }, self.heap.summary(pid, 120)));
+        let arity_ok = match schema {
+            PidSchema::Zip => items.len() == 5,
+            PidSchema::Legacy => items.len() == 6,
+            _ => items.len() == 5 || items.len() == 6,
+        };
+        if !arity_ok || items[0].as_str() != Some("storage") {
+            let view = if schema == PidSchema::Legacy { ", view" } else { "" };
+            return Err(format!("persistent id must be ('storage', type, key, location, numel{view}), got {}", self.heap.summary(pid, 120)));
         }
         let storage_type = match self.heap.global(&items[1]).and_then(|g| g.known) {
             Some(Known::Storage(t)) => t,

@@ -39,6 +39,8 @@ pub enum PidSchema {
     Zip,
     /// The legacy stream's 6-tuple with view metadata.
     Legacy,
+    /// Either torch form (scanning pickles found outside their container).
+    Any,
 }
 
 /// Options for one pickle.
@@ -1071,7 +1073,7 @@ impl<'a, 'h> Vm<'a, 'h> {
     }
 
     fn set_items(&mut self, target: Value, items: Vec<Value>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("odd number of items for a dict"));
         }
         let Value::Obj(id) = target else {

@@ -36,8 +36,19 @@ impl Drop for Canary {
     }
 }
 
+/// With `TENSAFE_WRITE_CORPUS=DIR`, every hostile input is also written to
+/// DIR (named after its test), e.g. to compare other scanners' verdicts.
+fn dump(bytes: &[u8]) {
+    if let Some(dir) = std::env::var_os("TENSAFE_WRITE_CORPUS") {
+        let test = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        let path = PathBuf::from(dir).join(format!("{test}-{:08x}.bin", crc32fast::hash(bytes)));
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
 /// Converts `bytes`; asserts it fails without writing, returns the message.
 fn refused_with(bytes: &[u8], options: &ConvertOptions) -> String {
+    dump(bytes);
     let c = Canary::new();
     let input = c.dir.path().join("input.bin");
     std::fs::write(&input, bytes).unwrap();
@@ -51,6 +62,7 @@ fn refused(bytes: &[u8]) -> String {
 }
 
 fn scan(bytes: &[u8]) -> ScanReport {
+    dump(bytes);
     let r = scan_bytes(bytes, "input", &ScanOptions::default());
     serde_json::to_string(&r).expect("reports serialize");
     r
