@@ -118,6 +118,25 @@ def test_dtypes_without_safetensors_equivalent_are_refused(exe, tmp_path, dtype)
     assert not (tmp_path / "c.safetensors").exists()
 
 
+def test_meta_tensors_are_skipped_and_quantized_or_sparse_ones_refused(exe, tmp_path):
+    w = torch.randn(2)
+    src, dst = check(exe, tmp_path, {"w": w, "m": torch.empty(3, device="meta")}, {"w": w})
+    report = json.loads(run(exe, "convert", "--json", src, tmp_path / "m.safetensors").stdout)
+    assert report["skipped"] == [["m", "meta tensor: float32 [3] has no data"]]
+    assert run(exe, "convert", "--strict-meta", src, tmp_path / "m.safetensors").returncode == 1
+    cases = {
+        "quantized": torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8),
+        "per_channel": torch.quantize_per_channel(torch.randn(3, 4), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 0, 0]), 0, torch.qint8),
+        "sparse": torch.randn(3, 3).to_sparse(),
+        "csr": torch.randn(3, 3).to_sparse_csr(),
+    }
+    for name, t in cases.items():
+        torch.save({"x": t}, tmp_path / f"{name}.pt")
+        out = run(exe, "convert", tmp_path / f"{name}.pt", tmp_path / f"{name}.safetensors")
+        assert out.returncode == 1 and ("quantized" in out.stderr or "sparse" in out.stderr), out.stderr
+        assert run(exe, "scan", tmp_path / f"{name}.pt").returncode == 0
+
+
 # ---- geometry ---------------------------------------------------------------
 
 
@@ -378,6 +397,15 @@ def test_real_model_round_trip_is_byte_identical(exe, tmp_path, minilm_path):
     assert scan.returncode == 0
     report = json.loads(scan.stdout)[0]
     assert report["verdict"] == "safe" and len(report["tensors"]) == len(state)
+
+
+def test_folders_as_input_and_output(exe, tmp_path):
+    state = {"w": torch.randn(3)}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    torch.save(state, tmp_path / "in" / "pytorch_model.bin")
+    convert(exe, tmp_path / "in", tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == oracle_bytes(state, tmp_path)
 
 
 def test_real_model_sharded(exe, tmp_path, minilm_path):

@@ -11,10 +11,12 @@ use tensafe_pickle::{ConvertOptions, ConvertReport, ExtractOptions, LoadOptions}
 /// Arguments of `tensafe convert`.
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// A torch checkpoint (.bin/.pt/.pth/.ckpt: detected by content), or a
-    /// sharded one: its `*.index.json` or the folder holding it.
+    /// A torch checkpoint (.bin/.pt/.pth/.ckpt: detected by content), a
+    /// sharded one (its `*.index.json` or the folder holding it), or a folder
+    /// holding `pytorch_model.bin`.
     input: PathBuf,
-    /// The .safetensors file to write (a folder for a sharded input).
+    /// The .safetensors file to write; for an existing folder,
+    /// `model.safetensors` in it; for a sharded input, the output folder.
     output: PathBuf,
     /// Dotted key of the state dict inside the checkpoint (e.g. `model` or `state_dict`).
     #[arg(long)]
@@ -101,7 +103,13 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
             Err(e) => fail(&e),
         };
     }
-    match tensafe_pickle::convert_file(&args.input, &args.output, &options) {
+    // A folder holding an unsharded `pytorch_model.bin`; a folder as output.
+    let input = match args.input.join("pytorch_model.bin") {
+        single if args.input.is_dir() && single.is_file() => single,
+        _ => args.input.clone(),
+    };
+    let output = if args.output.is_dir() { args.output.join(tensafe::SINGLE_FILE) } else { args.output.clone() };
+    match tensafe_pickle::convert_file(&input, &output, &options) {
         Ok(report) => {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize"));
@@ -110,9 +118,9 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
                 let root = if report.root.is_empty() { String::new() } else { format!(", state dict at `{}`", report.root) };
                 println!(
                     "{} ({} format{root}) → {}: {} tensors, {} in {:.2} s ({:.0} MB/s)",
-                    args.input.display(),
+                    input.display(),
                     report.format,
-                    args.output.display(),
+                    output.display(),
                     report.tensors.len(),
                     crate::human_bytes(report.data_bytes as u128),
                     seconds,

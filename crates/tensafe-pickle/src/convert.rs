@@ -364,11 +364,6 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
         }
         report.non_tensors.push((path.clone(), text));
     }
-    for (path, why) in &ex.skipped {
-        if why.starts_with("meta tensor") {
-            report.warnings.push(format!("`{path}` skipped: {why}"));
-        }
-    }
 
     // Aliases: same storage and geometry. Storage sharing, for the report.
     let tensor = |id: ObjId| match ck.heap.get(id) {

@@ -74,8 +74,10 @@ fn dict_get<'a>(heap: &'a Heap, v: &Value, key: &str) -> Option<&'a Value> {
     }
 }
 
+/// A tensor, or a tensor kind safetensors cannot hold (meta, quantized,
+/// sparse): both make a dict a state dict.
 fn is_tensor(heap: &Heap, v: &Value) -> bool {
-    matches!(heap.object(v), Some(Object::Tensor(_)))
+    matches!(heap.object(v), Some(Object::Tensor(_) | Object::Unconvertible(_)))
 }
 
 /// Finds the state dict and names every tensor under it.
