@@ -192,6 +192,10 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
             if bytes.is_empty() {
                 r.container = "empty".into();
                 r.fail("empty file");
+            } else if let Ok((header, _)) = tensafe::Header::parse_file_bytes(bytes, &tensafe::ReadOptions::default()) {
+                // A valid safetensors file holds no pickle (torch.load would
+                // fail on it, running nothing).
+                r.container = format!("safetensors ({} tensors, no pickle)", header.len());
             } else {
                 s.stream(bytes, name, &mut r);
                 if zip::has_end_record(bytes) {

@@ -201,3 +201,14 @@ fn numpy_files_are_scanned_by_content() {
     let joblib = Asm::new().proto(2).global("joblib.numpy_pickle", "NumpyArrayWrapper").empty_tuple().op(0x81).stop().finish();
     assert_eq!(scan_bytes(&joblib, "m.joblib", &ScanOptions::default()).verdict, Verdict::Dangerous);
 }
+
+#[test]
+fn safetensors_files_scan_as_safe() {
+    let data = 1f32.to_le_bytes();
+    let bytes = tensafe::serialize([("w", tensafe::RawTensor { dtype: tensafe::Dtype::F32, shape: &[1], data: &data })], None).unwrap();
+    let r = scan_bytes(&bytes, "model.safetensors", &ScanOptions::default());
+    assert_eq!(r.verdict, Verdict::Safe);
+    assert!(r.container.starts_with("safetensors"));
+    // A truncated one is not: it is scanned as a pickle stream and fails.
+    assert_eq!(scan_bytes(&bytes[..bytes.len() - 1], "cut.safetensors", &ScanOptions::default()).verdict, Verdict::Error);
+}
