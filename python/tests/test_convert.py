@@ -474,3 +474,62 @@ def test_diff_reports_changes_with_max_abs_difference(exe, tmp_path):
     assert changes["gone"]["change"] == "removed" and changes["new"]["change"] == "added"
     assert changes["shape"]["change"] == "shape" and "same" not in changes
     assert run(exe, "diff", tmp_path / "a.safetensors", tmp_path / "a.safetensors").returncode == 0
+
+
+# ---- the VM against CPython's pickler ------------------------------------------
+
+
+def random_value(rng, depth=0):
+    """Plain data of the kinds checkpoints carry beside tensors."""
+    kinds = ["int", "bigint", "float", "str", "bool", "none"] + (["list", "tuple", "dict", "set", "shared"] if depth < 4 else [])
+    kind = rng.choice(kinds)
+    if kind == "int":
+        return rng.choice([0, 1, -1, 255, 256, 65535, 65536, -(2**31), 2**31, 2**63 - 1, -(2**63), rng.randint(-(10**6), 10**6)])
+    if kind == "bigint":
+        return rng.choice([1, -1]) * rng.randint(2**64, 2**200)
+    if kind == "float":
+        return rng.choice([0.0, -0.5, 1e300, 3.141592653589793, rng.uniform(-1e6, 1e6)])
+    if kind == "str":
+        return rng.choice(["", "a", "é", "日本語", "x" * 300, "tab\there", "quote'\""])
+    if kind == "bool":
+        return rng.choice([True, False])
+    if kind == "none":
+        return None
+    if kind == "set":
+        return set(rng.sample(range(50), rng.randint(0, 5)))
+    if kind == "shared":
+        shared = [rng.randint(0, 9)]
+        return [shared, shared]
+    items = [random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    if kind == "list":
+        return items
+    if kind == "tuple":
+        return tuple(items)
+    return {f"k{i}": v for i, v in enumerate(items)}
+
+
+def as_json(v):
+    """The JSON tensafe gives for a value (big ints as decimal strings)."""
+    if isinstance(v, bool) or v is None or isinstance(v, (float, str)):
+        return v
+    if isinstance(v, int):
+        return v if -(2**63) <= v < 2**63 else str(v)
+    if isinstance(v, (set, frozenset)):
+        return list(v)  # pickled (and kept) in iteration order
+    if isinstance(v, (list, tuple)):
+        return [as_json(i) for i in v]
+    return {k: as_json(x) for k, x in v.items()}
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_vm_decodes_what_cpython_pickles(exe, tmp_path, protocol):
+    import random
+
+    rng = random.Random(protocol)
+    values = {f"v{i}": random_value(rng) for i in range(60)}
+    torch.save({"state_dict": {"w": torch.ones(1)}, **values}, tmp_path / "v.pt", pickle_protocol=protocol)
+    convert(exe, tmp_path / "v.pt", tmp_path / "v.safetensors", "--keep-metadata")
+    with safetensors.safe_open(tmp_path / "v.safetensors", "pt") as f:
+        meta = f.metadata()
+    for name, value in values.items():
+        assert json.loads(meta[name]) == as_json(value), (name, value)
