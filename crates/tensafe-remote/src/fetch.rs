@@ -193,8 +193,8 @@ impl Failure {
     }
 }
 
-/// The wait before try `attempt + 1` of a request whose body had the wrong length.
-fn backoff(options: &RemoteOptions, attempt: u32) -> Duration {
+/// The wait before try `attempt + 1` of a request whose body had the wrong length or broke off.
+pub(crate) fn backoff(options: &RemoteOptions, attempt: u32) -> Duration {
     let b = &options.retry.backoff;
     b.init_backoff.mul_f64(b.base.max(1.0).powi(attempt as i32 - 1)).min(b.max_backoff)
 }

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use object_store::{GetOptions, GetRange, ObjectStore};
 use tensafe::{Header, SlicePlan};
 
 use crate::error::{RemoteError, Result};
-use crate::fetch::{classify, read_pieces, Object, Piece};
+use crate::fetch::{backoff, classify, read_pieces, Object, Piece};
 use crate::store::{block_on, store_for, RemoteUrl};
 use crate::traffic::{Counter, Probe, Traffic};
 use crate::RemoteOptions;
@@ -75,35 +76,8 @@ impl RemoteFile {
         let store = store_for(&url, options)?;
         let counters = [Counter::new(), options.counter.clone()];
         let name = url.to_string();
-        let probe = Probe::new(counters.to_vec(), options.max_retry_after);
         let object = |size, etag| Object { url: &name, store: store.as_ref(), path: url.object_path(), size, etag, counters: &counters };
-
-        // First request: the start of the file, which tells the size too.
-        let first_len = options.first_read.max(8) as u64;
-        let get = GetOptions { range: Some(GetRange::Bounded(0..first_len)), extensions: probe.extensions(), ..GetOptions::default() };
-        let first = match store.get_opts(url.object_path(), get).await {
-            Ok(result) => result,
-            Err(e) => {
-                let error = classify(e, &probe, &object(0, None), 0..first_len);
-                return Err(match error {
-                    // An empty object has no byte 0 (416), or some servers
-                    // answer it with an empty 200: say what the format says.
-                    RemoteError::RangeNotSatisfiable { .. } => RemoteFile::empty_or(error, &url, &store, options).await,
-                    RemoteError::RangeIgnored { .. } if probe.whole_object_len().is_some_and(|n| n < 8) => {
-                        let n = probe.whole_object_len().unwrap_or_default();
-                        Header::header_len(&[], n, &options.read_options).map_or_else(|e| RemoteError::format(&name, e), |_| error)
-                    }
-                    other => other,
-                });
-            }
-        };
-        let size = first.meta.size;
-        let etag = first.meta.e_tag.clone();
-        let expected = first.range.clone();
-        let prefix = first.bytes().await.map_err(|e| classify(e, &probe, &object(size, None), expected.clone()))?;
-        if expected.start != 0 || prefix.len() as u64 != expected.end || expected.end != first_len.min(size) {
-            return Err(RemoteError::WrongLength { url: name, range: 0..first_len.min(size), received: prefix.len() as u64, attempts: 1 });
-        }
+        let (prefix, size, etag) = RemoteFile::first_bytes(&object(0, None), &url, options).await?;
         let format = |e| RemoteError::format(&name, e);
         let n = Header::header_len(&prefix, size, &options.read_options).map_err(format)?;
         let header = if 8 + n <= prefix.len() {
@@ -120,8 +94,57 @@ impl RemoteFile {
         Ok(RemoteFile { url, store, header, size, etag, options: options.clone(), counters })
     }
 
+    /// First request: the start of the file, which tells its size (from
+    /// Content-Range) and ETag too. A body of the wrong length is retried.
+    async fn first_bytes(object: &Object<'_>, url: &RemoteUrl, options: &RemoteOptions) -> Result<(Bytes, u64, Option<String>)> {
+        let first_len = options.first_read.max(8) as u64;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let probe = Probe::new(object.counters.to_vec(), options.max_retry_after);
+            let get = GetOptions { range: Some(GetRange::Bounded(0..first_len)), extensions: probe.extensions(), ..GetOptions::default() };
+            let first = match object.store.get_opts(object.path, get).await {
+                Ok(result) => result,
+                Err(e) => return Err(RemoteFile::first_error(classify(e, &probe, object, 0..first_len), &probe, url, object.store, options).await),
+            };
+            let (size, etag) = (first.meta.size, first.meta.e_tag.clone());
+            let expected = first_len.min(size);
+            let received = first.bytes().await;
+            let short = match &received {
+                Ok(bytes) if bytes.len() as u64 == expected => None,
+                Ok(bytes) => Some(bytes.len() as u64),
+                Err(_) => Some(0),
+            };
+            match (received, short) {
+                (Ok(bytes), None) => return Ok((bytes, size, etag)),
+                (received, Some(got)) if attempts > options.retry.max_retries as u32 => {
+                    let range = 0..expected;
+                    return Err(match received {
+                        Err(source) => RemoteError::Interrupted { url: url.to_string(), range, received: got, attempts, source },
+                        Ok(_) => RemoteError::WrongLength { url: url.to_string(), range, received: got, attempts },
+                    });
+                }
+                _ => tokio::time::sleep(backoff(options, attempts)).await,
+            }
+        }
+    }
+
+    /// The error of a failed first request, with the format's words for empty objects.
+    async fn first_error(error: RemoteError, probe: &Probe, url: &RemoteUrl, store: &dyn ObjectStore, options: &RemoteOptions) -> RemoteError {
+        match error {
+            // An empty object has no byte 0 (416), or some servers answer it
+            // with an empty 200: say what the format says.
+            RemoteError::RangeNotSatisfiable { .. } => RemoteFile::empty_or(error, url, store, options).await,
+            RemoteError::RangeIgnored { .. } if probe.whole_object_len().is_some_and(|n| n < 8) => {
+                let n = probe.whole_object_len().unwrap_or_default();
+                Header::header_len(&[], n, &options.read_options).map_or_else(|e| RemoteError::format(url.as_str(), e), |_| error)
+            }
+            other => other,
+        }
+    }
+
     /// The error for a 416 on the first bytes: a HEAD tells whether the object is empty.
-    async fn empty_or(error: RemoteError, url: &RemoteUrl, store: &Arc<dyn ObjectStore>, options: &RemoteOptions) -> RemoteError {
+    async fn empty_or(error: RemoteError, url: &RemoteUrl, store: &dyn ObjectStore, options: &RemoteOptions) -> RemoteError {
         let probe = Probe::new(vec![options.counter.clone()], options.max_retry_after);
         let head = GetOptions { head: true, extensions: probe.extensions(), ..GetOptions::default() };
         match store.get_opts(url.object_path(), head).await {

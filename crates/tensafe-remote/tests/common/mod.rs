@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use tensafe_remote::RemoteOptions;
 
-/// The workspace root (two levels above this crate).
+/// The workspace root: the nearest directory above the including crate
+/// that holds Cargo.lock (this module is shared by several crates).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).expect("workspace root").to_path_buf()
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors().find(|d| d.join("Cargo.lock").is_file()).unwrap_or(here).to_path_buf()
 }
 
 /// Finds an executable: first the candidates, then PATH.
