@@ -799,6 +799,46 @@ fn save_sharded_buffers<'py>(
         .transpose()
 }
 
+/// Converts a pickle (PyTorch) checkpoint to safetensors without executing
+/// it; returns the conversion report as JSON. An `.index.json` input
+/// converts a sharded checkpoint into `output` (a directory).
+#[pyfunction]
+#[pyo3(signature = (input, output, *, key = None, flatten = false, include_optimizer = false, dedupe = false, keep_non_tensors = false, lenient_bool = false))]
+#[allow(clippy::too_many_arguments, reason = "mirrors the keyword arguments of tensafe.convert")]
+fn convert_pickle(
+    py: Python<'_>,
+    input: PathBuf,
+    output: PathBuf,
+    key: Option<String>,
+    flatten: bool,
+    include_optimizer: bool,
+    dedupe: bool,
+    keep_non_tensors: bool,
+    lenient_bool: bool,
+) -> PyResult<String> {
+    let mut options = tensafe_pickle::ConvertOptions { dedupe, keep_non_tensors, lenient_bool, ..Default::default() };
+    options.extract.key = key;
+    options.extract.flatten = flatten;
+    options.extract.include_optimizer = include_optimizer;
+    py.detach(|| {
+        if input.to_string_lossy().ends_with(".json") {
+            tensafe_pickle::convert_sharded(&input, &output, &options).map(|r| serde_json::to_string(&r))
+        } else {
+            tensafe_pickle::convert_file(&input, &output, &options).map(|r| serde_json::to_string(&r))
+        }
+    })
+    .map_err(|e| SafetensorError::new_err(e.to_string()))?
+    .map_err(|e| SafetensorError::new_err(e.to_string()))
+}
+
+/// Scans a file for what loading it with pickle would import and call;
+/// returns the report as JSON (never raises for hostile content).
+#[pyfunction]
+fn scan_pickle(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    let report = py.detach(|| tensafe_pickle::scan_file(&path, &Default::default()));
+    serde_json::to_string(&report).map_err(|e| SafetensorError::new_err(e.to_string()))
+}
+
 #[pymodule]
 fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -815,6 +855,8 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint_files, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(save_sharded_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(convert_pickle, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;
     // The dtype table, from its single source in the core crate:
     // (code, bits, framework name or None), in the reference's order.
     let dtypes: Vec<(&str, usize, Option<&str>)> = Dtype::ALL.iter().map(|d| (d.code(), d.bits(), d.framework_name())).collect();

@@ -80,3 +80,16 @@ class TensorParallelPlan:
 
     def __init__(self, rank: int, world_size: int, rules: List[Tuple[str, Optional[int]]]) -> None: ...
     def split(self, name: str, shape: List[int]) -> Optional[Tuple[int, int, int]]: ...
+
+def convert_pickle(
+    input: Union[str, os.PathLike],
+    output: Union[str, os.PathLike],
+    *,
+    key: Optional[str] = None,
+    flatten: bool = False,
+    include_optimizer: bool = False,
+    dedupe: bool = False,
+    keep_non_tensors: bool = False,
+    lenient_bool: bool = False,
+) -> str: ...
+def scan_pickle(path: Union[str, os.PathLike]) -> str: ...
