@@ -230,6 +230,24 @@ fn faults_are_retried_or_reported_never_returned() {
         assert_eq!(proxy.seen().len(), tries, "{fault:?}: {:?}", proxy.seen());
     }
 
+    // Concurrency is bounded: 24 requests of 32 KiB, each held 300 ms by
+    // the proxy, 8 at a time: 3 waves, never more than 8 at once.
+    proxy.reset();
+    proxy.set_steady(Some(Fault::Delay(Duration::from_millis(300))));
+    let eight = RemoteOptions { concurrency: 8, chunk_bytes: 32 << 10, ..fast_retries(3) };
+    let limited = RemoteFile::open_with(&url, &eight).unwrap();
+    let mut dst = vec![0u8; 24 * (32 << 10)];
+    let start = Instant::now();
+    let spent = read_into(&[limited.range(limited.header().data_start(), 0, dst.len())], &mut dst, &eight, None).unwrap();
+    let took = start.elapsed();
+    assert_eq!(spent.requests, 24);
+    // Requests arriving within the first delay: exactly the first wave.
+    let seen = &proxy.seen()[1..]; // after the opening request
+    let first_wave = seen.iter().filter(|s| s.at.duration_since(seen[0].at) < Duration::from_millis(200)).count();
+    assert_eq!(first_wave, 8, "took {took:?}");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?} (one at a time would take 7.2 s)");
+    assert_eq!(&dst[..], &std::fs::read(root.path().join("mixed.safetensors")).unwrap()[local.header().data_start() as usize..][..dst.len()]);
+
     // Retry-After is waited for.
     proxy.reset();
     proxy.schedule([Fault::Unavailable { retry_after: 1 }, Fault::Unavailable { retry_after: 1 }]);

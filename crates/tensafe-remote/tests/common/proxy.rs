@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What to do to one response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub struct Seen {
     pub request_line: String,
     pub range: Option<String>,
     pub fault: Fault,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 #[derive(Default)]
@@ -149,6 +151,7 @@ fn without(head: &str, names: &[&str]) -> String {
 fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let head = String::from_utf8_lossy(&read_head(&mut client)?).into_owned();
+    let at = Instant::now();
     let fault = {
         let next = state.schedule.lock().unwrap().pop_front();
         next.or_else(|| state.steady.lock().unwrap().clone()).unwrap_or(Fault::None)
@@ -157,6 +160,7 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
         request_line: head.lines().next().unwrap_or_default().to_owned(),
         range: header(&head, "range").map(str::to_owned),
         fault: fault.clone(),
+        at,
     });
     match &fault {
         Fault::Reset => return Ok(()),
