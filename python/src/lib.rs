@@ -362,7 +362,7 @@ impl File {
     fn read_slice<'py>(&self, py: Python<'py>, name: &str, index: &Bound<'py, PyAny>) -> PyResult<(Vec<usize>, Bound<'py, PyByteArray>)> {
         let info = self.header().info(name).map_err(|_| not_found(name))?;
         let indices = parse_index(index)?;
-        let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(&info.shape, &e))?;
+        let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(&info.shape, &indices, &e))?;
         let array = PyByteArray::new_with(py, plan.byte_len(), |dst| {
             py.detach(|| match self.source.data() {
                 Some(data) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst),
@@ -407,14 +407,64 @@ fn not_found(name: &str) -> PyErr {
     SafetensorError::new_err(format!("File does not contain tensor {name}"))
 }
 
-fn slice_error(shape: &[usize], e: &Error) -> PyErr {
-    SafetensorError::new_err(format!("Error during slicing with shape {shape:?}: {e}"))
+/// The reference's wording of slicing errors: `Error during slicing {index}
+/// with shape {shape}: {reason}`, and its own text for negative indices
+/// still out of range.
+fn slice_error(shape: &[usize], indices: &[SliceIndex], e: &Error) -> PyErr {
+    match e {
+        Error::SliceOutOfBounds { asked, dim, size } if *asked < 0 => {
+            SafetensorError::new_err(format!("Invalid index {asked} for dimension {dim} of size {size}"))
+        }
+        Error::InvalidSlice { .. } => SafetensorError::new_err(e.to_string()),
+        _ => SafetensorError::new_err(format!(
+            "Error during slicing {} with shape {shape:?}: {}",
+            display_index(shape, indices),
+            e.reference_text()
+        )),
+    }
+}
+
+/// Shows an index the way the reference does: ints resolved against their
+/// dimension, `start:stop[:step]`, `...` expanded to `:` per dimension it covers.
+fn display_index(shape: &[usize], indices: &[SliceIndex]) -> String {
+    let consuming = indices.iter().filter(|i| matches!(i, SliceIndex::Index(_) | SliceIndex::Range { .. })).count();
+    let mut parts = Vec::new();
+    let mut dim = 0usize;
+    for index in indices {
+        match *index {
+            SliceIndex::Index(i) => {
+                let size = shape.get(dim).copied().unwrap_or(0) as i64;
+                parts.push(if i < 0 { (i + size).to_string() } else { i.to_string() });
+                dim += 1;
+            }
+            SliceIndex::Range { start, stop, step } => {
+                let bound = |b: Option<i64>| b.map(|b| b.to_string()).unwrap_or_default();
+                let step = step.filter(|s| *s != 1).map(|s| format!(":{s}")).unwrap_or_default();
+                parts.push(format!("{}:{}{step}", bound(start), bound(stop)));
+                dim += 1;
+            }
+            SliceIndex::Ellipsis => {
+                let covered = shape.len().saturating_sub(consuming);
+                parts.extend(std::iter::repeat_n(":".to_string(), covered));
+                dim += covered;
+            }
+            SliceIndex::NewAxis => parts.push("None".into()),
+        }
+    }
+    format!("[{}]", parts.join(", "))
 }
 
 /// Turns a Python index (int, slice, Ellipsis, None or a tuple/list of them) into slice items.
 fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
     let items: Vec<Bound<'_, PyAny>> = if let Ok(tuple) = index.cast::<PyTuple>() {
         tuple.iter().collect()
+    } else if let Ok(list) = index.cast::<PyList>() {
+        // As in the reference: `x[[]]` selects nothing of dim 0; index lists
+        // (advanced indexing) are not supported.
+        if !list.is_empty() {
+            return Err(SafetensorError::new_err("Non empty lists are not implemented"));
+        }
+        return Ok(vec![SliceIndex::range(0, 0)]);
     } else {
         vec![index.clone()]
     };

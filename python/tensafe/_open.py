@@ -417,8 +417,6 @@ class PySafeSlice:
         return self._code
 
     def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, list) and not index:
-            index = slice(0, 0)
         shape, data = self._file.read_slice(self._name, index)
         return _convert(self._framework, self._device, self._code, shape, data)
 

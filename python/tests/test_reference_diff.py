@@ -178,6 +178,29 @@ def test_slices_follow_numpy_on_every_framework(index, backend, tmp_path):
         assert torch.equal(got, torch.from_numpy(a)[index])
 
 
+@pytest.mark.parametrize(
+    "index,message",
+    [
+        ((slice(2, None), -6), "Invalid index -6 for dimension 1 of size 5"),
+        ((slice(2, None), 20), "Error during slicing [2:, 20] with shape [10, 5]: index 20 out of bounds for tensor dimension #1 of size 5"),
+        ((Ellipsis, 20), "Error during slicing [:, 20] with shape [10, 5]: index 20 out of bounds for tensor dimension #1 of size 5"),
+        ((0, 0, 0), "Error during slicing [0, 0, 0] with shape [10, 5]: more slicing indexes than dimensions in tensor"),
+        ([1], "Non empty lists are not implemented"),
+    ],
+    ids=repr,
+)
+def test_slice_error_texts_match_the_reference(tmp_path, index, message):
+    path = tmp_path / "s.safetensors"
+    ts_np.save_file({"a": np.zeros((10, 5), np.float32)}, path)
+    for lib in (tensafe, safetensors):
+        with lib.safe_open(path, "np") as f:
+            with pytest.raises(lib.SafetensorError) as info:
+                f.get_slice("a")[index]
+            assert str(info.value) == message, lib
+    with tensafe.safe_open(path, "np") as f:
+        assert f.get_slice("a")[[]].shape == (0, 5)
+
+
 def test_slice_errors_are_clear(tmp_path):
     path = tmp_path / "s.safetensors"
     ts_np.save_file({"a": np.zeros((10, 5), np.float32)}, path)
