@@ -525,6 +525,44 @@ impl TensorBuffer {
     }
 }
 
+/// A fresh, writable host allocation for whole-file loads: an anonymous
+/// mapping advised to use transparent huge pages where the kernel has them
+/// (2 MiB pages: 512 times fewer page faults while the readers fill it).
+/// Exposed through the buffer protocol; tensors made over it keep it alive.
+#[pyclass(module = "tensafe._tensafe_rust", frozen)]
+struct HostBuffer {
+    map: memmap2::MmapMut,
+}
+
+#[pymethods]
+impl HostBuffer {
+    #[new]
+    fn new(len: usize) -> PyResult<Self> {
+        let map = memmap2::MmapMut::map_anon(len.max(1)).map_err(|e| PyOSError::new_err(format!("allocating {len} bytes: {e}")))?;
+        #[cfg(target_os = "linux")]
+        {
+            // Advisory: without THP support this does nothing, and that is fine.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        Ok(HostBuffer { map })
+    }
+
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let this = slf.get();
+        // SAFETY: the mapping lives as long as this object, which
+        // PyBuffer_FillInfo references from the view; writes go through the
+        // raw pointer only (the Rust side never reads the bytes).
+        let rc = unsafe {
+            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), this.map.as_ptr() as *mut _, this.map.len() as isize, 0, flags)
+        };
+        if rc < 0 { Err(PyErr::fetch(slf.py())) } else { Ok(()) }
+    }
+
+    fn __len__(&self) -> usize {
+        self.map.len()
+    }
+}
+
 /// A tensor described by a raw address, for compatibility with the reference's
 /// `TensorSpec`. The caller keeps the memory alive and unchanged until the
 /// serializer returns.
@@ -895,6 +933,7 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SafetensorError", py.get_type::<SafetensorError>())?;
     m.add_class::<File>()?;
     m.add_class::<TensorBuffer>()?;
+    m.add_class::<HostBuffer>()?;
     m.add_class::<TensorSpec>()?;
     m.add_class::<PyTensorParallelPlan>()?;
     m.add_function(wrap_pyfunction!(serialize, m)?)?;

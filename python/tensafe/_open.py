@@ -10,7 +10,7 @@ import threading
 from typing import Any, Dict, List, Optional, Union
 
 from . import _dtypes
-from ._tensafe_rust import File, SafetensorError, checkpoint_files
+from ._tensafe_rust import File, HostBuffer, SafetensorError, checkpoint_files
 
 _FRAMEWORKS = {
     "pt": "pt", "torch": "pt", "pytorch": "pt",
@@ -131,20 +131,13 @@ def _is_cuda(device: Union[str, int]) -> bool:
 
 
 def _read_all(file: File, framework: str, threads: Optional[int], progress: Any, drop_cache: bool) -> Any:
-    """Reads a pread file's whole data section into one fresh allocation with
-    the parallel I/O engine; returns it as a uint8 torch tensor or numpy array."""
-    import numpy as np
-
-    if framework == "pt":
-        import torch
-
-        base = torch.empty(file.data_len, dtype=torch.uint8)
-        target = base.numpy()
-    else:
-        base = target = np.empty(file.data_len, dtype=np.uint8)
+    """Reads a pread file's whole data section into one fresh allocation (huge
+    pages where the kernel offers them) with the parallel I/O engine; returns
+    it as a uint8 torch tensor or numpy array that keeps the allocation alive."""
+    data = memoryview(HostBuffer(file.data_len))[: file.data_len]
     if file.data_len:
-        file.read_all_into(target, threads=threads, progress=progress, drop_cache=drop_cache)
-    return base
+        file.read_all_into(data, threads=threads, progress=progress, drop_cache=drop_cache)
+    return _torch_bytes(data) if framework == "pt" else _numpy_bytes(data)
 
 
 _gc_lock = threading.Lock()

@@ -30,6 +30,12 @@ class TensorBuffer:
 
     def __len__(self) -> int: ...
 
+class HostBuffer:
+    """A fresh writable host allocation (huge pages where available), buffer protocol."""
+
+    def __init__(self, len: int) -> None: ...
+    def __len__(self) -> int: ...
+
 class File:
     """An open safetensors file (mmap, pread or in-memory source)."""
 
