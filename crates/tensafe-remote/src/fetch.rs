@@ -13,6 +13,7 @@
 //!    body is discarded and the request retried with backoff, then reported.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -124,7 +125,8 @@ fn plan<'d>(objects: &[Object<'_>], pieces: &[Piece], dst: &'d mut [u8], limits:
 
 /// Reads every piece into `dst` with concurrent range requests.
 ///
-/// `progress` gets the running total of bytes delivered into `dst`.
+/// `progress` gets the running total of bytes delivered into `dst`, as they
+/// arrive (at least every MiB), and the total at the end.
 /// Returns the traffic of this call alone.
 pub(crate) async fn read_pieces(
     objects: &[Object<'_>],
@@ -136,19 +138,42 @@ pub(crate) async fn read_pieces(
     let limits = Limits { chunk: options.chunk_bytes.max(1) as u64, gap: options.merge_gap as u64 };
     let jobs = plan(objects, pieces, dst, limits)?;
     let call = Counter::new();
+    let progress = Progress { delivered: AtomicU64::new(0), callback: progress };
     let mut running = futures::stream::iter(jobs.into_iter().map(|job| {
-        let call = call.clone();
-        async move { run(&objects[job.object], job, options, &call).await }
+        let (call, progress) = (call.clone(), &progress);
+        async move { run(&objects[job.object], job, options, &call, progress).await }
     }))
     .buffer_unordered(options.concurrency.max(1));
-    let mut delivered = 0u64;
     while let Some(done) = running.next().await {
-        delivered += done?;
-        if let Some(progress) = progress {
-            progress(delivered);
-        }
+        done?;
+    }
+    if let Some(callback) = progress.callback {
+        callback(progress.delivered.load(Ordering::Relaxed));
     }
     Ok(call.traffic())
+}
+
+/// Bytes delivered so far by one call, reported as they arrive (each time
+/// another MiB is complete, and once at the end).
+struct Progress<'p> {
+    delivered: AtomicU64,
+    callback: Option<&'p (dyn Fn(u64) + Sync)>,
+}
+
+impl Progress<'_> {
+    fn add(&self, n: u64) {
+        let before = self.delivered.fetch_add(n, Ordering::Relaxed);
+        if let Some(callback) = self.callback
+            && (before + n) >> 20 != before >> 20
+        {
+            callback(before + n);
+        }
+    }
+
+    /// Takes back what a failed try had delivered (it is fetched again).
+    fn take_back(&self, n: u64) {
+        self.delivered.fetch_sub(n, Ordering::Relaxed);
+    }
 }
 
 /// Why one try of a request failed.
@@ -162,7 +187,7 @@ enum Failure {
 }
 
 /// Runs one request (with retries) and returns the bytes it delivered.
-async fn run(object: &Object<'_>, mut job: Job<'_>, options: &RemoteOptions, call: &Counter) -> Result<u64> {
+async fn run(object: &Object<'_>, mut job: Job<'_>, options: &RemoteOptions, call: &Counter, progress: &Progress<'_>) -> Result<u64> {
     let useful = job.useful_bytes();
     let mut attempts = 0u32;
     loop {
@@ -170,10 +195,12 @@ async fn run(object: &Object<'_>, mut job: Job<'_>, options: &RemoteOptions, cal
         let mut counters = object.counters.to_vec();
         counters.push(call.clone());
         let probe = Probe::new(counters, options.max_retry_after);
-        let failure = match fetch_once(object, &mut job, &probe).await {
+        let mut delivered = 0;
+        let failure = match fetch_once(object, &mut job, &probe, progress, &mut delivered).await {
             Ok(()) => return Ok(useful),
             Err(failure) => failure,
         };
+        progress.take_back(delivered);
         if matches!(failure, Failure::Store(_)) || attempts > options.retry.max_retries as u32 {
             return Err(failure.into_error(object, &probe, job.range.clone(), attempts));
         }
@@ -199,8 +226,9 @@ pub(crate) fn backoff(options: &RemoteOptions, attempt: u32) -> Duration {
     b.init_backoff.mul_f64(b.base.max(1.0).powi(attempt as i32 - 1)).min(b.max_backoff)
 }
 
-/// One try: the request, then its body copied into the job's targets.
-async fn fetch_once(object: &Object<'_>, job: &mut Job<'_>, probe: &Probe) -> Result<(), Failure> {
+/// One try: the request, then its body copied into the job's targets;
+/// `delivered` counts the bytes copied.
+async fn fetch_once(object: &Object<'_>, job: &mut Job<'_>, probe: &Probe, progress: &Progress<'_>, delivered: &mut u64) -> Result<(), Failure> {
     let range = job.range.clone();
     let expected = range.end - range.start;
     let options = GetOptions {
@@ -223,7 +251,9 @@ async fn fetch_once(object: &Object<'_>, job: &mut Job<'_>, probe: &Probe) -> Re
         if at + n > expected {
             return Err(Failure::Length { received: at + n });
         }
-        scatter(&mut job.targets, &mut next_target, at, &bytes);
+        let copied = scatter(&mut job.targets, &mut next_target, at, &bytes);
+        *delivered += copied;
+        progress.add(copied);
         at += n;
     }
     if at != expected {
@@ -233,23 +263,27 @@ async fn fetch_once(object: &Object<'_>, job: &mut Job<'_>, probe: &Probe) -> Re
 }
 
 /// Copies `bytes`, found at `at` in the request's range, into the targets it
-/// overlaps. `next` is the first target not yet complete.
-fn scatter(targets: &mut [(u64, &mut [u8])], next: &mut usize, at: u64, bytes: &[u8]) {
+/// overlaps, and returns how many bytes it copied. `next` is the first target
+/// not yet complete.
+fn scatter(targets: &mut [(u64, &mut [u8])], next: &mut usize, at: u64, bytes: &[u8]) -> u64 {
     let end = at + bytes.len() as u64;
+    let mut copied = 0;
     while let Some((offset, dst)) = targets.get_mut(*next) {
         let (t_start, t_end) = (*offset, *offset + dst.len() as u64);
         if t_start >= end {
-            return;
+            break;
         }
         let (a, b) = (t_start.max(at), t_end.min(end));
         if a < b {
             dst[(a - t_start) as usize..(b - t_start) as usize].copy_from_slice(&bytes[(a - at) as usize..(b - at) as usize]);
+            copied += b - a;
         }
         if t_end > end {
-            return;
+            break;
         }
         *next += 1;
     }
+    copied
 }
 
 /// Turns a client error into what the caller should be told.
