@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use object_store::GetOptions;
-use tensafe::{ShardIndex, TensorInfo, INDEX_FILE, SINGLE_FILE};
+use tensafe::{Header, ShardIndex, TensorInfo, INDEX_FILE, SINGLE_FILE};
 
 use crate::error::{RemoteError, Result};
 use crate::fetch::{classify, Object};
@@ -64,39 +64,15 @@ impl RemoteCheckpoint {
         let url = index_url.as_str();
         let text = String::from_utf8(text).map_err(|_| invalid(url, "the index is not UTF-8 text".into()))?;
         let index = ShardIndex::parse(&text).map_err(|e| RemoteError::format(url, e))?;
-        // Shards in name order (00001, 00002, …): also the order of their tensors.
-        let mut files: Vec<&String> = index.weight_map.values().collect();
-        files.sort();
-        files.dedup();
-        let urls = files.iter().map(|f| index_url.join(f).map(|u| u.to_string())).collect::<Result<Vec<_>>>()?;
+        let urls = index.shard_files().iter().map(|f| index_url.join(f).map(|u| u.to_string())).collect::<Result<Vec<_>>>()?;
         let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
         let shards = RemoteFile::open_many(&refs, options).map_err(|e| match e {
             RemoteError::NotFound { url: shard, .. } => invalid(url, format!("missing shard {shard} (listed in the index)")),
             other => other,
         })?;
-        let position: HashMap<&str, usize> = files.iter().enumerate().map(|(i, f)| (f.as_str(), i)).collect();
-        let mut location = HashMap::with_capacity(index.weight_map.len());
-        for (i, shard) in shards.iter().enumerate() {
-            for (name, _) in shard.header().iter() {
-                let listed = index.weight_map.get(name).map(|file| (file, position[file.as_str()]));
-                match listed {
-                    Some((_, p)) if p == i => location.insert(name.to_owned(), i),
-                    Some((file, _)) => return Err(invalid(url, format!("tensor `{name}` is in shard {} but the index lists it in {file}", files[i]))),
-                    None => return Err(invalid(url, format!("tensor `{name}` is in shard {} but not in the index", files[i]))),
-                };
-            }
-        }
-        if let Some((name, file)) = index.weight_map.iter().find(|(name, _)| !location.contains_key(*name)) {
-            return Err(invalid(url, format!("tensor `{name}` is listed in {file} but that shard does not contain it")));
-        }
-        let checkpoint = RemoteCheckpoint { index: Some(index), shards, location, index_traffic: counter.traffic() };
-        if let Some(declared) = checkpoint.index.as_ref().and_then(ShardIndex::total_size)
-            && declared != checkpoint.total_size()
-        {
-            let actual = checkpoint.total_size();
-            return Err(invalid(url, format!("the index declares total_size {declared} but the shards hold {actual} bytes of tensors")));
-        }
-        Ok(checkpoint)
+        let headers: Vec<&Header> = shards.iter().map(RemoteFile::header).collect();
+        let location = index.locate(&headers).map_err(|reason| invalid(url, reason))?;
+        Ok(RemoteCheckpoint { index: Some(index), shards, location, index_traffic: counter.traffic() })
     }
 
     /// The index, for sharded checkpoints.

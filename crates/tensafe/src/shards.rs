@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use crate::atomic::write_atomically;
 use crate::error::{Error, Result};
-use crate::header::TensorInfo;
+use crate::header::{Header, TensorInfo};
 use crate::reader::PreadFile;
 use crate::writer::{serialize_to_file, Metadata, View};
 use crate::Dtype;
@@ -62,6 +62,49 @@ impl ShardIndex {
             Some(_) => return Err(invalid("the index's `metadata` is not an object".into())),
         };
         Ok(ShardIndex { metadata, weight_map })
+    }
+
+    /// The shard files the index names, sorted (`00001`, `00002`, …) and
+    /// each once: the order of a checkpoint's shards and of their tensors.
+    pub fn shard_files(&self) -> Vec<&str> {
+        let mut files: Vec<&str> = self.weight_map.values().map(String::as_str).collect();
+        files.sort_unstable();
+        files.dedup();
+        files
+    }
+
+    /// Checks the headers of the shards (in [`ShardIndex::shard_files`]
+    /// order) against the index: every tensor of a shard is listed for that
+    /// shard, every listed tensor is there, and `total_size` (when given)
+    /// equals the shards' tensor bytes. Returns tensor name → shard position,
+    /// or the reason they disagree. Shared by local and remote checkpoints.
+    pub fn locate(&self, headers: &[&Header]) -> std::result::Result<HashMap<String, usize>, String> {
+        let files = self.shard_files();
+        let position: HashMap<&str, usize> = files.iter().enumerate().map(|(i, f)| (*f, i)).collect();
+        let mut location = HashMap::with_capacity(self.weight_map.len());
+        for (i, header) in headers.iter().enumerate() {
+            for (name, _) in header.iter() {
+                match self.weight_map.get(name) {
+                    None => return Err(format!("tensor `{name}` is in shard {} but not in the index", files[i])),
+                    Some(listed) if position[listed.as_str()] != i => {
+                        return Err(format!("tensor `{name}` is in shard {} but the index lists it in {listed}", files[i]));
+                    }
+                    Some(_) => {
+                        location.insert(name.to_owned(), i);
+                    }
+                }
+            }
+        }
+        if let Some((name, file)) = self.weight_map.iter().find(|(name, _)| !location.contains_key(*name)) {
+            return Err(format!("tensor `{name}` is listed in {file} but that shard does not contain it"));
+        }
+        let actual: u64 = headers.iter().map(|h| h.data_len() as u64).sum();
+        match self.total_size() {
+            Some(declared) if declared != actual => {
+                Err(format!("the index declares total_size {declared} but the shards hold {actual} bytes of tensors"))
+            }
+            _ => Ok(location),
+        }
     }
 
     /// `metadata.total_size`, when present.
@@ -140,15 +183,8 @@ impl ShardedCheckpoint {
         let text = std::fs::read_to_string(index_path).map_err(|e| Error::io("reading the index", e).in_file(index_path))?;
         let index = ShardIndex::parse(&text).map_err(|e| e.in_file(index_path))?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
-        // Shards in name order (00001, 00002, …): also the order of their tensors.
-        let files: Vec<&String> = {
-            let mut files: Vec<&String> = index.weight_map.values().collect();
-            files.sort();
-            files.dedup();
-            files
-        };
-        let mut shards = Vec::with_capacity(files.len());
-        for file in &files {
+        let mut shards = Vec::new();
+        for file in index.shard_files() {
             let shard_path = dir.join(file);
             if !shard_path.is_file() {
                 return Err(Error::InvalidCheckpoint { reason: format!("missing shard {file} (listed in the index)") }
@@ -156,44 +192,9 @@ impl ShardedCheckpoint {
             }
             shards.push(PreadFile::open(&shard_path)?);
         }
-        let position: HashMap<&str, usize> = files.iter().enumerate().map(|(i, f)| (f.as_str(), i)).collect();
-        let mut location = HashMap::with_capacity(index.weight_map.len());
-        for (i, shard) in shards.iter().enumerate() {
-            for (name, _) in shard.header().iter() {
-                match index.weight_map.get(name) {
-                    None => {
-                        return Err(Error::InvalidCheckpoint {
-                            reason: format!("tensor `{name}` is in shard {} but not in the index", files[i]),
-                        }
-                        .in_file(index_path));
-                    }
-                    Some(listed) if position[listed.as_str()] != i => {
-                        return Err(Error::InvalidCheckpoint {
-                            reason: format!("tensor `{name}` is in shard {} but the index lists it in {listed}", files[i]),
-                        }
-                        .in_file(index_path));
-                    }
-                    Some(_) => {
-                        location.insert(name.to_owned(), i);
-                    }
-                }
-            }
-        }
-        if let Some((name, file)) = index.weight_map.iter().find(|(name, _)| !location.contains_key(*name)) {
-            return Err(Error::InvalidCheckpoint { reason: format!("tensor `{name}` is listed in {file} but that shard does not contain it") }
-                .in_file(index_path));
-        }
-        let checkpoint = ShardedCheckpoint { index: Some(index), shards, location };
-        if let Some(declared) = checkpoint.index.as_ref().and_then(ShardIndex::total_size) {
-            let actual = checkpoint.total_size();
-            if declared != actual {
-                return Err(Error::InvalidCheckpoint {
-                    reason: format!("the index declares total_size {declared} but the shards hold {actual} bytes of tensors"),
-                }
-                .in_file(index_path));
-            }
-        }
-        Ok(checkpoint)
+        let headers: Vec<&Header> = shards.iter().map(PreadFile::header).collect();
+        let location = index.locate(&headers).map_err(|reason| Error::InvalidCheckpoint { reason }.in_file(index_path))?;
+        Ok(ShardedCheckpoint { index: Some(index), shards, location })
     }
 
     /// The index, for sharded checkpoints.
