@@ -36,6 +36,24 @@ fn error(prefix: &str, e: &Error) -> PyErr {
     SafetensorError::new_err(format!("{prefix}{}", e.without_file()))
 }
 
+/// A remote failure: FileNotFoundError for 404s (like a missing local file),
+/// SafetensorError otherwise, with the store's explanation.
+fn remote_error(e: tensafe_remote::RemoteError) -> PyErr {
+    if e.is_not_found() { PyFileNotFoundError::new_err(e.to_string()) } else { SafetensorError::new_err(e.to_string()) }
+}
+
+/// Reads positioned bytes of any source that is not in memory.
+fn read_at(source: &Source, offset: usize, dst: &mut [u8]) -> PyResult<()> {
+    match source {
+        Source::Pread(p) => p.read_data_at(offset as u64, dst).map_err(|e| error("", &e)),
+        Source::Remote(r) => {
+            let range = r.range(r.header().data_start() + offset as u64, 0, dst.len());
+            tensafe_remote::read_into(&[range], dst, r.options(), None).map(|_| ()).map_err(remote_error)
+        }
+        _ => unreachable!("sources in memory are copied from, not read"),
+    }
+}
+
 fn header_error(e: Error) -> PyErr {
     error("Error while deserializing header: ", &e)
 }
@@ -63,6 +81,8 @@ enum Source {
     Pread(PreadFile),
     /// A whole file held by a Python bytes-like object.
     Memory { header: Header, object: Py<PyAny>, buffer: PyUntypedBuffer },
+    /// A file in object storage or on a web server, read with range requests.
+    Remote(tensafe_remote::RemoteFile),
 }
 
 impl Source {
@@ -70,7 +90,7 @@ impl Source {
     fn data(&self) -> Option<&[u8]> {
         match self {
             Source::Mapped(m) => Some(m.data()),
-            Source::Pread(_) => None,
+            Source::Pread(_) | Source::Remote(_) => None,
             Source::Memory { header, buffer, .. } => {
                 // SAFETY: the buffer export is held as long as this source.
                 let all = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
@@ -93,6 +113,7 @@ impl File {
             Source::Mapped(m) => m.header(),
             Source::Pread(p) => p.header(),
             Source::Memory { header, .. } => header,
+            Source::Remote(r) => r.header(),
         }
     }
 }
@@ -108,6 +129,12 @@ impl File {
             return Err(SafetensorError::new_err(format!(
                 "backend \"{backend}\" is invalid (expected one of: \"mmap\", \"pread\", \"auto\")"
             )));
+        }
+        let text = filename.to_string_lossy();
+        if tensafe_remote::RemoteUrl::is_remote(&text) {
+            let url = text.into_owned();
+            let remote = py.detach(|| tensafe_remote::RemoteFile::open(&url)).map_err(remote_error)?;
+            return Ok(File { source: Source::Remote(remote) });
         }
         let file = std::fs::File::open(&filename).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -157,6 +184,7 @@ impl File {
             Source::Mapped(_) => "mmap",
             Source::Pread(_) => "pread",
             Source::Memory { .. } => "memory",
+            Source::Remote(_) => "remote",
         }
     }
 
@@ -237,7 +265,7 @@ impl File {
                 let view = pyo3::types::PyMemoryView::from(object.bind(py))?;
                 view.get_item(pyo3::types::PySlice::new(py, start, start + header.data_len() as isize, 1))
             }
-            Source::Pread(_) => Err(PyValueError::new_err("a pread file has no data in memory; use read_all_into")),
+            Source::Pread(_) | Source::Remote(_) => Err(PyValueError::new_err("this file has no data in memory; use read_all_into")),
         }
     }
 
@@ -260,16 +288,14 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            match (self.source.data(), &self.source) {
-                (Some(data), _) => {
+            match self.source.data() {
+                Some(data) => {
                     dst.copy_from_slice(&data[offset..offset + len]);
                     Ok(())
                 }
-                (None, Source::Pread(p)) => p.read_data_at(offset as u64, dst),
-                (None, _) => unreachable!("only pread has no data in memory"),
+                None => read_at(&self.source, offset, dst),
             }
         })
-        .map_err(|e| error("", &e))
     }
 
     /// Reads the whole data section into `dst` (a writable contiguous buffer of
@@ -286,19 +312,12 @@ impl File {
         progress: Option<Py<PyAny>>,
         drop_cache: bool,
     ) -> PyResult<u64> {
-        let Source::Pread(p) = &self.source else {
-            return Err(PyValueError::new_err("read_all_into needs a file opened with backend=\"pread\""));
-        };
-        let total = p.header().data_len();
+        let total = self.header().data_len();
         let buffer = PyUntypedBuffer::get(dst)?;
         if buffer.readonly() || !buffer.is_c_contiguous() || buffer.len_bytes() != total {
             return Err(PyValueError::new_err(format!("read_all_into needs a writable contiguous buffer of {total} bytes")));
         }
-        let mut options = tensafe_io::EngineOptions::default();
-        options.threads = threads.unwrap_or(options.threads);
-        options.chunk_bytes = chunk_bytes.unwrap_or(options.chunk_bytes);
         let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
-        let range = tensafe_io::ReadRange { file_offset: p.header().data_start(), dst_offset: 0, len };
         // Report at most every 64 MiB, and the end.
         let next_report = std::sync::atomic::AtomicU64::new(0);
         let report = |done: u64| {
@@ -314,18 +333,54 @@ impl File {
                 }
             }
         };
-        let stats = py
-            .detach(|| {
-                // SAFETY: the buffer export is held for the duration of the call.
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-                let stats = tensafe_io::read_into(p.file(), &[range], dst, &options, Some(&report))?;
-                if drop_cache {
-                    tensafe_io::evict(p.file(), 0, 0)?;
+        py.detach(|| {
+            // SAFETY: the buffer export is held for the duration of the call.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            match &self.source {
+                Source::Pread(p) => {
+                    let mut options = tensafe_io::EngineOptions::default();
+                    options.threads = threads.unwrap_or(options.threads);
+                    options.chunk_bytes = chunk_bytes.unwrap_or(options.chunk_bytes);
+                    let range = tensafe_io::ReadRange { file_offset: p.header().data_start(), dst_offset: 0, len };
+                    let io_error = |e: std::io::Error| SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display()));
+                    let stats = tensafe_io::read_into(p.file(), &[range], dst, &options, Some(&report)).map_err(io_error)?;
+                    if drop_cache {
+                        tensafe_io::evict(p.file(), 0, 0).map_err(io_error)?;
+                    }
+                    Ok(stats.reads)
                 }
-                Ok::<_, std::io::Error>(stats)
+                Source::Remote(r) => r.read_data_into(dst, Some(&report)).map(|traffic| traffic.requests).map_err(remote_error),
+                _ => Err(PyValueError::new_err("read_all_into is for pread and remote files; the others are in memory")),
+            }
+        })
+    }
+
+    /// Opens every file of a checkpoint — a local or remote directory, index
+    /// or single file — after checking that its index and shards agree.
+    #[staticmethod]
+    #[pyo3(signature = (path, backend = "mmap"))]
+    fn open_checkpoint(py: Python<'_>, path: PathBuf, backend: &str) -> PyResult<Vec<File>> {
+        let text = path.to_string_lossy().into_owned();
+        if tensafe_remote::RemoteUrl::is_remote(&text) {
+            let checkpoint = py.detach(|| tensafe_remote::RemoteCheckpoint::open(&text, &Default::default())).map_err(remote_error)?;
+            return Ok(checkpoint.into_shards().into_iter().map(|r| File { source: Source::Remote(r) }).collect());
+        }
+        let checkpoint = py.detach(|| tensafe::ShardedCheckpoint::open(&path)).map_err(|e| {
+            let missing = matches!(e.without_file(), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+            if missing { PyFileNotFoundError::new_err(format!("No such file or directory: {}", path.display())) } else { SafetensorError::new_err(e.to_string()) }
+        })?;
+        checkpoint
+            .into_shards()
+            .into_iter()
+            .map(|pread| {
+                let mapped = match backend {
+                    "auto" => !tensafe::FilesystemKind::of(pread.file()).prefers_pread(),
+                    other => other == "mmap",
+                };
+                let source = if mapped { Source::Mapped(MmapFile::from_pread_copy_on_write(pread).map_err(header_error)?) } else { Source::Pread(pread) };
+                Ok(File { source })
             })
-            .map_err(|e| SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display())))?;
-        Ok(stats.reads)
+            .collect()
     }
 
     /// The bytes of one tensor: a zero-copy writable (copy-on-write) buffer
@@ -340,12 +395,9 @@ impl File {
                 let buffer = TensorBuffer { file: slf.clone().unbind(), offset, len: info.byte_len() };
                 Ok(Bound::new(py, buffer)?.into_any())
             }
-            Source::Pread(p) => {
-                let len = info.byte_len();
-                let begin = info.data_offsets.0 as u64;
-                let array = PyByteArray::new_with(py, len, |dst| {
-                    py.detach(|| p.read_data_at(begin, dst)).map_err(|e| error("", &e))
-                })?;
+            source @ (Source::Pread(_) | Source::Remote(_)) => {
+                let begin = info.data_offsets.0;
+                let array = PyByteArray::new_with(py, info.byte_len(), |dst| py.detach(|| read_at(source, begin, dst)))?;
                 Ok(array.into_any())
             }
             Source::Memory { header, object, .. } => {
@@ -364,14 +416,12 @@ impl File {
         let indices = parse_index(index)?;
         let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(&info.shape, &indices, &e))?;
         let array = PyByteArray::new_with(py, plan.byte_len(), |dst| {
-            py.detach(|| match self.source.data() {
-                Some(data) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst),
-                None => match &self.source {
-                    Source::Pread(p) => p.read_slice_into(name, &plan, dst),
-                    _ => unreachable!("only pread has no data in memory"),
-                },
+            py.detach(|| match (self.source.data(), &self.source) {
+                (Some(data), _) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst).map_err(|e| error("", &e)),
+                (None, Source::Remote(r)) => r.read_slice_into(name, &plan, dst).map(|_| ()).map_err(remote_error),
+                (None, Source::Pread(p)) => p.read_slice_into(name, &plan, dst).map_err(|e| error("", &e)),
+                (None, _) => unreachable!("only pread and remote files have no data in memory"),
             })
-            .map_err(|e| error("", &e))
         })?;
         Ok((plan.shape().to_vec(), array))
     }
@@ -390,16 +440,14 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            match (self.source.data(), &self.source) {
-                (Some(data), _) => {
+            match self.source.data() {
+                Some(data) => {
                     dst.copy_from_slice(&data[info.data_offsets.0..info.data_offsets.1]);
                     Ok(())
                 }
-                (None, Source::Pread(p)) => p.read_tensor_into(name, dst),
-                (None, _) => unreachable!("only pread has no data in memory"),
+                None => read_at(&self.source, info.data_offsets.0, dst),
             }
         })
-        .map_err(|e| error("", &e))
     }
 }
 
@@ -844,18 +892,6 @@ impl PyTensorParallelPlan {
     }
 }
 
-/// Validates a checkpoint (a directory, an index file or a single file) and
-/// returns the paths of its files in order; raises on any inconsistency
-/// (missing shard, tensor in the wrong shard or missing, wrong total size).
-#[pyfunction]
-fn checkpoint_files(py: Python<'_>, path: PathBuf) -> PyResult<Vec<PathBuf>> {
-    let checkpoint = py.detach(|| tensafe::ShardedCheckpoint::open(&path)).map_err(|e| {
-        let is_missing_file = matches!(e.without_file(), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
-        if is_missing_file { PyFileNotFoundError::new_err(format!("No such file or directory: {}", path.display())) } else { SafetensorError::new_err(e.to_string()) }
-    })?;
-    Ok(checkpoint.shards().iter().map(|s| s.path().to_path_buf()).collect())
-}
-
 /// Parses a shard size such as `"5GB"`, `"500MiB"` or `"1000"`.
 #[pyfunction]
 fn parse_size(text: &str) -> PyResult<u64> {
@@ -941,7 +977,6 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serialize_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(deserialize, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
-    m.add_function(wrap_pyfunction!(checkpoint_files, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(save_sharded_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(convert_pickle, m)?)?;

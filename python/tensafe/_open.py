@@ -10,7 +10,7 @@ import threading
 from typing import Any, Dict, List, Optional, Union
 
 from . import _dtypes
-from ._tensafe_rust import File, HostBuffer, SafetensorError, checkpoint_files
+from ._tensafe_rust import File, HostBuffer, SafetensorError
 
 _FRAMEWORKS = {
     "pt": "pt", "torch": "pt", "pytorch": "pt",
@@ -130,14 +130,14 @@ def _is_cuda(device: Union[str, int]) -> bool:
     return isinstance(device, int) or str(device).startswith("cuda")
 
 
-def _read_all(file: File, framework: str, threads: Optional[int], progress: Any, drop_cache: bool) -> Any:
-    """Reads a pread file's whole data section into one fresh allocation (huge
-    pages where the kernel offers them) with the parallel I/O engine; returns
-    it as a uint8 torch tensor or numpy array that keeps the allocation alive."""
+def _read_all(file: File, threads: Optional[int], progress: Any, drop_cache: bool) -> memoryview:
+    """Reads a pread or remote file's whole data section into one fresh
+    allocation (huge pages where the kernel offers them) with the parallel
+    I/O engine; the memoryview keeps the allocation alive."""
     data = memoryview(HostBuffer(file.data_len))[: file.data_len]
     if file.data_len:
         file.read_all_into(data, threads=threads, progress=progress, drop_cache=drop_cache)
-    return _torch_bytes(data) if framework == "pt" else _numpy_bytes(data)
+    return data
 
 
 _gc_lock = threading.Lock()
@@ -169,35 +169,54 @@ def _gc_paused():
                 gc.enable()
 
 
-class _TypedViews:
-    """The data buffer viewed once per dtype, so that a tensor is one slice of
-    a typed view plus a reshape (a few microseconds per tensor, which matters
-    for files of 50k tensors)."""
+class _Cutter:
+    """Makes tensors out of one buffer holding a file's data section.
 
-    def __init__(self, base: Any, torch_tensors: bool):
-        self.base = base
-        self.torch = torch_tensors
-        self.views: Dict[str, Any] = {}
+    torch on the CPU: each tensor gets a storage of its own over exactly its
+    bytes (`torch.frombuffer` with an offset), as the reference's tensors do,
+    so `torch.save`, storage sizes and shared-tensor checks see one tensor and
+    not the whole file. On a device: views of the one device allocation.
+    numpy: slices of one uint8 array, viewed as the dtype (per dtype once).
+    A few microseconds per tensor, which matters for files of 50k tensors.
+    """
 
-    def cut(self, code: str, shape: List[int], begin: int, length: int) -> Any:
-        """The tensor, or None when the fast path does not apply (sub-byte
-        dtypes, empty or unaligned tensors)."""
-        typed = self.views.get(code)
-        if typed is None:
-            if code in ("F4", "F6_E2M3", "F6_E3M2"):
-                return None
-            if self.torch:
-                dtype = _dtypes.torch_dtype(code)
-                size = dtype.itemsize
-            else:
-                dtype = _dtypes.numpy_dtype(code)
-                size = dtype.itemsize
-            usable = len(self.base) - len(self.base) % size
-            typed = self.views[code] = (self.base[:usable].view(dtype), size)
-        view, size = typed
-        if length == 0 or begin % size:
-            return None
-        return view[begin // size : (begin + length) // size].view(shape) if self.torch else view[begin // size : (begin + length) // size].reshape(shape)
+    def __init__(self, framework: str, data: Any):
+        self.torch = framework == "pt"
+        self.device_base = data if self.torch and hasattr(data, "device") else None
+        if self.device_base is None:
+            if self.torch and isinstance(data, memoryview) and data.readonly:
+                # torch tensors are always writable: never alias a caller's immutable bytes.
+                data = bytearray(data)
+            self.buffer = data
+            self.array = None if self.torch else _numpy_bytes(data)
+        self.dtypes: Dict[str, Any] = {}
+
+    def cut(self, code: str, shape: List[int], begin: int, end: int) -> Any:
+        if self.device_base is not None:
+            return _torch_from_bytes(code, shape, self.device_base[begin:end])
+        if not self.torch:
+            return _numpy_from_bytes(code, shape, self.array[begin:end])
+        dtype = self.dtypes.get(code)
+        if dtype is None:
+            dtype = self.dtypes[code] = _dtypes.torch_dtype(code)
+        if code == "F4":
+            shape = _dtypes.packed_shape(code, shape)
+        if end == begin:
+            import torch
+
+            return torch.empty(shape, dtype=dtype)
+        flat = _frombuffer(self.buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+        # Already 1-D: skip the reshape (a microsecond per tensor).
+        return flat if len(shape) == 1 else flat.view(shape)
+
+
+def _frombuffer(*args: Any, **kwargs: Any) -> Any:
+    """torch.frombuffer, imported on first use (tensafe does not need torch)."""
+    global _frombuffer
+    import torch
+
+    _frombuffer = torch.frombuffer
+    return torch.frombuffer(*args, **kwargs)
 
 
 def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
@@ -213,31 +232,24 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
         # are views of one device allocation.
         from ._pipeline import load_data_section
 
-        base = load_data_section(file, device, threads=threads, progress=progress)
-    elif file.backend == "pread":
-        base = _read_all(file, framework, threads, progress, drop_cache)
+        data = load_data_section(file, device, threads=threads, progress=progress)
+    elif file.backend not in _IN_MEMORY:
+        data = _read_all(file, threads, progress, drop_cache)
     else:
         data = file.data_buffer()
-        base = _torch_bytes(data) if framework == "pt" else _numpy_bytes(data)
-    if framework == "pt" and base.device.type == "cpu" and device != "cpu":
+    if framework == "pt" and not hasattr(data, "device") and device != "cpu":
         # Other accelerators: one host-to-device copy, tensors are views of it.
-        base = base.to(device)
-    cut = _torch_from_bytes if framework == "pt" else _numpy_from_bytes
-    typed_views = _TypedViews(base, framework == "pt")
+        data = _torch_bytes(data).to(device)
+    cutter = _Cutter(framework, data)
     out: Dict[str, Any] = {}
     for code, shape, begin, each, names in file.runs():
-        if len(names) == 1:
-            # The common case, kept to two cheap operations per tensor.
-            tensor = typed_views.cut(code, shape, begin, each)
-            out[names[0]] = tensor if tensor is not None else cut(code, shape, base[begin : begin + each])
-        elif not shape:
-            for k, name in enumerate(names):
-                out[name] = cut(code, shape, base[begin + k * each : begin + (k + 1) * each])
-        else:
+        if framework != "pt" and len(names) > 1 and shape:
             # Same dtype and shape, back to back: one view, split along a new axis.
-            stacked = cut(code, [len(names), *shape], base[begin : begin + len(names) * each])
-            out.update(zip(names, stacked.unbind(0) if framework == "pt" else stacked))
-    if framework != "pt" and framework != "numpy":
+            out.update(zip(names, cutter.cut(code, [len(names), *shape], begin, begin + len(names) * each)))
+        else:
+            for k, name in enumerate(names):
+                out[name] = cutter.cut(code, shape, begin + k * each, begin + (k + 1) * each)
+    if framework not in ("pt", "numpy"):
         out = {name: _wrap(framework, device, array) for name, array in out.items()}
     return out
 
@@ -249,7 +261,31 @@ def _convert(framework: str, device: Union[str, int], code: str, shape: List[int
     return _wrap(framework, device, _to_numpy(code, shape, buf))
 
 
+#: File backends whose bytes are addressable memory (the others are read: pread, remote).
+_IN_MEMORY = ("mmap", "memory")
+
+_REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://")
+
+
+def _is_checkpoint(name: str) -> bool:
+    """A directory (local, or a remote URL ending in `/`) or an index file."""
+    if name.startswith(_REMOTE_SCHEMES):
+        return name.endswith(("/", ".json"))
+    return os.path.isdir(name) or name.endswith(".json")
+
+
 _NUMPY_LIKE = {"numpy": "numpy", "tensorflow": "tensorflow", "flax": "flax", "mlx": "mlx"}
+
+
+def _check_arguments(framework: Any, device: Any, backend: Any) -> tuple:
+    """Validates `safe_open`'s arguments in the reference's order and wording;
+    returns the normalised framework and device."""
+    name, normalised = _framework(framework), _device(device)
+    if backend not in ("mmap", "pread", "auto"):
+        raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread", "auto")')
+    if name in _NUMPY_LIKE and normalised != "cpu":
+        raise SafetensorError(f"Device {device} is not supported for framework {_NUMPY_LIKE[name]}")
+    return name, normalised
 
 
 class safe_open:
@@ -267,21 +303,22 @@ class safe_open:
     def __new__(cls, filename: Any, *args: Any, **kwargs: Any) -> "safe_open":
         # A checkpoint directory or index opens every shard as one checkpoint.
         if cls is safe_open and isinstance(filename, (str, os.PathLike)):
-            name = os.fspath(filename)
-            if os.path.isdir(name) or name.endswith(".json"):
+            if _is_checkpoint(os.fspath(filename)):
                 return super().__new__(_CheckpointOpen)
         return super().__new__(cls)
 
     def __init__(self, filename: Union[str, "os.PathLike[str]"], framework: str, device: Any = "cpu", *, backend: str = "mmap"):
-        self._framework = _framework(framework)
-        self._device = _device(device)
-        if backend not in ("mmap", "pread", "auto"):
-            raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread", "auto")')
-        if self._framework in _NUMPY_LIKE and self._device != "cpu":
-            raise SafetensorError(f"Device {device} is not supported for framework {_NUMPY_LIKE[self._framework]}")
+        self._framework, self._device = _check_arguments(framework, device, backend)
         self._file: Optional[File] = _open_source(filename, backend)
-        # Typed views of the whole data section, made on first use (not for pread).
-        self._views: Optional[_TypedViews] = None
+        # Makes tensors out of the data section (in-memory backends), on first use.
+        self._cutter: Optional[_Cutter] = None
+
+    @classmethod
+    def _of_file(cls, file: File, framework: str, device: Union[str, int]) -> "safe_open":
+        """A handle on an already opened file (the shards of a checkpoint)."""
+        handle = object.__new__(cls)
+        handle._framework, handle._device, handle._file, handle._cutter = framework, device, file, None
+        return handle
 
     # -- lifecycle ---------------------------------------------------------
     def __enter__(self) -> "safe_open":
@@ -290,7 +327,7 @@ class safe_open:
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         # Tensors already handed out keep the mapping alive on their own.
         self._file = None
-        self._views = None
+        self._cutter = None
 
     def _open(self) -> File:
         if self._file is None:
@@ -314,14 +351,11 @@ class safe_open:
     def get_tensor(self, name: str) -> Any:
         file = self._open()
         code, shape, begin, end = file.info(name)
-        if file.backend != "pread" and self._framework in ("pt", "numpy"):
-            if self._views is None:
-                data = file.data_buffer()
-                pt = self._framework == "pt"
-                self._views = _TypedViews(_torch_bytes(data) if pt else _numpy_bytes(data), pt)
-            tensor = self._views.cut(code, shape, begin, end - begin)
-            if tensor is not None:
-                return tensor if self._device == "cpu" else tensor.to(self._device)
+        if file.backend in _IN_MEMORY and self._framework in ("pt", "numpy"):
+            if self._cutter is None:
+                self._cutter = _Cutter(self._framework, file.data_buffer())
+            tensor = self._cutter.cut(code, shape, begin, end)
+            return tensor if self._device == "cpu" else tensor.to(self._device)
         return _convert(self._framework, self._device, code, shape, file.buffer(name))
 
     def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
@@ -347,10 +381,9 @@ class _CheckpointOpen(safe_open):
     first (missing shard, misplaced or missing tensor, wrong total size)."""
 
     def __init__(self, filename: Any, framework: str, device: Any = "cpu", *, backend: str = "mmap"):
-        _framework(framework)
-        _device(device)
-        paths = checkpoint_files(os.fspath(filename))
-        self._shards: Optional[List[safe_open]] = [safe_open(p, framework, device, backend=backend) for p in paths]
+        framework, device = _check_arguments(framework, device, backend)
+        files = File.open_checkpoint(os.fspath(filename), backend)
+        self._shards: Optional[List[safe_open]] = [safe_open._of_file(f, framework, device) for f in files]
         self._where = {name: shard for shard in self._shards for name in shard.offset_keys()}
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:

@@ -154,3 +154,21 @@ def test_staging_pipeline_is_exact_and_bounded(every_dtype_file, backend, chunk,
     assert stats.pinned_bytes <= ring * chunk
     assert stats.chunks == -(-file.data_len // chunk)
     assert seen == sorted(seen) and seen[-1] == file.data_len
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_each_tensor_has_its_own_storage_like_the_reference(tmp_path, backend):
+    import io
+
+    path = tmp_path / "s.safetensors"
+    ref_pt.save_file({"a": torch.ones(1000), "b": torch.arange(10), "c": torch.ones(3, dtype=torch.bfloat16)}, path)
+    ours, theirs = ts_pt.load_file(path, backend=backend), ref_pt.load_file(path, backend=backend)
+    for name in theirs:
+        assert ours[name].untyped_storage().nbytes() == theirs[name].untyped_storage().nbytes() == theirs[name].nbytes
+    # torch.save sees separate storages: mixed dtypes save, and one tensor saves only its bytes.
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    with tensafe.safe_open(path, "pt", backend=backend) as f:
+        single = io.BytesIO()
+        torch.save({"c": f.get_tensor("c")}, single)
+    assert len(single.getvalue()) < 2000

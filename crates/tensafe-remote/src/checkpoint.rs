@@ -85,6 +85,11 @@ impl RemoteCheckpoint {
         &self.shards
     }
 
+    /// The shard files, opened and checked, for callers that read them their own way.
+    pub fn into_shards(self) -> Vec<RemoteFile> {
+        self.shards
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.location.len()

@@ -207,6 +207,11 @@ impl ShardedCheckpoint {
         &self.shards
     }
 
+    /// The shard files, opened and checked, for callers that read them their own way.
+    pub fn into_shards(self) -> Vec<PreadFile> {
+        self.shards
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.location.len()
