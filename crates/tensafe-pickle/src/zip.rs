@@ -322,6 +322,13 @@ impl Archive {
     pub fn data<'a>(&self, bytes: &'a [u8], e: &Entry, budget: &mut u64) -> Result<Cow<'a, [u8]>, String> {
         let raw = &bytes[e.data_offset as usize..(e.data_offset + e.compressed_size) as usize];
         let data = match e.method {
+            // Stored: the bytes are the data, so both sizes must agree.
+            0 if e.compressed_size != e.size => {
+                return Err(format!(
+                    "stored entry `{}` declares {} bytes but holds {}",
+                    e.name, e.size, e.compressed_size
+                ));
+            }
             0 => Cow::Borrowed(raw),
             8 => {
                 if e.size > *budget {
