@@ -1,0 +1,78 @@
+"""Converting a ≈1 GiB torch checkpoint: tensafe against copying the file and
+against the usual torch.load + save_file route, median of `--reps`.
+
+    .venv/bin/python bench/convert_bench.py [--gib 1.0] [--reps 5] [--dir DIR]
+
+Each route writes a new file and fsyncs it, so all pay for durability. The
+torch route is run on this benign file only as a peer: it unpickles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import safetensors.torch as ref_pt
+
+sys.path.insert(0, os.path.dirname(__file__))
+from python_bench import model_like  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "tensafe-cli"], cwd=REPO, check=True)
+    exe = os.path.join(REPO, "target", "release", "tensafe")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        src = os.path.join(tmp, "model.pt")
+        torch.save(model_like(args.gib), src)
+        fsync(src)
+        size = os.path.getsize(src)
+        out = os.path.join(tmp, "out")
+
+        def copy():
+            shutil.copyfile(src, out)
+            fsync(out)
+
+        def convert():
+            subprocess.run([exe, "convert", src, out], check=True, capture_output=True)
+
+        def torch_route():
+            ref_pt.save_file(torch.load(src, weights_only=True), out)
+            fsync(out)
+
+        cases = {"cp + fsync": copy, "tensafe convert": convert, "torch.load + save_file": torch_route}
+        times = {name: [] for name in cases}
+        for rep in range(args.reps):
+            for name in (cases if rep % 2 == 0 else reversed(list(cases))):
+                start = time.perf_counter()
+                cases[name]()
+                times[name].append(time.perf_counter() - start)
+                os.remove(out)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{size / 2**30:.2f} GiB torch checkpoint, median of {args.reps}")
+        for name, t in med.items():
+            print(f"  {name:<24}{t:>7.3f} s  {size / t / 1e9:>5.2f} GB/s  {t / med['cp + fsync']:>5.2f}x the copy")
+
+
+if __name__ == "__main__":
+    main()
