@@ -30,7 +30,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def picklescan_verdict(path: str) -> str:
     from picklescan.scanner import scan_file_path
 
-    result = scan_file_path(path)
+    try:
+        result = scan_file_path(path)
+    except Exception:
+        return "error"
     if result.scan_err:
         return "error"
     return "flagged" if result.issues_count or result.infected_files else "clean"
