@@ -120,7 +120,7 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         if (e64 as u64 + 12).checked_add(record_size) != Some(locator as u64) {
             problems.push(format!(
                 "Zip64 end record at {e64} ({} bytes) does not end where the locator starts ({locator})",
-                12 + record_size
+                record_size.saturating_add(12)
             ));
         }
         let fields = (u64_at(bytes, e64 + 32), u64_at(bytes, e64 + 40), u64_at(bytes, e64 + 48));
