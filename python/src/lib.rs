@@ -209,15 +209,6 @@ impl File {
         Ok((info.dtype.code(), info.shape.clone(), info.data_offsets.0, info.data_offsets.1))
     }
 
-    /// `[(name, dtype_code, shape, begin, end), …]` in file order; offsets
-    /// are relative to the data section.
-    fn infos(&self) -> Vec<(&str, &'static str, Vec<usize>, usize, usize)> {
-        self.header()
-            .iter()
-            .map(|(name, info)| (name, info.dtype.code(), info.shape.clone(), info.data_offsets.0, info.data_offsets.1))
-            .collect()
-    }
-
     /// Tensors grouped into runs for bulk creation, in file order:
     /// `[(dtype_code, shape, begin, bytes_each, [names…]), …]`. A run is a
     /// stretch of consecutive non-empty tensors with one dtype and one shape
@@ -426,29 +417,6 @@ impl File {
         Ok((plan.shape().to_vec(), array))
     }
 
-    /// Reads a tensor into a caller's writable C-contiguous buffer of the exact size.
-    fn read_into(&self, py: Python<'_>, name: &str, dst: &Bound<'_, PyAny>) -> PyResult<()> {
-        let info = self.header().info(name).map_err(|_| not_found(name))?;
-        let buffer = PyUntypedBuffer::get(dst)?;
-        if buffer.readonly() || !buffer.is_c_contiguous() || buffer.len_bytes() != info.byte_len() {
-            return Err(PyValueError::new_err(format!(
-                "read_into needs a writable contiguous buffer of {} bytes for tensor `{name}`",
-                info.byte_len()
-            )));
-        }
-        let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
-        py.detach(|| {
-            // SAFETY: the buffer export is held for the duration of the call.
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            match self.source.data() {
-                Some(data) => {
-                    dst.copy_from_slice(&data[info.data_offsets.0..info.data_offsets.1]);
-                    Ok(())
-                }
-                None => read_at(&self.source, info.data_offsets.0, dst),
-            }
-        })
-    }
 }
 
 fn not_found(name: &str) -> PyErr {
@@ -845,19 +813,6 @@ fn deserialize<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<Boun
     Ok(out)
 }
 
-/// Parses a header held in memory: `(metadata, [(name, dtype, shape, begin, end)])`.
-#[pyfunction]
-fn read_header<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<(Option<Bound<'py, PyDict>>, Vec<(String, &'static str, Vec<usize>, usize, usize)>)> {
-    let buffer = PyUntypedBuffer::get(bytes)?;
-    // SAFETY: the export is held for this call; the bytes are only read.
-    let data = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
-    let (header, _) = tensafe::Header::parse_file_bytes(data, &Default::default()).map_err(header_error)?;
-    let tensors = header
-        .iter()
-        .map(|(n, i)| (n.to_string(), i.dtype.code(), i.shape.clone(), i.data_offsets.0, i.data_offsets.1))
-        .collect();
-    Ok((metadata_to_dict(py, &header)?, tensors))
-}
 
 /// This rank's share of tensors: rules `[(glob pattern, dim or None), …]`,
 /// first match wins, unmatched tensors replicated.
@@ -976,7 +931,6 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serialize_file, m)?)?;
     m.add_function(wrap_pyfunction!(serialize_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(deserialize, m)?)?;
-    m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(save_sharded_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(convert_pickle, m)?)?;

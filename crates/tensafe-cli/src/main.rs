@@ -123,16 +123,8 @@ fn verify(path: &Path) -> Result<String, String> {
         while at < end {
             let len = CHUNK.min(end - at);
             file.read_data_at(at as u64, &mut buf[..len]).map_err(|e| e.to_string())?;
-            if info.dtype == Dtype::Bool
-                && let Some(i) = buf[..len].iter().position(|&b| b > 1)
-            {
-                return Err(format!(
-                    "{}: BOOL tensor `{name}` holds the byte {} at element {} (file offset {}); booleans must be 0 or 1",
-                    path.display(),
-                    buf[i],
-                    at - begin + i,
-                    header.data_start() + (at + i) as u64
-                ));
+            if info.dtype == Dtype::Bool {
+                check_bools(&path.display().to_string(), name, &buf[..len], (at - begin) as u64, header.data_start() + at as u64)?;
             }
             at += len;
         }
@@ -147,4 +139,18 @@ fn verify(path: &Path) -> Result<String, String> {
         seconds,
         total as f64 / seconds.max(1e-9) / 1e9
     ))
+}
+
+/// Fails on the first byte of a BOOL tensor's `chunk` that is not 0 or 1;
+/// `first_element` and `first_offset` locate the chunk in the tensor and file.
+pub(crate) fn check_bools(source: &str, name: &str, chunk: &[u8], first_element: u64, first_offset: u64) -> Result<(), String> {
+    match chunk.iter().position(|&b| b > 1) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "{source}: BOOL tensor `{name}` holds the byte {} at element {} (file offset {}); booleans must be 0 or 1",
+            chunk[i],
+            first_element + i as u64,
+            first_offset + i as u64
+        )),
+    }
 }

@@ -76,15 +76,8 @@ pub fn verify(url: &str) -> Result<String, String> {
             if lo >= hi {
                 continue;
             }
-            if let Some(i) = bytes[(lo - offset) as usize..(hi - offset) as usize].iter().position(|&b| b > 1) {
-                let at = lo + i as u64;
-                return Err(Failure(format!(
-                    "{url}: BOOL tensor `{name}` holds the byte {} at element {} (file offset {}); booleans must be 0 or 1",
-                    bytes[(at - offset) as usize],
-                    at - begin,
-                    header.data_start() + at
-                )));
-            }
+            let chunk = &bytes[(lo - offset) as usize..(hi - offset) as usize];
+            crate::check_bools(url, name, chunk, lo - begin, header.data_start() + lo).map_err(Failure)?;
         }
         Ok(())
     });
