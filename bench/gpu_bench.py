@@ -7,12 +7,15 @@ bit-exact against the reference, then measures in one process, interleaved,
 median of `--reps`:
 
 - raw pinned host→device copy bandwidth (the PCIe/NVLink limit)
-- raw parallel pread from the page cache and from disk (cold: posix_fadvise)
+- raw parallel pread from the page cache (warm) and from disk (cold: evicted
+  with posix_fadvise first)
 - tensafe `load_file(device="cuda:0")` warm and cold, mmap and pread backends
 - reference `load_file(device="cuda:0")` warm and cold
-- `torch.load(mmap=True)` then `.to("cuda:0")`, warm
+- `torch.load(mmap=True)` then `.to("cuda:0")`, warm and cold
 
-and prints GB/s with ratios. Exits 2 when no CUDA device is present.
+and prints GB/s with ratios. `--sweep` also times the staging pipeline over
+chunk sizes, ring lengths and reader threads (how its defaults were chosen).
+Exits 2 when no CUDA device is present.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from load_bench import raw_pread  # noqa: E402
 from python_bench import evict, model_like  # noqa: E402
 
+MiB = 1 << 20
+
 
 def sync() -> None:
     torch.cuda.synchronize()
@@ -43,12 +48,37 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def run_interleaved(cases: dict, reps: int) -> dict:
+    """Runs every case `reps` times, alternating the order, and returns medians."""
+    times: dict = {name: [] for name in cases}
+    failed: dict = {}
+    for rep in range(reps):
+        for name in cases if rep % 2 == 0 else reversed(list(cases)):
+            if name in failed:
+                continue
+            try:
+                times[name].append(cases[name]())
+            except Exception as e:  # a broken case is reported, the others still run
+                failed[name] = e
+                print(f"FAILED: {name}: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+    return {name: statistics.median(v) if name not in failed else float("nan") for name, v in times.items()}
+
+
+def print_table(med: dict, size: int, title: str) -> None:
+    print(f"\n{title}\n{'case':<44}{'seconds':>9}{'GB/s':>8}")
+    for name, t in med.items():
+        print(f"{name:<44}{t:>9.3f}{size / t / 1e9:>8.2f}")
+    sys.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=4.0)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="readers for the raw pread baseline")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also time the staging pipeline's chunk/ring/thread settings")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -56,22 +86,32 @@ def main() -> None:
 
     import safetensors.torch as ref_pt
     import tensafe.torch as ts_pt
+    from tensafe._pipeline import CHUNK_BYTES, RING, default_threads, load_data_section
+    from tensafe._tensafe_rust import File
 
+    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
+          f"staging defaults: {CHUNK_BYTES // MiB} MiB x {RING} slots, {default_threads(RING)} readers")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path, pt_path = os.path.join(tmp, "big.safetensors"), os.path.join(tmp, "big.pt")
+        start = time.perf_counter()
         tensors = model_like(args.gib)
         ts_pt.save_file(tensors, path)
         torch.save(tensors, pt_path)
         size = os.path.getsize(path)
+        print(f"wrote {size / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
 
         # Correctness first: bit-exact against the reference on the device.
-        ours = ts_pt.load_file(path, device="cuda:0")
         theirs = ref_pt.load_file(path, device="cuda:0")
-        for name in theirs:
-            assert ours[name].device == theirs[name].device and torch.equal(ours[name], theirs[name]), name
-        del ours, theirs, tensors
+        checks_failed = False
+        for backend in ("mmap", "pread"):
+            ours = ts_pt.load_file(path, device="cuda:0", backend=backend)
+            wrong = [n for n in theirs if n not in ours or ours[n].device != theirs[n].device or not torch.equal(ours[n], theirs[n])]
+            checks_failed |= bool(wrong) or list(ours) != list(theirs)
+            verdict = "is bit-exact against" if not wrong and list(ours) == list(theirs) else f"DIFFERS ({len(wrong)} tensors) from"
+            print(f"check: tensafe CUDA load ({backend}) {verdict} the reference ({size / 2**30:.2f} GiB)")
+            del ours
+        del theirs, tensors
         torch.cuda.empty_cache()
-        print(f"check: tensafe CUDA load is bit-exact against the reference ({size / 2**30:.2f} GiB)")
 
         pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         device_buf = torch.empty(size, dtype=torch.uint8, device="cuda:0")
@@ -88,33 +128,50 @@ def main() -> None:
                 return timed(fn)
             return run
 
+        def torch_mmap():
+            return {k: v.to("cuda:0") for k, v in torch.load(pt_path, mmap=True, weights_only=True).items()}
+
+        if args.sweep:
+            sweep = {}
+            settings = {
+                ("pread", "staged"): [(64, 4, 4), (16, 16, 16), (8, 32, 16), (32, 16, 16)],
+                ("mmap", "staged"): [(16, 16, 16)],
+                ("mmap", "registered"): [(64, 8, 8), (16, 16, 16), (4, 32, 16), (1, 64, 16)],
+            }
+            for (backend, mode), configs in settings.items():
+                for chunk_mib, ring, threads in configs:
+                    def pipeline(backend=backend, mode=mode, chunk=chunk_mib * MiB, ring=ring, threads=threads):
+                        return load_data_section(File(path, backend), "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, mode=mode)
+                    label = f"{backend} {mode} {chunk_mib:>2} MiB x {ring:>2}, {threads:>2} thr"
+                    sweep[label + ", warm"] = warm(pipeline)
+                    if (chunk_mib, ring) in ((16, 16), (8, 32)):
+                        sweep[label + ", cold"] = cold(pipeline)
+            print_table(run_interleaved(sweep, args.reps), size, "staging pipeline sweep (data section only)")
+
         cases = {
             "raw pinned H2D copy": lambda: timed(lambda: device_buf.copy_(pinned, non_blocking=True)),
             "raw parallel pread, warm": warm(lambda: raw_pread(path, args.threads)),
             "raw parallel pread, cold": cold(lambda: raw_pread(path, args.threads)),
             "tensafe cuda (mmap), warm": warm(lambda: ts_pt.load_file(path, device="cuda:0")),
-            "tensafe cuda (pread), warm": warm(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread", threads=args.threads)),
-            "tensafe cuda (pread), cold": cold(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread", threads=args.threads)),
+            "tensafe cuda (mmap), cold": cold(lambda: ts_pt.load_file(path, device="cuda:0")),
+            "tensafe cuda (pread), warm": warm(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread")),
+            "tensafe cuda (pread), cold": cold(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread")),
             "reference cuda, warm": warm(lambda: ref_pt.load_file(path, device="cuda:0")),
             "reference cuda, cold": cold(lambda: ref_pt.load_file(path, device="cuda:0")),
-            "torch.load(mmap).to(cuda), warm": warm(
-                lambda: {k: v.to("cuda:0") for k, v in torch.load(pt_path, mmap=True, weights_only=True).items()}
-            ),
+            "torch.load(mmap).to(cuda), warm": warm(torch_mmap),
+            "torch.load(mmap).to(cuda), cold": cold(torch_mmap, pt_path),
         }
-        times: dict = {name: [] for name in cases}
-        for rep in range(args.reps):
-            for name in (cases if rep % 2 == 0 else reversed(list(cases))):
-                times[name].append(cases[name]())
-                torch.cuda.empty_cache()
-
-        med = {name: statistics.median(v) for name, v in times.items()}
-        print(f"\n{'case':<34}{'seconds':>9}{'GB/s':>8}")
-        for name, t in med.items():
-            print(f"{name:<34}{t:>9.3f}{size / t / 1e9:>8.2f}")
-        raw_cold = med["raw parallel pread, cold"]
-        print(f"\ntensafe pread cold vs raw cold read: {raw_cold / med['tensafe cuda (pread), cold']:.2f}x")
-        print(f"tensafe warm (best backend) vs reference warm: "
-              f"{med['reference cuda, warm'] / min(med['tensafe cuda (mmap), warm'], med['tensafe cuda (pread), warm']):.2f}x")
+        med = run_interleaved(cases, args.reps)
+        print_table(med, size, f"whole-file loads to cuda:0, median of {args.reps}")
+        best_warm = min(med["tensafe cuda (mmap), warm"], med["tensafe cuda (pread), warm"])
+        best_cold = min(med["tensafe cuda (mmap), cold"], med["tensafe cuda (pread), cold"])
+        print(f"\ntensafe warm, best backend: {size / best_warm / 1e9:.1f} GB/s (target >= 40)")
+        print(f"tensafe cold, best backend vs raw cold read: {med['raw parallel pread, cold'] / best_cold:.2f}x (target >= 0.95)")
+        print(f"tensafe vs reference: warm {med['reference cuda, warm'] / best_warm:.2f}x, cold {med['reference cuda, cold'] / best_cold:.2f}x faster")
+        print(f"tensafe vs torch.load(mmap): warm {med['torch.load(mmap).to(cuda), warm'] / best_warm:.2f}x, "
+              f"cold {med['torch.load(mmap).to(cuda), cold'] / best_cold:.2f}x faster")
+        if checks_failed:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,32 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (torch with CUDA and safetensors==0.8.0
-# installed, no network needed): builds the extension, runs the CUDA tests,
-# then the GPU benchmark. Results go to stdout (and $OUT/gpu_bench.txt if set).
-set -euo pipefail
+# installed, no network needed): installs tensafe, runs the CUDA tests, then
+# the GPU benchmark. Arguments go to gpu_bench.py (e.g. --sweep).
+# Results go to stdout and, when $OUT is set, to $OUT/gpu_tests.txt and
+# $OUT/gpu_bench.txt.
+#
+# tensafe comes from a wheel in .whl/ when there is one (for GPU machines
+# without Rust: build it elsewhere with
+#   maturin build --release -m python/Cargo.toml -o .whl
+# — the wheel is abi3, for any CPython >= 3.11), else it is built here.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q --no-build-isolation --no-deps ./python 2>/dev/null || maturin develop --release -q -m python/Cargo.toml
-python -m pytest -q python/tests/test_load.py -k cuda -rs
-python bench/gpu_bench.py "$@" | tee "${OUT:-/tmp}/gpu_bench.txt"
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+RESULTS=${OUT:-/tmp}
+wheel=$(ls .whl/tensafe-*.whl 2>/dev/null | head -n 1)
+if [ -n "$wheel" ]; then
+  rm -rf /tmp/tensafe-site
+  "$PY" -m pip install -q --no-deps --no-index --target /tmp/tensafe-site "$wheel" || exit 1
+  export PYTHONPATH=/tmp/tensafe-site
+else
+  maturin develop --release -q -m python/Cargo.toml || exit 1
+fi
+"$PY" -c 'import tensafe; print("tensafe from", tensafe.__file__)' || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+"$PY" -m pytest -q -p no:cacheprovider python/tests/test_cuda.py python/tests/test_load.py -rs 2>&1 | tee "$RESULTS/gpu_tests.txt"
+tests=${PIPESTATUS[0]}
+PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py "$@" 2>&1 | tee "$RESULTS/gpu_bench.txt"
+bench=${PIPESTATUS[0]}
+echo "tests exit $tests, bench exit $bench"
+[ "$tests" = 0 ] && [ "$bench" = 0 ]

@@ -346,6 +346,23 @@ impl File {
         })
     }
 
+    /// Drops the file's pages from the page cache (`posix_fadvise(DONTNEED)`),
+    /// so a model loaded into private or device memory is not also held in
+    /// the cache. Pages still mapped by a live mapping stay. A no-op for
+    /// sources that are not local files.
+    fn drop_cache(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let io_error = |path: &std::path::Path, e: std::io::Error| SafetensorError::new_err(format!("I/O error dropping {} from the page cache: {e}", path.display()));
+            match &self.source {
+                Source::Pread(p) => tensafe_io::evict(p.file(), 0, 0).map_err(|e| io_error(p.path(), e)),
+                Source::Mapped(m) => std::fs::File::open(m.path())
+                    .and_then(|f| tensafe_io::evict(&f, 0, 0))
+                    .map_err(|e| io_error(m.path(), e)),
+                Source::Memory { .. } | Source::Remote(_) => Ok(()),
+            }
+        })
+    }
+
     /// Opens every file of a checkpoint — a local or remote directory, index
     /// or single file — after checking that its index and shards agree.
     #[staticmethod]

@@ -233,6 +233,8 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
         from ._pipeline import load_data_section
 
         data = load_data_section(file, device, threads=threads, progress=progress)
+        if drop_cache:
+            file.drop_cache()
     elif file.backend not in _IN_MEMORY:
         data = _read_all(file, threads, progress, drop_cache)
     else:

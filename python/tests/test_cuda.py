@@ -1,0 +1,160 @@
+"""CUDA loads (`device="cuda:N"`): bit-exact against the reference for every
+dtype, whole files, several files, slices and awkward sizes, with the pinned
+staging memory inside its budget.
+
+Skipped, with the reason shown, on machines without a CUDA device (CI has
+none); `bench/gpu_bench.sh` runs this file on a GPU machine.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import safetensors
+import safetensors.torch as ref_pt
+import tensafe
+import tensafe.torch as ts_pt
+from tensafe._pipeline import StagingStats, load_data_section
+from tensafe._tensafe_rust import File
+
+from test_load import assert_same, every_dtype_file  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine: GPU loads are checked on a GPU machine (bench/gpu_bench.sh)"
+)
+
+
+def on_cpu(tensors):
+    return {name: t.cpu() for name, t in tensors.items()}
+
+
+def assert_same_on_device(ours, theirs):
+    for name in theirs:
+        assert ours[name].device == theirs[name].device, name
+    assert_same(on_cpu(ours), on_cpu(theirs))
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+@pytest.mark.parametrize("device", ["cuda:0", "cuda", 0])
+def test_load_file_matches_the_reference(every_dtype_file, backend, device):
+    assert_same_on_device(ts_pt.load_file(every_dtype_file, device=device, backend=backend), ref_pt.load_file(every_dtype_file, device=device))
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_safe_open_tensors_and_slices(every_dtype_file, backend):
+    with tensafe.safe_open(every_dtype_file, "pt", device="cuda:0", backend=backend) as ours, safetensors.safe_open(
+        every_dtype_file, "pt", device="cuda:0"
+    ) as theirs:
+        assert ours.keys() == theirs.keys()
+        for name in theirs.keys():
+            assert_same_on_device({name: ours.get_tensor(name)}, {name: theirs.get_tensor(name)})
+            if len(theirs.get_slice(name).get_shape()) == 2 and "float4" not in name:
+                a, b = ours.get_slice(name)[1:, 1:3], theirs.get_slice(name)[1:, 1:3]
+                assert a.device == b.device and torch.equal(a.cpu(), b.cpu()), name
+
+
+def test_bulk_tensors_are_views_of_one_device_allocation(every_dtype_file):
+    with tensafe.safe_open(every_dtype_file, "pt", device="cuda:0") as f:
+        loaded = f.get_tensors()
+    bases = {t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}
+    assert len(bases) == 1
+    assert_same_on_device(loaded, ref_pt.load_file(every_dtype_file, device="cuda:0"))
+
+
+def test_several_files_as_one_checkpoint(tmp_path):
+    tensors = {f"layer.{i}.w": torch.randn(256, 64 + i) for i in range(12)}
+    tensors.update({f"layer.{i}.b": torch.randn(7).to(torch.bfloat16) for i in range(12)})
+    index = ts_pt.save_sharded(tensors, tmp_path, max_shard_size="200KB")
+    assert index is not None and len(set(index["weight_map"].values())) > 2
+    expected = {}
+    for shard in sorted(tmp_path.glob("model-*.safetensors")):
+        expected.update(ref_pt.load_file(shard, device="cuda:0"))
+    for backend in ("mmap", "pread"):
+        loaded = ts_pt.load_file(tmp_path, device="cuda:0", backend=backend)
+        assert set(loaded) == set(expected)
+        assert_same_on_device({k: loaded[k] for k in expected}, expected)
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_awkward_sizes(tmp_path, backend):
+    cases = {
+        "only_empty": {"e": torch.zeros(0), "f": torch.zeros(0, 3, dtype=torch.bfloat16)},
+        # Odd length spanning several 16 MiB staging chunks.
+        "one_huge": {"big": torch.randint(0, 255, (100 * 2**20 + 3,), dtype=torch.uint8)},
+        "tiny_many": {f"t.{i}": torch.full((2,), float(i)) for i in range(50_000)},
+        # A U8 tensor first leaves the F32 one at an odd offset (other writers do this).
+        "unaligned": None,
+    }
+    for name, tensors in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        if tensors is None:
+            header = b'{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]},"b":{"dtype":"F32","shape":[2],"data_offsets":[3,11]}}'
+            path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x01\x02\x03" + np.array([1.5, -2.0], "<f4").tobytes())
+        else:
+            ref_pt.save_file(tensors, path)
+        ours = ts_pt.load_file(path, device="cuda:0", backend=backend)
+        if tensors is None:
+            assert ours["a"].tolist() == [1, 2, 3] and ours["b"].tolist() == [1.5, -2.0] and ours["b"].is_cuda
+        else:
+            assert_same_on_device(ours, ref_pt.load_file(path, device="cuda:0"))
+
+
+@pytest.mark.parametrize("backend,mode", [("mmap", "staged"), ("pread", "auto"), ("mmap", "registered")])
+@pytest.mark.parametrize("chunk,ring", [(4096, 1), (1 << 20, 3), (16 << 20, 16)])
+def test_pinned_memory_stays_within_its_budget(tmp_path, backend, mode, chunk, ring):
+    path = tmp_path / "budget.safetensors"
+    ref_pt.save_file({"x": torch.arange(5 * 2**20 + 11, dtype=torch.int32), "y": torch.randn(3, 5)}, path)
+    file = File(str(path), backend)
+    stats = StagingStats()
+    seen = []
+    before = torch.cuda.memory_allocated(0)
+    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, progress=lambda done, total: seen.append(done), stats=stats, mode=mode)
+    torch.cuda.synchronize()
+    assert stats.mode == ("registered" if mode == "registered" else "staged"), "the driver refused read-only registration"
+    assert data.is_cuda and data.numel() == file.data_len
+    assert torch.cuda.memory_allocated(0) - before <= file.data_len + (1 << 20), "one device allocation of the data section"
+    assert 0 < stats.pinned_bytes <= ring * chunk
+    assert 1 <= stats.max_in_flight <= ring
+    if stats.mode == "staged":
+        assert stats.chunks == -(-file.data_len // chunk)
+    assert seen == sorted(seen) and seen[-1] == file.data_len
+    raw = path.read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")
+    assert bytes(data.cpu().numpy()) == raw[start:]
+
+
+@pytest.mark.parametrize("mode", ["staged", "registered"])
+def test_both_copy_paths_on_every_dtype(every_dtype_file, mode):
+    file = File(str(every_dtype_file), "mmap")
+    stats = StagingStats()
+    data = load_data_section(file, "cuda:0", chunk_bytes=4096, ring=2, stats=stats, mode=mode)
+    assert stats.mode == mode
+    raw = every_dtype_file.read_bytes()
+    assert bytes(data.cpu().numpy()) == raw[8 + int.from_bytes(raw[:8], "little") :]
+    # The pages were unlocked: the same mapping locks again.
+    again = load_data_section(file, "cuda:0", chunk_bytes=4096, ring=2, mode=mode)
+    assert torch.equal(again, data)
+
+
+def test_progress_and_cache_drop_on_cuda(tmp_path):
+    path = tmp_path / "progress.safetensors"
+    big = torch.arange(12 * 2**20, dtype=torch.float32)  # 48 MiB: three staging chunks
+    ts_pt.save_file({"big": big}, path)
+    seen = []
+    loaded = ts_pt.load_file(path, device="cuda:0", backend="pread", progress=lambda done, total: seen.append((done, total)), drop_cache=True)
+    assert torch.equal(loaded["big"].cpu(), big)
+    assert len(seen) == 3 and seen[-1] == (big.nbytes, big.nbytes)
+
+
+def test_tensor_parallel_load_on_cuda(tmp_path):
+    path = tmp_path / "tp.safetensors"
+    tensors = {"q.weight": torch.randn(64, 32), "o.weight": torch.randn(32, 64), "norm": torch.randn(32)}
+    ts_pt.save_file(tensors, path)
+    rules = [("*q.weight", 0), ("*o.weight", 1), ("*", None)]
+    for rank in range(2):
+        on_gpu = ts_pt.load_tensor_parallel(path, rank, 2, rules, device="cuda:0")
+        on_host = ts_pt.load_tensor_parallel(path, rank, 2, rules)
+        assert on_gpu.bytes_read == on_host.bytes_read
+        assert all(t.is_cuda for t in on_gpu.tensors.values())
+        assert_same(on_cpu(on_gpu.tensors), on_host.tensors)
+    assert torch.equal(on_gpu.tensors["o.weight"].cpu(), tensors["o.weight"][:, 32:])
