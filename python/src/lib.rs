@@ -262,7 +262,8 @@ impl File {
 
     /// Copies `len(dst)` bytes of the data section starting at `offset` into
     /// `dst` (a writable contiguous buffer), without the GIL: positional reads
-    /// for pread files, a copy out of memory otherwise.
+    /// for local files, mapped ones included (faster than copying out of the
+    /// mapping, see `MmapFile::positional`), a copy out of memory otherwise.
     fn read_data_into(&self, py: Python<'_>, offset: usize, dst: &Bound<'_, PyAny>) -> PyResult<()> {
         let buffer = PyUntypedBuffer::get(dst)?;
         if buffer.readonly() || !buffer.is_c_contiguous() {
@@ -279,12 +280,13 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            match self.source.data() {
-                Some(data) => {
-                    dst.copy_from_slice(&data[offset..offset + len]);
+            match &self.source {
+                Source::Mapped(m) => m.positional().read_data_at(offset as u64, dst).map_err(|e| error("", &e)),
+                Source::Memory { .. } => {
+                    dst.copy_from_slice(&self.source.data().expect("in memory")[offset..offset + len]);
                     Ok(())
                 }
-                None => read_at(&self.source, offset, dst),
+                Source::Pread(_) | Source::Remote(_) => read_at(&self.source, offset, dst),
             }
         })
     }

@@ -99,41 +99,26 @@ def test_awkward_sizes(tmp_path, backend):
             assert_same_on_device(ours, ref_pt.load_file(path, device="cuda:0"))
 
 
-@pytest.mark.parametrize("backend,mode", [("mmap", "staged"), ("pread", "auto"), ("mmap", "registered")])
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
 @pytest.mark.parametrize("chunk,ring", [(4096, 1), (1 << 20, 3), (16 << 20, 16)])
-def test_pinned_memory_stays_within_its_budget(tmp_path, backend, mode, chunk, ring):
+def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring):
     path = tmp_path / "budget.safetensors"
     ref_pt.save_file({"x": torch.arange(5 * 2**20 + 11, dtype=torch.int32), "y": torch.randn(3, 5)}, path)
     file = File(str(path), backend)
     stats = StagingStats()
     seen = []
     before = torch.cuda.memory_allocated(0)
-    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, progress=lambda done, total: seen.append(done), stats=stats, mode=mode)
+    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, progress=lambda done, total: seen.append(done), stats=stats)
     torch.cuda.synchronize()
-    assert stats.mode == ("registered" if mode == "registered" else "staged"), "the driver refused read-only registration"
     assert data.is_cuda and data.numel() == file.data_len
     assert torch.cuda.memory_allocated(0) - before <= file.data_len + (1 << 20), "one device allocation of the data section"
     assert 0 < stats.pinned_bytes <= ring * chunk
     assert 1 <= stats.max_in_flight <= ring
-    if stats.mode == "staged":
-        assert stats.chunks == -(-file.data_len // chunk)
+    assert stats.chunks == -(-file.data_len // chunk)
     assert seen == sorted(seen) and seen[-1] == file.data_len
     raw = path.read_bytes()
     start = 8 + int.from_bytes(raw[:8], "little")
     assert bytes(data.cpu().numpy()) == raw[start:]
-
-
-@pytest.mark.parametrize("mode", ["staged", "registered"])
-def test_both_copy_paths_on_every_dtype(every_dtype_file, mode):
-    file = File(str(every_dtype_file), "mmap")
-    stats = StagingStats()
-    data = load_data_section(file, "cuda:0", chunk_bytes=4096, ring=2, stats=stats, mode=mode)
-    assert stats.mode == mode
-    raw = every_dtype_file.read_bytes()
-    assert bytes(data.cpu().numpy()) == raw[8 + int.from_bytes(raw[:8], "little") :]
-    # The pages were unlocked: the same mapping locks again.
-    again = load_data_section(file, "cuda:0", chunk_bytes=4096, ring=2, mode=mode)
-    assert torch.equal(again, data)
 
 
 def test_progress_and_cache_drop_on_cuda(tmp_path):
