@@ -177,6 +177,12 @@ impl File {
         Ok(File { source: Source::Memory { header, object: data.unbind(), buffer } })
     }
 
+    /// Offset of the data section in the file (8 + header length).
+    #[getter]
+    fn data_start(&self) -> u64 {
+        self.header().data_start()
+    }
+
     /// `"mmap"`, `"pread"` or `"memory"`.
     #[getter]
     fn backend(&self) -> &'static str {
@@ -295,7 +301,11 @@ impl File {
     /// `data_len` bytes) with the parallel I/O engine, without the GIL.
     /// `progress(done, total)` is called as bytes arrive; `drop_cache` evicts
     /// the file from the page cache afterwards. Returns the number of reads made.
-    #[pyo3(signature = (dst, threads = None, chunk_bytes = None, progress = None, drop_cache = false))]
+    /// `direct`: bypass the page cache (`O_DIRECT`) — `None` decides by how
+    /// much of the file is cached, `True`/`False` force it. Direct reads need
+    /// `dst` aligned like the file: its address ≡ `data_start` mod 4096.
+    #[pyo3(signature = (dst, threads = None, chunk_bytes = None, progress = None, drop_cache = false, direct = None))]
+    #[allow(clippy::too_many_arguments)]
     fn read_all_into(
         &self,
         py: Python<'_>,
@@ -304,6 +314,7 @@ impl File {
         chunk_bytes: Option<usize>,
         progress: Option<Py<PyAny>>,
         drop_cache: bool,
+        direct: Option<bool>,
     ) -> PyResult<u64> {
         let total = self.header().data_len();
         let buffer = PyUntypedBuffer::get(dst)?;
@@ -334,6 +345,11 @@ impl File {
                     let mut options = tensafe_io::EngineOptions::default();
                     options.threads = threads.unwrap_or(options.threads);
                     options.chunk_bytes = chunk_bytes.unwrap_or(options.chunk_bytes);
+                    options.direct = match direct {
+                        None => tensafe_io::DirectIo::Auto,
+                        Some(true) => tensafe_io::DirectIo::Always,
+                        Some(false) => tensafe_io::DirectIo::Never,
+                    };
                     let range = tensafe_io::ReadRange { file_offset: p.header().data_start(), dst_offset: 0, len };
                     let io_error = |e: std::io::Error| SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display()));
                     let stats = tensafe_io::read_into(p.file(), &[range], dst, &options, Some(&report)).map_err(io_error)?;
@@ -944,6 +960,7 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<File>()?;
     m.add_class::<TensorBuffer>()?;
     m.add_class::<HostBuffer>()?;
+    m.add("DIRECT_ALIGN", tensafe_io::DIRECT_ALIGN)?;
     m.add_class::<TensorSpec>()?;
     m.add_class::<PyTensorParallelPlan>()?;
     m.add_function(wrap_pyfunction!(serialize, m)?)?;

@@ -163,3 +163,37 @@ def test_each_tensor_has_its_own_storage_like_the_reference(tmp_path, backend):
         single = io.BytesIO()
         torch.save({"c": f.get_tensor("c")}, single)
     assert len(single.getvalue()) < 2000
+
+
+def _evict(path):
+    """Writes the file back, then drops it from the page cache with the binding's own call."""
+    import os
+
+    from tensafe._tensafe_rust import File
+
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    File(str(path), "pread").drop_cache()
+
+
+def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(tmp_path):
+    from tensafe._tensafe_rust import DIRECT_ALIGN, File
+
+    path = tmp_path / "cold.safetensors"
+    tensors = {"odd": torch.arange(7, dtype=torch.int8), "big": torch.randn(17 * 2**20 + 5), "tail": torch.arange(3, dtype=torch.int16)}
+    ref_pt.save_file(tensors, path)
+    f = File(str(path), "pread")
+    assert f.data_start % DIRECT_ALIGN != 0, "the test wants an unaligned data section"
+    raw = path.read_bytes()[f.data_start :]
+    for shift, direct in [(f.data_start % DIRECT_ALIGN, True), (f.data_start % DIRECT_ALIGN + 1, True), (0, False)]:
+        _evict(path)
+        buffer = tensafe._tensafe_rust.HostBuffer(shift + f.data_len)
+        dst = memoryview(buffer)[shift : shift + f.data_len]
+        f.read_all_into(dst, threads=3, chunk_bytes=1 << 20, direct=direct)
+        assert bytes(dst) == raw, (shift, direct)
+    # The default (direct when cold) through the public API, cold and warm.
+    for _ in range(2):
+        _evict(path)
+        assert_same(ts_pt.load_file(path, backend="pread"), ref_pt.load_file(path))
+    assert_same(ts_pt.load_file(path, backend="pread"), ref_pt.load_file(path))
