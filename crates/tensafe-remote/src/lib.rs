@@ -71,6 +71,7 @@ mod fetch;
 mod file;
 mod store;
 mod traffic;
+mod write;
 
 use std::time::Duration;
 
@@ -80,6 +81,7 @@ pub use file::{read_into, RemoteFile, RemoteRange};
 pub use object_store::{BackoffConfig, RetryConfig};
 pub use store::{RemoteUrl, Scheme};
 pub use traffic::{global_traffic, Counter, Traffic};
+pub use write::{put_bytes, reshard, save_sharded_to_url, serialize_to_url, upload_prepared};
 
 /// How remote files are read.
 #[derive(Debug, Clone)]
@@ -103,6 +105,11 @@ pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// Longest `Retry-After` honoured before a retry.
     pub max_retry_after: Duration,
+    /// Uploads: a file up to this many bytes is sent with one PUT; a larger
+    /// one as a multipart upload in parts of this size (S3 and GCS want at
+    /// least 5 MiB, and at most 10 000 parts: bigger files get bigger
+    /// parts), [`RemoteOptions::concurrency`] parts in flight.
+    pub part_bytes: usize,
     /// Header size limit and other format options.
     pub read_options: tensafe::ReadOptions,
     /// Extra store settings, as object_store config keys and values
@@ -128,6 +135,7 @@ impl Default for RemoteOptions {
             timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(10),
+            part_bytes: 8 << 20,
             read_options: tensafe::ReadOptions::default(),
             storage_options: Vec::new(),
             counter: Counter::new(),

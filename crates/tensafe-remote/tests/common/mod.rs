@@ -201,6 +201,15 @@ pub fn put(options: &RemoteOptions, url: &str, bytes: Vec<u8>) -> Result<(), Str
     })
 }
 
+/// Downloads the whole object at `url` (a test-side client, like [`put`]).
+pub fn get(options: &RemoteOptions, url: &str) -> Result<Vec<u8>, object_store::Error> {
+    use object_store::ObjectStoreExt;
+    let parsed = url::Url::parse(url).expect("a URL");
+    let (store, path) = object_store::parse_url_opts(&parsed, options.storage_options.clone())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async { Ok(store.get(&path).await?.bytes().await?.to_vec()) })
+}
+
 /// nginx serving `root` on a free loopback port, as a foreground process
 /// with a private configuration.
 pub struct Nginx {
