@@ -74,10 +74,9 @@ fn with_remote_tensors<R>(url: &str, f: impl FnOnce(&str, &Tensors<'_>) -> R) ->
         .iter()
         .map(|shard| {
             let mut bytes = vec![0u8; shard.header().data_len()];
-            shard.read_data_into(&mut bytes, None).map(|_| bytes)
+            shard.read_data_into(&mut bytes, None).map(|_| bytes).map_err(|e| e.to_string())
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+        .collect::<Result<Vec<_>, _>>()?;
     let tensors = checkpoint
         .iter()
         .map(|(shard, name, info)| {
