@@ -123,6 +123,8 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
     };
     let output = if output_url.is_none() && args.output.is_dir() { args.output.join(tensafe::SINGLE_FILE) } else { args.output.clone() };
     let converted = match output_url {
+        // A "directory" URL gets `model.safetensors` in it, like a local folder.
+        Some(url) if url.ends_with('/') => convert_to_url(&input, &format!("{url}{}", tensafe::SINGLE_FILE), &options),
         Some(url) => convert_to_url(&input, url, &options),
         None => tensafe_pickle::convert_file(&input, &output, &options).map_err(|e| format!("refused: {e}")),
     };

@@ -164,6 +164,8 @@ fn reshard_diff_and_convert_with_s3_urls() {
     run(&["convert", example, &path("tiny.safetensors")]);
     run(&["convert", example, &weed.url("tiny.safetensors")]);
     same("tiny.safetensors", &weed.url("tiny.safetensors"));
+    run(&["convert", example, &weed.url("converted/")]);
+    same("tiny.safetensors", &weed.url("converted/model.safetensors"));
     run(&["diff", example, &weed.url("tiny.safetensors")]);
     let refused = tensafe(&["convert", &weed.url("tiny.safetensors"), &path("x.safetensors")], &env);
     assert_eq!(refused.status.code(), Some(1));

@@ -137,11 +137,15 @@ where
     tensafe::save_sharded(tensors, output, max_shard_bytes, metadata).map_err(local)
 }
 
-/// The URL, if objects can be written there.
+/// The URL, if an object can be written there.
 fn writable(url: &str) -> Result<RemoteUrl> {
     let parsed = RemoteUrl::parse(url)?;
     if parsed.scheme() == Scheme::Http {
         return Err(RemoteError::ReadOnly { url: url.to_owned() });
+    }
+    if url.ends_with('/') {
+        // The store would drop the slash and write an object named like the "directory".
+        return Err(RemoteError::InvalidUrl { url: url.to_owned(), reason: "a file URL cannot end in `/`".into() });
     }
     Ok(parsed)
 }
@@ -218,5 +222,21 @@ impl Write for Parts<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_urls_it_cannot_write() {
+        assert!(matches!(writable("https://host/x.safetensors"), Err(RemoteError::ReadOnly { .. })));
+        assert!(matches!(writable("s3://bucket/dir/"), Err(RemoteError::InvalidUrl { .. })));
+        assert!(matches!(writable("/tmp/x.safetensors"), Err(RemoteError::InvalidUrl { .. })));
+        assert_eq!(writable("gs://bucket/dir/x.safetensors").unwrap().object_path().as_ref(), "dir/x.safetensors");
+        // A sharded save names files inside the prefix, with or without its slash.
+        let error = save_sharded_to_url(Vec::<(&str, tensafe::RawTensor<'_>)>::new(), "http://host/ckpt/", 1, None, &RemoteOptions::default());
+        assert!(matches!(error, Err(RemoteError::ReadOnly { url }) if url == "http://host/ckpt/model.safetensors.index.json"));
     }
 }
