@@ -764,10 +764,21 @@ fn metadata_arg(metadata: Option<&Bound<'_, PyDict>>) -> PyResult<Option<BTreeMa
         .transpose()
 }
 
-/// Writes to `filename` (atomically) or into new `bytes`, without the GIL.
+/// The text of `path` when it is a URL (s3://, gs://, az://, http(s)://).
+fn remote_url(path: &std::path::Path) -> Option<&str> {
+    path.to_str().filter(|text| tensafe_remote::RemoteUrl::is_remote(text))
+}
+
+/// Writes to `filename` (atomically; a URL is uploaded) or into new
+/// `bytes`, without the GIL.
 fn write<'py>(py: Python<'py>, tensors: Vec<Owned>, metadata: Option<BTreeMap<String, String>>, filename: Option<PathBuf>) -> PyResult<Option<Bound<'py, PyBytes>>> {
     let items = || tensors.iter().map(|t| (t.name.as_str(), t.raw()));
     match filename {
+        Some(path) if remote_url(&path).is_some() => {
+            let url = remote_url(&path).expect("checked");
+            py.detach(|| tensafe_remote::serialize_to_url(items(), metadata.as_ref(), url, &Default::default()).map_err(remote_error))?;
+            Ok(None)
+        }
         Some(path) => {
             py.detach(|| tensafe::serialize_to_file(items(), metadata.as_ref(), &path)).map_err(serialize_error)?;
             Ok(None)
@@ -889,7 +900,8 @@ fn parse_size(text: &str) -> PyResult<u64> {
 }
 
 /// Saves `[(name, dtype_code, shape, buffer), …]` (as for `serialize_buffers`)
-/// as shards of at most `max_shard_bytes` plus an index in `directory`.
+/// as shards of at most `max_shard_bytes` plus an index in `directory` (or
+/// under a URL prefix: s3://, gs://, az://).
 /// Returns the index as a dict, or `None` when everything fit in one file.
 #[pyfunction]
 #[pyo3(signature = (tensors, directory, max_shard_bytes, metadata = None))]
@@ -902,12 +914,17 @@ fn save_sharded_buffers<'py>(
 ) -> PyResult<Option<Bound<'py, PyAny>>> {
     let owned = buffers_from_list(tensors)?;
     let metadata = metadata_arg(metadata)?;
-    let index = py
-        .detach(|| {
-            std::fs::create_dir_all(&directory).map_err(|source| Error::Io { context: "creating the directory".into(), source })?;
-            tensafe::save_sharded(owned.iter().map(|t| (t.name.as_str(), t.raw())), &directory, max_shard_bytes, metadata.as_ref())
-        })
-        .map_err(serialize_error)?;
+    let items = || owned.iter().map(|t| (t.name.as_str(), t.raw()));
+    let index = match remote_url(&directory) {
+        Some(url) => py
+            .detach(|| tensafe_remote::save_sharded_to_url(items(), url, max_shard_bytes, metadata.as_ref(), &Default::default()).map_err(remote_error))?,
+        None => py
+            .detach(|| {
+                std::fs::create_dir_all(&directory).map_err(|source| Error::Io { context: "creating the directory".into(), source })?;
+                tensafe::save_sharded(items(), &directory, max_shard_bytes, metadata.as_ref())
+            })
+            .map_err(serialize_error)?,
+    };
     index
         .map(|index| py.import("json")?.call_method1("loads", (index.to_json(),)))
         .transpose()

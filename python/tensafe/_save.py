@@ -24,7 +24,10 @@ def check_metadata(metadata: Optional[Dict[str, str]]) -> Optional[Dict[str, str
 
 
 def write(items: List[Item], metadata: Optional[Dict[str, str]], filename: Any = None) -> Optional[bytes]:
-    """Serializes `items` to `filename`, or to bytes when it is None."""
+    """Serializes `items` to `filename`, or to bytes when it is None. A URL
+    (s3://, gs://, az://) is uploaded with the same bytes: one PUT up to
+    8 MiB, else a multipart upload streamed from the buffers, aborted on
+    failure (http(s):// is read-only)."""
     check_metadata(metadata)
     if filename is not None:
         filename = os.fspath(filename)
@@ -33,8 +36,9 @@ def write(items: List[Item], metadata: Optional[Dict[str, str]], filename: Any =
 
 def write_sharded(items: List[Item], directory: Any, max_shard_size: Any, metadata: Optional[Dict[str, str]]) -> Optional[dict]:
     """Writes `items` as shards of at most `max_shard_size` (bytes, or a
-    string like "5GB") plus `model.safetensors.index.json`; returns the index,
-    or None when one `model.safetensors` was enough."""
+    string like "5GB") plus `model.safetensors.index.json` (a URL prefix:
+    uploaded, index last); returns the index, or None when one
+    `model.safetensors` was enough."""
     check_metadata(metadata)
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     if limit <= 0:

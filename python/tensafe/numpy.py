@@ -28,7 +28,7 @@ def save(tensor_dict: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] 
 
 
 def save_file(tensor_dict: Dict[str, np.ndarray], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Saves arrays to a file (atomically)."""
+    """Saves arrays to a file (atomically), or uploads them to an s3://, gs:// or az:// URL."""
     _save.write(_items(tensor_dict), metadata, filename)
 
 

@@ -190,7 +190,8 @@ def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = 
 
 
 def save_file(tensors: Dict[str, torch.Tensor], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Saves tensors to a file, atomically, reading their memory in place."""
+    """Saves tensors to a file, atomically, reading their memory in place; an
+    s3://, gs:// or az:// URL is uploaded (see `tensafe._save.write`)."""
     _save.write(_flatten(tensors), metadata, filename)
 
 
@@ -205,7 +206,9 @@ def save_sharded(
     layout), in dict order. Returns the index, or None if one file sufficed
     (then written as `model.safetensors`). Each shard carries `metadata`,
     `{"format": "pt"}` by default as transformers and huggingface_hub write.
-    Open the result with `safe_open` or `load_file` on the directory."""
+    `save_directory` may be a URL prefix (s3://, gs://, az://): the shards
+    are uploaded, then the index. Open the result with `safe_open` or
+    `load_file` on the directory."""
     return _save.write_sharded(_flatten(tensors), save_directory, max_shard_size, {"format": "pt"} if metadata is None else metadata)
 
 

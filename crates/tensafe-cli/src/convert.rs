@@ -15,8 +15,9 @@ pub struct ConvertArgs {
     /// sharded one (its `*.index.json` or the folder holding it), or a folder
     /// holding `pytorch_model.bin`.
     input: PathBuf,
-    /// The .safetensors file to write; for an existing folder,
-    /// `model.safetensors` in it; for a sharded input, the output folder.
+    /// The .safetensors file to write, or its URL (s3://, gs://, az://); for
+    /// an existing folder, `model.safetensors` in it; for a sharded input,
+    /// the output folder.
     output: PathBuf,
     /// Dotted key of the state dict inside the checkpoint (e.g. `model` or `state_dict`).
     #[arg(long)]
@@ -80,6 +81,18 @@ fn sharded_index(input: &Path) -> Option<PathBuf> {
 pub fn run(args: &ConvertArgs) -> ExitCode {
     let options = args.options();
     let start = Instant::now();
+    if let Some(url) = crate::remote::url(&args.input) {
+        eprintln!("tensafe convert: {url}: the input must be a local file (a pickle is checked as a whole, so it would be downloaded first); download it, then convert it");
+        return ExitCode::FAILURE;
+    }
+    let output_url = crate::remote::url(&args.output);
+    if let (Some(index), Some(url)) = (sharded_index(&args.input), output_url) {
+        eprintln!(
+            "tensafe convert: {}: a sharded checkpoint converts into a local directory; then upload it with `tensafe reshard DIR {url}`",
+            index.display()
+        );
+        return ExitCode::FAILURE;
+    }
     if let Some(index) = sharded_index(&args.input) {
         return match tensafe_pickle::convert_sharded(&index, &args.output, &options) {
             Ok(report) => {
@@ -108,8 +121,14 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         single if args.input.is_dir() && single.is_file() => single,
         _ => args.input.clone(),
     };
-    let output = if args.output.is_dir() { args.output.join(tensafe::SINGLE_FILE) } else { args.output.clone() };
-    match tensafe_pickle::convert_file(&input, &output, &options) {
+    let output = if output_url.is_none() && args.output.is_dir() { args.output.join(tensafe::SINGLE_FILE) } else { args.output.clone() };
+    let converted = match output_url {
+        // A "directory" URL gets `model.safetensors` in it, like a local folder.
+        Some(url) if url.ends_with('/') => convert_to_url(&input, &format!("{url}{}", tensafe::SINGLE_FILE), &options),
+        Some(url) => convert_to_url(&input, url, &options),
+        None => tensafe_pickle::convert_file(&input, &output, &options).map_err(|e| format!("refused: {e}")),
+    };
+    match converted {
         Ok(report) => {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize"));
@@ -130,8 +149,23 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(e) => {
+            eprintln!("tensafe convert: {e}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// Converts one checkpoint file and uploads the result to `url`, streaming
+/// the tensors from the mapped input (as for a local output).
+fn convert_to_url(input: &Path, url: &str, options: &ConvertOptions) -> Result<ConvertReport, String> {
+    let refused = |e: tensafe_pickle::Error| format!("refused: {}: {e}", input.display());
+    let bytes = tensafe_pickle::map_file(input).map_err(refused)?;
+    let checkpoint = tensafe_pickle::load(&bytes, &options.load).map_err(refused)?;
+    let planned = tensafe_pickle::plan_checkpoint(&checkpoint, options).map_err(refused)?;
+    let tensors = planned.tensors.iter().map(|(name, plan)| (name.as_str(), plan));
+    tensafe_remote::serialize_to_url(tensors, Some(&planned.metadata), url, &tensafe_remote::RemoteOptions::default()).map_err(|e| e.to_string())?;
+    Ok(planned.report)
 }
 
 fn fail(e: &tensafe_pickle::Error) -> ExitCode {

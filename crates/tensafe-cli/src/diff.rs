@@ -13,11 +13,13 @@ use serde::Serialize;
 use serde_json::json;
 use tensafe::{Dtype, MmapFile, View};
 use tensafe_pickle::ConvertOptions;
+use tensafe_remote::{RemoteCheckpoint, RemoteOptions};
 
 /// Arguments of `tensafe diff`.
 #[derive(Args)]
 pub struct DiffArgs {
-    /// The first file (safetensors, or a torch checkpoint).
+    /// The first file (safetensors, or a torch checkpoint), or the URL of a
+    /// safetensors file or checkpoint (s3://, gs://, az://, http(s)://).
     a: PathBuf,
     /// The second file.
     b: PathBuf,
@@ -35,8 +37,11 @@ struct Tensor<'a> {
 type Tensors<'a> = BTreeMap<String, Tensor<'a>>;
 
 /// Calls `f` with the tensors of `path`: a safetensors file if it parses as
-/// one, else a torch checkpoint.
+/// one, else a torch checkpoint; or a URL of a safetensors file or checkpoint.
 fn with_tensors<R>(path: &Path, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Result<R, String> {
+    if let Some(url) = crate::remote::url(path) {
+        return with_remote_tensors(url, f);
+    }
     let st_error = match MmapFile::open(path) {
         Ok(file) => {
             let tensors = file
@@ -58,6 +63,28 @@ fn with_tensors<R>(path: &Path, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Resu
         .map(|(name, p)| (name.clone(), Tensor { dtype: p.dtype(), shape: p.shape().to_vec(), data: p.data() }))
         .collect();
     Ok(f("torch checkpoint", &tensors))
+}
+
+/// Calls `f` with the tensors of a remote safetensors file or sharded
+/// checkpoint, downloaded into memory (with concurrent range requests).
+fn with_remote_tensors<R>(url: &str, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Result<R, String> {
+    let checkpoint = RemoteCheckpoint::open(url, &RemoteOptions::default()).map_err(|e| e.to_string())?;
+    let data = checkpoint
+        .shards()
+        .iter()
+        .map(|shard| {
+            let mut bytes = vec![0u8; shard.header().data_len()];
+            shard.read_data_into(&mut bytes, None).map(|_| bytes).map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tensors = checkpoint
+        .iter()
+        .map(|(shard, name, info)| {
+            let (begin, end) = info.data_offsets;
+            (name.to_owned(), Tensor { dtype: info.dtype, shape: info.shape.clone(), data: Cow::Borrowed(&data[shard][begin..end]) })
+        })
+        .collect();
+    Ok(f("safetensors", &tensors))
 }
 
 #[derive(Serialize)]

@@ -49,9 +49,10 @@ enum Command {
     /// Rewrite a checkpoint (file, directory or index) into shards of at most
     /// the given size, with a transformers-style index.
     Reshard {
-        /// The input checkpoint.
+        /// The input checkpoint: a file, directory or index, or its URL
+        /// (s3://, gs://, az://, http(s)://; a directory URL ends in /).
         input: PathBuf,
-        /// The output directory.
+        /// The output directory, or a URL prefix to upload to (s3://, gs://, az://).
         output: PathBuf,
         /// Largest shard, e.g. `5GB`, `500MiB` or a byte count.
         #[arg(long, default_value = "5GB")]
@@ -89,23 +90,36 @@ fn main() -> ExitCode {
         Command::Convert(args) => convert::run(&args),
         Command::Scan(args) => scan::run(&args),
         Command::Diff(args) => diff::run(&args),
-        Command::Reshard { input, output, max_shard_size } => {
-            let result = tensafe::parse_size(&max_shard_size).and_then(|max| tensafe::reshard(&input, &output, max));
-            match result {
-                Ok(Some(index)) => {
-                    let shards: std::collections::BTreeSet<&String> = index.weight_map.values().collect();
-                    println!("wrote {} shards and {} to {}", shards.len(), tensafe::INDEX_FILE, output.display());
-                    ExitCode::SUCCESS
-                }
-                Ok(None) => {
-                    println!("wrote {}", output.join(tensafe::SINGLE_FILE).display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("tensafe: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Reshard { input, output, max_shard_size } => reshard(&input, &output, &max_shard_size),
+    }
+}
+
+/// `tensafe reshard IN OUT`: either side may be a URL (s3://, gs://, az://;
+/// the input also http(s)://).
+fn reshard(input: &Path, output: &Path, max_shard_size: &str) -> ExitCode {
+    let result = match (remote::url(input), remote::url(output)) {
+        (None, None) => tensafe::parse_size(max_shard_size).and_then(|max| tensafe::reshard(input, output, max)).map_err(|e| e.to_string()),
+        (input_url, output_url) => {
+            let (input, output) = (input_url.map_or_else(|| input.display().to_string(), str::to_owned), output_url.map_or_else(|| output.display().to_string(), str::to_owned));
+            tensafe::parse_size(max_shard_size)
+                .map_err(|e| e.to_string())
+                .and_then(|max| tensafe_remote::reshard(&input, &output, max, &tensafe_remote::RemoteOptions::default()).map_err(|e| e.to_string()))
+        }
+    };
+    let inside = |name: &str| format!("{}/{name}", output.display().to_string().trim_end_matches('/'));
+    match result {
+        Ok(Some(index)) => {
+            let shards: std::collections::BTreeSet<&String> = index.weight_map.values().collect();
+            println!("wrote {} shards and {} to {}", shards.len(), tensafe::INDEX_FILE, output.display());
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            println!("wrote {}", inside(tensafe::SINGLE_FILE));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tensafe: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -34,6 +34,17 @@ fn fixtures(root: &Path) {
     tensafe::serialize_to_file([("m", RawTensor { dtype: Dtype::Bool, shape: &[3], data: &[0, 1, 2] })], None, root.join("bad-bool.safetensors")).unwrap();
 }
 
+/// The AWS_* variables a user would set for the SeaweedFS server.
+fn aws_env(weed: &Seaweed, secret: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", weed.endpoint()),
+        ("AWS_ACCESS_KEY_ID", common::ACCESS_KEY.to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", secret.to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+    ]
+}
+
 #[test]
 fn inspect_and_verify_http_urls() {
     let root = tempfile::tempdir().unwrap();
@@ -82,15 +93,7 @@ fn inspect_and_verify_s3_urls_with_aws_environment_variables() {
         let name = path.file_name().unwrap().to_str().unwrap().to_owned();
         common::put(&options, &weed.url(&format!("ckpt/{name}")), std::fs::read(&path).unwrap()).unwrap();
     }
-    let env = |secret: &str| {
-        vec![
-            ("AWS_ENDPOINT_URL", weed.endpoint()),
-            ("AWS_ACCESS_KEY_ID", common::ACCESS_KEY.to_owned()),
-            ("AWS_SECRET_ACCESS_KEY", secret.to_owned()),
-            ("AWS_REGION", "us-east-1".to_owned()),
-            ("AWS_ALLOW_HTTP", "true".to_owned()),
-        ]
-    };
+    let env = |secret: &str| aws_env(&weed, secret);
     let good = env(common::SECRET_KEY);
     let local = tensafe(&["inspect", "--json", root.path().join("ckpt").to_str().unwrap()], &[]);
     let remote = tensafe(&["inspect", "--json", &weed.url("ckpt/")], &good);
@@ -106,4 +109,70 @@ fn inspect_and_verify_s3_urls_with_aws_environment_variables() {
     assert_eq!(denied.status.code(), Some(1));
     let text = String::from_utf8_lossy(&denied.stderr);
     assert!(text.contains("access denied (HTTP 403)") && text.contains("AWS_SECRET_ACCESS_KEY"), "{text}");
+}
+
+#[test]
+fn reshard_diff_and_convert_with_s3_urls() {
+    let root = tempfile::tempdir().unwrap();
+    fixtures(root.path());
+    let Some(weed) = Seaweed::start("out") else { return };
+    let options = weed.options();
+    let env = aws_env(&weed, common::SECRET_KEY);
+    let run = |args: &[&str]| {
+        let out = tensafe(args, &env);
+        assert!(out.status.success(), "{args:?}: {}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    let path = |p: &str| root.path().join(p).to_str().unwrap().to_owned();
+    let same = |local: &str, url: &str| {
+        let uploaded = common::get(&options, url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert!(uploaded == std::fs::read(path(local)).unwrap(), "{url} differs from {local}");
+    };
+
+    // Local → URL: the same files as a local reshard.
+    run(&["reshard", &path("ckpt"), &path("local-shards"), "--max-shard-size", "200KB"]);
+    let out = run(&["reshard", &path("ckpt"), &weed.url("shards/"), "--max-shard-size", "200KB"]);
+    assert!(stdout(&out).contains(&format!("shards and model.safetensors.index.json to {}", weed.url("shards/"))), "{}", stdout(&out));
+    let names: Vec<String> = std::fs::read_dir(path("local-shards")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(names.len() >= 3, "{names:?}");
+    for name in &names {
+        same(&format!("local-shards/{name}"), &weed.url(&format!("shards/{name}")));
+    }
+    // URL → local and URL → URL.
+    run(&["reshard", &path("ckpt"), &path("local-one")]);
+    run(&["reshard", &weed.url("shards/"), &path("from-url")]);
+    assert!(std::fs::read(path("from-url/model.safetensors")).unwrap() == std::fs::read(path("local-one/model.safetensors")).unwrap());
+    let out = run(&["reshard", &weed.url("shards/model.safetensors.index.json"), &weed.url("one")]);
+    assert!(stdout(&out).contains(&format!("wrote {}", weed.url("one/model.safetensors"))), "{}", stdout(&out));
+    same("local-one/model.safetensors", &weed.url("one/model.safetensors"));
+
+    // diff with URLs on either side (files and checkpoints).
+    let out = run(&["diff", &weed.url("one/model.safetensors"), &path("local-one/model.safetensors")]);
+    assert!(stdout(&out).contains("8 identical tensors, 0 differences"), "{}", stdout(&out));
+    run(&["diff", &path("local-one/model.safetensors"), &weed.url("shards/")]);
+    let differs = tensafe(&["diff", &path("mixed.safetensors"), &weed.url("one/model.safetensors"), "--json"], &env);
+    assert_eq!(differs.status.code(), Some(1), "{}", String::from_utf8_lossy(&differs.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&differs.stdout).unwrap();
+    assert_eq!(json["changes"][0]["name"], "big");
+    assert_eq!(json["changes"][0]["change"], "added");
+    let missing = tensafe(&["diff", &weed.url("nothing.safetensors"), &path("mixed.safetensors")], &env);
+    assert_eq!(missing.status.code(), Some(2));
+
+    // convert to a URL: the bytes of a local conversion.
+    let example = common::workspace_root().join("examples/tiny_mlp.pt");
+    let example = example.to_str().unwrap();
+    run(&["convert", example, &path("tiny.safetensors")]);
+    run(&["convert", example, &weed.url("tiny.safetensors")]);
+    same("tiny.safetensors", &weed.url("tiny.safetensors"));
+    run(&["convert", example, &weed.url("converted/")]);
+    same("tiny.safetensors", &weed.url("converted/model.safetensors"));
+    run(&["diff", example, &weed.url("tiny.safetensors")]);
+    let refused = tensafe(&["convert", &weed.url("tiny.safetensors"), &path("x.safetensors")], &env);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("the input must be a local file"));
+
+    // Web servers are read-only.
+    let read_only = tensafe(&["reshard", &path("ckpt"), "http://127.0.0.1:1/x/"], &env);
+    assert_eq!(read_only.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&read_only.stderr).contains("read-only"), "{}", String::from_utf8_lossy(&read_only.stderr));
 }

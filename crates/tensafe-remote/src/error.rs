@@ -125,6 +125,12 @@ pub enum RemoteError {
         #[source]
         source: tensafe::Error,
     },
+    /// A write to a web server URL: http(s):// is read-only.
+    #[error("{url}: web servers (http://, https://) are read-only for tensafe; write to s3://, gs:// or az:// instead")]
+    ReadOnly {
+        /// The URL.
+        url: String,
+    },
     /// The blocking API was called from inside an async runtime.
     #[error("tensafe-remote's blocking API was called from inside an async runtime; call it from a plain thread (e.g. tokio::task::spawn_blocking)")]
     InsideRuntime,

@@ -293,11 +293,19 @@ pub(crate) fn classify(e: object_store::Error, probe: &Probe, object: &Object<'_
         return RemoteError::RangeIgnored { url };
     }
     let status = probe.last_status();
-    let detail = e.to_string();
     match e {
         _ if status == 416 => RemoteError::RangeNotSatisfiable { url, range },
         object_store::Error::Precondition { .. } if object.etag.is_some() => changed(url, object),
         _ if status == 412 && object.etag.is_some() => changed(url, object),
+        e => classify_status(url, e, status),
+    }
+}
+
+/// The errors every request can meet (reads and writes): 404, 401/403, or
+/// another failure; `status` is the last HTTP status seen (0 if unknown).
+pub(crate) fn classify_status(url: String, e: object_store::Error, status: u16) -> RemoteError {
+    let detail = e.to_string();
+    match e {
         object_store::Error::NotFound { .. } => RemoteError::NotFound { url, detail },
         _ if status == 404 => RemoteError::NotFound { url, detail },
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {

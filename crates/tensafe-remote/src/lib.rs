@@ -17,6 +17,12 @@
 //!   URL ending in `/`) or a single file as one, with the local checks.
 //! * [`Counter`] / [`Traffic`] count requests and bytes received, per file,
 //!   per caller and per process ([`global_traffic`]).
+//! * Writes: [`serialize_to_url`] / [`upload_prepared`] upload the local
+//!   writer's exact bytes, streamed from the caller's tensors (one PUT up to
+//!   [`RemoteOptions::part_bytes`], else a multipart upload with bounded
+//!   memory, aborted on failure: nothing partial is ever visible);
+//!   [`save_sharded_to_url`] writes shards then the index under a prefix;
+//!   [`reshard`] reads and writes paths or URLs. `http(s)://` is read-only.
 //!
 //! The API is blocking: the crate owns a small multi-threaded tokio runtime
 //! and callers only wait on it, so it can be called from plain threads (and
@@ -45,7 +51,10 @@
 //!   an `http://` endpoint; `AWS_SKIP_SIGNATURE=true` for public buckets;
 //!   web identity, container and instance credentials as in the AWS SDKs.
 //! * GCS: `GOOGLE_APPLICATION_CREDENTIALS` or `GOOGLE_SERVICE_ACCOUNT`
-//!   (a service account JSON file), `GOOGLE_SERVICE_ACCOUNT_KEY` (its text).
+//!   (a service account JSON file), `GOOGLE_SERVICE_ACCOUNT_KEY` (its text);
+//!   for an emulator, `GOOGLE_ALLOW_HTTP=true` and a key with
+//!   `"disable_oauth": true` and `"gcs_base_url": "http://…"` (skipping
+//!   signatures alone still asks the metadata server for a token).
 //! * Azure: `AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY` or
 //!   `AZURE_STORAGE_SAS_KEY`, or `AZURE_CLIENT_ID` / `AZURE_CLIENT_SECRET` /
 //!   `AZURE_TENANT_ID`; `AZURE_STORAGE_USE_EMULATOR=true` for Azurite.
@@ -71,6 +80,7 @@ mod fetch;
 mod file;
 mod store;
 mod traffic;
+mod write;
 
 use std::time::Duration;
 
@@ -80,6 +90,7 @@ pub use file::{read_into, RemoteFile, RemoteRange};
 pub use object_store::{BackoffConfig, RetryConfig};
 pub use store::{RemoteUrl, Scheme};
 pub use traffic::{global_traffic, Counter, Traffic};
+pub use write::{put_bytes, reshard, save_sharded_to_url, serialize_to_url, upload_prepared};
 
 /// How remote files are read.
 #[derive(Debug, Clone)]
@@ -103,6 +114,11 @@ pub struct RemoteOptions {
     pub connect_timeout: Duration,
     /// Longest `Retry-After` honoured before a retry.
     pub max_retry_after: Duration,
+    /// Uploads: a file up to this many bytes is sent with one PUT; a larger
+    /// one as a multipart upload in parts of this size (S3 and GCS want at
+    /// least 5 MiB, and at most 10 000 parts: bigger files get bigger
+    /// parts), [`RemoteOptions::concurrency`] parts in flight.
+    pub part_bytes: usize,
     /// Header size limit and other format options.
     pub read_options: tensafe::ReadOptions,
     /// Extra store settings, as object_store config keys and values
@@ -128,6 +144,7 @@ impl Default for RemoteOptions {
             timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(10),
+            part_bytes: 8 << 20,
             read_options: tensafe::ReadOptions::default(),
             storage_options: Vec::new(),
             counter: Counter::new(),

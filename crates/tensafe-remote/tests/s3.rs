@@ -175,3 +175,130 @@ fn seaweedfs_serves_a_sharded_checkpoint() {
     let changed = first.read_tensor(&name).unwrap_err();
     assert!(matches!(changed, RemoteError::Changed { .. }), "{changed}");
 }
+
+/// The reference writer's bytes for `tensors`.
+fn reference_bytes(tensors: &[Tensor], metadata: Option<&tensafe::Metadata>) -> Vec<u8> {
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            let dtype: safetensors::Dtype = serde_json::from_str(&format!("\"{}\"", t.dtype.code())).unwrap();
+            (t.name.as_str(), safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.data).unwrap())
+        })
+        .collect();
+    safetensors::serialize(views, metadata.map(|m| m.clone().into_iter().collect())).unwrap()
+}
+
+/// A tensor whose bytes are not what its shape announces: the writer
+/// refuses it when it gets there, after the tensors before it were sent.
+struct Broken;
+
+impl tensafe::View for Broken {
+    fn dtype(&self) -> Dtype {
+        Dtype::U8
+    }
+    fn shape(&self) -> &[usize] {
+        &[16]
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned(vec![0; 3])
+    }
+    fn data_len(&self) -> usize {
+        16
+    }
+}
+
+#[test]
+fn seaweedfs_takes_uploads_byte_identical_to_local_saves() {
+    let Some(weed) = Seaweed::start("uploads") else { return };
+    // 5 MiB parts (the S3 minimum), 3 in flight.
+    let options = RemoteOptions { part_bytes: 5 << 20, concurrency: 3, ..weed.options() };
+    let metadata: tensafe::Metadata = [("format".to_owned(), "pt".to_owned())].into();
+
+    // One PUT (a small file) and a multipart upload (12 MiB: 3 parts), each
+    // equal to the local writer's and the reference's bytes.
+    let small = common::mixed_tensors();
+    let mut large = common::mixed_tensors();
+    large.push(Tensor::new("big.weight", Dtype::F32, &[3 << 20], 9));
+    for (key, tensors) in [("small.safetensors", &small), ("large.safetensors", &large)] {
+        let url = weed.url(key);
+        let size = tensafe_remote::serialize_to_url(tensors.iter().map(Tensor::raw), Some(&metadata), &url, &options).unwrap();
+        let uploaded = common::get(&options, &url).unwrap();
+        let local = tensafe::serialize(tensors.iter().map(Tensor::raw), Some(&metadata)).unwrap();
+        assert_eq!(uploaded.len() as u64, size);
+        assert!(uploaded == local, "{key}: uploaded bytes differ from the local save");
+        assert!(uploaded == reference_bytes(tensors, Some(&metadata)), "{key}: uploaded bytes differ from the reference");
+        // S3 gives a multipart object the ETag `"md5-of-part-md5s-PARTS"`.
+        let etag = RemoteFile::open_with(&url, &options).unwrap().etag().unwrap_or_default().to_owned();
+        let parts = size.div_ceil(5 << 20);
+        assert_eq!(etag.trim_matches('"').ends_with(&format!("-{parts}")), parts > 1, "{key}: ETag {etag}");
+    }
+
+    // A sharded save to a URL prefix: the same files as a local sharded save.
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = checkpoint_tensors();
+    let local_index = tensafe::save_sharded(tensors.iter().map(Tensor::raw), dir.path(), 400_000, Some(&metadata)).unwrap();
+    let index = tensafe_remote::save_sharded_to_url(tensors.iter().map(Tensor::raw), &weed.url("sharded/"), 400_000, Some(&metadata), &options).unwrap();
+    assert!(index.is_some() && index == local_index);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+    for name in &names {
+        let uploaded = common::get(&options, &weed.url(&format!("sharded/{name}"))).unwrap();
+        assert!(uploaded == std::fs::read(dir.path().join(name)).unwrap(), "{name} differs");
+    }
+    let checkpoint = RemoteCheckpoint::open(&weed.url("sharded/"), &options).unwrap();
+    for t in &tensors {
+        assert_eq!(checkpoint.read_tensor(&t.name).unwrap(), t.data, "{}", t.name);
+    }
+
+    // Resharding from and to URLs gives what a local reshard gives.
+    let local_one = tempfile::tempdir().unwrap();
+    tensafe::reshard(dir.path(), local_one.path(), u64::MAX).unwrap();
+    let expected = std::fs::read(local_one.path().join("model.safetensors")).unwrap();
+    tensafe_remote::reshard(&weed.url("sharded/"), &weed.url("one/"), u64::MAX, &options).unwrap();
+    assert!(common::get(&options, &weed.url("one/model.safetensors")).unwrap() == expected);
+    let downloaded = tempfile::tempdir().unwrap();
+    let out = downloaded.path().join("out");
+    tensafe_remote::reshard(&weed.url("sharded/model.safetensors.index.json"), out.to_str().unwrap(), u64::MAX, &options).unwrap();
+    assert!(std::fs::read(out.join("model.safetensors")).unwrap() == expected);
+    // (From one file, tensors come in file order: other shards than the first save's.)
+    let local_again = tempfile::tempdir().unwrap();
+    let again = tensafe::reshard(local_one.path(), local_again.path(), 400_000).unwrap().expect("shards");
+    let remote_again = tensafe_remote::reshard(local_one.path().to_str().unwrap(), &weed.url("resharded"), 400_000, &options).unwrap();
+    assert_eq!(remote_again.as_ref(), Some(&again));
+    for entry in std::fs::read_dir(local_again.path()).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let uploaded = common::get(&options, &weed.url(&format!("resharded/{name}"))).unwrap();
+        assert!(uploaded == std::fs::read(local_again.path().join(&name)).unwrap(), "resharded {name} differs");
+    }
+
+    // A multipart upload that fails after two parts were sent leaves nothing
+    // visible: no new object, and an existing one unchanged.
+    let mut failing: Vec<(String, Box<dyn tensafe::View>)> = Vec::new();
+    for t in &large {
+        failing.push((t.name.clone(), Box::new(tensafe::RawTensor { dtype: t.dtype, shape: &t.shape, data: &t.data })));
+    }
+    failing.push(("zzz.broken".into(), Box::new(Broken)));
+    let views = || failing.iter().map(|(n, v)| (n.as_str(), v.as_ref()));
+    let prepared = tensafe::prepare(views(), None, &Default::default()).unwrap();
+    assert!(prepared.file_len() > 2 * (5 << 20));
+    let error = tensafe_remote::upload_prepared(&weed.url("failed.safetensors"), &prepared, &options).unwrap_err();
+    assert!(error.to_string().contains("the view gave 3 bytes but announced 16"), "{error}");
+    assert!(matches!(common::get(&options, &weed.url("failed.safetensors")), Err(object_store::Error::NotFound { .. })));
+    let before = common::get(&options, &weed.url("large.safetensors")).unwrap();
+    tensafe_remote::upload_prepared(&weed.url("large.safetensors"), &prepared, &options).unwrap_err();
+    assert!(common::get(&options, &weed.url("large.safetensors")).unwrap() == before);
+
+    // Errors: wrong credentials (SeaweedFS creates missing buckets for an
+    // admin, so there is no 404 to test), a read-only URL.
+    let mut wrong = options.clone();
+    wrong.storage_options.retain(|(k, _)| k != "aws_secret_access_key");
+    wrong.storage_options.push(("aws_secret_access_key".into(), "not-the-secret".into()));
+    let denied = tensafe_remote::serialize_to_url(small.iter().map(Tensor::raw), None, &weed.url("denied.safetensors"), &wrong).unwrap_err();
+    assert!(matches!(denied, RemoteError::Forbidden { status: 403, .. }), "{denied}");
+    let denied = tensafe_remote::serialize_to_url(large.iter().map(Tensor::raw), None, &weed.url("denied.safetensors"), &wrong).unwrap_err();
+    assert!(matches!(denied, RemoteError::Forbidden { status: 403, .. }), "{denied}");
+    assert!(matches!(common::get(&options, &weed.url("denied.safetensors")), Err(object_store::Error::NotFound { .. })));
+    let read_only = tensafe_remote::serialize_to_url(small.iter().map(Tensor::raw), None, "http://127.0.0.1:1/x.safetensors", &options).unwrap_err();
+    assert!(matches!(read_only, RemoteError::ReadOnly { .. }), "{read_only}");
+}

