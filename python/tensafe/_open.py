@@ -9,7 +9,7 @@ import re
 import threading
 from typing import Any, Dict, List, Optional, Union
 
-from . import _dtypes
+from . import _dtypes, _progress
 from ._tensafe_rust import DIRECT_ALIGN, File, HostBuffer, SafetensorError
 
 _FRAMEWORKS = {
@@ -225,6 +225,7 @@ def _frombuffer(*args: Any, **kwargs: Any) -> Any:
 def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
     """Every tensor of a file, cut out of one buffer: the mapping itself (mmap),
     or one allocation filled by parallel reads (pread)."""
+    progress = _progress.resolve(progress, "loading ")
     with _gc_paused():
         return _bulk_unpaused(file, framework, device, threads, progress, drop_cache)
 
@@ -369,8 +370,10 @@ class safe_open:
         With `backend="mmap"` the tensors are lazy views of the mapping. With
         `backend="pread"` the whole file is read into one allocation by
         `threads` parallel readers (default 4), calling `progress(done, total)`
-        as bytes arrive; `drop_cache=True` then evicts the file from the page
-        cache so the model is not held twice in RAM.
+        as bytes arrive (`progress=True`: a progress bar on stderr);
+        `drop_cache=True` then evicts the file from the page cache so the
+        model is not held twice in RAM. On CUDA devices the bytes go through
+        a bounded ring of pinned buffers straight to one device allocation.
         """
         return _bulk(self._open(), self._framework, self._device, threads, progress, drop_cache)
 

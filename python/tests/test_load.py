@@ -197,3 +197,16 @@ def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(tmp_path):
         _evict(path)
         assert_same(ts_pt.load_file(path, backend="pread"), ref_pt.load_file(path))
     assert_same(ts_pt.load_file(path, backend="pread"), ref_pt.load_file(path))
+
+
+def test_progress_true_draws_a_bar_and_bad_progress_is_refused(tmp_path, capsys):
+    path = tmp_path / "bar.safetensors"
+    ts_pt.save_file({"x": torch.zeros(3 * 2**20)}, path)
+    loaded = ts_pt.load_file(path, backend="pread", progress=True)
+    assert loaded["x"].shape == (3 * 2**20,)
+    err = capsys.readouterr().err
+    final = err.rstrip("\n").split("\r")[-1]
+    assert final.startswith("loading [" + "=" * 30 + "] 12.0/12.0 MiB") and err.endswith("\n")
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        ts_pt.load_file(path, backend="pread", progress="yes")
+    assert ts_pt.load_file(path, backend="pread", progress=False)["x"].shape == (3 * 2**20,)
