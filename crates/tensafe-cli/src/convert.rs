@@ -164,7 +164,10 @@ fn convert_to_url(input: &Path, url: &str, options: &ConvertOptions) -> Result<C
     let checkpoint = tensafe_pickle::load(&bytes, &options.load).map_err(refused)?;
     let planned = tensafe_pickle::plan_checkpoint(&checkpoint, options).map_err(refused)?;
     let tensors = planned.tensors.iter().map(|(name, plan)| (name.as_str(), plan));
-    tensafe_remote::serialize_to_url(tensors, Some(&planned.metadata), url, &tensafe_remote::RemoteOptions::default()).map_err(|e| e.to_string())?;
+    crate::remote::with_transfer_progress("upload", || {
+        tensafe_remote::serialize_to_url(tensors, Some(&planned.metadata), url, &tensafe_remote::RemoteOptions::default())
+    })
+    .map_err(|e| e.to_string())?;
     Ok(planned.report)
 }
 

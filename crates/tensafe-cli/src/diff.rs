@@ -69,14 +69,16 @@ fn with_tensors<R>(path: &Path, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Resu
 /// checkpoint, downloaded into memory (with concurrent range requests).
 fn with_remote_tensors<R>(url: &str, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Result<R, String> {
     let checkpoint = RemoteCheckpoint::open(url, &RemoteOptions::default()).map_err(|e| e.to_string())?;
-    let data = checkpoint
-        .shards()
-        .iter()
-        .map(|shard| {
-            let mut bytes = vec![0u8; shard.header().data_len()];
-            shard.read_data_into(&mut bytes, None).map(|_| bytes).map_err(|e| e.to_string())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let data = crate::remote::with_transfer_progress("download", || {
+        checkpoint
+            .shards()
+            .iter()
+            .map(|shard| {
+                let mut bytes = vec![0u8; shard.header().data_len()];
+                shard.read_data_into(&mut bytes, None).map(|_| bytes).map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })?;
     let tensors = checkpoint
         .iter()
         .map(|(shard, name, info)| {

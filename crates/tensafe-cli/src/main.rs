@@ -103,7 +103,10 @@ fn reshard(input: &Path, output: &Path, max_shard_size: &str) -> ExitCode {
             let (input, output) = (input_url.map_or_else(|| input.display().to_string(), str::to_owned), output_url.map_or_else(|| output.display().to_string(), str::to_owned));
             tensafe::parse_size(max_shard_size)
                 .map_err(|e| e.to_string())
-                .and_then(|max| tensafe_remote::reshard(&input, &output, max, &tensafe_remote::RemoteOptions::default()).map_err(|e| e.to_string()))
+                .and_then(|max| {
+                    remote::with_transfer_progress("reshard", || tensafe_remote::reshard(&input, &output, max, &tensafe_remote::RemoteOptions::default()))
+                        .map_err(|e| e.to_string())
+                })
         }
     };
     let inside = |name: &str| format!("{}/{name}", output.display().to_string().trim_end_matches('/'));

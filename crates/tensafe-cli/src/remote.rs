@@ -12,6 +12,33 @@ use tensafe_remote::{RemoteCheckpoint, RemoteError, RemoteFile, RemoteOptions, R
 
 use crate::inspect::{self, Part};
 
+/// Runs `work`, which moves bytes through tensafe-remote (downloads,
+/// uploads or both), with a progress line on stderr: bytes received plus
+/// sent, rate and elapsed time. Drawn only when stderr is a terminal.
+pub fn with_transfer_progress<T>(label: &str, work: impl FnOnce() -> T) -> T {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg}: {bytes} {binary_bytes_per_sec} {elapsed}").expect("valid template"),
+    );
+    bar.set_message(label.to_owned());
+    let start = tensafe_remote::global_traffic();
+    let finished = std::sync::atomic::AtomicBool::new(false);
+    let out = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !finished.load(std::sync::atomic::Ordering::Relaxed) {
+                let moved = tensafe_remote::global_traffic() - start;
+                bar.set_position(moved.bytes + moved.sent);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let out = work();
+        finished.store(true, std::sync::atomic::Ordering::Relaxed);
+        out
+    });
+    bar.finish_and_clear();
+    out
+}
+
 /// The argument as a URL, when it is one.
 pub fn url(arg: &Path) -> Option<&str> {
     arg.to_str().filter(|s| RemoteUrl::is_remote(s))

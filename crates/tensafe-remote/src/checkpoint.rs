@@ -125,10 +125,7 @@ impl RemoteCheckpoint {
 
     /// Requests made and bytes received so far: index, headers and reads.
     pub fn traffic(&self) -> Traffic {
-        self.shards.iter().fold(self.index_traffic, |t, s| {
-            let f = s.traffic();
-            Traffic { requests: t.requests + f.requests, bytes: t.bytes + f.bytes }
-        })
+        self.shards.iter().fold(self.index_traffic, |t, s| t + s.traffic())
     }
 
     fn url(&self) -> &str {

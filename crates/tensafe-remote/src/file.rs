@@ -299,7 +299,7 @@ impl RemoteFile {
             };
             let range = self.range(self.header.data_start() + at, 0, len);
             let step = read_into(&[range], &mut buf[..len], &self.options, Some(&shifted))?;
-            traffic = Traffic { requests: traffic.requests + step.requests, bytes: traffic.bytes + step.bytes };
+            traffic = traffic + step;
             visit(at, &buf[..len])?;
             at += len as u64;
         }

@@ -21,19 +21,30 @@ use object_store::client::{
 };
 use object_store::ClientOptions;
 
-/// Requests made and response body bytes received.
+/// Requests made, response body bytes received and request body bytes sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {
     /// HTTP requests sent (each retry counts).
     pub requests: u64,
     /// Response body bytes received (error bodies and retried bytes included).
     pub bytes: u64,
+    /// Request body bytes sent (uploads; counted as each request starts,
+    /// retries included). The parts of a multipart upload count only in
+    /// [`global_traffic`]: object_store sends them without tensafe's probe.
+    pub sent: u64,
 }
 
 impl std::ops::Sub for Traffic {
     type Output = Traffic;
     fn sub(self, earlier: Traffic) -> Traffic {
-        Traffic { requests: self.requests - earlier.requests, bytes: self.bytes - earlier.bytes }
+        Traffic { requests: self.requests - earlier.requests, bytes: self.bytes - earlier.bytes, sent: self.sent - earlier.sent }
+    }
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(self, other: Traffic) -> Traffic {
+        Traffic { requests: self.requests + other.requests, bytes: self.bytes + other.bytes, sent: self.sent + other.sent }
     }
 }
 
@@ -50,6 +61,7 @@ pub struct Counter(Arc<CounterCells>);
 struct CounterCells {
     requests: AtomicU64,
     bytes: AtomicU64,
+    sent: AtomicU64,
 }
 
 impl Counter {
@@ -60,11 +72,16 @@ impl Counter {
 
     /// The totals so far.
     pub fn traffic(&self) -> Traffic {
-        Traffic { requests: self.0.requests.load(Ordering::Relaxed), bytes: self.0.bytes.load(Ordering::Relaxed) }
+        Traffic {
+            requests: self.0.requests.load(Ordering::Relaxed),
+            bytes: self.0.bytes.load(Ordering::Relaxed),
+            sent: self.0.sent.load(Ordering::Relaxed),
+        }
     }
 
-    fn add_request(&self) {
+    fn add_request(&self, body_bytes: u64) {
         self.0.requests.fetch_add(1, Ordering::Relaxed);
+        self.0.sent.fetch_add(body_bytes, Ordering::Relaxed);
     }
 
     fn add_bytes(&self, n: u64) {
@@ -122,8 +139,8 @@ impl Probe {
         extensions
     }
 
-    fn add_request(&self) {
-        self.0.counters.iter().for_each(Counter::add_request);
+    fn add_request(&self, body_bytes: u64) {
+        self.0.counters.iter().for_each(|c| c.add_request(body_bytes));
     }
 
     fn add_bytes(&self, n: u64) {
@@ -153,9 +170,10 @@ impl HttpService for Instrumented {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let probe = request.extensions().get::<Probe>().cloned();
         let ranged = request.headers().contains_key(http::header::RANGE);
-        GLOBAL.add_request();
+        let body_bytes = request.body().content_length() as u64;
+        GLOBAL.add_request(body_bytes);
         if let Some(p) = &probe {
-            p.add_request();
+            p.add_request(body_bytes);
         }
         let response = self.0.execute(request).await?;
         let status = response.status();

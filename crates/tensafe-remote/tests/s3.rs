@@ -221,7 +221,13 @@ fn seaweedfs_takes_uploads_byte_identical_to_local_saves() {
     large.push(Tensor::new("big.weight", Dtype::F32, &[3 << 20], 9));
     for (key, tensors) in [("small.safetensors", &small), ("large.safetensors", &large)] {
         let url = weed.url(key);
+        let before = tensafe_remote::global_traffic();
         let size = tensafe_remote::serialize_to_url(tensors.iter().map(Tensor::raw), Some(&metadata), &url, &options).unwrap();
+        // Every byte of the file was counted going out (the process-wide
+        // counter: the parts of a multipart upload carry no per-call probe;
+        // other tests running meanwhile may add to it).
+        let sent = (tensafe_remote::global_traffic() - before).sent;
+        assert!(sent >= size, "{key}: {sent} bytes sent for a {size}-byte file");
         let uploaded = common::get(&options, &url).unwrap();
         let local = tensafe::serialize(tensors.iter().map(Tensor::raw), Some(&metadata)).unwrap();
         assert_eq!(uploaded.len() as u64, size);
