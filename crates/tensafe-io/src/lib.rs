@@ -146,7 +146,7 @@ pub fn read_into(
                 let misalign = (at % DIRECT_ALIGN as u64) as usize;
                 if misalign != 0 {
                     len = len.min(DIRECT_ALIGN - misalign); // up to the next aligned offset
-                } else if len % DIRECT_ALIGN != 0 && len > DIRECT_ALIGN {
+                } else if !len.is_multiple_of(DIRECT_ALIGN) && len > DIRECT_ALIGN {
                     len -= len % DIRECT_ALIGN; // the unaligned tail gets its own read
                 }
             }
@@ -165,9 +165,9 @@ pub fn read_into(
         }
         let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
         let (piece, tail) = tail.split_at_mut(step.len);
-        let aligned = step.file_offset % DIRECT_ALIGN as u64 == 0
-            && step.len % DIRECT_ALIGN == 0
-            && (piece.as_ptr() as usize) % DIRECT_ALIGN == 0;
+        let aligned = step.file_offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && step.len.is_multiple_of(DIRECT_ALIGN)
+            && (piece.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
         jobs.push(Job { file_offset: step.file_offset, piece, direct: direct_file.is_some() && aligned });
         rest = tail;
         consumed = step.dst_offset + step.len;
