@@ -165,9 +165,8 @@ fn convert_to_url(input: &Path, url: &str, options: &ConvertOptions) -> Result<C
     let planned = tensafe_pickle::plan_checkpoint(&checkpoint, options).map_err(refused)?;
     let tensors = planned.tensors.iter().map(|(name, plan)| (name.as_str(), plan));
     crate::remote::with_transfer_progress("upload", || {
-        tensafe_remote::serialize_to_url(tensors, Some(&planned.metadata), url, &tensafe_remote::RemoteOptions::default())
-    })
-    .map_err(|e| e.to_string())?;
+        tensafe_remote::serialize_to_url(tensors, Some(&planned.metadata), url, &tensafe_remote::RemoteOptions::default()).map_err(|e| e.to_string())
+    })?;
     Ok(planned.report)
 }
 

@@ -104,8 +104,9 @@ fn reshard(input: &Path, output: &Path, max_shard_size: &str) -> ExitCode {
             tensafe::parse_size(max_shard_size)
                 .map_err(|e| e.to_string())
                 .and_then(|max| {
-                    remote::with_transfer_progress("reshard", || tensafe_remote::reshard(&input, &output, max, &tensafe_remote::RemoteOptions::default()))
-                        .map_err(|e| e.to_string())
+                    remote::with_transfer_progress("reshard", || {
+                        tensafe_remote::reshard(&input, &output, max, &tensafe_remote::RemoteOptions::default()).map_err(|e| e.to_string())
+                    })
                 })
         }
     };

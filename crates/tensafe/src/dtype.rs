@@ -123,7 +123,7 @@ impl Dtype {
 
     /// Size of one element in bytes, or `None` for the sub-byte dtypes.
     pub fn size(self) -> Option<usize> {
-        (self.bits() % 8 == 0).then_some(self.bits() / 8)
+        self.bits().is_multiple_of(8).then_some(self.bits() / 8)
     }
 }
 
