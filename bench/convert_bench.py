@@ -41,7 +41,10 @@ def main() -> None:
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "tensafe-cli"], cwd=REPO, check=True)
-    exe = os.path.join(REPO, "target", "release", "tensafe")
+    # The binary cargo just built: honour CARGO_TARGET_DIR (worktrees share none).
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
+    exe = os.path.join(target, "release", "tensafe")
+    print(f"tensafe binary: {exe}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = os.path.join(tmp, "model.pt")
         torch.save(model_like(args.gib), src)

@@ -10,6 +10,7 @@ dtypes, shapes, bytes and the `{"format": "pt"}` metadata).
 import collections
 import io
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def exe():
     """The debug CLI (built by `cargo test`; built here when missing)."""
-    path = REPO / "target" / "debug" / "tensafe"
+    path = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "debug" / "tensafe"
     subprocess.run(["cargo", "build", "-q", "-j1", "-p", "tensafe-cli"], cwd=REPO, check=True)
     return path
 
@@ -283,6 +284,25 @@ def test_legacy_stream_format(exe, tmp_path):
     state = {"w": base, "t": base.t(), "row": base[1], "i": torch.arange(3), "b": torch.tensor([True, False])}
     src, _ = check(exe, tmp_path, state, None, _use_new_zipfile_serialization=False)
     assert not src.read_bytes().startswith(b"PK")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_large_tensors_copied_file_to_file(exe, tmp_path, legacy):
+    # ≥ 256 KiB tensors are copied by the kernel from the input file: whole
+    # storages, views at an offset, a transposed (gathered) view, small ones.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300_000, generator=g)
+    m = torch.randn(600, 400, generator=g).to(torch.bfloat16)
+    state = {
+        "base": base,
+        "tail": base[1_000:],
+        "middle": base[70_001:270_001].view(400, 500),
+        "m": m,
+        "mt": m.t(),
+        "small": torch.arange(7),
+        "i8": torch.randint(-128, 127, (1 << 19,), generator=g, dtype=torch.int8),
+    }
+    check(exe, tmp_path, state, None, _use_new_zipfile_serialization=not legacy)
 
 
 @pytest.mark.parametrize(
