@@ -482,6 +482,55 @@ def test_scan_flags_a_non_allowlisted_object(exe, tmp_path):
     assert "['args']" in conv.stderr
 
 
+def scan_json(exe, path):
+    out = run(exe, "scan", "--json", path)
+    return out.returncode, json.loads(out.stdout)[0]
+
+
+def test_scan_reads_real_joblib_files_to_the_end(exe, tmp_path):
+    # joblib writes array bytes inside the pickle stream, after each
+    # NumpyArrayWrapper's BUILD (object arrays as a nested pickle); the
+    # scanner must step over them and see what comes after.
+    import argparse
+
+    joblib = pytest.importorskip("joblib")
+    np = pytest.importorskip("numpy")
+    objs = np.array([{"a": 1}, collections.Counter("ab")], dtype=object)
+    for protocol in (2, 5):
+        path = tmp_path / f"m{protocol}.joblib"
+        joblib.dump(
+            {"w": np.arange(1000.0), "objs": objs, "s": np.array(["ab", "cde"]), "empty": np.zeros((0, 3)), "ns": argparse.Namespace(lr=0.1)},
+            path,
+            protocol=protocol,
+        )
+        code, report = scan_json(exe, path)
+        assert code == 1 and "error" not in report, report.get("error")
+        assert all(p["error"] is None for p in report["pickles"])
+        imports = [i["global"] for p in report["pickles"] for i in p["imports"]]
+        # From the nested object-array pickle, and from after every array.
+        assert "collections.Counter" in imports and imports[-1] == "argparse.Namespace", imports
+
+
+def test_scan_exit_codes_for_numpy_and_compressed_files(exe, tmp_path):
+    joblib = pytest.importorskip("joblib")
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "plain.npy", np.arange(4.0))
+    np.savez(tmp_path / "arrays.npz", a=np.arange(3), b=np.ones(2))
+    assert [scan_json(exe, tmp_path / f)[0] for f in ("plain.npy", "arrays.npz")] == [0, 0]
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert scan_json(exe, tmp_path / "objects.npy")[0] == 1
+    # Compressed joblib files are recognised, not taken for broken pickles: exit 3.
+    for method in ("zlib", "gzip", "bz2", "xz", "lzma"):
+        path = tmp_path / f"c.joblib.{method}"
+        joblib.dump({"w": np.arange(10)}, path, compress=(method, 3))
+        code, report = scan_json(exe, path)
+        assert (code, report["unsupported"], report["verdict"]) == (3, True, "error"), (method, report)
+    # A malformed file next to an unsupported one: 2 wins; a finding: 1.
+    (tmp_path / "broken.pkl").write_bytes(b"\x80\x02}q\x00")
+    assert run(exe, "scan", tmp_path / "c.joblib.zlib", tmp_path / "broken.pkl").returncode == 2
+    assert run(exe, "scan", tmp_path / "c.joblib.zlib", tmp_path / "objects.npy").returncode == 1
+
+
 def test_diff_reports_changes_with_max_abs_difference(exe, tmp_path):
     a = {"same": torch.ones(3), "changed": torch.tensor([1.0, 2.0, 3.0]), "gone": torch.zeros(1), "shape": torch.zeros(2, 3)}
     b = {"same": torch.ones(3), "changed": torch.tensor([1.0, 2.5, 0.0]), "new": torch.zeros(1), "shape": torch.zeros(3, 2)}

@@ -84,6 +84,9 @@ pub struct ScanReport {
     /// Why scanning was incomplete, if it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The container is one the scanner does not open (a compressed
+    /// wrapper): nothing inside it was scanned.
+    pub unsupported: bool,
     /// Container-level findings.
     pub findings: Vec<Finding>,
     /// Pickles scanned.
@@ -101,6 +104,7 @@ impl ScanReport {
             container: String::new(),
             verdict: Verdict::Safe,
             error: None,
+            unsupported: false,
             findings: vec![],
             pickles: vec![],
             would_execute: vec![],
@@ -186,7 +190,10 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
         }
         Kind::Wrapper(w) => {
             r.container = format!("{w} (compressed)");
-            r.fail(format!("a {w}-compressed file is not loadable by torch.load directly and was not unpacked; decompress it and scan the result"));
+            r.unsupported = true;
+            r.fail(format!(
+                "a {w}-compressed file (torch.load cannot open it directly; joblib.load would decompress and unpickle it) was not unpacked; decompress it and scan the result"
+            ));
         }
         Kind::Stream => {
             if bytes.is_empty() {

@@ -223,7 +223,8 @@ fn large_tensors_copied_file_to_file_match_the_in_memory_path() {
     let a: Vec<u8> = (0..200_000u32).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
     let b: Vec<u8> = (0..131_072u32).flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()).collect();
     // name, storage type, key, numel, offset, size, stride
-    let tensors: &[(&str, &str, &str, i64, i64, &[i64], &[i64])] = &[
+    type Case<'a> = (&'a str, &'a str, &'a str, i64, i64, &'a [i64], &'a [i64]);
+    let tensors: &[Case] = &[
         ("whole", "FloatStorage", "0", 200_000, 0, &[200_000], &[1]),
         ("tail", "FloatStorage", "0", 200_000, 1_000, &[150_000], &[1]),
         ("m", "IntStorage", "1", 131_072, 0, &[512, 256], &[256, 1]),
