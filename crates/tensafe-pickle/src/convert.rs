@@ -473,16 +473,24 @@ fn write_prepared(prepared: &Prepared<&str, &TensorPlan<'_>>, source: Option<&Ma
     let mut written = prepared.header.len() as u64;
     for (name, plan) in &prepared.tensors {
         let in_file = plan.borrowed().filter(|b| b.len() >= FILE_COPY_MIN).and_then(|b| source?.locate(b));
-        if let Some((input, at)) = in_file {
+        if let Some((mut input, at)) = in_file {
             out.flush()?;
-            let mut input = input;
             input.seek(SeekFrom::Start(at))?;
-            let copied = io::copy(&mut input.take(plan.len as u64), out.get_mut())?;
-            if copied != plan.len as u64 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("tensor `{name}`: the input ended after {copied} of {} bytes (was it truncated?)", plan.len),
-                ));
+            // In steps, so that the disk writes of a huge tensor start early too.
+            let mut left = plan.len as u64;
+            while left > 0 {
+                let step = left.min(Writeback::STEP);
+                let copied = io::copy(&mut input.take(step), out.get_mut())?;
+                if copied != step {
+                    let done = plan.len as u64 - left + copied;
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("tensor `{name}`: the input ended after {done} of {} bytes (was it truncated?)", plan.len),
+                    ));
+                }
+                left -= step;
+                written += step;
+                writeback.advance(out.get_ref(), written);
             }
         } else {
             let data = plan.data();
@@ -493,10 +501,10 @@ fn write_prepared(prepared: &Prepared<&str, &TensorPlan<'_>>, source: Option<&Ma
                 ));
             }
             out.write_all(&data)?;
+            written += plan.len as u64;
+            // What the buffer still holds has not reached the file yet.
+            writeback.advance(out.get_ref(), written - out.buffer().len() as u64);
         }
-        written += plan.len as u64;
-        // What the buffer still holds has not reached the file yet.
-        writeback.advance(out.get_ref(), written - out.buffer().len() as u64);
     }
     out.flush()
 }

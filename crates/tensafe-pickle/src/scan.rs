@@ -6,6 +6,7 @@
 //! too), tar members, object-dtype `.npy` payloads — and reports every
 //! import, call, persistent id and anomaly with a verdict.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Serialize;
@@ -348,14 +349,27 @@ impl<'o> Scanner<'o> {
         }
     }
 
+    /// The tensor table, plus what a conversion would run into: output far
+    /// larger than the storages (stride-0 or view bombs, refused by the
+    /// converter's output budget) and containers shared many times.
     fn tensor_rows(&mut self, root: &Value, r: &mut ScanReport) {
         let limits = &self.options.limits;
         let options = extract::ExtractOptions { flatten: true, include_optimizer: true, ..Default::default() };
-        if let Ok(ex) = extract::extract(&self.heap, root, &options, limits) {
-            for (name, id) in ex.tensors.iter().take(100_000) {
-                if let Object::Tensor(t) = self.heap.get(*id)
-                    && let Object::Storage(st) = self.heap.get(t.storage)
-                {
+        let ex = match extract::extract(&self.heap, root, &options, limits) {
+            Ok(ex) => ex,
+            // Informational: quantized or sparse tensors, the table's limits.
+            Err(e) => return r.finding(Severity::Safe, "tensors", format!("no tensor table: {e}")),
+        };
+        let mut output = 0u128;
+        let mut storages: HashMap<&str, u64> = HashMap::new();
+        for (name, id) in &ex.tensors {
+            if let Object::Tensor(t) = self.heap.get(*id)
+                && let Object::Storage(st) = self.heap.get(t.storage)
+            {
+                let numel = t.size.iter().fold(1u128, |n, &s| n.saturating_mul(s as u128));
+                output = output.saturating_add(numel.saturating_mul(t.dtype.itemsize as u128));
+                storages.insert(&st.key, st.byte_len().unwrap_or(u64::MAX));
+                if r.tensors.len() < 100_000 {
                     r.tensors.push(TensorRow {
                         name: name.clone(),
                         dtype: t.dtype.name,
@@ -366,6 +380,26 @@ impl<'o> Scanner<'o> {
                     });
                 }
             }
+        }
+        let unique = storages.values().fold(0u64, |a, &b| a.saturating_add(b));
+        let budget = unique.saturating_mul(limits.output_factor).max(limits.min_output_budget);
+        if output > budget as u128 {
+            r.finding(
+                Severity::Suspicious,
+                "materialisation-bomb",
+                format!(
+                    "the tensors declare {output} bytes from {unique} bytes of storage (ratio {:.1}×; stride-0 or overlapping views): over the conversion budget of {budget} bytes",
+                    output as f64 / unique.max(1) as f64
+                ),
+            );
+        }
+        let shared = ex.skipped.iter().filter(|(_, why)| why.contains("shared reference")).count();
+        if shared > 0 {
+            r.finding(
+                Severity::Safe,
+                "shared-references",
+                format!("{shared} containers are reached more than once (each is walked once; a pickle can share one object many times)"),
+            );
         }
     }
 

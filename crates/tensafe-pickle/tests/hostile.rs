@@ -485,7 +485,9 @@ fn class18_billion_laughs() {
     let report = tensafe_pickle::convert_file(&input, &c.out(), &options).unwrap();
     assert_eq!(report.tensors.len(), 1);
     assert!(report.skipped.iter().any(|(_, why)| why.contains("shared reference")));
-    scan(&bytes);
+    let r = scan(&bytes);
+    let shared = r.findings.iter().find(|f| f.kind == "shared-references").expect("the sharing is reported");
+    assert!(shared.detail.starts_with("60 containers are reached more than once"), "{}", shared.detail);
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 
@@ -595,14 +597,21 @@ fn class23_stride_zero_bomb() {
         .setitems()
         .stop()
         .finish();
-    let msg = refused(&torch_zip(&pkl, &[("0", &[0; 4])]));
+    let bomb = torch_zip(&pkl, &[("0", &[0; 4])]);
+    let msg = refused(&bomb);
     assert!(msg.contains("stride-0 or view bomb"), "{msg}");
+    // torch.load would build the expanded view without copying; the scanner
+    // reports what a conversion would have to write.
+    let r = flagged(&bomb);
+    let finding = r.findings.iter().find(|f| f.kind == "materialisation-bomb").expect("a materialisation finding");
+    assert!(finding.detail.contains("declare 4398046511104 bytes from 4 bytes of storage"), "{}", finding.detail);
     // A modest expansion is fine.
     let ok = Asm::new().proto(2).empty_dict().mark().str("w").tensor_v2("FloatStorage", "0", 1, 0, &[100, 3], &[0, 0]).setitems().stop().finish();
     let c = Canary::new();
     let input = c.dir.path().join("ok.pt");
     std::fs::write(&input, torch_zip(&ok, &[("0", &1f32.to_le_bytes())])).unwrap();
     tensafe_pickle::convert_file(&input, &c.out(), &ConvertOptions::default()).unwrap();
+    assert_eq!(scan(&std::fs::read(&input).unwrap()).verdict, Verdict::Safe);
 }
 
 // 24. Container operations on the wrong type.
