@@ -304,3 +304,23 @@ fn large_tensors_copied_file_to_file_match_the_in_memory_path() {
         assert_eq!(copied, ["mt"], "{what}");
     }
 }
+
+/// A tensor larger than one copy step (32 MiB) is copied in several steps,
+/// from an odd offset in its storage; the result is the same bytes.
+#[test]
+fn a_tensor_larger_than_one_copy_step() {
+    let n = (33 << 20) + 11;
+    let storage: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let pkl = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .mark()
+        .str("x")
+        .tensor_v2("ByteStorage", "0", n as i64, 5, &[n as i64 - 5], &[1])
+        .setitems()
+        .stop()
+        .finish();
+    let t = convert(&torch_zip(&pkl, &[("0", &storage)]));
+    assert_eq!(t[0].2, [n - 5]);
+    assert!(t[0].3 == storage[5..], "the copied bytes differ");
+}
