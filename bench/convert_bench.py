@@ -1,7 +1,10 @@
 """Converting a ≈1 GiB torch checkpoint: tensafe against copying the file and
 against the usual torch.load + save_file route, median of `--reps`.
 
-    .venv/bin/python bench/convert_bench.py [--gib 1.0] [--reps 5] [--dir DIR]
+    .venv/bin/python bench/convert_bench.py [--gib 1.0] [--reps 5] [--dir DIR] [--baseline-exe OLD]
+
+`--baseline-exe` also times another build of the CLI (e.g. one copied aside
+before a change) in the same interleaved runs, so both see the same noise.
 
 Each route writes a new file and fsyncs it, so all pay for durability. The
 torch route is run on this benign file only as a peer: it unpickles.
@@ -39,9 +42,13 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--baseline-exe", default=None, help="another tensafe binary to time side by side")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "tensafe-cli"], cwd=REPO, check=True)
-    exe = os.path.join(REPO, "target", "release", "tensafe")
+    # The binary cargo just built: honour CARGO_TARGET_DIR (worktrees share none).
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
+    exe = os.path.join(target, "release", "tensafe")
+    print(f"tensafe binary: {exe}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         src = os.path.join(tmp, "model.pt")
         torch.save(model_like(args.gib), src)
@@ -53,14 +60,17 @@ def main() -> None:
             shutil.copyfile(src, out)
             fsync(out)
 
-        def convert():
-            subprocess.run([exe, "convert", src, out], check=True, capture_output=True)
+        def converter(binary):
+            return lambda: subprocess.run([binary, "convert", src, out], check=True, capture_output=True)
 
         def torch_route():
             ref_pt.save_file(torch.load(src, weights_only=True), out)
             fsync(out)
 
-        cases = {"cp + fsync": copy, "tensafe convert": convert, "torch.load + save_file": torch_route}
+        cases = {"cp + fsync": copy, "tensafe convert": converter(exe)}
+        if args.baseline_exe:
+            cases["baseline convert"] = converter(args.baseline_exe)
+        cases["torch.load + save_file"] = torch_route
         times = {name: [] for name in cases}
         for rep in range(args.reps):
             for name in (cases if rep % 2 == 0 else reversed(list(cases))):

@@ -45,6 +45,15 @@ def main():
     (OUT / "hostile_reduce").write_bytes(b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.")
     (OUT / "hostile_stack_global").write_bytes(b"\x80\x04\x8c\x05posix\x94\x8c\x06system\x94\x93\x8c\x01x\x85R.")
     (OUT / "frame").write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00}\x94(u0N.")
+    try:  # joblib: raw array bytes (and a nested object-array pickle) inside the stream
+        import joblib
+        import numpy as np
+
+        buf = io.BytesIO()
+        joblib.dump({"w": np.arange(4.0), "o": np.array([{"a": 1}], dtype=object), "after": 1}, buf)
+        (OUT / "joblib").write_bytes(buf.getvalue())
+    except ImportError:
+        pass
     (OUT / "protocol0").write_bytes(b"(dp0\nS'a'\np1\nI1\nsVk\\u00e9\np2\nL12L\nsS'b'\np3\n(lp4\nF1.5\naI00\nas.")
 
 

@@ -10,6 +10,7 @@ dtypes, shapes, bytes and the `{"format": "pt"}` metadata).
 import collections
 import io
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def exe():
     """The debug CLI (built by `cargo test`; built here when missing)."""
-    path = REPO / "target" / "debug" / "tensafe"
+    path = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "debug" / "tensafe"
     subprocess.run(["cargo", "build", "-q", "-j1", "-p", "tensafe-cli"], cwd=REPO, check=True)
     return path
 
@@ -285,6 +286,25 @@ def test_legacy_stream_format(exe, tmp_path):
     assert not src.read_bytes().startswith(b"PK")
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_large_tensors_copied_file_to_file(exe, tmp_path, legacy):
+    # ≥ 256 KiB tensors are copied by the kernel from the input file: whole
+    # storages, views at an offset, a transposed (gathered) view, small ones.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300_000, generator=g)
+    m = torch.randn(600, 400, generator=g).to(torch.bfloat16)
+    state = {
+        "base": base,
+        "tail": base[1_000:],
+        "middle": base[70_001:270_001].view(400, 500),
+        "m": m,
+        "mt": m.t(),
+        "small": torch.arange(7),
+        "i8": torch.randint(-128, 127, (1 << 19,), generator=g, dtype=torch.int8),
+    }
+    check(exe, tmp_path, state, None, _use_new_zipfile_serialization=not legacy)
+
+
 @pytest.mark.parametrize(
     "variant",
     ["no_byteorder_record", "crc_disabled", "file_object", "dotted_name", "alignment_4096"],
@@ -460,6 +480,55 @@ def test_scan_flags_a_non_allowlisted_object(exe, tmp_path):
     conv = run(exe, "convert", tmp_path / "ns.pt", tmp_path / "ns.safetensors")
     assert conv.returncode == 1 and "argparse.Namespace" in conv.stderr and "offset" in conv.stderr
     assert "['args']" in conv.stderr
+
+
+def scan_json(exe, path):
+    out = run(exe, "scan", "--json", path)
+    return out.returncode, json.loads(out.stdout)[0]
+
+
+def test_scan_reads_real_joblib_files_to_the_end(exe, tmp_path):
+    # joblib writes array bytes inside the pickle stream, after each
+    # NumpyArrayWrapper's BUILD (object arrays as a nested pickle); the
+    # scanner must step over them and see what comes after.
+    import argparse
+
+    joblib = pytest.importorskip("joblib")
+    np = pytest.importorskip("numpy")
+    objs = np.array([{"a": 1}, collections.Counter("ab")], dtype=object)
+    for protocol in (2, 5):
+        path = tmp_path / f"m{protocol}.joblib"
+        joblib.dump(
+            {"w": np.arange(1000.0), "objs": objs, "s": np.array(["ab", "cde"]), "empty": np.zeros((0, 3)), "ns": argparse.Namespace(lr=0.1)},
+            path,
+            protocol=protocol,
+        )
+        code, report = scan_json(exe, path)
+        assert code == 1 and "error" not in report, report.get("error")
+        assert all(p["error"] is None for p in report["pickles"])
+        imports = [i["global"] for p in report["pickles"] for i in p["imports"]]
+        # From the nested object-array pickle, and from after every array.
+        assert "collections.Counter" in imports and imports[-1] == "argparse.Namespace", imports
+
+
+def test_scan_exit_codes_for_numpy_and_compressed_files(exe, tmp_path):
+    joblib = pytest.importorskip("joblib")
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "plain.npy", np.arange(4.0))
+    np.savez(tmp_path / "arrays.npz", a=np.arange(3), b=np.ones(2))
+    assert [scan_json(exe, tmp_path / f)[0] for f in ("plain.npy", "arrays.npz")] == [0, 0]
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert scan_json(exe, tmp_path / "objects.npy")[0] == 1
+    # Compressed joblib files are recognised, not taken for broken pickles: exit 3.
+    for method in ("zlib", "gzip", "bz2", "xz", "lzma"):
+        path = tmp_path / f"c.joblib.{method}"
+        joblib.dump({"w": np.arange(10)}, path, compress=(method, 3))
+        code, report = scan_json(exe, path)
+        assert (code, report["unsupported"], report["verdict"]) == (3, True, "error"), (method, report)
+    # A malformed file next to an unsupported one: 2 wins; a finding: 1.
+    (tmp_path / "broken.pkl").write_bytes(b"\x80\x02}q\x00")
+    assert run(exe, "scan", tmp_path / "c.joblib.zlib", tmp_path / "broken.pkl").returncode == 2
+    assert run(exe, "scan", tmp_path / "c.joblib.zlib", tmp_path / "objects.npy").returncode == 1
 
 
 def test_diff_reports_changes_with_max_abs_difference(exe, tmp_path):

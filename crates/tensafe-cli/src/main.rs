@@ -44,7 +44,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Report every import and call a pickle file would make if loaded.
     /// Exit codes: 0 only allowlisted content, 1 suspicious or dangerous
-    /// content found, 2 a file could not be scanned completely.
+    /// content found, 2 a file could not be scanned completely (malformed),
+    /// 3 a file is in a container the scanner does not open (compressed).
     Scan(scan::ScanArgs),
     /// Rewrite a checkpoint (file, directory or index) into shards of at most
     /// the given size, with a transformers-style index.

@@ -46,7 +46,9 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) {
 
 /// Runs the subcommand. Exit codes: 0 every file holds only allowlisted
 /// content; 1 something suspicious or dangerous was found; 2 a file could
-/// not be scanned completely (and nothing worse was found).
+/// not be scanned completely (malformed, unreadable) and nothing worse was
+/// found; 3 a file is in a container the scanner does not open (a compressed
+/// wrapper) and nothing of the above was found.
 pub fn run(args: &ScanArgs) -> ExitCode {
     let options = ScanOptions { allow_opaque: args.allow_class.clone(), ..Default::default() };
     let mut files = Vec::new();
@@ -63,10 +65,13 @@ pub fn run(args: &ScanArgs) -> ExitCode {
     }
     let worst = reports.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Safe);
     let flagged = reports.iter().any(|r| matches!(r.verdict, Verdict::Suspicious | Verdict::Dangerous));
+    let incomplete = reports.iter().any(|r| r.verdict == Verdict::Error && !r.unsupported);
     if flagged {
         ExitCode::from(1)
-    } else if worst == Verdict::Error {
+    } else if incomplete {
         ExitCode::from(2)
+    } else if worst == Verdict::Error {
+        ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
     }

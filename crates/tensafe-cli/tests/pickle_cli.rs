@@ -25,7 +25,7 @@ fn legacy_checkpoint() -> Vec<u8> {
 }
 
 #[test]
-fn scan_exit_codes_are_0_safe_1_flagged_2_unscannable() {
+fn scan_exit_codes_are_0_safe_1_flagged_2_unscannable_3_unsupported() {
     let dir = tempfile::tempdir().unwrap();
     let safe = dir.path().join("model.bin");
     std::fs::write(&safe, legacy_checkpoint()).unwrap();
@@ -43,12 +43,18 @@ fn scan_exit_codes_are_0_safe_1_flagged_2_unscannable() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("DANGEROUS") && text.contains("posix.system"), "{text}");
 
+    // A compressed wrapper is not opened: unsupported container.
     let out = run(&["scan"], &[&safe, &gz]);
+    assert_eq!(out.status.code(), Some(3));
+    // A malformed pickle outranks it; a finding outranks both.
+    let broken = dir.path().join("broken.pkl");
+    std::fs::write(&broken, b"\x80\x02}q\x00").unwrap();
+    let out = run(&["scan"], &[&gz, &broken]);
     assert_eq!(out.status.code(), Some(2));
     let out = run(&["scan", "--json"], &[dir.path()]);
     assert_eq!(out.status.code(), Some(1));
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(reports.as_array().unwrap().len(), 3);
+    assert_eq!(reports.as_array().unwrap().len(), 4);
 }
 
 #[test]

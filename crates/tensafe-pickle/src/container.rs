@@ -50,8 +50,27 @@ pub fn detect(bytes: &[u8]) -> Kind {
         Kind::Wrapper("xz")
     } else if bytes.starts_with(b"\x28\xb5\x2f\xfd") {
         Kind::Wrapper("zstd")
+    } else if bytes.starts_with(b"\x04\x22\x4d\x18") {
+        Kind::Wrapper("lz4")
+    } else if is_zlib(bytes) {
+        Kind::Wrapper("zlib")
+    } else if bytes.starts_with(b"\x5d\x00\x00") {
+        // The .lzma ("alone") header joblib writes: properties byte 0x5d, then
+        // a little-endian dictionary size. As a pickle, `]` then 0x00 is invalid.
+        Kind::Wrapper("lzma")
     } else {
         Kind::Stream
+    }
+}
+
+/// A zlib stream header as zlib writes it (RFC 1950: deflate with a 32 KiB
+/// window, so 0x78, then check bits and no preset dictionary), what joblib's
+/// default compression produces. 0x78 is no pickle opcode; smaller windows
+/// are left out because their first bytes (`(`, `X`, `h`) are opcodes.
+fn is_zlib(bytes: &[u8]) -> bool {
+    match bytes {
+        [0x78, flg, ..] => u16::from_be_bytes([0x78, *flg]).is_multiple_of(31) && flg & 0x20 == 0,
+        _ => false,
     }
 }
 

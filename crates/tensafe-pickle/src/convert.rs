@@ -2,15 +2,19 @@
 //!
 //! Each tensor becomes a [`View`] over the storage bytes. Row-major,
 //! little-endian tensors without conj/neg bits are written straight from the
-//! input mapping (no copy); the others are gathered, byte-swapped or
-//! sign-fixed lazily, one tensor at a time, while the writer streams.
+//! input: large ones file to file (`copy_file_range` on Linux, through
+//! `std::io::copy`), small ones from the mapping through one write buffer.
+//! The others are gathered, byte-swapped or sign-fixed lazily, one tensor at
+//! a time, while the writer streams. The output is synced once, at the end.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tensafe::{Dtype, Metadata, View};
+use tensafe::{Dtype, Metadata, Prepared, View, WriteOptions};
 
 use crate::container::{self, Checkpoint, Format, LoadOptions};
 use crate::error::{Error, Result};
@@ -116,10 +120,16 @@ enum Neg {
     TwosComplement,
 }
 
-impl TensorPlan<'_> {
+impl<'a> TensorPlan<'a> {
     /// Whether the bytes are written straight from the input.
     pub fn borrowable(&self) -> bool {
         self.contiguous && self.swap_unit.is_none() && !self.conj && self.neg == Neg::No && !self.normalize_bool
+    }
+
+    /// The output bytes as they lie in the input, when no copy is needed.
+    pub fn borrowed(&self) -> Option<&'a [u8]> {
+        let start = self.offset * self.itemsize;
+        self.borrowable().then(|| &self.storage[start..start + self.len])
     }
 
     fn gather(&self) -> Vec<u8> {
@@ -208,11 +218,9 @@ impl View for TensorPlan<'_> {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        if self.borrowable() {
-            let start = self.offset * self.itemsize;
-            Cow::Borrowed(&self.storage[start..start + self.len])
-        } else {
-            Cow::Owned(self.gather())
+        match self.borrowed() {
+            Some(bytes) => Cow::Borrowed(bytes),
+            None => Cow::Owned(self.gather()),
         }
     }
     fn data_len(&self) -> usize {
@@ -434,31 +442,138 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
 /// Converts a loaded checkpoint, writing `out` atomically.
 pub fn convert_checkpoint(ck: &Checkpoint<'_>, out: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
     let planned = plan_checkpoint(ck, options)?;
-    tensafe::serialize_to_file(planned.tensors.iter().map(|(n, p)| (n.as_str(), p)), Some(&planned.metadata), out)?;
+    write_planned(&planned, None, out)?;
     Ok(planned.report)
+}
+
+/// Borrowed tensors at least this large are copied file to file; smaller
+/// ones go through the write buffer (a system call each would cost more).
+const FILE_COPY_MIN: usize = 256 << 10;
+/// The write buffer for the header, small tensors and gathered ones.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Writes a planned conversion to `out` atomically (temporary file, one
+/// fsync, rename). With `source`, the mapped file the checkpoint was loaded
+/// from, large borrowed tensors are copied from that file by the kernel.
+fn write_planned(planned: &Planned<'_>, source: Option<&Mapped>, out: &Path) -> Result<()> {
+    let tensors = planned.tensors.iter().map(|(n, p)| (n.as_str(), p));
+    let prepared = tensafe::prepare(tensors, Some(&planned.metadata), &WriteOptions::default()).map_err(|e| e.in_file(out))?;
+    tensafe::write_file_atomically(out, |file| write_prepared(&prepared, source, file)).map_err(|e| e.in_file(out))?;
+    Ok(())
+}
+
+/// Header, then each tensor in file order. A borrowed tensor's bytes are
+/// exactly the input range that loading validated (sizes against the
+/// declarations, bounds, CRC over the mapping, which shares the file's page
+/// cache), so copying that range of the file writes the same bytes.
+fn write_prepared(prepared: &Prepared<&str, &TensorPlan<'_>>, source: Option<&Mapped>, file: &mut File) -> io::Result<()> {
+    let mut writeback = Writeback::default();
+    let mut out = BufWriter::with_capacity(WRITE_BUFFER, &mut *file);
+    out.write_all(&prepared.header)?;
+    let mut written = prepared.header.len() as u64;
+    for (name, plan) in &prepared.tensors {
+        let in_file = plan.borrowed().filter(|b| b.len() >= FILE_COPY_MIN).and_then(|b| source?.locate(b));
+        if let Some((mut input, at)) = in_file {
+            out.flush()?;
+            input.seek(SeekFrom::Start(at))?;
+            // In steps, so that the disk writes of a huge tensor start early too.
+            let mut left = plan.len as u64;
+            while left > 0 {
+                let step = left.min(Writeback::STEP);
+                let copied = io::copy(&mut input.take(step), out.get_mut())?;
+                if copied != step {
+                    let done = plan.len as u64 - left + copied;
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("tensor `{name}`: the input ended after {done} of {} bytes (was it truncated?)", plan.len),
+                    ));
+                }
+                left -= step;
+                written += step;
+                writeback.advance(out.get_ref(), written);
+            }
+        } else {
+            let data = plan.data();
+            if data.len() != plan.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("tensor `{name}`: the plan gave {} bytes but announced {}", data.len(), plan.len),
+                ));
+            }
+            out.write_all(&data)?;
+            written += plan.len as u64;
+            // What the buffer still holds has not reached the file yet.
+            writeback.advance(out.get_ref(), written - out.buffer().len() as u64);
+        }
+    }
+    out.flush()
+}
+
+/// Starts the disk writes of the output while it is still being produced
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` every [`Writeback::STEP`]
+/// bytes), so that the final fsync finds little left to do and copying
+/// overlaps with the disk. It neither waits nor replaces the fsync: it is
+/// only a hint, and its errors are ignored (the fsync reports real ones).
+#[derive(Default)]
+struct Writeback {
+    /// Bytes of the file whose writeback has been started.
+    started: u64,
+}
+
+impl Writeback {
+    const STEP: u64 = 32 << 20;
+
+    fn advance(&mut self, file: &File, in_file: u64) {
+        if in_file < self.started + Self::STEP {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let (offset, len) = (self.started as libc::off64_t, (in_file - self.started) as libc::off64_t);
+            // SAFETY: a plain system call on a descriptor that `file` keeps open.
+            unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = file;
+        self.started = in_file;
+    }
 }
 
 /// Maps a file read-only (an empty file gives an empty slice).
 pub fn map_file(path: &Path) -> Result<Mapped> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    let file = File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
     let len = file.metadata().map_err(|source| Error::Io { path: path.to_owned(), source })?.len();
     if len == 0 {
-        return Ok(Mapped(None));
+        return Ok(Mapped { map: None, file });
     }
     // SAFETY: the mapping is read-only and private to this process. Another
     // process truncating the file while it is mapped could fault the read, as
     // with any mapped reader; the data are validated before use either way.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_owned(), source })?;
-    Ok(Mapped(Some(map)))
+    Ok(Mapped { map: Some(map), file })
 }
 
-/// A read-only mapped input file.
-pub struct Mapped(Option<memmap2::Mmap>);
+/// A read-only mapped input file (its bytes through `Deref`).
+pub struct Mapped {
+    map: Option<memmap2::Mmap>,
+    file: File,
+}
+
+impl Mapped {
+    /// The file and the offset in it of `bytes`, when they are part of this
+    /// mapping (inflated zip records, for one, are not).
+    fn locate(&self, bytes: &[u8]) -> Option<(&File, u64)> {
+        let base = self.as_ptr().addr();
+        let at = bytes.as_ptr().addr().checked_sub(base)?;
+        (at.checked_add(bytes.len())? <= self.len()).then_some((&self.file, at as u64))
+    }
+}
 
 impl std::ops::Deref for Mapped {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.0.as_deref().unwrap_or(&[])
+        self.map.as_deref().unwrap_or(&[])
     }
 }
 
@@ -466,7 +581,9 @@ impl std::ops::Deref for Mapped {
 pub fn convert_file(input: &Path, output: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
     let bytes = map_file(input)?;
     let ck = container::load(&bytes, &options.load).map_err(|e| in_file(e, input))?;
-    convert_checkpoint(&ck, output, options)
+    let planned = plan_checkpoint(&ck, options)?;
+    write_planned(&planned, Some(&bytes), output)?;
+    Ok(planned.report)
 }
 
 fn in_file(e: Error, path: &Path) -> Error {

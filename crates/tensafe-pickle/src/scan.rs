@@ -6,6 +6,7 @@
 //! too), tar members, object-dtype `.npy` payloads — and reports every
 //! import, call, persistent id and anomaly with a verdict.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Serialize;
@@ -84,6 +85,9 @@ pub struct ScanReport {
     /// Why scanning was incomplete, if it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The container is one the scanner does not open (a compressed
+    /// wrapper): nothing inside it was scanned.
+    pub unsupported: bool,
     /// Container-level findings.
     pub findings: Vec<Finding>,
     /// Pickles scanned.
@@ -101,6 +105,7 @@ impl ScanReport {
             container: String::new(),
             verdict: Verdict::Safe,
             error: None,
+            unsupported: false,
             findings: vec![],
             pickles: vec![],
             would_execute: vec![],
@@ -186,7 +191,10 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
         }
         Kind::Wrapper(w) => {
             r.container = format!("{w} (compressed)");
-            r.fail(format!("a {w}-compressed file is not loadable by torch.load directly and was not unpacked; decompress it and scan the result"));
+            r.unsupported = true;
+            r.fail(format!(
+                "a {w}-compressed file (torch.load cannot open it directly; joblib.load would decompress and unpickle it) was not unpacked; decompress it and scan the result"
+            ));
         }
         Kind::Stream => {
             if bytes.is_empty() {
@@ -341,14 +349,27 @@ impl<'o> Scanner<'o> {
         }
     }
 
+    /// The tensor table, plus what a conversion would run into: output far
+    /// larger than the storages (stride-0 or view bombs, refused by the
+    /// converter's output budget) and containers shared many times.
     fn tensor_rows(&mut self, root: &Value, r: &mut ScanReport) {
         let limits = &self.options.limits;
         let options = extract::ExtractOptions { flatten: true, include_optimizer: true, ..Default::default() };
-        if let Ok(ex) = extract::extract(&self.heap, root, &options, limits) {
-            for (name, id) in ex.tensors.iter().take(100_000) {
-                if let Object::Tensor(t) = self.heap.get(*id)
-                    && let Object::Storage(st) = self.heap.get(t.storage)
-                {
+        let ex = match extract::extract(&self.heap, root, &options, limits) {
+            Ok(ex) => ex,
+            // Informational: quantized or sparse tensors, the table's limits.
+            Err(e) => return r.finding(Severity::Safe, "tensors", format!("no tensor table: {e}")),
+        };
+        let mut output = 0u128;
+        let mut storages: HashMap<&str, u64> = HashMap::new();
+        for (name, id) in &ex.tensors {
+            if let Object::Tensor(t) = self.heap.get(*id)
+                && let Object::Storage(st) = self.heap.get(t.storage)
+            {
+                let numel = t.size.iter().fold(1u128, |n, &s| n.saturating_mul(s as u128));
+                output = output.saturating_add(numel.saturating_mul(t.dtype.itemsize as u128));
+                storages.insert(&st.key, st.byte_len().unwrap_or(u64::MAX));
+                if r.tensors.len() < 100_000 {
                     r.tensors.push(TensorRow {
                         name: name.clone(),
                         dtype: t.dtype.name,
@@ -359,6 +380,26 @@ impl<'o> Scanner<'o> {
                     });
                 }
             }
+        }
+        let unique = storages.values().fold(0u64, |a, &b| a.saturating_add(b));
+        let budget = unique.saturating_mul(limits.output_factor).max(limits.min_output_budget);
+        if output > budget as u128 {
+            r.finding(
+                Severity::Suspicious,
+                "materialisation-bomb",
+                format!(
+                    "the tensors declare {output} bytes from {unique} bytes of storage (ratio {:.1}×; stride-0 or overlapping views): over the conversion budget of {budget} bytes",
+                    output as f64 / unique.max(1) as f64
+                ),
+            );
+        }
+        let shared = ex.skipped.iter().filter(|(_, why)| why.contains("shared reference")).count();
+        if shared > 0 {
+            r.finding(
+                Severity::Safe,
+                "shared-references",
+                format!("{shared} containers are reached more than once (each is walked once; a pickle can share one object many times)"),
+            );
         }
     }
 

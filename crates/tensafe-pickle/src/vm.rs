@@ -178,9 +178,14 @@ pub struct Vm<'a, 'h> {
     pub(crate) op_name: &'static str,
     work_left: u64,
     histogram: [u64; 256],
+    /// How many joblib object-array pickles this one is nested in.
+    nesting: u32,
     /// The scan report (events are recorded in scan mode only).
     pub report: PickleReport,
 }
+
+/// Deepest nesting of joblib object arrays (each one a pickle in a pickle).
+const MAX_JOBLIB_NESTING: u32 = 16;
 
 /// Result of one run.
 pub struct Outcome {
@@ -217,6 +222,7 @@ impl<'a, 'h> Vm<'a, 'h> {
             op_name: "",
             work_left,
             histogram: [0; 256],
+            nesting: 0,
             report: PickleReport { name: name.to_owned(), ..Default::default() },
         }
     }
@@ -1051,12 +1057,15 @@ impl<'a, 'h> Vm<'a, 'h> {
                 o.states.push(state.clone());
                 if self.opts.mode == Mode::Scan {
                     let callable = o.callable.clone();
-                    let severity = match self.heap.global(&callable) {
-                        Some(g) if self.user_allowed(&g.module, &g.name) => Severity::Safe,
-                        Some(g) => names::severity(&g.module, &g.name),
-                        None => Severity::Suspicious,
+                    let (severity, joblib) = match self.heap.global(&callable) {
+                        Some(g) if self.user_allowed(&g.module, &g.name) => (Severity::Safe, false),
+                        Some(g) => (names::severity(&g.module, &g.name), is_joblib_wrapper(&g.module, &g.name)),
+                        None => (Severity::Suspicious, false),
                     };
                     self.record_call(&callable, &state, severity, Some(id))?;
+                    if joblib {
+                        self.skip_joblib_array(id, &state)?;
+                    }
                 }
             }
             other => {
@@ -1070,6 +1079,64 @@ impl<'a, 'h> Vm<'a, 'h> {
             }
         }
         Ok(())
+    }
+
+    /// joblib writes each numpy array into the pickle stream right after the
+    /// BUILD of its `NumpyArrayWrapper` (outside any frame): a padding length
+    /// byte and padding when the state has `numpy_array_alignment_bytes`,
+    /// then the raw elements, or, for object arrays, a whole nested pickle
+    /// that joblib's unpickler loads with `pickle.load`. Step over them as
+    /// joblib does, scanning the nested pickle, so that the rest of the
+    /// stream is scanned too (scan mode only: convert refuses the import).
+    fn skip_joblib_array(&mut self, wrapper: ObjId, state: &Value) -> Result<()> {
+        let (count, itemsize, padded) = joblib_layout(self.heap, state).map_err(|m| self.err(format!("joblib array: {m}")))?;
+        if let Some(end) = self.frame_end.take()
+            && self.pos != end
+        {
+            // joblib's reader takes the array from the file after the whole
+            // frame; a frame-respecting decoder would read it here.
+            self.flag(Severity::Dangerous, "frame", format!("joblib array data inside a frame ending at offset {end}"))?;
+        }
+        let Some(itemsize) = itemsize else {
+            if self.nesting >= MAX_JOBLIB_NESTING {
+                return Err(self.err(format!("joblib object arrays nested more than {MAX_JOBLIB_NESTING} deep")));
+            }
+            let base = self.pos as u64;
+            let name = format!("{} (object array at offset {base})", self.name);
+            let mut nested = Vm::new(&name, &self.data[self.pos..], self.heap, self.storages, self.opts.clone());
+            nested.nesting = self.nesting + 1;
+            let (outcome, report) = nested.run();
+            self.merge_nested(report, base);
+            let value = outcome.result?;
+            if let Object::Opaque(o) = self.heap.get_mut(wrapper) {
+                o.items.push(value);
+            }
+            self.pos += outcome.end;
+            return Ok(());
+        };
+        if padded {
+            let n = self.take(1)?[0] as usize;
+            self.take(n)?;
+        }
+        let left = (self.data.len() - self.pos) as u64;
+        match count.checked_mul(itemsize) {
+            Some(len) if len <= left => self.pos += len as usize,
+            _ => return Err(self.err(format!("joblib array of {count} × {itemsize} bytes runs past the end ({left} bytes left)"))),
+        }
+        Ok(())
+    }
+
+    /// Adds a nested pickle's events to this one's, at file offsets.
+    fn merge_nested(&mut self, nested: PickleReport, base: u64) {
+        let r = &mut self.report;
+        r.imports.extend(nested.imports.into_iter().map(|i| Import { offset: i.offset + base, ..i }));
+        r.calls.extend(nested.calls.into_iter().map(|c| Call { offset: c.offset + base, ..c }));
+        r.anomalies.extend(nested.anomalies.into_iter().map(|a| Anomaly { offset: a.offset + base, ..a }));
+        r.persistent_ids.extend(nested.persistent_ids);
+        r.dropped_events += nested.dropped_events;
+        for (op, n) in nested.opcodes {
+            *r.opcodes.entry(op).or_default() += n;
+        }
     }
 
     fn set_items(&mut self, target: Value, items: Vec<Value>) -> Result<()> {
@@ -1359,6 +1426,37 @@ fn decode_raw_unicode_escape(line: &[u8]) -> Option<String> {
         i += 1;
     }
     Some(out)
+}
+
+/// joblib's array wrapper (also under scikit-learn's old vendored copy).
+fn is_joblib_wrapper(module: &str, name: &str) -> bool {
+    name == "NumpyArrayWrapper" && matches!(module, "joblib.numpy_pickle" | "sklearn.externals.joblib.numpy_pickle")
+}
+
+/// From a `NumpyArrayWrapper` state: the element count, the element size
+/// (`None` for object arrays) and whether a padding length byte comes first.
+fn joblib_layout(heap: &Heap, state: &Value) -> std::result::Result<(u64, Option<u64>, bool), String> {
+    let Some(Object::Dict(d)) = heap.object(state) else { return Err("the wrapper's state is not a dict".into()) };
+    let get = |key: &str| d.entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v);
+    let shape = get("shape").and_then(|v| heap.tuple(v)).ok_or("no shape tuple")?;
+    let count = shape.iter().try_fold(1u64, |n, dim| {
+        let dim = dim.as_int().filter(|&d| d >= 0).ok_or("a shape entry is not a non-negative int")?;
+        n.checked_mul(dim as u64).ok_or("the element count overflows")
+    })?;
+    // numpy.dtype(code, False, True) with BUILD state (…, elsize, alignment, flags).
+    let Some(Object::Opaque(dtype)) = get("dtype").and_then(|v| heap.object(v)) else { return Err("no dtype object".into()) };
+    let code = heap.tuple(&dtype.args).and_then(|a| a.first()).and_then(Value::as_str).ok_or("the dtype has no type code")?;
+    let elsize = dtype.states.first().and_then(|s| heap.tuple(s)).and_then(|t| t.get(5)).and_then(Value::as_int).filter(|&e| e > 0);
+    let code = code.trim_start_matches(['<', '>', '=', '|']);
+    let itemsize = if code.starts_with('O') {
+        None
+    } else {
+        let digits = code.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+        let size = elsize.map(|e| e as u64).or_else(|| digits.parse().ok()).ok_or_else(|| format!("dtype code {code:?} has no element size"))?;
+        Some(size)
+    };
+    let padded = get("numpy_array_alignment_bytes").is_some_and(|v| !matches!(v, Value::None));
+    Ok((count, itemsize, padded))
 }
 
 /// Opcode names, as `pickletools` spells them.

@@ -212,3 +212,115 @@ fn safetensors_files_scan_as_safe() {
     // A truncated one is not: it is scanned as a pickle stream and fails.
     assert_eq!(scan_bytes(&bytes[..bytes.len() - 1], "cut.safetensors", &ScanOptions::default()).verdict, Verdict::Error);
 }
+
+/// Tensors large enough to be copied file to file (≥ 256 KiB): whole
+/// storages, a view at an offset, a transposed view (gathered), a small one
+/// (buffered), in zip (stored and deflated) and legacy containers. The file
+/// path must write exactly what the in-memory path writes, and both what a
+/// naive reading of the storages gives.
+#[test]
+fn large_tensors_copied_file_to_file_match_the_in_memory_path() {
+    let a: Vec<u8> = (0..200_000u32).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
+    let b: Vec<u8> = (0..131_072u32).flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()).collect();
+    // name, storage type, key, numel, offset, size, stride
+    type Case<'a> = (&'a str, &'a str, &'a str, i64, i64, &'a [i64], &'a [i64]);
+    let tensors: &[Case] = &[
+        ("whole", "FloatStorage", "0", 200_000, 0, &[200_000], &[1]),
+        ("tail", "FloatStorage", "0", 200_000, 1_000, &[150_000], &[1]),
+        ("m", "IntStorage", "1", 131_072, 0, &[512, 256], &[256, 1]),
+        ("mt", "IntStorage", "1", 131_072, 0, &[256, 512], &[1, 256]),
+        ("small", "IntStorage", "1", 131_072, 5, &[10], &[1]),
+    ];
+    let expected = |name: &str| -> Vec<u8> {
+        let storage = |key: &str| if key == "0" { &a } else { &b };
+        let (_, _, key, _, offset, size, stride) = tensors.iter().find(|t| t.0 == name).unwrap();
+        let n: i64 = size.iter().product();
+        (0..n)
+            .flat_map(|flat| {
+                let (mut rem, mut at) = (flat, *offset);
+                for d in (0..size.len()).rev() {
+                    at += (rem % size[d]) * stride[d];
+                    rem /= size[d];
+                }
+                storage(key)[at as usize * 4..at as usize * 4 + 4].to_vec()
+            })
+            .collect()
+    };
+    let zip_pickle = {
+        let mut asm = Asm::new().proto(2).empty_dict().mark();
+        for (name, stype, key, numel, offset, size, stride) in tensors {
+            asm = asm.str(name).tensor_v2(stype, key, *numel, *offset, size, stride);
+        }
+        asm.setitems().stop().finish()
+    };
+    let legacy_pickle = {
+        let mut asm = Asm::new().proto(2).empty_dict().mark();
+        for (name, stype, key, numel, offset, size, stride) in tensors {
+            asm = asm
+                .str(name)
+                .global("torch._utils", "_rebuild_tensor_v2")
+                .mark()
+                .mark()
+                .str("storage")
+                .global("torch", stype)
+                .str(key)
+                .str("cpu")
+                .int(*numel)
+                .none()
+                .tuple()
+                .binpersid()
+                .int(*offset)
+                .ints_tuple(size)
+                .ints_tuple(stride)
+                .newfalse()
+                .empty_dict()
+                .tuple()
+                .reduce();
+        }
+        asm.setitems().stop().finish()
+    };
+    let stored = torch_zip(&zip_pickle, &[("0", &a), ("1", &b)]);
+    let mut entries = torch_entries("archive", &zip_pickle, &[("0", &a), ("1", &b)]);
+    entries.iter_mut().filter(|e| e.name.contains("/data/")).for_each(|e| e.method = 8);
+    let deflated = Zip::new(entries).build();
+    let legacy = legacy_stream(legacy_magic(), legacy_sys_info(), legacy_pickle, legacy_keys(&["0", "1"]), &[(200_000, &a), (131_072, &b)]);
+
+    for (what, input) in [("stored zip", stored), ("deflated zip", deflated), ("legacy", legacy)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, from_file, from_memory) =
+            (dir.path().join("in.bin"), dir.path().join("file.safetensors"), dir.path().join("memory.safetensors"));
+        std::fs::write(&src, &input).unwrap();
+        let options = ConvertOptions::default();
+        let report = tensafe_pickle::convert_file(&src, &from_file, &options).unwrap();
+        let ck = tensafe_pickle::load(&input, &options.load).unwrap();
+        tensafe_pickle::convert_checkpoint(&ck, &from_memory, &options).unwrap();
+        let written = std::fs::read(&from_file).unwrap();
+        assert_eq!(written, std::fs::read(&from_memory).unwrap(), "{what}");
+        let st = SafeTensors::deserialize(&written).unwrap();
+        for (name, ..) in tensors {
+            assert_eq!(st.tensor(name).unwrap().data(), &expected(name)[..], "{what}: {name}");
+        }
+        let copied: Vec<&str> = report.tensors.iter().filter(|t| t.copied).map(|t| t.name.as_str()).collect();
+        assert_eq!(copied, ["mt"], "{what}");
+    }
+}
+
+/// A tensor larger than one copy step (32 MiB) is copied in several steps,
+/// from an odd offset in its storage; the result is the same bytes.
+#[test]
+fn a_tensor_larger_than_one_copy_step() {
+    let n = (33 << 20) + 11;
+    let storage: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let pkl = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .mark()
+        .str("x")
+        .tensor_v2("ByteStorage", "0", n as i64, 5, &[n as i64 - 5], &[1])
+        .setitems()
+        .stop()
+        .finish();
+    let t = convert(&torch_zip(&pkl, &[("0", &storage)]));
+    assert_eq!(t[0].2, [n - 5]);
+    assert!(t[0].3 == storage[5..], "the copied bytes differ");
+}

@@ -485,7 +485,9 @@ fn class18_billion_laughs() {
     let report = tensafe_pickle::convert_file(&input, &c.out(), &options).unwrap();
     assert_eq!(report.tensors.len(), 1);
     assert!(report.skipped.iter().any(|(_, why)| why.contains("shared reference")));
-    scan(&bytes);
+    let r = scan(&bytes);
+    let shared = r.findings.iter().find(|f| f.kind == "shared-references").expect("the sharing is reported");
+    assert!(shared.detail.starts_with("60 containers are reached more than once"), "{}", shared.detail);
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 
@@ -595,14 +597,21 @@ fn class23_stride_zero_bomb() {
         .setitems()
         .stop()
         .finish();
-    let msg = refused(&torch_zip(&pkl, &[("0", &[0; 4])]));
+    let bomb = torch_zip(&pkl, &[("0", &[0; 4])]);
+    let msg = refused(&bomb);
     assert!(msg.contains("stride-0 or view bomb"), "{msg}");
+    // torch.load would build the expanded view without copying; the scanner
+    // reports what a conversion would have to write.
+    let r = flagged(&bomb);
+    let finding = r.findings.iter().find(|f| f.kind == "materialisation-bomb").expect("a materialisation finding");
+    assert!(finding.detail.contains("declare 4398046511104 bytes from 4 bytes of storage"), "{}", finding.detail);
     // A modest expansion is fine.
     let ok = Asm::new().proto(2).empty_dict().mark().str("w").tensor_v2("FloatStorage", "0", 1, 0, &[100, 3], &[0, 0]).setitems().stop().finish();
     let c = Canary::new();
     let input = c.dir.path().join("ok.pt");
     std::fs::write(&input, torch_zip(&ok, &[("0", &1f32.to_le_bytes())])).unwrap();
     tensafe_pickle::convert_file(&input, &c.out(), &ConvertOptions::default()).unwrap();
+    assert_eq!(scan(&std::fs::read(&input).unwrap()).verdict, Verdict::Safe);
 }
 
 // 24. Container operations on the wrong type.
@@ -825,4 +834,77 @@ fn scan_reports_every_event_with_severity() {
     assert_eq!(r.tensors.len(), 1);
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["verdict"], "dangerous");
+}
+
+/// A joblib-shaped stream: `{'w': <float64 array of 3>, 'x': <payload>}`,
+/// with the array's raw bytes (padding length, padding, 24 data bytes that
+/// include a STOP byte) between the wrapper's BUILD and the next opcode, as
+/// joblib writes them. `declared` is the array length in the wrapper state.
+fn joblib_stream(declared: i64, payload: impl FnOnce(Asm) -> Asm) -> Vec<u8> {
+    let asm = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .mark()
+        .str("w")
+        .global("joblib.numpy_pickle", "NumpyArrayWrapper")
+        .empty_tuple()
+        .op(0x81)
+        .empty_dict()
+        .mark()
+        .str("shape")
+        .ints_tuple(&[declared])
+        .str("dtype")
+        .global("numpy", "dtype")
+        .mark()
+        .str("f8")
+        .newfalse()
+        .op(0x88)
+        .tuple()
+        .reduce()
+        .mark()
+        .int(3)
+        .str("<")
+        .none()
+        .none()
+        .none()
+        .int(-1)
+        .int(-1)
+        .int(0)
+        .tuple()
+        .build()
+        .str("numpy_array_alignment_bytes")
+        .int(16)
+        .setitems()
+        .build()
+        .raw(&[2, 0xff, 0xff])
+        .raw(b".\x00\x00\x00\x00\x00\x00\x00")
+        .raw(&1.5f64.to_le_bytes())
+        .raw(&2.5f64.to_le_bytes())
+        .str("x");
+    payload(asm).setitems().stop().finish()
+}
+
+// joblib (PICKLE.md §10): raw array bytes inside the stream must not end the
+// scan (a payload after them would go unreported) nor hide a payload.
+#[test]
+fn joblib_array_bytes_do_not_hide_what_follows() {
+    let c = Canary::new();
+    let marker = c.marker();
+    let bytes = joblib_stream(3, |a| a.system_call(&marker));
+    let r = dangerous(&bytes);
+    assert!(r.error.is_none() && r.pickles.iter().all(|p| p.report.error.is_none()), "{:?}", r.error);
+    assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?}", imports(&r));
+    assert!(r.would_execute.iter().any(|w| w.contains("posix.system")), "{:?}", r.would_execute);
+    let msg = refused(&bytes);
+    assert!(msg.contains("global `joblib.numpy_pickle.NumpyArrayWrapper` in a pickle that must hold plain data only"), "{msg}");
+    // Without a payload the stream decodes to the end.
+    let benign = joblib_stream(3, |a| a.int(1));
+    let r = scan(&benign);
+    assert!(r.error.is_none() && r.pickles[0].report.error.is_none(), "{:?}", r.pickles[0].report.error);
+    assert_eq!(r.pickles[0].report.end as usize, benign.len());
+    // An array that claims more bytes than the file holds is an error, never "safe".
+    let r = scan(&joblib_stream(1 << 40, |a| a.int(1)));
+    let error = r.pickles[0].report.error.as_deref().unwrap_or_default();
+    assert!(error.contains("joblib array of 1099511627776 × 8 bytes runs past the end"), "{error}");
+    assert_ne!(r.verdict, Verdict::Safe);
 }

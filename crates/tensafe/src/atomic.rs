@@ -24,6 +24,21 @@ pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
 {
+    write_file_atomically(path, |file| {
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+        write(&mut out)?;
+        out.flush()
+    })
+}
+
+/// Like [`write_atomically`], handing `write` the temporary [`File`] itself
+/// (unbuffered, positioned at its start) so that it can use file-to-file
+/// copies such as `copy_file_range` (`std::io::copy` between files). What it
+/// leaves in the file is synced and renamed into place the same way.
+pub fn write_file_atomically<F>(path: &Path, write: F) -> Result<()>
+where
+    F: FnOnce(&mut File) -> std::io::Result<()>,
+{
     let target = resolve_symlinks(path)?;
     let dir = match target.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
@@ -45,14 +60,12 @@ where
         builder.permissions(std::fs::Permissions::from_mode(0o666));
         mode
     };
-    let temp = builder
+    let mut temp = builder
         .tempfile_in(&dir)
         // tempfile names its random path in the error; report the directory instead.
         .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), without_path(e)))?;
 
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, temp);
-    write(&mut out).map_err(|e| Error::io("writing", e))?;
-    let temp = out.into_inner().map_err(|e| Error::io("writing", e.into_error()))?;
+    write(temp.as_file_mut()).map_err(|e| Error::io("writing", e))?;
     #[cfg(unix)]
     if let Some(mode) = existing_mode {
         use std::os::unix::fs::PermissionsExt;
