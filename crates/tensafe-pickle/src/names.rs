@@ -319,6 +319,11 @@ pub fn severity(module: &str, name: &str) -> Severity {
     if name.contains('.') || module.is_empty() || name.is_empty() {
         return Severity::Dangerous;
     }
+    if is_joblib_array_wrapper(module, name) {
+        // A data record joblib's own loader consumes (the scanner steps over
+        // its array bytes); not allowlisted, but nothing runs through it.
+        return Severity::Suspicious;
+    }
     let module_matches = |prefix: &str| module == prefix || module.strip_prefix(prefix).is_some_and(|r| r.starts_with('.'));
     if DANGEROUS_MODULES.iter().any(|m| module_matches(m))
         || DANGEROUS_NAMES.iter().any(|(m, n)| *m == module && *n == name)
@@ -328,6 +333,11 @@ pub fn severity(module: &str, name: &str) -> Severity {
     } else {
         Severity::Suspicious
     }
+}
+
+/// joblib's array wrapper (also under scikit-learn's old vendored copy).
+pub fn is_joblib_array_wrapper(module: &str, name: &str) -> bool {
+    name == "NumpyArrayWrapper" && matches!(module, "joblib.numpy_pickle" | "sklearn.externals.joblib.numpy_pickle")
 }
 
 #[cfg(test)]

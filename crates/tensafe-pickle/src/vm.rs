@@ -1059,7 +1059,7 @@ impl<'a, 'h> Vm<'a, 'h> {
                     let callable = o.callable.clone();
                     let (severity, joblib) = match self.heap.global(&callable) {
                         Some(g) if self.user_allowed(&g.module, &g.name) => (Severity::Safe, false),
-                        Some(g) => (names::severity(&g.module, &g.name), is_joblib_wrapper(&g.module, &g.name)),
+                        Some(g) => (names::severity(&g.module, &g.name), names::is_joblib_array_wrapper(&g.module, &g.name)),
                         None => (Severity::Suspicious, false),
                     };
                     self.record_call(&callable, &state, severity, Some(id))?;
@@ -1426,11 +1426,6 @@ fn decode_raw_unicode_escape(line: &[u8]) -> Option<String> {
         i += 1;
     }
     Some(out)
-}
-
-/// joblib's array wrapper (also under scikit-learn's old vendored copy).
-fn is_joblib_wrapper(module: &str, name: &str) -> bool {
-    name == "NumpyArrayWrapper" && matches!(module, "joblib.numpy_pickle" | "sklearn.externals.joblib.numpy_pickle")
 }
 
 /// From a `NumpyArrayWrapper` state: the element count, the element size

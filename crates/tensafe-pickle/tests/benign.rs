@@ -197,9 +197,12 @@ fn numpy_files_are_scanned_by_content() {
     let npz = Zip::new(vec![Entry::new("a.npy", &plain), Entry::new("b.npy", &object)]).build();
     let r = scan_bytes(&npz, "x.npz", &ScanOptions::default());
     assert_eq!((r.container.as_str(), r.verdict), ("npz", Verdict::Dangerous));
-    // A joblib-style plain pickle with numpy globals is at least suspicious.
+    // joblib's array wrapper is not allowlisted, but it is data that joblib's
+    // loader consumes, not code: suspicious, unlike the rest of joblib.
     let joblib = Asm::new().proto(2).global("joblib.numpy_pickle", "NumpyArrayWrapper").empty_tuple().op(0x81).stop().finish();
-    assert_eq!(scan_bytes(&joblib, "m.joblib", &ScanOptions::default()).verdict, Verdict::Dangerous);
+    assert_eq!(scan_bytes(&joblib, "m.joblib", &ScanOptions::default()).verdict, Verdict::Suspicious);
+    let loader = Asm::new().proto(2).global("joblib.numpy_pickle", "load").empty_tuple().op(0x81).stop().finish();
+    assert_eq!(scan_bytes(&loader, "m.joblib", &ScanOptions::default()).verdict, Verdict::Dangerous);
 }
 
 #[test]
