@@ -262,10 +262,12 @@ mod tests {
     fn counters_add_up() {
         let (a, b) = (Counter::new(), Counter::new());
         let probe = Probe::new(vec![a.clone(), b.clone()], Duration::ZERO);
-        probe.add_request();
+        probe.add_request(7);
         probe.add_bytes(10);
         probe.add_bytes(5);
-        assert_eq!(a.traffic(), Traffic { requests: 1, bytes: 15 });
-        assert_eq!(b.traffic() - Traffic { requests: 1, bytes: 5 }, Traffic { requests: 0, bytes: 10 });
+        assert_eq!(a.traffic(), Traffic { requests: 1, bytes: 15, sent: 7 });
+        let earlier = Traffic { requests: 1, bytes: 5, sent: 7 };
+        assert_eq!(b.traffic() - earlier, Traffic { requests: 0, bytes: 10, sent: 0 });
+        assert_eq!(earlier + earlier, Traffic { requests: 2, bytes: 10, sent: 14 });
     }
 }
