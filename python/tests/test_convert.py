@@ -512,6 +512,8 @@ def test_scan_reads_real_joblib_files_to_the_end(exe, tmp_path):
 
 
 def test_scan_exit_codes_for_numpy_and_compressed_files(exe, tmp_path):
+    import argparse
+
     joblib = pytest.importorskip("joblib")
     np = pytest.importorskip("numpy")
     np.save(tmp_path / "plain.npy", np.arange(4.0))
@@ -519,16 +521,23 @@ def test_scan_exit_codes_for_numpy_and_compressed_files(exe, tmp_path):
     assert [scan_json(exe, tmp_path / f)[0] for f in ("plain.npy", "arrays.npz")] == [0, 0]
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     assert scan_json(exe, tmp_path / "objects.npy")[0] == 1
-    # Compressed joblib files are recognised, not taken for broken pickles: exit 3.
+    # zlib (joblib's default compression) and gzip files are inflated and
+    # scanned: the payload after the array is found; the other wrappers are
+    # recognised, not taken for broken pickles: exit 3.
     for method in ("zlib", "gzip", "bz2", "xz", "lzma"):
         path = tmp_path / f"c.joblib.{method}"
-        joblib.dump({"w": np.arange(10)}, path, compress=(method, 3))
+        joblib.dump({"w": np.arange(10), "ns": argparse.Namespace(lr=0.1)}, path, compress=(method, 3))
         code, report = scan_json(exe, path)
-        assert (code, report["unsupported"], report["verdict"]) == (3, True, "error"), (method, report)
+        if method in ("zlib", "gzip"):
+            imports = [i["global"] for p in report["pickles"] for i in p["imports"]]
+            assert (code, report["unsupported"], report["container"]) == (1, False, f"{method}-compressed pickle stream"), report
+            assert "error" not in report and imports[-1] == "argparse.Namespace", report
+        else:
+            assert (code, report["unsupported"], report["verdict"]) == (3, True, "error"), (method, report)
     # A malformed file next to an unsupported one: 2 wins; a finding: 1.
     (tmp_path / "broken.pkl").write_bytes(b"\x80\x02}q\x00")
-    assert run(exe, "scan", tmp_path / "c.joblib.zlib", tmp_path / "broken.pkl").returncode == 2
-    assert run(exe, "scan", tmp_path / "c.joblib.zlib", tmp_path / "objects.npy").returncode == 1
+    assert run(exe, "scan", tmp_path / "c.joblib.bz2", tmp_path / "broken.pkl").returncode == 2
+    assert run(exe, "scan", tmp_path / "c.joblib.bz2", tmp_path / "objects.npy").returncode == 1
 
 
 def test_diff_reports_changes_with_max_abs_difference(exe, tmp_path):

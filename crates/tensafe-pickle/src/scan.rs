@@ -189,6 +189,15 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
             r.container = "npy".into();
             s.npy(bytes, name, &mut r);
         }
+        Kind::Wrapper(w @ ("zlib" | "gzip")) => {
+            // joblib's compressed files (`compress=3` is zlib): inflate within
+            // the inflate budget and scan the pickle stream inside.
+            match inflate_wrapper(w, bytes, options.limits.max_inflate) {
+                Ok(inner) => s.stream(&inner, name, &mut r),
+                Err(e) => r.fail(format!("{w} wrapper: {e}")),
+            }
+            r.container = format!("{w}-compressed pickle stream");
+        }
         Kind::Wrapper(w) => {
             r.container = format!("{w} (compressed)");
             r.unsupported = true;
@@ -224,6 +233,52 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
         }
     }
     r.finish()
+}
+
+/// The bytes inside a zlib stream or a single-member gzip file, refusing to
+/// inflate past `limit` bytes and checking the wrapper's checksum.
+fn inflate_wrapper(kind: &str, bytes: &[u8], limit: u64) -> Result<Vec<u8>, String> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let too_big = |e: miniz_oxide::inflate::DecompressError| match e.status {
+        miniz_oxide::inflate::TINFLStatus::HasMoreOutput => format!("inflates past the limit of {limit} bytes"),
+        status => format!("corrupt compressed data ({status:?})"),
+    };
+    if kind == "zlib" {
+        // Verifies the Adler-32 trailer.
+        return miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(bytes, limit).map_err(too_big);
+    }
+    // RFC 1952: a 10-byte header, optional fields, raw deflate, then CRC-32
+    // and the length mod 2^32 of the inflated bytes.
+    const FHCRC: u8 = 2;
+    const FEXTRA: u8 = 4;
+    const FNAME: u8 = 8;
+    const FCOMMENT: u8 = 16;
+    let truncated = || "truncated gzip header".to_string();
+    if bytes.len() < 18 || bytes[2] != 8 {
+        return Err("not a deflate gzip member".into());
+    }
+    let flags = bytes[3];
+    let mut at = 10usize;
+    if flags & FEXTRA != 0 {
+        let len = u16::from_le_bytes([*bytes.get(at).ok_or_else(truncated)?, *bytes.get(at + 1).ok_or_else(truncated)?]) as usize;
+        at += 2 + len;
+    }
+    for flag in [FNAME, FCOMMENT] {
+        if flags & flag != 0 {
+            at += bytes.get(at..).ok_or_else(truncated)?.iter().position(|&b| b == 0).ok_or_else(truncated)? + 1;
+        }
+    }
+    if flags & FHCRC != 0 {
+        at += 2;
+    }
+    let body = bytes.get(at..bytes.len() - 8).ok_or_else(truncated)?;
+    let out = miniz_oxide::inflate::decompress_to_vec_with_limit(body, limit).map_err(too_big)?;
+    let trailer = &bytes[bytes.len() - 8..];
+    let (crc, size) = (u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes")), u32::from_le_bytes(trailer[4..].try_into().expect("4 bytes")));
+    if crc32fast::hash(&out) != crc || out.len() as u32 != size {
+        return Err("the gzip trailer does not match the inflated bytes (corrupt, or more than one member)".into());
+    }
+    Ok(out)
 }
 
 /// How to run one pickle in scan mode.

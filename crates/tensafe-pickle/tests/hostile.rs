@@ -908,3 +908,58 @@ fn joblib_array_bytes_do_not_hide_what_follows() {
     assert!(error.contains("joblib array of 1099511627776 × 8 bytes runs past the end"), "{error}");
     assert_ne!(r.verdict, Verdict::Safe);
 }
+
+/// `payload` gzip-wrapped as a single member (what `joblib.dump(..., compress=("gzip", n))` writes).
+fn gzip(payload: &[u8], name: Option<&str>) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, if name.is_some() { 8 } else { 0 }, 0, 0, 0, 0, 0, 255];
+    if let Some(name) = name {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+    }
+    out.extend(miniz_oxide::deflate::compress_to_vec(payload, 6));
+    out.extend(crc32fast::hash(payload).to_le_bytes());
+    out.extend((payload.len() as u32).to_le_bytes());
+    out
+}
+
+// joblib's compressed files (PICKLE.md §10; `compress=3` is zlib): the
+// scanner inflates zlib and gzip wrappers within its budget and scans the
+// stream inside, so a payload cannot hide behind compression.
+#[test]
+fn payloads_inside_zlib_and_gzip_wrappers_are_found() {
+    let c = Canary::new();
+    let marker = c.marker();
+    let inner = joblib_stream(3, |a| a.system_call(&marker));
+    for (kind, wrapped) in [
+        ("zlib", miniz_oxide::deflate::compress_to_vec_zlib(&inner, 6)),
+        ("gzip", gzip(&inner, None)),
+        ("gzip", gzip(&inner, Some("model.pkl"))),
+    ] {
+        let r = dangerous(&wrapped);
+        assert_eq!(r.container, format!("{kind}-compressed pickle stream"));
+        assert!(!r.unsupported && r.error.is_none(), "{kind}: {:?}", r.error);
+        assert!(imports(&r).contains(&"posix.system".to_owned()), "{kind}: {:?}", imports(&r));
+    }
+    // A benign stream inside stays benign apart from joblib's wrapper class.
+    let benign = scan(&miniz_oxide::deflate::compress_to_vec_zlib(&joblib_stream(3, |a| a.int(1)), 6));
+    assert_eq!(benign.verdict, Verdict::Suspicious, "{:?}", benign.findings);
+
+    // A damaged wrapper is an error, never "safe".
+    let mut corrupt = gzip(&inner, None);
+    let at = corrupt.len() - 6;
+    corrupt[at] ^= 0xff; // the length in the trailer
+    let r = scan(&corrupt);
+    assert!(r.error.as_deref().unwrap_or_default().contains("gzip trailer does not match"), "{:?}", r.error);
+    assert_ne!(r.verdict, Verdict::Safe);
+    let truncated = miniz_oxide::deflate::compress_to_vec_zlib(&inner, 6);
+    let r = scan(&truncated[..truncated.len() / 2]);
+    assert!(r.error.as_deref().unwrap_or_default().contains("corrupt compressed data"), "{:?}", r.error);
+
+    // A compression bomb stops at the inflate budget.
+    let bomb = miniz_oxide::deflate::compress_to_vec_zlib(&vec![0u8; 8 << 20], 9);
+    let mut options = ScanOptions::default();
+    options.limits.max_inflate = 1 << 20;
+    let r = scan_bytes(&bomb, "bomb", &options);
+    assert!(r.error.as_deref().unwrap_or_default().contains("inflates past the limit of 1048576 bytes"), "{:?}", r.error);
+    assert_ne!(r.verdict, Verdict::Safe);
+}
