@@ -31,6 +31,8 @@ fn scan_exit_codes_are_0_safe_1_flagged_2_unscannable_3_unsupported() {
     std::fs::write(&safe, legacy_checkpoint()).unwrap();
     let evil = dir.path().join("innocent.safetensors");
     std::fs::write(&evil, b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00idq\x00\x85R.").unwrap();
+    let bz = dir.path().join("model.pt.bz2");
+    std::fs::write(&bz, b"BZh91AY&SY\x00\x00").unwrap();
     let gz = dir.path().join("model.pt.gz");
     std::fs::write(&gz, b"\x1f\x8b\x08\x00\x00\x00\x00\x00").unwrap();
 
@@ -43,18 +45,21 @@ fn scan_exit_codes_are_0_safe_1_flagged_2_unscannable_3_unsupported() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("DANGEROUS") && text.contains("posix.system"), "{text}");
 
-    // A compressed wrapper is not opened: unsupported container.
-    let out = run(&["scan"], &[&safe, &gz]);
+    // A bzip2 wrapper is not opened: unsupported container.
+    let out = run(&["scan"], &[&safe, &bz]);
     assert_eq!(out.status.code(), Some(3));
-    // A malformed pickle outranks it; a finding outranks both.
+    // A gzip wrapper is opened: this one is truncated, so it cannot be scanned.
+    let out = run(&["scan"], &[&safe, &gz]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+    // A malformed pickle outranks an unsupported container; a finding outranks both.
     let broken = dir.path().join("broken.pkl");
     std::fs::write(&broken, b"\x80\x02}q\x00").unwrap();
-    let out = run(&["scan"], &[&gz, &broken]);
+    let out = run(&["scan"], &[&bz, &broken]);
     assert_eq!(out.status.code(), Some(2));
     let out = run(&["scan", "--json"], &[dir.path()]);
     assert_eq!(out.status.code(), Some(1));
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(reports.as_array().unwrap().len(), 4);
+    assert_eq!(reports.as_array().unwrap().len(), 5);
 }
 
 #[test]
