@@ -134,14 +134,14 @@ def main() -> None:
         if args.sweep:
             sweep = {}
             settings = {
-                ("pread", "staged"): [(64, 4, 4), (32, 8, 8), (16, 16, 16), (8, 32, 16), (32, 16, 16), (4, 64, 16)],
-                ("mmap", "staged"): [(16, 16, 16)],
+                "pread": [(64, 4, 4), (32, 8, 8), (16, 16, 16), (8, 32, 16), (32, 16, 16), (4, 64, 16)],
+                "mmap": [(16, 16, 16)],
             }
-            for (backend, mode), configs in settings.items():
+            for backend, configs in settings.items():
                 for chunk_mib, ring, threads in configs:
                     def pipeline(backend=backend, chunk=chunk_mib * MiB, ring=ring, threads=threads):
                         return load_data_section(File(path, backend), "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads)
-                    label = f"{backend} {mode} {chunk_mib:>2} MiB x {ring:>2}, {threads:>2} thr"
+                    label = f"{backend} {chunk_mib:>2} MiB x {ring:>2}, {threads:>2} readers"
                     sweep[label + ", warm"] = warm(pipeline)
                     if (chunk_mib, ring) in ((16, 16), (8, 32)):
                         sweep[label + ", cold"] = cold(pipeline)

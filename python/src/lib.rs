@@ -373,9 +373,8 @@ impl File {
             let io_error = |path: &std::path::Path, e: std::io::Error| SafetensorError::new_err(format!("I/O error dropping {} from the page cache: {e}", path.display()));
             match &self.source {
                 Source::Pread(p) => tensafe_io::evict(p.file(), 0, 0).map_err(|e| io_error(p.path(), e)),
-                Source::Mapped(m) => std::fs::File::open(m.path())
-                    .and_then(|f| tensafe_io::evict(&f, 0, 0))
-                    .map_err(|e| io_error(m.path(), e)),
+                // The mapped file's own handle: the path may name another file by now.
+                Source::Mapped(m) => tensafe_io::evict(m.positional().file(), 0, 0).map_err(|e| io_error(m.path(), e)),
                 Source::Memory { .. } | Source::Remote(_) => Ok(()),
             }
         })

@@ -210,3 +210,40 @@ def test_progress_true_draws_a_bar_and_bad_progress_is_refused(tmp_path, capsys)
     with pytest.raises(TypeError, match="progress must be a callable"):
         ts_pt.load_file(path, backend="pread", progress="yes")
     assert ts_pt.load_file(path, backend="pread", progress=False)["x"].shape == (3 * 2**20,)
+
+
+
+def _resident_fraction(path):
+    """Share of the file's pages in the page cache (mincore over a fresh mapping)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+        view = np.frombuffer(m, dtype=np.uint8)
+        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+        del view
+    assert rc == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_drop_cache_evicts_the_open_file_even_after_its_path_is_replaced(tmp_path, backend):
+    import os
+
+    from tensafe._tensafe_rust import File
+
+    path = tmp_path / "cached.safetensors"
+    ts_pt.save_file({"x": torch.arange(4 * 2**20, dtype=torch.int32)}, path)
+    f = File(str(path), backend)
+    path.read_bytes()  # into the page cache
+    assert _resident_fraction(path) > 0.9
+    # Another file takes the name: the handle still drops its own file's pages.
+    os.rename(path, tmp_path / "moved.safetensors")
+    path.write_bytes(b"other")
+    f.drop_cache()
+    assert _resident_fraction(tmp_path / "moved.safetensors") < 0.1
