@@ -9,6 +9,8 @@ right before; every load is followed by a touch of every page of every tensor):
 - raw parallel pread, cold / warm: `--threads` threads reading 8 MiB blocks
   into one buffer; raw parallel O_DIRECT, cold: the same past the page cache
   (the faster cold one is the limit a loader can reach)
+- tensafe engine, cached / O_DIRECT, cold: the I/O engine alone, forced
+  through the page cache or past it (what `DirectIo::Auto` chooses between)
 - tensafe load_file (mmap, default), cold
 - reference load_file (mmap, default), cold
 - torch.load(mmap=True, weights_only=True), cold (a file torch.save wrote here)
@@ -77,6 +79,17 @@ def raw_pread(path: str, threads: int, block: int = 8 << 20, direct: bool = Fals
     buf.close()
 
 
+def engine_read(path: str, threads: int, direct: bool) -> None:
+    """tensafe's I/O engine alone: the data section into a fresh buffer aligned
+    like the file, through the page cache or past it."""
+    from tensafe._tensafe_rust import DIRECT_ALIGN, File, HostBuffer
+
+    f = File(path, "pread")
+    shift = f.data_start % DIRECT_ALIGN
+    buffer = HostBuffer(shift + f.data_len)
+    f.read_all_into(memoryview(buffer)[shift : shift + f.data_len], threads=threads, direct=direct)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
@@ -117,6 +130,8 @@ def main() -> None:
             "raw parallel pread, cold": cold(lambda: raw_pread(path, args.threads)),
             "raw parallel pread, warm": warm(lambda: raw_pread(path, args.threads)),
             "raw parallel O_DIRECT, cold": cold(lambda: raw_pread(path, args.threads, direct=True)),
+            "tensafe engine, cached, cold": cold(lambda: engine_read(path, args.threads, direct=False)),
+            "tensafe engine, O_DIRECT, cold": cold(lambda: engine_read(path, args.threads, direct=True)),
             "tensafe load_file + touch": cold(lambda: touch_all(ts_pt.load_file(path))),
             "reference load_file + touch": cold(lambda: touch_all(ref_pt.load_file(path))),
             "torch.load(mmap) + touch": cold(lambda: touch_all(torch.load(pt_path, mmap=True, weights_only=True)), pt_path),

@@ -186,16 +186,21 @@ def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(tmp_path):
     f = File(str(path), "pread")
     assert f.data_start % DIRECT_ALIGN != 0, "the test wants an unaligned data section"
     raw = path.read_bytes()[f.data_start :]
-    for shift, direct in [(f.data_start % DIRECT_ALIGN, True), (f.data_start % DIRECT_ALIGN + 1, True), (0, False)]:
+    # Direct reads leave the page cache empty; a destination aligned unlike
+    # the file, or direct=False, reads through it.
+    aligned = f.data_start % DIRECT_ALIGN
+    for shift, direct, past_the_cache in [(aligned, True, True), (aligned + 1, True, False), (aligned, False, False)]:
         _evict(path)
         buffer = tensafe._tensafe_rust.HostBuffer(shift + f.data_len)
         dst = memoryview(buffer)[shift : shift + f.data_len]
         f.read_all_into(dst, threads=3, chunk_bytes=1 << 20, direct=direct)
+        assert (_resident_fraction(path) < 0.1) == past_the_cache, (shift, direct)
         assert bytes(dst) == raw, (shift, direct)
-    # The default (direct when cold) through the public API, cold and warm.
-    for _ in range(2):
-        _evict(path)
-        assert_same(ts_pt.load_file(path, backend="pread"), ref_pt.load_file(path))
+    # The default through the public API: direct when cold, exact cold and warm.
+    _evict(path)
+    ours = ts_pt.load_file(path, backend="pread")
+    assert _resident_fraction(path) < 0.1
+    assert_same(ours, ref_pt.load_file(path))
     assert_same(ts_pt.load_file(path, backend="pread"), ref_pt.load_file(path))
 
 
