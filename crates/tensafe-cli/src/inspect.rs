@@ -9,9 +9,9 @@ use serde_json::json;
 use tensafe::{Dtype, Header, ShardedCheckpoint};
 
 /// One file of what is inspected: its name (for checkpoints) and header.
-pub(crate) struct Part<'a> {
-    pub(crate) shard: Option<String>,
-    pub(crate) header: &'a Header,
+struct Part<'a> {
+    shard: Option<String>,
+    header: &'a Header,
 }
 
 pub fn run(path: &Path, as_json: bool) -> ExitCode {
@@ -22,20 +22,19 @@ pub fn run(path: &Path, as_json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sharded = checkpoint.index().is_some();
-    let parts: Vec<Part<'_>> = checkpoint
-        .shards()
-        .iter()
-        .map(|s| Part {
-            shard: sharded.then(|| s.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
-            header: s.header(),
-        })
-        .collect();
+    let shards = checkpoint.shards().iter().map(|s| (s.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), s.header()));
+    print_checkpoint(path, checkpoint.index().is_some(), shards, as_json)
+}
+
+/// Prints a checkpoint given as (shard file name, header) pairs; the names
+/// are shown only for a sharded one (local or remote).
+pub(crate) fn print_checkpoint<'a>(path: &Path, sharded: bool, shards: impl Iterator<Item = (String, &'a Header)>, as_json: bool) -> ExitCode {
+    let parts: Vec<Part<'_>> = shards.map(|(name, header)| Part { shard: sharded.then_some(name), header }).collect();
     print(path, &parts, as_json)
 }
 
-/// Prints what `inspect` shows of `parts` (also used for remote checkpoints).
-pub(crate) fn print(path: &Path, parts: &[Part<'_>], as_json: bool) -> ExitCode {
+/// Prints what `inspect` shows of `parts`.
+fn print(path: &Path, parts: &[Part<'_>], as_json: bool) -> ExitCode {
     if as_json {
         println!("{}", serde_json::to_string_pretty(&to_json(parts)).expect("JSON values serialize"));
     } else {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use tensafe::Dtype;
 use tensafe_remote::{RemoteCheckpoint, RemoteError, RemoteFile, RemoteOptions, RemoteUrl};
 
-use crate::inspect::{self, Part};
+use crate::inspect;
 
 /// Runs `work`, which moves bytes through tensafe-remote (downloads,
 /// uploads or both), with a progress line on stderr: bytes received plus
@@ -53,16 +53,8 @@ pub fn inspect(url: &str, as_json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let sharded = checkpoint.index().is_some();
-    let parts: Vec<Part<'_>> = checkpoint
-        .shards()
-        .iter()
-        .map(|s| Part {
-            shard: sharded.then(|| s.url().object_path().filename().unwrap_or_default().to_owned()),
-            header: s.header(),
-        })
-        .collect();
-    inspect::print(Path::new(url), &parts, as_json)
+    let shards = checkpoint.shards().iter().map(|s| (s.url().object_path().filename().unwrap_or_default().to_owned(), s.header()));
+    inspect::print_checkpoint(Path::new(url), checkpoint.index().is_some(), shards, as_json)
 }
 
 /// Bytes fetched per step of `verify` (with concurrent requests inside it).
