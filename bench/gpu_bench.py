@@ -139,12 +139,13 @@ def main() -> None:
             }
             for backend, configs in settings.items():
                 for chunk_mib, ring, threads in configs:
-                    def pipeline(backend=backend, chunk=chunk_mib * MiB, ring=ring, threads=threads):
-                        return load_data_section(File(path, backend), "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads)
+                    def pipeline(backend=backend, chunk=chunk_mib * MiB, ring=ring, threads=threads, direct=False):
+                        return load_data_section(File(path, backend), "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, direct=direct)
                     label = f"{backend} {chunk_mib:>2} MiB x {ring:>2}, {threads:>2} readers"
                     sweep[label + ", warm"] = warm(pipeline)
                     if (chunk_mib, ring) in ((16, 16), (8, 32)):
                         sweep[label + ", cold"] = cold(pipeline)
+                        sweep[label + ", cold, O_DIRECT"] = cold(lambda pipeline=pipeline: pipeline(direct=True))
             print_table(run_interleaved(sweep, args.reps), size, "staging pipeline sweep (data section only)")
 
         cases = {

@@ -108,6 +108,16 @@ struct File {
 }
 
 impl File {
+    /// The handle for positional reads of a local file (mapped files have
+    /// one too); `None` for files in memory or remote.
+    fn local(&self) -> Option<&PreadFile> {
+        match &self.source {
+            Source::Pread(p) => Some(p),
+            Source::Mapped(m) => Some(m.positional()),
+            Source::Memory { .. } | Source::Remote(_) => None,
+        }
+    }
+
     fn header(&self) -> &Header {
         match &self.source {
             Source::Mapped(m) => m.header(),
@@ -270,7 +280,11 @@ impl File {
     /// `dst` (a writable contiguous buffer), without the GIL: positional reads
     /// for local files, mapped ones included (faster than copying out of the
     /// mapping, see `MmapFile::positional`), a copy out of memory otherwise.
-    fn read_data_into(&self, py: Python<'_>, offset: usize, dst: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// `direct=True` reads the pages of a local file that `dst` is aligned
+    /// like (address ≡ file offset mod 4096) past the page cache; returns the
+    /// number of bytes read that way.
+    #[pyo3(signature = (offset, dst, direct = false))]
+    fn read_data_into(&self, py: Python<'_>, offset: usize, dst: &Bound<'_, PyAny>, direct: bool) -> PyResult<usize> {
         let buffer = PyUntypedBuffer::get(dst)?;
         if buffer.readonly() || !buffer.is_c_contiguous() {
             return Err(PyValueError::new_err("read_data_into needs a writable contiguous buffer"));
@@ -286,6 +300,15 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            if let (true, Some(local)) = (direct, self.local()) {
+                // Opened per call (microseconds, against milliseconds for a
+                // read worth doing directly): no handle kept per File.
+                if let Some(direct_file) = tensafe_io::open_direct(local.file()) {
+                    let at = local.header().data_start() + offset as u64;
+                    return tensafe_io::read_exact_at_direct(local.file(), &direct_file, dst, at)
+                        .map_err(|e| SafetensorError::new_err(format!("I/O error reading {}: {e}", local.path().display())));
+                }
+            }
             match &self.source {
                 Source::Mapped(m) => m.positional().read_data_at(offset as u64, dst).map_err(|e| error("", &e)),
                 Source::Memory { .. } => {
@@ -294,7 +317,16 @@ impl File {
                 }
                 Source::Pread(_) | Source::Remote(_) => read_at(&self.source, offset, dst),
             }
+            .map(|()| 0)
         })
+    }
+
+    /// Whether a load of the whole data section should read past the page
+    /// cache (`read_data_into(direct=True)`): a large local file mostly not
+    /// in the cache. The policy `read_all_into` applies by default.
+    fn prefers_direct_reads(&self, py: Python<'_>) -> bool {
+        let len = self.header().data_len();
+        self.local().is_some_and(|local| py.detach(|| tensafe_io::prefers_direct(local.file(), local.header().data_start(), len)))
     }
 
     /// Reads the whole data section into `dst` (a writable contiguous buffer of

@@ -101,18 +101,26 @@ def test_awkward_sizes(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
 @pytest.mark.parametrize("chunk,ring", [(4096, 1), (1 << 20, 3), (16 << 20, 16)])
-def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring):
+@pytest.mark.parametrize("direct", [False, True])
+def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring, direct):
+    from tensafe._tensafe_rust import DIRECT_ALIGN
+
+    from test_load import _evict
+
     path = tmp_path / "budget.safetensors"
     ref_pt.save_file({"x": torch.arange(5 * 2**20 + 11, dtype=torch.int32), "y": torch.randn(3, 5)}, path)
     file = File(str(path), backend)
+    if direct:
+        _evict(path)
     stats = StagingStats()
     seen = []
     before = torch.cuda.memory_allocated(0)
-    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, progress=lambda done, total: seen.append(done), stats=stats)
+    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, progress=lambda done, total: seen.append(done), stats=stats, direct=direct)
     torch.cuda.synchronize()
     assert data.is_cuda and data.numel() == file.data_len
     assert torch.cuda.memory_allocated(0) - before <= file.data_len + (1 << 20), "one device allocation of the data section"
-    assert 0 < stats.pinned_bytes <= ring * chunk
+    assert stats.direct == direct and (stats.direct_bytes > 0) == direct
+    assert 0 < stats.pinned_bytes <= ring * (chunk + (DIRECT_ALIGN if direct else 0))
     assert 1 <= stats.max_in_flight <= ring
     assert stats.chunks == -(-file.data_len // chunk)
     assert seen == sorted(seen) and seen[-1] == file.data_len

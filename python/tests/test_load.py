@@ -141,7 +141,7 @@ def test_staging_pipeline_is_exact_and_bounded(every_dtype_file, backend, chunk,
     raw = every_dtype_file.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     assert bytes(data.numpy()) == raw[8 + header_len :]
-    assert stats.pinned_bytes <= ring * chunk
+    assert not stats.direct and stats.pinned_bytes <= ring * chunk
     assert 1 <= stats.max_in_flight <= ring
     assert stats.chunks == -(-file.data_len // chunk)
     assert seen == sorted(seen) and seen[-1] == file.data_len
@@ -202,6 +202,60 @@ def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(tmp_path):
     assert _resident_fraction(path) < 0.1
     assert_same(ours, ref_pt.load_file(path))
     assert_same(ts_pt.load_file(path, backend="pread"), ref_pt.load_file(path))
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+@pytest.mark.parametrize("chunk,ring", [(4096, 2), (65536 + 100, 3), (1 << 20, 4)])
+def test_staging_pipeline_reads_past_the_page_cache_and_stays_exact(tmp_path, backend, chunk, ring):
+    """The accelerator pipeline's direct reads, with a CPU target: chunks at
+    any offset, slots one page larger, only heads and tails cached."""
+    from tensafe._pipeline import StagingStats, load_data_section
+    from tensafe._tensafe_rust import DIRECT_ALIGN, File
+
+    path = tmp_path / "staged.safetensors"
+    ref_pt.save_file({"odd": torch.arange(7, dtype=torch.int8), "big": torch.randn(2**20 + 3)}, path)
+    file = File(str(path), backend)
+    assert file.data_start % DIRECT_ALIGN != 0, "the test wants an unaligned data section"
+    raw = path.read_bytes()[file.data_start :]
+    _evict(path)
+    stats = StagingStats()
+    data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, stats=stats, direct=True)
+    assert bytes(data.numpy()) == raw
+    assert stats.direct and stats.pinned_bytes == ring * (chunk + DIRECT_ALIGN)
+    # Each chunk reads at most a partial page at each end through the cache.
+    chunks = -(-file.data_len // chunk)
+    assert file.data_len - 2 * DIRECT_ALIGN * chunks <= stats.direct_bytes <= file.data_len
+    if chunk >= 1 << 20:
+        assert _resident_fraction(path) < 0.1
+
+
+def test_staging_pipeline_can_go_direct_by_itself_only_when_cold(tmp_path):
+    from tensafe._pipeline import StagingStats, load_data_section
+    from tensafe._tensafe_rust import File
+
+    path = tmp_path / "auto.safetensors"
+    # Large enough for direct reads to pay (64 MiB and more).
+    ref_pt.save_file({"x": torch.arange(17 * 2**20 + 3, dtype=torch.int32)}, path)
+    raw = path.read_bytes()
+    file = File(str(path), "pread")
+    for cold in (True, False):
+        if cold:
+            _evict(path)
+        else:
+            path.read_bytes()  # the direct load left it out of the cache
+        assert file.prefers_direct_reads() == cold
+        stats = StagingStats()
+        data = load_data_section(file, "cpu", stats=stats, direct=None)
+        assert stats.direct == cold and (stats.direct_bytes > 0) == cold
+        assert bytes(data.numpy()) == raw[file.data_start :]
+        if cold:
+            assert _resident_fraction(path) < 0.1
+    # A file in memory has no page cache to bypass: plain copies, even when asked.
+    in_memory = File.from_bytes(raw)
+    assert not in_memory.prefers_direct_reads()
+    stats = StagingStats()
+    assert bytes(load_data_section(in_memory, "cpu", stats=stats, direct=True).numpy()) == raw[file.data_start :]
+    assert stats.direct_bytes == 0
 
 
 def test_progress_true_draws_a_bar_and_bad_progress_is_refused(tmp_path, capsys):

@@ -129,7 +129,7 @@ pub fn read_into(
         DirectIo::Always => open_direct(file),
         DirectIo::Auto => {
             let bytes: usize = ranges.iter().map(|r| r.len).sum();
-            let cold = bytes >= AUTO_DIRECT_MIN_BYTES && ranges.first().is_some_and(|r| cached_fraction(file, r.file_offset, bytes) < 0.5);
+            let cold = ranges.first().is_some_and(|r| prefers_direct(file, r.file_offset, bytes));
             if cold { open_direct(file) } else { None }
         }
     };
@@ -194,16 +194,11 @@ pub fn read_into(
                         let now = in_flight.fetch_add(len, Ordering::SeqCst) + len;
                         peak.fetch_max(now, Ordering::SeqCst);
                         let read = match (&direct_file, direct) {
-                            // A direct read the kernel refuses (EINVAL: an alignment
-                            // it wants larger, or a short read) is redone through the cache.
-                            (Some(direct_file), true) => match read_exact_at(direct_file, piece, offset) {
-                                Ok(()) => {
+                            (Some(direct_file), true) => read_aligned_direct(file, direct_file, piece, offset).map(|went_direct| {
+                                if went_direct {
                                     direct_bytes.fetch_add(len, Ordering::Relaxed);
-                                    Ok(())
                                 }
-                                Err(e) if e.kind() == io::ErrorKind::InvalidInput => read_exact_at(file, piece, offset),
-                                Err(e) => Err(e),
-                            },
+                            }),
                             _ => read_exact_at(file, piece, offset),
                         };
                         in_flight.fetch_sub(len, Ordering::SeqCst);
@@ -231,6 +226,48 @@ pub fn read_into(
 /// Below this many bytes `DirectIo::Auto` reads through the cache: the
 /// residency check and a second open cost more than they save.
 const AUTO_DIRECT_MIN_BYTES: usize = 64 << 20;
+
+/// The policy of [`DirectIo::Auto`], for callers that split a load into many
+/// reads of their own (the accelerator staging ring) and decide once per
+/// load: whether `len` bytes at `offset` are worth reading past the page
+/// cache — a large read (at least 64 MiB) of which less than half is cached.
+pub fn prefers_direct(file: &File, offset: u64, len: usize) -> bool {
+    len >= AUTO_DIRECT_MIN_BYTES && cached_fraction(file, offset, len) < 0.5
+}
+
+/// Reads exactly `dst.len()` bytes at `offset`, bypassing the page cache
+/// where it can: the part of the range that is aligned to [`DIRECT_ALIGN`]
+/// in the file and in `dst` is read through `direct` (a handle from
+/// [`open_direct`]), the unaligned head and tail, or everything when `dst`
+/// and the file are aligned differently, through `file`. Returns the number
+/// of bytes read past the cache.
+pub fn read_exact_at_direct(file: &File, direct: &File, dst: &mut [u8], offset: u64) -> io::Result<usize> {
+    let align = DIRECT_ALIGN as u64;
+    let congruent = offset % align == (dst.as_ptr() as usize % DIRECT_ALIGN) as u64;
+    let head = ((align - offset % align) % align) as usize;
+    if !congruent || dst.len() < head + DIRECT_ALIGN {
+        read_exact_at(file, dst, offset)?;
+        return Ok(0);
+    }
+    let middle = (dst.len() - head) / DIRECT_ALIGN * DIRECT_ALIGN;
+    let (head_part, rest) = dst.split_at_mut(head);
+    let (middle_part, tail_part) = rest.split_at_mut(middle);
+    read_exact_at(file, head_part, offset)?;
+    let went_direct = read_aligned_direct(file, direct, middle_part, offset + head as u64)?;
+    read_exact_at(file, tail_part, offset + (head + middle) as u64)?;
+    Ok(if went_direct { middle } else { 0 })
+}
+
+/// One read of an aligned piece through the direct handle. A read the kernel
+/// refuses (EINVAL: it wants a larger alignment) is redone through the
+/// cache; returns whether the bytes came past the cache.
+fn read_aligned_direct(file: &File, direct: &File, piece: &mut [u8], offset: u64) -> io::Result<bool> {
+    match read_exact_at(direct, piece, offset) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => read_exact_at(file, piece, offset).map(|()| false),
+        Err(e) => Err(e),
+    }
+}
 
 /// A second handle on the same open file (not the same path, which may have
 /// been replaced since) that bypasses the page cache, or `None` where the
@@ -426,15 +463,38 @@ mod tests {
         assert_eq!(options.direct, DirectIo::Auto);
         // Just written: in the cache.
         assert!(cached_fraction(&f, 0, data.len()) > 0.5);
+        assert!(!prefers_direct(&f, 0, data.len()));
         assert_eq!(read_into(&f, &[range], dst, &options, None).unwrap().direct_bytes, 0);
         evict(&f, 0, 0).unwrap();
         assert!(cached_fraction(&f, 0, data.len()) < 0.5);
+        assert!(prefers_direct(&f, 0, data.len()));
+        assert!(!prefers_direct(&f, 0, AUTO_DIRECT_MIN_BYTES - 1), "small reads go through the cache");
         let stats = read_into(&f, &[range], dst, &options, None).unwrap();
         assert_eq!(stats.direct_bytes, data.len() as u64);
         assert!(dst == &data[..]);
     }
 
     proptest! {
+        #[test]
+        fn one_read_goes_direct_exactly_where_file_and_buffer_align(
+            offset in 0usize..20000,
+            len in 0usize..12000,
+            shift in prop_oneof![Just(None), (0usize..4096).prop_map(Some)],
+        ) {
+            let data: Vec<u8> = (0..32000u32).map(|i| (i % 247) as u8).collect();
+            let f = file_with(&data);
+            let direct = open_direct(&f).expect("O_DIRECT in the test's temporary directory");
+            let len = len.min(data.len() - offset);
+            // `None`: the buffer aligned like the file; otherwise an arbitrary shift.
+            let congruent = shift.is_none_or(|s| s == offset % DIRECT_ALIGN);
+            let (mut raw, start) = shifted_buffer(len, shift.unwrap_or(offset % DIRECT_ALIGN));
+            let went_direct = read_exact_at_direct(&f, &direct, &mut raw[start..start + len], offset as u64).unwrap();
+            prop_assert_eq!(&raw[start..start + len], &data[offset..offset + len]);
+            let head = (DIRECT_ALIGN - offset % DIRECT_ALIGN) % DIRECT_ALIGN;
+            let expected = if congruent && len >= head + DIRECT_ALIGN { (len - head) / DIRECT_ALIGN * DIRECT_ALIGN } else { 0 };
+            prop_assert_eq!(went_direct, expected);
+        }
+
         #[test]
         fn scattered_ranges_land_where_planned(
             pieces in prop::collection::vec((0usize..20000, 0usize..9000), 0..30),
