@@ -5,20 +5,21 @@ The data section is cut into chunks. Reader threads fill free slots of the
 ring (positional reads, without the GIL) while chunks already read are copied
 to the device asynchronously on two streams, so disk reads and host-to-device
 copies overlap. The staging memory is allocated once per load and bounded:
-`ring × chunk_bytes` bytes (plus one page per slot for direct reads, below),
-never more; a slot is refilled only after the copy out of it has completed. The result is one device allocation; tensors
-are views of it.
+`ring × chunk_bytes` bytes, never more (a page more per slot only where an
+allocator hands out memory that is not page-aligned and direct reads need
+it to be); a slot is refilled only after the copy out of it has completed.
+The result is one device allocation; tensors are views of it.
 
 With `direct`, a local file is read past the page cache (`O_DIRECT`): the
 disk writes straight into the pinned slots, and the host is not left holding
-a second copy of the model in its cache. Each slot then has one extra page,
-so that a chunk can sit at the same offset within a page as it has in the
-file, which direct reads require. It is off by default until measured
+a second copy of the model in its cache. Direct reads need the same offset
+within a page in the file and in memory, so chunks are then cut at page
+boundaries of the file (`_plan_chunks`). It is off by default until measured
 faster on a GPU host: on the development VM, direct reads into staging slots
 of 4 KiB pages were slower than cached ones (1.06 s against 0.82 s for
-1 GiB, cold) — each page is a segment of the request, so requests stay
-small — while direct reads into huge-page buffers are twice as fast as
-cached ones (the CPU loads, `tensafe-io`).
+1 GiB, cold) — likely because each page is a segment of the request, so
+requests stay small — while direct reads into huge-page buffers are twice
+as fast as cached ones (the CPU loads, `tensafe-io`).
 
 The scheduling does not depend on CUDA: with a CPU target the copies are
 plain synchronous copies, which is how the tests check it on machines
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -63,6 +64,43 @@ def default_threads(ring: int) -> int:
     return max(1, min(ring, os.cpu_count() or 1, MAX_THREADS))
 
 
+def _plan_chunks(data_start: int, total: int, chunk_bytes: int, direct: bool) -> List[Tuple[int, int, int]]:
+    """The data section cut into chunks: (offset in the data section, length,
+    offset in the staging slot).
+
+    For direct reads the cuts sit at multiples of `chunk_bytes` (rounded to
+    whole pages) in the file, and each chunk keeps its file offset's place
+    within a page in its slot: every chunk is then page-aligned in the file
+    and in the slot but for the file's first and last page, and no chunk
+    needs more than `chunk_bytes` of slot. Otherwise chunks are plain
+    `chunk_bytes` pieces at the slot's start."""
+    if not direct:
+        size = max(1, chunk_bytes)
+        return [(start, min(size, total - start), 0) for start in range(0, total, size)]
+    size = max(DIRECT_ALIGN, chunk_bytes - chunk_bytes % DIRECT_ALIGN)
+    chunks = []
+    at = data_start
+    while at < data_start + total:
+        end = min(data_start + total, (at // size + 1) * size)
+        chunks.append((at - data_start, end - at, at % DIRECT_ALIGN))
+        at = end
+    return chunks
+
+
+def _staging_slots(ring: int, slot_bytes: int, *, pinned: bool, page_aligned: bool) -> List[torch.Tensor]:
+    """`ring` staging buffers of `slot_bytes`. Pinned memory comes page-aligned
+    (and torch rounds pinned sizes up to a power of two, so exact sizes
+    matter); where an allocator gives a buffer that is not and alignment is
+    needed, it gets one page more to shift the data by."""
+    slots = []
+    for _ in range(ring):
+        slot = torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=pinned)
+        if page_aligned and slot.data_ptr() % DIRECT_ALIGN:
+            slot = torch.empty(slot_bytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=pinned)
+        slots.append(slot)
+    return slots
+
+
 def load_data_section(
     file: File,
     device: Any,
@@ -84,13 +122,11 @@ def load_data_section(
     out = torch.empty(total, dtype=torch.uint8, device=target)
     if total == 0:
         return out
-    chunk_bytes = max(1, min(chunk_bytes, total))
-    chunks = [(start, min(chunk_bytes, total - start)) for start in range(0, total, chunk_bytes)]
-    ring = max(1, min(ring, len(chunks)))
     if direct is None:
         direct = file.prefers_direct_reads()
-    slack = DIRECT_ALIGN if direct else 0
-    staging: List[torch.Tensor] = [torch.empty(chunk_bytes + slack, dtype=torch.uint8, pin_memory=cuda) for _ in range(ring)]
+    chunks = _plan_chunks(file.data_start, total, chunk_bytes, direct)
+    ring = max(1, min(ring, len(chunks)))
+    staging = _staging_slots(ring, max(place + length for _, length, place in chunks), pinned=cuda, page_aligned=direct)
     if stats is not None:
         stats.pinned_bytes = sum(buf.numel() for buf in staging)
         stats.direct = direct
@@ -100,9 +136,9 @@ def load_data_section(
     def slot_view(index: int) -> torch.Tensor:
         """Where chunk `index` lands in its slot: at its file offset's place
         within a page when reading directly, else at the slot's start."""
-        start, length = chunks[index]
+        _, length, place = chunks[index]
         slot = staging[index % ring]
-        skip = (file.data_start + start - slot.data_ptr()) % DIRECT_ALIGN if direct else 0
+        skip = place + ((-slot.data_ptr()) % DIRECT_ALIGN if direct else 0)
         return slot[skip : skip + length]
 
     direct_bytes = [0] * len(chunks)
@@ -115,7 +151,7 @@ def load_data_section(
         pending = {}
         next_read = 0
         done_bytes = 0
-        for index, (start, length) in enumerate(chunks):
+        for index, (start, length, _) in enumerate(chunks):
             # Keep up to `ring` reads in flight; a slot is reused only after
             # the copy out of it has completed.
             while next_read < len(chunks) and next_read < index + ring:

@@ -221,12 +221,38 @@ def test_staging_pipeline_reads_past_the_page_cache_and_stays_exact(tmp_path, ba
     stats = StagingStats()
     data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, stats=stats, direct=True)
     assert bytes(data.numpy()) == raw
-    assert stats.direct and stats.pinned_bytes == ring * (chunk + DIRECT_ALIGN)
-    # Each chunk reads at most a partial page at each end through the cache.
-    chunks = -(-file.data_len // chunk)
-    assert file.data_len - 2 * DIRECT_ALIGN * chunks <= stats.direct_bytes <= file.data_len
+    # Cuts at page boundaries of the file: only the section's first and last
+    # pages are read through the cache. Slots get a page more only where
+    # torch's CPU allocator gives memory that is not page-aligned.
+    pages = chunk // DIRECT_ALIGN * DIRECT_ALIGN
+    assert stats.direct and stats.pinned_bytes <= ring * (pages + DIRECT_ALIGN)
+    assert stats.chunks == (file.data_start + file.data_len - 1) // pages - file.data_start // pages + 1
+    assert file.data_len - 2 * DIRECT_ALIGN <= stats.direct_bytes <= file.data_len
     if chunk >= 1 << 20:
         assert _resident_fraction(path) < 0.1
+
+
+def test_staging_chunk_plan_covers_the_section_and_fits_the_slots():
+    import itertools
+    import random
+
+    from tensafe._pipeline import _plan_chunks
+    from tensafe._tensafe_rust import DIRECT_ALIGN
+
+    rng = random.Random(7)
+    for _ in range(500):
+        data_start, total = rng.randrange(8, 3 * DIRECT_ALIGN), rng.randrange(1, 20 * DIRECT_ALIGN)
+        chunk, direct = rng.choice([1, 100, DIRECT_ALIGN, 3 * DIRECT_ALIGN + 5, 8 * DIRECT_ALIGN]), rng.random() < 0.5
+        chunks = _plan_chunks(data_start, total, chunk, direct)
+        assert [c[0] for c in chunks] == [0, *itertools.accumulate(c[1] for c in chunks[:-1])]
+        assert sum(c[1] for c in chunks) == total and all(c[1] > 0 for c in chunks)
+        if direct:
+            pages = max(DIRECT_ALIGN, chunk // DIRECT_ALIGN * DIRECT_ALIGN)
+            assert all((data_start + offset) % DIRECT_ALIGN == place for offset, _, place in chunks)
+            assert all((data_start + offset) % DIRECT_ALIGN == 0 for offset, _, _ in chunks[1:])
+            assert max(place + length for _, length, place in chunks) <= pages
+        else:
+            assert all(place == 0 and length <= chunk for _, length, place in chunks)
 
 
 def test_staging_pipeline_can_go_direct_by_itself_only_when_cold(tmp_path):
