@@ -18,7 +18,11 @@ right before; every load is followed by a touch of every page of every tensor):
 - reference load_file(backend="pread"), cold
 - small tensors: open + get_tensors of a file of `--small` tiny tensors, warm
 
-Prints medians (GB/s) and ratios; numbers, not pass/fail.
+Prints medians, with the fastest and slowest repetition, in seconds and
+GB/s, and ratios; numbers, not pass/fail. On the 2-core development VM cold
+timings of one case swing by up to 3x between repetitions (fresh memory
+faults on the host too, see docs/ARCHITECTURE.md, "crates/tensafe-io"):
+read the spread, and the per-repetition ratios, before a median.
 """
 
 from __future__ import annotations
@@ -149,14 +153,22 @@ def main() -> None:
         med = {name: statistics.median(v) for name, v in times.items()}
         # The raw limit is the faster of the two raw cold reads.
         raw = min(med["raw parallel pread, cold"], med["raw parallel O_DIRECT, cold"])
-        print(f"\n{'case':<32}{'seconds':>9}{'GB/s':>8}{'vs best raw cold':>18}")
+        print(f"\n{'case':<32}{'seconds':>9}{'min':>7}{'max':>7}{'GB/s':>8}{'vs best raw cold':>18}")
         for name, t in med.items():
             if "small" in name:
                 continue
-            print(f"{name:<32}{t:>9.3f}{size / t / 1e9:>8.2f}{raw / t:>17.2f}x")
+            print(f"{name:<32}{t:>9.3f}{min(times[name]):>7.2f}{max(times[name]):>7.2f}{size / t / 1e9:>8.2f}{raw / t:>17.2f}x")
         print()
-        print(f"tensafe/reference, default mmap load + touch: {med['reference load_file + touch'] / med['tensafe load_file + touch']:.2f}x faster")
-        print(f"tensafe/reference, pread private load:        {med['reference pread (private)'] / med['tensafe pread (private)']:.2f}x faster")
+
+        def compare(label: str, ours: str, theirs: str) -> None:
+            # Cold timings on a VM drift with the host's state; the ratio of
+            # the two runs within each repetition cancels part of that drift.
+            paired = statistics.median(t / o for o, t in zip(times[ours], times[theirs]))
+            print(f"tensafe/reference, {label}: {med[theirs] / med[ours]:.2f}x faster "
+                  f"(median of per-repetition ratios {paired:.2f}x)")
+
+        compare("default mmap load + touch", "tensafe load_file + touch", "reference load_file + touch")
+        compare("pread private load       ", "tensafe pread (private)", "reference pread (private)")
         ts_small, ref_small = med[f"tensafe {args.small} small"], med[f"reference {args.small} small"]
         print(f"{args.small} small tensors, open + get all:     tensafe {ts_small * 1e3:.1f} ms "
               f"({ts_small / args.small * 1e6:.1f} us/tensor), reference {ref_small * 1e3:.1f} ms "

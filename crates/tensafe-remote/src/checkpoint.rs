@@ -1,10 +1,8 @@
 //! [`RemoteCheckpoint`]: a sharded checkpoint (index + shards, transformers
 //! convention) or a single file in object storage, opened as one.
 
-use std::collections::HashMap;
-
 use object_store::GetOptions;
-use tensafe::{Header, ShardIndex, TensorInfo, INDEX_FILE, SINGLE_FILE};
+use tensafe::{Checkpoint, Header, ShardFile, ShardIndex, TensorInfo, INDEX_FILE, SINGLE_FILE};
 
 use crate::error::{RemoteError, Result};
 use crate::fetch::{classify, Object};
@@ -15,14 +13,27 @@ use crate::{RemoteFile, RemoteOptions};
 /// Largest index file read (transformers' indexes are a few hundred KB).
 const MAX_INDEX_BYTES: u64 = 64 << 20;
 
-/// One or several remote safetensors files opened as one checkpoint.
+/// One or several remote safetensors files opened as one checkpoint: a
+/// [`Checkpoint`] of [`RemoteFile`]s (which it dereferences to, for the
+/// shards, names, sizes and lookups) plus what reading the index cost.
 #[derive(Debug)]
 pub struct RemoteCheckpoint {
-    index: Option<ShardIndex>,
-    shards: Vec<RemoteFile>,
-    /// Tensor name → shard position.
-    location: HashMap<String, usize>,
+    files: Checkpoint<RemoteFile>,
     index_traffic: Traffic,
+}
+
+impl ShardFile for RemoteFile {
+    fn header(&self) -> &Header {
+        RemoteFile::header(self)
+    }
+}
+
+impl std::ops::Deref for RemoteCheckpoint {
+    type Target = Checkpoint<RemoteFile>;
+
+    fn deref(&self) -> &Checkpoint<RemoteFile> {
+        &self.files
+    }
 }
 
 impl RemoteCheckpoint {
@@ -54,8 +65,7 @@ impl RemoteCheckpoint {
 
     fn single(url: &str, options: &RemoteOptions) -> Result<RemoteCheckpoint> {
         let file = RemoteFile::open_with(url, options)?;
-        let location = file.header().iter().map(|(name, _)| (name.to_owned(), 0)).collect();
-        Ok(RemoteCheckpoint { index: None, shards: vec![file], location, index_traffic: Traffic::default() })
+        Ok(RemoteCheckpoint { files: Checkpoint::single(file), index_traffic: Traffic::default() })
     }
 
     fn from_index(index_url: &RemoteUrl, options: &RemoteOptions) -> Result<RemoteCheckpoint> {
@@ -70,66 +80,34 @@ impl RemoteCheckpoint {
             RemoteError::NotFound { url: shard, .. } => invalid(url, format!("missing shard {shard} (listed in the index)")),
             other => other,
         })?;
-        let headers: Vec<&Header> = shards.iter().map(RemoteFile::header).collect();
-        let location = index.locate(&headers).map_err(|reason| invalid(url, reason))?;
-        Ok(RemoteCheckpoint { index: Some(index), shards, location, index_traffic: counter.traffic() })
-    }
-
-    /// The index, for sharded checkpoints.
-    pub fn index(&self) -> Option<&ShardIndex> {
-        self.index.as_ref()
-    }
-
-    /// The shard files, in order.
-    pub fn shards(&self) -> &[RemoteFile] {
-        &self.shards
+        let files = Checkpoint::indexed(index, shards).map_err(|reason| invalid(url, reason))?;
+        Ok(RemoteCheckpoint { files, index_traffic: counter.traffic() })
     }
 
     /// The shard files, opened and checked, for callers that read them their own way.
     pub fn into_shards(self) -> Vec<RemoteFile> {
-        self.shards
-    }
-
-    /// Number of tensors.
-    pub fn len(&self) -> usize {
-        self.location.len()
-    }
-
-    /// Whether there are no tensors.
-    pub fn is_empty(&self) -> bool {
-        self.location.is_empty()
-    }
-
-    /// Bytes of tensor data over all shards.
-    pub fn total_size(&self) -> u64 {
-        self.shards.iter().map(|s| s.header().data_len() as u64).sum()
-    }
-
-    /// Every tensor in shard order then file order: (shard position, name, info).
-    pub fn iter(&self) -> impl Iterator<Item = (usize, &str, &TensorInfo)> + '_ {
-        self.shards.iter().enumerate().flat_map(|(i, s)| s.header().iter().map(move |(name, info)| (i, name, info)))
+        self.files.into_shards()
     }
 
     /// The shard holding `name` and the tensor's description.
     pub fn locate(&self, name: &str) -> Result<(usize, &TensorInfo)> {
-        let not_found = || tensafe::Error::TensorNotFound { name: name.to_owned() };
-        let shard = *self.location.get(name).ok_or_else(|| RemoteError::format(self.url(), not_found()))?;
-        Ok((shard, self.shards[shard].header().info(name).map_err(|e| RemoteError::format(self.url(), e))?))
+        let not_found = || RemoteError::format(self.url(), tensafe::Error::TensorNotFound { name: name.to_owned() });
+        self.find(name).ok_or_else(not_found)
     }
 
     /// Reads one tensor's bytes.
     pub fn read_tensor(&self, name: &str) -> Result<Vec<u8>> {
         let (shard, _) = self.locate(name)?;
-        self.shards[shard].read_tensor(name)
+        self.shards()[shard].read_tensor(name)
     }
 
     /// Requests made and bytes received so far: index, headers and reads.
     pub fn traffic(&self) -> Traffic {
-        self.shards.iter().fold(self.index_traffic, |t, s| t + s.traffic())
+        self.shards().iter().fold(self.index_traffic, |t, s| t + s.traffic())
     }
 
     fn url(&self) -> &str {
-        self.shards.first().map_or("", |s| s.url().as_str())
+        self.shards().first().map_or("", |s| s.url().as_str())
     }
 }
 

@@ -40,7 +40,10 @@ pub use fs::FilesystemKind;
 pub use header::{Header, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 pub use parallel::{Split, TensorParallelPlan};
 pub use reader::{MmapFile, PreadFile, SafeTensors, TensorView};
-pub use shards::{parse_size, plan_shards, reshard, save_sharded, LazyTensor, ShardIndex, ShardPlan, ShardedCheckpoint, TensorSource, INDEX_FILE, SINGLE_FILE};
+pub use shards::{
+    parse_size, plan_shards, reshard, save_sharded, Checkpoint, LazyTensor, ShardFile, ShardIndex, ShardPlan, ShardedCheckpoint, TensorSource, INDEX_FILE,
+    SINGLE_FILE,
+};
 pub use slice::{ByteRanges, SliceIndex, SlicePlan};
 pub use writer::{
     prepare, serialize, serialize_to_file, serialize_to_file_with, Metadata, Prepared, RawTensor, View, WriteOptions,

@@ -137,64 +137,43 @@ fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty() && !name.contains('/') && !name.contains('\\') && name != "." && name != ".."
 }
 
-/// One or several safetensors files opened as a single checkpoint.
+/// What a checkpoint needs of each of its files: the validated header.
+/// Local files ([`PreadFile`]) are shards; so are remote ones (`tensafe-remote`).
+pub trait ShardFile {
+    /// The file's validated header.
+    fn header(&self) -> &Header;
+}
+
+impl ShardFile for PreadFile {
+    fn header(&self) -> &Header {
+        PreadFile::header(self)
+    }
+}
+
+/// The files of one checkpoint, and which of them holds each tensor, whatever
+/// the files are: [`ShardedCheckpoint`] for local ones, and tensafe-remote's
+/// `RemoteCheckpoint` builds on it for object storage.
 #[derive(Debug)]
-pub struct ShardedCheckpoint {
+pub struct Checkpoint<F> {
     index: Option<ShardIndex>,
-    shards: Vec<PreadFile>,
+    shards: Vec<F>,
     /// Tensor name → shard position.
     location: HashMap<String, usize>,
 }
 
-impl ShardedCheckpoint {
-    /// Opens a directory (its index, or its single `model.safetensors`), an
-    /// index file, or one safetensors file. Reads headers only.
-    pub fn open(path: impl AsRef<Path>) -> Result<ShardedCheckpoint> {
-        let path = path.as_ref();
-        let index_path = if path.is_dir() {
-            let index = path.join(INDEX_FILE);
-            if index.is_file() {
-                Some(index)
-            } else if path.join(SINGLE_FILE).is_file() {
-                return ShardedCheckpoint::single(&path.join(SINGLE_FILE));
-            } else {
-                return Err(Error::InvalidCheckpoint {
-                    reason: format!("{} has neither {INDEX_FILE} nor {SINGLE_FILE}", path.display()),
-                });
-            }
-        } else if path.to_string_lossy().ends_with(".json") {
-            Some(path.to_path_buf())
-        } else {
-            None
-        };
-        match index_path {
-            Some(index_path) => ShardedCheckpoint::from_index(&index_path),
-            None => ShardedCheckpoint::single(path),
-        }
-    }
-
-    fn single(path: &Path) -> Result<ShardedCheckpoint> {
-        let file = PreadFile::open(path)?;
+impl<F: ShardFile> Checkpoint<F> {
+    /// One safetensors file as a checkpoint of one shard.
+    pub fn single(file: F) -> Self {
         let location = file.header().iter().map(|(name, _)| (name.to_owned(), 0)).collect();
-        Ok(ShardedCheckpoint { index: None, shards: vec![file], location })
+        Checkpoint { index: None, shards: vec![file], location }
     }
 
-    fn from_index(index_path: &Path) -> Result<ShardedCheckpoint> {
-        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io("reading the index", e).in_file(index_path))?;
-        let index = ShardIndex::parse(&text).map_err(|e| e.in_file(index_path))?;
-        let dir = index_path.parent().unwrap_or(Path::new("."));
-        let mut shards = Vec::new();
-        for file in index.shard_files() {
-            let shard_path = dir.join(file);
-            if !shard_path.is_file() {
-                return Err(Error::InvalidCheckpoint { reason: format!("missing shard {file} (listed in the index)") }
-                    .in_file(index_path));
-            }
-            shards.push(PreadFile::open(&shard_path)?);
-        }
-        let headers: Vec<&Header> = shards.iter().map(PreadFile::header).collect();
-        let location = index.locate(&headers).map_err(|reason| Error::InvalidCheckpoint { reason }.in_file(index_path))?;
-        Ok(ShardedCheckpoint { index: Some(index), shards, location })
+    /// The shards an index lists, in its order, once they agree with it
+    /// ([`ShardIndex::locate`]); the reason they do not otherwise.
+    pub fn indexed(index: ShardIndex, shards: Vec<F>) -> std::result::Result<Self, String> {
+        let headers: Vec<&Header> = shards.iter().map(ShardFile::header).collect();
+        let location = index.locate(&headers)?;
+        Ok(Checkpoint { index: Some(index), shards, location })
     }
 
     /// The index, for sharded checkpoints.
@@ -203,12 +182,12 @@ impl ShardedCheckpoint {
     }
 
     /// The shard files, in order.
-    pub fn shards(&self) -> &[PreadFile] {
+    pub fn shards(&self) -> &[F] {
         &self.shards
     }
 
     /// The shard files, opened and checked, for callers that read them their own way.
-    pub fn into_shards(self) -> Vec<PreadFile> {
+    pub fn into_shards(self) -> Vec<F> {
         self.shards
     }
 
@@ -239,10 +218,63 @@ impl ShardedCheckpoint {
         self.shards.iter().enumerate().flat_map(|(i, s)| s.header().iter().map(move |(name, info)| (i, name, info)))
     }
 
+    /// The position of the shard holding `name`, and the tensor's description;
+    /// `None` when the checkpoint has no such tensor.
+    pub fn find(&self, name: &str) -> Option<(usize, &TensorInfo)> {
+        let shard = *self.location.get(name)?;
+        self.shards[shard].header().info(name).ok().map(|info| (shard, info))
+    }
+}
+
+/// One or several local safetensors files opened as a single checkpoint.
+pub type ShardedCheckpoint = Checkpoint<PreadFile>;
+
+impl Checkpoint<PreadFile> {
+    /// Opens a directory (its index, or its single `model.safetensors`), an
+    /// index file, or one safetensors file. Reads headers only.
+    pub fn open(path: impl AsRef<Path>) -> Result<ShardedCheckpoint> {
+        let path = path.as_ref();
+        let index_path = if path.is_dir() {
+            let index = path.join(INDEX_FILE);
+            if index.is_file() {
+                Some(index)
+            } else if path.join(SINGLE_FILE).is_file() {
+                return Ok(Checkpoint::single(PreadFile::open(path.join(SINGLE_FILE))?));
+            } else {
+                return Err(Error::InvalidCheckpoint {
+                    reason: format!("{} has neither {INDEX_FILE} nor {SINGLE_FILE}", path.display()),
+                });
+            }
+        } else if path.to_string_lossy().ends_with(".json") {
+            Some(path.to_path_buf())
+        } else {
+            None
+        };
+        match index_path {
+            Some(index_path) => ShardedCheckpoint::open_index(&index_path),
+            None => Ok(Checkpoint::single(PreadFile::open(path)?)),
+        }
+    }
+
+    fn open_index(index_path: &Path) -> Result<ShardedCheckpoint> {
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io("reading the index", e).in_file(index_path))?;
+        let index = ShardIndex::parse(&text).map_err(|e| e.in_file(index_path))?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let mut shards = Vec::new();
+        for file in index.shard_files() {
+            let shard_path = dir.join(file);
+            if !shard_path.is_file() {
+                return Err(Error::InvalidCheckpoint { reason: format!("missing shard {file} (listed in the index)") }
+                    .in_file(index_path));
+            }
+            shards.push(PreadFile::open(&shard_path)?);
+        }
+        Checkpoint::indexed(index, shards).map_err(|reason| Error::InvalidCheckpoint { reason }.in_file(index_path))
+    }
+
     /// The shard holding `name` and the tensor's description.
     pub fn locate(&self, name: &str) -> Result<(usize, &TensorInfo)> {
-        let shard = *self.location.get(name).ok_or_else(|| Error::TensorNotFound { name: name.to_owned() })?;
-        Ok((shard, self.shards[shard].header().info(name)?))
+        self.find(name).ok_or_else(|| Error::TensorNotFound { name: name.to_owned() })
     }
 
     /// Reads one tensor's bytes.
