@@ -471,7 +471,7 @@ impl File {
     fn read_slice<'py>(&self, py: Python<'py>, name: &str, index: &Bound<'py, PyAny>) -> PyResult<(Vec<usize>, Bound<'py, PyByteArray>)> {
         let info = self.header().info(name).map_err(|_| not_found(name))?;
         let indices = parse_index(index)?;
-        let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(&info.shape, &indices, &e))?;
+        let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(py, &info.shape, &indices, &e))?;
         let array = PyByteArray::new_with(py, plan.byte_len(), |dst| {
             py.detach(|| match (self.source.data(), &self.source) {
                 (Some(data), _) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst).map_err(|e| error("", &e)),
@@ -489,15 +489,31 @@ fn not_found(name: &str) -> PyErr {
     SafetensorError::new_err(format!("File does not contain tensor {name}"))
 }
 
+/// A slicing error of class `tensafe._errors.{class}`: a `SafetensorError`
+/// that is also the builtin error torch and numpy raise for the same index
+/// (plain `SafetensorError` should that module be missing).
+fn typed_slice_error(py: Python<'_>, class: &str, message: String) -> PyErr {
+    let typed = py.import("tensafe._errors").and_then(|m| m.getattr(class)).and_then(|c| Ok(c.cast_into::<pyo3::types::PyType>()?));
+    match typed {
+        Ok(class) => PyErr::from_type(class, message),
+        Err(_) => SafetensorError::new_err(message),
+    }
+}
+
 /// The reference's wording of slicing errors: `Error during slicing {index}
 /// with shape {shape}: {reason}`, and its own text for negative indices
-/// still out of range.
-fn slice_error(shape: &[usize], indices: &[SliceIndex], e: &Error) -> PyErr {
+/// still out of range; typed as IndexError or ValueError too.
+fn slice_error(py: Python<'_>, shape: &[usize], indices: &[SliceIndex], e: &Error) -> PyErr {
     match e {
         Error::SliceOutOfBounds { asked, dim, size } if *asked < 0 => {
-            SafetensorError::new_err(format!("Invalid index {asked} for dimension {dim} of size {size}"))
+            typed_slice_error(py, "SliceIndexError", format!("Invalid index {asked} for dimension {dim} of size {size}"))
         }
-        Error::InvalidSlice { .. } => SafetensorError::new_err(e.to_string()),
+        Error::InvalidSlice { .. } => typed_slice_error(py, "SliceValueError", e.to_string()),
+        Error::SliceOutOfBounds { .. } | Error::TooManyIndices { .. } => typed_slice_error(
+            py,
+            "SliceIndexError",
+            format!("Error during slicing {} with shape {shape:?}: {}", display_index(shape, indices), e.reference_text()),
+        ),
         _ => SafetensorError::new_err(format!(
             "Error during slicing {} with shape {shape:?}: {}",
             display_index(shape, indices),
@@ -567,10 +583,11 @@ fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
             } else if let Ok(i) = item.extract::<i64>() {
                 Ok(SliceIndex::Index(i))
             } else {
-                Err(SafetensorError::new_err(format!(
-                    "Unsupported slice index at position {position}: expected slice, int, None or ellipsis, got {}",
-                    item.get_type().name()?
-                )))
+                Err(typed_slice_error(
+                    index.py(),
+                    "SliceIndexError",
+                    format!("Unsupported slice index at position {position}: expected slice, int, None or ellipsis, got {}", item.get_type().name()?),
+                ))
             }
         })
         .collect()

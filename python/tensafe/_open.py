@@ -438,7 +438,15 @@ class _CheckpointOpen(safe_open):
 
 class PySafeSlice:
     """A tensor not yet read: `get_shape()`, `get_dtype()` and numpy-style `[...]`
-    that reads only the selected bytes."""
+    that reads only the selected bytes.
+
+    Ints, slices with positive steps, `None` and one `...` are read natively,
+    for every framework. With torch, any other index — index lists, arrays
+    and tensors, boolean masks, booleans, several ellipses — is applied by
+    torch to the whole tensor (a zero-copy view with `backend="mmap"`), as
+    the reference's default torch path does for every index; the native
+    reader keeps the reference's restricted rules for the other frameworks.
+    """
 
     def __init__(self, file: File, name: str, code: str, shape: List[int], framework: str, device: Any):
         self._file, self._name, self._code, self._shape = file, name, code, shape
@@ -451,8 +459,32 @@ class PySafeSlice:
         return self._code
 
     def __getitem__(self, index: Any) -> Any:
+        if self._framework == "pt" and not _natively_sliced(index) and _dtypes.BY_CODE[self._code][0] >= 8:
+            whole = _convert("pt", "cpu", self._code, self._shape, self._file.buffer(self._name))
+            selected = whole[index]
+            return selected if self._device == "cpu" else selected.to(self._device)
         shape, data = self._file.read_slice(self._name, index)
         return _convert(self._framework, self._device, self._code, shape, data)
+
+
+def _natively_sliced(index: Any) -> bool:
+    """Whether the native reader takes `index`: ints (not booleans; 0-d
+    integer arrays and tensors count), slices, `None`, at most one `...`,
+    in a tuple or alone, or the empty list."""
+    if isinstance(index, list):
+        return not index
+    items = index if isinstance(index, tuple) else (index,)
+    ellipses = 0
+    for item in items:
+        if item is Ellipsis:
+            ellipses += 1
+        elif item is None or isinstance(item, slice):
+            continue
+        elif isinstance(item, bool) or not hasattr(item, "__index__"):
+            return False
+        elif getattr(item, "ndim", 0) != 0 or "bool" in str(getattr(item, "dtype", "")):
+            return False  # arrays, tensors and numpy/torch booleans are torch's
+    return ellipses <= 1
 
 
 def _open_source(source: Any, backend: str) -> File:

@@ -201,6 +201,47 @@ def test_slice_error_texts_match_the_reference(tmp_path, index, message):
         assert f.get_slice("a")[[]].shape == (0, 5)
 
 
+TORCH_INDICES = [
+    [0, 2], ([2, 0], 1), ([0, 1], [1, 2]), (1, slice(None), [0, 1]), [True, False, True],
+    np.array([0, 2]), torch.tensor([0, 2]), torch.tensor([True, False, True]), (slice(None), [0, 3], slice(1, 3)),
+    (slice(1, 3), Ellipsis, [1, 4]), np.array([[True, False, True, False]] * 3), True, (False, 0), [-1],
+    (Ellipsis, 1, Ellipsis), torch.tensor(1), (np.int64(-1), torch.tensor([0])),
+]
+
+
+@pytest.mark.parametrize("index", TORCH_INDICES, ids=repr)
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_torch_slices_take_every_index_torch_takes_like_the_reference(tmp_path, index, backend):
+    """The reference's default torch path indexes the whole tensor with torch:
+    index lists, arrays, tensors and masks work there, so they work here
+    (on both backends), with the same values and shapes."""
+    path = tmp_path / "s.safetensors"
+    ref_pt.save_file({"a": torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)}, path)
+    with safetensors.safe_open(path, "pt") as f:
+        expected = f.get_slice("a")[index]
+    with tensafe.safe_open(path, "pt", backend=backend) as f:
+        got = f.get_slice("a")[index]
+    assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):
+    path = tmp_path / "s.safetensors"
+    ref_pt.save_file({"a": torch.zeros(3, 4)}, path)
+    for framework in ("pt", "np"):
+        with tensafe.safe_open(path, framework) as f:
+            s = f.get_slice("a")
+            for index, builtin in [(5, IndexError), (-4, IndexError), ((0, 0, 0), IndexError), (slice(None, None, -1), ValueError)]:
+                with safetensors.safe_open(path, "pt") as theirs:
+                    with pytest.raises(builtin):
+                        theirs.get_slice("a")[index]
+                with pytest.raises(builtin) as info:
+                    s[index]
+                assert isinstance(info.value, tensafe.SafetensorError), (framework, index)
+    # Indices torch refuses are refused with torch's own error.
+    with tensafe.safe_open(path, "pt") as f, pytest.raises(IndexError, match="out of bounds"):
+        f.get_slice("a")[[0, 7]]
+
+
 def test_slice_errors_are_clear(tmp_path):
     path = tmp_path / "s.safetensors"
     ts_np.save_file({"a": np.zeros((10, 5), np.float32)}, path)
