@@ -119,7 +119,7 @@ mod tests {
         assert_eq!(o.shape(), [8, 4]);
         assert_eq!(o.ranges().next(), Some(16..32));
         let q = plan.plan_for("layers.0.q_proj.weight", Dtype::F32, &[8, 16]).unwrap();
-        assert_eq!(q.ranges().collect::<Vec<_>>(), [128..256]);
+        assert_eq!(q.ranges().collect::<Vec<_>>(), vec![128..256]);
         assert!(plan.plan_for("x.q_proj.weight", Dtype::F32, &[]).is_err());
         assert!(TensorParallelPlan::new(4, 4, &rules).is_err());
         assert!(TensorParallelPlan::new(0, 1, &[("[", Split::Replicate)]).is_err());
