@@ -28,10 +28,10 @@ create_exception!(
 
 /// Python-visible text of a core error: the reference's message prefix, then ours.
 fn error(prefix: &str, e: &Error) -> PyErr {
-    if let Error::Io { source, .. } = e.without_file() {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            return PyFileNotFoundError::new_err(format!("{prefix}{}", e.without_file()));
-        }
+    if let Error::Io { source, .. } = e.without_file()
+        && source.kind() == std::io::ErrorKind::NotFound
+    {
+        return PyFileNotFoundError::new_err(format!("{prefix}{}", e.without_file()));
     }
     SafetensorError::new_err(format!("{prefix}{}", e.without_file()))
 }
@@ -76,13 +76,17 @@ fn metadata_to_dict<'py>(py: Python<'py>, header: &Header) -> PyResult<Option<Bo
         .transpose()
 }
 
+/// One run of `File::runs`: (dtype code, shape, first byte, bytes per tensor, names).
+type Run<'a> = (&'static str, Vec<usize>, usize, usize, Vec<&'a str>);
+
 enum Source {
     Mapped(MmapFile),
     Pread(PreadFile),
     /// A whole file held by a Python bytes-like object.
     Memory { header: Header, object: Py<PyAny>, buffer: PyUntypedBuffer },
     /// A file in object storage or on a web server, read with range requests.
-    Remote(tensafe_remote::RemoteFile),
+    /// Boxed: far larger than the other variants.
+    Remote(Box<tensafe_remote::RemoteFile>),
 }
 
 impl Source {
@@ -144,7 +148,7 @@ impl File {
         if tensafe_remote::RemoteUrl::is_remote(&text) {
             let url = text.into_owned();
             let remote = py.detach(|| tensafe_remote::RemoteFile::open(&url)).map_err(remote_error)?;
-            return Ok(File { source: Source::Remote(remote) });
+            return Ok(File { source: Source::Remote(Box::new(remote)) });
         }
         let file = std::fs::File::open(&filename).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -230,8 +234,8 @@ impl File {
     /// stretch of consecutive non-empty tensors with one dtype and one shape
     /// (the experts of a MoE layer, say), which Python turns into tensors with
     /// a single `unbind` instead of one slice and view per tensor.
-    fn runs(&self) -> Vec<(&'static str, Vec<usize>, usize, usize, Vec<&str>)> {
-        let mut runs: Vec<(&'static str, Vec<usize>, usize, usize, Vec<&str>)> = Vec::new();
+    fn runs(&self) -> Vec<Run<'_>> {
+        let mut runs: Vec<Run<'_>> = Vec::new();
         let mut run_end = 0usize;
         for (name, info) in self.header().iter() {
             let (begin, end) = info.data_offsets;
@@ -420,7 +424,7 @@ impl File {
         let text = path.to_string_lossy().into_owned();
         if tensafe_remote::RemoteUrl::is_remote(&text) {
             let checkpoint = py.detach(|| tensafe_remote::RemoteCheckpoint::open(&text, &Default::default())).map_err(remote_error)?;
-            return Ok(checkpoint.into_shards().into_iter().map(|r| File { source: Source::Remote(r) }).collect());
+            return Ok(checkpoint.into_shards().into_iter().map(|r| File { source: Source::Remote(Box::new(r)) }).collect());
         }
         let checkpoint = py.detach(|| tensafe::ShardedCheckpoint::open(&path)).map_err(|e| {
             let missing = matches!(e.without_file(), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
