@@ -490,7 +490,7 @@ impl File {
 }
 
 fn not_found(name: &str) -> PyErr {
-    SafetensorError::new_err(format!("File does not contain tensor {name}"))
+    SafetensorError::new_err(format!("File does not contain tensor {}", tensafe::Printable(name)))
 }
 
 /// A slicing error of class `tensafe._errors.{class}`: a `SafetensorError`
@@ -884,7 +884,7 @@ fn buffers_from_list(tensors: &Bound<'_, PyList>) -> PyResult<Vec<Owned>> {
         let dtype = Dtype::from_code(&code).ok_or_else(|| SafetensorError::new_err(format!("unknown dtype code {code}")))?;
         let buffer = PyUntypedBuffer::get(&obj)?;
         if !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("tensor `{name}`: buffer is not contiguous")));
+            return Err(PyValueError::new_err(format!("tensor `{}`: buffer is not contiguous", tensafe::Printable(&name))));
         }
         owned.push(Owned { name, dtype, shape, bytes: Bytes::Buffer(buffer) });
     }
@@ -935,7 +935,8 @@ impl PyTensorParallelPlan {
         match self.plan.split_for(name) {
             tensafe::Split::Replicate => Ok(None),
             tensafe::Split::Dim(dim) if dim >= shape.len() => Err(PyValueError::new_err(format!(
-                "tensor `{name}` of shape {shape:?} has no dimension {dim} to split"
+                "tensor `{}` of shape {shape:?} has no dimension {dim} to split",
+                tensafe::Printable(name)
             ))),
             tensafe::Split::Dim(dim) => {
                 let (start, stop) = self.plan.bounds(shape[dim]);

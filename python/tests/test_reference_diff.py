@@ -270,3 +270,19 @@ def test_f4_on_every_path(tmp_path):
             # Logical shape [2, 8]: row 1 is whole bytes.
             assert torch.equal(f.get_slice("f")[1].view(torch.uint8), packed[1].view(torch.uint8))
     assert torch.equal(ts_pt.load(blob)["f"].view(torch.uint8), packed.view(torch.uint8))
+
+
+def test_names_with_control_characters_round_trip_like_the_reference(tmp_path):
+    """Any JSON string is a valid name: the reference writes and reads control
+    characters, so tensafe does too, byte for byte."""
+    tensors = {"a\tb": torch.ones(2), "\x1b[2J": torch.zeros(1), "nl\nx\x00": torch.arange(3)}
+    assert ts_pt.save(tensors) == ref_pt.save(tensors)
+    path = tmp_path / "ctrl.safetensors"
+    ref_pt.save_file(tensors, path)
+    for backend in ("mmap", "pread"):
+        with tensafe.safe_open(path, "pt", backend=backend) as f:
+            assert f.keys() == sorted(tensors)
+            got = f.get_tensors()
+            assert sorted(got) == sorted(tensors) and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    with pytest.raises(tensafe.SafetensorError, match=r"File does not contain tensor x\\u\{1b\}"):
+        tensafe.safe_open(path, "pt").get_tensor("x\x1b")

@@ -82,12 +82,12 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
     let options = args.options();
     let start = Instant::now();
     if let Some(url) = crate::remote::url(&args.input) {
-        eprintln!("tensafe convert: {url}: the input must be a local file (a pickle is checked as a whole, so it would be downloaded first); download it, then convert it");
+        say_err!("tensafe convert: {url}: the input must be a local file (a pickle is checked as a whole, so it would be downloaded first); download it, then convert it");
         return ExitCode::FAILURE;
     }
     let output_url = crate::remote::url(&args.output);
     if let (Some(index), Some(url)) = (sharded_index(&args.input), output_url) {
-        eprintln!(
+        say_err!(
             "tensafe convert: {}: a sharded checkpoint converts into a local directory; then upload it with `tensafe reshard DIR {url}`",
             index.display()
         );
@@ -100,10 +100,10 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
                     println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize"));
                 } else {
                     for (input, output, r) in &report.shards {
-                        println!("{input} → {output}: {} tensors, {}", r.tensors.len(), crate::human_bytes(r.data_bytes as u128));
+                        say!("{input} → {output}: {} tensors, {}", r.tensors.len(), crate::human_bytes(r.data_bytes as u128));
                         print_details(r);
                     }
-                    println!(
+                    say!(
                         "wrote {} shards and {} ({}) in {:.2} s",
                         report.shards.len(),
                         report.index.display(),
@@ -135,7 +135,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
             } else {
                 let seconds = start.elapsed().as_secs_f64();
                 let root = if report.root.is_empty() { String::new() } else { format!(", state dict at `{}`", report.root) };
-                println!(
+                say!(
                     "{} ({} format{root}) → {}: {} tensors, {} in {:.2} s ({:.0} MB/s)",
                     input.display(),
                     report.format,
@@ -150,7 +150,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("tensafe convert: {e}");
+            say_err!("tensafe convert: {e}");
             ExitCode::FAILURE
         }
     }
@@ -171,30 +171,30 @@ fn convert_to_url(input: &Path, url: &str, options: &ConvertOptions) -> Result<C
 }
 
 fn fail(e: &tensafe_pickle::Error) -> ExitCode {
-    eprintln!("tensafe convert: refused: {e}");
+    say_err!("tensafe convert: refused: {e}");
     ExitCode::FAILURE
 }
 
 fn print_details(r: &ConvertReport) {
     let copied: Vec<&str> = r.tensors.iter().filter(|t| t.copied).map(|t| t.name.as_str()).collect();
     if !copied.is_empty() {
-        println!("  copied to contiguous / little-endian form: {}", list(&copied));
+        say!("  copied to contiguous / little-endian form: {}", list(&copied));
     }
     for group in &r.shared_storages {
-        println!("  share one storage: {}", group.join(", "));
+        say!("  share one storage: {}", group.join(", "));
     }
     for (removed, kept) in &r.deduplicated {
-        println!("  de-duplicated: {removed} → {kept}");
+        say!("  de-duplicated: {removed} → {kept}");
     }
     for (path, why) in &r.skipped {
-        println!("  skipped {path}: {why}");
+        say!("  skipped {path}: {why}");
     }
     for (path, json) in &r.non_tensors {
         let shown: String = json.chars().take(100).collect();
-        println!("  non-tensor {path} = {shown}{}", if json.chars().count() > 100 { "…" } else { "" });
+        say!("  non-tensor {path} = {shown}{}", if json.chars().count() > 100 { "…" } else { "" });
     }
     for w in &r.warnings {
-        println!("  warning: {w}");
+        say!("  warning: {w}");
     }
 }
 

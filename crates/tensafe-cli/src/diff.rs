@@ -112,7 +112,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
     let (kind_a, na, kind_b, nb, changes, identical) = match result {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("tensafe diff: {e}");
+            say_err!("tensafe diff: {e}");
             return ExitCode::from(2);
         }
     };
@@ -125,17 +125,17 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         });
         println!("{}", serde_json::to_string_pretty(&out).expect("JSON values serialize"));
     } else {
-        println!("a: {} ({kind_a}, {na} tensors)", args.a.display());
-        println!("b: {} ({kind_b}, {nb} tensors)", args.b.display());
+        say!("a: {} ({kind_a}, {na} tensors)", args.a.display());
+        say!("b: {} ({kind_b}, {nb} tensors)", args.b.display());
         for c in &changes {
             let mark = match c.change {
                 "added" => "+",
                 "removed" => "-",
                 _ => "~",
             };
-            println!("{mark} {:<8} {}  {}", c.change, c.name, c.detail);
+            say!("{mark} {:<8} {}  {}", c.change, c.name, c.detail);
         }
-        println!("{identical} identical tensors, {} differences", changes.len());
+        say!("{identical} identical tensors, {} differences", changes.len());
     }
     if changes.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }

@@ -18,7 +18,7 @@ pub fn run(path: &Path, as_json: bool) -> ExitCode {
     let checkpoint = match ShardedCheckpoint::open(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tensafe: {e}");
+            say_err!("tensafe: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -129,7 +129,7 @@ fn to_table(path: &Path, parts: &[Part<'_>]) -> String {
     );
     if let Some(metadata) = parts.first().and_then(|p| p.header.metadata()) {
         for (key, value) in metadata {
-            let _ = writeln!(out, "  metadata {key} = {value:?}");
+            let _ = writeln!(out, "  metadata {} = {value:?}", tensafe::Printable(key));
         }
     }
     if tensors == 0 {
@@ -140,12 +140,12 @@ fn to_table(path: &Path, parts: &[Part<'_>]) -> String {
         .flat_map(|part| {
             part.header.iter().map(move |(name, info)| {
                 [
-                    name.to_string(),
+                    tensafe::Printable(name).to_string(),
                     info.dtype.code().to_string(),
                     format!("{:?}", info.shape),
                     info.byte_len().to_string(),
                     (part.header.data_start() + info.data_offsets.0 as u64).to_string(),
-                    part.shard.clone().unwrap_or_default(),
+                    part.shard.as_deref().map(|s| tensafe::Printable(s).to_string()).unwrap_or_default(),
                 ]
             })
         })

@@ -1,5 +1,18 @@
 //! The `tensafe` command line.
 
+/// `println!` for a line that carries text from the files being examined
+/// (tensor names, pickle globals, archive entries): control characters come
+/// out escaped, so a hostile file can neither drive the terminal nor forge
+/// lines of the report.
+macro_rules! say {
+    ($($arg:tt)*) => { println!("{}", tensafe::Printable(&format!($($arg)*))) };
+}
+
+/// [`say!`] for standard error.
+macro_rules! say_err {
+    ($($arg:tt)*) => { eprintln!("{}", tensafe::Printable(&format!($($arg)*))) };
+}
+
 mod convert;
 mod diff;
 mod inspect;
@@ -79,9 +92,9 @@ fn main() -> ExitCode {
                     None => verify(file),
                 };
                 match result {
-                    Ok(report) => println!("OK    {report}"),
+                    Ok(report) => say!("OK    {report}"),
                     Err(e) => {
-                        println!("FAIL  {e}");
+                        say!("FAIL  {e}");
                         ok = false;
                     }
                 }
@@ -115,15 +128,15 @@ fn reshard(input: &Path, output: &Path, max_shard_size: &str) -> ExitCode {
     match result {
         Ok(Some(index)) => {
             let shards: std::collections::BTreeSet<&String> = index.weight_map.values().collect();
-            println!("wrote {} shards and {} to {}", shards.len(), tensafe::INDEX_FILE, output.display());
+            say!("wrote {} shards and {} to {}", shards.len(), tensafe::INDEX_FILE, output.display());
             ExitCode::SUCCESS
         }
         Ok(None) => {
-            println!("wrote {}", inside(tensafe::SINGLE_FILE));
+            say!("wrote {}", inside(tensafe::SINGLE_FILE));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("tensafe: {e}");
+            say_err!("tensafe: {e}");
             ExitCode::FAILURE
         }
     }
@@ -166,7 +179,8 @@ pub(crate) fn check_bools(source: &str, name: &str, chunk: &[u8], first_element:
     match chunk.iter().position(|&b| b > 1) {
         None => Ok(()),
         Some(i) => Err(format!(
-            "{source}: BOOL tensor `{name}` holds the byte {} at element {} (file offset {}); booleans must be 0 or 1",
+            "{source}: BOOL tensor `{}` holds the byte {} at element {} (file offset {}); booleans must be 0 or 1",
+            tensafe::Printable(name),
             chunk[i],
             first_element + i as u64,
             first_offset + i as u64

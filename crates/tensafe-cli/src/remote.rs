@@ -49,7 +49,7 @@ pub fn inspect(url: &str, as_json: bool) -> ExitCode {
     let checkpoint = match RemoteCheckpoint::open(url, &RemoteOptions::default()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tensafe: {e}");
+            say_err!("tensafe: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -88,19 +88,19 @@ fn label(v: Verdict) -> &'static str {
 
 fn print_report(r: &ScanReport, verbose: bool) {
     let tensors = if r.tensors.is_empty() { String::new() } else { format!(", {} tensors", r.tensors.len()) };
-    println!("{:<10}  {}  ({}{tensors})", label(r.verdict), r.path, r.container);
+    say!("{:<10}  {}  ({}{tensors})", label(r.verdict), r.path, r.container);
     if let Some(e) = &r.error {
-        println!("  error: {e}");
+        say!("  error: {e}");
     }
     let show = |s: Severity| verbose || s > Severity::Safe;
     for f in r.findings.iter().filter(|f| show(f.severity)) {
-        println!("  [{:?}] {}: {}", f.severity, f.kind, f.detail);
+        say!("  [{:?}] {}: {}", f.severity, f.kind, f.detail);
     }
     for p in &r.pickles {
         let rep = &p.report;
         for i in rep.imports.iter().filter(|i| show(i.severity)) {
             let raw = i.raw.as_ref().map(|r| format!(" (written as {r})")).unwrap_or_default();
-            println!("  [{:?}] {} offset {}: {} {}{raw} ({})", i.severity, rep.name, i.offset, i.opcode, i.global, i.status);
+            say!("  [{:?}] {} offset {}: {} {}{raw} ({})", i.severity, rep.name, i.offset, i.opcode, i.global, i.status);
         }
         for c in rep.calls.iter().filter(|c| show(c.severity)) {
             // Reachability matters for calls that would run code; modelled
@@ -110,16 +110,16 @@ fn print_report(r: &ScanReport, verbose: bool) {
                 (_, true) => " [result reachable from the unpickled object]",
                 (_, false) => " [result discarded or only in the memo: it would run all the same]",
             };
-            println!("  [{:?}] {} offset {}: {} {} {}{reach}", c.severity, rep.name, c.offset, c.opcode, c.callee, c.args);
+            say!("  [{:?}] {} offset {}: {} {} {}{reach}", c.severity, rep.name, c.offset, c.opcode, c.callee, c.args);
         }
         for a in rep.anomalies.iter().filter(|a| show(a.severity)) {
-            println!("  [{:?}] {} offset {}: {}: {}", a.severity, rep.name, a.offset, a.kind, a.detail);
+            say!("  [{:?}] {} offset {}: {}: {}", a.severity, rep.name, a.offset, a.kind, a.detail);
         }
         if rep.dropped_events > 0 && (verbose || rep.severity() > Severity::Safe) {
-            println!("  {}: {} more events not recorded", rep.name, rep.dropped_events);
+            say!("  {}: {} more events not recorded", rep.name, rep.dropped_events);
         }
         if let Some(e) = &rep.error {
-            println!("  {}: stopped: {e}", rep.name);
+            say!("  {}: stopped: {e}", rep.name);
         }
     }
 }

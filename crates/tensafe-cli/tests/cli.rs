@@ -126,3 +126,22 @@ fn inspect_and_reshard_a_sharded_checkpoint() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing shard model-00002"));
 }
+
+#[test]
+fn names_with_control_characters_are_read_and_shown_escaped() {
+    // Valid files (the reference writes and reads such names); a listing must
+    // not let them drive the terminal or forge lines.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctrl.safetensors");
+    let data = [1u8, 2];
+    let name = "evil\u{1b}[2J\nOK    forged";
+    tensafe::serialize_to_file([(name, RawTensor { dtype: Dtype::U8, shape: &[2], data: &data })], None, &path).unwrap();
+    let out = tensafe(&["inspect", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    assert!(text.contains("evil\\u{1b}[2J\\nOK    forged"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("OK")), "{text}");
+    let diff = tensafe(&["diff", path.to_str().unwrap(), dir.path().join("missing.safetensors").to_str().unwrap()]);
+    assert!(!String::from_utf8_lossy(&diff.stderr).contains('\u{1b}'));
+}

@@ -93,3 +93,16 @@ fn convert_writes_or_refuses_and_diff_proves_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("posix.system"));
     assert!(!target.exists());
 }
+
+#[test]
+fn scan_reports_escape_what_a_hostile_pickle_names() {
+    // GLOBAL names carrying terminal escapes and a newline: the report shows
+    // them escaped, on one line each.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("escape.pkl");
+    std::fs::write(&path, b"\x80\x02cos\x1b[2J\nsys\x1b]0;pwned\x07\n)R.").unwrap();
+    let out = run(&["scan"], &[&path]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("os\\u{1b}[2J.sys\\u{1b}]0;pwned\\u{7}"), "{text}");
+    assert!(!text.contains('\u{1b}') && !text.contains('\u{7}'), "{text:?}");
+}

@@ -235,7 +235,7 @@ impl RemoteFile {
         let end = plan.ranges().map(|r| r.end).max().unwrap_or(0);
         if end > info.byte_len() {
             return Err(format(tensafe::Error::InvalidSlice {
-                reason: format!("the plan reaches byte {end} of tensor `{name}`, which has {} bytes", info.byte_len()),
+                reason: format!("the plan reaches byte {end} of tensor `{}`, which has {} bytes", tensafe::Printable(name), info.byte_len()),
             }));
         }
         let base = self.header.data_start() + info.data_offsets.0 as u64;

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::header::Printable;
 use crate::Dtype;
 
 /// Result alias used throughout the crate.
@@ -34,16 +35,16 @@ pub enum Error {
     InvalidUtf8 { source: std::str::Utf8Error, offset: u64, hint: Diagnosis },
 
     /// The header is not the JSON the format requires (includes tensafe's
-    /// stricter checks: duplicate names, reserved or unprintable names).
+    /// stricter checks: duplicate names, the reserved name).
     #[error("invalid JSON in header: {source}{hint}")]
     InvalidJson { source: serde_json::Error, hint: Diagnosis },
 
     /// A tensor does not start where the previous one ended.
-    #[error("invalid offset for tensor `{name}`: data_offsets [{begin}, {end}] but the tensor must start at {expected} (file offset {file_offset}); the data section has a hole, an overlap or reversed offsets")]
+    #[error("invalid offset for tensor `{}`: data_offsets [{begin}, {end}] but the tensor must start at {expected} (file offset {file_offset}); the data section has a hole, an overlap or reversed offsets", Printable(.name))]
     InvalidOffset { name: String, begin: u64, end: u64, expected: u64, file_offset: u64 },
 
     /// Shape × dtype does not fit in the address space.
-    #[error("overflow computing buffer size from shape and/or element type (tensor `{name}`, shape {shape:?})")]
+    #[error("overflow computing buffer size from shape and/or element type (tensor `{}`, shape {shape:?})", Printable(.name))]
     Overflow { name: String, shape: Vec<usize> },
 
     /// A sub-byte tensor or selection does not start and end on a byte.
@@ -51,7 +52,7 @@ pub enum Error {
     Misaligned { name: Option<String> },
 
     /// The byte range of a tensor does not match its shape and dtype.
-    #[error("invalid shape, data type, or offset for tensor `{name}`: {dtype} with shape {shape:?} takes {expected} bytes but data_offsets span {actual}")]
+    #[error("invalid shape, data type, or offset for tensor `{}`: {dtype} with shape {shape:?} takes {expected} bytes but data_offsets span {actual}", Printable(.name))]
     TensorInvalidInfo { name: String, dtype: Dtype, shape: Vec<usize>, expected: u64, actual: u64 },
 
     /// The tensors do not cover the data section exactly.
@@ -59,7 +60,7 @@ pub enum Error {
     MetadataIncompleteBuffer { expected: u64, actual: u64 },
 
     /// No tensor of that name.
-    #[error("tensor `{name}` not found")]
+    #[error("tensor `{}` not found", Printable(.name))]
     TensorNotFound { name: String },
 
     /// A slice index past the end of a dimension.
@@ -125,7 +126,7 @@ impl Error {
             Error::InvalidHeaderLength { .. } => "invalid header length".into(),
             Error::InvalidUtf8 { source, .. } => format!("invalid UTF-8 in header: {source}"),
             Error::InvalidJson { source, .. } => format!("invalid JSON in header: {source}"),
-            Error::InvalidOffset { name, .. } => format!("invalid offset for tensor `{name}`"),
+            Error::InvalidOffset { name, .. } => format!("invalid offset for tensor `{}`", Printable(name)),
             Error::Overflow { .. } => "overflow computing buffer size from shape and/or element type".into(),
             Error::Misaligned { .. } => Error::Misaligned { name: None }.to_string(),
             Error::TensorInvalidInfo { .. } => "invalid shape, data type, or offset for tensor".into(),
@@ -146,7 +147,7 @@ impl Error {
 
 fn misaligned_context(name: &Option<String>) -> String {
     match name {
-        Some(name) => format!(" (tensor `{name}`)"),
+        Some(name) => format!(" (tensor `{}`)", Printable(name)),
         None => String::new(),
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! The checks run in the reference implementation's order, so a bad file gets
 //! the same kind of error from both; on top of them tensafe rejects duplicate
-//! tensor names and names with control characters, which the reference lets
-//! through.
+//! tensor names, which the reference lets through (the last one silently
+//! wins). Names may hold any JSON string, control characters included, as in
+//! the reference; [`Printable`] shows them safely.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -208,12 +209,10 @@ impl<'de> Visitor<'de> for HeaderVisitor {
                 metadata = Some(map.next_value_seed(OptionalStringMap)?);
                 continue;
             }
-            if let Some(reason) = invalid_name_reason(&key) {
-                return Err(de::Error::custom(format_args!("tensor name {key:?} {reason}")));
-            }
             if seen.insert(key.clone(), ()).is_some() {
                 return Err(de::Error::custom(format_args!(
-                    "duplicate tensor name `{key}` (the format forbids it; the reference keeps the last one silently)"
+                    "duplicate tensor name `{}` (the format forbids it; the reference keeps the last one silently)",
+                    Printable(&key)
                 )));
             }
             let raw: RawTensorInfo = map.next_value()?;
@@ -223,15 +222,23 @@ impl<'de> Visitor<'de> for HeaderVisitor {
     }
 }
 
-/// Why a tensor name is refused, or `None` if it is fine. Shared by the reader
-/// and the writer so both apply the same rule.
-pub(crate) fn invalid_name_reason(name: &str) -> Option<&'static str> {
-    if name == METADATA_KEY {
-        Some("is reserved for the metadata map")
-    } else if name.chars().any(char::is_control) {
-        Some("contains control characters (NUL, escape, newline, …), which tensafe refuses because they corrupt terminals and logs")
-    } else {
-        None
+/// A name from a file (tensor name, metadata key) as shown in messages and
+/// listings: control characters — which could clear a terminal, move its
+/// cursor or forge log lines — escaped (`\n`, `\u{1b}`), the rest as is.
+#[derive(Debug, Clone, Copy)]
+pub struct Printable<'a>(pub &'a str);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_debug())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -412,9 +419,12 @@ mod tests {
         let dup = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
         let err = parse(&file(dup, 2)).unwrap_err().to_string();
         assert!(err.contains("duplicate tensor name `a`"), "{err}");
-        let ctrl = "{\"a\\u001b[31m\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}";
-        let err = parse(&file(ctrl, 1)).unwrap_err().to_string();
-        assert!(err.contains("control characters"), "{err}");
+        // Control characters are valid JSON in names, as in the reference;
+        // messages show them escaped.
+        let ctrl = "{\"a\\u001b[31m\\n\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}";
+        let header = parse(&file(ctrl, 1)).unwrap();
+        assert_eq!(header.iter().map(|(name, _)| name).collect::<Vec<_>>(), ["a\u{1b}[31m\n"]);
+        assert_eq!(Printable("a\u{1b}[31m\n\té").to_string(), "a\\u{1b}[31m\\n\\té");
         let dup_meta = r#"{"__metadata__":{"k":"1","k":"2"}}"#;
         assert!(parse(&file(dup_meta, 0)).unwrap_err().to_string().contains("duplicate metadata key"));
         let top = "[]";

@@ -37,7 +37,7 @@ pub use atomic::{write_atomically, write_file_atomically};
 pub use dtype::Dtype;
 pub use error::{Diagnosis, Error, Result};
 pub use fs::FilesystemKind;
-pub use header::{Header, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
+pub use header::{Header, Printable, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 pub use parallel::{Split, TensorParallelPlan};
 pub use reader::{MmapFile, PreadFile, SafeTensors, TensorView};
 pub use shards::{

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use crate::atomic::write_atomically;
 use crate::error::{Error, Result};
-use crate::header::{expected_byte_len, invalid_name_reason, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
+use crate::header::{expected_byte_len, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 use crate::reader::TensorView;
 use crate::Dtype;
 
@@ -169,8 +169,8 @@ where
     let mut seen = HashSet::with_capacity(tensors.len());
     for (name, _) in &tensors {
         let name = name.as_ref();
-        if let Some(reason) = invalid_name_reason(name) {
-            return Err(Error::InvalidName { name: name.to_owned(), reason });
+        if name == METADATA_KEY {
+            return Err(Error::InvalidName { name: name.to_owned(), reason: "is reserved for the metadata map" });
         }
         if !seen.insert(name) {
             return Err(Error::InvalidName { name: name.to_owned(), reason: "appears twice" });
