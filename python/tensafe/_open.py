@@ -25,9 +25,12 @@ _DEVICE_RE = re.compile(r"^(%s)(?::(\d+))?$" % "|".join(_ACCELERATORS))
 
 
 def _framework(framework: Any) -> str:
+    if not isinstance(framework, str):
+        # TypeError, as the reference's argument conversion raises.
+        raise TypeError(f"framework must be a str, got {type(framework).__name__}")
     try:
         return _FRAMEWORKS[framework]
-    except (KeyError, TypeError):
+    except KeyError:
         raise SafetensorError(f"framework {framework} is invalid") from None
 
 
@@ -287,6 +290,8 @@ def _check_arguments(framework: Any, device: Any, backend: Any) -> tuple:
     """Validates `safe_open`'s arguments in the reference's order and wording;
     returns the normalised framework and device."""
     name, normalised = _framework(framework), _device(device)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in ("mmap", "pread", "auto"):
         raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread", "auto")')
     if name in _NUMPY_LIKE and normalised != "cpu":

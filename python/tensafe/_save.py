@@ -55,7 +55,7 @@ def numpy_item(name: str, array: Any, code: Optional[str] = None) -> Item:
     from . import _dtypes
 
     if not isinstance(name, str):
-        raise SafetensorError(f"tensor names must be str, got {type(name)}")
+        raise TypeError(f"tensor names must be str, got {type(name)}")
     if not isinstance(array, np.ndarray):
         raise SafetensorError(f"Key `{name}` is invalid, expected numpy.ndarray but received {type(array)}")
     code = code or _dtypes.code_for_numpy(array.dtype)

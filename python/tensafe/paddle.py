@@ -30,10 +30,26 @@ def save_file(tensors: Dict[str, paddle.Tensor], filename: Union[str, os.PathLik
     _numpy_like.save(tensors, metadata, _to_numpy, "paddle.Tensor", filename, code_of=_code)
 
 
+#: Dtypes paddle has but does not take from numpy arrays: built from the
+#: bytes as uint8, then viewed as the dtype.
+_VIEWED_FROM_BYTES = ("uint32", "uint64", "float8_e4m3fn", "float8_e5m2")
+
+
 def from_numpy(array: Any, place: Any = "cpu") -> paddle.Tensor:
-    """A paddle tensor from a numpy array; bfloat16 goes through paddle's uint16 form."""
-    if array.dtype.name == "bfloat16":
+    """A paddle tensor from a numpy array; bfloat16 goes through paddle's
+    uint16 form, and the dtypes of `_VIEWED_FROM_BYTES` through bytes."""
+    name = array.dtype.name
+    if name == "bfloat16":
         array = array.view(np.uint16)
+    elif name in _VIEWED_FROM_BYTES and hasattr(paddle, name):
+        dtype = getattr(paddle, name)
+        if array.ndim == 0:
+            # Needs a reshape, which paddle has no uint32/uint64 kernel for
+            # (the reference fails there too).
+            return paddle.to_tensor(array.reshape(1).view(np.uint8), place=place).view(dtype).reshape([])
+        # Bytes in the same shape but the last dimension, viewed back: no
+        # reshape. (Empty tensors fail in paddle's view, as in the reference.)
+        return paddle.to_tensor(np.ascontiguousarray(array).view(np.uint8), place=place).view(dtype)
     return paddle.to_tensor(array, place=place)
 
 

@@ -216,10 +216,10 @@ def save_model(model: torch.nn.Module, filename: str, metadata: Optional[Dict[st
     """Saves a model's state dict, storing shared tensors once (aliases go to metadata)."""
     state_dict = model.state_dict()
     to_remove = _remove_duplicate_names(state_dict)
-    if metadata is None:
-        metadata = {}
     for kept, removed in to_remove.items():
         for name in removed:
+            if metadata is None:
+                metadata = {}  # only when there is an alias to record, as the reference does
             if name not in metadata:
                 metadata[name] = kept
             del state_dict[name]

@@ -175,6 +175,12 @@ def test_save_model_and_load_model_round_trip_tied_weights(tmp_path):
     missing, unexpected = ts_pt.load_model(fresh, ours)
     assert not missing and not unexpected
     assert torch.equal(fresh.b.weight, model.a.weight)
+    # Nothing shared: no metadata block at all (transformers checks `metadata is not None`).
+    plain = torch.nn.Linear(2, 2)
+    ts_pt.save_model(plain, ours)
+    ref_pt.save_model(plain, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert tensafe.safe_open(ours, "pt").metadata() is None
 
 
 def test_new_files_follow_the_umask(tmp_path):

@@ -139,6 +139,7 @@ def check(module, tmp_path):
         assert as_numpy(f.get_slice("float32.0")[1:, ::2]).tobytes() == want.tobytes()
     if module == "paddle":
         check_paddle_bfloat16(ours, ref, tmp_path)
+        check_paddle_dtypes_built_from_bytes(ours, tmp_path)
 
 
 def check_paddle_bfloat16(ours, ref, tmp_path):
@@ -154,6 +155,27 @@ def check_paddle_bfloat16(ours, ref, tmp_path):
     for loaded in (ours.load(data)["w"], ours.load_file(path)["w"], tensafe.safe_open(path, "paddle").get_tensor("w")):
         assert str(loaded.dtype) == "paddle.bfloat16"
         assert loaded.astype("float32").numpy().tolist() == [[1.0, -2.5, 3.0]]
+
+
+def check_paddle_dtypes_built_from_bytes(ours, tmp_path):
+    """fp8 and 32/64-bit unsigned tensors, which paddle has but does not take
+    from numpy: loaded with their paddle dtype and bytes, saved back as is."""
+    import safetensors.numpy as ref_np
+    import tensafe
+
+    arrays = {name: sample(name, (2, 3)) for name in ("float8_e4m3fn", "float8_e5m2", "uint32", "uint64")}
+    arrays["fp8 scalar"] = sample("float8_e4m3fn", ())
+    data = ref_np.save(arrays)
+    path = tmp_path / "bytes.safetensors"
+    path.write_bytes(data)
+    with tensafe.safe_open(path, "paddle") as f:
+        loaded = {k: f.get_tensor(k) for k in f.keys()}
+    for group in (loaded, ours.load(data), ours.load_file(path)):
+        for key, array in arrays.items():
+            tensor = group[key]
+            assert str(tensor.dtype) == f"paddle.{array.dtype.name}" and list(tensor.shape) == list(array.shape), key
+            assert np.asarray(tensor.numpy()).tobytes() == array.tobytes(), key
+    assert ours.save(loaded) == data
 
 
 if __name__ == "__main__":
