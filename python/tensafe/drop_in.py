@@ -16,6 +16,7 @@ import importlib.abc
 import importlib.util
 import runpy
 import sys
+import types
 
 _SUBMODULES = ("torch", "numpy", "flax", "tensorflow", "mlx", "paddle")
 
@@ -42,13 +43,23 @@ class _AliasLoader(importlib.abc.Loader):
         pass
 
 
+def _rust_module_names() -> types.ModuleType:
+    """`safetensors._safetensors_rust`: the names the reference's compiled
+    module exports, which tensafe partly implements in Python."""
+    import tensafe
+
+    module = types.ModuleType("safetensors._safetensors_rust")
+    for name in ("safe_open", "_safe_open_handle", "SafetensorError", "serialize", "serialize_file", "deserialize", "TensorSpec", "__version__"):
+        setattr(module, name, getattr(tensafe, name))
+    return module
+
+
 def install() -> None:
     """Makes `import safetensors` (and its submodules) resolve to tensafe."""
     import tensafe
-    from tensafe import _tensafe_rust
 
     sys.modules["safetensors"] = tensafe
-    sys.modules["safetensors._safetensors_rust"] = _tensafe_rust
+    sys.modules["safetensors._safetensors_rust"] = _rust_module_names()
     for name in _SUBMODULES:
         loaded = sys.modules.get(f"tensafe.{name}")
         if loaded is not None:

@@ -7,13 +7,14 @@ values, bfloat16/float8 work through ml_dtypes, and `load` handles every dtype.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+import sys
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _save
+from . import _dtypes, _save
 from ._open import _to_numpy, safe_open
-from ._tensafe_rust import deserialize
+from ._tensafe_rust import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (the reference's module has them)
 
 
 def _items(tensor_dict: Dict[str, np.ndarray]):
@@ -44,7 +45,44 @@ def save_sharded(
 
 def load(data: bytes) -> Dict[str, np.ndarray]:
     """Loads arrays from bytes, in file order."""
-    return {name: _to_numpy(t["dtype"], t["shape"], t["data"]) for name, t in deserialize(data)}
+    return _view2np(deserialize(data))
+
+
+# -- the reference module's helpers, for code that reaches into it -----------
+
+#: Header code -> numpy dtype, for every code numpy can hold (bfloat16 and
+#: float8 through ml_dtypes when it is installed).
+_TYPES: Dict[str, Any] = {}
+for _code in _dtypes.BY_CODE:
+    try:
+        _TYPES[_code] = _dtypes.numpy_dtype(_code)
+    except Exception:  # no numpy type for it here (ml_dtypes missing)
+        pass
+
+
+def _getdtype(dtype_str: str) -> Any:
+    return _TYPES[dtype_str]
+
+
+def _view2np(safeview: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, np.ndarray]:
+    """Arrays from `deserialize`'s output."""
+    return {name: _to_numpy(t["dtype"], t["shape"], t["data"]) for name, t in safeview}
+
+
+def _is_little_endian(tensor: np.ndarray) -> bool:
+    byteorder = tensor.dtype.byteorder
+    return byteorder in "<|" or (byteorder == "=" and sys.byteorder == "little")
+
+
+def _flatten(tensor_dict: Dict[str, np.ndarray], keep_alive_buffer: List[Any]) -> Dict[str, TensorSpec]:
+    """The reference's raw-pointer form of a save: one `TensorSpec` per
+    array, over contiguous little-endian copies where needed (kept alive in
+    `keep_alive_buffer`)."""
+    flattened = {}
+    for name, code, shape, data in _items(tensor_dict):
+        keep_alive_buffer.append(data)
+        flattened[name] = TensorSpec(dtype=_dtypes.framework_name(code), shape=shape, data_ptr=data.ctypes.data, data_len=data.nbytes)
+    return flattened
 
 
 def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap", threads: Optional[int] = None, progress: Any = None) -> Dict[str, np.ndarray]:

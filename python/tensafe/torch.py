@@ -14,7 +14,7 @@ import torch
 
 from . import _dtypes, _save
 from ._open import _to_torch, safe_open
-from ._tensafe_rust import TensorParallelPlan, deserialize
+from ._tensafe_rust import TensorParallelPlan, TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (the reference's module has them)
 
 #: torch dtype -> element size in bytes (F4 counts its packed byte), as the reference exposes it.
 _SIZE: Dict[Any, int] = {}
@@ -29,6 +29,15 @@ for _code, (_bits, _name) in _dtypes.BY_CODE.items():
 
 def _getdtype(dtype_str: str) -> Any:
     return _TYPES[dtype_str]
+
+
+# The reference module's names for the optional torch dtypes (None where this torch lacks one).
+_float8_e4m3fn = getattr(torch, "float8_e4m3fn", None)
+_float8_e4m3fnuz = getattr(torch, "float8_e4m3fnuz", None)
+_float8_e5m2 = getattr(torch, "float8_e5m2", None)
+_float8_e5m2fnuz = getattr(torch, "float8_e5m2fnuz", None)
+_float8_e8m0 = getattr(torch, "float8_e8m0fnu", None)
+_float4_e2m1_x2 = getattr(torch, "float4_e2m1fn_x2", None)
 
 
 # -- shared storage helpers (same results as the reference's) ---------------
@@ -134,7 +143,9 @@ def _remove_duplicate_names(
 
 # -- saving ------------------------------------------------------------------
 
-def _flatten(tensors: Dict[str, torch.Tensor]) -> List[_save.Item]:
+def _evaluate_tensors_for_save(tensors: Dict[str, torch.Tensor]) -> None:
+    """The reference's checks before a save, in its order and wording: a
+    dict of tensors, none sparse, none sharing memory."""
     if not isinstance(tensors, dict):
         raise ValueError(f"Expected a dict of [str, torch.Tensor] but received {type(tensors)}")
     sparse = []
@@ -158,10 +169,14 @@ def _flatten(tensors: Dict[str, torch.Tensor]) -> List[_save.Item]:
             More information at https://huggingface.co/docs/safetensors/torch_shared_tensors
             """
         )
+
+
+def _flatten(tensors: Dict[str, torch.Tensor]) -> List[_save.Item]:
+    _evaluate_tensors_for_save(tensors)
     return [_item(name, tensor) for name, tensor in tensors.items()]
 
 
-def _item(name: str, tensor: torch.Tensor) -> _save.Item:
+def _check_contiguous(name: str, tensor: torch.Tensor) -> None:
     if not tensor.is_contiguous():
         raise ValueError(
             f"You are trying to save a non contiguous tensor: `{name}` which is not allowed. It either means you"
@@ -169,6 +184,20 @@ def _item(name: str, tensor: torch.Tensor) -> _save.Item:
             " only the full tensors, and reslice at load time, or simply call `.contiguous()` on your tensor to"
             " pack it before saving."
         )
+
+
+def _to_ndarray(tensor: torch.Tensor) -> Tuple[Any, torch.Tensor]:
+    """A uint8 numpy view of a contiguous tensor's bytes (copied to the CPU
+    first if needed, no other copy), and the CPU tensor that owns them.
+    (torch only runs on little-endian hosts: the bytes are in file order.)"""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    return tensor.reshape(-1).view(torch.uint8).numpy(), tensor
+
+
+def _item(name: str, tensor: torch.Tensor) -> _save.Item:
+    _check_contiguous(name, tensor)
     try:
         code = _dtypes.BY_NAME[str(tensor.dtype).removeprefix("torch.")]
     except KeyError:
@@ -176,12 +205,22 @@ def _item(name: str, tensor: torch.Tensor) -> _save.Item:
     shape = list(tensor.shape)
     if code == "F4" and shape:
         shape[-1] *= 2
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.to("cpu")
-    # A byte view of the tensor's own memory: no copy. (torch only runs on
-    # little-endian hosts, so the bytes are already in file order.)
-    return name, code, shape, tensor.reshape(-1).view(torch.uint8).numpy()
+    return name, code, shape, _to_ndarray(tensor)[0]
+
+
+def _flatten_as_ptr(tensors: Dict[str, torch.Tensor], keep_alive_buffer: List[Any]) -> Dict[str, TensorSpec]:
+    """The reference's raw-pointer form of a save: one `TensorSpec` per
+    tensor; `keep_alive_buffer` keeps the memory they point to alive."""
+    _evaluate_tensors_for_save(tensors)
+    flattened = {}
+    for name, tensor in tensors.items():
+        _check_contiguous(name, tensor)
+        array, owner = _to_ndarray(tensor)
+        keep_alive_buffer.append((array, owner))
+        flattened[name] = TensorSpec(
+            dtype=str(tensor.dtype).split(".")[-1], shape=list(tensor.shape), data_ptr=array.ctypes.data, data_len=array.nbytes
+        )
+    return flattened
 
 
 def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
@@ -233,9 +272,14 @@ def save_model(model: torch.nn.Module, filename: str, metadata: Optional[Dict[st
 
 # -- loading -----------------------------------------------------------------
 
+def _view2torch(safeview: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, torch.Tensor]:
+    """Tensors from `deserialize`'s output, on the CPU."""
+    return {name: _to_torch(t["dtype"], t["shape"], t["data"], "cpu") for name, t in safeview}
+
+
 def load(data: bytes) -> Dict[str, torch.Tensor]:
     """Loads tensors from bytes (every dtype), in file order."""
-    return {name: _to_torch(t["dtype"], t["shape"], t["data"], "cpu") for name, t in deserialize(data)}
+    return _view2torch(deserialize(data))
 
 
 def load_file(

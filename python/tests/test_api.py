@@ -298,3 +298,40 @@ def test_the_gil_is_released_while_saving(tmp_path):
         thread.join()
     # With the GIL held for the whole write the ticker would barely move.
     assert during > 1000, during
+
+
+def test_modules_have_every_name_of_the_references():
+    """Code reaches into the reference's modules (`safetensors.torch._flatten_as_ptr`,
+    `safetensors.numpy._TYPES`, `safetensors.torch.serialize`, …): every name
+    they define or import is there, apart from stdlib modules and typing."""
+    import types
+
+    import safetensors.numpy as ref_np
+
+    for ours, theirs in ((ts_pt, ref_pt), (ts_np, ref_np), (tensafe, safetensors)):
+        names = {
+            n for n, v in vars(theirs).items()
+            if not n.startswith("__") and not isinstance(v, types.ModuleType) and getattr(v, "__module__", None) != "typing"
+        }
+        assert not names - set(dir(ours)), theirs.__name__
+    # The raw-pointer save helpers give the same bytes as the reference's.
+    tensors = {"w": torch.arange(4.0), "h": torch.ones(2, dtype=torch.bfloat16)}
+    assert tensafe.serialize(ts_pt._flatten_as_ptr(tensors, [])) == safetensors.serialize(ref_pt._flatten_as_ptr(tensors, []))
+    arrays = {"x": np.arange(6, dtype=">i4").reshape(2, 3)}
+    assert tensafe.serialize(ts_np._flatten(arrays, [])) == ref_np.save(arrays)
+
+
+def test_drop_in_serves_the_compiled_module_names(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "uses_rust_module.py"
+    script.write_text(
+        "from safetensors._safetensors_rust import safe_open, SafetensorError, serialize\n"
+        "import safetensors.torch, torch\n"
+        "safetensors.torch.save_file({'a': torch.ones(2)}, 'a.safetensors')\n"
+        "with safe_open('a.safetensors', 'pt') as f: print(type(f).__module__, f.keys())\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "tensafe.drop_in", str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "tensafe._open ['a']"
