@@ -20,6 +20,10 @@ Item = Tuple[str, str, List[int], Any]
 def check_metadata(metadata: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict of str to str, got {type(metadata)}")
+    for key, value in (metadata or {}).items():
+        for text in (key, value):
+            if isinstance(text, str):
+                text.encode("utf-8")  # UnicodeEncodeError for lone surrogates, as the reference raises
     return metadata
 
 

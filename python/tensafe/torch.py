@@ -193,6 +193,10 @@ def _to_ndarray(tensor: torch.Tensor) -> Tuple[Any, torch.Tensor]:
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.to("cpu")
+    if tensor.is_conj() or tensor.is_neg():
+        # Lazy conjugate/negative views: their memory holds the other values
+        # (the reference saves those, wrongly); materialise the real ones.
+        tensor = tensor.resolve_conj().resolve_neg()
     return tensor.reshape(-1).view(torch.uint8).numpy(), tensor
 
 

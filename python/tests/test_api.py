@@ -335,3 +335,16 @@ def test_drop_in_serves_the_compiled_module_names(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tensafe.drop_in", str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "tensafe._open ['a']"
+
+
+def test_lazy_conjugate_and_negative_views_save_their_values():
+    # The reference writes the memory of such views, i.e. the wrong values.
+    c = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    loaded = ts_pt.load(ts_pt.save({"conj": c.conj(), "neg": torch.arange(3.0)._neg_view()}))
+    assert loaded["conj"].tolist() == [1 - 2j, 3 + 1j] and loaded["neg"].tolist() == [0.0, -1.0, -2.0]
+
+
+def test_metadata_with_a_lone_surrogate_is_a_unicode_error_like_the_reference():
+    for lib in (ref_pt, ts_pt):
+        with pytest.raises(UnicodeEncodeError):
+            lib.save({"a": torch.ones(1)}, metadata={"k": "\udc80"})
