@@ -139,9 +139,9 @@ def seaweed(tmp_path_factory):
     try:
         wait_for(s3_port, process, "SeaweedFS")
         deadline = time.time() + 90
-        while True:  # ready when an authenticated write works
-            try:
-                client.put_object(Bucket="models", Key=".ready", Body=b"ok")
+        while True:  # ready when an authenticated 1 MiB write works (a 2-byte
+            try:       # probe once passed while the larger uploads below still failed)
+                client.put_object(Bucket="models", Key=".ready", Body=bytes(1 << 20))
                 break
             except Exception:
                 if time.time() > deadline or process.poll() is not None:

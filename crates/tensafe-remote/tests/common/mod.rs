@@ -146,11 +146,13 @@ impl Seaweed {
         command.args(["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=256"]);
         let server = Server::spawn("weed", command, dir);
         let seaweed = Seaweed { server, s3_port, bucket: bucket.to_owned() };
-        // Ready when an authenticated write to the bucket succeeds.
+        // Ready when an authenticated 1 MiB write to the bucket succeeds: a
+        // write of the size the tests make, through the whole write path
+        // (a 2-byte probe once passed while larger uploads still failed).
         let options = seaweed.options();
         let probe = format!("s3://{bucket}/.ready");
         wait_until("SeaweedFS S3 gateway", Duration::from_secs(90), &seaweed.server.log, || {
-            listening(s3_port) && put(&options, &probe, b"ok".to_vec()).is_ok()
+            listening(s3_port) && put(&options, &probe, vec![0; 1 << 20]).is_ok()
         });
         Some(seaweed)
     }
