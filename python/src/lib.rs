@@ -512,6 +512,10 @@ fn slice_error(py: Python<'_>, shape: &[usize], indices: &[SliceIndex], e: &Erro
         Error::SliceOutOfBounds { asked, dim, size } if *asked < 0 => {
             typed_slice_error(py, "SliceIndexError", format!("Invalid index {asked} for dimension {dim} of size {size}"))
         }
+        // numpy raises IndexError for several ellipses, ValueError for a bad step.
+        Error::InvalidSlice { .. } if indices.iter().filter(|i| matches!(i, SliceIndex::Ellipsis)).count() > 1 => {
+            typed_slice_error(py, "SliceIndexError", e.to_string())
+        }
         Error::InvalidSlice { .. } => typed_slice_error(py, "SliceValueError", e.to_string()),
         Error::SliceOutOfBounds { .. } | Error::TooManyIndices { .. } => typed_slice_error(
             py,
@@ -564,7 +568,7 @@ fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
         // As in the reference: `x[[]]` selects nothing of dim 0; index lists
         // (advanced indexing) are not supported.
         if !list.is_empty() {
-            return Err(SafetensorError::new_err("Non empty lists are not implemented"));
+            return Err(typed_slice_error(index.py(), "SliceIndexError", "Non empty lists are not implemented".into()));
         }
         return Ok(vec![SliceIndex::range(0, 0)]);
     } else {
@@ -946,6 +950,13 @@ impl PyTensorParallelPlan {
     }
 }
 
+/// `text` (a name from a file) with its control and bidirectional
+/// characters escaped, as every message shows names (`tensafe::Printable`).
+#[pyfunction]
+fn printable(text: &str) -> String {
+    tensafe::Printable(text).to_string()
+}
+
 /// Parses a shard size such as `"5GB"`, `"500MiB"` or `"1000"`.
 #[pyfunction]
 fn parse_size(text: &str) -> PyResult<u64> {
@@ -1011,7 +1022,8 @@ fn convert_pickle(
             tensafe_pickle::convert_file(&input, &output, &options).map(|r| serde_json::to_string(&r))
         }
     })
-    .map_err(|e| SafetensorError::new_err(e.to_string()))?
+    // The message quotes names from the hostile input: escaped like all names.
+    .map_err(|e| SafetensorError::new_err(tensafe::Printable(&e.to_string()).to_string()))?
     .map_err(|e| SafetensorError::new_err(e.to_string()))
 }
 
@@ -1038,6 +1050,7 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serialize_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(deserialize, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(printable, m)?)?;
     m.add_function(wrap_pyfunction!(save_sharded_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(convert_pickle, m)?)?;
     m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;

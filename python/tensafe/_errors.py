@@ -7,9 +7,9 @@ from ._tensafe_rust import SafetensorError
 
 
 class SliceIndexError(SafetensorError, IndexError):
-    """An index outside the tensor, more indices than dimensions, or an
-    index of a kind slicing does not take."""
+    """An index outside the tensor, more indices than dimensions, several
+    ellipses, or an index of a kind slicing does not take."""
 
 
 class SliceValueError(SafetensorError, ValueError):
-    """A slice step that is not a positive integer, or several ellipses."""
+    """A slice step that is not a positive integer."""

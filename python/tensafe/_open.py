@@ -10,7 +10,8 @@ import threading
 from typing import Any, Dict, List, Optional, Union
 
 from . import _dtypes, _progress
-from ._tensafe_rust import DIRECT_ALIGN, File, HostBuffer, SafetensorError
+from ._errors import SliceIndexError
+from ._tensafe_rust import DIRECT_ALIGN, File, HostBuffer, SafetensorError, printable
 
 _FRAMEWORKS = {
     "pt": "pt", "torch": "pt", "pytorch": "pt",
@@ -289,9 +290,9 @@ _NUMPY_LIKE = {"numpy": "numpy", "tensorflow": "tensorflow", "flax": "flax", "ml
 def _check_arguments(framework: Any, device: Any, backend: Any) -> tuple:
     """Validates `safe_open`'s arguments in the reference's order and wording;
     returns the normalised framework and device."""
-    name, normalised = _framework(framework), _device(device)
-    if not isinstance(backend, str):
+    if not isinstance(backend, str):  # argument types first, as the reference converts them first
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    name, normalised = _framework(framework), _device(device)
     if backend not in ("mmap", "pread", "auto"):
         raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread", "auto")')
     if name in _NUMPY_LIKE and normalised != "cpu":
@@ -414,7 +415,7 @@ class _CheckpointOpen(safe_open):
         try:
             return self._where[name]
         except KeyError:
-            raise SafetensorError(f"File does not contain tensor {name}") from None
+            raise SafetensorError(f"File does not contain tensor {printable(name)}") from None
 
     def keys(self) -> List[str]:
         self._parts()
@@ -464,9 +465,13 @@ class PySafeSlice:
         return self._code
 
     def __getitem__(self, index: Any) -> Any:
-        if self._framework == "pt" and not _natively_sliced(index) and _dtypes.BY_CODE[self._code][0] >= 8:
+        if self._framework == "pt" and not _natively_sliced(index):
+            if _dtypes.BY_CODE[self._code][0] < 8:
+                raise SliceIndexError(f"index lists, arrays, masks and booleans are not supported for {self._code} tensors (packed sub-byte values)")
             whole = _convert("pt", "cpu", self._code, self._shape, self._file.buffer(self._name))
             selected = whole[index]
+            if selected.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
+                selected = selected.clone()  # a view (booleans index as basic indexing): slices never alias the file
             return selected if self._device == "cpu" else selected.to(self._device)
         shape, data = self._file.read_slice(self._name, index)
         return _convert(self._framework, self._device, self._code, shape, data)
@@ -487,8 +492,8 @@ def _natively_sliced(index: Any) -> bool:
             continue
         elif isinstance(item, bool) or not hasattr(item, "__index__"):
             return False
-        elif getattr(item, "ndim", 0) != 0 or "bool" in str(getattr(item, "dtype", "")):
-            return False  # arrays, tensors and numpy/torch booleans are torch's
+        elif getattr(item, "ndim", 0) != 0 or str(getattr(item, "dtype", "")) in ("bool", "torch.bool", "torch.uint8"):
+            return False  # arrays, tensors, booleans and torch's uint8 masks are torch's
     return ellipses <= 1
 
 

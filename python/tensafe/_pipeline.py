@@ -5,9 +5,10 @@ The data section is cut into chunks. Reader threads fill free slots of the
 ring (positional reads, without the GIL) while chunks already read are copied
 to the device asynchronously on two streams, so disk reads and host-to-device
 copies overlap. The staging memory is allocated once per load and bounded:
-`ring × chunk_bytes` bytes, never more (a page more per slot only where an
-allocator hands out memory that is not page-aligned and direct reads need
-it to be); a slot is refilled only after the copy out of it has completed.
+`ring × chunk_bytes` bytes, never more (with direct reads, chunks are whole
+pages, at least one, and a slot gets a page more only where an allocator
+hands out memory that is not page-aligned); a slot is refilled only after
+the copy out of it has completed.
 The result is one device allocation; tensors are views of it.
 
 With `direct`, a local file is read past the page cache (`O_DIRECT`): the
@@ -47,8 +48,10 @@ MAX_THREADS = 16
 
 class StagingStats:
     """What a load used, for callers and tests: pinned bytes, chunks copied,
-    the most reads that were in flight at once, whether the load read past
-    the page cache and how many bytes it read that way."""
+    the most reads that were in flight at once, whether it was set up for
+    direct reads, and how many bytes it actually read past the page cache
+    (none for files in memory or remote, or where the filesystem has no
+    `O_DIRECT`)."""
 
     def __init__(self) -> None:
         self.pinned_bytes = 0
@@ -68,11 +71,11 @@ def _plan_chunks(data_start: int, total: int, chunk_bytes: int, direct: bool) ->
     """The data section cut into chunks: (offset in the data section, length,
     offset in the staging slot).
 
-    For direct reads the cuts sit at multiples of `chunk_bytes` (rounded to
-    whole pages) in the file, and each chunk keeps its file offset's place
-    within a page in its slot: every chunk is then page-aligned in the file
-    and in the slot but for the file's first and last page, and no chunk
-    needs more than `chunk_bytes` of slot. Otherwise chunks are plain
+    For direct reads the cuts sit at multiples of `chunk_bytes` rounded
+    down to whole pages (one page at least) in the file, and each chunk
+    keeps its file offset's place within a page in its slot: every chunk is
+    then page-aligned in the file and in the slot but for the file's first
+    and last page, and no chunk needs more than that rounded size of slot. Otherwise chunks are plain
     `chunk_bytes` pieces at the slot's start."""
     if not direct:
         size = max(1, chunk_bytes)

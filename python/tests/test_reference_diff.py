@@ -205,7 +205,8 @@ TORCH_INDICES = [
     [0, 2], ([2, 0], 1), ([0, 1], [1, 2]), (1, slice(None), [0, 1]), [True, False, True],
     np.array([0, 2]), torch.tensor([0, 2]), torch.tensor([True, False, True]), (slice(None), [0, 3], slice(1, 3)),
     (slice(1, 3), Ellipsis, [1, 4]), np.array([[True, False, True, False]] * 3), True, (False, 0), [-1],
-    (Ellipsis, 1, Ellipsis), torch.tensor(1), (np.int64(-1), torch.tensor([0])),
+    (Ellipsis, 1, Ellipsis), torch.tensor(1), (np.int64(-1), torch.tensor([0])), np.bool_(True),
+    torch.tensor(1, dtype=torch.uint8), (slice(None), torch.tensor([1, 0, 1, 0], dtype=torch.uint8)),
 ]
 
 
@@ -218,10 +219,18 @@ def test_torch_slices_take_every_index_torch_takes_like_the_reference(tmp_path, 
     path = tmp_path / "s.safetensors"
     ref_pt.save_file({"a": torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)}, path)
     with safetensors.safe_open(path, "pt") as f:
-        expected = f.get_slice("a")[index]
+        try:
+            expected = f.get_slice("a")[index]
+        except IndexError:  # torch refuses some (numpy booleans): so must we
+            with tensafe.safe_open(path, "pt", backend=backend) as ours, pytest.raises(IndexError):
+                ours.get_slice("a")[index]
+            return
     with tensafe.safe_open(path, "pt", backend=backend) as f:
         got = f.get_slice("a")[index]
-    assert got.shape == expected.shape and torch.equal(got, expected)
+        assert got.shape == expected.shape and torch.equal(got, expected)
+        # A slice never aliases the file's mapping: writing into it changes nothing else.
+        got.fill_(-1)
+        assert torch.equal(f.get_tensor("a"), torch.arange(60, dtype=torch.float32).reshape(3, 4, 5))
 
 
 def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):
@@ -237,6 +246,14 @@ def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):
                 with pytest.raises(builtin) as info:
                     s[index]
                 assert isinstance(info.value, tensafe.SafetensorError), (framework, index)
+    # On the native path, several ellipses are an IndexError as in numpy, and
+    # so is an index list (which the reference does not implement there).
+    with pytest.raises(IndexError):
+        np.zeros((3, 4))[..., ...]
+    with tensafe.safe_open(path, "np") as f:
+        for index in [(Ellipsis, Ellipsis), [0, 1]]:
+            with pytest.raises(IndexError):
+                f.get_slice("a")[index]
     # Indices torch refuses are refused with torch's own error.
     with tensafe.safe_open(path, "pt") as f, pytest.raises(IndexError, match="out of bounds"):
         f.get_slice("a")[[0, 7]]
@@ -286,3 +303,13 @@ def test_names_with_control_characters_round_trip_like_the_reference(tmp_path):
             assert sorted(got) == sorted(tensors) and all(torch.equal(got[k], tensors[k]) for k in tensors)
     with pytest.raises(tensafe.SafetensorError, match=r"File does not contain tensor x\\u\{1b\}"):
         tensafe.safe_open(path, "pt").get_tensor("x\x1b")
+
+
+def test_sub_byte_tensors_refuse_torch_only_indices(tmp_path):
+    packed = torch.randint(0, 256, (2, 4), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    path = tmp_path / "f4.safetensors"
+    ts_pt.save_file({"f": packed}, path)
+    with tensafe.safe_open(path, "pt") as f:
+        for index in (True, [0, 1], torch.tensor([True, False])):
+            with pytest.raises(IndexError, match="not supported for F4"):
+                f.get_slice("f")[index]

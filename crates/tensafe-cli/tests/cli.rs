@@ -142,6 +142,11 @@ fn names_with_control_characters_are_read_and_shown_escaped() {
     assert!(!text.contains('\u{1b}'), "{text:?}");
     assert!(text.contains("evil\\u{1b}[2J\\nOK    forged"), "{text}");
     assert!(!text.lines().any(|l| l.starts_with("OK")), "{text}");
-    let diff = tensafe(&["diff", path.to_str().unwrap(), dir.path().join("missing.safetensors").to_str().unwrap()]);
-    assert!(!String::from_utf8_lossy(&diff.stderr).contains('\u{1b}'));
+    // diff lists the name as removed against a file without it.
+    let other = dir.path().join("other.safetensors");
+    tensafe::serialize_to_file([("w", RawTensor { dtype: Dtype::U8, shape: &[2], data: &data })], None, &other).unwrap();
+    let diff = tensafe(&["diff", path.to_str().unwrap(), other.to_str().unwrap()]);
+    let text = stdout(&diff);
+    assert!(text.contains("evil\\u{1b}[2J\\nOK    forged"), "{text}");
+    assert!(!text.contains('\u{1b}') && !text.lines().any(|l| l.starts_with("OK")), "{text:?}");
 }

@@ -77,7 +77,7 @@ impl RemoteCheckpoint {
         let urls = index.shard_files().iter().map(|f| index_url.join(f).map(|u| u.to_string())).collect::<Result<Vec<_>>>()?;
         let refs: Vec<&str> = urls.iter().map(String::as_str).collect();
         let shards = RemoteFile::open_many(&refs, options).map_err(|e| match e {
-            RemoteError::NotFound { url: shard, .. } => invalid(url, format!("missing shard {shard} (listed in the index)")),
+            RemoteError::NotFound { url: shard, .. } => invalid(url, format!("missing shard {} (listed in the index)", tensafe::Printable(&shard))),
             other => other,
         })?;
         let files = Checkpoint::indexed(index, shards).map_err(|reason| invalid(url, reason))?;

@@ -224,15 +224,23 @@ impl<'de> Visitor<'de> for HeaderVisitor {
 
 /// A name from a file (tensor name, metadata key) as shown in messages and
 /// listings: control characters — which could clear a terminal, move its
-/// cursor or forge log lines — escaped (`\n`, `\u{1b}`), the rest as is.
+/// cursor or forge log lines — and the invisible characters that reorder
+/// or break displayed text (bidirectional overrides, line and paragraph
+/// separators) escaped (`\n`, `\u{1b}`, `\u{202e}`), the rest as is.
 #[derive(Debug, Clone, Copy)]
 pub struct Printable<'a>(pub &'a str);
+
+impl Printable<'_> {
+    fn escapes(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+    }
+}
 
 impl fmt::Display for Printable<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use fmt::Write;
         for c in self.0.chars() {
-            if c.is_control() {
+            if Printable::escapes(c) {
                 write!(f, "{}", c.escape_debug())?;
             } else {
                 f.write_char(c)?;
@@ -316,7 +324,7 @@ impl<'de> Visitor<'de> for OptionalStringMap {
         while let Some(key) = map.next_key::<String>()? {
             let value: String = map.next_value()?;
             if seen.insert(key.clone(), ()).is_some() {
-                return Err(de::Error::custom(format_args!("duplicate metadata key `{key}`")));
+                return Err(de::Error::custom(format_args!("duplicate metadata key `{}`", Printable(&key))));
             }
             entries.push((key, value));
         }
@@ -424,7 +432,7 @@ mod tests {
         let ctrl = "{\"a\\u001b[31m\\n\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}";
         let header = parse(&file(ctrl, 1)).unwrap();
         assert_eq!(header.iter().map(|(name, _)| name).collect::<Vec<_>>(), ["a\u{1b}[31m\n"]);
-        assert_eq!(Printable("a\u{1b}[31m\n\té").to_string(), "a\\u{1b}[31m\\n\\té");
+        assert_eq!(Printable("a\u{1b}[31m\n\té\u{202e}fdp.exe\u{301}").to_string(), "a\\u{1b}[31m\\n\\té\\u{202e}fdp.exe\u{301}");
         let dup_meta = r#"{"__metadata__":{"k":"1","k":"2"}}"#;
         assert!(parse(&file(dup_meta, 0)).unwrap_err().to_string().contains("duplicate metadata key"));
         let top = "[]";

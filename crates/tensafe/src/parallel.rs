@@ -66,7 +66,7 @@ impl TensorParallelPlan {
         match self.split_for(name) {
             Split::Replicate => Ok(Vec::new()),
             Split::Dim(dim) if dim >= shape.len() => Err(Error::InvalidOption {
-                reason: format!("tensor `{name}` of shape {shape:?} has no dimension {dim} to split"),
+                reason: format!("tensor `{}` of shape {shape:?} has no dimension {dim} to split", crate::Printable(name)),
             }),
             Split::Dim(dim) => {
                 let (start, stop) = self.bounds(shape[dim]);

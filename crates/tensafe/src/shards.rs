@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use crate::atomic::write_atomically;
 use crate::error::{Error, Result};
-use crate::header::{Header, TensorInfo};
+use crate::header::{Header, Printable, TensorInfo};
 use crate::reader::PreadFile;
 use crate::writer::{serialize_to_file, Metadata, View};
 use crate::Dtype;
@@ -52,8 +52,8 @@ impl ShardIndex {
             .iter()
             .map(|(name, file)| match file.as_str() {
                 Some(file) if is_plain_file_name(file) => Ok((name.clone(), file.to_owned())),
-                Some(file) => Err(invalid(format!("tensor `{name}` points outside the checkpoint directory: {file:?}"))),
-                None => Err(invalid(format!("the weight_map entry of `{name}` is not a file name"))),
+                Some(file) => Err(invalid(format!("tensor `{}` points outside the checkpoint directory: {file:?}", Printable(name)))),
+                None => Err(invalid(format!("the weight_map entry of `{}` is not a file name", Printable(name)))),
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
         let metadata = match object.get("metadata") {
@@ -80,14 +80,22 @@ impl ShardIndex {
     /// or the reason they disagree. Shared by local and remote checkpoints.
     pub fn locate(&self, headers: &[&Header]) -> std::result::Result<HashMap<String, usize>, String> {
         let files = self.shard_files();
+        if headers.len() != files.len() {
+            return Err(format!("the index lists {} shard files but {} headers were given", files.len(), headers.len()));
+        }
         let position: HashMap<&str, usize> = files.iter().enumerate().map(|(i, f)| (*f, i)).collect();
         let mut location = HashMap::with_capacity(self.weight_map.len());
         for (i, header) in headers.iter().enumerate() {
             for (name, _) in header.iter() {
                 match self.weight_map.get(name) {
-                    None => return Err(format!("tensor `{name}` is in shard {} but not in the index", files[i])),
+                    None => return Err(format!("tensor `{}` is in shard {} but not in the index", Printable(name), Printable(files[i]))),
                     Some(listed) if position[listed.as_str()] != i => {
-                        return Err(format!("tensor `{name}` is in shard {} but the index lists it in {listed}", files[i]));
+                        return Err(format!(
+                            "tensor `{}` is in shard {} but the index lists it in {}",
+                            Printable(name),
+                            Printable(files[i]),
+                            Printable(listed)
+                        ));
                     }
                     Some(_) => {
                         location.insert(name.to_owned(), i);
@@ -96,7 +104,7 @@ impl ShardIndex {
             }
         }
         if let Some((name, file)) = self.weight_map.iter().find(|(name, _)| !location.contains_key(*name)) {
-            return Err(format!("tensor `{name}` is listed in {file} but that shard does not contain it"));
+            return Err(format!("tensor `{}` is listed in {} but that shard does not contain it", Printable(name), Printable(file)));
         }
         let actual: u64 = headers.iter().map(|h| h.data_len() as u64).sum();
         match self.total_size() {
@@ -264,7 +272,7 @@ impl Checkpoint<PreadFile> {
         for file in index.shard_files() {
             let shard_path = dir.join(file);
             if !shard_path.is_file() {
-                return Err(Error::InvalidCheckpoint { reason: format!("missing shard {file} (listed in the index)") }
+                return Err(Error::InvalidCheckpoint { reason: format!("missing shard {} (listed in the index)", Printable(file)) }
                     .in_file(index_path));
             }
             shards.push(PreadFile::open(&shard_path)?);
@@ -549,5 +557,21 @@ mod tests {
         std::fs::write(&index_path, original).unwrap();
         std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
         assert!(ShardedCheckpoint::open(dir.path()).unwrap_err().to_string().contains("missing shard model-00002-of-00003"));
+    }
+
+    #[test]
+    fn shards_unlike_the_index_in_number_are_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample();
+        let index = save_sharded(tensors(&data), dir.path(), 400, None).unwrap().unwrap();
+        let open = |name: &str| PreadFile::open(dir.path().join(name)).unwrap();
+        let files = index.shard_files();
+        let too_many: Vec<PreadFile> = files.iter().chain(files.first()).map(|f| open(f)).collect();
+        let err = Checkpoint::indexed(index.clone(), too_many).unwrap_err();
+        assert!(err.contains("lists 3 shard files but 4"), "{err}");
+        let too_few: Vec<PreadFile> = files[..2].iter().map(|f| open(f)).collect();
+        assert!(Checkpoint::indexed(index.clone(), too_few).is_err());
+        let all: Vec<PreadFile> = files.iter().map(|f| open(f)).collect();
+        assert_eq!(Checkpoint::indexed(index, all).unwrap().len(), 5);
     }
 }
