@@ -512,11 +512,12 @@ fn slice_error(py: Python<'_>, shape: &[usize], indices: &[SliceIndex], e: &Erro
         Error::SliceOutOfBounds { asked, dim, size } if *asked < 0 => {
             typed_slice_error(py, "SliceIndexError", format!("Invalid index {asked} for dimension {dim} of size {size}"))
         }
-        // numpy raises IndexError for several ellipses, ValueError for a bad step.
-        Error::InvalidSlice { .. } if indices.iter().filter(|i| matches!(i, SliceIndex::Ellipsis)).count() > 1 => {
-            typed_slice_error(py, "SliceIndexError", e.to_string())
+        // The reference's texts; numpy raises IndexError for several
+        // ellipses, ValueError for a bad step.
+        Error::InvalidSlice { reason } if indices.iter().filter(|i| matches!(i, SliceIndex::Ellipsis)).count() > 1 => {
+            typed_slice_error(py, "SliceIndexError", reason.clone())
         }
-        Error::InvalidSlice { .. } => typed_slice_error(py, "SliceValueError", e.to_string()),
+        Error::InvalidSlice { reason } => typed_slice_error(py, "SliceValueError", reason.clone()),
         Error::SliceOutOfBounds { .. } | Error::TooManyIndices { .. } => typed_slice_error(
             py,
             "SliceIndexError",

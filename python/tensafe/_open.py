@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import numbers
 import os
 import re
 import threading
@@ -290,9 +291,9 @@ _NUMPY_LIKE = {"numpy": "numpy", "tensorflow": "tensorflow", "flax": "flax", "ml
 def _check_arguments(framework: Any, device: Any, backend: Any) -> tuple:
     """Validates `safe_open`'s arguments in the reference's order and wording;
     returns the normalised framework and device."""
-    if not isinstance(backend, str):  # argument types first, as the reference converts them first
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     name, normalised = _framework(framework), _device(device)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in ("mmap", "pread", "auto"):
         raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread", "auto")')
     if name in _NUMPY_LIKE and normalised != "cpu":
@@ -467,20 +468,25 @@ class PySafeSlice:
     def __getitem__(self, index: Any) -> Any:
         if self._framework == "pt" and not _natively_sliced(index):
             if _dtypes.BY_CODE[self._code][0] < 8:
-                raise SliceIndexError(f"index lists, arrays, masks and booleans are not supported for {self._code} tensors (packed sub-byte values)")
+                raise SliceIndexError(
+                    f"{self._code} tensors (packed sub-byte values) take only ints, slices, None and one ... as indices"
+                )
             whole = _convert("pt", "cpu", self._code, self._shape, self._file.buffer(self._name))
             selected = whole[index]
-            if selected.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
-                selected = selected.clone()  # a view (booleans index as basic indexing): slices never alias the file
-            return selected if self._device == "cpu" else selected.to(self._device)
+            if self._device != "cpu":
+                return selected.to(self._device)
+            if self._file.backend in _IN_MEMORY and selected.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
+                selected = selected.clone()  # a view into the mapping (booleans index as basic indexing): slices never alias the file
+            return selected
         shape, data = self._file.read_slice(self._name, index)
         return _convert(self._framework, self._device, self._code, shape, data)
 
 
 def _natively_sliced(index: Any) -> bool:
-    """Whether the native reader takes `index`: ints (not booleans; 0-d
-    integer arrays and tensors count), slices, `None`, at most one `...`,
-    in a tuple or alone, or the empty list."""
+    """Whether the native reader takes `index`: ints (not booleans; numpy
+    integer scalars and 0-d integer arrays and tensors count, but not 0-d
+    uint8 ones, which torch takes as masks), slices, `None`, at most one
+    `...`, in a tuple or alone, or the empty list."""
     if isinstance(index, list):
         return not index
     items = index if isinstance(index, tuple) else (index,)
@@ -492,8 +498,10 @@ def _natively_sliced(index: Any) -> bool:
             continue
         elif isinstance(item, bool) or not hasattr(item, "__index__"):
             return False
-        elif getattr(item, "ndim", 0) != 0 or str(getattr(item, "dtype", "")) in ("bool", "torch.bool", "torch.uint8"):
-            return False  # arrays, tensors, booleans and torch's uint8 masks are torch's
+        elif getattr(item, "ndim", 0) != 0 or str(getattr(item, "dtype", "")) in ("bool", "torch.bool"):
+            return False  # arrays, tensors and booleans are torch's
+        elif str(getattr(item, "dtype", "")) in ("uint8", "torch.uint8") and not isinstance(item, numbers.Integral):
+            return False  # 0-d uint8 arrays and tensors: masks to torch (numpy's uint8 scalars are ints)
     return ellipses <= 1
 
 

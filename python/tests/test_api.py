@@ -348,3 +348,6 @@ def test_metadata_with_a_lone_surrogate_is_a_unicode_error_like_the_reference():
     for lib in (ref_pt, ts_pt):
         with pytest.raises(UnicodeEncodeError):
             lib.save({"a": torch.ones(1)}, metadata={"k": "\udc80"})
+        # A non-text entry before it is the TypeError the reference reports first.
+        with pytest.raises(TypeError):
+            lib.save({"a": torch.ones(1)}, metadata={"a": 1, "b": "\udc80"})

@@ -207,6 +207,7 @@ TORCH_INDICES = [
     (slice(1, 3), Ellipsis, [1, 4]), np.array([[True, False, True, False]] * 3), True, (False, 0), [-1],
     (Ellipsis, 1, Ellipsis), torch.tensor(1), (np.int64(-1), torch.tensor([0])), np.bool_(True),
     torch.tensor(1, dtype=torch.uint8), (slice(None), torch.tensor([1, 0, 1, 0], dtype=torch.uint8)),
+    np.array(1, dtype=np.uint8), np.array(0, dtype=np.uint8), (0, np.array(1, dtype=np.uint8)), np.uint8(2),
 ]
 
 
@@ -311,5 +312,29 @@ def test_sub_byte_tensors_refuse_torch_only_indices(tmp_path):
     ts_pt.save_file({"f": packed}, path)
     with tensafe.safe_open(path, "pt") as f:
         for index in (True, [0, 1], torch.tensor([True, False])):
-            with pytest.raises(IndexError, match="not supported for F4"):
+            with pytest.raises(IndexError, match="F4 tensors .* take only ints, slices"):
                 f.get_slice("f")[index]
+
+
+def test_argument_errors_come_in_the_references_order(tmp_path):
+    path = tmp_path / "a.safetensors"
+    ref_pt.save_file({"a": torch.ones(1)}, path)
+    cases = [("bogus", "cpu", 1), ("pt", "bogus", None), ("bogus", "cpu", None), (None, "cpu", "mmap"), ("pt", "cpu", 1), ("pt", "cpu", "bogus")]
+    for framework, device, backend in cases:
+        kinds = []
+        for lib in (safetensors, tensafe):
+            with pytest.raises(Exception) as info:
+                lib.safe_open(path, framework, device=device, backend=backend)
+            kinds.append(type(info.value).__name__)
+        assert kinds[0] == kinds[1], (framework, device, backend, kinds)
+
+
+def test_native_slice_errors_use_the_references_texts(tmp_path):
+    path = tmp_path / "s.safetensors"
+    ts_np.save_file({"a": np.zeros((10, 5), np.float32)}, path)
+    for lib in (tensafe, safetensors):
+        with lib.safe_open(path, "np") as f:
+            with pytest.raises(lib.SafetensorError, match=r"^Only one ellipsis \(\.\.\.\) is allowed in slice index$"):
+                f.get_slice("a")[..., ...]
+            with pytest.raises(lib.SafetensorError, match=r"^Slice step must be a positive integer, got 0"):
+                f.get_slice("a")[::0]

@@ -224,15 +224,17 @@ impl<'de> Visitor<'de> for HeaderVisitor {
 
 /// A name from a file (tensor name, metadata key) as shown in messages and
 /// listings: control characters — which could clear a terminal, move its
-/// cursor or forge log lines — and the invisible characters that reorder
-/// or break displayed text (bidirectional overrides, line and paragraph
-/// separators) escaped (`\n`, `\u{1b}`, `\u{202e}`), the rest as is.
+/// cursor or forge log lines — and the invisible characters that reorder,
+/// break or hide parts of displayed text (bidirectional overrides, line and
+/// paragraph separators, zero-width and other invisible format characters)
+/// escaped (`\n`, `\u{1b}`, `\u{202e}`, `\u{200b}`), the rest as is.
 #[derive(Debug, Clone, Copy)]
 pub struct Printable<'a>(pub &'a str);
 
 impl Printable<'_> {
     fn escapes(c: char) -> bool {
-        c.is_control() || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
     }
 }
 
@@ -433,6 +435,7 @@ mod tests {
         let header = parse(&file(ctrl, 1)).unwrap();
         assert_eq!(header.iter().map(|(name, _)| name).collect::<Vec<_>>(), ["a\u{1b}[31m\n"]);
         assert_eq!(Printable("a\u{1b}[31m\n\té\u{202e}fdp.exe\u{301}").to_string(), "a\\u{1b}[31m\\n\\té\\u{202e}fdp.exe\u{301}");
+        assert_eq!(Printable("w\u{200b}eight\u{feff}").to_string(), "w\\u{200b}eight\\u{feff}");
         let dup_meta = r#"{"__metadata__":{"k":"1","k":"2"}}"#;
         assert!(parse(&file(dup_meta, 0)).unwrap_err().to_string().contains("duplicate metadata key"));
         let top = "[]";

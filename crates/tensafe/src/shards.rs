@@ -106,7 +106,11 @@ impl ShardIndex {
         if let Some((name, file)) = self.weight_map.iter().find(|(name, _)| !location.contains_key(*name)) {
             return Err(format!("tensor `{}` is listed in {} but that shard does not contain it", Printable(name), Printable(file)));
         }
-        let actual: u64 = headers.iter().map(|h| h.data_len() as u64).sum();
+        // Checked: remote headers may claim any sizes.
+        let actual = headers
+            .iter()
+            .try_fold(0u64, |sum, h| sum.checked_add(h.data_len() as u64))
+            .ok_or_else(|| "the shards' tensor bytes add up past 2^64".to_string())?;
         match self.total_size() {
             Some(declared) if declared != actual => {
                 Err(format!("the index declares total_size {declared} but the shards hold {actual} bytes of tensors"))

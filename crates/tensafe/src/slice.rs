@@ -185,7 +185,7 @@ impl Iterator for ByteRanges<'_> {
 fn select(shape: &[usize], indices: &[SliceIndex]) -> Result<(Vec<DimSelection>, Vec<usize>)> {
     let ellipses = indices.iter().filter(|i| matches!(i, SliceIndex::Ellipsis)).count();
     if ellipses > 1 {
-        return Err(Error::InvalidSlice { reason: "an index can only have a single ellipsis ('...')".into() });
+        return Err(Error::InvalidSlice { reason: "Only one ellipsis (...) is allowed in slice index".into() });
     }
     let consuming = indices.iter().filter(|i| matches!(i, SliceIndex::Index(_) | SliceIndex::Range { .. })).count();
     if consuming > shape.len() {
@@ -220,7 +220,7 @@ fn select(shape: &[usize], indices: &[SliceIndex]) -> Result<(Vec<DimSelection>,
                 let step = step.unwrap_or(1);
                 if step <= 0 {
                     return Err(Error::InvalidSlice {
-                        reason: format!("slice step must be a positive integer, got {step} for dimension #{k}"),
+                        reason: format!("Slice step must be a positive integer, got {step} (dimension #{k})"),
                     });
                 }
                 let clamp = |bound: Option<i64>, default: usize| -> usize {
