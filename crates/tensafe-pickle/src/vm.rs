@@ -193,6 +193,8 @@ pub struct Outcome {
     pub result: Result<Value>,
     /// Offset just past STOP (or where decoding stopped).
     pub end: usize,
+    /// Work units left (a nested pickle hands them back to its parent).
+    pub(crate) work_left: u64,
 }
 
 impl<'a, 'h> Vm<'a, 'h> {
@@ -266,7 +268,7 @@ impl<'a, 'h> Vm<'a, 'h> {
             }
         }
         let end = self.pos;
-        (Outcome { result, end }, self.report)
+        (Outcome { result, end, work_left: self.work_left }, self.report)
     }
 
     // ---- errors and events ------------------------------------------------
@@ -1105,7 +1107,10 @@ impl<'a, 'h> Vm<'a, 'h> {
             let name = format!("{} (object array at offset {base})", self.name);
             let mut nested = Vm::new(&name, &self.data[self.pos..], self.heap, self.storages, self.opts.clone());
             nested.nesting = self.nesting + 1;
+            // The parent's budget, not a fresh one per array: N arrays must not get N budgets.
+            nested.work_left = self.work_left;
             let (outcome, report) = nested.run();
+            self.work_left = outcome.work_left;
             self.merge_nested(report, base);
             let value = outcome.result?;
             if let Object::Opaque(o) = self.heap.get_mut(wrapper) {
@@ -1126,14 +1131,24 @@ impl<'a, 'h> Vm<'a, 'h> {
         Ok(())
     }
 
-    /// Adds a nested pickle's events to this one's, at file offsets.
+    /// Adds a nested pickle's events to this one's, at file offsets, within
+    /// the same cap as this pickle's own events.
     fn merge_nested(&mut self, nested: PickleReport, base: u64) {
+        fn capped<T>(list: &mut Vec<T>, items: impl IntoIterator<Item = T>, dropped: &mut u64) {
+            for item in items {
+                if list.len() < MAX_EVENTS {
+                    list.push(item);
+                } else {
+                    *dropped += 1;
+                }
+            }
+        }
         let r = &mut self.report;
-        r.imports.extend(nested.imports.into_iter().map(|i| Import { offset: i.offset + base, ..i }));
-        r.calls.extend(nested.calls.into_iter().map(|c| Call { offset: c.offset + base, ..c }));
-        r.anomalies.extend(nested.anomalies.into_iter().map(|a| Anomaly { offset: a.offset + base, ..a }));
-        r.persistent_ids.extend(nested.persistent_ids);
         r.dropped_events += nested.dropped_events;
+        capped(&mut r.imports, nested.imports.into_iter().map(|i| Import { offset: i.offset + base, ..i }), &mut r.dropped_events);
+        capped(&mut r.calls, nested.calls.into_iter().map(|c| Call { offset: c.offset + base, ..c }), &mut r.dropped_events);
+        capped(&mut r.anomalies, nested.anomalies.into_iter().map(|a| Anomaly { offset: a.offset + base, ..a }), &mut r.dropped_events);
+        capped(&mut r.persistent_ids, nested.persistent_ids, &mut r.dropped_events);
         for (op, n) in nested.opcodes {
             *r.opcodes.entry(op).or_default() += n;
         }

@@ -909,6 +909,43 @@ fn joblib_array_bytes_do_not_hide_what_follows() {
     assert_ne!(r.verdict, Verdict::Safe);
 }
 
+// Nested object-array pickles share their parent's limits: their events count
+// against the same cap (and their work against the same budget).
+#[test]
+fn nested_joblib_pickles_stay_within_the_event_cap() {
+    let mut asm = Asm::new().proto(2);
+    for array in 0..3 {
+        asm = asm
+            .global("joblib.numpy_pickle", "NumpyArrayWrapper")
+            .empty_tuple()
+            .op(0x81)
+            .empty_dict()
+            .mark()
+            .str("shape")
+            .ints_tuple(&[1])
+            .str("dtype")
+            .global("numpy", "dtype")
+            .mark()
+            .str("O")
+            .newfalse()
+            .op(0x88)
+            .tuple()
+            .reduce()
+            .setitems()
+            .build();
+        let mut nested = Asm::new().proto(2);
+        for i in 0..4000 {
+            nested = nested.global(&format!("m{array}"), &format!("f{i}")).op(b'0');
+        }
+        asm = asm.raw(&nested.none().stop().finish()).op(b'0');
+    }
+    let r = scan(&asm.none().stop().finish());
+    let report = &r.pickles[0].report;
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.imports.len(), 10_000, "3 × 4000 nested imports, capped");
+    assert!(report.dropped_events >= 2000, "{}", report.dropped_events);
+}
+
 /// `payload` gzip-wrapped as a single member (what `joblib.dump(..., compress=("gzip", n))` writes).
 fn gzip(payload: &[u8], name: Option<&str>) -> Vec<u8> {
     let mut out = vec![0x1f, 0x8b, 8, if name.is_some() { 8 } else { 0 }, 0, 0, 0, 0, 0, 255];
