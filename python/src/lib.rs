@@ -335,12 +335,12 @@ impl File {
 
     /// Reads the whole data section into `dst` (a writable contiguous buffer of
     /// `data_len` bytes) with the parallel I/O engine, without the GIL.
-    /// `progress(done, total)` is called as bytes arrive; `drop_cache` evicts
-    /// the file from the page cache afterwards. Returns the number of reads made.
+    /// `progress(done, total)` is called as bytes arrive. Returns the number
+    /// of reads made.
     /// `direct`: bypass the page cache (`O_DIRECT`) — `None` decides by how
     /// much of the file is cached, `True`/`False` force it. Direct reads need
     /// `dst` aligned like the file: its address ≡ `data_start` mod 4096.
-    #[pyo3(signature = (dst, threads = None, chunk_bytes = None, progress = None, drop_cache = false, direct = None))]
+    #[pyo3(signature = (dst, threads = None, chunk_bytes = None, progress = None, direct = None))]
     #[allow(clippy::too_many_arguments)]
     fn read_all_into(
         &self,
@@ -349,7 +349,6 @@ impl File {
         threads: Option<usize>,
         chunk_bytes: Option<usize>,
         progress: Option<Py<PyAny>>,
-        drop_cache: bool,
         direct: Option<bool>,
     ) -> PyResult<u64> {
         let total = self.header().data_len();
@@ -389,9 +388,6 @@ impl File {
                     let range = tensafe_io::ReadRange { file_offset: p.header().data_start(), dst_offset: 0, len };
                     let io_error = |e: std::io::Error| SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display()));
                     let stats = tensafe_io::read_into(p.file(), &[range], dst, &options, Some(&report)).map_err(io_error)?;
-                    if drop_cache {
-                        tensafe_io::evict(p.file(), 0, 0).map_err(io_error)?;
-                    }
                     Ok(stats.reads)
                 }
                 Source::Remote(r) => r.read_data_into(dst, Some(&report)).map(|traffic| traffic.requests).map_err(remote_error),
@@ -803,19 +799,21 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
+/// A metadata key or value: a TypeError for what is not a `str`, and the
+/// string's own error (UnicodeEncodeError for a lone surrogate) for a `str`
+/// that is not UTF-8, as the reference raises them.
+fn metadata_text(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    match obj.cast::<pyo3::types::PyString>() {
+        Ok(text) => text.to_str().map(str::to_owned),
+        Err(_) => Err(PyTypeError::new_err(format!("argument 'metadata': '{}' object is not an instance of 'str'", type_name(obj)))),
+    }
+}
+
 fn metadata_arg(metadata: Option<&Bound<'_, PyDict>>) -> PyResult<Option<BTreeMap<String, String>>> {
     metadata
         .map(|dict| {
             dict.iter()
-                .map(|(k, v)| {
-                    let k: String = k.extract().map_err(|_| {
-                        PyTypeError::new_err(format!("argument 'metadata': '{}' object is not an instance of 'str'", type_name(&k)))
-                    })?;
-                    let v: String = v.extract().map_err(|_| {
-                        PyTypeError::new_err(format!("argument 'metadata': '{}' object is not an instance of 'str'", type_name(&v)))
-                    })?;
-                    Ok((k, v))
-                })
+                .map(|(k, v)| Ok((metadata_text(&k)?, metadata_text(&v)?)))
                 .collect()
         })
         .transpose()

@@ -135,7 +135,7 @@ def _is_cuda(device: Union[str, int]) -> bool:
     return isinstance(device, int) or str(device).startswith("cuda")
 
 
-def _read_all(file: File, threads: Optional[int], progress: Any, drop_cache: bool) -> memoryview:
+def _read_all(file: File, threads: Optional[int], progress: Any) -> memoryview:
     """Reads a pread or remote file's whole data section into one fresh
     allocation (huge pages where the kernel offers them) with the parallel
     I/O engine; the memoryview keeps the allocation alive. The data starts
@@ -144,7 +144,7 @@ def _read_all(file: File, threads: Optional[int], progress: Any, drop_cache: boo
     shift = file.data_start % DIRECT_ALIGN
     data = memoryview(HostBuffer(shift + file.data_len))[shift : shift + file.data_len]
     if file.data_len:
-        file.read_all_into(data, threads=threads, progress=progress, drop_cache=drop_cache)
+        file.read_all_into(data, threads=threads, progress=progress)
     return data
 
 
@@ -242,15 +242,15 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
         from ._pipeline import load_data_section
 
         data = load_data_section(file, device, threads=threads, progress=progress)
-        if drop_cache:
-            file.drop_cache()
     elif file.backend not in _IN_MEMORY:
-        data = _read_all(file, threads, progress, drop_cache)
+        data = _read_all(file, threads, progress)
     else:
         data = file.data_buffer()
     if framework == "pt" and not hasattr(data, "device") and device != "cpu":
         # Other accelerators: one host-to-device copy, tensors are views of it.
         data = _torch_bytes(data).to(device)
+    if drop_cache:  # the bytes are in their final place: the cache's copy is not needed
+        file.drop_cache()
     cutter = _Cutter(framework, data)
     out: Dict[str, Any] = {}
     for code, shape, begin, each, names in file.runs():

@@ -30,6 +30,7 @@ without a GPU.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -37,10 +38,9 @@ import torch
 
 from ._tensafe_rust import DIRECT_ALIGN, File
 
-#: Defaults, chosen with `bench/gpu_bench.py --sweep` on an H100 host (see
-#: docs/ARCHITECTURE.md): many mid-sized chunks keep enough reads in flight
-#: to pull the page cache or an NVMe disk at full speed, and 16 MiB copies
-#: already run at the full host-to-device rate. Pinned memory: 256 MiB.
+#: Defaults, chosen with `bench/gpu_bench.py --sweep` on an H100 host (the
+#: table is in docs/ARCHITECTURE.md): many mid-sized chunks keep enough reads
+#: in flight to pull the page cache fastest. Pinned memory: 256 MiB.
 CHUNK_BYTES = 16 << 20
 RING = 16
 MAX_THREADS = 16
@@ -145,9 +145,18 @@ def load_data_section(
         return slot[skip : skip + length]
 
     direct_bytes = [0] * len(chunks)
+    reading, reading_lock = [0], threading.Lock()
 
     def read(index: int) -> int:
-        direct_bytes[index] = file.read_data_into(chunks[index][0], slot_view(index).numpy(), direct=direct)
+        with reading_lock:
+            reading[0] += 1
+            if stats is not None:
+                stats.max_in_flight = max(stats.max_in_flight, reading[0])
+        try:
+            direct_bytes[index] = file.read_data_into(chunks[index][0], slot_view(index).numpy(), direct=direct)
+        finally:
+            with reading_lock:
+                reading[0] -= 1
         return index
 
     with ThreadPoolExecutor(max_workers=threads or default_threads(ring)) as pool:
@@ -164,8 +173,6 @@ def load_data_section(
                     copied[slot] = None
                 pending[next_read] = pool.submit(read, next_read)
                 next_read += 1
-            if stats is not None:
-                stats.max_in_flight = max(stats.max_in_flight, len(pending))
             pending.pop(index).result()
             slot = index % ring
             source = slot_view(index)

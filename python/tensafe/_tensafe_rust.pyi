@@ -70,7 +70,6 @@ class File:
         threads: Optional[int] = None,
         chunk_bytes: Optional[int] = None,
         progress: Any = None,
-        drop_cache: bool = False,
         direct: Optional[bool] = None,
     ) -> int: ...
     def buffer(self, name: str) -> Union[TensorBuffer, bytearray, memoryview]: ...

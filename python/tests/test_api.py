@@ -351,3 +351,18 @@ def test_metadata_with_a_lone_surrogate_is_a_unicode_error_like_the_reference():
         # A non-text entry before it is the TypeError the reference reports first.
         with pytest.raises(TypeError):
             lib.save({"a": torch.ones(1)}, metadata={"a": 1, "b": "\udc80"})
+    # Also through the compiled serializer directly, as the drop-in serves it.
+    for lib, flatten in ((safetensors, ref_pt._flatten_as_ptr), (tensafe, ts_pt._flatten_as_ptr)):
+        with pytest.raises(UnicodeEncodeError):
+            lib.serialize(flatten({"a": torch.ones(1)}, []), metadata={"k": "\udc80"})
+
+
+
+def test_remove_duplicate_names_lets_a_lone_partial_tensor_through():
+    """README: tensafe lets a tensor that shares its storage with no other one
+    through even if it does not cover the storage; the reference refuses it
+    (what is saved is the same)."""
+    lone = {"a": torch.zeros(10)[:5]}
+    with pytest.raises(RuntimeError, match="None is covering the entire storage"):
+        ref_pt._remove_duplicate_names(lone)
+    assert ts_pt._remove_duplicate_names(lone) == {}

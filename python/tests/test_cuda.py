@@ -137,8 +137,12 @@ def test_progress_and_cache_drop_on_cuda(tmp_path):
     path = tmp_path / "progress.safetensors"
     big = torch.arange(12 * 2**20, dtype=torch.float32)  # 48 MiB: three staging chunks
     ts_pt.save_file({"big": big}, path)
+    from test_load import _resident_fraction
+
     seen = []
+    path.read_bytes()  # in the page cache, so that the drop is seen
     loaded = ts_pt.load_file(path, device="cuda:0", backend="pread", progress=lambda done, total: seen.append((done, total)), drop_cache=True)
+    assert _resident_fraction(path) < 0.1
     assert torch.equal(loaded["big"].cpu(), big)
     assert len(seen) == 3 and seen[-1] == (big.nbytes, big.nbytes)
 

@@ -72,7 +72,10 @@ def test_one_large_tensor_with_progress_and_cache_drop(tmp_path):
     big = torch.arange(48 * 1024 * 1024, dtype=torch.int32)  # 192 MiB
     ts_pt.save_file({"big": big, "empty": torch.zeros(0)}, path)
     seen = []
+    path.read_bytes()  # in the page cache, so that the drop is seen
+    assert _resident_fraction(path) > 0.9
     loaded = ts_pt.load_file(path, backend="pread", threads=4, progress=lambda done, total: seen.append((done, total)), drop_cache=True)
+    assert _resident_fraction(path) < 0.1
     assert torch.equal(loaded["big"], big) and loaded["empty"].shape == (0,)
     total = big.numel() * 4
     assert seen and seen[-1] == (total, total)
@@ -207,8 +210,9 @@ def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(tmp_path):
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
 @pytest.mark.parametrize("chunk,ring", [(4096, 2), (65536 + 100, 3), (1 << 20, 4)])
 def test_staging_pipeline_reads_past_the_page_cache_and_stays_exact(tmp_path, backend, chunk, ring):
-    """The accelerator pipeline's direct reads, with a CPU target: chunks at
-    any offset, slots one page larger, only heads and tails cached."""
+    """The accelerator pipeline's direct reads, with a CPU target: chunks cut
+    at page boundaries of the file, only the section's first and last pages
+    read through the cache."""
     from tensafe._pipeline import StagingStats, load_data_section
     from tensafe._tensafe_rust import DIRECT_ALIGN, File
 

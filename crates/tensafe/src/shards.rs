@@ -574,7 +574,8 @@ mod tests {
         let err = Checkpoint::indexed(index.clone(), too_many).unwrap_err();
         assert!(err.contains("lists 3 shard files but 4"), "{err}");
         let too_few: Vec<PreadFile> = files[..2].iter().map(|f| open(f)).collect();
-        assert!(Checkpoint::indexed(index.clone(), too_few).is_err());
+        let err = Checkpoint::indexed(index.clone(), too_few).unwrap_err();
+        assert!(err.contains("lists 3 shard files but 2"), "{err}");
         let all: Vec<PreadFile> = files.iter().map(|f| open(f)).collect();
         assert_eq!(Checkpoint::indexed(index, all).unwrap().len(), 5);
     }
