@@ -24,7 +24,8 @@ fi
 "$PY" -c 'import tensafe; print("tensafe from", tensafe.__file__)' || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
-"$PY" -m pytest -q -p no:cacheprovider python/tests/test_cuda.py python/tests/test_load.py -rs 2>&1 | tee "$RESULTS/gpu_tests.txt"
+# Bounded, so that a stuck driver cannot hold the GPU machine.
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider python/tests/test_cuda.py python/tests/test_load.py -rs 2>&1 | tee "$RESULTS/gpu_tests.txt"
 tests=${PIPESTATUS[0]}
 PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py "$@" 2>&1 | tee "$RESULTS/gpu_bench.txt"
 bench=${PIPESTATUS[0]}

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,32 +47,38 @@ sys.path.insert(0, os.path.dirname(__file__))
 from python_bench import evict, model_like, small_tensors, touch_all  # noqa: E402
 
 
-def raw_pread(path: str, threads: int, block: int = 8 << 20, direct: bool = False) -> None:
+def raw_pread(path: str, threads: int, block: int = 8 << 20, direct: bool = False, into: Any = None) -> None:
     """Reads the whole file with `threads` parallel positional reads of
-    `block` bytes into one fresh allocation; `direct` bypasses the page cache
-    (O_DIRECT, page-aligned buffer and reads)."""
+    `block` bytes into one fresh allocation, or into `into` (a writable,
+    page-aligned buffer of the file's size rounded up to pages); `direct`
+    bypasses the page cache (O_DIRECT, page-aligned buffer and reads)."""
     size = os.path.getsize(path)
     # Like a loader's fresh allocation: not zero-filled up front (bytearray
     # would be); an anonymous mapping is page-aligned, as O_DIRECT needs.
-    buf = mmap.mmap(-1, -(-size // 4096) * 4096)
-    view = memoryview(buf)
+    # Private: Python's default, a shared one, is shmem and faults slower.
+    buf = mmap.mmap(-1, -(-size // 4096) * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if into is None else None
+    view = memoryview(buf if into is None else into).cast("B")
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     next_offset = [0]
     lock = threading.Lock()
+    errors = []
 
     def worker():
-        while True:
-            with lock:
-                offset = next_offset[0]
-                next_offset[0] += block
-            if offset >= size:
-                return
-            end = min(size, offset + block)
-            if direct:  # whole pages; the read stops at the end of the file
-                os.preadv(fd, [view[offset : min(len(view), offset + block)]], offset)
-                continue
-            while offset < end:  # os.preadv releases the GIL
-                offset += os.preadv(fd, [view[offset:end]], offset)
+        try:
+            while True:
+                with lock:
+                    offset = next_offset[0]
+                    next_offset[0] += block
+                if offset >= size:
+                    return
+                end = min(size, offset + block)
+                if direct:  # whole pages; the read stops at the end of the file
+                    os.preadv(fd, [view[offset : min(len(view), offset + block)]], offset)
+                    continue
+                while offset < end:  # os.preadv releases the GIL
+                    offset += os.preadv(fd, [view[offset:end]], offset)
+        except OSError as e:
+            errors.append(e)
 
     pool = [threading.Thread(target=worker) for _ in range(threads)]
     for t in pool:
@@ -80,7 +87,10 @@ def raw_pread(path: str, threads: int, block: int = 8 << 20, direct: bool = Fals
         t.join()
     os.close(fd)
     view.release()
-    buf.close()
+    if buf is not None:
+        buf.close()
+    if errors:
+        raise errors[0]
 
 
 def engine_read(path: str, threads: int, direct: bool) -> None:

@@ -15,12 +15,12 @@ With `direct`, a local file is read past the page cache (`O_DIRECT`): the
 disk writes straight into the pinned slots, and the host is not left holding
 a second copy of the model in its cache. Direct reads need the same offset
 within a page in the file and in memory, so chunks are then cut at page
-boundaries of the file (`_plan_chunks`). It is off by default until measured
-faster on a GPU host: on the development VM, direct reads into staging slots
-of 4 KiB pages were slower than cached ones (1.06 s against 0.82 s for
-1 GiB, cold) — likely because each page is a segment of the request, so
-requests stay small — while direct reads into huge-page buffers are twice
-as fast as cached ones (the CPU loads, `tensafe-io`).
+boundaries of the file (`_plan_chunks`). By default the choice is the CPU
+loads' (`File.prefers_direct_reads`): direct when little of the file is
+cached, through the cache when it is. On the H100 host, cold 4 GiB reads
+were direct-faster in 7 of 8 interleaved comparisons (4–27% less time; one
+was 9% slower: `bench/gpu_bench.py --sweep`, `bench/gpu_probe.py staging`,
+table in docs/ARCHITECTURE.md), and a warm file is still read from the cache.
 
 The scheduling does not depend on CUDA: with a CPU target the copies are
 plain synchronous copies, which is how the tests check it on machines
@@ -113,12 +113,13 @@ def load_data_section(
     threads: Optional[int] = None,
     progress: Optional[Callable[[int, int], Any]] = None,
     stats: Optional[StagingStats] = None,
-    direct: Optional[bool] = False,
+    direct: Optional[bool] = None,
 ) -> torch.Tensor:
     """The whole data section of `file` as a uint8 tensor on `device`.
 
-    `direct`: read past the page cache; `None` decides by how much of the
-    file is cached (`File.prefers_direct_reads`, the CPU loads' policy)."""
+    `direct`: read past the page cache; `None` (the default) decides by how
+    much of the file is cached (`File.prefers_direct_reads`, the CPU loads'
+    policy)."""
     total = file.data_len
     target = torch.device(device)
     cuda = target.type == "cuda"

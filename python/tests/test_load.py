@@ -15,7 +15,10 @@ from test_reference_diff import TORCH_DTYPES, as_bytes, random_tensor
 
 
 def assert_same(ours, theirs):
-    assert list(ours) == list(theirs)
+    # The reference orders tensors by offset; empty tensors at one offset tie
+    # and come in its hash map's order, which changes from process to process.
+    assert sorted(ours) == sorted(theirs)
+    assert [n for n in ours if ours[n].numel()] == [n for n in theirs if theirs[n].numel()]
     for name in theirs:
         assert ours[name].dtype == theirs[name].dtype and ours[name].shape == theirs[name].shape, name
         assert torch.equal(as_bytes(ours[name]), as_bytes(theirs[name])), name
@@ -140,7 +143,7 @@ def test_staging_pipeline_is_exact_and_bounded(every_dtype_file, backend, chunk,
     file = File(str(every_dtype_file), backend)
     stats = StagingStats()
     seen = []
-    data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, progress=lambda d, t: seen.append(d), stats=stats)
+    data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, progress=lambda d, t: seen.append(d), stats=stats, direct=False)
     raw = every_dtype_file.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     assert bytes(data.numpy()) == raw[8 + header_len :]
@@ -275,7 +278,7 @@ def test_staging_pipeline_can_go_direct_by_itself_only_when_cold(tmp_path):
             path.read_bytes()  # the direct load left it out of the cache
         assert file.prefers_direct_reads() == cold
         stats = StagingStats()
-        data = load_data_section(file, "cpu", stats=stats, direct=None)
+        data = load_data_section(file, "cpu", stats=stats)  # the default decides
         assert stats.direct == cold and (stats.direct_bytes > 0) == cold
         assert bytes(data.numpy()) == raw[file.data_start :]
         if cold:
