@@ -148,6 +148,13 @@ def main() -> None:
                     if (chunk_mib, ring) in ((16, 16), (8, 32)):
                         sweep[label + ", cold"] = cold(pipeline)
                         sweep[label + ", cold, O_DIRECT"] = cold(lambda pipeline=pipeline: pipeline(direct=True))
+            # EXPERIMENT: each reader issues its own copies (no central scheduler).
+            for chunk_mib, ring in ((16, 16), (16, 32), (8, 32), (32, 32)):
+                def readers(chunk=chunk_mib * MiB, ring=ring, direct=False):
+                    return load_data_section(File(path, "pread"), "cuda:0", chunk_bytes=chunk, ring=ring, threads=16, direct=direct, schedule="readers")
+                sweep[f"readers {chunk_mib:>2} MiB x {ring:>2}, 16 readers, warm"] = warm(readers)
+                if (chunk_mib, ring) == (16, 32):
+                    sweep[f"readers {chunk_mib:>2} MiB x {ring:>2}, 16 readers, cold, O_DIRECT"] = cold(lambda readers=readers: readers(direct=True))
             print_table(run_interleaved(sweep, args.reps), size, "staging pipeline sweep (data section only)")
 
         cases = {

@@ -29,7 +29,9 @@ without a GPU.
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Tuple
@@ -114,12 +116,15 @@ def load_data_section(
     progress: Optional[Callable[[int, int], Any]] = None,
     stats: Optional[StagingStats] = None,
     direct: Optional[bool] = None,
+    schedule: str = "ring",
 ) -> torch.Tensor:
     """The whole data section of `file` as a uint8 tensor on `device`.
 
     `direct`: read past the page cache; `None` (the default) decides by how
     much of the file is cached (`File.prefers_direct_reads`, the CPU loads'
-    policy)."""
+    policy). `schedule` (EXPERIMENT): "ring", one thread issues every copy
+    in file order; "readers", each reader copies what it read, on its own
+    stream, out of its own share of the slots (`_load_by_readers`)."""
     total = file.data_len
     target = torch.device(device)
     cuda = target.type == "cuda"
@@ -148,17 +153,24 @@ def load_data_section(
     direct_bytes = [0] * len(chunks)
     reading, reading_lock = [0], threading.Lock()
 
-    def read(index: int) -> int:
+    def read(index: int, into: Optional[torch.Tensor] = None) -> int:
         with reading_lock:
             reading[0] += 1
             if stats is not None:
                 stats.max_in_flight = max(stats.max_in_flight, reading[0])
         try:
-            direct_bytes[index] = file.read_data_into(chunks[index][0], slot_view(index).numpy(), direct=direct)
+            into = slot_view(index) if into is None else into
+            direct_bytes[index] = file.read_data_into(chunks[index][0], into.numpy(), direct=direct)
         finally:
             with reading_lock:
                 reading[0] -= 1
         return index
+
+    if schedule == "readers":
+        _load_by_readers(chunks, staging, read, out, target, threads or default_threads(ring), direct, progress, stats)
+        if stats is not None:
+            stats.direct_bytes = sum(direct_bytes)
+        return out
 
     with ThreadPoolExecutor(max_workers=threads or default_threads(ring)) as pool:
         pending = {}
@@ -196,3 +208,68 @@ def load_data_section(
     if stats is not None:
         stats.direct_bytes = sum(direct_bytes)
     return out
+
+
+def _load_by_readers(chunks, staging, read, out, target, threads, direct, progress, stats) -> None:
+    """EXPERIMENT: no central scheduler. Each of `threads` readers owns every
+    `threads`-th slot and its own stream; it takes the next chunk (any
+    order), waits until its slot's last copy has completed, reads into the
+    slot and issues the copy. The main thread only reports progress."""
+    cuda = target.type == "cuda"
+    readers = max(1, min(threads, len(staging)))
+    next_chunk = itertools.count()  # next() on it is atomic under the GIL
+    finished: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+    failed = threading.Event()
+
+    def reader(r: int) -> None:
+        own = staging[r::readers]
+        stream = torch.cuda.Stream(target) if cuda else None
+        copied: List[Any] = [None] * len(own)
+        turn = 0
+        try:
+            while not failed.is_set():
+                index = next(next_chunk)
+                if index >= len(chunks):
+                    return
+                slot = turn % len(own)
+                turn += 1
+                if copied[slot] is not None:
+                    copied[slot].synchronize()
+                start, length, place = chunks[index]
+                buffer = own[slot]
+                skip = place + ((-buffer.data_ptr()) % DIRECT_ALIGN if direct else 0)
+                view = buffer[skip : skip + length]
+                read(index, view)
+                if cuda:
+                    with torch.cuda.device(target), torch.cuda.stream(stream):
+                        out[start : start + length].copy_(view, non_blocking=True)
+                        copied[slot] = torch.cuda.Event()
+                        copied[slot].record(stream)
+                else:
+                    out[start : start + length].copy_(view)
+                finished.put(length)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            for event in copied:
+                if event is not None:
+                    event.synchronize()
+
+    total = out.numel()
+    done = 0
+    with ThreadPoolExecutor(max_workers=readers) as pool:
+        futures = [pool.submit(reader, r) for r in range(readers)]
+        while done < total and not failed.is_set():
+            try:
+                done += finished.get(timeout=0.05)
+            except queue.Empty:
+                if all(future.done() for future in futures) and finished.empty():
+                    break  # every reader has stopped: an error, raised below
+                continue
+            if stats is not None:
+                stats.chunks += 1
+            if progress is not None:
+                progress(done, total)
+        for future in futures:
+            future.result()  # the first error, if any

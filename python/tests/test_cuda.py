@@ -159,3 +159,16 @@ def test_tensor_parallel_load_on_cuda(tmp_path):
         assert all(t.is_cuda for t in on_gpu.tensors.values())
         assert_same(on_cpu(on_gpu.tensors), on_host.tensors)
     assert torch.equal(on_gpu.tensors["o.weight"].cpu(), tensors["o.weight"][:, 32:])
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+@pytest.mark.parametrize("chunk,ring,threads", [(4096, 1, 1), (1 << 20, 6, 3), (16 << 20, 16, 16)])
+@pytest.mark.parametrize("direct", [False, True])
+def test_reader_schedule_on_cuda_is_exact(tmp_path, backend, chunk, ring, threads, direct):
+    """EXPERIMENT: each reader copies what it read, on its own stream."""
+    path = tmp_path / "readers.safetensors"
+    ref_pt.save_file({"x": torch.arange(5 * 2**20 + 11, dtype=torch.int32), "y": torch.randn(3, 5)}, path)
+    file = File(str(path), backend)
+    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, direct=direct, schedule="readers")
+    torch.cuda.synchronize()
+    assert bytes(data.cpu().numpy()) == path.read_bytes()[file.data_start :]

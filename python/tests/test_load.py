@@ -154,6 +154,50 @@ def test_staging_pipeline_is_exact_and_bounded(every_dtype_file, backend, chunk,
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
+@pytest.mark.parametrize("chunk,ring,threads", [(4096, 1, 1), (65536, 3, 2), (1 << 20, 4, 4), (8192, 8, 3)])
+@pytest.mark.parametrize("direct", [False, True])
+def test_reader_schedule_is_exact_and_bounded(every_dtype_file, backend, chunk, ring, threads, direct):
+    """EXPERIMENT: each reader copies what it read (`schedule="readers"`)."""
+    from tensafe._pipeline import StagingStats, load_data_section
+    from tensafe._tensafe_rust import DIRECT_ALIGN, File
+
+    file = File(str(every_dtype_file), backend)
+    stats, seen = StagingStats(), []
+    data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, threads=threads, progress=lambda d, t: seen.append(d),
+                             stats=stats, direct=direct, schedule="readers")
+    raw = every_dtype_file.read_bytes()
+    assert bytes(data.numpy()) == raw[8 + int.from_bytes(raw[:8], "little") :]
+    assert stats.pinned_bytes <= ring * (chunk + (DIRECT_ALIGN if direct else 0))
+    assert 1 <= stats.max_in_flight <= min(ring, threads)
+    assert seen == sorted(seen) and seen[-1] == file.data_len and stats.chunks == len(seen)
+
+
+def test_reader_schedule_reports_the_first_read_error(tmp_path):
+    from tensafe._pipeline import load_data_section
+    from tensafe._tensafe_rust import File
+
+    class Failing:
+        def __init__(self, file):
+            self.file, self.reads = file, 0
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def read_data_into(self, *args, **kwargs):
+            self.reads += 1
+            if self.reads == 3:
+                raise OSError("disk gone")
+            return self.file.read_data_into(*args, **kwargs)
+
+    path = tmp_path / "f.safetensors"
+    ref_pt.save_file({"x": torch.arange(100_000, dtype=torch.int32)}, path)  # 98 chunks of 4 KiB
+    failing = Failing(File(str(path), "pread"))
+    with pytest.raises(OSError, match="disk gone"):
+        load_data_section(failing, "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False, schedule="readers")
+    assert failing.reads < 20, "the other reader stopped soon after the error"
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
 def test_each_tensor_has_its_own_storage_like_the_reference(tmp_path, backend):
     import io
 
