@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::ffi::c_int;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::create_exception;
@@ -109,9 +110,16 @@ impl Source {
 #[pyclass(module = "tensafe._tensafe_rust", frozen)]
 struct File {
     source: Source,
+    /// A second, `O_DIRECT` handle of a local file, opened on the first
+    /// direct read (`None` inside where the filesystem refuses `O_DIRECT`).
+    direct: OnceLock<Option<std::fs::File>>,
 }
 
 impl File {
+    fn from_source(source: Source) -> Self {
+        File { source, direct: OnceLock::new() }
+    }
+
     /// The handle for positional reads of a local file (mapped files have
     /// one too); `None` for files in memory or remote.
     fn local(&self) -> Option<&PreadFile> {
@@ -148,7 +156,7 @@ impl File {
         if tensafe_remote::RemoteUrl::is_remote(&text) {
             let url = text.into_owned();
             let remote = py.detach(|| tensafe_remote::RemoteFile::open(&url)).map_err(remote_error)?;
-            return Ok(File { source: Source::Remote(Box::new(remote)) });
+            return Ok(File::from_source(Source::Remote(Box::new(remote))));
         }
         let file = std::fs::File::open(&filename).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -169,7 +177,7 @@ impl File {
             let pread = PreadFile::from_file(file, &filename, &Default::default())?;
             Ok(if mapped { Source::Mapped(MmapFile::from_pread_copy_on_write(pread)?) } else { Source::Pread(pread) })
         })
-        .map(|source| File { source })
+        .map(File::from_source)
         .map_err(header_error)
     }
 
@@ -188,7 +196,7 @@ impl File {
                 Header::parse_file_bytes(all, &Default::default()).map(|(header, _)| header)
             })
             .map_err(header_error)?;
-        Ok(File { source: Source::Memory { header, object: data.unbind(), buffer } })
+        Ok(File::from_source(Source::Memory { header, object: data.unbind(), buffer }))
     }
 
     /// Offset of the data section in the file (8 + header length).
@@ -305,11 +313,9 @@ impl File {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
             if let (true, Some(local)) = (direct, self.local()) {
-                // Opened per call (microseconds, against milliseconds for a
-                // read worth doing directly): no handle kept per File.
-                if let Some(direct_file) = tensafe_io::open_direct(local.file()) {
+                if let Some(direct_file) = self.direct.get_or_init(|| tensafe_io::open_direct(local.file())) {
                     let at = local.header().data_start() + offset as u64;
-                    return tensafe_io::read_exact_at_direct(local.file(), &direct_file, dst, at)
+                    return tensafe_io::read_exact_at_direct(local.file(), direct_file, dst, at)
                         .map_err(|e| SafetensorError::new_err(format!("I/O error reading {}: {e}", local.path().display())));
                 }
             }
@@ -420,7 +426,7 @@ impl File {
         let text = path.to_string_lossy().into_owned();
         if tensafe_remote::RemoteUrl::is_remote(&text) {
             let checkpoint = py.detach(|| tensafe_remote::RemoteCheckpoint::open(&text, &Default::default())).map_err(remote_error)?;
-            return Ok(checkpoint.into_shards().into_iter().map(|r| File { source: Source::Remote(Box::new(r)) }).collect());
+            return Ok(checkpoint.into_shards().into_iter().map(|r| File::from_source(Source::Remote(Box::new(r)))).collect());
         }
         let checkpoint = py.detach(|| tensafe::ShardedCheckpoint::open(&path)).map_err(|e| {
             let missing = matches!(e.without_file(), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
@@ -435,7 +441,7 @@ impl File {
                     other => other == "mmap",
                 };
                 let source = if mapped { Source::Mapped(MmapFile::from_pread_copy_on_write(pread).map_err(header_error)?) } else { Source::Pread(pread) };
-                Ok(File { source })
+                Ok(File::from_source(source))
             })
             .collect()
     }
