@@ -312,12 +312,12 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            if let (true, Some(local)) = (direct, self.local()) {
-                if let Some(direct_file) = self.direct.get_or_init(|| tensafe_io::open_direct(local.file())) {
-                    let at = local.header().data_start() + offset as u64;
-                    return tensafe_io::read_exact_at_direct(local.file(), direct_file, dst, at)
-                        .map_err(|e| SafetensorError::new_err(format!("I/O error reading {}: {e}", local.path().display())));
-                }
+            if let (true, Some(local)) = (direct, self.local())
+                && let Some(direct_file) = self.direct.get_or_init(|| tensafe_io::open_direct(local.file()))
+            {
+                let at = local.header().data_start() + offset as u64;
+                return tensafe_io::read_exact_at_direct(local.file(), direct_file, dst, at)
+                    .map_err(|e| SafetensorError::new_err(format!("I/O error reading {}: {e}", local.path().display())));
             }
             match &self.source {
                 Source::Mapped(m) => m.positional().read_data_at(offset as u64, dst).map_err(|e| error("", &e)),
