@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="readers for the raw pread baseline")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--sweep", action="store_true", help="also time the staging pipeline's chunk/ring/thread settings")
+    ap.add_argument("--match", default="", help="only the cases whose name matches this regular expression (a short run)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -97,7 +99,8 @@ def main() -> None:
         start = time.perf_counter()
         tensors = model_like(args.gib)
         ts_pt.save_file(tensors, path)
-        torch.save(tensors, pt_path)
+        if re.search(args.match, "torch.load(mmap).to(cuda)"):
+            torch.save(tensors, pt_path)
         size = os.path.getsize(path)
         print(f"wrote {size / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
 
@@ -155,6 +158,7 @@ def main() -> None:
                 sweep[f"readers {chunk_mib:>2} MiB x {ring:>2}, 16 readers, warm"] = warm(readers)
                 if (chunk_mib, ring) == (16, 32):
                     sweep[f"readers {chunk_mib:>2} MiB x {ring:>2}, 16 readers, cold, O_DIRECT"] = cold(lambda readers=readers: readers(direct=True))
+            sweep = {name: case for name, case in sweep.items() if re.search(args.match, name)}
             print_table(run_interleaved(sweep, args.reps), size, "staging pipeline sweep (data section only)")
 
         cases = {
@@ -172,16 +176,21 @@ def main() -> None:
             "torch.load(mmap).to(cuda), warm": warm(torch_mmap),
             "torch.load(mmap).to(cuda), cold": cold(torch_mmap, pt_path),
         }
+        cases = {name: case for name, case in cases.items() if re.search(args.match, name)}
         med = run_interleaved(cases, args.reps)
         print_table(med, size, f"whole-file loads to cuda:0, median of {args.reps}")
-        best_warm = min(med["tensafe cuda (mmap), warm"], med["tensafe cuda (pread), warm"])
-        best_cold = min(med["tensafe cuda (mmap), cold"], med["tensafe cuda (pread), cold"])
+        def best(*names: str) -> float:  # nan where --match left the cases out
+            times = [med[n] for n in names if n in med and med[n] == med[n]]
+            return min(times) if times else float("nan")
+
+        best_warm = best("tensafe cuda (mmap), warm", "tensafe cuda (pread), warm")
+        best_cold = best("tensafe cuda (mmap), cold", "tensafe cuda (pread), cold")
         print(f"\ntensafe warm, best backend: {size / best_warm / 1e9:.1f} GB/s (target >= 40)")
-        raw_cold = min(med["raw parallel pread, cold"], med["raw parallel O_DIRECT, cold"])
+        raw_cold = best("raw parallel pread, cold", "raw parallel O_DIRECT, cold")
         print(f"tensafe cold, best backend vs best raw cold read: {raw_cold / best_cold:.2f}x (target >= 0.95)")
-        print(f"tensafe vs reference: warm {med['reference cuda, warm'] / best_warm:.2f}x, cold {med['reference cuda, cold'] / best_cold:.2f}x faster")
-        print(f"tensafe vs torch.load(mmap): warm {med['torch.load(mmap).to(cuda), warm'] / best_warm:.2f}x, "
-              f"cold {med['torch.load(mmap).to(cuda), cold'] / best_cold:.2f}x faster")
+        print(f"tensafe vs reference: warm {best('reference cuda, warm') / best_warm:.2f}x, cold {best('reference cuda, cold') / best_cold:.2f}x faster")
+        print(f"tensafe vs torch.load(mmap): warm {best('torch.load(mmap).to(cuda), warm') / best_warm:.2f}x, "
+              f"cold {best('torch.load(mmap).to(cuda), cold') / best_cold:.2f}x faster")
         if checks_failed:
             sys.exit(1)
 
