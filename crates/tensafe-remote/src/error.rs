@@ -21,7 +21,7 @@ pub enum RemoteError {
         url: String,
         /// The client's error.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// 404, or the bucket or container does not exist.
     #[error("{url}: not found (HTTP 404): {detail}")]
@@ -89,7 +89,7 @@ pub enum RemoteError {
         attempts: u32,
         /// The client's error.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// A read outside the object.
     #[error("{url}: bytes {}..{} asked for, but the object has {size} bytes", range.start, range.end)]
@@ -114,7 +114,7 @@ pub enum RemoteError {
         url: String,
         /// The client's error, which says how many retries were made.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// The file is not a valid safetensors file (or the caller's request does not fit it).
     #[error("{url}: {source}")]

@@ -214,7 +214,7 @@ impl Failure {
         let url = object.url.to_owned();
         match self {
             Failure::Length { received } => RemoteError::WrongLength { url, range, received, attempts },
-            Failure::Body { received, source } => RemoteError::Interrupted { url, range, received, attempts, source },
+            Failure::Body { received, source } => RemoteError::Interrupted { url, range, received, attempts, source: Box::new(source) },
             Failure::Store(e) => classify(e, probe, object, range),
         }
     }
@@ -312,7 +312,7 @@ pub(crate) fn classify_status(url: String, e: object_store::Error, status: u16) 
             RemoteError::Forbidden { url, status: if status == 401 { 401 } else { 403 }, detail }
         }
         _ if status == 401 || status == 403 => RemoteError::Forbidden { url, status, detail },
-        source => RemoteError::Transfer { url, source },
+        source => RemoteError::Transfer { url, source: Box::new(source) },
     }
 }
 

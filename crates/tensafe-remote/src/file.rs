@@ -120,7 +120,7 @@ impl RemoteFile {
                 (received, Some(got)) if attempts > options.retry.max_retries as u32 => {
                     let range = 0..expected;
                     return Err(match received {
-                        Err(source) => RemoteError::Interrupted { url: url.to_string(), range, received: got, attempts, source },
+                        Err(source) => RemoteError::Interrupted { url: url.to_string(), range, received: got, attempts, source: Box::new(source) },
                         Ok(_) => RemoteError::WrongLength { url: url.to_string(), range, received: got, attempts },
                     });
                 }

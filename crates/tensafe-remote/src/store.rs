@@ -146,7 +146,7 @@ pub(crate) fn store_for(url: &RemoteUrl, options: &RemoteOptions) -> Result<Arc<
     if let Some(store) = stores.get(&key) {
         return Ok(store.clone());
     }
-    let store = build(url, options).map_err(|source| RemoteError::Config { url: url.to_string(), source })?;
+    let store = build(url, options).map_err(|source| RemoteError::Config { url: url.to_string(), source: Box::new(source) })?;
     stores.insert(key, store.clone());
     Ok(store)
 }
