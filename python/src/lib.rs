@@ -516,9 +516,7 @@ fn slice_error(py: Python<'_>, shape: &[usize], indices: &[SliceIndex], e: &Erro
         }
         // The reference's texts; numpy raises IndexError for several
         // ellipses, ValueError for a bad step.
-        Error::InvalidSlice { reason } if indices.iter().filter(|i| matches!(i, SliceIndex::Ellipsis)).count() > 1 => {
-            typed_slice_error(py, "SliceIndexError", reason.clone())
-        }
+        Error::SeveralEllipses => typed_slice_error(py, "SliceIndexError", e.reference_text()),
         Error::InvalidSlice { reason } => typed_slice_error(py, "SliceValueError", reason.clone()),
         Error::SliceOutOfBounds { .. } | Error::TooManyIndices { .. } => typed_slice_error(
             py,

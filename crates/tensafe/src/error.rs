@@ -71,9 +71,13 @@ pub enum Error {
     #[error("more slicing indexes than dimensions in tensor: {given} indexes for shape {shape:?}")]
     TooManyIndices { given: usize, shape: Vec<usize> },
 
-    /// An index tensafe does not support (two ellipses, a non-positive step, …).
+    /// An index tensafe does not support (a non-positive step, …).
     #[error("invalid slice: {reason}")]
     InvalidSlice { reason: String },
+
+    /// An index with more than one `...` (numpy refuses it too, as an IndexError).
+    #[error("invalid slice: {SEVERAL_ELLIPSES}")]
+    SeveralEllipses,
 
     /// A caller's buffer has the wrong size for what is copied into it.
     #[error("destination buffer has {actual} bytes but {expected} are needed")]
@@ -135,6 +139,7 @@ impl Error {
                 format!("index {asked} out of bounds for tensor dimension #{dim} of size {size}")
             }
             Error::TooManyIndices { .. } => "more slicing indexes than dimensions in tensor".into(),
+            Error::SeveralEllipses => SEVERAL_ELLIPSES.into(),
             Error::Io { source, .. } => format!("I/O error: {source}"),
             other => other.to_string(),
         }
@@ -144,6 +149,9 @@ impl Error {
         Error::Io { context: context.into(), source }
     }
 }
+
+/// The reference's text for an index with several ellipses.
+const SEVERAL_ELLIPSES: &str = "Only one ellipsis (...) is allowed in slice index";
 
 fn misaligned_context(name: &Option<String>) -> String {
     match name {
