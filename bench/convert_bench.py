@@ -26,7 +26,7 @@ import torch
 import safetensors.torch as ref_pt
 
 sys.path.insert(0, os.path.dirname(__file__))
-from python_bench import model_like  # noqa: E402
+from python_bench import model_like, run_interleaved  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,13 +71,15 @@ def main() -> None:
         if args.baseline_exe:
             cases["baseline convert"] = converter(args.baseline_exe)
         cases["torch.load + save_file"] = torch_route
-        times = {name: [] for name in cases}
-        for rep in range(args.reps):
-            for name in (cases if rep % 2 == 0 else reversed(list(cases))):
+
+        def timed(fn):
+            def run():
                 start = time.perf_counter()
-                cases[name]()
-                times[name].append(time.perf_counter() - start)
-                os.remove(out)
+                fn()
+                return time.perf_counter() - start
+            return run
+
+        times = run_interleaved({name: timed(fn) for name, fn in cases.items()}, args.reps, after_each=lambda: os.remove(out))
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"{size / 2**30:.2f} GiB torch checkpoint, median of {args.reps}")
         for name, t in med.items():

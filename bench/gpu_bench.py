@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from load_bench import raw_pread  # noqa: E402
-from python_bench import evict, model_like  # noqa: E402
+from python_bench import evict, model_like, run_interleaved  # noqa: E402
 
 MiB = 1 << 20
 
@@ -50,21 +50,10 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_interleaved(cases: dict, reps: int) -> dict:
-    """Runs every case `reps` times, alternating the order, and returns medians."""
-    times: dict = {name: [] for name in cases}
-    failed: dict = {}
-    for rep in range(reps):
-        for name in cases if rep % 2 == 0 else reversed(list(cases)):
-            if name in failed:
-                continue
-            try:
-                times[name].append(cases[name]())
-            except Exception as e:  # a broken case is reported, the others still run
-                failed[name] = e
-                print(f"FAILED: {name}: {type(e).__name__}: {e}")
-            torch.cuda.empty_cache()
-    return {name: statistics.median(v) if name not in failed else float("nan") for name, v in times.items()}
+def medians(cases: dict, reps: int) -> dict:
+    """Median seconds per case, interleaved; nan for a case that failed."""
+    times = run_interleaved(cases, reps, after_each=torch.cuda.empty_cache, keep_going=True)
+    return {name: statistics.median(times[name]) if name in times else float("nan") for name in cases}
 
 
 def print_table(med: dict, size: int, title: str) -> None:
@@ -159,7 +148,7 @@ def main() -> None:
                 if (chunk_mib, ring) == (16, 32):
                     sweep[f"readers {chunk_mib:>2} MiB x {ring:>2}, 16 readers, cold, O_DIRECT"] = cold(lambda readers=readers: readers(direct=True))
             sweep = {name: case for name, case in sweep.items() if re.search(args.match, name)}
-            print_table(run_interleaved(sweep, args.reps), size, "staging pipeline sweep (data section only)")
+            print_table(medians(sweep, args.reps), size, "staging pipeline sweep (data section only)")
 
         cases = {
             "raw pinned H2D copy": lambda: timed(lambda: device_buf.copy_(pinned[:size], non_blocking=True)),
@@ -177,7 +166,7 @@ def main() -> None:
             "torch.load(mmap).to(cuda), cold": cold(torch_mmap, pt_path),
         }
         cases = {name: case for name, case in cases.items() if re.search(args.match, name)}
-        med = run_interleaved(cases, args.reps)
+        med = medians(cases, args.reps)
         print_table(med, size, f"whole-file loads to cuda:0, median of {args.reps}")
         def best(*names: str) -> float:  # nan where --match left the cases out
             times = [med[n] for n in names if n in med and med[n] == med[n]]

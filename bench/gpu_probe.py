@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from python_bench import evict  # noqa: E402
+from python_bench import evict, run_interleaved  # noqa: E402
 
 MiB = 1 << 20
 PAGE = mmap.PAGESIZE
@@ -110,9 +110,9 @@ def staging(path: str, reps: int = 3, threads: int = 16, chunk: int = 16 * MiB) 
         for direct in ((False, True) if cold else (False,)):
             # Cold reads take seconds each: only the two candidates for the ring.
             names = [n for n in kinds if not cold or n.startswith("torch") or n.endswith("registered")]
-            times = {name: [] for name in names}
-            for rep in range(reps):
-                for name in names if rep % 2 == 0 else reversed(names):
+
+            def case(name, cold=cold, direct=direct):
+                def run() -> float:
                     if cold:
                         evict(path)
                     else:
@@ -123,9 +123,12 @@ def staging(path: str, reps: int = 3, threads: int = 16, chunk: int = 16 * MiB) 
                     try:
                         start = time.perf_counter()
                         parallel_read(fd, size, kinds[name], threads)
-                        times[name].append(time.perf_counter() - start)
+                        return time.perf_counter() - start
                     finally:
                         os.close(fd)
+                return run
+
+            times = run_interleaved({name: case(name) for name in names}, reps)
             label = "cold, O_DIRECT" if direct else ("cold" if cold else "warm")
             for name, t in times.items():
                 say(f"  read into {name:<32} {label:<15} {gbps(size, statistics.median(t))}  (min {min(t):.3f}, max {max(t):.3f})")

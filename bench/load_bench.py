@@ -44,7 +44,7 @@ import safetensors.torch as ref_pt
 import tensafe.torch as ts_pt
 
 sys.path.insert(0, os.path.dirname(__file__))
-from python_bench import evict, model_like, small_tensors, touch_all  # noqa: E402
+from python_bench import evict, model_like, run_interleaved, small_tensors, touch_all  # noqa: E402
 
 
 def raw_pread(path: str, threads: int, block: int = 8 << 20, direct: bool = False, into: Any = None) -> None:
@@ -154,11 +154,7 @@ def main() -> None:
             f"tensafe {args.small} small": warm(lambda: ts_pt.load_file(small)),
             f"reference {args.small} small": warm(lambda: ref_pt.load_file(small)),
         }
-        times: dict = {name: [] for name in cases}
-        for rep in range(args.reps):
-            names = list(cases) if rep % 2 == 0 else list(reversed(cases))
-            for name in names:
-                times[name].append(cases[name]())
+        times = run_interleaved(cases, args.reps)
 
         med = {name: statistics.median(v) for name, v in times.items()}
         # The raw limit is the faster of the two raw cold reads.

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -60,6 +61,29 @@ def model_like(gib: float) -> dict:
 def small_tensors(count: int) -> dict:
     g = torch.Generator().manual_seed(1)
     return {f"experts.{i // 64}.w{i % 64}": torch.randn(16, generator=g) for i in range(count)}
+
+
+def run_interleaved(cases: dict, reps: int, after_each: Any = None, keep_going: bool = False) -> dict:
+    """Runs every case `reps` times, in file order then reversed, so that
+    drift in the machine's state hits every case alike; a case returns its
+    own time in seconds. Returns each case's times. `after_each` runs after
+    every case; with `keep_going`, a case that raises is reported and left
+    out of the rest (and of the result), and the others still run."""
+    times: dict = {name: [] for name in cases}
+    for rep in range(reps):
+        for name in list(cases) if rep % 2 == 0 else list(reversed(cases)):
+            if name not in times:
+                continue
+            try:
+                times[name].append(cases[name]())
+            except Exception as e:
+                if not keep_going:
+                    raise
+                del times[name]
+                print(f"FAILED: {name}: {type(e).__name__}: {e}")
+            if after_each is not None:
+                after_each()
+    return times
 
 
 def evict(path: str) -> None:
