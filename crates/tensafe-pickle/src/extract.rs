@@ -41,6 +41,9 @@ pub struct Extracted {
     pub non_tensors: Vec<(String, Value)>,
     /// Things not converted: path → reason.
     pub skipped: Vec<(String, String)>,
+    /// How many of `skipped` are containers reached a second time (a
+    /// pickle can share one object many times; each is walked once).
+    pub shared_references: usize,
 }
 
 struct Walker<'h> {
@@ -279,6 +282,7 @@ impl Walker<'_> {
             if matches!(obj, Object::Dict(_) | Object::List(_) | Object::Tuple(_) | Object::Opaque(_)) {
                 if let Some(first) = self.visited.get(&id) {
                     self.out.skipped.push((name, format!("the same container as `{first}` (shared reference, emitted once)")));
+                    self.out.shared_references += 1;
                     continue;
                 }
                 self.visited.insert(id, name.clone());

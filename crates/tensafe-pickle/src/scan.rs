@@ -448,7 +448,7 @@ impl<'o> Scanner<'o> {
                 ),
             );
         }
-        let shared = ex.skipped.iter().filter(|(_, why)| why.contains("shared reference")).count();
+        let shared = ex.shared_references;
         if shared > 0 {
             r.finding(
                 Severity::Safe,
