@@ -409,7 +409,7 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
 
     // Plans, with the output budget.
     let unique: u64 = ck.records.values().map(|r| r.len() as u64).sum();
-    let budget = unique.saturating_mul(limits.output_factor).max(limits.min_output_budget);
+    let budget = limits.output_budget(unique);
     let mut total = 0u64;
     let mut plans = Vec::with_capacity(ex.tensors.len());
     for (i, (name, id)) in ex.tensors.iter().enumerate() {

@@ -64,3 +64,13 @@ impl Default for Limits {
         }
     }
 }
+
+impl Limits {
+    /// The most bytes a conversion may write when its tensors' storages hold
+    /// `storage_bytes`: `max(output_factor × storage_bytes, min_output_budget)`.
+    /// The converter counts the storage records it read; the scanner, which
+    /// may see no records, the sizes the storages declare.
+    pub fn output_budget(&self, storage_bytes: u64) -> u64 {
+        storage_bytes.saturating_mul(self.output_factor).max(self.min_output_budget)
+    }
+}

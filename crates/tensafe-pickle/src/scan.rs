@@ -437,7 +437,7 @@ impl<'o> Scanner<'o> {
             }
         }
         let unique = storages.values().fold(0u64, |a, &b| a.saturating_add(b));
-        let budget = unique.saturating_mul(limits.output_factor).max(limits.min_output_budget);
+        let budget = limits.output_budget(unique);
         if output > budget as u128 {
             r.finding(
                 Severity::Suspicious,
