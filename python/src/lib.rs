@@ -953,6 +953,15 @@ impl PyTensorParallelPlan {
     }
 }
 
+/// `len` bytes at file offset `offset` cut into reads of at most `chunk`
+/// bytes, as `(offset, length)` pairs: with `aligned`, at page-rounded
+/// multiples of `chunk` in the file, as direct reads need
+/// (`tensafe_io::cut`, the engine's own rule).
+#[pyfunction]
+fn cut_reads(offset: u64, len: usize, chunk: usize, aligned: bool) -> Vec<(u64, usize)> {
+    tensafe_io::cut(offset, len, chunk, aligned)
+}
+
 /// `text` (a name from a file) with its control and bidirectional
 /// characters escaped, as every message shows names (`tensafe::Printable`).
 #[pyfunction]
@@ -1054,6 +1063,7 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(deserialize, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(printable, m)?)?;
+    m.add_function(wrap_pyfunction!(cut_reads, m)?)?;
     m.add_function(wrap_pyfunction!(save_sharded_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(convert_pickle, m)?)?;
     m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;

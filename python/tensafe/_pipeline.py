@@ -38,7 +38,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from ._tensafe_rust import DIRECT_ALIGN, File
+from ._tensafe_rust import DIRECT_ALIGN, File, cut_reads
 
 #: Defaults, chosen with `bench/gpu_bench.py --sweep` on an H100 host (the
 #: table is in docs/ARCHITECTURE.md): many mid-sized chunks keep enough reads
@@ -71,25 +71,15 @@ def default_threads(ring: int) -> int:
 
 def _plan_chunks(data_start: int, total: int, chunk_bytes: int, direct: bool) -> List[Tuple[int, int, int]]:
     """The data section cut into chunks: (offset in the data section, length,
-    offset in the staging slot).
+    offset in the staging slot), by the I/O engine's rule (`cut_reads`).
 
-    For direct reads the cuts sit at multiples of `chunk_bytes` rounded
-    down to whole pages (one page at least) in the file, and each chunk
-    keeps its file offset's place within a page in its slot: every chunk is
-    then page-aligned in the file and in the slot but for the file's first
-    and last page, and no chunk needs more than that rounded size of slot. Otherwise chunks are plain
+    For direct reads the cuts sit at page-rounded multiples of `chunk_bytes`
+    in the file, and each chunk keeps its file offset's place within a page
+    in its slot: every chunk is then page-aligned in the file and in the
+    slot but for the file's first and last page, and no chunk needs more
+    than that rounded size of slot. Otherwise chunks are plain
     `chunk_bytes` pieces at the slot's start."""
-    if not direct:
-        size = max(1, chunk_bytes)
-        return [(start, min(size, total - start), 0) for start in range(0, total, size)]
-    size = max(DIRECT_ALIGN, chunk_bytes - chunk_bytes % DIRECT_ALIGN)
-    chunks = []
-    at = data_start
-    while at < data_start + total:
-        end = min(data_start + total, (at // size + 1) * size)
-        chunks.append((at - data_start, end - at, at % DIRECT_ALIGN))
-        at = end
-    return chunks
+    return [(at - data_start, length, at % DIRECT_ALIGN if direct else 0) for at, length in cut_reads(data_start, total, chunk_bytes, direct)]
 
 
 def _staging_slots(ring: int, slot_bytes: int, *, pinned: bool, page_aligned: bool) -> List[torch.Tensor]:

@@ -107,7 +107,6 @@ pub struct Stats {
 struct Job<'a> {
     file_offset: u64,
     piece: &'a mut [u8],
-    direct: bool,
 }
 
 /// Reads every range into `dst` with a pool of threads.
@@ -139,20 +138,8 @@ pub fn read_into(
     // without unsafe code.
     let mut plan: Vec<ReadRange> = Vec::new();
     for r in ranges {
-        let mut done = 0;
-        while done < r.len {
-            let at = r.file_offset + done as u64;
-            let mut len = chunk.min(r.len - done);
-            if direct_file.is_some() {
-                let misalign = (at % DIRECT_ALIGN as u64) as usize;
-                if misalign != 0 {
-                    len = len.min(DIRECT_ALIGN - misalign); // up to the next aligned offset
-                } else if !len.is_multiple_of(DIRECT_ALIGN) && len > DIRECT_ALIGN {
-                    len -= len % DIRECT_ALIGN; // the unaligned tail gets its own read
-                }
-            }
-            plan.push(ReadRange { file_offset: at, dst_offset: r.dst_offset + done, len });
-            done += len;
+        for (at, len) in cut(r.file_offset, r.len, chunk, direct_file.is_some()) {
+            plan.push(ReadRange { file_offset: at, dst_offset: r.dst_offset + (at - r.file_offset) as usize, len });
         }
     }
     plan.sort_by_key(|j| j.dst_offset);
@@ -166,10 +153,7 @@ pub fn read_into(
         }
         let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
         let (piece, tail) = tail.split_at_mut(step.len);
-        let aligned = step.file_offset.is_multiple_of(DIRECT_ALIGN as u64)
-            && step.len.is_multiple_of(DIRECT_ALIGN)
-            && (piece.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
-        jobs.push(Job { file_offset: step.file_offset, piece, direct: direct_file.is_some() && aligned });
+        jobs.push(Job { file_offset: step.file_offset, piece });
         rest = tail;
         consumed = step.dst_offset + step.len;
     }
@@ -189,17 +173,16 @@ pub fn read_into(
             .map(|_| {
                 scope.spawn(|| -> io::Result<()> {
                     loop {
-                        let Some(Job { file_offset: offset, piece, direct }) = queue.lock().expect("queue lock").pop() else { return Ok(()) };
+                        let Some(Job { file_offset: offset, piece }) = queue.lock().expect("queue lock").pop() else { return Ok(()) };
                         let len = piece.len() as u64;
                         let now = in_flight.fetch_add(len, Ordering::SeqCst) + len;
                         peak.fetch_max(now, Ordering::SeqCst);
-                        let read = match (&direct_file, direct) {
-                            (Some(direct_file), true) => read_aligned_direct(file, direct_file, piece, offset).map(|went_direct| {
-                                if went_direct {
-                                    direct_bytes.fetch_add(len, Ordering::Relaxed);
-                                }
+                        let read = match &direct_file {
+                            // Its unaligned head and tail go through the cache.
+                            Some(direct_file) => read_exact_at_direct(file, direct_file, piece, offset).map(|went_direct| {
+                                direct_bytes.fetch_add(went_direct as u64, Ordering::Relaxed);
                             }),
-                            _ => read_exact_at(file, piece, offset),
+                            None => read_exact_at(file, piece, offset),
                         };
                         in_flight.fetch_sub(len, Ordering::SeqCst);
                         read?;
@@ -233,6 +216,26 @@ const AUTO_DIRECT_MIN_BYTES: usize = 64 << 20;
 /// cache — a large read (at least 64 MiB) of which less than half is cached.
 pub fn prefers_direct(file: &File, offset: u64, len: usize) -> bool {
     len >= AUTO_DIRECT_MIN_BYTES && cached_fraction(file, offset, len) < 0.5
+}
+
+/// Cuts `len` bytes at file offset `offset` into pieces of at most `chunk`
+/// bytes: with `aligned`, at the multiples of `chunk` rounded down to whole
+/// [`DIRECT_ALIGN`] pages (one page at least) in the file, so that every
+/// piece but the first and the last starts and ends on a page, as direct
+/// reads need; otherwise every `chunk` bytes from `offset`. The one cutting
+/// rule for the engine and the accelerator staging ring (through the binding).
+pub fn cut(offset: u64, len: usize, chunk: usize, aligned: bool) -> Vec<(u64, usize)> {
+    let size = if aligned { (chunk - chunk % DIRECT_ALIGN).max(DIRECT_ALIGN) } else { chunk.max(1) } as u64;
+    let end = offset + len as u64;
+    let mut pieces = Vec::with_capacity(len.div_ceil(size as usize));
+    let mut at = offset;
+    while at < end {
+        let next = if aligned { (at / size + 1) * size } else { at + size };
+        let stop = next.min(end);
+        pieces.push((at, (stop - at) as usize));
+        at = stop;
+    }
+    pieces
 }
 
 /// Reads exactly `dst.len()` bytes at `offset`, bypassing the page cache
@@ -493,6 +496,31 @@ mod tests {
             let head = (DIRECT_ALIGN - offset % DIRECT_ALIGN) % DIRECT_ALIGN;
             let expected = if congruent && len >= head + DIRECT_ALIGN { (len - head) / DIRECT_ALIGN * DIRECT_ALIGN } else { 0 };
             prop_assert_eq!(went_direct, expected);
+        }
+
+        #[test]
+        fn cuts_cover_the_range_in_order_and_aligned_cuts_sit_on_pages(
+            offset in 0u64..50_000,
+            len in 0usize..100_000,
+            chunk in 1usize..40_000,
+            aligned in any::<bool>(),
+        ) {
+            let pieces = cut(offset, len, chunk, aligned);
+            let size = if aligned { (chunk - chunk % DIRECT_ALIGN).max(DIRECT_ALIGN) } else { chunk };
+            let mut at = offset;
+            for (i, &(start, n)) in pieces.iter().enumerate() {
+                prop_assert_eq!(start, at);
+                prop_assert!(n > 0 && n <= size);
+                if aligned {
+                    // Cuts at multiples of the page-rounded chunk in the file.
+                    if i > 0 { prop_assert_eq!(start % size as u64, 0); }
+                    if i + 1 < pieces.len() { prop_assert_eq!((start + n as u64) % size as u64, 0); }
+                } else if i + 1 < pieces.len() {
+                    prop_assert_eq!(n, size);
+                }
+                at += n as u64;
+            }
+            prop_assert_eq!(at, offset + len as u64);
         }
 
         #[test]
