@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="readers for the raw pread baseline")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--sweep", action="store_true", help="also time the staging pipeline's chunk/ring/thread settings")
-    ap.add_argument("--match", default="", help="only the cases whose name matches this regular expression (a short run)")
+    ap.add_argument("--match", default="", help="only the cases whose name matches this regular expression, searched "
+                    "anywhere in the name (a short run; escape the names' parentheses and dots)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -88,7 +89,7 @@ def main() -> None:
         start = time.perf_counter()
         tensors = model_like(args.gib)
         ts_pt.save_file(tensors, path)
-        if re.search(args.match, "torch.load(mmap).to(cuda)"):
+        if any(re.search(args.match, f"torch.load(mmap).to(cuda), {kind}") for kind in ("warm", "cold")):
             torch.save(tensors, pt_path)
         size = os.path.getsize(path)
         print(f"wrote {size / 2**30:.2f} GiB in {time.perf_counter() - start:.1f} s")
@@ -152,7 +153,8 @@ def main() -> None:
 
         cases = {
             "raw pinned H2D copy": lambda: timed(lambda: device_buf.copy_(pinned[:size], non_blocking=True)),
-            # Into a reused pinned buffer, as the ring reads into its slots.
+            # Into one pinned buffer, faulted in beforehand (the ring reuses its
+            # pinned slots): what the disk and the page cache give, no more.
             "raw parallel pread, warm": warm(lambda: raw_pread(path, args.threads, into=pinned.numpy())),
             "raw parallel pread, cold": cold(lambda: raw_pread(path, args.threads, into=pinned.numpy())),
             "raw parallel O_DIRECT, cold": cold(lambda: raw_pread(path, args.threads, direct=True, into=pinned.numpy())),

@@ -106,32 +106,32 @@ def staging(path: str, reps: int = 3, threads: int = 16, chunk: int = 16 * MiB) 
              "anonymous 4 KiB pages": slices(small), "anonymous THP": slices(huge)}
     if rc == 0:
         kinds["anonymous THP, registered"] = slices(huge_reg)
-    for cold in (False, True):
-        for direct in ((False, True) if cold else (False,)):
-            # Cold reads take seconds each: only the two candidates for the ring.
-            names = [n for n in kinds if not cold or n.startswith("torch") or n.endswith("registered")]
+    # Warm: every kind of memory. Cold (seconds each): the two candidates for
+    # the ring, buffered and O_DIRECT interleaved in one run.
+    warm_cases = {(name, "warm"): name for name in kinds}
+    cold_cases = {(name, mode): name for name in kinds if name.startswith("torch") or name.endswith("registered")
+                  for mode in ("cold", "cold, O_DIRECT")}
+    for cases in (warm_cases, cold_cases):
+        def case(name, mode):
+            def run() -> float:
+                if mode == "warm":
+                    with open(path, "rb") as f:
+                        while f.read(64 * MiB):
+                            pass
+                else:
+                    evict(path)
+                fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if mode.endswith("O_DIRECT") else 0))
+                try:
+                    start = time.perf_counter()
+                    parallel_read(fd, size, kinds[name], threads)
+                    return time.perf_counter() - start
+                finally:
+                    os.close(fd)
+            return run
 
-            def case(name, cold=cold, direct=direct):
-                def run() -> float:
-                    if cold:
-                        evict(path)
-                    else:
-                        with open(path, "rb") as f:
-                            while f.read(64 * MiB):
-                                pass
-                    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-                    try:
-                        start = time.perf_counter()
-                        parallel_read(fd, size, kinds[name], threads)
-                        return time.perf_counter() - start
-                    finally:
-                        os.close(fd)
-                return run
-
-            times = run_interleaved({name: case(name) for name in names}, reps)
-            label = "cold, O_DIRECT" if direct else ("cold" if cold else "warm")
-            for name, t in times.items():
-                say(f"  read into {name:<32} {label:<15} {gbps(size, statistics.median(t))}  (min {min(t):.3f}, max {max(t):.3f})")
+        times = run_interleaved({key: case(*key) for key in cases}, reps)
+        for (name, mode), t in times.items():
+            say(f"  read into {name:<32} {mode:<15} {gbps(size, statistics.median(t))}  (min {min(t):.3f}, max {max(t):.3f})")
     if rc == 0:
         cudart.cudaHostUnregister(address(huge_reg))
 
@@ -215,23 +215,23 @@ def register(path: str) -> None:
             base = address(m)
             spans = [(o, min(chunk, size - o)) for o in range(0, size, chunk)]
             spans = [(o, -(-n // PAGE) * PAGE) for o, n in spans]
-            failures = []
+            failures, locked = [], []
             lock = threading.Lock()
 
             def one(span):
                 rc = int(cudart.cudaHostRegister(base + span[0], span[1], REGISTER_READ_ONLY))
-                if rc:
-                    with lock:
-                        failures.append(rc)
+                with lock:
+                    (failures if rc else locked).append(rc if rc else span[0])
 
             start = time.perf_counter()
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(one, spans))
             took = time.perf_counter() - start
+            if failures:
+                clear_last_cuda_error()
             start = time.perf_counter()
-            if not failures:
-                for o, _ in spans:
-                    cudart.cudaHostUnregister(base + o)
+            for o in locked:  # every lock taken, so that later rows start clean
+                cudart.cudaHostUnregister(base + o)
             say(f"  {chunk_mib:>3} MiB chunks, {workers:>2} threads: register {gbps(size, took)}, "
                 f"failures {len(failures)}{' ' + str(failures[:3]) if failures else ''}, unregister {time.perf_counter() - start:.3f} s")
             m.close()

@@ -73,11 +73,16 @@ def raw_pread(path: str, threads: int, block: int = 8 << 20, direct: bool = Fals
                     return
                 end = min(size, offset + block)
                 if direct:  # whole pages; the read stops at the end of the file
-                    os.preadv(fd, [view[offset : min(len(view), offset + block)]], offset)
+                    got = os.preadv(fd, [view[offset : min(len(view), offset + block)]], offset)
+                    if got < end - offset:
+                        raise OSError(f"short direct read at {offset}: {got} of {end - offset} bytes")
                     continue
                 while offset < end:  # os.preadv releases the GIL
-                    offset += os.preadv(fd, [view[offset:end]], offset)
-        except OSError as e:
+                    got = os.preadv(fd, [view[offset:end]], offset)
+                    if got == 0:
+                        raise OSError(f"unexpected end of file at {offset}")
+                    offset += got
+        except Exception as e:  # reported by the caller, not lost with the thread
             errors.append(e)
 
     pool = [threading.Thread(target=worker) for _ in range(threads)]

@@ -110,14 +110,26 @@ impl Source {
 #[pyclass(module = "tensafe._tensafe_rust", frozen)]
 struct File {
     source: Source,
-    /// A second, `O_DIRECT` handle of a local file, opened on the first
-    /// direct read (`None` inside where the filesystem refuses `O_DIRECT`).
-    direct: OnceLock<Option<std::fs::File>>,
+    /// A second, `O_DIRECT` handle of a local file, kept once a direct read
+    /// has opened it (a failed open is tried again by the next direct read:
+    /// it may have been a passing shortage of descriptors).
+    direct: OnceLock<std::fs::File>,
 }
 
 impl File {
     fn from_source(source: Source) -> Self {
         File { source, direct: OnceLock::new() }
+    }
+
+    /// The `O_DIRECT` handle of `local` (this file's), opened on first use;
+    /// `None` where it cannot be opened now.
+    fn direct_handle(&self, local: &PreadFile) -> Option<&std::fs::File> {
+        if let Some(handle) = self.direct.get() {
+            return Some(handle);
+        }
+        // Two threads may both open one; the second is dropped.
+        let _ = self.direct.set(tensafe_io::open_direct(local.file())?);
+        self.direct.get()
     }
 
     /// The handle for positional reads of a local file (mapped files have
@@ -313,7 +325,7 @@ impl File {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
             if let (true, Some(local)) = (direct, self.local())
-                && let Some(direct_file) = self.direct.get_or_init(|| tensafe_io::open_direct(local.file()))
+                && let Some(direct_file) = self.direct_handle(local)
             {
                 let at = local.header().data_start() + offset as u64;
                 return tensafe_io::read_exact_at_direct(local.file(), direct_file, dst, at)

@@ -17,10 +17,10 @@ a second copy of the model in its cache. Direct reads need the same offset
 within a page in the file and in memory, so chunks are then cut at page
 boundaries of the file (`_plan_chunks`). By default the choice is the CPU
 loads' (`File.prefers_direct_reads`): direct when little of the file is
-cached, through the cache when it is. On the H100 host, cold 4 GiB reads
-were direct-faster in 7 of 8 interleaved comparisons (4–27% less time; one
-was 9% slower: `bench/gpu_bench.py --sweep`, `bench/gpu_probe.py staging`,
-table in docs/ARCHITECTURE.md), and a warm file is still read from the cache.
+cached, through the cache when it is. On H100 hosts, cold 4 GiB reads were
+faster direct in 7 of 8 comparisons (4–27% less time; one was 9% slower:
+`bench/gpu_bench.py --sweep`, `bench/gpu_probe.py staging`, the figures in
+docs/ARCHITECTURE.md), and a warm file is still read from the cache.
 
 The scheduling does not depend on CUDA: with a CPU target the copies are
 plain synchronous copies, which is how the tests check it on machines
@@ -115,12 +115,19 @@ def load_data_section(
     policy). `schedule` (EXPERIMENT): "ring", one thread issues every copy
     in file order; "readers", each reader copies what it read, on its own
     stream, out of its own share of the slots (`_load_by_readers`)."""
+    if schedule not in ("ring", "readers"):
+        raise ValueError(f'schedule must be "ring" or "readers", got {schedule!r}')
     total = file.data_len
-    target = torch.device(device)
+    out = torch.empty(total, dtype=torch.uint8, device=torch.device(device))
+    # `out.device` has its index even when `device` had none ("cuda"): other
+    # threads, whose current device may differ, must use the same one.
+    target = out.device
     cuda = target.type == "cuda"
-    out = torch.empty(total, dtype=torch.uint8, device=target)
     if total == 0:
         return out
+    # The caller's stream: copies into `out` wait for the work queued on it
+    # (the allocator may hand out memory that work is still using).
+    caller = torch.cuda.current_stream(target) if cuda else None
     if direct is None:
         direct = file.prefers_direct_reads()
     chunks = _plan_chunks(file.data_start, total, chunk_bytes, direct)
@@ -129,7 +136,6 @@ def load_data_section(
     if stats is not None:
         stats.pinned_bytes = sum(buf.numel() for buf in staging)
         stats.direct = direct
-    streams = [torch.cuda.Stream(target) for _ in range(2)] if cuda else []
     copied: List[Any] = [None] * ring  # per slot: CUDA event recorded after the copy out of it
 
     def slot_view(index: int) -> torch.Tensor:
@@ -157,10 +163,12 @@ def load_data_section(
         return index
 
     if schedule == "readers":
-        _load_by_readers(chunks, staging, read, out, target, threads or default_threads(ring), direct, progress, stats)
+        _load_by_readers(chunks, staging, read, out, caller, threads or default_threads(ring), direct, progress, stats)
         if stats is not None:
             stats.direct_bytes = sum(direct_bytes)
         return out
+
+    streams = [_side_stream(caller) for _ in range(2)] if cuda else []
 
     with ThreadPoolExecutor(max_workers=threads or default_threads(ring)) as pool:
         pending = {}
@@ -194,26 +202,43 @@ def load_data_section(
             if progress is not None:
                 progress(done_bytes, total)
     for stream in streams:
-        torch.cuda.current_stream(target).wait_stream(stream)
+        caller.wait_stream(stream)
     if stats is not None:
         stats.direct_bytes = sum(direct_bytes)
     return out
 
 
-def _load_by_readers(chunks, staging, read, out, target, threads, direct, progress, stats) -> None:
-    """EXPERIMENT: no central scheduler. Each of `threads` readers owns every
-    `threads`-th slot and its own stream; it takes the next chunk (any
+def _side_stream(caller: Any) -> Any:
+    """A new stream on `caller`'s device that starts after the work queued
+    on `caller` so far."""
+    stream = torch.cuda.Stream(caller.device)
+    stream.wait_stream(caller)
+    return stream
+
+
+def _load_by_readers(chunks, staging, read, out, caller, threads, direct, progress, stats) -> None:
+    """EXPERIMENT: no central scheduler. Each reader (`threads`, at most one
+    per slot) owns every `readers`-th slot and its own stream (after
+    `caller`'s work; `None` for CPU targets); it takes the next chunk (any
     order), waits until its slot's last copy has completed, reads into the
     slot and issues the copy. The main thread only reports progress."""
-    cuda = target.type == "cuda"
+    cuda = caller is not None
     readers = max(1, min(threads, len(staging)))
     next_chunk = itertools.count()  # next() on it is atomic under the GIL
     finished: "queue.SimpleQueue[int]" = queue.SimpleQueue()
     failed = threading.Event()
+    first_error: List[BaseException] = []  # the error that stopped the load, not its consequences
+    error_lock = threading.Lock()
+
+    def stop(error: BaseException) -> None:
+        with error_lock:
+            if not first_error:
+                first_error.append(error)
+        failed.set()
 
     def reader(r: int) -> None:
         own = staging[r::readers]
-        stream = torch.cuda.Stream(target) if cuda else None
+        stream = _side_stream(caller) if cuda else None
         copied: List[Any] = [None] * len(own)
         turn = 0
         try:
@@ -231,35 +256,42 @@ def _load_by_readers(chunks, staging, read, out, target, threads, direct, progre
                 view = buffer[skip : skip + length]
                 read(index, view)
                 if cuda:
-                    with torch.cuda.device(target), torch.cuda.stream(stream):
+                    with torch.cuda.device(out.device), torch.cuda.stream(stream):
                         out[start : start + length].copy_(view, non_blocking=True)
                         copied[slot] = torch.cuda.Event()
                         copied[slot].record(stream)
                 else:
                     out[start : start + length].copy_(view)
                 finished.put(length)
-        except BaseException:
-            failed.set()
-            raise
+        except BaseException as e:
+            stop(e)
         finally:
-            for event in copied:
+            for event in copied:  # the slots outlive no copy out of them
                 if event is not None:
-                    event.synchronize()
+                    try:
+                        event.synchronize()
+                    except BaseException as e:
+                        stop(e)
 
     total = out.numel()
     done = 0
     with ThreadPoolExecutor(max_workers=readers) as pool:
         futures = [pool.submit(reader, r) for r in range(readers)]
-        while done < total and not failed.is_set():
-            try:
-                done += finished.get(timeout=0.05)
-            except queue.Empty:
-                if all(future.done() for future in futures) and finished.empty():
-                    break  # every reader has stopped: an error, raised below
-                continue
-            if stats is not None:
-                stats.chunks += 1
-            if progress is not None:
-                progress(done, total)
-        for future in futures:
-            future.result()  # the first error, if any
+        try:
+            while done < total and not failed.is_set():
+                try:
+                    done += finished.get(timeout=0.05)
+                except queue.Empty:
+                    if all(future.done() for future in futures) and finished.empty():
+                        break  # every reader has stopped
+                    continue
+                if stats is not None:
+                    stats.chunks += 1
+                if progress is not None:
+                    progress(done, total)
+        except BaseException as e:  # a progress callback, Ctrl-C: the readers stop too
+            stop(e)
+    if first_error:
+        raise first_error[0]
+    if done < total:
+        raise RuntimeError(f"staging readers stopped after {done} of {total} bytes")

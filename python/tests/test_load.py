@@ -1,6 +1,8 @@
 """Bulk loads: lazy mmap views and parallel pread into one allocation, bit-exact
 against the reference, for every dtype and awkward sizes."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +34,14 @@ def every_dtype_file(tmp_path_factory):
         for j, shape in enumerate([(0,), (3, 4), (1, 2, 2)]):
             tensors[f"{dtype}.{j}"] = random_tensor(dtype, shape, 10 * i + j)
     ref_pt.save_file(tensors, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def many_chunks_file(tmp_path_factory):
+    """About 500 KB of data starting at an odd offset: a hundred 4 KiB staging chunks."""
+    path = tmp_path_factory.mktemp("chunks") / "chunks.safetensors"
+    ref_pt.save_file({"odd": torch.arange(7, dtype=torch.int8), "x": torch.randn(100_003), "y": torch.arange(30_001, dtype=torch.int64)}, path)
     return path
 
 
@@ -114,7 +124,6 @@ def test_unaligned_tensors_from_other_writers(tmp_path):
 
 def test_bulk_loads_leave_the_garbage_collector_as_they_found_it(tmp_path):
     import gc
-    import threading
 
     path = tmp_path / "gc.safetensors"
     ts_pt.save_file({f"t{i}": torch.zeros(i + 1) for i in range(200)}, path)
@@ -134,67 +143,78 @@ def test_bulk_loads_leave_the_garbage_collector_as_they_found_it(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
-@pytest.mark.parametrize("chunk,ring", [(4096, 1), (65536, 3), (1 << 20, 4)])
-def test_staging_pipeline_is_exact_and_bounded(every_dtype_file, backend, chunk, ring):
-    """The accelerator pipeline's scheduling, run with a CPU target."""
-    from tensafe._pipeline import StagingStats, load_data_section
-    from tensafe._tensafe_rust import File
+@pytest.mark.parametrize("chunk,ring,threads", [(4096, 1, 1), (65536, 3, 2), (16384, 4, 4), (8192, 8, 3)])
+@pytest.mark.parametrize("schedule", ["ring", "readers"])
+@pytest.mark.parametrize("direct", [False, True])
+def test_staging_pipeline_is_exact_and_bounded(many_chunks_file, backend, chunk, ring, threads, schedule, direct):
+    """The accelerator pipeline's scheduling, run with a CPU target; the
+    "readers" schedule (EXPERIMENT) lets each reader copy what it read."""
+    from tensafe._pipeline import StagingStats, _plan_chunks, load_data_section
+    from tensafe._tensafe_rust import DIRECT_ALIGN, File
 
-    file = File(str(every_dtype_file), backend)
-    stats = StagingStats()
-    seen = []
-    data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, progress=lambda d, t: seen.append(d), stats=stats, direct=False)
-    raw = every_dtype_file.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    assert bytes(data.numpy()) == raw[8 + header_len :]
-    assert not stats.direct and stats.pinned_bytes <= ring * chunk
-    assert 1 <= stats.max_in_flight <= ring
-    assert stats.chunks == -(-file.data_len // chunk)
+    file = File(str(many_chunks_file), backend)
+    stats, seen = StagingStats(), []
+    data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, threads=threads, progress=lambda d, t: seen.append(d),
+                             stats=stats, direct=direct, schedule=schedule)
+    raw = many_chunks_file.read_bytes()
+    assert bytes(data.numpy()) == raw[file.data_start :]
+    chunks = _plan_chunks(file.data_start, file.data_len, chunk, direct)
+    assert stats.chunks == len(chunks) == len(seen) and len(chunks) > ring
+    assert stats.direct == direct and (stats.direct_bytes > 0) == direct
+    assert stats.pinned_bytes <= ring * (chunk + (DIRECT_ALIGN if direct else 0))
+    assert 1 <= stats.max_in_flight <= min(ring, threads)
     assert seen == sorted(seen) and seen[-1] == file.data_len
 
 
-@pytest.mark.parametrize("backend", ["mmap", "pread"])
-@pytest.mark.parametrize("chunk,ring,threads", [(4096, 1, 1), (65536, 3, 2), (1 << 20, 4, 4), (8192, 8, 3)])
-@pytest.mark.parametrize("direct", [False, True])
-def test_reader_schedule_is_exact_and_bounded(every_dtype_file, backend, chunk, ring, threads, direct):
-    """EXPERIMENT: each reader copies what it read (`schedule="readers"`)."""
-    from tensafe._pipeline import StagingStats, load_data_section
-    from tensafe._tensafe_rust import DIRECT_ALIGN, File
-
-    file = File(str(every_dtype_file), backend)
-    stats, seen = StagingStats(), []
-    data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, threads=threads, progress=lambda d, t: seen.append(d),
-                             stats=stats, direct=direct, schedule="readers")
-    raw = every_dtype_file.read_bytes()
-    assert bytes(data.numpy()) == raw[8 + int.from_bytes(raw[:8], "little") :]
-    assert stats.pinned_bytes <= ring * (chunk + (DIRECT_ALIGN if direct else 0))
-    assert 1 <= stats.max_in_flight <= min(ring, threads)
-    assert seen == sorted(seen) and seen[-1] == file.data_len and stats.chunks == len(seen)
-
-
-def test_reader_schedule_reports_the_first_read_error(tmp_path):
+def test_an_unknown_schedule_is_refused(many_chunks_file):
     from tensafe._pipeline import load_data_section
     from tensafe._tensafe_rust import File
 
-    class Failing:
-        def __init__(self, file):
-            self.file, self.reads = file, 0
+    with pytest.raises(ValueError, match="schedule"):
+        load_data_section(File(str(many_chunks_file), "pread"), "cpu", schedule="reader")
 
-        def __getattr__(self, name):
-            return getattr(self.file, name)
 
-        def read_data_into(self, *args, **kwargs):
+class _FailingReads:
+    """A File whose `fail_at`-th read fails (counted under a lock: readers race)."""
+
+    def __init__(self, file, fail_at):
+        self.file, self.fail_at, self.reads, self.lock = file, fail_at, 0, threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def read_data_into(self, *args, **kwargs):
+        with self.lock:
             self.reads += 1
-            if self.reads == 3:
-                raise OSError("disk gone")
-            return self.file.read_data_into(*args, **kwargs)
+            fail = self.reads == self.fail_at
+        if fail:
+            raise OSError("disk gone")
+        return self.file.read_data_into(*args, **kwargs)
 
-    path = tmp_path / "f.safetensors"
-    ref_pt.save_file({"x": torch.arange(100_000, dtype=torch.int32)}, path)  # 98 chunks of 4 KiB
-    failing = Failing(File(str(path), "pread"))
+
+@pytest.mark.parametrize("schedule", ["ring", "readers"])
+def test_a_read_error_stops_the_load_soon(many_chunks_file, schedule):
+    from tensafe._pipeline import load_data_section
+    from tensafe._tensafe_rust import File
+
+    failing = _FailingReads(File(str(many_chunks_file), "pread"), 3)
     with pytest.raises(OSError, match="disk gone"):
-        load_data_section(failing, "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False, schedule="readers")
-    assert failing.reads < 20, "the other reader stopped soon after the error"
+        load_data_section(failing, "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False, schedule=schedule)
+    assert failing.reads < 20, "the other readers stopped soon after the error"
+
+
+def test_a_failing_progress_callback_stops_the_readers(many_chunks_file):
+    from tensafe._pipeline import load_data_section
+    from tensafe._tensafe_rust import File
+
+    counting = _FailingReads(File(str(many_chunks_file), "pread"), None)
+
+    def progress(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        load_data_section(counting, "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False, schedule="readers", progress=progress)
+    assert counting.reads < 20, "the readers stopped soon after the callback failed"
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
