@@ -2,6 +2,7 @@
 against the reference, for every dtype and awkward sizes."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -175,7 +176,9 @@ def test_an_unknown_schedule_is_refused(many_chunks_file):
 
 
 class _FailingReads:
-    """A File whose `fail_at`-th read fails (counted under a lock: readers race)."""
+    """A File whose `fail_at`-th read fails (counted under a lock: readers
+    race); each read takes 5 ms, so that the main thread keeps up and "soon"
+    does not depend on the machine's load."""
 
     def __init__(self, file, fail_at):
         self.file, self.fail_at, self.reads, self.lock = file, fail_at, 0, threading.Lock()
@@ -189,6 +192,7 @@ class _FailingReads:
             fail = self.reads == self.fail_at
         if fail:
             raise OSError("disk gone")
+        time.sleep(0.005)
         return self.file.read_data_into(*args, **kwargs)
 
 
