@@ -172,3 +172,19 @@ def test_reader_schedule_on_cuda_is_exact(tmp_path, backend, chunk, ring, thread
     data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, direct=direct, schedule="readers")
     torch.cuda.synchronize()
     assert bytes(data.cpu().numpy()) == path.read_bytes()[file.data_start :]
+
+
+@pytest.mark.parametrize("schedule", ["ring", "readers"])
+def test_loads_follow_the_callers_device_and_stream(tmp_path, schedule):
+    """An unindexed "cuda" device and a caller working on a side stream:
+    the bytes land on the current device, before the caller's next work."""
+    path = tmp_path / "stream.safetensors"
+    ref_pt.save_file({"x": torch.arange(3 * 2**20 + 7, dtype=torch.int32)}, path)
+    file = File(str(path), "pread")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        data = load_data_section(file, "cuda", chunk_bytes=1 << 20, ring=3, schedule=schedule)
+        following = data.clone()  # queued on the caller's (side) stream
+    torch.cuda.synchronize()
+    assert data.device == torch.device("cuda", torch.cuda.current_device())
+    assert bytes(following.cpu().numpy()) == path.read_bytes()[file.data_start :]
