@@ -437,9 +437,17 @@ class _CheckpointOpen(safe_open):
         return self._shard(name).get_slice(name)
 
     def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
+        """Every tensor of every shard; `progress(done, total)` counts the
+        whole checkpoint (one bar for `progress=True`)."""
+        whole = _progress.resolve(progress, "loading ")
+        shards = self._parts()
+        total = sum(shard._open().data_len for shard in shards)
         out: Dict[str, Any] = {}
-        for shard in self._parts():
-            out.update(shard.get_tensors(threads=threads, progress=progress, drop_cache=drop_cache))
+        before = 0
+        for shard in shards:
+            part = None if whole is None else (lambda done, _, before=before: whole(before + done, total))
+            out.update(shard.get_tensors(threads=threads, progress=part, drop_cache=drop_cache))
+            before += shard._open().data_len
         return out
 
 

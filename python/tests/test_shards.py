@@ -68,6 +68,21 @@ def test_open_a_checkpoint_as_one(tmp_path, target, backend):
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
 
 
+def test_progress_counts_the_whole_checkpoint(tmp_path, capsys):
+    sd = state_dict()
+    ts_pt.save_sharded(sd, tmp_path, max_shard_size="2KB")
+    shards = sorted(p for p in os.listdir(tmp_path) if p.endswith(".safetensors"))
+    assert len(shards) > 2
+    total = sum(os.path.getsize(tmp_path / p) - 8 - int.from_bytes((tmp_path / p).read_bytes()[:8], "little") for p in shards)
+    seen = []
+    loaded = ts_pt.load_file(tmp_path, backend="pread", progress=lambda done, whole: seen.append((done, whole)))
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+    assert {whole for _, whole in seen} == {total}, "one total: the checkpoint's"
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1][0] == total
+    ts_pt.load_file(tmp_path, backend="pread", progress=True)
+    assert capsys.readouterr().err.count("\n") == 1, "one bar, ended once"
+
+
 def test_numpy_sharded_round_trip(tmp_path):
     arrays = {f"w{i}": np.full((50,), i, dtype=np.float32) for i in range(10)}
     index = ts_np.save_sharded(arrays, tmp_path, max_shard_size=600)
