@@ -22,17 +22,19 @@ pub fn with_transfer_progress<T>(label: &str, work: impl FnOnce() -> T) -> T {
     );
     bar.set_message(label.to_owned());
     let start = tensafe_remote::global_traffic();
-    let finished = std::sync::atomic::AtomicBool::new(false);
+    // Dropping `done` wakes the drawing thread at once: the command does not
+    // wait out a redraw interval when the work ends.
+    let (done, finished) = std::sync::mpsc::channel::<()>();
     let out = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !finished.load(std::sync::atomic::Ordering::Relaxed) {
+        let bar = &bar;
+        scope.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(std::time::Duration::from_millis(100)) {
                 let moved = tensafe_remote::global_traffic() - start;
                 bar.set_position(moved.bytes + moved.sent);
-                std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
         let out = work();
-        finished.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(done);
         out
     });
     bar.finish_and_clear();
