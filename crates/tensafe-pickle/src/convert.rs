@@ -91,6 +91,9 @@ pub struct ConvertReport {
     pub warnings: Vec<String>,
     /// Bytes of tensor data written.
     pub data_bytes: u64,
+    /// Of `data_bytes`, how many the kernel copied from the input file to
+    /// the output (large tensors stored as they are, converting from a file).
+    pub file_copied_bytes: u64,
 }
 
 /// How one tensor's bytes are produced from the input: borrowed when they
@@ -454,20 +457,27 @@ const WRITE_BUFFER: usize = 1 << 20;
 
 /// Writes a planned conversion to `out` atomically (temporary file, one
 /// fsync, rename). With `source`, the mapped file the checkpoint was loaded
-/// from, large borrowed tensors are copied from that file by the kernel.
-fn write_planned(planned: &Planned<'_>, source: Option<&Mapped>, out: &Path) -> Result<()> {
+/// from, large borrowed tensors are copied from that file by the kernel;
+/// returns how many bytes were.
+fn write_planned(planned: &Planned<'_>, source: Option<&Mapped>, out: &Path) -> Result<u64> {
     let tensors = planned.tensors.iter().map(|(n, p)| (n.as_str(), p));
     let prepared = tensafe::prepare(tensors, Some(&planned.metadata), &WriteOptions::default()).map_err(|e| e.in_file(out))?;
-    tensafe::write_file_atomically(out, |file| write_prepared(&prepared, source, file)).map_err(|e| e.in_file(out))?;
-    Ok(())
+    let mut file_copied = 0;
+    tensafe::write_file_atomically(out, |file| {
+        file_copied = write_prepared(&prepared, source, file)?;
+        Ok(())
+    })
+    .map_err(|e| e.in_file(out))?;
+    Ok(file_copied)
 }
 
 /// Header, then each tensor in file order. A borrowed tensor's bytes are
 /// exactly the input range that loading validated (sizes against the
 /// declarations, bounds, CRC over the mapping, which shares the file's page
 /// cache), so copying that range of the file writes the same bytes.
-fn write_prepared(prepared: &Prepared<&str, &TensorPlan<'_>>, source: Option<&Mapped>, file: &mut File) -> io::Result<()> {
+fn write_prepared(prepared: &Prepared<&str, &TensorPlan<'_>>, source: Option<&Mapped>, file: &mut File) -> io::Result<u64> {
     let mut writeback = Writeback::default();
+    let mut file_copied = 0u64;
     let mut out = BufWriter::with_capacity(WRITE_BUFFER, &mut *file);
     out.write_all(&prepared.header)?;
     let mut written = prepared.header.len() as u64;
@@ -492,6 +502,7 @@ fn write_prepared(prepared: &Prepared<&str, &TensorPlan<'_>>, source: Option<&Ma
                 written += step;
                 writeback.advance(out.get_ref(), written);
             }
+            file_copied += plan.len as u64;
         } else {
             let data = plan.data();
             if data.len() != plan.len {
@@ -506,7 +517,8 @@ fn write_prepared(prepared: &Prepared<&str, &TensorPlan<'_>>, source: Option<&Ma
             writeback.advance(out.get_ref(), written - out.buffer().len() as u64);
         }
     }
-    out.flush()
+    out.flush()?;
+    Ok(file_copied)
 }
 
 /// Starts the disk writes of the output while it is still being produced
@@ -582,8 +594,8 @@ pub fn convert_file(input: &Path, output: &Path, options: &ConvertOptions) -> Re
     let bytes = map_file(input)?;
     let ck = container::load(&bytes, &options.load).map_err(|e| in_file(e, input))?;
     let planned = plan_checkpoint(&ck, options)?;
-    write_planned(&planned, Some(&bytes), output)?;
-    Ok(planned.report)
+    let file_copied = write_planned(&planned, Some(&bytes), output)?;
+    Ok(ConvertReport { file_copied_bytes: file_copied, ..planned.report })
 }
 
 fn in_file(e: Error, path: &Path) -> Error {
