@@ -72,13 +72,11 @@ def raw_pread(path: str, threads: int, block: int = 8 << 20, direct: bool = Fals
                 if offset >= size:
                     return
                 end = min(size, offset + block)
-                if direct:  # whole pages; the read stops at the end of the file
-                    got = os.preadv(fd, [view[offset : min(len(view), offset + block)]], offset)
-                    if got < end - offset:
-                        raise OSError(f"short direct read at {offset}: {got} of {end - offset} bytes")
-                    continue
+                # Direct reads ask for whole pages (the last one stops at the
+                # end of the file).
+                stop = min(len(view), offset + block) if direct else end
                 while offset < end:  # os.preadv releases the GIL
-                    got = os.preadv(fd, [view[offset:end]], offset)
+                    got = os.preadv(fd, [view[offset:stop]], offset)
                     if got == 0:
                         raise OSError(f"unexpected end of file at {offset}")
                     offset += got

@@ -64,7 +64,7 @@ def small_tensors(count: int) -> dict:
 
 
 def run_interleaved(cases: dict, reps: int, after_each: Any = None, keep_going: bool = False) -> dict:
-    """Runs every case `reps` times, in file order then reversed, so that
+    """Runs every case `reps` times, in insertion order then reversed, so that
     drift in the machine's state hits every case alike; a case returns its
     own time in seconds. Returns each case's times. `after_each` runs after
     every case; with `keep_going`, a case that raises is reported and left

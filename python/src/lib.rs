@@ -110,10 +110,11 @@ impl Source {
 #[pyclass(module = "tensafe._tensafe_rust", frozen)]
 struct File {
     source: Source,
-    /// A second, `O_DIRECT` handle of a local file, kept once a direct read
-    /// has opened it (a failed open is tried again by the next direct read:
-    /// it may have been a passing shortage of descriptors).
-    direct: OnceLock<std::fs::File>,
+    /// A second, `O_DIRECT` handle of a local file, set by the first direct
+    /// read that opens it, or `None` once the filesystem has refused
+    /// `O_DIRECT` (other failures, such as a shortage of descriptors, leave
+    /// it unset for the next read to try again).
+    direct: OnceLock<Option<std::fs::File>>,
 }
 
 impl File {
@@ -122,14 +123,22 @@ impl File {
     }
 
     /// The `O_DIRECT` handle of `local` (this file's), opened on first use;
-    /// `None` where it cannot be opened now.
+    /// `None` where it cannot be opened.
     fn direct_handle(&self, local: &PreadFile) -> Option<&std::fs::File> {
-        if let Some(handle) = self.direct.get() {
-            return Some(handle);
+        if let Some(known) = self.direct.get() {
+            return known.as_ref();
         }
         // Two threads may both open one; the second is dropped.
-        let _ = self.direct.set(tensafe_io::open_direct(local.file())?);
-        self.direct.get()
+        match tensafe_io::try_open_direct(local.file()) {
+            Ok(handle) => {
+                let _ = self.direct.set(Some(handle));
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported) => {
+                let _ = self.direct.set(None);
+            }
+            Err(_) => return None,
+        }
+        self.direct.get().and_then(Option::as_ref)
     }
 
     /// The handle for positional reads of a local file (mapped files have
@@ -354,7 +363,7 @@ impl File {
     /// Reads the whole data section into `dst` (a writable contiguous buffer of
     /// `data_len` bytes) with the parallel I/O engine, without the GIL.
     /// `progress(done, total)` is called as bytes arrive. Returns the number
-    /// of reads made.
+    /// of pieces read (`tensafe_io::Stats::reads`).
     /// `direct`: bypass the page cache (`O_DIRECT`) — `None` decides by how
     /// much of the file is cached, `True`/`False` force it. Direct reads need
     /// `dst` aligned like the file: its address ≡ `data_start` mod 4096.

@@ -443,11 +443,18 @@ class _CheckpointOpen(safe_open):
         shards = self._parts()
         total = sum(shard._open().data_len for shard in shards)
         out: Dict[str, Any] = {}
-        before = 0
+        before, reported = 0, [0]
+
+        def report(done: int) -> None:
+            reported[0] = done
+            whole(done, total)
+
         for shard in shards:
-            part = None if whole is None else (lambda done, _, before=before: whole(before + done, total))
+            part = None if whole is None else (lambda done, _, before=before: report(before + done))
             out.update(shard.get_tensors(threads=threads, progress=part, drop_cache=drop_cache))
             before += shard._open().data_len
+            if whole is not None and reported[0] < before:
+                report(before)  # a shard that reports nothing (mapped, not read)
         return out
 
 

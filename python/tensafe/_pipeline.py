@@ -79,7 +79,8 @@ def _plan_chunks(data_start: int, total: int, chunk_bytes: int, direct: bool) ->
     slot but for the file's first and last page, and no chunk needs more
     than that rounded size of slot. Otherwise chunks are plain
     `chunk_bytes` pieces at the slot's start."""
-    return [(at - data_start, length, at % DIRECT_ALIGN if direct else 0) for at, length in cut_reads(data_start, total, chunk_bytes, direct)]
+    pieces = cut_reads(data_start, total, max(1, chunk_bytes), direct)
+    return [(at - data_start, length, at % DIRECT_ALIGN if direct else 0) for at, length in pieces]
 
 
 def _staging_slots(ring: int, slot_bytes: int, *, pinned: bool, page_aligned: bool) -> List[torch.Tensor]:
@@ -170,39 +171,44 @@ def load_data_section(
 
     streams = [_side_stream(caller) for _ in range(2)] if cuda else []
 
-    with ThreadPoolExecutor(max_workers=threads or default_threads(ring)) as pool:
-        pending = {}
-        next_read = 0
-        done_bytes = 0
-        for index, (start, length, _) in enumerate(chunks):
-            # Keep up to `ring` reads in flight; a slot is reused only after
-            # the copy out of it has completed.
-            while next_read < len(chunks) and next_read < index + ring:
-                slot = next_read % ring
-                if copied[slot] is not None:
-                    copied[slot].synchronize()
-                    copied[slot] = None
-                pending[next_read] = pool.submit(read, next_read)
-                next_read += 1
-            pending.pop(index).result()
-            slot = index % ring
-            source = slot_view(index)
-            if cuda:
-                stream = streams[index % 2]
-                with torch.cuda.stream(stream):
-                    out[start : start + length].copy_(source, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                copied[slot] = event
-            else:
-                out[start : start + length].copy_(source)
-            done_bytes += length
-            if stats is not None:
-                stats.chunks += 1
-            if progress is not None:
-                progress(done_bytes, total)
-    for stream in streams:
-        caller.wait_stream(stream)
+    try:
+        with ThreadPoolExecutor(max_workers=threads or default_threads(ring)) as pool:
+            pending = {}
+            next_read = 0
+            done_bytes = 0
+            for index, (start, length, _) in enumerate(chunks):
+                # Keep up to `ring` reads in flight; a slot is reused only after
+                # the copy out of it has completed.
+                while next_read < len(chunks) and next_read < index + ring:
+                    slot = next_read % ring
+                    if copied[slot] is not None:
+                        copied[slot].synchronize()
+                        copied[slot] = None
+                    pending[next_read] = pool.submit(read, next_read)
+                    next_read += 1
+                pending.pop(index).result()
+                slot = index % ring
+                source = slot_view(index)
+                if cuda:
+                    stream = streams[index % 2]
+                    with torch.cuda.stream(stream):
+                        out[start : start + length].copy_(source, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    copied[slot] = event
+                else:
+                    out[start : start + length].copy_(source)
+                done_bytes += length
+                if stats is not None:
+                    stats.chunks += 1
+                if progress is not None:
+                    progress(done_bytes, total)
+    finally:
+        # Also on errors: `out` goes back to the caller's stream only after
+        # the copies into it (its memory could otherwise be handed out while
+        # they still write).
+        for stream in streams:
+            caller.wait_stream(stream)
     if stats is not None:
         stats.direct_bytes = sum(direct_bytes)
     return out

@@ -183,6 +183,13 @@ def test_loads_follow_the_callers_device_and_stream(tmp_path, schedule):
     file = File(str(path), "pread")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
+        # Work still queued on the caller's stream when the load starts, in
+        # memory the allocator then hands to the load: a load that did not
+        # wait for it would have its bytes overwritten by the fill.
+        junk = torch.empty(file.data_len, dtype=torch.uint8, device="cuda")
+        torch.cuda._sleep(200_000_000)
+        junk.fill_(0xFF)
+        del junk
         data = load_data_section(file, "cuda", chunk_bytes=1 << 20, ring=3, schedule=schedule)
         following = data.clone()  # queued on the caller's (side) stream
     torch.cuda.synchronize()

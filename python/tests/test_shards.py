@@ -81,6 +81,10 @@ def test_progress_counts_the_whole_checkpoint(tmp_path, capsys):
     assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1][0] == total
     ts_pt.load_file(tmp_path, backend="pread", progress=True)
     assert capsys.readouterr().err.count("\n") == 1, "one bar, ended once"
+    # Mapped shards are not read, but the bar still moves shard by shard and ends.
+    seen.clear()
+    ts_pt.load_file(tmp_path, backend="mmap", progress=lambda done, whole: seen.append((done, whole)))
+    assert len(seen) == len(shards) and seen[-1] == (total, total) and seen == sorted(seen)
 
 
 def test_numpy_sharded_round_trip(tmp_path):

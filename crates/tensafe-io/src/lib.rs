@@ -95,7 +95,8 @@ pub fn coalesce(mut ranges: Vec<ReadRange>) -> Vec<ReadRange> {
 pub struct Stats {
     /// Bytes read.
     pub bytes: u64,
-    /// Read calls made.
+    /// Pieces read (a direct piece may take up to three calls: its unaligned
+    /// head and tail through the cache).
     pub reads: u64,
     /// Largest number of bytes being read at one moment.
     pub peak_in_flight: u64,
@@ -219,18 +220,21 @@ pub fn prefers_direct(file: &File, offset: u64, len: usize) -> bool {
 }
 
 /// Cuts `len` bytes at file offset `offset` into pieces of at most `chunk`
-/// bytes: with `aligned`, at the multiples of `chunk` rounded down to whole
+/// bytes (one page when `aligned` and `chunk` is smaller): with `aligned`,
+/// at the multiples of `chunk` rounded down to whole
 /// [`DIRECT_ALIGN`] pages (one page at least) in the file, so that every
 /// piece but the first and the last starts and ends on a page, as direct
 /// reads need; otherwise every `chunk` bytes from `offset`. The one cutting
 /// rule for the engine and the accelerator staging ring (through the binding).
 pub fn cut(offset: u64, len: usize, chunk: usize, aligned: bool) -> Vec<(u64, usize)> {
     let size = if aligned { (chunk - chunk % DIRECT_ALIGN).max(DIRECT_ALIGN) } else { chunk.max(1) } as u64;
-    let end = offset + len as u64;
-    let mut pieces = Vec::with_capacity(len.div_ceil(size as usize));
+    // Saturating: a range at the very end of u64 still ends; the caller's
+    // bounds checks refuse it.
+    let end = offset.saturating_add(len as u64);
+    let mut pieces = Vec::with_capacity(len.div_ceil(size as usize).min(1 << 16));
     let mut at = offset;
     while at < end {
-        let next = if aligned { (at / size + 1) * size } else { at + size };
+        let next = if aligned { (at / size + 1).saturating_mul(size) } else { at.saturating_add(size) };
         let stop = next.min(end);
         pieces.push((at, (stop - at) as usize));
         at = stop;
@@ -276,20 +280,23 @@ fn read_aligned_direct(file: &File, direct: &File, piece: &mut [u8], offset: u64
 /// been replaced since) that bypasses the page cache, or `None` where the
 /// filesystem or OS has no direct I/O.
 pub fn open_direct(file: &File) -> Option<File> {
+    try_open_direct(file).ok()
+}
+
+/// [`open_direct`] with the reason it failed: `InvalidInput` (EINVAL) or
+/// `Unsupported` where the filesystem or OS has no direct I/O, for good;
+/// anything else (a shortage of descriptors) may pass.
+pub fn try_open_direct(file: &File) -> io::Result<File> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .ok()
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(format!("/proc/self/fd/{}", file.as_raw_fd()))
     }
     #[cfg(not(target_os = "linux"))]
     {
         let _ = file;
-        None
+        Err(io::Error::new(io::ErrorKind::Unsupported, "no direct I/O on this OS"))
     }
 }
 
