@@ -841,26 +841,7 @@ fn scan_reports_every_event_with_severity() {
 /// include a STOP byte) between the wrapper's BUILD and the next opcode, as
 /// joblib writes them. `declared` is the array length in the wrapper state.
 fn joblib_stream(declared: i64, payload: impl FnOnce(Asm) -> Asm) -> Vec<u8> {
-    let asm = Asm::new()
-        .proto(2)
-        .empty_dict()
-        .mark()
-        .str("w")
-        .global("joblib.numpy_pickle", "NumpyArrayWrapper")
-        .empty_tuple()
-        .op(0x81)
-        .empty_dict()
-        .mark()
-        .str("shape")
-        .ints_tuple(&[declared])
-        .str("dtype")
-        .global("numpy", "dtype")
-        .mark()
-        .str("f8")
-        .newfalse()
-        .op(0x88)
-        .tuple()
-        .reduce()
+    let asm = array_wrapper(Asm::new().proto(2).empty_dict().mark().str("w"), declared, "f8")
         .mark()
         .int(3)
         .str("<")
@@ -882,6 +863,28 @@ fn joblib_stream(declared: i64, payload: impl FnOnce(Asm) -> Asm) -> Vec<u8> {
         .raw(&2.5f64.to_le_bytes())
         .str("x");
     payload(asm).setitems().stop().finish()
+}
+
+/// A joblib `NumpyArrayWrapper` (NEWOBJ) and its state dict up to its
+/// `dtype` entry: `numpy.dtype(dtype, False, True)` for an array of `len`
+/// elements. The caller adds the dtype's own state, if any, then closes the
+/// dict (SETITEMS) and BUILDs.
+fn array_wrapper(asm: Asm, len: i64, dtype: &str) -> Asm {
+    asm.global("joblib.numpy_pickle", "NumpyArrayWrapper")
+        .empty_tuple()
+        .op(0x81)
+        .empty_dict()
+        .mark()
+        .str("shape")
+        .ints_tuple(&[len])
+        .str("dtype")
+        .global("numpy", "dtype")
+        .mark()
+        .str(dtype)
+        .newfalse()
+        .op(0x88)
+        .tuple()
+        .reduce()
 }
 
 // joblib (PICKLE.md §10): raw array bytes inside the stream must not end the
@@ -915,24 +918,7 @@ fn joblib_array_bytes_do_not_hide_what_follows() {
 fn nested_joblib_pickles_stay_within_the_event_cap() {
     let mut asm = Asm::new().proto(2);
     for array in 0..3 {
-        asm = asm
-            .global("joblib.numpy_pickle", "NumpyArrayWrapper")
-            .empty_tuple()
-            .op(0x81)
-            .empty_dict()
-            .mark()
-            .str("shape")
-            .ints_tuple(&[1])
-            .str("dtype")
-            .global("numpy", "dtype")
-            .mark()
-            .str("O")
-            .newfalse()
-            .op(0x88)
-            .tuple()
-            .reduce()
-            .setitems()
-            .build();
+        asm = array_wrapper(asm, 1, "O").setitems().build();
         let mut nested = Asm::new().proto(2);
         for i in 0..4000 {
             nested = nested.global(&format!("m{array}"), &format!("f{i}")).op(b'0');
