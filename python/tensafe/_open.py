@@ -245,11 +245,12 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
     elif file.backend not in _IN_MEMORY:
         data = _read_all(file, threads, progress)
     else:
-        data = file.data_buffer()
+        data = file.data_buffer()  # the mapping itself: tensors read the page cache
     if framework == "pt" and not hasattr(data, "device") and device != "cpu":
         # Other accelerators: one host-to-device copy, tensors are views of it.
         data = _torch_bytes(data).to(device)
-    if drop_cache:  # the bytes are in their final place: the cache's copy is not needed
+    copied = file.backend not in _IN_MEMORY or hasattr(data, "device")
+    if drop_cache and copied:  # the bytes are in their final place: the cache's copy is not needed
         file.drop_cache()
     cutter = _Cutter(framework, data)
     out: Dict[str, Any] = {}
@@ -441,7 +442,8 @@ class _CheckpointOpen(safe_open):
         whole checkpoint (one bar for `progress=True`)."""
         whole = _progress.resolve(progress, "loading ")
         shards = self._parts()
-        total = sum(shard._open().data_len for shard in shards)
+        sizes = [shard._open().data_len for shard in shards]
+        total = sum(sizes)
         out: Dict[str, Any] = {}
         before, reported = 0, [0]
 
@@ -449,10 +451,10 @@ class _CheckpointOpen(safe_open):
             reported[0] = done
             whole(done, total)
 
-        for shard in shards:
+        for shard, size in zip(shards, sizes):
             part = None if whole is None else (lambda done, _, before=before: report(before + done))
             out.update(shard.get_tensors(threads=threads, progress=part, drop_cache=drop_cache))
-            before += shard._open().data_len
+            before += size
             if whole is not None and reported[0] < before:
                 report(before)  # a shard that reports nothing (mapped, not read)
         return out

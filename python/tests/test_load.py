@@ -411,3 +411,16 @@ def test_drop_cache_evicts_the_open_file_even_after_its_path_is_replaced(tmp_pat
     path.write_bytes(b"other")
     f.drop_cache()
     assert _resident_fraction(tmp_path / "moved.safetensors") < 0.1
+
+
+def test_drop_cache_keeps_the_pages_mapped_tensors_still_read(tmp_path):
+    """mmap tensors are views of the page cache: dropping it would turn every
+    later access into a disk read. Private copies (pread) drop it."""
+    path = tmp_path / "mapped.safetensors"
+    ts_pt.save_file({"x": torch.arange(8 * 2**20, dtype=torch.int32)}, path)
+    path.read_bytes()
+    mapped = ts_pt.load_file(path, backend="mmap", drop_cache=True)
+    assert _resident_fraction(path) > 0.9
+    copied = ts_pt.load_file(path, backend="pread", drop_cache=True)
+    assert _resident_fraction(path) < 0.1
+    assert torch.equal(mapped["x"], copied["x"])
