@@ -137,31 +137,20 @@ def load_data_section(
     if stats is not None:
         stats.pinned_bytes = sum(buf.numel() for buf in staging)
         stats.direct = direct
-    copied: List[Any] = [None] * ring  # per slot: CUDA event recorded after the copy out of it
-
-    def slot_view(index: int) -> torch.Tensor:
-        """Where chunk `index` lands in its slot: at its file offset's place
-        within a page when reading directly, else at the slot's start."""
-        _, length, place = chunks[index]
-        slot = staging[index % ring]
-        skip = place + ((-slot.data_ptr()) % DIRECT_ALIGN if direct else 0)
-        return slot[skip : skip + length]
-
     direct_bytes = [0] * len(chunks)
     reading, reading_lock = [0], threading.Lock()
 
-    def read(index: int, into: Optional[torch.Tensor] = None) -> int:
+    def read(index: int, into: torch.Tensor) -> None:
+        """Chunk `index` into `into` (its place in a slot, `_place`)."""
         with reading_lock:
             reading[0] += 1
             if stats is not None:
                 stats.max_in_flight = max(stats.max_in_flight, reading[0])
         try:
-            into = slot_view(index) if into is None else into
             direct_bytes[index] = file.read_data_into(chunks[index][0], into.numpy(), direct=direct)
         finally:
             with reading_lock:
                 reading[0] -= 1
-        return index
 
     if schedule == "readers":
         _load_by_readers(chunks, staging, read, out, caller, threads or default_threads(ring), direct, progress, stats)
@@ -170,6 +159,11 @@ def load_data_section(
         return out
 
     streams = [_side_stream(caller) for _ in range(2)] if cuda else []
+    copied: List[Any] = [None] * ring  # per slot: CUDA event recorded after the copy out of it
+
+    def slot_view(index: int) -> torch.Tensor:
+        _, length, place = chunks[index]
+        return _place(staging[index % ring], place, length, direct)
 
     try:
         with ThreadPoolExecutor(max_workers=threads or default_threads(ring)) as pool:
@@ -184,20 +178,10 @@ def load_data_section(
                     if copied[slot] is not None:
                         copied[slot].synchronize()
                         copied[slot] = None
-                    pending[next_read] = pool.submit(read, next_read)
+                    pending[next_read] = pool.submit(read, next_read, slot_view(next_read))
                     next_read += 1
                 pending.pop(index).result()
-                slot = index % ring
-                source = slot_view(index)
-                if cuda:
-                    stream = streams[index % 2]
-                    with torch.cuda.stream(stream):
-                        out[start : start + length].copy_(source, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    copied[slot] = event
-                else:
-                    out[start : start + length].copy_(source)
+                copied[index % ring] = _copy_out(out, start, slot_view(index), streams[index % 2] if cuda else None)
                 done_bytes += length
                 if stats is not None:
                     stats.chunks += 1
@@ -212,6 +196,28 @@ def load_data_section(
     if stats is not None:
         stats.direct_bytes = sum(direct_bytes)
     return out
+
+
+def _place(slot: torch.Tensor, place: int, length: int, direct: bool) -> torch.Tensor:
+    """Where a chunk lands in `slot`: at its file offset's place within a
+    page when reading directly (the slot's start rounded up to a page),
+    else at the slot's start."""
+    skip = place + ((-slot.data_ptr()) % DIRECT_ALIGN if direct else 0)
+    return slot[skip : skip + length]
+
+
+def _copy_out(out: torch.Tensor, start: int, view: torch.Tensor, stream: Any) -> Any:
+    """Copies `view` into `out` at `start`: asynchronously on `stream`,
+    returning an event recorded after the copy, or at once (CPU targets,
+    `stream` None), returning None."""
+    if stream is None:
+        out[start : start + view.numel()].copy_(view)
+        return None
+    with torch.cuda.device(out.device), torch.cuda.stream(stream):
+        out[start : start + view.numel()].copy_(view, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return event
 
 
 def _side_stream(caller: Any) -> Any:
@@ -257,17 +263,9 @@ def _load_by_readers(chunks, staging, read, out, caller, threads, direct, progre
                 if copied[slot] is not None:
                     copied[slot].synchronize()
                 start, length, place = chunks[index]
-                buffer = own[slot]
-                skip = place + ((-buffer.data_ptr()) % DIRECT_ALIGN if direct else 0)
-                view = buffer[skip : skip + length]
+                view = _place(own[slot], place, length, direct)
                 read(index, view)
-                if cuda:
-                    with torch.cuda.device(out.device), torch.cuda.stream(stream):
-                        out[start : start + length].copy_(view, non_blocking=True)
-                        copied[slot] = torch.cuda.Event()
-                        copied[slot].record(stream)
-                else:
-                    out[start : start + length].copy_(view)
+                copied[slot] = _copy_out(out, start, view, stream)
                 finished.put(length)
         except BaseException as e:
             stop(e)
