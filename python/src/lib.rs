@@ -368,7 +368,6 @@ impl File {
     /// much of the file is cached, `True`/`False` force it. Direct reads need
     /// `dst` aligned like the file: its address ≡ `data_start` mod 4096.
     #[pyo3(signature = (dst, threads = None, chunk_bytes = None, progress = None, direct = None))]
-    #[allow(clippy::too_many_arguments)]
     fn read_all_into(
         &self,
         py: Python<'_>,
@@ -539,16 +538,13 @@ fn slice_error(py: Python<'_>, shape: &[usize], indices: &[SliceIndex], e: &Erro
         // ellipses, ValueError for a bad step.
         Error::SeveralEllipses => typed_slice_error(py, "SliceIndexError", e.reference_text()),
         Error::InvalidSlice { reason } => typed_slice_error(py, "SliceValueError", reason.clone()),
-        Error::SliceOutOfBounds { .. } | Error::TooManyIndices { .. } => typed_slice_error(
-            py,
-            "SliceIndexError",
-            format!("Error during slicing {} with shape {shape:?}: {}", display_index(shape, indices), e.reference_text()),
-        ),
-        _ => SafetensorError::new_err(format!(
-            "Error during slicing {} with shape {shape:?}: {}",
-            display_index(shape, indices),
-            e.reference_text()
-        )),
+        _ => {
+            let message = format!("Error during slicing {} with shape {shape:?}: {}", display_index(shape, indices), e.reference_text());
+            match e {
+                Error::SliceOutOfBounds { .. } | Error::TooManyIndices { .. } => typed_slice_error(py, "SliceIndexError", message),
+                _ => SafetensorError::new_err(message),
+            }
+        }
     }
 }
 
@@ -977,7 +973,7 @@ impl PyTensorParallelPlan {
 /// `len` bytes at file offset `offset` cut into reads of at most `chunk`
 /// bytes, as `(offset, length)` pairs: with `aligned`, at page-rounded
 /// multiples of `chunk` in the file, as direct reads need
-/// (`tensafe_io::cut`, the engine's own rule).
+/// (`tensafe_io::cut`, the rule the engine applies to its page-rounded chunk size).
 #[pyfunction]
 fn cut_reads(offset: u64, len: usize, chunk: usize, aligned: bool) -> Vec<(u64, usize)> {
     tensafe_io::cut(offset, len, chunk, aligned)

@@ -513,17 +513,22 @@ mod tests {
             aligned in any::<bool>(),
         ) {
             let pieces = cut(offset, len, chunk, aligned);
-            let size = if aligned { (chunk - chunk % DIRECT_ALIGN).max(DIRECT_ALIGN) } else { chunk };
+            let page = DIRECT_ALIGN as u64;
             let mut at = offset;
             for (i, &(start, n)) in pieces.iter().enumerate() {
                 prop_assert_eq!(start, at);
-                prop_assert!(n > 0 && n <= size);
+                prop_assert!(n > 0 && n <= chunk.max(DIRECT_ALIGN));
                 if aligned {
-                    // Cuts at multiples of the page-rounded chunk in the file.
-                    if i > 0 { prop_assert_eq!(start % size as u64, 0); }
-                    if i + 1 < pieces.len() { prop_assert_eq!((start + n as u64) % size as u64, 0); }
+                    // Interior cuts on pages, and on the same grid: every
+                    // whole piece has one length, at most `chunk` rounded down.
+                    if i > 0 { prop_assert_eq!(start % page, 0); }
+                    if i + 1 < pieces.len() { prop_assert_eq!((start + n as u64) % page, 0); }
+                    if i > 0 && i + 1 < pieces.len() {
+                        prop_assert_eq!(n, pieces[1].1);
+                        prop_assert!(n.is_multiple_of(DIRECT_ALIGN) && (n <= chunk || n == DIRECT_ALIGN));
+                    }
                 } else if i + 1 < pieces.len() {
-                    prop_assert_eq!(n, size);
+                    prop_assert_eq!(n, chunk);
                 }
                 at += n as u64;
             }

@@ -91,8 +91,9 @@ pub struct ConvertReport {
     pub warnings: Vec<String>,
     /// Bytes of tensor data written.
     pub data_bytes: u64,
-    /// Of `data_bytes`, how many the kernel copied from the input file to
-    /// the output (large tensors stored as they are, converting from a file).
+    /// Of `data_bytes`, how many were copied from the input file to the
+    /// output file (`io::copy`: `copy_file_range` where the kernel allows;
+    /// large tensors stored as they are, converting from a file).
     pub file_copied_bytes: u64,
 }
 
