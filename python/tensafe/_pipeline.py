@@ -20,7 +20,8 @@ loads' (`File.prefers_direct_reads`): direct when little of the file is
 cached, through the cache when it is. On H100 hosts, cold 4 GiB reads were
 faster direct in 7 of 8 comparisons (4–27% less time; one was 9% slower:
 `bench/gpu_bench.py --sweep`, `bench/gpu_probe.py staging`, the figures in
-docs/ARCHITECTURE.md), and a warm file is still read from the cache.
+docs/ARCHITECTURE.md), though the two runs of the default ring setting split
+one each way; a warm file is still read from the cache.
 
 The scheduling does not depend on CUDA: with a CPU target the copies are
 plain synchronous copies, which is how the tests check it on machines
