@@ -143,6 +143,16 @@ def test_bulk_loads_leave_the_garbage_collector_as_they_found_it(tmp_path):
         gc.enable()
 
 
+def _chunk_count(file, chunk, direct):
+    """How many chunks the staging pipeline reads, worked out on its own: for
+    direct reads the data section is cut at multiples of the page-rounded
+    chunk in the file, otherwise every `chunk` bytes."""
+    if not direct:
+        return -(-file.data_len // chunk)
+    pages = max(4096, chunk // 4096 * 4096)
+    return (file.data_start + file.data_len - 1) // pages - file.data_start // pages + 1
+
+
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
 @pytest.mark.parametrize("chunk,ring,threads", [(4096, 1, 1), (65536, 3, 2), (16384, 4, 4), (8192, 8, 3)])
 @pytest.mark.parametrize("schedule", ["ring", "readers"])
@@ -159,11 +169,7 @@ def test_staging_pipeline_is_exact_and_bounded(many_chunks_file, backend, chunk,
                              stats=stats, direct=direct, schedule=schedule)
     raw = many_chunks_file.read_bytes()
     assert bytes(data.numpy()) == raw[file.data_start :]
-    if direct:  # cut at multiples of the page-rounded chunk in the file
-        pages = max(DIRECT_ALIGN, chunk // DIRECT_ALIGN * DIRECT_ALIGN)
-        expected = (file.data_start + file.data_len - 1) // pages - file.data_start // pages + 1
-    else:
-        expected = -(-file.data_len // chunk)
+    expected = _chunk_count(file, chunk, direct)
     assert stats.chunks == expected == len(seen) and expected > ring
     assert stats.direct == direct and (stats.direct_bytes > 0) == direct
     assert stats.pinned_bytes <= ring * (chunk + (DIRECT_ALIGN if direct else 0))
@@ -305,7 +311,7 @@ def test_staging_pipeline_reads_past_the_page_cache_and_stays_exact(tmp_path, ba
     # torch's CPU allocator gives memory that is not page-aligned.
     pages = chunk // DIRECT_ALIGN * DIRECT_ALIGN
     assert stats.direct and stats.pinned_bytes <= ring * (pages + DIRECT_ALIGN)
-    assert stats.chunks == (file.data_start + file.data_len - 1) // pages - file.data_start // pages + 1
+    assert stats.chunks == _chunk_count(file, chunk, True)
     assert file.data_len - 2 * DIRECT_ALIGN <= stats.direct_bytes <= file.data_len
     if chunk >= 1 << 20:
         assert _resident_fraction(path) < 0.1

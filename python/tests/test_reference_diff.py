@@ -338,3 +338,11 @@ def test_native_slice_errors_use_the_references_texts(tmp_path):
                 f.get_slice("a")[..., ...]
             with pytest.raises(lib.SafetensorError, match=r"^Slice step must be a positive integer, got 0"):
                 f.get_slice("a")[::0]
+
+
+def test_non_str_tensor_names_are_a_type_error_like_the_reference():
+    for ref_save, ts_save, value in ((ref_np.save, ts_np.save, np.ones(2)), (ref_pt.save, ts_pt.save, torch.ones(2))):
+        with pytest.raises(TypeError):
+            ref_save({1: value})
+        with pytest.raises(TypeError):
+            ts_save({1: value})
