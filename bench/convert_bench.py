@@ -13,20 +13,20 @@ torch route is run on this benign file only as a peer: it unpickles.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
 import safetensors.torch as ref_pt
 
 sys.path.insert(0, os.path.dirname(__file__))
-from python_bench import model_like, run_interleaved  # noqa: E402
+from python_bench import model_like, run_interleaved, timed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,15 +71,7 @@ def main() -> None:
         if args.baseline_exe:
             cases["baseline convert"] = converter(args.baseline_exe)
         cases["torch.load + save_file"] = torch_route
-
-        def timed(fn):
-            def run():
-                start = time.perf_counter()
-                fn()
-                return time.perf_counter() - start
-            return run
-
-        times = run_interleaved({name: timed(fn) for name, fn in cases.items()}, args.reps, after_each=lambda: os.remove(out))
+        times = run_interleaved({name: functools.partial(timed, fn) for name, fn in cases.items()}, args.reps, after_each=lambda: os.remove(out))
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"{size / 2**30:.2f} GiB torch checkpoint, median of {args.reps}")
         for name, t in med.items():

@@ -56,6 +56,13 @@ def address(buf) -> int:
     return np.frombuffer(buf, dtype=np.uint8).ctypes.data
 
 
+def warm_cache(path: str) -> None:
+    """Reads the whole file once, so that it is in the page cache."""
+    with open(path, "rb") as f:
+        while f.read(64 * MiB):
+            pass
+
+
 def huge_kib() -> int:
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
@@ -115,9 +122,7 @@ def staging(path: str, reps: int = 3, threads: int = 16, chunk: int = 16 * MiB) 
         def case(name, mode):
             def run() -> float:
                 if mode == "warm":
-                    with open(path, "rb") as f:
-                        while f.read(64 * MiB):
-                            pass
+                    warm_cache(path)
                 else:
                     evict(path)
                 fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if mode.endswith("O_DIRECT") else 0))
@@ -155,9 +160,7 @@ def register(path: str) -> None:
         say(f"register: HostRegisterReadOnlySupported = {rt.cudaDeviceGetAttribute(attr, 0)}")
     except Exception as e:  # informative only
         say(f"register: read-only support unknown ({type(e).__name__}: {e})")
-    with open(path, "rb") as f:  # warm
-        while f.read(64 * MiB):
-            pass
+    warm_cache(path)
     expected = torch.from_numpy(np.fromfile(path, dtype=np.uint8)).cuda()
     fd = os.open(path, os.O_RDONLY)
     device = torch.empty(size, dtype=torch.uint8, device="cuda:0")
