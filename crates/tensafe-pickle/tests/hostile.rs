@@ -913,7 +913,8 @@ fn joblib_array_bytes_do_not_hide_what_follows() {
 }
 
 // Nested object-array pickles share their parent's limits: their events count
-// against the same cap (and their work against the same budget).
+// against the same cap. (They share its work budget too, in the same code,
+// vm.rs's nested scan; no test checks the budget on its own yet.)
 #[test]
 fn nested_joblib_pickles_stay_within_the_event_cap() {
     let mut asm = Asm::new().proto(2);
