@@ -9,13 +9,16 @@ median of `--reps`:
 - raw pinned host→device copy bandwidth (the PCIe/NVLink limit)
 - raw parallel pread from the page cache (warm) and from disk (cold: evicted
   with posix_fadvise first)
-- tensafe `load_file(device="cuda:0")` warm and cold, mmap and pread backends
+- tensafe `load_file(device="cuda:0")` warm and cold, mmap and pread backends,
+  and pread with the native schedule (EXPERIMENT)
 - reference `load_file(device="cuda:0")` warm and cold
 - `torch.load(mmap=True)` then `.to("cuda:0")`, warm and cold
 
 and prints GB/s with ratios. `--sweep` also times the staging pipeline over
 chunk sizes, ring lengths and reader threads, and cold with and without
-O_DIRECT (how its defaults were chosen).
+O_DIRECT (how its defaults were chosen), the experimental reader schedules
+("readers" in Python, "native" in Rust) and the ceiling of host staging
+(native readers with a pinned slot for every chunk).
 Exits 2 when no CUDA device is present.
 """
 
@@ -81,8 +84,9 @@ def main() -> None:
 
     import safetensors.torch as ref_pt
     import tensafe.torch as ts_pt
-    from tensafe._pipeline import CHUNK_BYTES, RING, default_threads, load_data_section
-    from tensafe._tensafe_rust import File
+    import tensafe._pipeline as pipeline
+    from tensafe._pipeline import CHUNK_BYTES, RING, _plan_chunks, default_threads, load_data_section
+    from tensafe._tensafe_rust import File, stage_data
 
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
           f"staging defaults: {CHUNK_BYTES // MiB} MiB x {RING} slots, {default_threads(RING)} readers")
@@ -125,6 +129,14 @@ def main() -> None:
                 return timed(fn)
             return run
 
+        def natively(load):
+            """`load` with the experimental native schedule (EXPERIMENT)."""
+            pipeline.SCHEDULE = "native"
+            try:
+                return load()
+            finally:
+                pipeline.SCHEDULE = "ring"
+
         def torch_mmap():
             return {k: v.to("cuda:0") for k, v in torch.load(pt_path, mmap=True, weights_only=True).items()}
 
@@ -143,13 +155,27 @@ def main() -> None:
                     if (chunk_mib, ring) in ((16, 16), (8, 32)):
                         sweep[label + ", cold"] = cold(pipeline)
                         sweep[label + ", cold, O_DIRECT"] = cold(lambda pipeline=pipeline: pipeline(direct=True))
-            # EXPERIMENT: each reader issues its own copies (no central scheduler).
-            for chunk_mib, ring in ((16, 16), (16, 32), (8, 32), (32, 32)):
-                def readers(chunk=chunk_mib * MiB, ring=ring, direct=False):
-                    return load_data_section(File(path, "pread"), "cuda:0", chunk_bytes=chunk, ring=ring, threads=16, direct=direct, schedule="readers")
-                sweep[f"readers {chunk_mib:>2} MiB x {ring:>2}, 16 readers, warm"] = warm(readers)
-                if (chunk_mib, ring) == (16, 32):
-                    sweep[f"readers {chunk_mib:>2} MiB x {ring:>2}, 16 readers, cold, O_DIRECT"] = cold(lambda readers=readers: readers(direct=True))
+            # EXPERIMENT: each reader issues its own copies (no central
+            # scheduler), from Python threads or from Rust threads (native).
+            for schedule in ("readers", "native"):
+                for chunk_mib, ring in ((16, 16), (16, 32), (8, 32), (32, 32), (4, 64)):
+                    def readers(chunk=chunk_mib * MiB, ring=ring, direct=False, schedule=schedule):
+                        return load_data_section(File(path, "pread"), "cuda:0", chunk_bytes=chunk, ring=ring, threads=16, direct=direct, schedule=schedule)
+                    label = f"{schedule} {chunk_mib:>2} MiB x {ring:>2}, 16 readers"
+                    sweep[label + ", warm"] = warm(readers)
+                    if (chunk_mib, ring) == (16, 32):
+                        sweep[label + ", cold, O_DIRECT"] = cold(lambda readers=readers: readers(direct=True))
+            # The ceiling of host staging: native readers with a slot for
+            # every chunk (one pinned buffer the size of the data, allocated
+            # once), so no read waits for a copy.
+            file = File(path, "pread")
+            for chunk_mib in (8, 16):
+                chunks = _plan_chunks(file.data_start, file.data_len, chunk_mib * MiB, False)
+                slots = [pinned[i * chunk_mib * MiB :][: chunk_mib * MiB].numpy() for i in range(len(chunks))]
+                def unbounded(chunks=chunks, slots=slots):
+                    target = (0, device_buf.data_ptr(), file.data_len, torch.cuda.current_stream().cuda_stream)
+                    stage_data(file, chunks, slots, 16, target, direct=False)
+                sweep[f"native {chunk_mib:>2} MiB, a slot per chunk, 16 readers, warm"] = warm(unbounded)
             sweep = {name: case for name, case in sweep.items() if re.search(args.match, name)}
             print_table(medians(sweep, args.reps), size, "staging pipeline sweep (data section only)")
 
@@ -164,6 +190,8 @@ def main() -> None:
             "tensafe cuda (mmap), cold": cold(lambda: ts_pt.load_file(path, device="cuda:0")),
             "tensafe cuda (pread), warm": warm(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread")),
             "tensafe cuda (pread), cold": cold(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread")),
+            "tensafe cuda (pread, native), warm": warm(lambda: natively(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread"))),
+            "tensafe cuda (pread, native), cold": cold(lambda: natively(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread"))),
             "reference cuda, warm": warm(lambda: ref_pt.load_file(path, device="cuda:0")),
             "reference cuda, cold": cold(lambda: ref_pt.load_file(path, device="cuda:0")),
             TORCH_CASES[0]: warm(torch_mmap),
@@ -176,8 +204,8 @@ def main() -> None:
             times = [med[n] for n in names if n in med and med[n] == med[n]]
             return min(times) if times else float("nan")
 
-        best_warm = best("tensafe cuda (mmap), warm", "tensafe cuda (pread), warm")
-        best_cold = best("tensafe cuda (mmap), cold", "tensafe cuda (pread), cold")
+        best_warm = best("tensafe cuda (mmap), warm", "tensafe cuda (pread), warm", "tensafe cuda (pread, native), warm")
+        best_cold = best("tensafe cuda (mmap), cold", "tensafe cuda (pread), cold", "tensafe cuda (pread, native), cold")
         print(f"\ntensafe warm, best backend: {size / best_warm / 1e9:.1f} GB/s (target >= 40)")
         raw_cold = best("raw parallel pread, cold", "raw parallel O_DIRECT, cold")
         print(f"tensafe cold, best backend vs best raw cold read: {raw_cold / best_cold:.2f}x (target >= 0.95)")

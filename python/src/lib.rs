@@ -7,6 +7,8 @@
 //!
 //! All file I/O runs with the GIL released.
 
+mod staging;
+
 use std::collections::BTreeMap;
 use std::ffi::c_int;
 use std::path::PathBuf;
@@ -149,6 +151,28 @@ impl File {
             Source::Mapped(m) => Some(m.positional()),
             Source::Memory { .. } | Source::Remote(_) => None,
         }
+    }
+
+    /// `dst.len()` bytes of the data section at `offset` into `dst`, without
+    /// the GIL (`read_data_into`, the staged loads); `direct` as there.
+    /// Returns the bytes read past the page cache.
+    fn read_data(&self, offset: usize, dst: &mut [u8], direct: bool) -> PyResult<usize> {
+        if let (true, Some(local)) = (direct, self.local())
+            && let Some(direct_file) = self.direct_handle(local)
+        {
+            let at = local.header().data_start() + offset as u64;
+            return tensafe_io::read_exact_at_direct(local.file(), direct_file, dst, at)
+                .map_err(|e| SafetensorError::new_err(format!("I/O error reading {}: {e}", local.path().display())));
+        }
+        match &self.source {
+            Source::Mapped(m) => m.positional().read_data_at(offset as u64, dst).map_err(|e| error("", &e)),
+            Source::Memory { .. } => {
+                dst.copy_from_slice(&self.source.data().expect("in memory")[offset..offset + dst.len()]);
+                Ok(())
+            }
+            Source::Pread(_) | Source::Remote(_) => read_at(&self.source, offset, dst),
+        }
+        .map(|()| 0)
     }
 
     fn header(&self) -> &Header {
@@ -333,22 +357,7 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            if let (true, Some(local)) = (direct, self.local())
-                && let Some(direct_file) = self.direct_handle(local)
-            {
-                let at = local.header().data_start() + offset as u64;
-                return tensafe_io::read_exact_at_direct(local.file(), direct_file, dst, at)
-                    .map_err(|e| SafetensorError::new_err(format!("I/O error reading {}: {e}", local.path().display())));
-            }
-            match &self.source {
-                Source::Mapped(m) => m.positional().read_data_at(offset as u64, dst).map_err(|e| error("", &e)),
-                Source::Memory { .. } => {
-                    dst.copy_from_slice(&self.source.data().expect("in memory")[offset..offset + len]);
-                    Ok(())
-                }
-                Source::Pread(_) | Source::Remote(_) => read_at(&self.source, offset, dst),
-            }
-            .map(|()| 0)
+            self.read_data(offset, dst, direct)
         })
     }
 
@@ -1081,6 +1090,7 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(printable, m)?)?;
     m.add_function(wrap_pyfunction!(cut_reads, m)?)?;
+    m.add_function(wrap_pyfunction!(staging::stage_data, m)?)?;
     m.add_function(wrap_pyfunction!(save_sharded_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(convert_pickle, m)?)?;
     m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;

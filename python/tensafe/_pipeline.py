@@ -39,7 +39,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from ._tensafe_rust import DIRECT_ALIGN, File, cut_reads
+from ._tensafe_rust import DIRECT_ALIGN, File, cut_reads, stage_data
 
 #: Defaults, chosen with `bench/gpu_bench.py --sweep` on an H100 host (the
 #: table is in docs/ARCHITECTURE.md): many mid-sized chunks keep enough reads
@@ -47,6 +47,9 @@ from ._tensafe_rust import DIRECT_ALIGN, File, cut_reads
 CHUNK_BYTES = 16 << 20
 RING = 16
 MAX_THREADS = 16
+#: The schedule loads use when none is given (`load_data_section`); the
+#: benchmark switches it to time whole-file loads with the experimental ones.
+SCHEDULE = "ring"
 
 
 class StagingStats:
@@ -108,7 +111,7 @@ def load_data_section(
     progress: Optional[Callable[[int, int], Any]] = None,
     stats: Optional[StagingStats] = None,
     direct: Optional[bool] = None,
-    schedule: str = "ring",
+    schedule: Optional[str] = None,
 ) -> torch.Tensor:
     """The whole data section of `file` as a uint8 tensor on `device`.
 
@@ -116,9 +119,13 @@ def load_data_section(
     much of the file is cached (`File.prefers_direct_reads`, the CPU loads'
     policy). `schedule` (EXPERIMENT): "ring", one thread issues every copy
     in file order; "readers", each reader copies what it read, on its own
-    stream, out of its own share of the slots (`_load_by_readers`)."""
-    if schedule not in ("ring", "readers"):
-        raise ValueError(f'schedule must be "ring" or "readers", got {schedule!r}')
+    stream, out of its own share of the slots (`_load_by_readers`);
+    "native", the same as "readers" on Rust threads that never take the
+    GIL, with the copies issued through the CUDA driver API
+    (`tensafe_io::staging`, `tensafe-cuda`). `None`: `SCHEDULE`."""
+    schedule = schedule or SCHEDULE
+    if schedule not in ("ring", "readers", "native"):
+        raise ValueError(f'schedule must be "ring", "readers" or "native", got {schedule!r}')
     total = file.data_len
     out = torch.empty(total, dtype=torch.uint8, device=torch.device(device))
     # `out.device` has its index even when `device` had none ("cuda"): other
@@ -138,6 +145,9 @@ def load_data_section(
     if stats is not None:
         stats.pinned_bytes = sum(buf.numel() for buf in staging)
         stats.direct = direct
+    if schedule == "native":
+        _load_natively(file, chunks, staging, out, caller, threads or default_threads(ring), direct, progress, stats)
+        return out
     direct_bytes = [0] * len(chunks)
     reading, reading_lock = [0], threading.Lock()
 
@@ -199,11 +209,16 @@ def load_data_section(
     return out
 
 
+def _slot_start(slot: torch.Tensor, direct: bool) -> int:
+    """Where chunks' places in `slot` count from: its first page boundary
+    when reading directly, else its start."""
+    return (-slot.data_ptr()) % DIRECT_ALIGN if direct else 0
+
+
 def _place(slot: torch.Tensor, place: int, length: int, direct: bool) -> torch.Tensor:
     """Where a chunk lands in `slot`: at its file offset's place within a
-    page when reading directly (the slot's start rounded up to a page),
-    else at the slot's start."""
-    skip = place + ((-slot.data_ptr()) % DIRECT_ALIGN if direct else 0)
+    page when reading directly, else at the slot's start."""
+    skip = place + _slot_start(slot, direct)
     return slot[skip : skip + length]
 
 
@@ -227,6 +242,22 @@ def _side_stream(caller: Any) -> Any:
     stream = torch.cuda.Stream(caller.device)
     stream.wait_stream(caller)
     return stream
+
+
+def _load_natively(file, chunks, staging, out, caller, threads, direct, progress, stats) -> None:
+    """EXPERIMENT: the readers schedule run by `stage_data` in Rust. Each
+    slot is handed over from where chunks' places in it count
+    (`_slot_start`); a CUDA target is given as torch's device pointer, length and the
+    caller's raw stream, which the copies start after. The data is on the
+    device when this returns."""
+    slots = [slot[_slot_start(slot, direct) :].numpy() for slot in staging]
+    if caller is not None:
+        target = (out.device.index, out.data_ptr(), out.numel(), caller.cuda_stream)
+    else:
+        target = out.numpy()
+    count, max_reading, direct_bytes = stage_data(file, chunks, slots, threads, target, direct=direct, progress=progress)
+    if stats is not None:
+        stats.chunks, stats.max_in_flight, stats.direct_bytes = count, max_reading, direct_bytes
 
 
 def _load_by_readers(chunks, staging, read, out, caller, threads, direct, progress, stats) -> None:

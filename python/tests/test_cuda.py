@@ -17,7 +17,7 @@ import tensafe.torch as ts_pt
 from tensafe._pipeline import StagingStats, load_data_section
 from tensafe._tensafe_rust import File
 
-from test_load import assert_same, every_dtype_file  # noqa: F401  (a fixture)
+from test_load import _chunk_count, assert_same, every_dtype_file  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine: GPU loads are checked on a GPU machine (bench/gpu_bench.sh)"
@@ -160,17 +160,21 @@ def test_tensor_parallel_load_on_cuda(tmp_path):
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
 @pytest.mark.parametrize("chunk,ring,threads", [(4096, 1, 1), (1 << 20, 6, 3), (16 << 20, 16, 16)])
 @pytest.mark.parametrize("direct", [False, True])
-def test_reader_schedule_on_cuda_is_exact(tmp_path, backend, chunk, ring, threads, direct):
-    """EXPERIMENT: each reader copies what it read, on its own stream."""
+@pytest.mark.parametrize("schedule", ["readers", "native"])
+def test_reader_schedules_on_cuda_are_exact(tmp_path, backend, chunk, ring, threads, direct, schedule):
+    """EXPERIMENT: each reader copies what it read, on its own stream (in
+    Python, or on Rust threads through the driver API)."""
     path = tmp_path / "readers.safetensors"
     ref_pt.save_file({"x": torch.arange(5 * 2**20 + 11, dtype=torch.int32), "y": torch.randn(3, 5)}, path)
     file = File(str(path), backend)
-    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, direct=direct, schedule="readers")
+    stats = StagingStats()
+    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, direct=direct, schedule=schedule, stats=stats)
+    assert stats.chunks == _chunk_count(file, chunk, direct)
     torch.cuda.synchronize()
     assert bytes(data.cpu().numpy()) == path.read_bytes()[file.data_start :]
 
 
-@pytest.mark.parametrize("schedule", ["ring", "readers"])
+@pytest.mark.parametrize("schedule", ["ring", "readers", "native"])
 def test_loads_follow_the_callers_device_and_stream(tmp_path, schedule):
     """An unindexed "cuda" device and a caller working on a side stream:
     the bytes land on the current device, before the caller's next work."""

@@ -1,6 +1,7 @@
 """Bulk loads: lazy mmap views and parallel pread into one allocation, bit-exact
 against the reference, for every dtype and awkward sizes."""
 
+import os
 import threading
 import time
 
@@ -155,11 +156,12 @@ def _chunk_count(file, chunk, direct):
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
 @pytest.mark.parametrize("chunk,ring,threads", [(4096, 1, 1), (65536, 3, 2), (16384, 4, 4), (8192, 8, 3)])
-@pytest.mark.parametrize("schedule", ["ring", "readers"])
+@pytest.mark.parametrize("schedule", ["ring", "readers", "native"])
 @pytest.mark.parametrize("direct", [False, True])
 def test_staging_pipeline_is_exact_and_bounded(many_chunks_file, backend, chunk, ring, threads, schedule, direct):
     """The accelerator pipeline's scheduling, run with a CPU target; the
-    "readers" schedule (EXPERIMENT) lets each reader copy what it read."""
+    "readers" and "native" schedules (EXPERIMENT) let each reader copy what
+    it read, in Python or on Rust threads."""
     from tensafe._pipeline import StagingStats, load_data_section
     from tensafe._tensafe_rust import DIRECT_ALIGN, File
 
@@ -229,6 +231,47 @@ def test_a_failing_progress_callback_stops_the_readers(many_chunks_file):
     with pytest.raises(KeyboardInterrupt):
         load_data_section(counting, "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False, schedule="readers", progress=progress)
     assert counting.reads < 20, "the readers stopped soon after the callback failed"
+
+
+def test_the_native_schedule_reports_a_file_cut_short(many_chunks_file, tmp_path):
+    """A file truncated under an open handle: the Rust readers' error comes
+    back as the read's own exception."""
+    from tensafe._pipeline import load_data_section
+    from tensafe._tensafe_rust import File, SafetensorError
+
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(many_chunks_file.read_bytes())
+    file = File(str(path), "pread")
+    os.truncate(path, file.data_start + file.data_len // 2)
+    with pytest.raises(SafetensorError, match="failed to fill whole buffer"):
+        load_data_section(file, "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False, schedule="native")
+
+
+def test_the_native_schedule_passes_a_progress_error_through(many_chunks_file):
+    from tensafe._pipeline import load_data_section
+    from tensafe._tensafe_rust import File
+
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        load_data_section(File(str(many_chunks_file), "pread"), "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False,
+                          schedule="native", progress=progress)
+    assert len(calls) == 1, "after a failed callback no more progress is reported"
+
+
+def test_the_native_schedule_refuses_overlapping_slots(many_chunks_file):
+    from tensafe._tensafe_rust import File, stage_data
+
+    file = File(str(many_chunks_file), "pread")
+    out, memory = np.zeros(file.data_len, np.uint8), np.zeros(8192, np.uint8)
+    with pytest.raises(ValueError, match="must not overlap"):
+        stage_data(file, [(0, 4096, 0)], [memory, memory[4096:]], 2, out, direct=False)
+    with pytest.raises(ValueError, match="outside the .*data section"):
+        stage_data(file, [(file.data_len - 10, 4096, 0)], [memory], 1, out, direct=False)
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])

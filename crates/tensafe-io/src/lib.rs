@@ -11,6 +11,10 @@
 //!   the cache and without filling the cache with a second copy of the model.
 //! * [`evict`] drops a file's pages from the page cache after a load, so a
 //!   model is not held twice in RAM (once in the cache, once in the tensors).
+//! * [`staging::stage`] runs staged loads: reads into a bounded set of slots,
+//!   each copied out (to a device) before it is reused.
+
+pub mod staging;
 
 use std::fs::File;
 use std::io;

@@ -1,0 +1,422 @@
+//! Staged loads: reader threads read chunks of a file into a bounded set of
+//! staging slots and hand each one to a [`Sink`] (a device, or host memory)
+//! that copies it out, possibly asynchronously.
+//!
+//! There is no central scheduler: every reader takes the next chunk from a
+//! shared counter, waits until the last copy out of its next slot has
+//! completed, reads into the slot and starts the copy, on its own
+//! [`Sink::Lane`] (a CUDA stream). Slots are split between the readers, so a
+//! reader only ever waits for its own copies. The thread that calls [`stage`]
+//! only reports progress. Nothing here needs Python's GIL, which is the point:
+//! the Python schedules in `_pipeline.py` take it for every chunk.
+
+use std::io;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+/// One chunk of the plan: `len` bytes at `offset` in the source (and in the
+/// destination), read to `place` in a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset in the source's data section and in the destination.
+    pub offset: usize,
+    /// Length in bytes.
+    pub len: usize,
+    /// Where the chunk lands in a slot (a direct read keeps the file
+    /// offset's place within a page).
+    pub place: usize,
+}
+
+/// Where staged chunks go.
+///
+/// The engine calls [`Sink::lane`] once per reader thread, on that thread;
+/// [`Sink::copy`] may return before the copy has read `src` — the engine
+/// does not write to `src` again, nor return, before passing the returned
+/// handle to [`Sink::wait`].
+pub trait Sink: Sync {
+    /// Per-reader state (a device stream).
+    type Lane;
+    /// A copy that may still be running (a device event).
+    type InFlight;
+    /// What fails.
+    type Error: Send + From<io::Error>;
+
+    /// Sets up the calling reader thread.
+    fn lane(&self) -> Result<Self::Lane, Self::Error>;
+    /// Starts copying `src` to `offset` in the destination.
+    fn copy(&self, lane: &mut Self::Lane, offset: usize, src: &[u8]) -> Result<Self::InFlight, Self::Error>;
+    /// Blocks until `copy` has completed.
+    fn wait(&self, copy: Self::InFlight) -> Result<(), Self::Error>;
+    /// Ends a lane; called after every copy on it was waited for, errors included.
+    fn close(&self, lane: Self::Lane) -> Result<(), Self::Error>;
+}
+
+/// What a staged load did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Chunks read and copied.
+    pub chunks: usize,
+    /// The most reads in flight at once.
+    pub max_reading: usize,
+    /// Bytes the read function reported as read past the page cache.
+    pub direct_bytes: u64,
+}
+
+/// Reads every chunk with `read` (into its place in a slot) and copies it to
+/// `sink`, with `readers` threads sharing `slots` (each slot belongs to one
+/// reader). `progress` is called on the calling thread with the bytes done so
+/// far after each chunk; an error from it stops the readers. The first error
+/// is returned, after every copy has completed.
+///
+/// Chunks must not overlap and must fit every slot.
+pub fn stage<S, R, P>(
+    chunks: &[Chunk],
+    slots: Vec<&mut [u8]>,
+    readers: usize,
+    sink: &S,
+    read: R,
+    mut progress: P,
+) -> Result<Report, S::Error>
+where
+    S: Sink,
+    R: Fn(&Chunk, &mut [u8]) -> Result<u64, S::Error> + Sync,
+    P: FnMut(usize) -> Result<(), S::Error>,
+{
+    check_plan(chunks, &slots)?;
+    if chunks.is_empty() {
+        return Ok(Report::default());
+    }
+    let readers = readers.clamp(1, slots.len());
+    let mut shares: Vec<Vec<&mut [u8]>> = (0..readers).map(|_| Vec::new()).collect();
+    for (i, slot) in slots.into_iter().enumerate() {
+        shares[i % readers].push(slot);
+    }
+    let shared = Shared {
+        chunks,
+        next: AtomicUsize::new(0),
+        reading: AtomicUsize::new(0),
+        max_reading: AtomicUsize::new(0),
+        direct_bytes: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+        first_error: Mutex::new(None),
+    };
+    let (done_tx, done_rx) = mpsc::channel::<usize>();
+    let mut report = Report::default();
+    std::thread::scope(|scope| {
+        for share in shares {
+            let done_tx = done_tx.clone();
+            let (shared, read) = (&shared, &read);
+            scope.spawn(move || shared.run_reader(share, sink, read, done_tx));
+        }
+        drop(done_tx);
+        let mut done = 0;
+        // Ends when every reader has dropped its sender.
+        for len in done_rx {
+            done += len;
+            report.chunks += 1;
+            if !shared.failed.load(Ordering::Relaxed)
+                && let Err(e) = progress(done)
+            {
+                shared.stop(e);
+            }
+        }
+    });
+    if let Some(e) = shared.first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    report.max_reading = shared.max_reading.into_inner();
+    report.direct_bytes = shared.direct_bytes.into_inner();
+    Ok(report)
+}
+
+/// Refuses plans whose chunks overlap or do not fit the smallest slot.
+fn check_plan(chunks: &[Chunk], slots: &[&mut [u8]]) -> io::Result<()> {
+    let invalid = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
+    if !chunks.is_empty() && slots.is_empty() {
+        return invalid("a staged load needs at least one slot".into());
+    }
+    let smallest = slots.iter().map(|s| s.len()).min().unwrap_or(0);
+    let mut sorted: Vec<&Chunk> = chunks.iter().collect();
+    sorted.sort_by_key(|c| c.offset);
+    for (i, chunk) in sorted.iter().enumerate() {
+        if chunk.place.checked_add(chunk.len).is_none_or(|end| end > smallest) {
+            return invalid(format!("chunk at {} ({} bytes at {}) does not fit a {smallest}-byte slot", chunk.offset, chunk.len, chunk.place));
+        }
+        if let Some(next) = sorted.get(i + 1)
+            && chunk.offset.checked_add(chunk.len).is_none_or(|end| end > next.offset)
+        {
+            return invalid(format!("chunks at {} and {} overlap", chunk.offset, next.offset));
+        }
+    }
+    Ok(())
+}
+
+/// What the readers share.
+struct Shared<'a, E> {
+    chunks: &'a [Chunk],
+    /// The next chunk to take.
+    next: AtomicUsize,
+    reading: AtomicUsize,
+    max_reading: AtomicUsize,
+    direct_bytes: AtomicU64,
+    /// Set by the first error: readers take no more chunks.
+    failed: AtomicBool,
+    /// The error that stopped the load, not its consequences.
+    first_error: Mutex<Option<E>>,
+}
+
+impl<E> Shared<'_, E> {
+    fn stop(&self, error: E) {
+        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(error);
+        }
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// One reader: takes chunks until none is left or the load failed, then
+    /// waits for its copies and closes its lane, whatever happened.
+    fn run_reader<S, R>(&self, mut own: Vec<&mut [u8]>, sink: &S, read: &R, done: mpsc::Sender<usize>)
+    where
+        S: Sink<Error = E>,
+        R: Fn(&Chunk, &mut [u8]) -> Result<u64, E>,
+    {
+        let mut lane = match sink.lane() {
+            Ok(lane) => lane,
+            Err(e) => return self.stop(e),
+        };
+        let mut in_flight: Vec<Option<S::InFlight>> = own.iter().map(|_| None).collect();
+        let mut turn = 0;
+        let result = (|| -> Result<(), E> {
+            while !self.failed.load(Ordering::Relaxed) {
+                let index = self.next.fetch_add(1, Ordering::Relaxed);
+                let Some(chunk) = self.chunks.get(index) else { return Ok(()) };
+                let slot = turn % own.len();
+                turn += 1;
+                if let Some(copy) = in_flight[slot].take() {
+                    sink.wait(copy)?;
+                }
+                let view = &mut own[slot][chunk.place..chunk.place + chunk.len];
+                let now = self.reading.fetch_add(1, Ordering::Relaxed) + 1;
+                self.max_reading.fetch_max(now, Ordering::Relaxed);
+                let read = read(chunk, view);
+                self.reading.fetch_sub(1, Ordering::Relaxed);
+                self.direct_bytes.fetch_add(read?, Ordering::Relaxed);
+                in_flight[slot] = Some(sink.copy(&mut lane, chunk.offset, view)?);
+                // The caller may have stopped listening (it only reports progress).
+                let _ = done.send(chunk.len);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.stop(e);
+        }
+        // The slots outlive no copy out of them.
+        for copy in in_flight.into_iter().flatten() {
+            if let Err(e) = sink.wait(copy) {
+                self.stop(e);
+            }
+        }
+        if let Err(e) = sink.close(lane) {
+            self.stop(e);
+        }
+    }
+}
+
+/// [`stage`] into host memory: each chunk is copied into `dst` at its offset
+/// as soon as it is read (the CPU stand-in for a device, with which the
+/// scheduling is tested without one).
+pub fn stage_to_host<R, P>(chunks: &[Chunk], slots: Vec<&mut [u8]>, readers: usize, dst: &mut [u8], read: R, progress: P) -> io::Result<Report>
+where
+    R: Fn(&Chunk, &mut [u8]) -> io::Result<u64> + Sync,
+    P: FnMut(usize) -> io::Result<()>,
+{
+    stage(chunks, slots, readers, &HostSink { dst: dst.as_mut_ptr(), len: dst.len(), _dst: std::marker::PhantomData }, read, progress)
+}
+
+/// Copies into host memory, from several readers at once and without a
+/// lock: sound only because [`stage`] refuses overlapping chunks and copies
+/// each once, which is why nothing outside this module can make one.
+struct HostSink<'a> {
+    dst: *mut u8,
+    len: usize,
+    _dst: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: concurrent copies write disjoint ranges (see the type's doc).
+unsafe impl Sync for HostSink<'_> {}
+
+impl Sink for HostSink<'_> {
+    type Lane = ();
+    type InFlight = ();
+    type Error = io::Error;
+
+    fn lane(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn copy(&self, _: &mut (), offset: usize, src: &[u8]) -> io::Result<()> {
+        if offset.checked_add(src.len()).is_none_or(|end| end > self.len) {
+            let what = format!("copy of {} bytes to {offset} is outside the {}-byte destination", src.len(), self.len);
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, what));
+        }
+        // SAFETY: in bounds (checked above); no other copy writes this range
+        // (the plan has no overlaps) and `src` is a slot, not `dst`.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.dst.add(offset), src.len()) };
+        Ok(())
+    }
+
+    fn wait(&self, _: ()) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn close(&self, _: ()) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn source(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    fn plan(total: usize, chunk: usize, place: usize) -> Vec<Chunk> {
+        (0..total).step_by(chunk).map(|offset| Chunk { offset, len: chunk.min(total - offset), place }).collect()
+    }
+
+    fn read_from(src: &[u8]) -> impl Fn(&Chunk, &mut [u8]) -> io::Result<u64> + Sync + '_ {
+        move |chunk, dst| {
+            dst.copy_from_slice(&src[chunk.offset..chunk.offset + chunk.len]);
+            Ok(chunk.len as u64 / 2)
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_byte_arrives_and_progress_ends_at_the_total(total in 0usize..20_000, chunk in 1usize..3000, slots in 1usize..6, readers in 1usize..5, place in 0usize..9) {
+            let src = source(total);
+            let mut out = vec![0u8; total];
+            let mut memory = vec![vec![0u8; chunk + place]; slots];
+            let chunks = plan(total, chunk, place);
+            let mut seen = Vec::new();
+            let report = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), readers, &mut out, read_from(&src), |done| {
+                seen.push(done);
+                Ok(())
+            }).unwrap();
+            prop_assert_eq!(&out, &src);
+            prop_assert_eq!(report.chunks, chunks.len());
+            prop_assert_eq!(seen.len(), chunks.len());
+            prop_assert!(seen.windows(2).all(|w| w[0] < w[1]));
+            prop_assert_eq!(seen.last().copied().unwrap_or(0), total);
+            prop_assert!(report.max_reading <= readers.min(slots));
+            prop_assert_eq!(report.direct_bytes, chunks.iter().map(|c| c.len as u64 / 2).sum::<u64>());
+        }
+    }
+
+    #[test]
+    fn a_read_error_stops_the_readers_and_is_returned() {
+        let src = source(1 << 16);
+        let mut out = vec![0u8; src.len()];
+        let mut memory = vec![vec![0u8; 256]; 4];
+        let chunks = plan(src.len(), 256, 0);
+        let reads = AtomicUsize::new(0);
+        let failing = |chunk: &Chunk, dst: &mut [u8]| {
+            if reads.fetch_add(1, Ordering::Relaxed) == 3 {
+                return Err(io::Error::other("disk gone"));
+            }
+            read_from(&src)(chunk, dst)
+        };
+        let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, failing, |_| Ok(())).unwrap_err();
+        assert_eq!(e.to_string(), "disk gone");
+        assert!(reads.load(Ordering::Relaxed) < 8, "readers stopped soon: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
+    }
+
+    #[test]
+    fn a_progress_error_stops_the_readers() {
+        let src = source(1 << 16);
+        let mut out = vec![0u8; src.len()];
+        let mut memory = vec![vec![0u8; 256]; 4];
+        let chunks = plan(src.len(), 256, 0);
+        let reads = AtomicUsize::new(0);
+        let slow = |chunk: &Chunk, dst: &mut [u8]| {
+            reads.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            read_from(&src)(chunk, dst)
+        };
+        let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, slow, |_| Err(io::Error::other("interrupted"))).unwrap_err();
+        assert_eq!(e.to_string(), "interrupted");
+        assert!(reads.load(Ordering::Relaxed) < 8, "readers stopped soon: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
+    }
+
+    /// A sink whose copies finish later: checks that a slot is never read
+    /// into while a copy out of it is in flight, and that every copy is
+    /// waited for before the load returns.
+    struct Deferred<'a> {
+        out: Mutex<&'a mut [u8]>,
+        waited: AtomicUsize,
+        started: AtomicUsize,
+    }
+
+    impl Sink for Deferred<'_> {
+        type Lane = ();
+        /// The copy's source (the slot's address) and the bytes it must still hold.
+        type InFlight = (usize, Vec<u8>, usize);
+        type Error = io::Error;
+
+        fn lane(&self) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn copy(&self, _: &mut (), offset: usize, src: &[u8]) -> io::Result<Self::InFlight> {
+            self.started.fetch_add(1, Ordering::Relaxed);
+            Ok((src.as_ptr() as usize, src.to_vec(), offset))
+        }
+
+        fn wait(&self, (at, expected, offset): Self::InFlight) -> io::Result<()> {
+            // SAFETY: the engine keeps the slot alive and unwritten until this returns.
+            let now = unsafe { std::slice::from_raw_parts(at as *const u8, expected.len()) };
+            assert_eq!(now, &expected[..], "the slot was overwritten before its copy completed");
+            self.waited.fetch_add(1, Ordering::Relaxed);
+            self.out.lock().unwrap()[offset..offset + now.len()].copy_from_slice(now);
+            Ok(())
+        }
+
+        fn close(&self, _: ()) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn slots_are_reused_only_after_their_copies_complete() {
+        let src = source(50_000);
+        let mut out = vec![0u8; src.len()];
+        let mut memory = vec![vec![0u8; 1000]; 3];
+        let chunks = plan(src.len(), 1000, 0);
+        let sink = Deferred { out: Mutex::new(&mut out), waited: AtomicUsize::new(0), started: AtomicUsize::new(0) };
+        stage(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 3, &sink, read_from(&src), |_| Ok(())).unwrap();
+        assert_eq!(sink.started.into_inner(), chunks.len());
+        assert_eq!(sink.waited.into_inner(), chunks.len());
+        assert_eq!(out, src);
+    }
+
+    #[test]
+    fn plans_that_do_not_fit_are_refused() {
+        let mut out = vec![0u8; 100];
+        let mut slot = vec![0u8; 10];
+        let read = |_: &Chunk, _: &mut [u8]| Ok(0);
+        let big = [Chunk { offset: 0, len: 8, place: 4 }];
+        let e = stage_to_host(&big, vec![slot.as_mut_slice()], 1, &mut out, read, |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("does not fit a 10-byte slot"), "{e}");
+        let overlapping = [Chunk { offset: 0, len: 8, place: 0 }, Chunk { offset: 4, len: 4, place: 0 }];
+        let e = stage_to_host(&overlapping, vec![slot.as_mut_slice()], 1, &mut out, read, |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
+        let outside = [Chunk { offset: 96, len: 8, place: 0 }];
+        let e = stage_to_host(&outside, vec![slot.as_mut_slice()], 1, &mut out, read, |_| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("outside the 100-byte destination"), "{e}");
+    }
+}

@@ -1,0 +1,130 @@
+//! `stage_data`: the staged load of a file's data section
+//! (`tensafe_io::staging`), with reads and copies on Rust threads that never
+//! take the GIL. Python (`_pipeline.py`, `schedule="native"`) allocates the
+//! destination and the pinned slots and plans the chunks; this runs them.
+
+use std::io;
+
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use tensafe_io::staging::{self, Chunk};
+
+use crate::File;
+
+/// Where the chunks go: host memory (a writable buffer; the CPU stand-in the
+/// tests use) or device memory given as (device ordinal, device pointer,
+/// length, raw stream handle to order after).
+#[derive(FromPyObject)]
+pub enum Target<'py> {
+    Device((i32, u64, usize, usize)),
+    Host(Bound<'py, PyAny>),
+}
+
+/// A writable, contiguous buffer export, held while Rust writes into it.
+struct Writable {
+    _export: PyUntypedBuffer,
+    ptr: usize,
+    len: usize,
+}
+
+impl Writable {
+    fn get(object: &Bound<'_, PyAny>, what: &str) -> PyResult<Self> {
+        let export = PyUntypedBuffer::get(object)?;
+        if export.readonly() || !export.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("{what} must be a writable contiguous buffer")));
+        }
+        let (ptr, len) = (export.buf_ptr() as usize, export.len_bytes());
+        Ok(Writable { _export: export, ptr, len })
+    }
+}
+
+/// Runs a staged load of `file`'s data section: `chunks` are (offset in the
+/// data section, length, place in a slot), read by `readers` threads into
+/// `slots` (writable buffers; for a device target, pinned memory) and
+/// copied to `target`. Calls `progress(done, total)` after each chunk.
+/// Returns (chunks copied, most reads in flight, bytes read past the page
+/// cache).
+///
+/// Internal to `_pipeline.py`: a device target's pointer and stream are
+/// trusted to be what torch handed out for that device.
+#[pyfunction]
+#[pyo3(signature = (file, chunks, slots, readers, target, *, direct, progress = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn stage_data(
+    py: Python<'_>,
+    file: &Bound<'_, File>,
+    chunks: Vec<(usize, usize, usize)>,
+    slots: Vec<Bound<'_, PyAny>>,
+    readers: usize,
+    target: Target<'_>,
+    direct: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(usize, usize, u64)> {
+    let file = file.get();
+    let total = file.header().data_len();
+    let chunks: Vec<Chunk> = chunks.into_iter().map(|(offset, len, place)| Chunk { offset, len, place }).collect();
+    if let Some(c) = chunks.iter().find(|c| c.offset.checked_add(c.len).is_none_or(|end| end > total)) {
+        return Err(PyValueError::new_err(format!("chunk {}+{} is outside the {total}-byte data section", c.offset, c.len)));
+    }
+    let slots = slots.iter().map(|s| Writable::get(s, "a staging slot")).collect::<PyResult<Vec<_>>>()?;
+    let (host, device) = match &target {
+        Target::Host(out) => (Some(Writable::get(out, "the destination")?), None),
+        Target::Device(device) => (None, Some(*device)),
+    };
+    // Rust hands out each slot, and the host destination, as `&mut`: they
+    // must not share memory.
+    let mut regions: Vec<(usize, usize)> = slots.iter().chain(host.iter()).map(|w| (w.ptr, w.len)).collect();
+    regions.sort_unstable();
+    if regions.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+        return Err(PyValueError::new_err("staging slots and the destination must not overlap"));
+    }
+    let slot_regions: Vec<(usize, usize)> = slots.iter().map(|w| (w.ptr, w.len)).collect();
+    let host_region = host.as_ref().map(|w| (w.ptr, w.len));
+    let report = py.detach(|| {
+        // SAFETY: the exports are held until this returns, and the regions are disjoint.
+        let slot_slices = slot_regions.iter().map(|&(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }).collect();
+        let read = |chunk: &Chunk, dst: &mut [u8]| {
+            file.read_data(chunk.offset, dst, direct).map(|n| n as u64).map_err(io::Error::other)
+        };
+        let report = |done: usize| -> io::Result<()> {
+            match &progress {
+                Some(callback) => Python::attach(|py| callback.call1(py, (done, total)).map(drop).map_err(io::Error::other)),
+                None => Ok(()),
+            }
+        };
+        match (host_region, device) {
+            (Some((ptr, len)), _) => {
+                // SAFETY: as the slots.
+                let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+                staging::stage_to_host(&chunks, slot_slices, readers, out, read, report)
+            }
+            (None, Some((ordinal, ptr, len, stream))) => {
+                // SAFETY: `_pipeline.py` passes torch's pointer, length and stream for that device.
+                let sink = unsafe { tensafe_cuda::DeviceSink::new(ordinal, ptr, len, stream) }.map_err(io::Error::from)?;
+                staging::stage(&chunks, slot_slices, readers, &sink, read, report)
+            }
+            (None, None) => unreachable!("a target is on the host or on a device"),
+        }
+    });
+    drop((slots, host));
+    let report = report.map_err(to_python)?;
+    Ok((report.chunks, report.max_reading, report.direct_bytes))
+}
+
+/// The Python exception for a failed staged load: the one a read or the
+/// progress callback raised, as it was; RuntimeError for CUDA (as torch's);
+/// ValueError for a refused plan; OSError otherwise.
+fn to_python(e: io::Error) -> PyErr {
+    if e.get_ref().is_some_and(|inner| inner.is::<PyErr>()) {
+        let inner = e.into_inner().expect("checked above");
+        return *inner.downcast::<PyErr>().expect("checked above");
+    }
+    if e.get_ref().is_some_and(|inner| inner.is::<tensafe_cuda::CudaError>()) {
+        return PyRuntimeError::new_err(e.to_string());
+    }
+    if e.kind() == io::ErrorKind::InvalidInput {
+        return PyValueError::new_err(e.to_string());
+    }
+    PyOSError::new_err(e.to_string())
+}
