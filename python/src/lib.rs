@@ -1060,8 +1060,8 @@ fn convert_pickle(
             tensafe_pickle::convert_file(&input, &output, &options).map(|r| serde_json::to_string(&r))
         }
     })
-    // The message quotes names from the hostile input: escaped like all names.
-    .map_err(|e| SafetensorError::new_err(tensafe::Printable(&e.to_string()).to_string()))?
+    // tensafe-pickle's messages escape the names they quote from the input.
+    .map_err(|e| SafetensorError::new_err(e.to_string()))?
     .map_err(|e| SafetensorError::new_err(e.to_string()))
 }
 

@@ -51,3 +51,16 @@ def test_hostile_pickle_is_refused_and_flagged_without_running(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
     reports = tensafe.scan([evil, EXAMPLE])
     assert [r["verdict"] for r in reports] == ["dangerous", "safe"]
+
+
+def test_refusals_escape_the_names_a_hostile_pickle_carries(tmp_path):
+    """A GLOBAL naming terminal escapes and a forged line: the refusal quotes
+    it with those characters escaped (by tensafe-pickle itself)."""
+    evil = tmp_path / "escape.pkl"
+    evil.write_bytes(b"\x80\x02cos\x1b[2J\nsys\x1b]0;pwned\x07\n)R.")
+    with pytest.raises(tensafe.SafetensorError) as refused:
+        tensafe.convert(evil, tmp_path / "out.safetensors")
+    message = str(refused.value)
+    assert "pwned" in message
+    assert not any(c in message for c in "\x1b\x07\n"), repr(message)
+    assert "\\u{1b}" in message, repr(message)

@@ -1,8 +1,15 @@
 //! Errors. Every refusal names where it happened: the pickle (or archive
 //! member), the byte offset and opcode, and the object path being built.
+//!
+//! Messages quote text from the input (names, keys, archive members) with
+//! control and invisible format characters escaped ([`Printable`]), so that
+//! a hostile checkpoint can neither drive a terminal nor forge log lines,
+//! whoever shows the message.
 
 use std::fmt;
 use std::path::PathBuf;
+
+use tensafe::Printable;
 
 /// Where in a pickle something went wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,13 +29,13 @@ pub struct PickleError {
 
 impl fmt::Display for PickleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: offset {}", self.pickle, self.offset)?;
+        write!(f, "{}: offset {}", Printable(&self.pickle), self.offset)?;
         if let Some(op) = self.opcode {
             write!(f, " ({op})")?;
         }
-        write!(f, ": {}", self.reason)?;
+        write!(f, ": {}", Printable(&self.reason))?;
         if let Some(path) = &self.path {
-            write!(f, " [while building {path}]")?;
+            write!(f, " [while building {}]", Printable(path))?;
         }
         Ok(())
     }
@@ -38,7 +45,7 @@ impl fmt::Display for PickleError {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading an input failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}", Printable(&path.display().to_string()))]
     Io {
         /// The file.
         path: PathBuf,
@@ -50,14 +57,14 @@ pub enum Error {
     Pickle(Box<PickleError>),
     /// The container (zip, legacy stream, tar) is malformed or breaks a
     /// strictness rule.
-    #[error("{0}")]
+    #[error("{}", Printable(.0))]
     Container(String),
     /// The input is a format this converter does not convert (TorchScript,
     /// tar, 7z, …); the message says what it is.
-    #[error("{0}")]
+    #[error("{}", Printable(.0))]
     Unsupported(String),
     /// A tensor cannot be converted.
-    #[error("tensor `{name}`: {reason}")]
+    #[error("tensor `{}`: {}", Printable(name), Printable(reason))]
     Tensor {
         /// Its flattened name.
         name: String,
@@ -65,10 +72,10 @@ pub enum Error {
         reason: String,
     },
     /// The checkpoint's structure does not give a state dict.
-    #[error("{0}")]
+    #[error("{}", Printable(.0))]
     Structure(String),
     /// A configured limit was reached.
-    #[error("limit reached: {0}")]
+    #[error("limit reached: {}", Printable(.0))]
     Limit(String),
     /// Writing the output failed.
     #[error(transparent)]
@@ -77,3 +84,36 @@ pub enum Error {
 
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A terminal escape, a right-to-left override and a forged new line.
+    const HOSTILE: &str = "w\u{1b}[2J\u{202e}\nOK: done";
+
+    #[test]
+    fn messages_escape_what_they_quote_from_the_input() {
+        let pickle = PickleError {
+            pickle: format!("archive/{HOSTILE}.pkl"),
+            offset: 7,
+            opcode: Some("GLOBAL"),
+            reason: format!("refused {HOSTILE}"),
+            path: Some(format!("['{HOSTILE}']")),
+        };
+        let errors = [
+            Error::Io { path: PathBuf::from(HOSTILE), source: std::io::Error::other("gone") },
+            Error::Pickle(Box::new(pickle)),
+            Error::Container(HOSTILE.into()),
+            Error::Unsupported(HOSTILE.into()),
+            Error::Tensor { name: HOSTILE.into(), reason: HOSTILE.into() },
+            Error::Structure(HOSTILE.into()),
+            Error::Limit(HOSTILE.into()),
+        ];
+        for error in errors {
+            let text = error.to_string();
+            assert!(!text.chars().any(|c| c.is_control() || c == '\u{202e}'), "{text:?}");
+            assert!(text.contains(r"w\u{1b}[2J\u{202e}\nOK: done"), "{text:?}");
+        }
+    }
+}
