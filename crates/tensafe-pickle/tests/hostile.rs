@@ -912,25 +912,43 @@ fn joblib_array_bytes_do_not_hide_what_follows() {
     assert_ne!(r.verdict, Verdict::Safe);
 }
 
-// Nested object-array pickles share their parent's limits: their events count
-// against the same cap. (They share its work budget too, in the same code,
-// vm.rs's nested scan; no test checks the budget on its own yet.)
-#[test]
-fn nested_joblib_pickles_stay_within_the_event_cap() {
+/// A joblib stream of `arrays` object arrays, each a nested pickle made of
+/// `each` operations by `op(asm, array, i)`.
+fn nested_joblib(arrays: usize, each: usize, op: impl Fn(Asm, usize, usize) -> Asm) -> Vec<u8> {
     let mut asm = Asm::new().proto(2);
-    for array in 0..3 {
+    for array in 0..arrays {
         asm = array_wrapper(asm, 1, "O").setitems().build();
         let mut nested = Asm::new().proto(2);
-        for i in 0..4000 {
-            nested = nested.global(&format!("m{array}"), &format!("f{i}")).op(b'0');
+        for i in 0..each {
+            nested = op(nested, array, i);
         }
         asm = asm.raw(&nested.none().stop().finish()).op(b'0');
     }
-    let r = scan(&asm.none().stop().finish());
+    asm.none().stop().finish()
+}
+
+// Nested object-array pickles share their parent's limits: their events count
+// against the same cap, and their work against the same budget.
+#[test]
+fn nested_joblib_pickles_stay_within_the_event_cap() {
+    let r = scan(&nested_joblib(3, 4000, |nested, array, i| nested.global(&format!("m{array}"), &format!("f{i}")).op(b'0')));
     let report = &r.pickles[0].report;
     assert!(report.error.is_none(), "{:?}", report.error);
     assert_eq!(report.imports.len(), 10_000, "3 × 4000 nested imports, capped");
     assert!(report.dropped_events >= 2000, "{}", report.dropped_events);
+}
+
+#[test]
+fn nested_joblib_pickles_share_one_work_budget() {
+    // No work per input byte: the budget is the fixed 1 Mi units, and each
+    // recorded call costs 400. One array's 1000 calls fit it, and so would
+    // each of three arrays' on a budget of its own; together they do not.
+    let options = ScanOptions { limits: tensafe_pickle::Limits { work_per_byte: 0, ..Default::default() }, ..Default::default() };
+    let calls = |arrays| nested_joblib(arrays, 1000, |nested, array, i| nested.global(&format!("m{array}"), &format!("f{i}")).empty_tuple().reduce().op(b'0'));
+    let error = |bytes: &[u8]| scan_bytes(bytes, "input", &options).pickles[0].report.error.clone();
+    assert_eq!(error(&calls(2)), None, "2000 calls fit the budget");
+    let over = error(&calls(3)).expect("3000 calls are over the shared budget");
+    assert!(over.contains("work limit reached"), "{over}");
 }
 
 /// `payload` gzip-wrapped as a single member (what `joblib.dump(..., compress=("gzip", n))` writes).
