@@ -43,6 +43,13 @@ MiB = 1 << 20
 TORCH_CASES = ("torch.load(mmap).to(cuda), warm", "torch.load(mmap).to(cuda), cold")
 
 
+def pinned_pages(nbytes: int) -> torch.Tensor:
+    """A pinned uint8 tensor of `nbytes` starting at a page boundary (as
+    O_DIRECT reads need), cut out of one a page larger."""
+    whole = torch.empty(nbytes + 4096, dtype=torch.uint8, pin_memory=True)
+    return whole[(-whole.data_ptr()) % 4096 :][:nbytes]
+
+
 def sync() -> None:
     torch.cuda.synchronize()
 
@@ -113,8 +120,7 @@ def main() -> None:
         del theirs, tensors
         torch.cuda.empty_cache()
 
-        pinned = torch.empty(-(-size // 4096) * 4096 + 4096, dtype=torch.uint8, pin_memory=True)
-        pinned = pinned[(-pinned.data_ptr()) % 4096 :][: -(-size // 4096) * 4096]  # page-aligned, for O_DIRECT
+        pinned = pinned_pages(-(-size // 4096) * 4096)
         device_buf = torch.empty(size, dtype=torch.uint8, device="cuda:0")
 
         def cold(fn, target=path):

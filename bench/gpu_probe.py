@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from gpu_bench import pinned_pages  # noqa: E402
 from python_bench import evict, run_interleaved  # noqa: E402
 
 MiB = 1 << 20
@@ -93,9 +94,7 @@ def staging(path: str, reps: int = 3, threads: int = 16, chunk: int = 16 * MiB) 
     say(f"staging: {size / 2**30:.2f} GiB, {threads} readers x {chunk // MiB} MiB; THP: "
         + open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip())
     cudart = torch.cuda.cudart()
-    # Page-aligned views (O_DIRECT needs them; cudaHostAlloc memory already is).
-    pinned = [torch.empty(chunk + PAGE, dtype=torch.uint8, pin_memory=True) for _ in range(threads)]
-    pinned = [t[(-t.data_ptr()) % PAGE :][:chunk] for t in pinned]
+    pinned = [pinned_pages(chunk) for _ in range(threads)]
     small = anon(threads * chunk, huge=False)
     before = huge_kib()
     huge = anon(threads * chunk, huge=True)
