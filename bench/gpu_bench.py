@@ -120,7 +120,8 @@ def main() -> None:
         del theirs, tensors
         torch.cuda.empty_cache()
 
-        pinned = pinned_pages(-(-size // 4096) * 4096)
+        # Whole 16 MiB pieces, for the sweep's slot-per-chunk rows.
+        pinned = pinned_pages(-(-size // (16 * MiB)) * 16 * MiB)
         device_buf = torch.empty(size, dtype=torch.uint8, device="cuda:0")
 
         def cold(fn, target=path):
@@ -137,11 +138,11 @@ def main() -> None:
 
         def natively(load):
             """`load` with the experimental native schedule (EXPERIMENT)."""
-            pipeline.SCHEDULE = "native"
+            before, pipeline.SCHEDULE = pipeline.SCHEDULE, "native"
             try:
                 return load()
             finally:
-                pipeline.SCHEDULE = "ring"
+                pipeline.SCHEDULE = before
 
         def torch_mmap():
             return {k: v.to("cuda:0") for k, v in torch.load(pt_path, mmap=True, weights_only=True).items()}

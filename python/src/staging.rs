@@ -8,7 +8,7 @@ use std::io;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use tensafe_io::staging::{self, Chunk};
+use tensafe_io::staging::{self, Chunk, Progress};
 
 use crate::File;
 
@@ -46,8 +46,9 @@ impl Writable {
 /// Returns (chunks copied, most reads in flight, bytes read past the page
 /// cache).
 ///
-/// Internal to `_pipeline.py`: a device target's pointer and stream are
-/// trusted to be what torch handed out for that device.
+/// Internal to `_pipeline.py`. A device target's pointer range must lie in
+/// one allocation of that device (checked); its stream is trusted to be
+/// one of that device's.
 #[pyfunction]
 #[pyo3(signature = (file, chunks, slots, readers, target, *, direct, progress = None))]
 #[allow(clippy::too_many_arguments)]
@@ -73,11 +74,12 @@ pub fn stage_data(
         Target::Device(device) => (None, Some(*device)),
     };
     // Rust hands out each slot, and the host destination, as `&mut`: they
-    // must not share memory.
-    let mut regions: Vec<(usize, usize)> = slots.iter().chain(host.iter()).map(|w| (w.ptr, w.len)).collect();
+    // must not share memory, with each other or with a source in memory.
+    let source = file.source.data().map(|data| (data.as_ptr() as usize, data.len()));
+    let mut regions: Vec<(usize, usize)> = slots.iter().chain(host.iter()).map(|w| (w.ptr, w.len)).chain(source).collect();
     regions.sort_unstable();
     if regions.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
-        return Err(PyValueError::new_err("staging slots and the destination must not overlap"));
+        return Err(PyValueError::new_err("staging slots, the destination and the file's memory must not overlap"));
     }
     let slot_regions: Vec<(usize, usize)> = slots.iter().map(|w| (w.ptr, w.len)).collect();
     let host_region = host.as_ref().map(|w| (w.ptr, w.len));
@@ -87,10 +89,12 @@ pub fn stage_data(
         let read = |chunk: &Chunk, dst: &mut [u8]| {
             file.read_data(chunk.offset, dst, direct).map(|n| n as u64).map_err(io::Error::other)
         };
-        let report = |done: usize| -> io::Result<()> {
-            match &progress {
-                Some(callback) => Python::attach(|py| callback.call1(py, (done, total)).map(drop).map_err(io::Error::other)),
-                None => Ok(()),
+        let report = |heard: Progress| -> io::Result<()> {
+            match (heard, &progress) {
+                (Progress::Done(done), Some(callback)) => Python::attach(|py| callback.call1(py, (done, total)).map(drop).map_err(io::Error::other)),
+                (Progress::Done(_), None) => Ok(()),
+                // Ctrl-C stops a long load (Python's handlers run on the main thread only).
+                (Progress::Waiting, _) => Python::attach(|py| py.check_signals().map_err(io::Error::other)),
             }
         };
         match (host_region, device) {

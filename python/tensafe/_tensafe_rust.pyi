@@ -1,7 +1,7 @@
 """Type stubs of the compiled module `tensafe._tensafe_rust`."""
 
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 __version__: str
 #: (header code, bits, framework dtype name or None), in the format's order.
@@ -88,6 +88,16 @@ def deserialize(bytes: Any) -> List[Tuple[str, Dict[str, Any]]]: ...
 def parse_size(text: str) -> int: ...
 def printable(text: str) -> str: ...
 def cut_reads(offset: int, len: int, chunk: int, aligned: bool) -> List[Tuple[int, int]]: ...
+def stage_data(
+    file: File,
+    chunks: List[Tuple[int, int, int]],
+    slots: List[Any],
+    readers: int,
+    target: Union[Tuple[int, int, int, int], Any],
+    *,
+    direct: bool,
+    progress: Optional[Callable[[int, int], Any]] = None,
+) -> Tuple[int, int, int]: ...
 def save_sharded_buffers(
     tensors: List[Tuple[str, str, List[int], Any]],
     directory: Union[str, os.PathLike],

@@ -15,7 +15,7 @@ import safetensors.torch as ref_pt
 import tensafe
 import tensafe.torch as ts_pt
 from tensafe._pipeline import StagingStats, load_data_section
-from tensafe._tensafe_rust import File
+from tensafe._tensafe_rust import File, stage_data
 
 from test_load import _chunk_count, assert_same, every_dtype_file  # noqa: F401  (a fixture)
 
@@ -195,3 +195,23 @@ def test_loads_follow_the_callers_device_and_stream(tmp_path, schedule):
     torch.cuda.synchronize()
     assert data.device == torch.device("cuda", torch.cuda.current_device())
     assert bytes(following.cpu().numpy()) == path.read_bytes()[file.data_start :]
+
+
+def test_native_loads_refuse_a_device_target_that_does_not_fit(tmp_path):
+    """EXPERIMENT: a destination shorter than the data is refused before or
+    during the copies, and leaves the device usable for the next load."""
+    path = tmp_path / "fit.safetensors"
+    ref_pt.save_file({"x": torch.arange(2**20, dtype=torch.int32)}, path)
+    file = File(str(path), "pread")
+    slots = [torch.empty(1 << 16, dtype=torch.uint8, pin_memory=True).numpy() for _ in range(2)]
+    chunks = [(at, min(1 << 16, file.data_len - at), 0) for at in range(0, file.data_len, 1 << 16)]
+    stream = torch.cuda.current_stream().cuda_stream
+    short = torch.empty(file.data_len // 2, dtype=torch.uint8, device="cuda:0")
+    with pytest.raises(ValueError, match="outside the .*device buffer"):
+        stage_data(file, chunks, slots, 2, (0, short.data_ptr(), short.numel(), stream), direct=False)
+    # A length past the end of the allocation is caught by the driver's own record of it.
+    with pytest.raises(RuntimeError, match="destination check"):
+        stage_data(file, chunks, slots, 2, (0, short.data_ptr(), 1 << 40, stream), direct=False)
+    torch.cuda.synchronize()
+    data = load_data_section(file, "cuda:0", chunk_bytes=1 << 16, ring=2, schedule="native")
+    assert bytes(data.cpu().numpy()) == path.read_bytes()[file.data_start :]

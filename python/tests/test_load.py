@@ -263,13 +263,17 @@ def test_the_native_schedule_passes_a_progress_error_through(many_chunks_file):
     assert len(calls) == 1, "after a failed callback no more progress is reported"
 
 
-def test_the_native_schedule_refuses_overlapping_slots(many_chunks_file):
+def test_the_native_schedule_refuses_overlapping_or_read_only_buffers(many_chunks_file):
     from tensafe._tensafe_rust import File, stage_data
 
     file = File(str(many_chunks_file), "pread")
     out, memory = np.zeros(file.data_len, np.uint8), np.zeros(8192, np.uint8)
     with pytest.raises(ValueError, match="must not overlap"):
         stage_data(file, [(0, 4096, 0)], [memory, memory[4096:]], 2, out, direct=False)
+    with pytest.raises(ValueError, match="must not overlap"):
+        stage_data(file, [(0, 4096, 0)], [out[:8192]], 1, out, direct=False)
+    with pytest.raises(ValueError, match="writable"):
+        stage_data(file, [(0, 4096, 0)], [bytes(8192)], 1, out, direct=False)
     with pytest.raises(ValueError, match="outside the .*data section"):
         stage_data(file, [(file.data_len - 10, 4096, 0)], [memory], 1, out, direct=False)
 

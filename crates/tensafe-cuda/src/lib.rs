@@ -7,11 +7,12 @@
 //! pointers and streams that torch hands out are valid here.
 //!
 //! Each reader gets its own non-blocking stream, which first waits for the
-//! work queued on the caller's stream so far (the destination may be memory
-//! that work still uses). Every copy is recorded by an event the reader
-//! waits on before it refills the slot, and [`tensafe_io::staging::stage`]
-//! waits for all of them before it returns: when it does, the data is on
-//! the device.
+//! work queued on the caller's stream before the load (the destination may
+//! be memory that work still uses). Every copy is recorded by an event the
+//! reader waits on before it refills the slot, and
+//! [`tensafe_io::staging::stage`] waits for all of them before it returns:
+//! when it does, the data is on the device. A reader's stream is drained
+//! before it is destroyed, so no copy outlives a load, errors included.
 
 use std::io;
 
@@ -72,7 +73,9 @@ pub struct DeviceSink {
     context: sys::CUcontext,
     dst: sys::CUdeviceptr,
     len: usize,
-    caller: sys::CUstream,
+    /// Recorded on the caller's stream when the sink was made: the readers'
+    /// streams start after it.
+    caller_done: sys::CUevent,
 }
 
 // SAFETY: driver handles may be used from any thread; each reader makes the
@@ -82,34 +85,75 @@ unsafe impl Sync for DeviceSink {}
 
 impl DeviceSink {
     /// A sink writing into device memory `[dst, dst + len)` of device
-    /// `ordinal`, ordered after the work queued on stream `caller` (a raw
-    /// `CUstream`/`cudaStream_t`; 0 is the legacy default stream).
+    /// `ordinal`, ordered after the work queued on stream `caller` so far (a
+    /// raw `CUstream`/`cudaStream_t`; 0 is the legacy default stream).
+    /// Refuses a range that is not inside one allocation on that device.
     ///
     /// # Safety
-    /// `dst..dst + len` must be device memory of that device's primary
-    /// context, and it and `caller` must stay valid until the sink is dropped.
+    /// `caller` must be a stream of that device's primary context, and the
+    /// allocation must stay alive until the sink is dropped.
     pub unsafe fn new(ordinal: i32, dst: u64, len: usize, caller: usize) -> Result<Self, CudaError> {
         if !driver_present() {
             return Err(CudaError::NoDriver);
         }
         check("cuInit", cu::init())?;
         let device = check("cuDeviceGet", cu::device::get(ordinal))?;
-        // SAFETY: `device` came from cuDeviceGet; released in Drop.
+        // SAFETY: `device` came from cuDeviceGet; released in Drop, which
+        // from here on also runs on errors.
         let context = check("cuDevicePrimaryCtxRetain", unsafe { cu::primary_ctx::retain(device) })?;
-        Ok(DeviceSink { device, context, dst, len, caller: caller as sys::CUstream })
+        let mut sink = DeviceSink { device, context, dst, len, caller_done: std::ptr::null_mut() };
+        // SAFETY: the context is pushed on this (the caller's) thread only
+        // for these calls and popped after, leaving its current context as it was.
+        unsafe {
+            check("cuCtxPushCurrent", sys::cuCtxPushCurrent_v2(context).result())?;
+            let recorded = sink.check_destination(ordinal).and_then(|()| {
+                let event = check("cuEventCreate", cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+                sink.caller_done = event;
+                check("cuEventRecord", cu::event::record(event, caller as sys::CUstream))
+            });
+            let mut popped = std::ptr::null_mut();
+            let _ = sys::cuCtxPopCurrent_v2(&mut popped);
+            recorded?;
+        }
+        Ok(sink)
+    }
+
+    /// Whether the destination lies in one allocation of device `ordinal`.
+    fn check_destination(&self, ordinal: i32) -> Result<(), CudaError> {
+        let attribute = |what: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
+            // SAFETY: `out` points at a value of the type the attribute has.
+            check("cuPointerGetAttribute", unsafe { sys::cuPointerGetAttribute(out, what, self.dst).result() })
+        };
+        let (mut owner, mut start, mut size): (std::ffi::c_int, sys::CUdeviceptr, usize) = (-1, 0, 0);
+        attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, (&raw mut owner).cast())?;
+        attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, (&raw mut start).cast())?;
+        attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, (&raw mut size).cast())?;
+        let inside = self.dst.checked_add(self.len as u64).is_some_and(|end| self.dst >= start && end <= start + size as u64);
+        if owner != ordinal || !inside {
+            return Err(CudaError::Call { call: "cuPointerGetAttribute (destination check)", error: DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE) });
+        }
+        Ok(())
     }
 }
 
 impl Drop for DeviceSink {
     fn drop(&mut self) {
-        // SAFETY: balances the retain in `new`.
-        let _ = unsafe { cu::primary_ctx::release(self.device) };
+        // SAFETY: destroys what `new` made and balances its retain; an
+        // event may be destroyed while work waits on it.
+        unsafe {
+            if !self.caller_done.is_null() {
+                let _ = cu::event::destroy(self.caller_done);
+            }
+            let _ = cu::primary_ctx::release(self.device);
+        }
     }
 }
 
-/// A reader's stream.
+/// A reader's stream, and the events its copies are recorded with (reused:
+/// an event is free again once its copy was waited for).
 pub struct Lane {
     stream: sys::CUstream,
+    free: Vec<sys::CUevent>,
 }
 
 /// A copy in flight: the event recorded after it.
@@ -123,25 +167,16 @@ impl Sink for DeviceSink {
     type Error = io::Error;
 
     fn lane(&self) -> io::Result<Lane> {
-        // SAFETY: the context is retained for the sink's life; the caller's
-        // stream is valid (`new`'s contract); handles made here are released below.
+        // SAFETY: the context is retained for the sink's life and this is a
+        // reader's own thread; `caller_done` lives as long as the sink.
         unsafe {
             check("cuCtxSetCurrent", cu::ctx::set_current(self.context))?;
             let stream = check("cuStreamCreate", cu::stream::create(cu::stream::StreamKind::NonBlocking))?;
-            let joined = (|| {
-                let caller_now = check("cuEventCreate", cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
-                let waited = check("cuEventRecord", cu::event::record(caller_now, self.caller)).and_then(|()| {
-                    check("cuStreamWaitEvent", cu::stream::wait_event(stream, caller_now, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT))
-                });
-                // A recorded event may be destroyed before it completes.
-                let _ = cu::event::destroy(caller_now);
-                waited
-            })();
-            if let Err(e) = joined {
+            if let Err(e) = check("cuStreamWaitEvent", cu::stream::wait_event(stream, self.caller_done, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)) {
                 let _ = cu::stream::destroy(stream);
                 return Err(e.into());
             }
-            Ok(Lane { stream })
+            Ok(Lane { stream, free: Vec::new() })
         }
     }
 
@@ -152,33 +187,43 @@ impl Sink for DeviceSink {
                 format!("copy of {} bytes to {offset} is outside the {}-byte device buffer", src.len(), self.len),
             ));
         }
-        // SAFETY: the destination range is inside the buffer (checked above,
-        // `new`'s contract); the engine keeps `src` unwritten until `wait`.
+        // SAFETY: the destination range is inside the buffer (checked above
+        // and in `new`); the engine keeps `src` unwritten until `wait`, and
+        // `close` waits for the stream whatever failed here.
         unsafe {
-            check("cuMemcpyHtoDAsync", cu::memcpy_htod_async(self.dst + offset as u64, src, lane.stream))?;
-            let event = check("cuEventCreate", cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
-            if let Err(e) = check("cuEventRecord", cu::event::record(event, lane.stream)) {
-                let _ = cu::event::destroy(event);
-                // The copy may be running: wait for the stream before giving up the slot.
-                let _ = cu::stream::synchronize(lane.stream);
+            let event = match lane.free.pop() {
+                Some(event) => event,
+                None => check("cuEventCreate", cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?,
+            };
+            let started = check("cuMemcpyHtoDAsync", cu::memcpy_htod_async(self.dst + offset as u64, src, lane.stream))
+                .and_then(|()| check("cuEventRecord", cu::event::record(event, lane.stream)));
+            if let Err(e) = started {
+                lane.free.push(event);
                 return Err(e.into());
             }
             Ok(InFlight { event })
         }
     }
 
-    fn wait(&self, copy: InFlight) -> io::Result<()> {
-        // SAFETY: the event was created by `copy` and is destroyed once, here.
-        unsafe {
-            let waited = check("cuEventSynchronize", cu::event::synchronize(copy.event));
-            let _ = cu::event::destroy(copy.event);
-            Ok(waited?)
-        }
+    fn wait(&self, lane: &mut Lane, copy: InFlight) -> io::Result<()> {
+        // SAFETY: the event was recorded by `copy`; it goes back to the pool.
+        let waited = check("cuEventSynchronize", unsafe { cu::event::synchronize(copy.event) });
+        lane.free.push(copy.event);
+        Ok(waited?)
     }
 
     fn close(&self, lane: Lane) -> io::Result<()> {
-        // SAFETY: every copy on the stream was waited for; destroyed once.
-        unsafe { Ok(check("cuStreamDestroy", cu::stream::destroy(lane.stream))?) }
+        // SAFETY: the stream is drained before it and the events are
+        // destroyed, each once.
+        unsafe {
+            let drained = check("cuStreamSynchronize", cu::stream::synchronize(lane.stream));
+            for event in lane.free {
+                let _ = cu::event::destroy(event);
+            }
+            let destroyed = check("cuStreamDestroy", cu::stream::destroy(lane.stream));
+            drained?;
+            Ok(destroyed?)
+        }
     }
 }
 

@@ -11,9 +11,15 @@
 //! the Python schedules in `_pipeline.py` take it for every chunk.
 
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long the calling thread waits for a chunk before it reports
+/// [`Progress::Waiting`] (a chance to notice an interruption).
+const WAITING: Duration = Duration::from_millis(50);
 
 /// One chunk of the plan: `len` bytes at `offset` in the source (and in the
 /// destination), read to `place` in a slot.
@@ -28,12 +34,22 @@ pub struct Chunk {
     pub place: usize,
 }
 
+/// What the calling thread of [`stage`] hears while the readers work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// A chunk was copied; the bytes done so far.
+    Done(usize),
+    /// No chunk for a while (50 ms): a chance to check for an interruption.
+    Waiting,
+}
+
 /// Where staged chunks go.
 ///
 /// The engine calls [`Sink::lane`] once per reader thread, on that thread;
 /// [`Sink::copy`] may return before the copy has read `src` — the engine
 /// does not write to `src` again, nor return, before passing the returned
-/// handle to [`Sink::wait`].
+/// handle to [`Sink::wait`], also after errors. [`Sink::close`] must not
+/// return while a copy it started may still run.
 pub trait Sink: Sync {
     /// Per-reader state (a device stream).
     type Lane;
@@ -47,7 +63,7 @@ pub trait Sink: Sync {
     /// Starts copying `src` to `offset` in the destination.
     fn copy(&self, lane: &mut Self::Lane, offset: usize, src: &[u8]) -> Result<Self::InFlight, Self::Error>;
     /// Blocks until `copy` has completed.
-    fn wait(&self, copy: Self::InFlight) -> Result<(), Self::Error>;
+    fn wait(&self, lane: &mut Self::Lane, copy: Self::InFlight) -> Result<(), Self::Error>;
     /// Ends a lane; called after every copy on it was waited for, errors included.
     fn close(&self, lane: Self::Lane) -> Result<(), Self::Error>;
 }
@@ -65,9 +81,10 @@ pub struct Report {
 
 /// Reads every chunk with `read` (into its place in a slot) and copies it to
 /// `sink`, with `readers` threads sharing `slots` (each slot belongs to one
-/// reader). `progress` is called on the calling thread with the bytes done so
-/// far after each chunk; an error from it stops the readers. The first error
-/// is returned, after every copy has completed.
+/// reader). `progress` is called on the calling thread after each chunk and
+/// while it waits for one ([`Progress`]); an error from it stops the
+/// readers. The first error is returned, after every copy has completed; a
+/// reader that panics stops the load the same way.
 ///
 /// Chunks must not overlap and must fit every slot.
 pub fn stage<S, R, P>(
@@ -81,7 +98,7 @@ pub fn stage<S, R, P>(
 where
     S: Sink,
     R: Fn(&Chunk, &mut [u8]) -> Result<u64, S::Error> + Sync,
-    P: FnMut(usize) -> Result<(), S::Error>,
+    P: FnMut(Progress) -> Result<(), S::Error>,
 {
     check_plan(chunks, &slots)?;
     if chunks.is_empty() {
@@ -111,12 +128,19 @@ where
         }
         drop(done_tx);
         let mut done = 0;
-        // Ends when every reader has dropped its sender.
-        for len in done_rx {
-            done += len;
-            report.chunks += 1;
+        loop {
+            let heard = match done_rx.recv_timeout(WAITING) {
+                Ok(len) => {
+                    done += len;
+                    report.chunks += 1;
+                    Progress::Done(done)
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => Progress::Waiting,
+                // Every reader has ended.
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             if !shared.failed.load(Ordering::Relaxed)
-                && let Err(e) = progress(done)
+                && let Err(e) = progress(heard)
             {
                 shared.stop(e);
             }
@@ -181,21 +205,22 @@ impl<E> Shared<'_, E> {
     where
         S: Sink<Error = E>,
         R: Fn(&Chunk, &mut [u8]) -> Result<u64, E>,
+        E: From<io::Error>,
     {
-        let mut lane = match sink.lane() {
+        let mut lane = match catch_panic(|| sink.lane()) {
             Ok(lane) => lane,
             Err(e) => return self.stop(e),
         };
         let mut in_flight: Vec<Option<S::InFlight>> = own.iter().map(|_| None).collect();
         let mut turn = 0;
-        let result = (|| -> Result<(), E> {
+        let result = catch_panic(|| {
             while !self.failed.load(Ordering::Relaxed) {
                 let index = self.next.fetch_add(1, Ordering::Relaxed);
                 let Some(chunk) = self.chunks.get(index) else { return Ok(()) };
                 let slot = turn % own.len();
                 turn += 1;
                 if let Some(copy) = in_flight[slot].take() {
-                    sink.wait(copy)?;
+                    sink.wait(&mut lane, copy)?;
                 }
                 let view = &mut own[slot][chunk.place..chunk.place + chunk.len];
                 let now = self.reading.fetch_add(1, Ordering::Relaxed) + 1;
@@ -208,20 +233,29 @@ impl<E> Shared<'_, E> {
                 let _ = done.send(chunk.len);
             }
             Ok(())
-        })();
+        });
         if let Err(e) = result {
             self.stop(e);
         }
         // The slots outlive no copy out of them.
         for copy in in_flight.into_iter().flatten() {
-            if let Err(e) = sink.wait(copy) {
+            if let Err(e) = catch_panic(|| sink.wait(&mut lane, copy)) {
                 self.stop(e);
             }
         }
-        if let Err(e) = sink.close(lane) {
+        if let Err(e) = catch_panic(|| sink.close(lane)) {
             self.stop(e);
         }
     }
+}
+
+/// `work()`, with a panic turned into an error: a reader that panics must
+/// still wait for its copies, and stop the others.
+fn catch_panic<T, E: From<io::Error>>(work: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let why = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("");
+        Err(io::Error::other(format!("a staging reader panicked: {why}")).into())
+    })
 }
 
 /// [`stage`] into host memory: each chunk is copied into `dst` at its offset
@@ -230,7 +264,7 @@ impl<E> Shared<'_, E> {
 pub fn stage_to_host<R, P>(chunks: &[Chunk], slots: Vec<&mut [u8]>, readers: usize, dst: &mut [u8], read: R, progress: P) -> io::Result<Report>
 where
     R: Fn(&Chunk, &mut [u8]) -> io::Result<u64> + Sync,
-    P: FnMut(usize) -> io::Result<()>,
+    P: FnMut(Progress) -> io::Result<()>,
 {
     stage(chunks, slots, readers, &HostSink { dst: dst.as_mut_ptr(), len: dst.len(), _dst: std::marker::PhantomData }, read, progress)
 }
@@ -267,7 +301,7 @@ impl Sink for HostSink<'_> {
         Ok(())
     }
 
-    fn wait(&self, _: ()) -> io::Result<()> {
+    fn wait(&self, _: &mut (), _: ()) -> io::Result<()> {
         Ok(())
     }
 
@@ -304,8 +338,10 @@ mod tests {
             let mut memory = vec![vec![0u8; chunk + place]; slots];
             let chunks = plan(total, chunk, place);
             let mut seen = Vec::new();
-            let report = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), readers, &mut out, read_from(&src), |done| {
-                seen.push(done);
+            let report = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), readers, &mut out, read_from(&src), |heard| {
+                if let Progress::Done(done) = heard {
+                    seen.push(done);
+                }
                 Ok(())
             }).unwrap();
             prop_assert_eq!(&out, &src);
@@ -342,15 +378,63 @@ mod tests {
         let mut out = vec![0u8; src.len()];
         let mut memory = vec![vec![0u8; 256]; 4];
         let chunks = plan(src.len(), 256, 0);
-        let reads = AtomicUsize::new(0);
-        let slow = |chunk: &Chunk, dst: &mut [u8]| {
-            reads.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(std::time::Duration::from_millis(2));
+        let (reads, heard) = (AtomicUsize::new(0), AtomicBool::new(false));
+        // Every read but the first waits until progress has been reported,
+        // so the count below does not depend on the machine's speed.
+        let held = |chunk: &Chunk, dst: &mut [u8]| {
+            if reads.fetch_add(1, Ordering::SeqCst) > 0 {
+                while !heard.load(Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
+            }
             read_from(&src)(chunk, dst)
         };
-        let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, slow, |_| Err(io::Error::other("interrupted"))).unwrap_err();
+        let progress = |_: Progress| {
+            heard.store(true, Ordering::SeqCst);
+            Err(io::Error::other("interrupted"))
+        };
+        let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, held, progress).unwrap_err();
         assert_eq!(e.to_string(), "interrupted");
-        assert!(reads.load(Ordering::Relaxed) < 8, "readers stopped soon: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
+        // The first read, then at most the one each reader had started, and
+        // one more each in the instant between the callback and the stop.
+        assert!(reads.load(Ordering::SeqCst) <= 5, "readers stopped: {} of {} chunks read", reads.load(Ordering::SeqCst), chunks.len());
+    }
+
+    #[test]
+    fn a_panicking_read_is_an_error_that_stops_the_load() {
+        let src = source(1 << 16);
+        let mut out = vec![0u8; src.len()];
+        let mut memory = vec![vec![0u8; 256]; 4];
+        let chunks = plan(src.len(), 256, 0);
+        let reads = AtomicUsize::new(0);
+        let panicking = |chunk: &Chunk, dst: &mut [u8]| {
+            if reads.fetch_add(1, Ordering::Relaxed) == 2 {
+                panic!("bad sector");
+            }
+            read_from(&src)(chunk, dst)
+        };
+        let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, panicking, |_| Ok(())).unwrap_err();
+        assert_eq!(e.to_string(), "a staging reader panicked: bad sector");
+    }
+
+    #[test]
+    fn a_slow_load_reports_that_it_is_waiting() {
+        let src = source(4096);
+        let mut out = vec![0u8; src.len()];
+        let mut memory = vec![vec![0u8; 1024]; 2];
+        let chunks = plan(src.len(), 1024, 0);
+        let slow = |chunk: &Chunk, dst: &mut [u8]| {
+            std::thread::sleep(WAITING * 3);
+            read_from(&src)(chunk, dst)
+        };
+        let mut waits = 0;
+        stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 1, &mut out, slow, |heard| {
+            waits += usize::from(heard == Progress::Waiting);
+            Ok(())
+        })
+        .unwrap();
+        assert!(waits >= chunks.len(), "{waits} waits reported over {} reads of 150 ms", chunks.len());
+        assert_eq!(out, src);
     }
 
     /// A sink whose copies finish later: checks that a slot is never read
@@ -377,7 +461,7 @@ mod tests {
             Ok((src.as_ptr() as usize, src.to_vec(), offset))
         }
 
-        fn wait(&self, (at, expected, offset): Self::InFlight) -> io::Result<()> {
+        fn wait(&self, _: &mut (), (at, expected, offset): Self::InFlight) -> io::Result<()> {
             // SAFETY: the engine keeps the slot alive and unwritten until this returns.
             let now = unsafe { std::slice::from_raw_parts(at as *const u8, expected.len()) };
             assert_eq!(now, &expected[..], "the slot was overwritten before its copy completed");
