@@ -2,6 +2,7 @@
 against the reference, for every dtype and awkward sizes."""
 
 import os
+import pathlib
 import threading
 import time
 
@@ -276,6 +277,51 @@ def test_the_native_schedule_refuses_overlapping_or_read_only_buffers(many_chunk
         stage_data(file, [(0, 4096, 0)], [bytes(8192)], 1, out, direct=False)
     with pytest.raises(ValueError, match="outside the .*data section"):
         stage_data(file, [(file.data_len - 10, 4096, 0)], [memory], 1, out, direct=False)
+
+
+_FAKE_DRIVER_CHILD = """
+import ctypes, sys
+import numpy as np
+from tensafe._pipeline import _plan_chunks
+from tensafe._tensafe_rust import File, stage_data
+
+fake = ctypes.CDLL("libcuda.so")  # the fake, first on the library path
+file = File(sys.argv[1], "pread")
+device = np.zeros(file.data_len, np.uint8)
+fake.fake_register(ctypes.c_uint64(device.ctypes.data), ctypes.c_size_t(device.nbytes))
+slots = [np.empty(8192, np.uint8) for _ in range(3)]
+chunks = _plan_chunks(file.data_start, file.data_len, 8192, False)
+seen = []
+count, _, _ = stage_data(file, chunks, slots, 2, (0, device.ctypes.data, device.nbytes, 0), direct=False,
+                         progress=lambda done, total: seen.append(done))
+assert count == len(chunks) == len(seen) and seen[-1] == file.data_len
+assert device.tobytes() == open(sys.argv[1], "rb").read()[file.data_start:], "wrong bytes on the fake device"
+try:
+    stage_data(file, chunks, slots, 2, (0, device.ctypes.data, device.nbytes + 1, 0), direct=False)
+except RuntimeError as e:
+    assert "not inside one allocation of CUDA device 0" in str(e), e
+else:
+    raise AssertionError("a destination past its allocation was accepted")
+print("fake device load ok")
+"""
+
+
+def test_native_device_loads_through_a_fake_driver(many_chunks_file, tmp_path):
+    """The binding's device target, without a GPU: a stand-in for libcuda
+    (crates/tensafe-cuda/tests/fake_driver) that runs copies only when they
+    are waited for, loaded in a child process that finds it first."""
+    import shutil
+    import subprocess
+    import sys
+
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) to build the fake driver")
+    source = pathlib.Path(__file__).resolve().parents[2] / "crates/tensafe-cuda/tests/fake_driver/libcuda.c"
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(tmp_path / "libcuda.so"), str(source), "-lpthread"], check=True)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path))
+    child = subprocess.run([sys.executable, "-c", _FAKE_DRIVER_CHILD, str(many_chunks_file)], env=env, capture_output=True, text=True)
+    assert child.returncode == 0 and "fake device load ok" in child.stdout, child.stdout + child.stderr
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])

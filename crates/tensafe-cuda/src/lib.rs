@@ -25,6 +25,15 @@ use tensafe_io::staging::Sink;
 pub enum CudaError {
     /// The driver library could not be loaded.
     NoDriver,
+    /// The destination is not inside one allocation of the device.
+    BadDestination {
+        /// The device.
+        ordinal: i32,
+        /// Its start.
+        dst: u64,
+        /// Its length.
+        len: usize,
+    },
     /// A driver call failed.
     Call {
         /// The driver function.
@@ -38,6 +47,9 @@ impl std::fmt::Display for CudaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CudaError::NoDriver => write!(f, "the CUDA driver library (libcuda) could not be loaded"),
+            CudaError::BadDestination { ordinal, dst, len } => {
+                write!(f, "the destination ({len} bytes at {dst:#x}) is not inside one allocation of CUDA device {ordinal}")
+            }
             CudaError::Call { call, error } => {
                 // The driver names its errors; it is loaded, as a call failed.
                 let name = error.error_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", error.0));
@@ -120,9 +132,15 @@ impl DeviceSink {
 
     /// Whether the destination lies in one allocation of device `ordinal`.
     fn check_destination(&self, ordinal: i32) -> Result<(), CudaError> {
+        let refused = || CudaError::BadDestination { ordinal, dst: self.dst, len: self.len };
         let attribute = |what: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
             // SAFETY: `out` points at a value of the type the attribute has.
-            check("cuPointerGetAttribute", unsafe { sys::cuPointerGetAttribute(out, what, self.dst).result() })
+            match unsafe { sys::cuPointerGetAttribute(out, what, self.dst) } {
+                sys::CUresult::CUDA_SUCCESS => Ok(()),
+                // What the driver says of memory it did not allocate.
+                sys::CUresult::CUDA_ERROR_INVALID_VALUE => Err(refused()),
+                error => Err(CudaError::Call { call: "cuPointerGetAttribute", error: DriverError(error) }),
+            }
         };
         let (mut owner, mut start, mut size): (std::ffi::c_int, sys::CUdeviceptr, usize) = (-1, 0, 0);
         attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, (&raw mut owner).cast())?;
@@ -130,7 +148,7 @@ impl DeviceSink {
         attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, (&raw mut size).cast())?;
         let inside = self.dst.checked_add(self.len as u64).is_some_and(|end| self.dst >= start && end <= start + size as u64);
         if owner != ordinal || !inside {
-            return Err(CudaError::Call { call: "cuPointerGetAttribute (destination check)", error: DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE) });
+            return Err(refused());
         }
         Ok(())
     }
@@ -138,11 +156,13 @@ impl DeviceSink {
 
 impl Drop for DeviceSink {
     fn drop(&mut self) {
-        // SAFETY: destroys what `new` made and balances its retain; an
-        // event may be destroyed while work waits on it.
+        // SAFETY: destroys what `new` made (in its context, pushed and
+        // popped as there) and balances its retain; an event may be
+        // destroyed while work waits on it.
         unsafe {
-            if !self.caller_done.is_null() {
+            if !self.caller_done.is_null() && sys::cuCtxPushCurrent_v2(self.context).result().is_ok() {
                 let _ = cu::event::destroy(self.caller_done);
+                let _ = sys::cuCtxPopCurrent_v2(&mut std::ptr::null_mut());
             }
             let _ = cu::primary_ctx::release(self.device);
         }
