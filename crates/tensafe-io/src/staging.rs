@@ -369,7 +369,10 @@ mod tests {
         };
         let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, failing, |_| Ok(())).unwrap_err();
         assert_eq!(e.to_string(), "disk gone");
-        assert!(reads.load(Ordering::Relaxed) < 8, "readers stopped soon: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
+        // Not a tight bound: the other reader races on until the failing one
+        // has recorded its error, longer when the machine is busy. Without
+        // the stop it would read all 256.
+        assert!(reads.load(Ordering::Relaxed) < chunks.len() / 2, "readers stopped: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
     }
 
     #[test]
@@ -379,8 +382,8 @@ mod tests {
         let mut memory = vec![vec![0u8; 256]; 4];
         let chunks = plan(src.len(), 256, 0);
         let (reads, heard) = (AtomicUsize::new(0), AtomicBool::new(false));
-        // Every read but the first waits until progress has been reported,
-        // so the count below does not depend on the machine's speed.
+        // Every read but the first waits until progress has been reported:
+        // otherwise the readers could finish before the first report.
         let held = |chunk: &Chunk, dst: &mut [u8]| {
             if reads.fetch_add(1, Ordering::SeqCst) > 0 {
                 while !heard.load(Ordering::SeqCst) {
@@ -395,9 +398,10 @@ mod tests {
         };
         let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, held, progress).unwrap_err();
         assert_eq!(e.to_string(), "interrupted");
-        // The first read, then at most the one each reader had started, and
-        // one more each in the instant between the callback and the stop.
-        assert!(reads.load(Ordering::SeqCst) <= 5, "readers stopped: {} of {} chunks read", reads.load(Ordering::SeqCst), chunks.len());
+        // Not a tight bound: between the callback's return and the stop the
+        // readers race on, longer when the machine is busy. Without the stop
+        // they would read all 256.
+        assert!(reads.load(Ordering::SeqCst) < chunks.len() / 2, "readers stopped: {} of {} chunks read", reads.load(Ordering::SeqCst), chunks.len());
     }
 
     #[test]
