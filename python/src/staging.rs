@@ -46,9 +46,8 @@ impl Writable {
 /// Returns (chunks copied, most reads in flight, bytes read past the page
 /// cache).
 ///
-/// Internal to `_pipeline.py`. A device target's pointer range must lie in
-/// one allocation of that device (checked); its stream is trusted to be
-/// one of that device's.
+/// Internal to `_pipeline.py`. A device target's pointer must be memory of
+/// that device (checked); its length and stream are trusted to be torch's.
 #[pyfunction]
 #[pyo3(signature = (file, chunks, slots, readers, target, *, direct, progress = None))]
 #[allow(clippy::too_many_arguments)]
@@ -89,24 +88,24 @@ pub fn stage_data(
         let read = |chunk: &Chunk, dst: &mut [u8]| {
             file.read_data(chunk.offset, dst, direct).map(|n| n as u64).map_err(io::Error::other)
         };
-        let report = |heard: Progress| -> io::Result<()> {
+        let on_progress = |heard: Progress| -> io::Result<()> {
             match (heard, &progress) {
                 (Progress::Done(done), Some(callback)) => Python::attach(|py| callback.call1(py, (done, total)).map(drop).map_err(io::Error::other)),
                 (Progress::Done(_), None) => Ok(()),
                 // Ctrl-C stops a long load (Python's handlers run on the main thread only).
-                (Progress::Waiting, _) => Python::attach(|py| py.check_signals().map_err(io::Error::other)),
+                (Progress::Tick, _) => Python::attach(|py| py.check_signals().map_err(io::Error::other)),
             }
         };
         match (host_region, device) {
             (Some((ptr, len)), _) => {
                 // SAFETY: as the slots.
                 let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-                staging::stage_to_host(&chunks, slot_slices, readers, out, read, report)
+                staging::stage_to_host(&chunks, slot_slices, readers, out, read, on_progress)
             }
             (None, Some((ordinal, ptr, len, stream))) => {
                 // SAFETY: `_pipeline.py` passes torch's pointer, length and stream for that device.
                 let sink = unsafe { tensafe_cuda::DeviceSink::new(ordinal, ptr, len, stream) }.map_err(io::Error::from)?;
-                staging::stage(&chunks, slot_slices, readers, &sink, read, report)
+                staging::stage(&chunks, slot_slices, readers, &sink, read, on_progress)
             }
             (None, None) => unreachable!("a target is on the host or on a device"),
         }

@@ -123,7 +123,7 @@ def load_data_section(
     "native", the same as "readers" on Rust threads that never take the
     GIL, with the copies issued through the CUDA driver API
     (`tensafe_io::staging`, `tensafe-cuda`). `None`: `SCHEDULE`."""
-    schedule = schedule or SCHEDULE
+    schedule = SCHEDULE if schedule is None else schedule
     if schedule not in ("ring", "readers", "native"):
         raise ValueError(f'schedule must be "ring", "readers" or "native", got {schedule!r}')
     total = file.data_len

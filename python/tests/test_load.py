@@ -288,7 +288,8 @@ from tensafe._tensafe_rust import File, stage_data
 fake = ctypes.CDLL("libcuda.so")  # the fake, first on the library path
 file = File(sys.argv[1], "pread")
 device = np.zeros(file.data_len, np.uint8)
-fake.fake_register(ctypes.c_uint64(device.ctypes.data), ctypes.c_size_t(device.nbytes))
+fake.fake_register(ctypes.c_uint64(device.ctypes.data), ctypes.c_size_t(device.nbytes), 2)  # device memory
+fake.fake_counter.restype = ctypes.c_long
 slots = [np.empty(8192, np.uint8) for _ in range(3)]
 chunks = _plan_chunks(file.data_start, file.data_len, 8192, False)
 seen = []
@@ -296,12 +297,15 @@ count, _, _ = stage_data(file, chunks, slots, 2, (0, device.ctypes.data, device.
                          progress=lambda done, total: seen.append(done))
 assert count == len(chunks) == len(seen) and seen[-1] == file.data_len
 assert device.tobytes() == open(sys.argv[1], "rb").read()[file.data_start:], "wrong bytes on the fake device"
+for counter in (b"no_context", b"busy_destroys", b"pending", b"retained", b"streams", b"events"):
+    assert fake.fake_counter(counter) == 0, (counter, fake.fake_counter(counter))
+host = np.zeros(file.data_len, np.uint8)  # memory the driver does not know
 try:
-    stage_data(file, chunks, slots, 2, (0, device.ctypes.data, device.nbytes + 1, 0), direct=False)
+    stage_data(file, chunks, slots, 2, (0, host.ctypes.data, host.nbytes, 0), direct=False)
 except RuntimeError as e:
-    assert "not inside one allocation of CUDA device 0" in str(e), e
+    assert "is not memory of CUDA device 0" in str(e), e
 else:
-    raise AssertionError("a destination past its allocation was accepted")
+    raise AssertionError("host memory was accepted as a device destination")
 print("fake device load ok")
 """
 
@@ -319,7 +323,7 @@ def test_native_device_loads_through_a_fake_driver(many_chunks_file, tmp_path):
         pytest.skip(f"no C compiler ({compiler}) to build the fake driver")
     source = pathlib.Path(__file__).resolve().parents[2] / "crates/tensafe-cuda/tests/fake_driver/libcuda.c"
     subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(tmp_path / "libcuda.so"), str(source), "-lpthread"], check=True)
-    env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path))
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("LD_LIBRARY_PATH")])))
     child = subprocess.run([sys.executable, "-c", _FAKE_DRIVER_CHILD, str(many_chunks_file)], env=env, capture_output=True, text=True)
     assert child.returncode == 0 and "fake device load ok" in child.stdout, child.stdout + child.stderr
 

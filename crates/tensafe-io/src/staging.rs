@@ -15,11 +15,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long the calling thread waits for a chunk before it reports
-/// [`Progress::Waiting`] (a chance to notice an interruption).
-const WAITING: Duration = Duration::from_millis(50);
+/// How often the calling thread reports [`Progress::Tick`] (a chance to
+/// notice an interruption), chunks or not.
+const TICK: Duration = Duration::from_millis(50);
 
 /// One chunk of the plan: `len` bytes at `offset` in the source (and in the
 /// destination), read to `place` in a slot.
@@ -37,10 +37,11 @@ pub struct Chunk {
 /// What the calling thread of [`stage`] hears while the readers work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
-    /// A chunk was copied; the bytes done so far.
+    /// A chunk was read and its copy started (for a host sink, done); the
+    /// bytes so far.
     Done(usize),
-    /// No chunk for a while (50 ms): a chance to check for an interruption.
-    Waiting,
+    /// Another 50 ms have passed: a chance to check for an interruption.
+    Tick,
 }
 
 /// Where staged chunks go.
@@ -49,7 +50,8 @@ pub enum Progress {
 /// [`Sink::copy`] may return before the copy has read `src` — the engine
 /// does not write to `src` again, nor return, before passing the returned
 /// handle to [`Sink::wait`], also after errors. [`Sink::close`] must not
-/// return while a copy it started may still run.
+/// return while a copy it started may still run. A lane dropped without
+/// `close` may leak and leave copies running.
 pub trait Sink: Sync {
     /// Per-reader state (a device stream).
     type Lane;
@@ -58,10 +60,17 @@ pub trait Sink: Sync {
     /// What fails.
     type Error: Send + From<io::Error>;
 
+    /// Bytes the destination holds.
+    fn dst_len(&self) -> usize;
     /// Sets up the calling reader thread.
     fn lane(&self) -> Result<Self::Lane, Self::Error>;
     /// Starts copying `src` to `offset` in the destination.
-    fn copy(&self, lane: &mut Self::Lane, offset: usize, src: &[u8]) -> Result<Self::InFlight, Self::Error>;
+    ///
+    /// # Safety
+    /// `offset + src.len()` is at most [`Sink::dst_len`], no other copy writes
+    /// that range, and `src` stays alive and unwritten until the returned
+    /// handle has been given to [`Sink::wait`] (or the lane to [`Sink::close`]).
+    unsafe fn copy(&self, lane: &mut Self::Lane, offset: usize, src: &[u8]) -> Result<Self::InFlight, Self::Error>;
     /// Blocks until `copy` has completed.
     fn wait(&self, lane: &mut Self::Lane, copy: Self::InFlight) -> Result<(), Self::Error>;
     /// Ends a lane; called after every copy on it was waited for, errors included.
@@ -86,7 +95,7 @@ pub struct Report {
 /// readers. The first error is returned, after every copy has completed; a
 /// reader that panics stops the load the same way.
 ///
-/// Chunks must not overlap and must fit every slot.
+/// Chunks must not overlap, and must fit every slot and the destination.
 pub fn stage<S, R, P>(
     chunks: &[Chunk],
     slots: Vec<&mut [u8]>,
@@ -100,7 +109,7 @@ where
     R: Fn(&Chunk, &mut [u8]) -> Result<u64, S::Error> + Sync,
     P: FnMut(Progress) -> Result<(), S::Error>,
 {
-    check_plan(chunks, &slots)?;
+    check_plan(chunks, &slots, sink.dst_len())?;
     if chunks.is_empty() {
         return Ok(Report::default());
     }
@@ -128,16 +137,23 @@ where
         }
         drop(done_tx);
         let mut done = 0;
+        let mut next_tick = Instant::now() + TICK;
         loop {
-            let heard = match done_rx.recv_timeout(WAITING) {
-                Ok(len) => {
-                    done += len;
-                    report.chunks += 1;
-                    Progress::Done(done)
+            let now = Instant::now();
+            let heard = if now >= next_tick {
+                next_tick = now + TICK;
+                Progress::Tick
+            } else {
+                match done_rx.recv_timeout(next_tick - now) {
+                    Ok(len) => {
+                        done += len;
+                        report.chunks += 1;
+                        Progress::Done(done)
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    // Every reader has ended.
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => Progress::Waiting,
-                // Every reader has ended.
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             if !shared.failed.load(Ordering::Relaxed)
                 && let Err(e) = progress(heard)
@@ -154,8 +170,9 @@ where
     Ok(report)
 }
 
-/// Refuses plans whose chunks overlap or do not fit the smallest slot.
-fn check_plan(chunks: &[Chunk], slots: &[&mut [u8]]) -> io::Result<()> {
+/// Refuses plans whose chunks overlap or do not fit the smallest slot or the
+/// destination (`dst_len` bytes), before anything is read.
+fn check_plan(chunks: &[Chunk], slots: &[&mut [u8]], dst_len: usize) -> io::Result<()> {
     let invalid = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
     if !chunks.is_empty() && slots.is_empty() {
         return invalid("a staged load needs at least one slot".into());
@@ -166,6 +183,9 @@ fn check_plan(chunks: &[Chunk], slots: &[&mut [u8]]) -> io::Result<()> {
     for (i, chunk) in sorted.iter().enumerate() {
         if chunk.place.checked_add(chunk.len).is_none_or(|end| end > smallest) {
             return invalid(format!("chunk at {} ({} bytes at {}) does not fit a {smallest}-byte slot", chunk.offset, chunk.len, chunk.place));
+        }
+        if chunk.offset.checked_add(chunk.len).is_none_or(|end| end > dst_len) {
+            return invalid(format!("chunk at {} ({} bytes) is outside the {dst_len}-byte destination", chunk.offset, chunk.len));
         }
         if let Some(next) = sorted.get(i + 1)
             && chunk.offset.checked_add(chunk.len).is_none_or(|end| end > next.offset)
@@ -228,7 +248,11 @@ impl<E> Shared<'_, E> {
                 let read = read(chunk, view);
                 self.reading.fetch_sub(1, Ordering::Relaxed);
                 self.direct_bytes.fetch_add(read?, Ordering::Relaxed);
-                in_flight[slot] = Some(sink.copy(&mut lane, chunk.offset, view)?);
+                // SAFETY: `check_plan` put the chunk inside the destination
+                // and apart from every other; the slot is this reader's and
+                // is next written after `wait` on this handle, which also
+                // runs on every path out of here.
+                in_flight[slot] = Some(unsafe { sink.copy(&mut lane, chunk.offset, view) }?);
                 // The caller may have stopped listening (it only reports progress).
                 let _ = done.send(chunk.len);
             }
@@ -270,8 +294,8 @@ where
 }
 
 /// Copies into host memory, from several readers at once and without a
-/// lock: sound only because [`stage`] refuses overlapping chunks and copies
-/// each once, which is why nothing outside this module can make one.
+/// lock: sound because [`stage`] refuses overlapping chunks and copies each
+/// once (the contract of [`Sink::copy`]); only this module makes one.
 struct HostSink<'a> {
     dst: *mut u8,
     len: usize,
@@ -286,17 +310,18 @@ impl Sink for HostSink<'_> {
     type InFlight = ();
     type Error = io::Error;
 
+    fn dst_len(&self) -> usize {
+        self.len
+    }
+
     fn lane(&self) -> io::Result<()> {
         Ok(())
     }
 
-    fn copy(&self, _: &mut (), offset: usize, src: &[u8]) -> io::Result<()> {
-        if offset.checked_add(src.len()).is_none_or(|end| end > self.len) {
-            let what = format!("copy of {} bytes to {offset} is outside the {}-byte destination", src.len(), self.len);
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, what));
-        }
-        // SAFETY: in bounds (checked above); no other copy writes this range
-        // (the plan has no overlaps) and `src` is a slot, not `dst`.
+    unsafe fn copy(&self, _: &mut (), offset: usize, src: &[u8]) -> io::Result<()> {
+        debug_assert!(offset + src.len() <= self.len);
+        // SAFETY: in bounds and written by no other copy (the caller's
+        // contract), and `src` is a slot, not `dst`.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.dst.add(offset), src.len()) };
         Ok(())
     }
@@ -362,16 +387,19 @@ mod tests {
         let chunks = plan(src.len(), 256, 0);
         let reads = AtomicUsize::new(0);
         let failing = |chunk: &Chunk, dst: &mut [u8]| {
-            if reads.fetch_add(1, Ordering::Relaxed) == 3 {
-                return Err(io::Error::other("disk gone"));
+            match reads.fetch_add(1, Ordering::Relaxed) {
+                3 => return Err(io::Error::other("disk gone")),
+                // Reads after the failure are slow, so that reading half the
+                // file would take the stop over 100 ms to arrive.
+                4.. => std::thread::sleep(Duration::from_millis(1)),
+                _ => {}
             }
             read_from(&src)(chunk, dst)
         };
         let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, failing, |_| Ok(())).unwrap_err();
         assert_eq!(e.to_string(), "disk gone");
         // Not a tight bound: the other reader races on until the failing one
-        // has recorded its error, longer when the machine is busy. Without
-        // the stop it would read all 256.
+        // has recorded its error. Without the stop it would read all 256.
         assert!(reads.load(Ordering::Relaxed) < chunks.len() / 2, "readers stopped: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
     }
 
@@ -389,6 +417,8 @@ mod tests {
                 while !heard.load(Ordering::SeqCst) {
                     std::thread::yield_now();
                 }
+                // Slow after that: see the read-error test.
+                std::thread::sleep(Duration::from_millis(1));
             }
             read_from(&src)(chunk, dst)
         };
@@ -399,8 +429,7 @@ mod tests {
         let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, held, progress).unwrap_err();
         assert_eq!(e.to_string(), "interrupted");
         // Not a tight bound: between the callback's return and the stop the
-        // readers race on, longer when the machine is busy. Without the stop
-        // they would read all 256.
+        // readers race on. Without the stop they would read all 256.
         assert!(reads.load(Ordering::SeqCst) < chunks.len() / 2, "readers stopped: {} of {} chunks read", reads.load(Ordering::SeqCst), chunks.len());
     }
 
@@ -412,32 +441,35 @@ mod tests {
         let chunks = plan(src.len(), 256, 0);
         let reads = AtomicUsize::new(0);
         let panicking = |chunk: &Chunk, dst: &mut [u8]| {
-            if reads.fetch_add(1, Ordering::Relaxed) == 2 {
-                panic!("bad sector");
+            match reads.fetch_add(1, Ordering::Relaxed) {
+                2 => panic!("bad sector"),
+                3.. => std::thread::sleep(Duration::from_millis(1)),
+                _ => {}
             }
             read_from(&src)(chunk, dst)
         };
         let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, panicking, |_| Ok(())).unwrap_err();
         assert_eq!(e.to_string(), "a staging reader panicked: bad sector");
+        assert!(reads.load(Ordering::Relaxed) < chunks.len() / 2, "readers stopped: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
     }
 
     #[test]
-    fn a_slow_load_reports_that_it_is_waiting() {
+    fn a_load_ticks_while_it_waits() {
         let src = source(4096);
         let mut out = vec![0u8; src.len()];
         let mut memory = vec![vec![0u8; 1024]; 2];
         let chunks = plan(src.len(), 1024, 0);
         let slow = |chunk: &Chunk, dst: &mut [u8]| {
-            std::thread::sleep(WAITING * 3);
+            std::thread::sleep(TICK * 3);
             read_from(&src)(chunk, dst)
         };
-        let mut waits = 0;
+        let mut ticks = 0;
         stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 1, &mut out, slow, |heard| {
-            waits += usize::from(heard == Progress::Waiting);
+            ticks += usize::from(heard == Progress::Tick);
             Ok(())
         })
         .unwrap();
-        assert!(waits >= chunks.len(), "{waits} waits reported over {} reads of 150 ms", chunks.len());
+        assert!(ticks >= chunks.len(), "{ticks} ticks over {} reads of 150 ms", chunks.len());
         assert_eq!(out, src);
     }
 
@@ -456,11 +488,15 @@ mod tests {
         type InFlight = (usize, Vec<u8>, usize);
         type Error = io::Error;
 
+        fn dst_len(&self) -> usize {
+            self.out.lock().unwrap().len()
+        }
+
         fn lane(&self) -> io::Result<()> {
             Ok(())
         }
 
-        fn copy(&self, _: &mut (), offset: usize, src: &[u8]) -> io::Result<Self::InFlight> {
+        unsafe fn copy(&self, _: &mut (), offset: usize, src: &[u8]) -> io::Result<Self::InFlight> {
             self.started.fetch_add(1, Ordering::Relaxed);
             Ok((src.as_ptr() as usize, src.to_vec(), offset))
         }

@@ -77,8 +77,9 @@ pub enum Error {
     /// A configured limit was reached.
     #[error("limit reached: {}", Printable(.0))]
     Limit(String),
-    /// Writing the output failed.
-    #[error(transparent)]
+    /// Writing the output failed (some of the core's messages quote paths
+    /// or reasons as they are, so they are escaped here).
+    #[error("{}", Printable(&.0.to_string()))]
     Write(#[from] tensafe::Error),
 }
 
@@ -109,6 +110,7 @@ mod tests {
             Error::Tensor { name: HOSTILE.into(), reason: HOSTILE.into() },
             Error::Structure(HOSTILE.into()),
             Error::Limit(HOSTILE.into()),
+            Error::Write(tensafe::Error::Io { context: HOSTILE.into(), source: std::io::Error::other("full") }.in_file(HOSTILE)),
         ];
         for error in errors {
             let text = error.to_string();

@@ -8,7 +8,10 @@
  *    that rewrites a source before waiting for its copy gets wrong data.
  *  - Ordering: cuStreamWaitEvent enqueues a wait that, when reached, first
  *    runs the other stream up to the event.
- *  - Contexts: calls that need a current context fail without one.
+ *  - Contexts: calls that need a current context fail without one (and
+ *    destroys and synchronizes here need one too, stricter than the driver).
+ *  - Memory: what the test registers is device memory of device 0, or
+ *    pinned host memory (which the driver also gives a device ordinal).
  *
  * It counts what tests assert on (fake_counter) and can fail the n-th call of
  * a function (fake_fail_call). Not thread-efficient: one lock around all. */
@@ -54,7 +57,7 @@ struct stream {
 };
 static struct stream legacy_stream; /* stream 0 */
 
-static struct { uint64_t start; size_t size; } allocations[16];
+static struct { uint64_t start; size_t size; int memory_type; } allocations[16];
 static int allocation_count;
 
 static long counters[8];
@@ -108,11 +111,12 @@ static int has_context(void) {
         return result_;                  \
     } while (0)
 
-/* Test hooks. */
-void fake_register(uint64_t start, size_t size) {
+/* Test hooks. `memory_type`: 2 device memory, 1 pinned host memory. */
+void fake_register(uint64_t start, size_t size, int memory_type) {
     pthread_mutex_lock(&lock);
     allocations[allocation_count].start = start;
     allocations[allocation_count].size = size;
+    allocations[allocation_count].memory_type = memory_type;
     allocation_count++;
     pthread_mutex_unlock(&lock);
 }
@@ -191,7 +195,8 @@ CUresult cuPointerGetAttribute(void *data, int attribute, uint64_t pointer) {
         size_t size = allocations[i].size;
         if (pointer < start || pointer >= start + size) continue;
         result = SUCCESS;
-        if (attribute == 9) *(int *)data = 0;                 /* DEVICE_ORDINAL */
+        if (attribute == 2) *(unsigned *)data = allocations[i].memory_type; /* MEMORY_TYPE */
+        else if (attribute == 9) *(int *)data = 0;            /* DEVICE_ORDINAL */
         else if (attribute == 11) *(uint64_t *)data = start;  /* RANGE_START_ADDR */
         else if (attribute == 12) *(size_t *)data = size;     /* RANGE_SIZE */
         else result = INVALID_VALUE;
@@ -219,11 +224,15 @@ CUresult cuStreamCreate(void **stream, unsigned flags) {
 }
 
 CUresult cuStreamSynchronize(void *stream) {
-    LOCKED((run_until(S(stream), S(stream)->len), SUCCESS));
+    LOCKED(has_context() ? (run_until(S(stream), S(stream)->len), SUCCESS) : INVALID_CONTEXT);
 }
 
 CUresult cuStreamDestroy_v2(void *stream) {
     pthread_mutex_lock(&lock);
+    if (!has_context()) {
+        pthread_mutex_unlock(&lock);
+        return INVALID_CONTEXT;
+    }
     struct stream *s = S(stream);
     if (s->done < s->len) {
         counters[BUSY_DESTROYS]++;
@@ -257,12 +266,12 @@ CUresult cuEventRecord(void *event, void *stream) {
 
 CUresult cuEventSynchronize(void *event) {
     struct event *e = event;
-    LOCKED((e->stream ? run_until(e->stream, e->upto) : (void)0, SUCCESS));
+    LOCKED(!has_context() ? INVALID_CONTEXT : (e->stream ? run_until(e->stream, e->upto) : (void)0, SUCCESS));
 }
 
 CUresult cuEventDestroy_v2(void *event) {
     (void)event; /* not freed: a WAIT op may still name it */
-    LOCKED((counters[EVENTS]--, SUCCESS));
+    LOCKED(has_context() ? (counters[EVENTS]--, SUCCESS) : INVALID_CONTEXT);
 }
 
 CUresult cuStreamWaitEvent(void *stream, void *event, unsigned flags) {
@@ -288,7 +297,7 @@ CUresult cuMemcpyHtoDAsync_v2(uint64_t dst, const void *src, size_t len, void *s
         result = INVALID_CONTEXT;
     } else {
         for (int i = 0; i < allocation_count; i++) {
-            if (dst >= allocations[i].start && dst + len <= allocations[i].start + allocations[i].size) {
+            if (allocations[i].memory_type == 2 && dst >= allocations[i].start && dst + len <= allocations[i].start + allocations[i].size) {
                 struct op op = {COPY, dst, src, len, NULL, 0};
                 push(S(stream), op);
                 result = SUCCESS;
