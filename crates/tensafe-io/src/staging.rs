@@ -379,78 +379,81 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_read_error_stops_the_readers_and_is_returned() {
+    /// Stages 64 KiB in 256-byte chunks (`readers` readers, 4 slots), calling
+    /// `before_read` with each read's number first, and expects the load to
+    /// fail and stop: returns its error and the number of reads.
+    fn stopped_load(
+        readers: usize,
+        before_read: impl Fn(usize) -> io::Result<()> + Sync,
+        progress: impl FnMut(Progress) -> io::Result<()>,
+    ) -> (io::Error, usize) {
         let src = source(1 << 16);
         let mut out = vec![0u8; src.len()];
         let mut memory = vec![vec![0u8; 256]; 4];
         let chunks = plan(src.len(), 256, 0);
         let reads = AtomicUsize::new(0);
-        let failing = |chunk: &Chunk, dst: &mut [u8]| {
-            match reads.fetch_add(1, Ordering::Relaxed) {
-                3 => return Err(io::Error::other("disk gone")),
-                // Reads after the failure are slow, so that reading half the
-                // file would take the stop over 100 ms to arrive.
-                4.. => std::thread::sleep(Duration::from_millis(1)),
-                _ => {}
-            }
+        let read = |chunk: &Chunk, dst: &mut [u8]| {
+            before_read(reads.fetch_add(1, Ordering::SeqCst))?;
             read_from(&src)(chunk, dst)
         };
-        let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, failing, |_| Ok(())).unwrap_err();
-        assert_eq!(e.to_string(), "disk gone");
-        // Not a tight bound: the other reader races on until the failing one
-        // has recorded its error. Without the stop it would read all 256.
-        assert!(reads.load(Ordering::Relaxed) < chunks.len() / 2, "readers stopped: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
+        let error = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), readers, &mut out, read, progress).unwrap_err();
+        // Not a tight bound: the other reader races on until the error is
+        // recorded. Without the stop it would read all 256.
+        let reads = reads.into_inner();
+        assert!(reads < chunks.len() / 2, "readers stopped: {reads} of {} chunks read", chunks.len());
+        (error, reads)
+    }
+
+    /// Reads after the trigger are slow, so that reading half the file
+    /// would take the stop over 100 ms to arrive.
+    fn slowly() -> io::Result<()> {
+        std::thread::sleep(Duration::from_millis(1));
+        Ok(())
+    }
+
+    #[test]
+    fn a_read_error_stops_the_readers_and_is_returned() {
+        let (error, _) = stopped_load(
+            2,
+            |read| match read {
+                3 => Err(io::Error::other("disk gone")),
+                4.. => slowly(),
+                _ => Ok(()),
+            },
+            |_| Ok(()),
+        );
+        assert_eq!(error.to_string(), "disk gone");
     }
 
     #[test]
     fn a_progress_error_stops_the_readers() {
-        let src = source(1 << 16);
-        let mut out = vec![0u8; src.len()];
-        let mut memory = vec![vec![0u8; 256]; 4];
-        let chunks = plan(src.len(), 256, 0);
-        let (reads, heard) = (AtomicUsize::new(0), AtomicBool::new(false));
+        let heard = AtomicBool::new(false);
         // Every read but the first waits until progress has been reported:
         // otherwise the readers could finish before the first report.
-        let held = |chunk: &Chunk, dst: &mut [u8]| {
-            if reads.fetch_add(1, Ordering::SeqCst) > 0 {
-                while !heard.load(Ordering::SeqCst) {
-                    std::thread::yield_now();
-                }
-                // Slow after that: see the read-error test.
-                std::thread::sleep(Duration::from_millis(1));
+        let held = |read| {
+            if read == 0 {
+                return Ok(());
             }
-            read_from(&src)(chunk, dst)
+            while !heard.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            slowly()
         };
         let progress = |_: Progress| {
             heard.store(true, Ordering::SeqCst);
             Err(io::Error::other("interrupted"))
         };
-        let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, held, progress).unwrap_err();
-        assert_eq!(e.to_string(), "interrupted");
-        // Not a tight bound: between the callback's return and the stop the
-        // readers race on. Without the stop they would read all 256.
-        assert!(reads.load(Ordering::SeqCst) < chunks.len() / 2, "readers stopped: {} of {} chunks read", reads.load(Ordering::SeqCst), chunks.len());
+        assert_eq!(stopped_load(2, held, progress).0.to_string(), "interrupted");
     }
 
     #[test]
     fn a_panicking_read_is_an_error_that_stops_the_load() {
-        let src = source(1 << 16);
-        let mut out = vec![0u8; src.len()];
-        let mut memory = vec![vec![0u8; 256]; 4];
-        let chunks = plan(src.len(), 256, 0);
-        let reads = AtomicUsize::new(0);
-        let panicking = |chunk: &Chunk, dst: &mut [u8]| {
-            match reads.fetch_add(1, Ordering::Relaxed) {
-                2 => panic!("bad sector"),
-                3.. => std::thread::sleep(Duration::from_millis(1)),
-                _ => {}
-            }
-            read_from(&src)(chunk, dst)
-        };
-        let e = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 2, &mut out, panicking, |_| Ok(())).unwrap_err();
-        assert_eq!(e.to_string(), "a staging reader panicked: bad sector");
-        assert!(reads.load(Ordering::Relaxed) < chunks.len() / 2, "readers stopped: {} of {} chunks read", reads.load(Ordering::Relaxed), chunks.len());
+        // One reader: a panic's report (a backtrace, in tests) can take
+        // longer than any slow read, so other readers' counts would vary;
+        // stopping them is the read-error test's, through the same path.
+        let (error, reads) = stopped_load(1, |read| if read == 2 { panic!("bad sector") } else { Ok(()) }, |_| Ok(()));
+        assert_eq!(error.to_string(), "a staging reader panicked: bad sector");
+        assert_eq!(reads, 3, "the reader stopped at its panic");
     }
 
     #[test]
