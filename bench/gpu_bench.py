@@ -157,13 +157,13 @@ def main() -> None:
             }
             for backend, configs in settings.items():
                 for chunk_mib, ring, threads in configs:
-                    def pipeline(backend=backend, chunk=chunk_mib * MiB, ring=ring, threads=threads, direct=False):
+                    def by_ring(backend=backend, chunk=chunk_mib * MiB, ring=ring, threads=threads, direct=False):
                         return load_data_section(File(path, backend), "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, direct=direct)
                     label = f"{backend} {chunk_mib:>2} MiB x {ring:>2}, {threads:>2} readers"
-                    sweep[label + ", warm"] = warm(pipeline)
+                    sweep[label + ", warm"] = warm(by_ring)
                     if (chunk_mib, ring) in ((16, 16), (8, 32)):
-                        sweep[label + ", cold"] = cold(pipeline)
-                        sweep[label + ", cold, O_DIRECT"] = cold(lambda pipeline=pipeline: pipeline(direct=True))
+                        sweep[label + ", cold"] = cold(by_ring)
+                        sweep[label + ", cold, O_DIRECT"] = cold(lambda by_ring=by_ring: by_ring(direct=True))
             # EXPERIMENT: each reader issues its own copies (no central
             # scheduler), from Python threads or from Rust threads (native).
             for schedule in ("readers", "native"):

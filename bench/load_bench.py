@@ -37,7 +37,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 import safetensors.torch as ref_pt

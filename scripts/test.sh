@@ -13,6 +13,9 @@ scripts/python-env.sh
 echo "== System packages"
 scripts/system-deps.sh
 
+echo "== Python lint (undefined, unused and shadowed names)"
+flake8 --select F bench python/tensafe python/tests
+
 echo "== Rust tests"
 cargo test --workspace --exclude tensafe-python
 

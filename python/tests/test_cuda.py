@@ -17,7 +17,10 @@ import tensafe.torch as ts_pt
 from tensafe._pipeline import StagingStats, load_data_section
 from tensafe._tensafe_rust import File, stage_data
 
-from test_load import _chunk_count, assert_same, every_dtype_file  # noqa: F401  (a fixture)
+import test_load
+from test_load import _chunk_count, assert_same
+
+every_dtype_file = test_load.every_dtype_file  # the fixture, shared
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine: GPU loads are checked on a GPU machine (bench/gpu_bench.sh)"
