@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_bench import pinned_pages  # noqa: E402
+from gpu_bench import fill_cache, pinned_pages  # noqa: E402
 from python_bench import evict, run_interleaved  # noqa: E402
 
 MiB = 1 << 20
@@ -55,13 +55,6 @@ def anon(size: int, huge: bool) -> mmap.mmap:
 
 def address(buf) -> int:
     return np.frombuffer(buf, dtype=np.uint8).ctypes.data
-
-
-def warm_cache(path: str) -> None:
-    """Reads the whole file once, so that it is in the page cache."""
-    with open(path, "rb") as f:
-        while f.read(64 * MiB):
-            pass
 
 
 def huge_kib() -> int:
@@ -121,7 +114,7 @@ def staging(path: str, reps: int = 3, threads: int = 16, chunk: int = 16 * MiB) 
         def case(name, mode):
             def run() -> float:
                 if mode == "warm":
-                    warm_cache(path)
+                    fill_cache(path, 16)
                 else:
                     evict(path)
                 fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if mode.endswith("O_DIRECT") else 0))
@@ -159,7 +152,7 @@ def register(path: str) -> None:
         say(f"register: HostRegisterReadOnlySupported = {rt.cudaDeviceGetAttribute(attr, 0)}")
     except Exception as e:  # informative only
         say(f"register: read-only support unknown ({type(e).__name__}: {e})")
-    warm_cache(path)
+    fill_cache(path, 16)
     expected = torch.from_numpy(np.fromfile(path, dtype=np.uint8)).cuda()
     fd = os.open(path, os.O_RDONLY)
     device = torch.empty(size, dtype=torch.uint8, device="cuda:0")
