@@ -137,7 +137,7 @@ def main() -> None:
             wrong = [n for n in theirs if n not in ours or ours[n].device != theirs[n].device or not torch.equal(ours[n], theirs[n])]
             checks_failed |= bool(wrong) or list(ours) != list(theirs)
             verdict = ("is bit-exact against" if not wrong and list(ours) == list(theirs)
-                       else f"DIFFERS ({len(wrong)} tensors)" if wrong else "DIFFERS (key order) from")
+                       else f"DIFFERS ({len(wrong)} tensors) from" if wrong else "DIFFERS (key order) from")
             print(f"check: tensafe CUDA load ({backend}) {verdict} the reference ({size / 2**30:.2f} GiB)")
             del ours
         del theirs, tensors
