@@ -348,6 +348,26 @@ mod tests {
         (0..total).step_by(chunk).map(|offset| Chunk { offset, len: chunk.min(total - offset), place }).collect()
     }
 
+    /// A test load: `src` cut into chunks, slots to stage them through, and a
+    /// zeroed destination.
+    struct Load {
+        src: Vec<u8>,
+        out: Vec<u8>,
+        memory: Vec<Vec<u8>>,
+        chunks: Vec<Chunk>,
+    }
+
+    impl Load {
+        /// `total` bytes in `chunk`-byte chunks placed at `place`, through `slots` slots.
+        fn new(total: usize, chunk: usize, place: usize, slots: usize) -> Load {
+            Load { src: source(total), out: vec![0; total], memory: vec![vec![0; chunk + place]; slots], chunks: plan(total, chunk, place) }
+        }
+    }
+
+    fn slices(memory: &mut [Vec<u8>]) -> Vec<&mut [u8]> {
+        memory.iter_mut().map(Vec::as_mut_slice).collect()
+    }
+
     fn read_from(src: &[u8]) -> impl Fn(&Chunk, &mut [u8]) -> io::Result<u64> + Sync + '_ {
         move |chunk, dst| {
             dst.copy_from_slice(&src[chunk.offset..chunk.offset + chunk.len]);
@@ -358,24 +378,21 @@ mod tests {
     proptest! {
         #[test]
         fn every_byte_arrives_and_progress_ends_at_the_total(total in 0usize..20_000, chunk in 1usize..3000, slots in 1usize..6, readers in 1usize..5, place in 0usize..9) {
-            let src = source(total);
-            let mut out = vec![0u8; total];
-            let mut memory = vec![vec![0u8; chunk + place]; slots];
-            let chunks = plan(total, chunk, place);
+            let mut l = Load::new(total, chunk, place, slots);
             let mut seen = Vec::new();
-            let report = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), readers, &mut out, read_from(&src), |heard| {
+            let report = stage_to_host(&l.chunks, slices(&mut l.memory), readers, &mut l.out, read_from(&l.src), |heard| {
                 if let Progress::Done(done) = heard {
                     seen.push(done);
                 }
                 Ok(())
             }).unwrap();
-            prop_assert_eq!(&out, &src);
-            prop_assert_eq!(report.chunks, chunks.len());
-            prop_assert_eq!(seen.len(), chunks.len());
+            prop_assert_eq!(&l.out, &l.src);
+            prop_assert_eq!(report.chunks, l.chunks.len());
+            prop_assert_eq!(seen.len(), l.chunks.len());
             prop_assert!(seen.windows(2).all(|w| w[0] < w[1]));
             prop_assert_eq!(seen.last().copied().unwrap_or(0), total);
             prop_assert!(report.max_reading <= readers.min(slots));
-            prop_assert_eq!(report.direct_bytes, chunks.iter().map(|c| c.len as u64 / 2).sum::<u64>());
+            prop_assert_eq!(report.direct_bytes, l.chunks.iter().map(|c| c.len as u64 / 2).sum::<u64>());
         }
     }
 
@@ -387,20 +404,17 @@ mod tests {
         before_read: impl Fn(usize) -> io::Result<()> + Sync,
         progress: impl FnMut(Progress) -> io::Result<()>,
     ) -> (io::Error, usize) {
-        let src = source(1 << 16);
-        let mut out = vec![0u8; src.len()];
-        let mut memory = vec![vec![0u8; 256]; 4];
-        let chunks = plan(src.len(), 256, 0);
+        let mut l = Load::new(1 << 16, 256, 0, 4);
         let reads = AtomicUsize::new(0);
         let read = |chunk: &Chunk, dst: &mut [u8]| {
             before_read(reads.fetch_add(1, Ordering::SeqCst))?;
-            read_from(&src)(chunk, dst)
+            read_from(&l.src)(chunk, dst)
         };
-        let error = stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), readers, &mut out, read, progress).unwrap_err();
+        let error = stage_to_host(&l.chunks, slices(&mut l.memory), readers, &mut l.out, read, progress).unwrap_err();
         // Not a tight bound: the other reader races on until the error is
         // recorded. Without the stop it would read all 256.
         let reads = reads.into_inner();
-        assert!(reads < chunks.len() / 2, "readers stopped: {reads} of {} chunks read", chunks.len());
+        assert!(reads < l.chunks.len() / 2, "readers stopped: {reads} of {} chunks read", l.chunks.len());
         (error, reads)
     }
 
@@ -458,22 +472,19 @@ mod tests {
 
     #[test]
     fn a_load_ticks_while_it_waits() {
-        let src = source(4096);
-        let mut out = vec![0u8; src.len()];
-        let mut memory = vec![vec![0u8; 1024]; 2];
-        let chunks = plan(src.len(), 1024, 0);
+        let mut l = Load::new(4096, 1024, 0, 2);
         let slow = |chunk: &Chunk, dst: &mut [u8]| {
             std::thread::sleep(TICK * 3);
-            read_from(&src)(chunk, dst)
+            read_from(&l.src)(chunk, dst)
         };
         let mut ticks = 0;
-        stage_to_host(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 1, &mut out, slow, |heard| {
+        stage_to_host(&l.chunks, slices(&mut l.memory), 1, &mut l.out, slow, |heard| {
             ticks += usize::from(heard == Progress::Tick);
             Ok(())
         })
         .unwrap();
-        assert!(ticks >= chunks.len(), "{ticks} ticks over {} reads of 150 ms", chunks.len());
-        assert_eq!(out, src);
+        assert!(ticks >= l.chunks.len(), "{ticks} ticks over {} reads of 150 ms", l.chunks.len());
+        assert_eq!(l.out, l.src);
     }
 
     /// A sink whose copies finish later: checks that a slot is never read
@@ -520,15 +531,12 @@ mod tests {
 
     #[test]
     fn slots_are_reused_only_after_their_copies_complete() {
-        let src = source(50_000);
-        let mut out = vec![0u8; src.len()];
-        let mut memory = vec![vec![0u8; 1000]; 3];
-        let chunks = plan(src.len(), 1000, 0);
-        let sink = Deferred { out: Mutex::new(&mut out), waited: AtomicUsize::new(0), started: AtomicUsize::new(0) };
-        stage(&chunks, memory.iter_mut().map(|s| s.as_mut_slice()).collect(), 3, &sink, read_from(&src), |_| Ok(())).unwrap();
-        assert_eq!(sink.started.into_inner(), chunks.len());
-        assert_eq!(sink.waited.into_inner(), chunks.len());
-        assert_eq!(out, src);
+        let mut l = Load::new(50_000, 1000, 0, 3);
+        let sink = Deferred { out: Mutex::new(&mut l.out), waited: AtomicUsize::new(0), started: AtomicUsize::new(0) };
+        stage(&l.chunks, slices(&mut l.memory), 3, &sink, read_from(&l.src), |_| Ok(())).unwrap();
+        assert_eq!(sink.started.into_inner(), l.chunks.len());
+        assert_eq!(sink.waited.into_inner(), l.chunks.len());
+        assert_eq!(l.out, l.src);
     }
 
     #[test]
