@@ -68,20 +68,24 @@ pub fn stage_data(
         return Err(PyValueError::new_err(format!("chunk {}+{} is outside the {total}-byte data section", c.offset, c.len)));
     }
     let slots = slots.iter().map(|s| Writable::get(s, "a staging slot")).collect::<PyResult<Vec<_>>>()?;
-    let (host, device) = match &target {
-        Target::Host(out) => (Some(Writable::get(out, "the destination")?), None),
-        Target::Device(device) => (None, Some(*device)),
+    let host = match &target {
+        Target::Host(out) => Some(Writable::get(out, "the destination")?),
+        Target::Device(_) => None,
     };
+    let slot_regions: Vec<(usize, usize)> = slots.iter().map(|w| (w.ptr, w.len)).collect();
+    let host_region = host.as_ref().map(|w| (w.ptr, w.len));
     // Rust hands out each slot, and the host destination, as `&mut`: they
     // must not share memory, with each other or with a source in memory.
     let source = file.source.data().map(|data| (data.as_ptr() as usize, data.len()));
-    let mut regions: Vec<(usize, usize)> = slots.iter().chain(host.iter()).map(|w| (w.ptr, w.len)).chain(source).collect();
+    let mut regions: Vec<(usize, usize)> = slot_regions.iter().copied().chain(host_region).chain(source).collect();
     regions.sort_unstable();
     if regions.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
         return Err(PyValueError::new_err("staging slots, the destination and the file's memory must not overlap"));
     }
-    let slot_regions: Vec<(usize, usize)> = slots.iter().map(|w| (w.ptr, w.len)).collect();
-    let host_region = host.as_ref().map(|w| (w.ptr, w.len));
+    let device = match target {
+        Target::Device(device) => Some(device),
+        Target::Host(_) => None,
+    };
     let report = py.detach(|| {
         // SAFETY: the exports are held until this returns, and the regions are disjoint.
         let slot_slices = slot_regions.iter().map(|&(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }).collect();
@@ -119,10 +123,10 @@ pub fn stage_data(
 /// progress callback raised, as it was; RuntimeError for CUDA (as torch's);
 /// ValueError for a refused plan; OSError otherwise.
 fn to_python(e: io::Error) -> PyErr {
-    if e.get_ref().is_some_and(|inner| inner.is::<PyErr>()) {
-        let inner = e.into_inner().expect("checked above");
-        return *inner.downcast::<PyErr>().expect("checked above");
-    }
+    let e = match e.downcast::<PyErr>() {
+        Ok(raised) => return raised,
+        Err(e) => e,
+    };
     if e.get_ref().is_some_and(|inner| inner.is::<tensafe_cuda::CudaError>()) {
         return PyRuntimeError::new_err(e.to_string());
     }

@@ -116,20 +116,25 @@ impl DeviceSink {
         // from here on also runs on errors.
         let context = check("cuDevicePrimaryCtxRetain", unsafe { cu::primary_ctx::retain(device) })?;
         let mut sink = DeviceSink { device, context, dst, len, caller_done: std::ptr::null_mut() };
-        // SAFETY: the context is pushed on this (the caller's) thread only
-        // for these calls and popped after, leaving its current context as it was.
-        unsafe {
-            check("cuCtxPushCurrent", sys::cuCtxPushCurrent_v2(context).result())?;
-            let recorded = sink.check_destination(ordinal).and_then(|()| {
-                let event = check("cuEventCreate", cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
-                sink.caller_done = event;
-                check("cuEventRecord", cu::event::record(event, caller as sys::CUstream))
-            });
-            let mut popped = std::ptr::null_mut();
-            let _ = sys::cuCtxPopCurrent_v2(&mut popped);
-            recorded?;
-        }
+        sink.in_context(|sink| {
+            sink.check_destination(ordinal)?;
+            sink.caller_done = check("cuEventCreate", cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))?;
+            // SAFETY: `caller` is a stream of this context (the contract above).
+            check("cuEventRecord", unsafe { cu::event::record(sink.caller_done, caller as sys::CUstream) })
+        })?;
         Ok(sink)
+    }
+
+    /// `work`, with the sink's context pushed on the calling thread and
+    /// popped after, leaving that thread's current context as it was (the
+    /// caller's thread is torch's).
+    fn in_context<T>(&mut self, work: impl FnOnce(&mut Self) -> Result<T, CudaError>) -> Result<T, CudaError> {
+        // SAFETY: the context is retained for the sink's life; push and pop pair up.
+        check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(self.context).result() })?;
+        let result = work(self);
+        // SAFETY: as above.
+        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut std::ptr::null_mut()) };
+        result
     }
 
     /// Whether the driver knows `dst` as memory of device `ordinal`. Not
@@ -160,16 +165,13 @@ impl DeviceSink {
 
 impl Drop for DeviceSink {
     fn drop(&mut self) {
-        // SAFETY: destroys what `new` made (in its context, pushed and
-        // popped as there) and balances its retain; an event may be
-        // destroyed while work waits on it.
-        unsafe {
-            if !self.caller_done.is_null() && sys::cuCtxPushCurrent_v2(self.context).result().is_ok() {
-                let _ = cu::event::destroy(self.caller_done);
-                let _ = sys::cuCtxPopCurrent_v2(&mut std::ptr::null_mut());
-            }
-            let _ = cu::primary_ctx::release(self.device);
+        if !self.caller_done.is_null() {
+            // SAFETY: `new` made the event; an event may be destroyed while
+            // work waits on it.
+            let _ = self.in_context(|sink| check("cuEventDestroy", unsafe { cu::event::destroy(sink.caller_done) }));
         }
+        // SAFETY: balances the retain in `new`.
+        let _ = unsafe { cu::primary_ctx::release(self.device) };
     }
 }
 

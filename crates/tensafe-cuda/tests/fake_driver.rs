@@ -101,6 +101,14 @@ impl Fake {
         }
     }
 
+    /// Nothing left running or held: no call without a context, no stream
+    /// destroyed busy, no queued work, no retained context, stream or event.
+    fn assert_released(&self, when: &str) {
+        for counter in [c"no_context", c"busy_destroys", c"pending", c"retained", c"streams", c"events"] {
+            assert_eq!(self.counter(counter), 0, "{counter:?} {when}");
+        }
+    }
+
     fn sync_legacy(&self) {
         // SAFETY: the hook's C signature.
         unsafe { self.library.get::<unsafe extern "C" fn()>(b"fake_sync_legacy").unwrap()() }
@@ -139,9 +147,7 @@ fn in_child() {
     assert_eq!(report.chunks, 101);
     assert!(device == src, "wrong bytes on the device: {} differ", device.iter().zip(&src).filter(|(a, b)| a != b).count());
     assert_eq!(fake.counter(c"copies_run"), 102, "101 chunks and the caller's copy");
-    for (counter, expected) in [(c"no_context", 0), (c"busy_destroys", 0), (c"pending", 0), (c"retained", 0), (c"streams", 0), (c"events", 0)] {
-        assert_eq!(fake.counter(counter), expected, "{counter:?} after a load");
-    }
+    fake.assert_released("after a load");
 
     // A copy refused halfway: the error names the call, and nothing is left
     // running or held.
@@ -153,9 +159,7 @@ fn in_child() {
     let error = load(&mut device, &src).expect_err("the 11th record fails").to_string();
     assert!(error.contains("cuEventRecord failed: CUDA_ERROR_INVALID_HANDLE"), "{error}");
     fake.stop_failing();
-    for (counter, expected) in [(c"no_context", 0), (c"busy_destroys", 0), (c"pending", 0), (c"retained", 0), (c"streams", 0), (c"events", 0)] {
-        assert_eq!(fake.counter(counter), expected, "{counter:?} after failed loads");
-    }
+    fake.assert_released("after failed loads");
 
     // A destination that is not device memory is refused before any copy.
     let stranger = [0u8; 10];

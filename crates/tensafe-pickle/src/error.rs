@@ -77,9 +77,8 @@ pub enum Error {
     /// A configured limit was reached.
     #[error("limit reached: {}", Printable(.0))]
     Limit(String),
-    /// Writing the output failed (some of the core's messages quote paths
-    /// or reasons as they are, so they are escaped here).
-    #[error("{}", Printable(&.0.to_string()))]
+    /// Writing the output failed (the core escapes what it quotes).
+    #[error(transparent)]
     Write(#[from] tensafe::Error),
 }
 

@@ -72,7 +72,7 @@ pub enum Error {
     TooManyIndices { given: usize, shape: Vec<usize> },
 
     /// An index tensafe does not support (a non-positive step, …).
-    #[error("invalid slice: {reason}")]
+    #[error("invalid slice: {}", Printable(.reason))]
     InvalidSlice { reason: String },
 
     /// An index with more than one `...` (numpy refuses it too, as an IndexError).
@@ -88,19 +88,19 @@ pub enum Error {
     InvalidName { name: String, reason: &'static str },
 
     /// An invalid writer option.
-    #[error("invalid option: {reason}")]
+    #[error("invalid option: {}", Printable(.reason))]
     InvalidOption { reason: String },
 
     /// A sharded checkpoint whose index and shards disagree.
-    #[error("invalid checkpoint: {reason}")]
+    #[error("invalid checkpoint: {}", Printable(.reason))]
     InvalidCheckpoint { reason: String },
 
     /// An operating-system error, with what tensafe was doing.
-    #[error("I/O error: {source} ({context})")]
+    #[error("I/O error: {source} ({})", Printable(.context))]
     Io { context: String, source: std::io::Error },
 
     /// An error about a named file.
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {source}", Printable(&.path.display().to_string()))]
     InFile { path: PathBuf, source: Box<Error> },
 }
 
@@ -273,5 +273,21 @@ mod tests {
         let err = Error::InvalidOffset { name: "w".into(), begin: 4, end: 8, expected: 0, file_offset: 72 }.in_file("m.safetensors");
         assert!(err.to_string().starts_with("m.safetensors: invalid offset for tensor `w`"), "{err}");
         assert_eq!(err.reference_text(), "invalid offset for tensor `w`");
+    }
+
+    #[test]
+    fn messages_escape_the_text_they_quote() {
+        let hostile = "a\u{1b}[2J\nOK";
+        let errors = [
+            Error::InvalidSlice { reason: hostile.into() },
+            Error::InvalidOption { reason: hostile.into() },
+            Error::InvalidCheckpoint { reason: hostile.into() },
+            Error::io(hostile, std::io::Error::other("full")).in_file(hostile),
+        ];
+        for error in errors {
+            let text = error.to_string();
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+            assert!(text.contains(r"a\u{1b}[2J\nOK"), "{text:?}");
+        }
     }
 }
