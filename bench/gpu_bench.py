@@ -26,6 +26,7 @@ Exits 2 when no CUDA device is present.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -113,7 +114,7 @@ def main() -> None:
 
     import safetensors.torch as ref_pt
     import tensafe.torch as ts_pt
-    import tensafe._pipeline as pipeline
+    import tensafe._pipeline
     from tensafe._pipeline import CHUNK_BYTES, RING, _plan_chunks, default_threads, load_data_section
     from tensafe._tensafe_rust import File, stage_data
 
@@ -164,11 +165,12 @@ def main() -> None:
 
         def natively(load):
             """`load` with the experimental native schedule (EXPERIMENT)."""
-            before, pipeline.SCHEDULE = pipeline.SCHEDULE, "native"
+            # `load_file` looks `load_data_section` up in the module at each call.
+            tensafe._pipeline.load_data_section = functools.partial(load_data_section, schedule="native")
             try:
                 return load()
             finally:
-                pipeline.SCHEDULE = before
+                tensafe._pipeline.load_data_section = load_data_section
 
         def torch_mmap():
             return {k: v.to("cuda:0") for k, v in torch.load(pt_path, mmap=True, weights_only=True).items()}

@@ -107,25 +107,26 @@ def staging(path: str, reps: int = 3, threads: int = 16, chunk: int = 16 * MiB) 
         kinds["anonymous THP, registered"] = slices(huge_reg)
     # Warm: every kind of memory. Cold (seconds each): the two candidates for
     # the ring, buffered and O_DIRECT interleaved in one run.
-    warm_cases = {(name, "warm"): name for name in kinds}
-    cold_cases = {(name, mode): name for name in kinds if name.startswith("torch") or name.endswith("registered")
-                  for mode in ("cold", "cold, O_DIRECT")}
-    for cases in (warm_cases, cold_cases):
-        def case(name, mode):
-            def run() -> float:
-                if mode == "warm":
-                    fill_cache(path, 16)
-                else:
-                    evict(path)
-                fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if mode.endswith("O_DIRECT") else 0))
-                try:
-                    start = time.perf_counter()
-                    parallel_read(fd, size, kinds[name], threads)
-                    return time.perf_counter() - start
-                finally:
-                    os.close(fd)
-            return run
+    warm_cases = [(name, "warm") for name in kinds]
+    cold_cases = [(name, mode) for name in kinds if name.startswith("torch") or name.endswith("registered")
+                  for mode in ("cold", "cold, O_DIRECT")]
 
+    def case(name, mode):
+        def run() -> float:
+            if mode == "warm":
+                fill_cache(path, threads)
+            else:
+                evict(path)
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if mode.endswith("O_DIRECT") else 0))
+            try:
+                start = time.perf_counter()
+                parallel_read(fd, size, kinds[name], threads)
+                return time.perf_counter() - start
+            finally:
+                os.close(fd)
+        return run
+
+    for cases in (warm_cases, cold_cases):
         times = run_interleaved({key: case(*key) for key in cases}, reps)
         for (name, mode), t in times.items():
             say(f"  read into {name:<32} {mode:<15} {gbps(size, statistics.median(t))}  (min {min(t):.3f}, max {max(t):.3f})")

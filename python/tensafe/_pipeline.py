@@ -47,9 +47,6 @@ from ._tensafe_rust import DIRECT_ALIGN, File, cut_reads, stage_data
 CHUNK_BYTES = 16 << 20
 RING = 16
 MAX_THREADS = 16
-#: The schedule loads use when none is given (`load_data_section`); the
-#: benchmark switches it to time whole-file loads with the experimental ones.
-SCHEDULE = "ring"
 
 
 class StagingStats:
@@ -111,7 +108,7 @@ def load_data_section(
     progress: Optional[Callable[[int, int], Any]] = None,
     stats: Optional[StagingStats] = None,
     direct: Optional[bool] = None,
-    schedule: Optional[str] = None,
+    schedule: str = "ring",
 ) -> torch.Tensor:
     """The whole data section of `file` as a uint8 tensor on `device`.
 
@@ -122,8 +119,7 @@ def load_data_section(
     stream, out of its own share of the slots (`_load_by_readers`);
     "native", the same as "readers" on Rust threads that never take the
     GIL, with the copies issued through the CUDA driver API
-    (`tensafe_io::staging`, `tensafe-cuda`). `None`: `SCHEDULE`."""
-    schedule = SCHEDULE if schedule is None else schedule
+    (`tensafe_io::staging`, `tensafe-cuda`)."""
     if schedule not in ("ring", "readers", "native"):
         raise ValueError(f'schedule must be "ring", "readers" or "native", got {schedule!r}')
     total = file.data_len
@@ -141,12 +137,13 @@ def load_data_section(
         direct = file.prefers_direct_reads()
     chunks = _plan_chunks(file.data_start, total, chunk_bytes, direct)
     ring = max(1, min(ring, len(chunks)))
+    threads = threads or default_threads(ring)
     staging = _staging_slots(ring, max(place + length for _, length, place in chunks), pinned=cuda, page_aligned=direct)
     if stats is not None:
         stats.pinned_bytes = sum(buf.numel() for buf in staging)
         stats.direct = direct
     if schedule == "native":
-        _load_natively(file, chunks, staging, out, caller, threads or default_threads(ring), direct, progress, stats)
+        _load_natively(file, chunks, staging, out, caller, threads, direct, progress, stats)
         return out
     direct_bytes = [0] * len(chunks)
     reading, reading_lock = [0], threading.Lock()
@@ -164,7 +161,7 @@ def load_data_section(
                 reading[0] -= 1
 
     if schedule == "readers":
-        _load_by_readers(chunks, staging, read, out, caller, threads or default_threads(ring), direct, progress, stats)
+        _load_by_readers(chunks, staging, read, out, caller, threads, direct, progress, stats)
         if stats is not None:
             stats.direct_bytes = sum(direct_bytes)
         return out
@@ -177,7 +174,7 @@ def load_data_section(
         return _place(staging[index % ring], place, length, direct)
 
     try:
-        with ThreadPoolExecutor(max_workers=threads or default_threads(ring)) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             pending = {}
             next_read = 0
             done_bytes = 0
