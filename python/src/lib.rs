@@ -447,6 +447,13 @@ impl File {
         })
     }
 
+    /// Whether a local `path` opens as a checkpoint of several files (a
+    /// directory or an index) rather than as one safetensors file.
+    #[staticmethod]
+    fn is_checkpoint(path: PathBuf) -> bool {
+        tensafe::is_checkpoint_path(&path)
+    }
+
     /// Opens every file of a checkpoint — a local or remote directory, index
     /// or single file — after checking that its index and shards agree.
     #[staticmethod]

@@ -60,7 +60,7 @@ def code_for_numpy(dtype: Any) -> str:
     try:
         return BY_NAME[dtype.name]
     except KeyError:
-        raise SafetensorError(f"dtype {dtype} cannot be stored in safetensors") from None
+        raise SafetensorError(f'Unknown dtype "{dtype.name}". Supported dtypes: {", ".join(BY_NAME)}') from None
 
 
 def torch_dtype(code: str) -> Any:

@@ -280,10 +280,11 @@ _REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "
 
 
 def _is_checkpoint(name: str) -> bool:
-    """A directory (local, or a remote URL ending in `/`) or an index file."""
+    """A directory (local, or a remote URL ending in `/`) or an index file
+    (locally: named `*.json` and not a safetensors file)."""
     if name.startswith(_REMOTE_SCHEMES):
         return name.endswith(("/", ".json"))
-    return os.path.isdir(name) or name.endswith(".json")
+    return File.is_checkpoint(name)
 
 
 _NUMPY_LIKE = {"numpy": "numpy", "tensorflow": "tensorflow", "flax": "flax", "mlx": "mlx"}
@@ -297,9 +298,14 @@ def _check_arguments(framework: Any, device: Any, backend: Any) -> tuple:
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in ("mmap", "pread", "auto"):
         raise SafetensorError(f'backend "{backend}" is invalid (expected one of: "mmap", "pread", "auto")')
-    if name in _NUMPY_LIKE and normalised != "cpu":
-        raise SafetensorError(f"Device {device} is not supported for framework {_NUMPY_LIKE[name]}")
     return name, normalised
+
+
+def _check_device_supported(framework: str, device: Union[str, int]) -> None:
+    """Frameworks that go through numpy load to the CPU only. Checked once
+    the file is open, as the reference does (a missing file is reported first)."""
+    if framework in _NUMPY_LIKE and device != "cpu":
+        raise SafetensorError(f"Device {device} is not supported for framework {_NUMPY_LIKE[framework]}")
 
 
 class safe_open:
@@ -324,6 +330,7 @@ class safe_open:
     def __init__(self, filename: Union[str, "os.PathLike[str]"], framework: str, device: Any = "cpu", *, backend: str = "mmap"):
         self._framework, self._device = _check_arguments(framework, device, backend)
         self._file: Optional[File] = _open_source(filename, backend)
+        _check_device_supported(self._framework, self._device)
         # Makes tensors out of the data section (in-memory backends), on first use.
         self._cutter: Optional[_Cutter] = None
 
@@ -399,6 +406,7 @@ class _CheckpointOpen(safe_open):
     def __init__(self, filename: Any, framework: str, device: Any = "cpu", *, backend: str = "mmap"):
         framework, device = _check_arguments(framework, device, backend)
         files = File.open_checkpoint(os.fspath(filename), backend)
+        _check_device_supported(framework, device)
         self._shards: Optional[List[safe_open]] = [safe_open._of_file(f, framework, device) for f in files]
         self._where = {name: shard for shard in self._shards for name in shard.offset_keys()}
 

@@ -10,6 +10,10 @@ import numpy as np
 
 from . import _numpy_like
 
+# The reference's module has these names too (code imports them from it).
+from . import numpy  # noqa: F401
+from ._open import safe_open  # noqa: F401
+
 
 def save(tensors: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> bytes:
     return _numpy_like.save(tensors, metadata, np.asarray, "mlx.core.array")

@@ -10,10 +10,22 @@ import paddle
 
 from . import _dtypes, _numpy_like
 
+# The reference's module has these names too (code imports them from it).
+from . import numpy  # noqa: F401
+from ._open import safe_open  # noqa: F401
+from ._tensafe_rust import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401
 
-def _to_numpy(tensor: Any):
-    if not isinstance(tensor, paddle.Tensor):
-        raise ValueError(f"expected paddle.Tensor but received {type(tensor)}")
+
+def _checked(tensors: Any) -> Any:
+    """The reference's check, with its message: every value is a paddle.Tensor."""
+    if isinstance(tensors, dict):
+        for name, value in tensors.items():
+            if not isinstance(value, paddle.Tensor):
+                raise ValueError(f"Key `{name}` is invalid, expected paddle.Tensor but received {type(value)}")
+    return tensors
+
+
+def _to_numpy(tensor: paddle.Tensor):
     return np.asarray(tensor.cpu().numpy())
 
 
@@ -23,11 +35,11 @@ def _code(tensor: Any) -> str:
 
 
 def save(tensors: Dict[str, paddle.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
-    return _numpy_like.save(tensors, metadata, _to_numpy, "paddle.Tensor", code_of=_code)
+    return _numpy_like.save(_checked(tensors), metadata, _to_numpy, "paddle.Tensor", code_of=_code)
 
 
 def save_file(tensors: Dict[str, paddle.Tensor], filename: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> None:
-    _numpy_like.save(tensors, metadata, _to_numpy, "paddle.Tensor", filename, code_of=_code)
+    _numpy_like.save(_checked(tensors), metadata, _to_numpy, "paddle.Tensor", filename, code_of=_code)
 
 
 #: Dtypes paddle has but does not take from numpy arrays: built from the

@@ -10,6 +10,10 @@ import tensorflow as tf
 
 from . import _numpy_like
 
+# The reference's module has these names too (code imports them from it).
+from . import numpy  # noqa: F401
+from ._open import safe_open  # noqa: F401
+
 
 def _to_numpy(tensor: tf.Tensor):
     # Scalars come back as numpy scalars, not arrays.

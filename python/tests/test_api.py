@@ -73,6 +73,7 @@ def test_closed_handle(sample):
         ("pt", -1, "device -1 is invalid"),
         ("pt", "mps:1", "device mps:1 is invalid: only mps or mps:0 is supported"),
         ("np", "cuda:0", "Device cuda:0 is not supported for framework numpy"),
+        ("np", "cuda", "Device cuda:0 is not supported for framework numpy"),
         ("flax", 0, "Device 0 is not supported for framework flax"),
     ],
 )
@@ -98,6 +99,10 @@ def test_backend_and_missing_tensor_errors(sample):
 def test_missing_file_directory_and_bad_header(tmp_path):
     with pytest.raises(FileNotFoundError, match="No such file or directory: .*notafile"):
         tensafe.safe_open(tmp_path / "notafile", "pt")
+    # Reported before a device the framework cannot load to, as by the reference.
+    for mod in (tensafe, safetensors):
+        with pytest.raises(FileNotFoundError):
+            mod.safe_open(tmp_path / "notafile", "np", device="cuda")
     # A directory is opened as a sharded checkpoint; this one holds none.
     with pytest.raises(tensafe.SafetensorError, match="has neither model.safetensors.index.json nor model.safetensors"):
         tensafe.safe_open(tmp_path, "pt")
@@ -140,8 +145,18 @@ def test_save_errors_name_the_tensor():
         ts_pt.save({"x": base, "y": base[:5]})
     with pytest.raises(KeyError):
         ts_pt.save({"c": torch.zeros(2, dtype=torch.complex128)})
-    with pytest.raises(tensafe.SafetensorError, match="cannot be stored"):
-        ts_np.save({"s": np.array(["text"])})
+    import safetensors.numpy as ref_np
+
+    for unstorable in (np.array(["text"]), np.zeros(2, dtype=np.complex128), np.array([None])):
+        messages = []
+        for lib, error in ((ts_np, tensafe.SafetensorError), (ref_np, safetensors.SafetensorError)):
+            with pytest.raises(error) as info:
+                lib.save({"s": unstorable})
+            messages.append(str(info.value))
+        # The same text, the list of dtypes aside (the same ones, in another order).
+        (ours, our_list), (theirs, their_list) = (m.split("Supported dtypes: ") for m in messages)
+        assert ours == theirs == f'Unknown dtype "{unstorable.dtype.name}". '
+        assert set(our_list.split(", ")) == set(their_list.split(", "))
     with pytest.raises(tensafe.SafetensorError, match="reserved"):
         ts_np.save({"__metadata__": np.zeros(1)})
     with pytest.raises(TypeError, match="argument 'metadata': 'int' object is not an instance of 'str'"):
@@ -321,20 +336,78 @@ def test_modules_have_every_name_of_the_references():
     assert tensafe.serialize(ts_np._flatten(arrays, [])) == ref_np.save(arrays)
 
 
-def test_drop_in_serves_the_compiled_module_names(tmp_path):
+def _drop_in_output(script, cwd):
+    """The lines `script` prints, run with `python -m tensafe.drop_in` from `cwd`."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-m", "tensafe.drop_in", str(script)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.splitlines()
+
+
+def test_drop_in_serves_the_compiled_module_names(tmp_path):
     script = tmp_path / "uses_rust_module.py"
     script.write_text(
         "from safetensors._safetensors_rust import safe_open, SafetensorError, serialize\n"
-        "import safetensors.torch, torch\n"
+        "from safetensors import _safetensors_rust\n"
+        "import importlib.metadata, importlib.util, safetensors.torch, torch\n"
         "safetensors.torch.save_file({'a': torch.ones(2)}, 'a.safetensors')\n"
         "with safe_open('a.safetensors', 'pt') as f: print(type(f).__module__, f.keys())\n"
+        "assert _safetensors_rust.SafetensorError is safetensors.SafetensorError is SafetensorError\n"
+        "assert importlib.util.find_spec('safetensors._safetensors_rust').name == 'safetensors._safetensors_rust'\n"
+        "assert importlib.util.find_spec('safetensors').submodule_search_locations is not None\n"
+        "print(safetensors.__version__, _safetensors_rust.__version__, importlib.metadata.version('safetensors'))\n"
+        "print(importlib.metadata.metadata('safetensors')['Summary'])\n"
     )
-    out = subprocess.run([sys.executable, "-m", "tensafe.drop_in", str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    # Version checks see the reference's version, from the drop-in's own
+    # distribution (so they pass where the reference is not installed).
+    assert _drop_in_output(script, tmp_path) == [
+        "tensafe._open ['a']",
+        f"{safetensors.__version__} {safetensors.__version__} {safetensors.__version__}",
+        "tensafe, standing in for safetensors (tensafe.drop_in)",
+    ]
+
+
+def test_drop_in_install_replaces_a_reference_imported_before():
+    import subprocess
+    import sys
+
+    code = (
+        "import safetensors.torch, tensafe.drop_in\n"
+        "tensafe.drop_in.install()\n"
+        "import safetensors, safetensors.torch\n"
+        "print(safetensors.safe_open.__module__, safetensors.torch.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "tensafe._open ['a']"
+    assert out.stdout.split() == ["tensafe._open", "tensafe.torch"]
+
+
+def test_drop_in_runs_a_script_as_python_does_and_reaches_its_child_processes(tmp_path):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "beside.py").write_text("VALUE = 'found beside the script'\n")
+    script = tmp_path / "project" / "train.py"
+    script.write_text(
+        "import multiprocessing, subprocess, sys\n"
+        "import beside\n"
+        "def where(_):\n"
+        "    import safetensors\n"
+        "    return safetensors.safe_open.__module__\n"
+        "if __name__ == '__main__':\n"
+        "    print(beside.VALUE)\n"
+        "    print(where(0))\n"
+        "    with multiprocessing.get_context('spawn').Pool(1) as pool: print(pool.map(where, [0])[0])\n"
+        "    child = 'import safetensors.torch; print(safetensors.torch.save_file.__module__, safetensors.__version__)'\n"
+        "    print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout.strip())\n"
+    )
+    # Run from elsewhere: the script's own directory must come first on sys.path.
+    assert _drop_in_output(script, tmp_path) == [
+        "found beside the script",
+        "tensafe._open",
+        "tensafe._open",
+        f"tensafe.torch {safetensors.__version__}",
+    ]
 
 
 def test_lazy_conjugate_and_negative_views_save_their_values():

@@ -79,6 +79,7 @@ def test_framework_against_the_reference(module, tmp_path):
 
 def check(module, tmp_path):
     import importlib
+    import types
 
     import safetensors
     import tensafe
@@ -87,6 +88,20 @@ def check(module, tmp_path):
     ref = importlib.import_module(f"safetensors.{module}")
     convert = converter(module)
     alias = ALIASES[module]
+
+    # Code imports from these modules what the reference's have, its own
+    # helpers aside: `safe_open`, `numpy` (safetensors'), the core functions.
+    taken = {
+        name for name, value in vars(ref).items()
+        if not name.startswith("_")
+        and (
+            value is getattr(safetensors, name, None)
+            or (value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None) or "").startswith("safetensors")
+        )
+    }
+    assert {"safe_open", "numpy", "save_file", "load_file"} <= taken, taken
+    assert not taken - set(dir(ours)), taken - set(dir(ours))
+    assert ours.safe_open is tensafe.safe_open and ours.numpy is importlib.import_module("tensafe.numpy")
 
     arrays = {f"{name}.{i}": sample(name, shape) for name in DTYPES for i, shape in enumerate([(2, 3), (5,)])}
     unsupported = {name for name in DTYPES if not round_trips(convert, sample(name, (2, 3)))}
@@ -138,6 +153,9 @@ def check(module, tmp_path):
         want = arrays["float32.0"][1:, ::2]
         assert as_numpy(f.get_slice("float32.0")[1:, ::2]).tobytes() == want.tobytes()
     if module == "paddle":
+        for lib in (ours, ref):
+            with pytest.raises(ValueError, match="^Key `bad` is invalid, expected paddle.Tensor but received <class 'list'>$"):
+                lib.save({"bad": [1.0]})
         check_paddle_bfloat16(ours, ref, tmp_path)
         check_paddle_dtypes_built_from_bytes(ours, tmp_path)
 

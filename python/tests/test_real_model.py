@@ -59,7 +59,7 @@ with torch.no_grad():
 import numpy
 numpy.save(sys.argv[2], out.numpy())
 import safetensors
-print("SAFETENSORS_MODULE", safetensors.__name__, safetensors.__file__)
+print("SAFETENSORS_MODULE", safetensors.safe_open.__module__.split(".")[0], safetensors.__file__)
 maps = open("/proc/self/maps").read()
 print("REFERENCE_EXTENSION_LOADED", "_safetensors_rust" in maps)
 """

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import huggingface_hub
+import safetensors
 import safetensors.torch as ref_pt
 import tensafe
 import tensafe.numpy as ts_np
@@ -44,6 +45,18 @@ def test_one_shard_is_a_plain_model_file(tmp_path):
     assert ts_pt.save_sharded(sd, tmp_path, max_shard_size="5GB") is None
     assert os.listdir(tmp_path) == ["model.safetensors"]
     assert (tmp_path / "model.safetensors").read_bytes() == ref_pt.save(sd, metadata={"format": "pt"})
+
+
+def test_a_safetensors_file_named_json_opens_as_one_file(tmp_path):
+    # Only the content tells an index from a safetensors file with that name.
+    sd = state_dict()
+    path = tmp_path / "weights.json"
+    ts_pt.save_file(sd, path, metadata={"format": "pt"})
+    for lib in (tensafe, safetensors):
+        with lib.safe_open(path, "pt") as f:
+            assert f.metadata() == {"format": "pt"} and f.keys() == sorted(sd)
+    assert type(tensafe.safe_open(path, "pt")) is tensafe.safe_open
+    assert all(torch.equal(ts_pt.load_file(path)[k], v) for k, v in sd.items())
 
 
 @pytest.mark.parametrize("target", ["dir", "index"])

@@ -241,6 +241,33 @@ impl<F: ShardFile> Checkpoint<F> {
 /// One or several local safetensors files opened as a single checkpoint.
 pub type ShardedCheckpoint = Checkpoint<PreadFile>;
 
+/// Whether [`Checkpoint::open`] takes `path` for a checkpoint of several
+/// files rather than one safetensors file: a directory, or an index, i.e. a
+/// file named `*.json` that is not itself a safetensors file (whose first
+/// eight bytes give a header length that fits the file, with the header's
+/// `{` after them; JSON text read that way gives a length far past any
+/// file's end).
+pub fn is_checkpoint_path(path: &Path) -> bool {
+    path.is_dir() || is_index_file(path)
+}
+
+fn is_index_file(path: &Path) -> bool {
+    use std::io::Read;
+
+    if !path.to_string_lossy().ends_with(".json") {
+        return false;
+    }
+    let mut start = [0u8; 9];
+    let safetensors = std::fs::File::open(path).and_then(|mut file| {
+        let len = file.metadata()?.len();
+        file.read_exact(&mut start)?;
+        let header = u64::from_le_bytes(start[..8].try_into().expect("eight bytes"));
+        Ok(header.checked_add(8).is_some_and(|end| end <= len) && start[8] == b'{')
+    });
+    // Unreadable: opened as an index, whose read then reports why.
+    !safetensors.unwrap_or(false)
+}
+
 impl Checkpoint<PreadFile> {
     /// Opens a directory (its index, or its single `model.safetensors`), an
     /// index file, or one safetensors file. Reads headers only.
@@ -257,7 +284,7 @@ impl Checkpoint<PreadFile> {
                     reason: format!("{} has neither {INDEX_FILE} nor {SINGLE_FILE}", path.display()),
                 });
             }
-        } else if path.to_string_lossy().ends_with(".json") {
+        } else if is_index_file(path) {
             Some(path.to_path_buf())
         } else {
             None
@@ -538,6 +565,24 @@ mod tests {
         let single = ShardedCheckpoint::open(&out).unwrap();
         assert_eq!(single.shards().len(), 1);
         assert_eq!(single.read_tensor("layer.3").unwrap(), data[3]);
+    }
+
+    #[test]
+    fn a_safetensors_file_named_json_is_a_file_not_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample();
+        save_sharded(tensors(&data), dir.path(), 400, None).unwrap();
+        let file = dir.path().join("weights.json");
+        serialize_to_file(tensors(&data), None, &file).unwrap();
+        assert!(!is_checkpoint_path(&file));
+        let opened = ShardedCheckpoint::open(&file).unwrap();
+        assert_eq!((opened.shards().len(), opened.read_tensor("layer.4").unwrap()), (1, data[4].clone()));
+        // Indexes, short ones and unreadable ones are opened as indexes, which say what is wrong.
+        assert!(is_checkpoint_path(&dir.path().join(INDEX_FILE)) && is_checkpoint_path(dir.path()));
+        std::fs::write(&file, "{}").unwrap();
+        assert!(is_checkpoint_path(&file));
+        assert!(is_checkpoint_path(&dir.path().join("missing.json")));
+        assert!(!is_checkpoint_path(&dir.path().join("model-00001-of-00003.safetensors")));
     }
 
     #[test]
