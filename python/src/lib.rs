@@ -85,7 +85,8 @@ type Run<'a> = (&'static str, Vec<usize>, usize, usize, Vec<&'a str>);
 enum Source {
     Mapped(MmapFile),
     Pread(PreadFile),
-    /// A whole file held by a Python bytes-like object.
+    /// A whole file held by a Python bytes-like object: `object` is a
+    /// memoryview of it in bytes, `buffer` its export, held while this lives.
     Memory { header: Header, object: Py<PyAny>, buffer: PyUntypedBuffer },
     /// A file in object storage or on a web server, read with range requests.
     /// Boxed: far larger than the other variants.
@@ -119,7 +120,30 @@ struct File {
     direct: OnceLock<Option<std::fs::File>>,
 }
 
+fn check_backend(backend: &str) -> PyResult<()> {
+    if !matches!(backend, "mmap" | "pread" | "auto") {
+        return Err(SafetensorError::new_err(format!("backend \"{backend}\" is invalid (expected one of: \"mmap\", \"pread\", \"auto\")")));
+    }
+    Ok(())
+}
+
 impl File {
+    /// A local file opened with `backend` (checked by the caller):
+    /// "auto" reads with positional reads on network and FUSE filesystems,
+    /// where page faults on a mapping are slow, and maps it elsewhere.
+    fn from_local(py: Python<'_>, file: std::fs::File, filename: PathBuf, backend: &str) -> PyResult<Self> {
+        let mapped = match backend {
+            "auto" => !tensafe::FilesystemKind::of(&file).prefers_pread(),
+            other => other == "mmap",
+        };
+        py.detach(|| {
+            let pread = PreadFile::from_file(file, &filename, &Default::default())?;
+            Ok(if mapped { Source::Mapped(MmapFile::from_pread_copy_on_write(pread)?) } else { Source::Pread(pread) })
+        })
+        .map(File::from_source)
+        .map_err(header_error)
+    }
+
     fn from_source(source: Source) -> Self {
         File { source, direct: OnceLock::new() }
     }
@@ -192,38 +216,41 @@ impl File {
     #[new]
     #[pyo3(signature = (filename, backend = "mmap"))]
     fn new(py: Python<'_>, filename: PathBuf, backend: &str) -> PyResult<Self> {
-        if !matches!(backend, "mmap" | "pread" | "auto") {
-            return Err(SafetensorError::new_err(format!(
-                "backend \"{backend}\" is invalid (expected one of: \"mmap\", \"pread\", \"auto\")"
-            )));
-        }
+        check_backend(backend)?;
         let text = filename.to_string_lossy();
         if tensafe_remote::RemoteUrl::is_remote(&text) {
             let url = text.into_owned();
             let remote = py.detach(|| tensafe_remote::RemoteFile::open(&url)).map_err(remote_error)?;
             return Ok(File::from_source(Source::Remote(Box::new(remote))));
         }
-        let file = std::fs::File::open(&filename).map_err(|e| match e.kind() {
+        let file = tensafe::open_regular(&filename).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 PyFileNotFoundError::new_err(format!("No such file or directory: {}", filename.display()))
             }
             _ => PyOSError::new_err(format!("{}: {e}", filename.display())),
         })?;
-        if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(PyOSError::new_err(format!("{}: is a directory", filename.display())));
+        File::from_local(py, file, filename, backend)
+    }
+
+    /// Opens the file behind the open descriptor `fd` (duplicated: the
+    /// caller keeps its own), the same file even if `name`, used in
+    /// messages, now names another.
+    #[staticmethod]
+    #[pyo3(signature = (fd, name, backend = "mmap"))]
+    fn from_fd(py: Python<'_>, fd: i32, name: PathBuf, backend: &str) -> PyResult<Self> {
+        use std::os::fd::BorrowedFd;
+        check_backend(backend)?;
+        if fd < 0 {
+            return Err(PyValueError::new_err(format!("invalid file descriptor {fd}")));
         }
-        // "auto": positional reads on network and FUSE filesystems, where page
-        // faults on a mapping are slow; a mapping elsewhere.
-        let mapped = match backend {
-            "auto" => !tensafe::FilesystemKind::of(&file).prefers_pread(),
-            other => other == "mmap",
-        };
-        py.detach(|| {
-            let pread = PreadFile::from_file(file, &filename, &Default::default())?;
-            Ok(if mapped { Source::Mapped(MmapFile::from_pread_copy_on_write(pread)?) } else { Source::Pread(pread) })
-        })
-        .map(File::from_source)
-        .map_err(header_error)
+        // SAFETY: the caller's file object holds `fd` open for this call;
+        // it is only duplicated here.
+        let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| PyOSError::new_err(format!("{}: {e}", name.display())))?;
+        let file = std::fs::File::from(owned);
+        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            return Err(PyOSError::new_err(format!("{}: not a regular file", name.display())));
+        }
+        File::from_local(py, file, name, backend)
     }
 
     /// Parses a whole file held by a bytes-like object (kept, not copied).
@@ -241,7 +268,10 @@ impl File {
                 Header::parse_file_bytes(all, &Default::default()).map(|(header, _)| header)
             })
             .map_err(header_error)?;
-        Ok(File::from_source(Source::Memory { header, object: data.unbind(), buffer }))
+        // Tensors are cut out of `object` by byte offsets: a view in bytes,
+        // whatever the item size and shape of what the caller passed.
+        let bytes = pyo3::types::PyMemoryView::from(&data)?.call_method1("cast", ("B",))?;
+        Ok(File::from_source(Source::Memory { header, object: bytes.unbind(), buffer }))
     }
 
     /// Offset of the data section in the file (8 + header length).
@@ -326,8 +356,7 @@ impl File {
             }
             Source::Memory { header, object, .. } => {
                 let start = header.data_start() as isize;
-                let view = pyo3::types::PyMemoryView::from(object.bind(py))?;
-                view.get_item(pyo3::types::PySlice::new(py, start, start + header.data_len() as isize, 1))
+                object.bind(py).get_item(pyo3::types::PySlice::new(py, start, start + header.data_len() as isize, 1))
             }
             Source::Pread(_) | Source::Remote(_) => Err(PyValueError::new_err("this file has no data in memory; use read_all_into")),
         }
@@ -501,8 +530,7 @@ impl File {
             }
             Source::Memory { header, object, .. } => {
                 let start = header.data_start() as usize + info.data_offsets.0;
-                let view = pyo3::types::PyMemoryView::from(object.bind(py))?;
-                view.get_item(pyo3::types::PySlice::new(py, start as isize, (start + info.byte_len()) as isize, 1))
+                object.bind(py).get_item(pyo3::types::PySlice::new(py, start as isize, (start + info.byte_len()) as isize, 1))
             }
         }
     }
@@ -595,6 +623,29 @@ fn display_index(shape: &[usize], indices: &[SliceIndex]) -> String {
 }
 
 /// Turns a Python index (int, slice, Ellipsis, None or a tuple/list of them) into slice items.
+/// An integer index (a Python or numpy int: anything with `__index__`) as
+/// an `i64`, saturated: past ±2^63 every bound clamps and every index is
+/// out of range alike, so the slicer's own rules give numpy's answer.
+/// `None` for what is not an integer.
+fn saturating_int(value: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
+    if let Ok(i) = value.extract::<i64>() {
+        return Ok(Some(i));
+    }
+    if !value.hasattr("__index__")? {
+        return Ok(None);
+    }
+    let exact = value.call_method0("__index__")?;
+    Ok(Some(if exact.gt(0)? { i64::MAX } else { i64::MIN }))
+}
+
+/// Python's own error for a slice bound that is not an integer.
+fn not_an_int(value: &Bound<'_, PyAny>) -> PyErr {
+    PyTypeError::new_err(format!(
+        "slice indices must be integers or None or have an __index__ method, got {}",
+        value.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+    ))
+}
+
 fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
     let items: Vec<Bound<'_, PyAny>> = if let Ok(tuple) = index.cast::<PyTuple>() {
         tuple.iter().collect()
@@ -619,10 +670,10 @@ fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
             } else if let Ok(slice) = item.cast::<PySlice>() {
                 let bound = |attr: &str| -> PyResult<Option<i64>> {
                     let value = slice.getattr(attr)?;
-                    if value.is_none() { Ok(None) } else { value.extract::<i64>().map(Some) }
+                    if value.is_none() { Ok(None) } else { saturating_int(&value)?.map(Some).ok_or_else(|| not_an_int(&value)) }
                 };
                 Ok(SliceIndex::Range { start: bound("start")?, stop: bound("stop")?, step: bound("step")? })
-            } else if let Ok(i) = item.extract::<i64>() {
+            } else if let Some(i) = saturating_int(item)? {
                 Ok(SliceIndex::Index(i))
             } else {
                 Err(typed_slice_error(
@@ -935,6 +986,9 @@ fn buffers_from_list(tensors: &Bound<'_, PyList>) -> PyResult<Vec<Owned>> {
 #[pyfunction]
 fn deserialize<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
     let buffer = PyUntypedBuffer::get(bytes)?;
+    if !buffer.is_c_contiguous() {
+        return Err(PyTypeError::new_err("deserialize needs contiguous bytes (bytes, bytearray or a contiguous memoryview)"));
+    }
     // SAFETY: the export is held for this call; the bytes are only read.
     let data = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };
     let file = py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import numbers
 import os
 import re
@@ -43,7 +44,8 @@ def _device(device: Any) -> Union[str, int]:
     if isinstance(device, bool):
         raise SafetensorError(f"device {device} is invalid")
     if isinstance(device, int):
-        if device < 0:
+        # The reference takes an ordinal as a 64-bit unsigned integer.
+        if not 0 <= device < 2**64:
             raise SafetensorError(f"device {device} is invalid")
         return device
     if isinstance(device, str):
@@ -52,7 +54,7 @@ def _device(device: Any) -> Union[str, int]:
         if device.startswith("mps:"):
             raise SafetensorError(f"device {device} is invalid: only mps or mps:0 is supported")
         m = _DEVICE_RE.match(device)
-        if m:
+        if m and int(m.group(2) or 0) < 2**64:
             return f"{m.group(1)}:{m.group(2) or 0}"
     raise SafetensorError(f"device {device} is invalid")
 
@@ -230,6 +232,10 @@ def _frombuffer(*args: Any, **kwargs: Any) -> Any:
 def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
     """Every tensor of a file, cut out of one buffer: the mapping itself (mmap),
     or one allocation filled by parallel reads (pread)."""
+    # Checked whatever the backend, so that a bad value is not found only
+    # once the same call runs on another backend.
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
     progress = _progress.resolve(progress, "loading ")
     with _gc_paused():
         return _bulk_unpaused(file, framework, device, threads, progress, drop_cache)
@@ -436,8 +442,10 @@ class _CheckpointOpen(safe_open):
         return [name for shard in self._parts() for name in shard.offset_keys()]
 
     def metadata(self) -> Optional[Dict[str, str]]:
-        """The first shard's `__metadata__` (shards written together share it)."""
-        return self._parts()[0].metadata()
+        """The first shard's `__metadata__` (shards written together share it);
+        `None` for an index that lists no tensor, hence no shard."""
+        shards = self._parts()
+        return shards[0].metadata() if shards else None
 
     def get_tensor(self, name: str) -> Any:
         return self._shard(name).get_tensor(name)
@@ -537,15 +545,31 @@ def _open_source(source: Any, backend: str) -> File:
     if isinstance(source, (str, os.PathLike)):
         return File(os.fspath(source), backend)
     if hasattr(source, "read"):
-        name = getattr(source, "name", None)
-        if isinstance(name, (str, os.PathLike)) and os.path.isfile(name):
-            return File(os.fspath(name), backend)
+        fd = _os_file_descriptor(source)
+        if fd is not None:
+            return File.from_fd(fd, str(getattr(source, "name", f"<fd {fd}>")), backend)
         return File.from_bytes(source.read())
     raise TypeError(f"expected a path, a bytes-like object or a file object, got {type(source).__name__}")
 
 
+def _os_file_descriptor(source: Any) -> Optional[int]:
+    """The descriptor of an open file object whose bytes are those of an OS
+    file (`open(...)` in binary or text mode), read in place from it rather
+    than by its name, which may since name another file. `None` for
+    anything else: archive members and decompressing streams, whose
+    descriptor (if any) holds other bytes, are read with `read()`."""
+    raw = getattr(source, "buffer", source)  # text mode
+    raw = getattr(raw, "raw", raw)  # buffered
+    if isinstance(raw, io.FileIO) and not raw.closed:
+        return raw.fileno()
+    return None
+
+
 def _safe_open_handle(f: Any, framework: str, device: Any = "cpu", *, backend: str = "mmap") -> safe_open:
-    """Like `safe_open`, from an open file object (reopened by its name)."""
+    """Like `safe_open`, from an open file object: the file it has open
+    (reopened by its name once closed)."""
     if not hasattr(f, "fileno"):
         raise TypeError("expected a file object with a fileno() method")
-    return safe_open(f.name, framework, device, backend=backend)
+    if _os_file_descriptor(f) is None:
+        return safe_open(f.name, framework, device, backend=backend)
+    return safe_open(f, framework, device, backend=backend)

@@ -316,6 +316,14 @@ class TensorParallelLoad(NamedTuple):
     total_bytes: int
 
 
+def _check_counts(**values: Any) -> None:
+    """Rank, world size and dims are counts: ints from 0 (not bools, not
+    negative: a rule's dim counts from the first dimension)."""
+    for what, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+
+
 def load_tensor_parallel(
     filename: Union[str, os.PathLike],
     rank: int,
@@ -333,6 +341,7 @@ def load_tensor_parallel(
     it; unmatched tensors are replicated. With `backend="pread"` only the
     selected bytes are read from storage.
     """
+    _check_counts(rank=rank, world_size=world_size, **{f"the dim of rule {pattern!r}": dim for pattern, dim in rules if dim is not None})
     plan = TensorParallelPlan(rank, world_size, rules)
     tensors: Dict[str, torch.Tensor] = {}
     read = total = 0

@@ -71,6 +71,7 @@ def test_closed_handle(sample):
         ("pt", "CPU", "device CPU is invalid"),
         ("pt", "cuda:0:1", "device cuda:0:1 is invalid"),
         ("pt", -1, "device -1 is invalid"),
+        ("pt", 2**70, f"device {2**70} is invalid"),
         ("pt", "mps:1", "device mps:1 is invalid: only mps or mps:0 is supported"),
         ("np", "cuda:0", "Device cuda:0 is not supported for framework numpy"),
         ("np", "cuda", "Device cuda:0 is not supported for framework numpy"),
@@ -131,6 +132,92 @@ def test_bytes_memoryview_and_file_objects_work_as_sources(sample):
     with open(path, "r") as text_mode:
         with tensafe._safe_open_handle(text_mode, "np") as f:
             assert f.get_tensor("a").tolist() == [1.0] * 4
+
+
+def test_sources_are_read_by_bytes_whatever_their_item_size_or_shape(tmp_path):
+    arrays = {"a": np.arange(4, dtype=np.float32), "z": np.zeros(1000, np.float32)}
+    data = ts_np.save(arrays)
+    assert len(data) % 4 == 0
+    for source in (memoryview(bytearray(data)).cast("i"), memoryview(np.frombuffer(data, np.uint8).reshape(-1, 4)), memoryview(np.frombuffer(data, np.float32))):
+        for framework in ("np", "pt"):
+            with tensafe.safe_open(source, framework) as f:
+                assert np.asarray(f.get_tensor("a")).tolist() == [0.0, 1.0, 2.0, 3.0], (source, framework)
+                assert np.asarray(f.get_slice("a")[1:3]).tolist() == [1.0, 2.0]
+    # Bytes that are not contiguous are refused, never read past or misread.
+    strided = memoryview(data + data)[::2]
+    with pytest.raises(TypeError, match="contiguous"):
+        tensafe.deserialize(strided)
+    with pytest.raises(ValueError, match="contiguous"):
+        tensafe.safe_open(strided, "np")
+
+
+def test_file_objects_are_read_for_their_own_bytes(tmp_path, monkeypatch):
+    import gzip
+    import zipfile
+
+    monkeypatch.chdir(tmp_path)
+    ones, zeros = ({"w": np.full(2, v, np.float32)} for v in (1.0, 0.0))
+    # A file of the member's name beside it must not be read in its place.
+    ts_np.save_file(zeros, "model.safetensors")
+    with zipfile.ZipFile("c.zip", "w") as z:
+        z.writestr("model.safetensors", ts_np.save(ones))
+    with zipfile.ZipFile("c.zip").open("model.safetensors") as member:
+        with tensafe.safe_open(member, "np") as f:
+            assert f.get_tensor("w").tolist() == [1.0, 1.0]
+    with gzip.open("m.safetensors.gz", "wb") as g:
+        g.write(ts_np.save(ones))
+    with gzip.open("m.safetensors.gz", "rb") as g, tensafe.safe_open(g, "np") as f:
+        assert f.get_tensor("w").tolist() == [1.0, 1.0]
+    # An OS file is the file it has open, even once its name is another's.
+    with open("model.safetensors", "rb") as handle:
+        ts_np.save_file(ones, "model.safetensors")  # replaced by rename
+        for opened in (tensafe.safe_open(handle, "np"), tensafe._safe_open_handle(handle, "np")):
+            with opened as f:
+                assert f.get_tensor("w").tolist() == [0.0, 0.0]
+
+
+@pytest.mark.filterwarnings("ignore:Truncating the start/stop/step")  # torch, in the reference
+def test_slice_bounds_past_64_bits_clamp_and_indices_are_out_of_range(sample):
+    path, tensors = sample
+    a = tensors["a"]
+    for backend in ("mmap", "pread"):
+        with tensafe.safe_open(path, "pt", backend=backend) as f, safetensors.safe_open(path, "pt") as ref:
+            s, r = f.get_slice("a"), ref.get_slice("a")
+            for index in (slice(None, 2**64), slice(2**70, None), slice(-(2**70), None), slice(None, None, 2**64), slice(np.uint64(2**64 - 1), None)):
+                assert s[index].tolist() == a.numpy()[index].tolist(), index
+                if index.step is None:  # the reference selects nothing with a step past 2^63
+                    assert s[index].tolist() == r[index].tolist(), index
+            for index in (2**64, 2**63, np.uint64(2**64 - 1), -(2**70)):
+                with pytest.raises(IndexError, match="dimension #?0 of size 4"):
+                    s[index]
+
+
+def test_special_files_are_refused_without_waiting(tmp_path):
+    """A FIFO (whose open would wait for a writer forever) or a device is
+    an error that says what it is, at once."""
+    import threading
+
+    fifo, fifo_index = tmp_path / "pipe.safetensors", tmp_path / "pipe.index.json"
+    for path in (fifo, fifo_index):
+        os.mkfifo(path)
+    outcomes = []
+
+    def attempt():
+        for path, pattern in ((fifo, "is a FIFO, not a regular file"), (fifo_index, "is a FIFO, not a regular file"), ("/dev/zero", "is a character device")):
+            with pytest.raises((OSError, tensafe.SafetensorError), match=pattern):
+                tensafe.safe_open(path, "pt")
+            outcomes.append(path)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and len(outcomes) == 3, outcomes
+
+
+def test_a_checkpoint_index_without_tensors_has_no_metadata(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with tensafe.safe_open(tmp_path, "pt") as f:
+        assert (f.keys(), f.metadata(), f.get_tensors()) == ([], None, {})
 
 
 def test_save_errors_name_the_tensor():

@@ -55,6 +55,15 @@ def test_bulk_load_matches_the_reference(every_dtype_file, backend, threads):
     assert_same(ours, ref_pt.load_file(every_dtype_file))
 
 
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_a_bad_thread_count_is_refused_on_every_backend(tmp_path, backend):
+    path = tmp_path / "m.safetensors"
+    ts_pt.save_file({"w": torch.ones(4)}, path)
+    for threads in (0, -1, "4", True):
+        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+            ts_pt.load_file(path, backend=backend, threads=threads)
+
+
 def test_several_files_and_slices(tmp_path):
     files = []
     for k in range(3):

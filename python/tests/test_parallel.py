@@ -1,5 +1,6 @@
 """Tensor-parallel loads: each rank reads only its part."""
 
+import pytest
 import torch
 
 import tensafe.torch as ts_pt
@@ -55,3 +56,20 @@ def test_same_parts_from_mmap_and_a_single_file(tmp_path):
     b = ts_pt.load_tensor_parallel(tmp_path, 2, 4, RULES)
     assert a.bytes_read == b.bytes_read and a.total_bytes == b.total_bytes
     assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in sd)
+
+
+@pytest.mark.parametrize(
+    "rank,world_size,rules,message",
+    [
+        (-1, 2, [], "rank must be an int >= 0, got -1"),
+        (0, -2, [], "world_size must be an int >= 0, got -2"),
+        (0, 2, [("*", -1)], "the dim of rule '\\*' must be an int >= 0, got -1"),
+        (0, 2, [("*", True)], "the dim of rule '\\*' must be an int >= 0, got True"),
+        (2, 2, [], "rank"),
+    ],
+)
+def test_bad_ranks_and_dims_are_value_errors_that_say_which(tmp_path, rank, world_size, rules, message):
+    path = tmp_path / "m.safetensors"
+    ts_pt.save_file({"w": torch.ones(4, 4)}, path)
+    with pytest.raises(ValueError, match=message):
+        ts_pt.load_tensor_parallel(path, rank, world_size, rules)

@@ -555,7 +555,7 @@ impl Writeback {
 
 /// Maps a file read-only (an empty file gives an empty slice).
 pub fn map_file(path: &Path) -> Result<Mapped> {
-    let file = File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    let file = tensafe::open_regular(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
     let len = file.metadata().map_err(|source| Error::Io { path: path.to_owned(), source })?.len();
     if len == 0 {
         return Ok(Mapped { map: None, file });
@@ -623,7 +623,7 @@ pub struct ShardedReport {
 /// `model.safetensors.index.json`, as transformers names them. The input
 /// index must agree with the shards: every tensor where it says, none missing.
 pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -> Result<ShardedReport> {
-    let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: index.to_owned(), source })?;
+    let text = tensafe::read_index_text(index).map_err(|source| Error::Io { path: index.to_owned(), source })?;
     let input = tensafe::ShardIndex::parse(&text).map_err(|e| Error::Structure(format!("{}: {e}", index.display())))?;
     let mut shard_names: Vec<&str> = input.weight_map.values().map(String::as_str).collect();
     shard_names.sort();

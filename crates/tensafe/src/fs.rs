@@ -4,7 +4,63 @@
 //! to the server, which makes mmap 10–50× slower there than positional reads
 //! of large blocks; on local filesystems mmap is as fast and lazy.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+
+/// Opens `path` for reading, refusing what is not a regular file with an
+/// error that says what it is: a FIFO (whose open would wait for a writer,
+/// forever for a file nobody writes), a device (`/dev/zero` never ends), a
+/// directory. The open itself is non-blocking so that it cannot wait; the
+/// flag is cleared again for the regular file returned (local filesystems
+/// ignore it there, but FUSE passes it to its server). Every reader of
+/// files a user names goes through here.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = options.open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain fcntl calls on a descriptor this function owns.
+            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        return Ok(file);
+    }
+    let what = if kind.is_dir() { "a directory" } else { special_kind(kind) };
+    Err(io::Error::new(io::ErrorKind::InvalidInput, format!("is {what}, not a regular file")))
+}
+
+#[cfg(unix)]
+fn special_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "something else"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_kind(_: std::fs::FileType) -> &'static str {
+    "something else"
+}
 
 /// What kind of filesystem holds a file, as far as read strategy goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +123,31 @@ mod tests {
         assert!(FilesystemKind::from_magic(0xff53_4d42).prefers_pread());
         assert!(!FilesystemKind::from_magic(0xef53).prefers_pread(), "ext4 is local");
         assert!(!FilesystemKind::from_magic(0x0102_1994).prefers_pread(), "tmpfs is local");
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn only_regular_files_open_and_nothing_waits() {
+        use std::os::fd::AsRawFd;
+
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.safetensors");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // A blocking open of a FIFO nobody writes would never return.
+        let refused = |path: &Path| open_regular(path).unwrap_err().to_string();
+        assert_eq!(refused(&fifo), "is a FIFO, not a regular file");
+        assert_eq!(refused(dir.path()), "is a directory, not a regular file");
+        assert_eq!(refused(Path::new("/dev/zero")), "is a character device, not a regular file");
+        assert_eq!(open_regular(&dir.path().join("missing")).unwrap_err().kind(), io::ErrorKind::NotFound);
+
+        let regular = dir.path().join("model.safetensors");
+        std::fs::write(&regular, b"data").unwrap();
+        let file = open_regular(&regular).unwrap();
+        // SAFETY: F_GETFL on an open descriptor.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "the returned file blocks as usual");
     }
 
     #[test]

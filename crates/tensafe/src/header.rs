@@ -82,7 +82,12 @@ impl Header {
         }
         let declared = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
         if declared > options.max_header_size {
-            return Err(Error::HeaderTooLarge { declared, limit: options.max_header_size, hint: Diagnosis::sniff(prefix) });
+            let hint = match Diagnosis::sniff(prefix) {
+                // The whole declared header is there: not truncated, just large.
+                Diagnosis::TruncatedHeader if declared.saturating_add(8) <= file_len => Diagnosis::Unknown,
+                hint => hint,
+            };
+            return Err(Error::HeaderTooLarge { declared, limit: options.max_header_size, hint });
         }
         let available = file_len - 8;
         if declared > available || usize::try_from(declared).is_err() {
@@ -408,6 +413,12 @@ mod tests {
     fn reference_check_order() {
         assert!(matches!(parse(b""), Err(Error::HeaderTooSmall { file_len: 0, .. })));
         assert!(matches!(parse(&u64::MAX.to_le_bytes()), Err(Error::HeaderTooLarge { .. })));
+        // Over the limit: called truncated only when the file ends before the declared header does.
+        let mut large = 150_000_000u64.to_le_bytes().to_vec();
+        large.extend_from_slice(b"{}");
+        let message = |file_len| Header::header_len(&large, file_len, &ReadOptions::default()).unwrap_err().to_string();
+        assert!(!message(300_000_000).contains("truncated"), "{}", message(300_000_000));
+        assert!(message(1_000).contains("truncated"), "{}", message(1_000));
         assert!(matches!(parse(&100u64.to_le_bytes()), Err(Error::InvalidHeaderLength { .. })));
         assert!(matches!(parse(&file("{\"a\":1}\0", 0)), Err(Error::InvalidJson { .. })));
         let hole = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;

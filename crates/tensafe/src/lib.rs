@@ -36,12 +36,12 @@ mod writer;
 pub use atomic::{write_atomically, write_file_atomically};
 pub use dtype::Dtype;
 pub use error::{Diagnosis, Error, Result};
-pub use fs::FilesystemKind;
+pub use fs::{open_regular, FilesystemKind};
 pub use header::{Header, Printable, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 pub use parallel::{Split, TensorParallelPlan};
 pub use reader::{MmapFile, PreadFile, SafeTensors, TensorView};
 pub use shards::{
-    is_checkpoint_path, parse_size, plan_shards, reshard, save_sharded, Checkpoint, LazyTensor, ShardFile, ShardIndex, ShardPlan, ShardedCheckpoint, TensorSource, INDEX_FILE,
+    is_checkpoint_path, parse_size, read_index_text, plan_shards, reshard, save_sharded, Checkpoint, LazyTensor, ShardFile, ShardIndex, ShardPlan, ShardedCheckpoint, TensorSource, INDEX_FILE,
     SINGLE_FILE,
 };
 pub use slice::{ByteRanges, SliceIndex, SlicePlan};

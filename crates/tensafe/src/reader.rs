@@ -123,7 +123,7 @@ impl PreadFile {
     /// Like [`PreadFile::open`], with options.
     pub fn open_with(path: impl AsRef<Path>, options: &ReadOptions) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io("opening the file", e).in_file(path))?;
+        let file = crate::fs::open_regular(path).map_err(|e| Error::io("opening the file", e).in_file(path))?;
         PreadFile::from_file(file, path, options)
     }
 

@@ -251,6 +251,23 @@ pub fn is_checkpoint_path(path: &Path) -> bool {
     path.is_dir() || is_index_file(path)
 }
 
+/// The most bytes an index is read up to: far above any real one (an entry
+/// is a name and a file name; a million tensors take ~100 MB), and a bound
+/// on what a hostile path (a link to `/dev/zero`, a huge file) can cost.
+pub const MAX_INDEX_SIZE: u64 = 256 << 20;
+
+/// An index file's text, refused past [`MAX_INDEX_SIZE`].
+pub fn read_index_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+
+    let mut text = String::new();
+    crate::fs::open_regular(path)?.take(MAX_INDEX_SIZE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_INDEX_SIZE {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than the {MAX_INDEX_SIZE}-byte limit for an index")));
+    }
+    Ok(text)
+}
+
 fn is_index_file(path: &Path) -> bool {
     use std::io::Read;
 
@@ -258,7 +275,7 @@ fn is_index_file(path: &Path) -> bool {
         return false;
     }
     let mut start = [0u8; 9];
-    let safetensors = std::fs::File::open(path).and_then(|mut file| {
+    let safetensors = crate::fs::open_regular(path).and_then(|mut file| {
         let len = file.metadata()?.len();
         file.read_exact(&mut start)?;
         let header = u64::from_le_bytes(start[..8].try_into().expect("eight bytes"));
@@ -296,7 +313,7 @@ impl Checkpoint<PreadFile> {
     }
 
     fn open_index(index_path: &Path) -> Result<ShardedCheckpoint> {
-        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io("reading the index", e).in_file(index_path))?;
+        let text = read_index_text(index_path).map_err(|e| Error::io("reading the index", e).in_file(index_path))?;
         let index = ShardIndex::parse(&text).map_err(|e| e.in_file(index_path))?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut shards = Vec::new();
