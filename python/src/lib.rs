@@ -622,20 +622,19 @@ fn display_index(shape: &[usize], indices: &[SliceIndex]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
-/// Turns a Python index (int, slice, Ellipsis, None or a tuple/list of them) into slice items.
 /// An integer index (a Python or numpy int: anything with `__index__`) as
 /// an `i64`, saturated: past ±2^63 every bound clamps and every index is
 /// out of range alike, so the slicer's own rules give numpy's answer.
-/// `None` for what is not an integer.
+/// `None` for what is not an integer (a float tensor has `__index__` too,
+/// which refuses).
 fn saturating_int(value: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
     if let Ok(i) = value.extract::<i64>() {
         return Ok(Some(i));
     }
-    if !value.hasattr("__index__")? {
-        return Ok(None);
+    match value.call_method0("__index__") {
+        Ok(exact) => Ok(Some(if exact.gt(0)? { i64::MAX } else { i64::MIN })),
+        Err(_) => Ok(None),
     }
-    let exact = value.call_method0("__index__")?;
-    Ok(Some(if exact.gt(0)? { i64::MAX } else { i64::MIN }))
 }
 
 /// Python's own error for a slice bound that is not an integer.
@@ -646,6 +645,7 @@ fn not_an_int(value: &Bound<'_, PyAny>) -> PyErr {
     ))
 }
 
+/// Turns a Python index (int, slice, Ellipsis, None or a tuple/list of them) into slice items.
 fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
     let items: Vec<Bound<'_, PyAny>> = if let Ok(tuple) = index.cast::<PyTuple>() {
         tuple.iter().collect()

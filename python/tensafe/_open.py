@@ -8,6 +8,7 @@ import io
 import numbers
 import os
 import re
+import stat
 import threading
 from typing import Any, Dict, List, Optional, Union
 
@@ -553,14 +554,14 @@ def _open_source(source: Any, backend: str) -> File:
 
 
 def _os_file_descriptor(source: Any) -> Optional[int]:
-    """The descriptor of an open file object whose bytes are those of an OS
-    file (`open(...)` in binary or text mode), read in place from it rather
-    than by its name, which may since name another file. `None` for
-    anything else: archive members and decompressing streams, whose
-    descriptor (if any) holds other bytes, are read with `read()`."""
+    """The descriptor of an open file object whose bytes are those of a
+    regular OS file (`open(...)` in binary or text mode), read in place from
+    it rather than by its name, which may since name another file. `None`
+    for anything else, read with `read()`: archive members and decompressing
+    streams (whose descriptor, if any, holds other bytes), pipes."""
     raw = getattr(source, "buffer", source)  # text mode
     raw = getattr(raw, "raw", raw)  # buffered
-    if isinstance(raw, io.FileIO) and not raw.closed:
+    if isinstance(raw, io.FileIO) and not raw.closed and stat.S_ISREG(os.fstat(raw.fileno()).st_mode):
         return raw.fileno()
     return None
 

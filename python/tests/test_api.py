@@ -168,6 +168,12 @@ def test_file_objects_are_read_for_their_own_bytes(tmp_path, monkeypatch):
         g.write(ts_np.save(ones))
     with gzip.open("m.safetensors.gz", "rb") as g, tensafe.safe_open(g, "np") as f:
         assert f.get_tensor("w").tolist() == [1.0, 1.0]
+    # A pipe is a stream: read, not mapped.
+    read_end, write_end = os.pipe()
+    os.write(write_end, ts_np.save(ones))
+    os.close(write_end)
+    with open(read_end, "rb") as pipe, tensafe.safe_open(pipe, "np") as f:
+        assert f.get_tensor("w").tolist() == [1.0, 1.0]
     # An OS file is the file it has open, even once its name is another's.
     with open("model.safetensors", "rb") as handle:
         ts_np.save_file(ones, "model.safetensors")  # replaced by rename
