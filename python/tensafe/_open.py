@@ -542,7 +542,13 @@ def _natively_sliced(index: Any) -> bool:
 def _open_source(source: Any, backend: str) -> File:
     """A path, a bytes-like object holding a whole file, or a file object."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return File.from_bytes(source)
+        try:
+            return File.from_bytes(source)
+        except SafetensorError as error:
+            path = _as_path(source)
+            if path is None:
+                raise
+            raise SafetensorError(f"{error}; the bytes given are the path {path!r}, not a file's contents: pass it as a str to open the file") from None
     if isinstance(source, (str, os.PathLike)):
         return File(os.fspath(source), backend)
     if hasattr(source, "read"):
@@ -551,6 +557,19 @@ def _open_source(source: Any, backend: str) -> File:
             return File.from_fd(fd, str(getattr(source, "name", f"<fd {fd}>")), backend)
         return File.from_bytes(source.read())
     raise TypeError(f"expected a path, a bytes-like object or a file object, got {type(source).__name__}")
+
+
+def _as_path(data: Any) -> Optional[str]:
+    """`data` as a path when it is one (a short byte string naming a file
+    that exists, or ending like a safetensors or index file): what a caller
+    who passed a path as bytes meant."""
+    if len(data) > 4096:
+        return None
+    raw = bytes(data)
+    if b"\0" in raw:
+        return None
+    path = os.fsdecode(raw)
+    return path if os.path.exists(path) or path.endswith((".safetensors", ".json")) else None
 
 
 def _os_file_descriptor(source: Any) -> Optional[int]:

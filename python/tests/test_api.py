@@ -151,6 +151,16 @@ def test_sources_are_read_by_bytes_whatever_their_item_size_or_shape(tmp_path):
         tensafe.safe_open(strided, "np")
 
 
+def test_a_path_passed_as_bytes_is_named_in_the_error(sample):
+    path, _ = sample
+    for given in (os.fsencode(path), b"missing/model.safetensors"):
+        with pytest.raises(tensafe.SafetensorError, match="the bytes given are the path .*: pass it as a str"):
+            tensafe.safe_open(given, "pt")
+    with pytest.raises(tensafe.SafetensorError) as info:
+        tensafe.safe_open(b"\x05\x00\x00\x00\x00\x00\x00\x00{}", "pt")
+    assert "path" not in str(info.value)
+
+
 def test_file_objects_are_read_for_their_own_bytes(tmp_path, monkeypatch):
     import gzip
     import zipfile
