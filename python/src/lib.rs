@@ -11,7 +11,7 @@ mod staging;
 
 use std::collections::BTreeMap;
 use std::ffi::c_int;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use pyo3::buffer::PyUntypedBuffer;
@@ -119,6 +119,9 @@ struct File {
     /// it unset for the next read to try again).
     direct: OnceLock<Option<std::fs::File>>,
 }
+
+/// The error for a bytes-like object whose bytes are not in one piece.
+const NOT_CONTIGUOUS: &str = "the bytes-like object must be contiguous (bytes, bytearray or a contiguous memoryview)";
 
 fn check_backend(backend: &str) -> PyResult<()> {
     if !matches!(backend, "mmap" | "pread" | "auto") {
@@ -232,23 +235,28 @@ impl File {
         File::from_local(py, file, filename, backend)
     }
 
-    /// Opens the file behind the open descriptor `fd` (duplicated: the
-    /// caller keeps its own), the same file even if `name`, used in
-    /// messages, now names another.
+    /// Opens the file behind the open descriptor `fd` (the caller keeps
+    /// its own), the same file even if `name`, used in messages, now names
+    /// another: a duplicate of `fd`, or, when `fd` is open for writing only,
+    /// the file reopened for reading through `/proc/self/fd`.
     #[staticmethod]
     #[pyo3(signature = (fd, name, backend = "mmap"))]
     fn from_fd(py: Python<'_>, fd: i32, name: PathBuf, backend: &str) -> PyResult<Self> {
-        use std::os::fd::BorrowedFd;
+        use std::os::fd::FromRawFd;
         check_backend(backend)?;
-        if fd < 0 {
-            return Err(PyValueError::new_err(format!("invalid file descriptor {fd}")));
+        let os_error = |e: std::io::Error| PyOSError::new_err(format!("{}: {e}", name.display()));
+        // SAFETY: fcntl on any integer is defined (EBADF when it is not an
+        // open descriptor); the duplicate it returns is ours alone.
+        let access = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let duplicate = if access < 0 { -1 } else { unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) } };
+        if duplicate < 0 {
+            return Err(os_error(std::io::Error::last_os_error()));
         }
-        // SAFETY: the caller's file object holds `fd` open for this call;
-        // it is only duplicated here.
-        let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| PyOSError::new_err(format!("{}: {e}", name.display())))?;
-        let file = std::fs::File::from(owned);
-        if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
-            return Err(PyOSError::new_err(format!("{}: not a regular file", name.display())));
+        let mut file = unsafe { std::fs::File::from_raw_fd(duplicate) };
+        if access & libc::O_ACCMODE == libc::O_WRONLY {
+            file = tensafe::open_regular(Path::new(&format!("/proc/self/fd/{duplicate}"))).map_err(os_error)?;
+        } else if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            return Err(os_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
         }
         File::from_local(py, file, name, backend)
     }
@@ -258,7 +266,7 @@ impl File {
     fn from_bytes(py: Python<'_>, data: Bound<'_, PyAny>) -> PyResult<Self> {
         let buffer = PyUntypedBuffer::get(&data)?;
         if !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err("the bytes-like object must be contiguous"));
+            return Err(PyValueError::new_err(NOT_CONTIGUOUS));
         }
         let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
         let header = py
@@ -632,8 +640,8 @@ fn saturating_int(value: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
         return Ok(Some(i));
     }
     match value.call_method0("__index__") {
-        Ok(exact) => Ok(Some(if exact.gt(0)? { i64::MAX } else { i64::MIN })),
-        Err(_) => Ok(None),
+        Ok(exact) if exact.is_instance_of::<pyo3::types::PyInt>() => Ok(Some(if exact.gt(0)? { i64::MAX } else { i64::MIN })),
+        _ => Ok(None),
     }
 }
 
@@ -987,7 +995,7 @@ fn buffers_from_list(tensors: &Bound<'_, PyList>) -> PyResult<Vec<Owned>> {
 fn deserialize<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
     let buffer = PyUntypedBuffer::get(bytes)?;
     if !buffer.is_c_contiguous() {
-        return Err(PyTypeError::new_err("deserialize needs contiguous bytes (bytes, bytearray or a contiguous memoryview)"));
+        return Err(PyValueError::new_err(NOT_CONTIGUOUS));
     }
     // SAFETY: the export is held for this call; the bytes are only read.
     let data = unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, buffer.len_bytes()) };

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import io
 import numbers
+import operator
 import os
 import re
 import stat
@@ -36,6 +37,17 @@ def _framework(framework: Any) -> str:
         return _FRAMEWORKS[framework]
     except KeyError:
         raise SafetensorError(f"framework {framework} is invalid") from None
+
+
+def _integer(value: Any) -> Optional[int]:
+    """`value` as an int when it is an integer (int, numpy integer, integer
+    0-d tensor: anything with `__index__`), not a bool; else `None`."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _device(device: Any) -> Union[str, int]:
@@ -235,8 +247,8 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
     or one allocation filled by parallel reads (pread)."""
     # Checked whatever the backend, so that a bad value is not found only
     # once the same call runs on another backend.
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    if threads is not None and (_integer(threads) is None or _integer(threads) < 1):
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     progress = _progress.resolve(progress, "loading ")
     with _gc_paused():
         return _bulk_unpaused(file, framework, device, threads, progress, drop_cache)
@@ -552,11 +564,26 @@ def _open_source(source: Any, backend: str) -> File:
     if isinstance(source, (str, os.PathLike)):
         return File(os.fspath(source), backend)
     if hasattr(source, "read"):
-        fd = _os_file_descriptor(source)
-        if fd is not None:
-            return File.from_fd(fd, str(getattr(source, "name", f"<fd {fd}>")), backend)
-        return File.from_bytes(source.read())
+        return _open_file_object(source, backend)
     raise TypeError(f"expected a path, a bytes-like object or a file object, got {type(source).__name__}")
+
+
+def _open_file_object(source: Any, backend: str) -> File:
+    """An OS file object (`open(...)`, any mode) is the regular file it has
+    open, read in place (not by its name, which may since name another
+    file), or, once closed, the file its name names. Anything else (archive
+    members, decompressing streams, pipes) is read with `read()`."""
+    raw = getattr(source, "buffer", source)  # text mode
+    raw = getattr(raw, "raw", raw)  # buffered
+    name = getattr(source, "name", None)
+    if isinstance(raw, io.FileIO) and raw.closed and isinstance(name, (str, bytes, os.PathLike)):
+        return File(os.fsdecode(name), backend)
+    if isinstance(raw, io.FileIO) and not raw.closed and stat.S_ISREG(os.fstat(raw.fileno()).st_mode):
+        if raw.writable():
+            source.flush()  # what the caller wrote is part of the file
+        shown = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else f"<file descriptor {raw.fileno()}>"
+        return File.from_fd(raw.fileno(), shown, backend)
+    return File.from_bytes(source.read())
 
 
 def _as_path(data: Any) -> Optional[str]:
@@ -572,24 +599,12 @@ def _as_path(data: Any) -> Optional[str]:
     return path if os.path.exists(path) or path.endswith((".safetensors", ".json")) else None
 
 
-def _os_file_descriptor(source: Any) -> Optional[int]:
-    """The descriptor of an open file object whose bytes are those of a
-    regular OS file (`open(...)` in binary or text mode), read in place from
-    it rather than by its name, which may since name another file. `None`
-    for anything else, read with `read()`: archive members and decompressing
-    streams (whose descriptor, if any, holds other bytes), pipes."""
-    raw = getattr(source, "buffer", source)  # text mode
-    raw = getattr(raw, "raw", raw)  # buffered
-    if isinstance(raw, io.FileIO) and not raw.closed and stat.S_ISREG(os.fstat(raw.fileno()).st_mode):
-        return raw.fileno()
-    return None
-
-
 def _safe_open_handle(f: Any, framework: str, device: Any = "cpu", *, backend: str = "mmap") -> safe_open:
-    """Like `safe_open`, from an open file object: the file it has open
-    (reopened by its name once closed)."""
+    """Like `safe_open`, from an open file object: the file it has open, or
+    the sharded checkpoint when it is an index."""
     if not hasattr(f, "fileno"):
         raise TypeError("expected a file object with a fileno() method")
-    if _os_file_descriptor(f) is None:
-        return safe_open(f.name, framework, device, backend=backend)
+    name = getattr(f, "name", None)
+    if isinstance(name, (str, os.PathLike)) and _is_checkpoint(os.fspath(name)):
+        return safe_open(name, framework, device, backend=backend)
     return safe_open(f, framework, device, backend=backend)

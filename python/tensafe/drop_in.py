@@ -55,8 +55,10 @@ class _Finder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_loader(fullname, _AliasLoader(f"tensafe.{rest}"))
 
     def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
+        # Asked by name only (as version checks ask): a listing of every
+        # distribution would otherwise show the reference's twice.
         name = context.name
-        if name is None or name.replace("-", "_").lower() == "safetensors":
+        if name is not None and name.replace("-", "_").lower() == "safetensors":
             yield _Distribution()
 
 
@@ -97,6 +99,7 @@ def _alias(name: str, target: types.ModuleType, is_package: bool) -> types.Modul
         module.__path__ = []
     module.__version__ = API_VERSION
     module.__getattr__ = lambda attribute: getattr(target, attribute)
+    module.__dir__ = lambda: sorted(set(dir(target)) | set(vars(module)))
     return module
 
 
@@ -143,10 +146,11 @@ def main() -> None:
     else:
         sys.argv = sys.argv[1:]
         script = sys.argv[0]
-        if os.path.isfile(script):
+        if os.path.isfile(script) and not sys.flags.safe_path:
             # As `python script.py` does: the script's own directory (links
             # resolved) comes first, so it imports the modules beside it.
-            # (run_path does this itself for directories and zip files.)
+            # (run_path does this itself for directories and zip files; with
+            # -P, Python puts nothing there.)
             sys.path[0] = os.path.dirname(os.path.realpath(script))
         runpy.run_path(script, run_name="__main__")
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 import torch
 
 from . import _dtypes, _save
-from ._open import _to_torch, safe_open
+from ._open import _integer, _to_torch, safe_open
 from ._tensafe_rust import TensorParallelPlan, TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (the reference's module has them)
 
 #: torch dtype -> element size in bytes (F4 counts its packed byte), as the reference exposes it.
@@ -317,11 +317,12 @@ class TensorParallelLoad(NamedTuple):
 
 
 def _check_counts(**values: Any) -> None:
-    """Rank, world size and dims are counts: ints from 0 (not bools, not
-    negative: a rule's dim counts from the first dimension)."""
+    """Rank, world size and dims are integers from 0 (not negative: a rule's
+    dim counts from the first dimension)."""
     for what, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+        counted_from = 1 if what == "world_size" else 0
+        if _integer(value) is None or _integer(value) < counted_from:
+            raise ValueError(f"{what} must be an integer >= {counted_from}, got {value!r}")
 
 
 def load_tensor_parallel(

@@ -145,10 +145,9 @@ def test_sources_are_read_by_bytes_whatever_their_item_size_or_shape(tmp_path):
                 assert np.asarray(f.get_slice("a")[1:3]).tolist() == [1.0, 2.0]
     # Bytes that are not contiguous are refused, never read past or misread.
     strided = memoryview(data + data)[::2]
-    with pytest.raises(TypeError, match="contiguous"):
-        tensafe.deserialize(strided)
-    with pytest.raises(ValueError, match="contiguous"):
-        tensafe.safe_open(strided, "np")
+    for refused in (lambda: tensafe.deserialize(strided), lambda: tensafe.safe_open(strided, "np")):
+        with pytest.raises(ValueError, match="must be contiguous"):
+            refused()
 
 
 def test_a_path_passed_as_bytes_is_named_in_the_error(sample):
@@ -184,6 +183,19 @@ def test_file_objects_are_read_for_their_own_bytes(tmp_path, monkeypatch):
     os.close(write_end)
     with open(read_end, "rb") as pipe, tensafe.safe_open(pipe, "np") as f:
         assert f.get_tensor("w").tolist() == [1.0, 1.0]
+    # Open for writing only, with the last bytes still in its buffer.
+    with open("written.safetensors", "wb") as written:
+        written.write(ts_np.save(ones))
+        with tensafe.safe_open(written, "np") as f:
+            assert f.get_tensor("w").tolist() == [1.0, 1.0]
+    # Closed: the file its name names, by either entry point.
+    for opened in (tensafe.safe_open(written, "np"), tensafe._safe_open_handle(written, "np")):
+        with opened as f:
+            assert f.get_tensor("w").tolist() == [1.0, 1.0]
+    # An index opened through its handle is the checkpoint.
+    ts_np.save_sharded({"a": np.zeros(600, np.float32), "b": np.ones(600, np.float32)}, "ckpt", max_shard_size="3KB")
+    with open("ckpt/model.safetensors.index.json", "rb") as index, tensafe._safe_open_handle(index, "np") as f:
+        assert f.keys() == ["a", "b"]
     # An OS file is the file it has open, even once its name is another's.
     with open("model.safetensors", "rb") as handle:
         ts_np.save_file(ones, "model.safetensors")  # replaced by rename
@@ -490,9 +502,12 @@ def test_drop_in_install_replaces_a_reference_imported_before():
 def test_drop_in_runs_a_script_as_python_does_and_reaches_its_child_processes(tmp_path):
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "beside.py").write_text("VALUE = 'found beside the script'\n")
+    other = tmp_path / "other_environment"
+    (other / "safetensors").mkdir(parents=True)
+    (other / "safetensors" / "__init__.py").write_text("MARK = 'the safetensors of another environment'\n")
     script = tmp_path / "project" / "train.py"
     script.write_text(
-        "import multiprocessing, subprocess, sys\n"
+        "import multiprocessing, os, subprocess, sys\n"
         "import beside\n"
         "def where(_):\n"
         "    import safetensors\n"
@@ -503,6 +518,10 @@ def test_drop_in_runs_a_script_as_python_does_and_reaches_its_child_processes(tm
         "    with multiprocessing.get_context('spawn').Pool(1) as pool: print(pool.map(where, [0])[0])\n"
         "    child = 'import safetensors.torch; print(safetensors.torch.save_file.__module__, safetensors.__version__)'\n"
         "    print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout.strip())\n"
+        "    # A Python without tensafe (-S: no site-packages) gets its own safetensors.\n"
+        f"    env = dict(os.environ, PYTHONPATH=os.environ['PYTHONPATH'] + os.pathsep + {str(other)!r})\n"
+        "    child = 'import safetensors; print(safetensors.MARK)'\n"
+        "    print(subprocess.run([sys.executable, '-S', '-c', child], env=env, capture_output=True, text=True, check=True).stdout.strip())\n"
     )
     # Run from elsewhere: the script's own directory must come first on sys.path.
     assert _drop_in_output(script, tmp_path) == [
@@ -510,6 +529,7 @@ def test_drop_in_runs_a_script_as_python_does_and_reaches_its_child_processes(tm
         "tensafe._open",
         "tensafe._open",
         f"tensafe.torch {safetensors.__version__}",
+        "the safetensors of another environment",
     ]
 
 

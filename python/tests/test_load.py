@@ -60,8 +60,9 @@ def test_a_bad_thread_count_is_refused_on_every_backend(tmp_path, backend):
     path = tmp_path / "m.safetensors"
     ts_pt.save_file({"w": torch.ones(4)}, path)
     for threads in (0, -1, "4", True):
-        with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        with pytest.raises(ValueError, match="threads must be an integer >= 1"):
             ts_pt.load_file(path, backend=backend, threads=threads)
+    assert torch.equal(ts_pt.load_file(path, backend=backend, threads=np.int64(2))["w"], torch.ones(4))
 
 
 def test_several_files_and_slices(tmp_path):

@@ -61,10 +61,10 @@ def test_same_parts_from_mmap_and_a_single_file(tmp_path):
 @pytest.mark.parametrize(
     "rank,world_size,rules,message",
     [
-        (-1, 2, [], "rank must be an int >= 0, got -1"),
-        (0, -2, [], "world_size must be an int >= 0, got -2"),
-        (0, 2, [("*", -1)], "the dim of rule '\\*' must be an int >= 0, got -1"),
-        (0, 2, [("*", True)], "the dim of rule '\\*' must be an int >= 0, got True"),
+        (-1, 2, [], "rank must be an integer >= 0, got -1"),
+        (0, 0, [], "world_size must be an integer >= 1, got 0"),
+        (0, 2, [("*", -1)], "the dim of rule '\\*' must be an integer >= 0, got -1"),
+        (0, 2, [("*", True)], "the dim of rule '\\*' must be an integer >= 0, got True"),
         (2, 2, [], "rank"),
     ],
 )
@@ -73,3 +73,12 @@ def test_bad_ranks_and_dims_are_value_errors_that_say_which(tmp_path, rank, worl
     ts_pt.save_file({"w": torch.ones(4, 4)}, path)
     with pytest.raises(ValueError, match=message):
         ts_pt.load_tensor_parallel(path, rank, world_size, rules)
+
+
+def test_numpy_integers_count_as_ranks_and_dims(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "m.safetensors"
+    ts_pt.save_file({"w": torch.arange(16.0).reshape(4, 4)}, path)
+    part = ts_pt.load_tensor_parallel(path, np.int64(1), np.int32(2), [("*", np.int64(1))])
+    assert torch.equal(part.tensors["w"], torch.arange(16.0).reshape(4, 4)[:, 2:])

@@ -10,9 +10,6 @@ use crate::store::{block_on, store_for, RemoteUrl};
 use crate::traffic::{Counter, Probe, Traffic};
 use crate::{RemoteFile, RemoteOptions};
 
-/// Largest index file read (transformers' indexes are a few hundred KB).
-const MAX_INDEX_BYTES: u64 = 64 << 20;
-
 /// One or several remote safetensors files opened as one checkpoint: a
 /// [`Checkpoint`] of [`RemoteFile`]s (which it dereferences to, for the
 /// shards, names, sizes and lookups) plus what reading the index cost.
@@ -125,8 +122,8 @@ fn read_small(url: &RemoteUrl, options: &RemoteOptions, counter: &Counter) -> Re
         let get = GetOptions { extensions: probe.extensions(), ..GetOptions::default() };
         let result = store.get_opts(url.object_path(), get).await.map_err(|e| classify(e, &probe, &object, 0..0))?;
         let size = result.meta.size;
-        if size > MAX_INDEX_BYTES {
-            return Err(invalid(url.as_str(), format!("the index has {size} bytes, more than the {MAX_INDEX_BYTES} an index may have")));
+        if size > tensafe::MAX_INDEX_SIZE {
+            return Err(invalid(url.as_str(), format!("the index has {size} bytes, more than the {} an index may have", tensafe::MAX_INDEX_SIZE)));
         }
         let bytes = result.bytes().await.map_err(|e| classify(e, &probe, &object, 0..size))?;
         if bytes.len() as u64 != size {

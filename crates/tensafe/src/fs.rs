@@ -1,4 +1,5 @@
-//! Which read strategy suits the filesystem a file lives on.
+//! Opening the files a user names ([`open_regular`]), and which read
+//! strategy suits the filesystem a file lives on ([`FilesystemKind`]).
 //!
 //! Page faults on a mapping of a network or FUSE file each become a round trip
 //! to the server, which makes mmap 10–50× slower there than positional reads
@@ -10,12 +11,15 @@ use std::path::Path;
 
 /// Opens `path` for reading, refusing what is not a regular file with an
 /// error that says what it is: a FIFO (whose open would wait for a writer,
-/// forever for a file nobody writes), a device (`/dev/zero` never ends), a
-/// directory. The open itself is non-blocking so that it cannot wait; the
-/// flag is cleared again for the regular file returned (local filesystems
-/// ignore it there, but FUSE passes it to its server). Every reader of
-/// files a user names goes through here.
+/// forever for a file nobody writes), a device (`/dev/zero` never ends, and
+/// some devices act on being opened), a directory. The path's type is
+/// checked before the open, so none of these is opened, and the open file's
+/// again after it (the path may have changed in between); the open is
+/// non-blocking so that even then it cannot wait, and the flag is cleared
+/// on the file returned (local filesystems ignore it there, FUSE passes it
+/// to its server). Every reader of files a user names goes through here.
 pub fn open_regular(path: &Path) -> io::Result<File> {
+    refuse_unless_regular(std::fs::metadata(path)?.file_type())?;
     let mut options = OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
@@ -24,18 +28,22 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
         options.custom_flags(libc::O_NONBLOCK);
     }
     let file = options.open(path)?;
-    let kind = file.metadata()?.file_type();
-    if kind.is_file() {
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: plain fcntl calls on a descriptor this function owns.
-            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-            if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+    refuse_unless_regular(file.metadata()?.file_type())?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain fcntl calls on a descriptor this function owns.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
         }
-        return Ok(file);
+    }
+    Ok(file)
+}
+
+fn refuse_unless_regular(kind: std::fs::FileType) -> io::Result<()> {
+    if kind.is_file() {
+        return Ok(());
     }
     let what = if kind.is_dir() { "a directory" } else { special_kind(kind) };
     Err(io::Error::new(io::ErrorKind::InvalidInput, format!("is {what}, not a regular file")))
@@ -140,6 +148,9 @@ mod tests {
         assert_eq!(refused(&fifo), "is a FIFO, not a regular file");
         assert_eq!(refused(dir.path()), "is a directory, not a regular file");
         assert_eq!(refused(Path::new("/dev/zero")), "is a character device, not a regular file");
+        let socket = dir.path().join("socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(refused(&socket), "is a socket, not a regular file");
         assert_eq!(open_regular(&dir.path().join("missing")).unwrap_err().kind(), io::ErrorKind::NotFound);
 
         let regular = dir.path().join("model.safetensors");

@@ -244,26 +244,34 @@ pub type ShardedCheckpoint = Checkpoint<PreadFile>;
 /// Whether [`Checkpoint::open`] takes `path` for a checkpoint of several
 /// files rather than one safetensors file: a directory, or an index, i.e. a
 /// file named `*.json` that is not itself a safetensors file (whose first
-/// eight bytes give a header length that fits the file, with the header's
-/// `{` after them; JSON text read that way gives a length far past any
-/// file's end).
+/// eight bytes give a header length that fits in the file; read that way,
+/// the first eight bytes of JSON text, which holds no NUL byte, give a
+/// length of 2^56 or more, past any file's end).
 pub fn is_checkpoint_path(path: &Path) -> bool {
     path.is_dir() || is_index_file(path)
 }
 
-/// The most bytes an index is read up to: far above any real one (an entry
-/// is a name and a file name; a million tensors take ~100 MB), and a bound
-/// on what a hostile path (a link to `/dev/zero`, a huge file) can cost.
-pub const MAX_INDEX_SIZE: u64 = 256 << 20;
+/// The most bytes an index may have, local or remote: far above any real
+/// one (an entry is a tensor name and a file name, ~100 bytes; the largest
+/// checkpoints have ~100k tensors), and a bound on what a hostile index
+/// can cost.
+pub const MAX_INDEX_SIZE: u64 = 64 << 20;
 
-/// An index file's text, refused past [`MAX_INDEX_SIZE`].
+/// An index file's text, refused past [`MAX_INDEX_SIZE`] (by its size
+/// first, and while reading, should it grow).
 pub fn read_index_text(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
 
+    let too_large = |size: u64| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the index has {size} bytes or more, more than the {MAX_INDEX_SIZE} an index may have"));
+    let file = crate::fs::open_regular(path)?;
+    let size = file.metadata()?.len();
+    if size > MAX_INDEX_SIZE {
+        return Err(too_large(size));
+    }
     let mut text = String::new();
-    crate::fs::open_regular(path)?.take(MAX_INDEX_SIZE + 1).read_to_string(&mut text)?;
+    file.take(MAX_INDEX_SIZE + 1).read_to_string(&mut text)?;
     if text.len() as u64 > MAX_INDEX_SIZE {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than the {MAX_INDEX_SIZE}-byte limit for an index")));
+        return Err(too_large(text.len() as u64));
     }
     Ok(text)
 }
@@ -274,12 +282,11 @@ fn is_index_file(path: &Path) -> bool {
     if !path.to_string_lossy().ends_with(".json") {
         return false;
     }
-    let mut start = [0u8; 9];
+    let mut start = [0u8; 8];
     let safetensors = crate::fs::open_regular(path).and_then(|mut file| {
         let len = file.metadata()?.len();
         file.read_exact(&mut start)?;
-        let header = u64::from_le_bytes(start[..8].try_into().expect("eight bytes"));
-        Ok(header.checked_add(8).is_some_and(|end| end <= len) && start[8] == b'{')
+        Ok(u64::from_le_bytes(start).checked_add(8).is_some_and(|end| end <= len))
     });
     // Unreadable: opened as an index, whose read then reports why.
     !safetensors.unwrap_or(false)
@@ -596,8 +603,19 @@ mod tests {
         assert_eq!((opened.shards().len(), opened.read_tensor("layer.4").unwrap()), (1, data[4].clone()));
         // Indexes, short ones and unreadable ones are opened as indexes, which say what is wrong.
         assert!(is_checkpoint_path(&dir.path().join(INDEX_FILE)) && is_checkpoint_path(dir.path()));
+        // Whatever its header starts with (whitespace is valid JSON).
+        let header = br#" {"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        std::fs::write(&file, [&(header.len() as u64).to_le_bytes()[..], header, b"\x07"].concat()).unwrap();
+        assert!(!is_checkpoint_path(&file));
+        assert_eq!(ShardedCheckpoint::open(&file).unwrap().read_tensor("a").unwrap(), [7]);
         std::fs::write(&file, "{}").unwrap();
         assert!(is_checkpoint_path(&file));
+        // An index past the limit is refused before it is read.
+        std::fs::write(&file, "        {").unwrap();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(MAX_INDEX_SIZE + 1).unwrap();
+        assert!(is_checkpoint_path(&file));
+        let error = ShardedCheckpoint::open(&file).unwrap_err().to_string();
+        assert!(error.contains("more than the 67108864 an index may have"), "{error}");
         assert!(is_checkpoint_path(&dir.path().join("missing.json")));
         assert!(!is_checkpoint_path(&dir.path().join("model-00001-of-00003.safetensors")));
     }
