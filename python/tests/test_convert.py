@@ -20,6 +20,7 @@ import torch
 
 import safetensors
 import safetensors.torch as ref_pt
+import tensafe
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -449,6 +450,24 @@ def test_real_model_sharded(exe, tmp_path, minilm_path):
         fname = f"model-{i:05d}-of-00002.safetensors"
         assert all(index["weight_map"][k] == fname for k in part)
         assert (out / fname).read_bytes() == oracle_bytes({k: state[k] for k in part}, tmp_path)
+
+
+def test_sharded_dedupe_lists_only_what_the_shards_hold(exe, tmp_path):
+    """A tied copy removed by `--dedupe` is in no shard, so the index does not
+    list it (tensafe and transformers would refuse an index that did)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shared = torch.arange(4.0)
+    torch.save({"embed": shared, "lm_head": shared}, src / "a.bin")
+    torch.save({"norm": torch.ones(2)}, src / "b.bin")
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"embed": "a.bin", "lm_head": "a.bin", "norm": "b.bin"}}))
+    out = run(exe, "convert", "--dedupe", src / "pytorch_model.bin.index.json", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    assert run(exe, "inspect", tmp_path / "out").returncode == 0
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(index["weight_map"]) == 2 and "norm" in index["weight_map"]
+    with tensafe.safe_open(tmp_path / "out", "pt") as f:
+        assert sorted(f.keys()) == sorted(index["weight_map"])
 
 
 # ---- scan and diff ----------------------------------------------------------

@@ -106,3 +106,34 @@ fn scan_reports_escape_what_a_hostile_pickle_names() {
     assert!(text.contains("os\\u{1b}[2J.sys\\u{1b}]0;pwned\\u{7}"), "{text}");
     assert!(!text.contains('\u{1b}') && !text.contains('\u{7}'), "{text:?}");
 }
+
+#[test]
+fn convert_never_overwrites_its_input_nor_leaves_part_of_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("model.bin");
+    std::fs::write(&input, legacy_checkpoint()).unwrap();
+    let out = run(&["convert"], &[&input, &input]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the input itself"));
+    assert_eq!(std::fs::read(&input).unwrap(), legacy_checkpoint());
+
+    // Into a folder that holds an index: the index would hide the new file.
+    let folder = dir.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join(tensafe::INDEX_FILE), "{\"weight_map\": {\"old\": \"gone.safetensors\"}}").unwrap();
+    assert!(run(&["convert"], &[&input, &folder]).status.success());
+    assert!(!folder.join(tensafe::INDEX_FILE).exists());
+    assert_eq!(tensafe::ShardedCheckpoint::open(&folder).unwrap().names_sorted(), ["w"]);
+
+    // A sharded checkpoint whose second shard is refused: nothing is written.
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    std::fs::write(sharded.join("a.bin"), legacy_checkpoint()).unwrap();
+    std::fs::write(sharded.join("b.bin"), b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00idq\x00\x85R.").unwrap();
+    let index = sharded.join("pytorch_model.bin.index.json");
+    std::fs::write(&index, "{\"weight_map\": {\"w\": \"a.bin\", \"v\": \"b.bin\"}}").unwrap();
+    let target = dir.path().join("converted");
+    let out = run(&["convert"], &[&index, &target]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_dir(&target).map(|d| d.count()).unwrap_or(0), 0, "no shard, no temporary file");
+}

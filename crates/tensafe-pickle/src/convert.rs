@@ -8,13 +8,13 @@
 //! a time, while the writer streams. The output is synced once, at the end.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tensafe::{Dtype, Metadata, Prepared, View, WriteOptions};
+use tensafe::{Dtype, Metadata, Prepared, StagedWrites, View, WriteOptions};
 
 use crate::container::{self, Checkpoint, Format, LoadOptions};
 use crate::error::{Error, Result};
@@ -446,7 +446,9 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
 /// Converts a loaded checkpoint, writing `out` atomically.
 pub fn convert_checkpoint(ck: &Checkpoint<'_>, out: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
     let planned = plan_checkpoint(ck, options)?;
-    write_planned(&planned, None, out)?;
+    let mut staged = StagedWrites::default();
+    write_planned(&planned, None, out, &mut staged)?;
+    staged.commit()?;
     Ok(planned.report)
 }
 
@@ -456,15 +458,15 @@ const FILE_COPY_MIN: usize = 256 << 10;
 /// The write buffer for the header, small tensors and gathered ones.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// Writes a planned conversion to `out` atomically (temporary file, one
-/// fsync, rename). With `source`, the mapped file the checkpoint was loaded
-/// from, large borrowed tensors are copied from that file by the kernel;
-/// returns how many bytes were.
-fn write_planned(planned: &Planned<'_>, source: Option<&Mapped>, out: &Path) -> Result<u64> {
+/// Writes a planned conversion to replace `out` when `staged` is committed
+/// (a temporary file, one fsync; the rename at the commit). With `source`,
+/// the mapped file the checkpoint was loaded from, large borrowed tensors
+/// are copied from that file by the kernel; returns how many bytes were.
+fn write_planned(planned: &Planned<'_>, source: Option<&Mapped>, out: &Path, staged: &mut StagedWrites) -> Result<u64> {
     let tensors = planned.tensors.iter().map(|(n, p)| (n.as_str(), p));
     let prepared = tensafe::prepare(tensors, Some(&planned.metadata), &WriteOptions::default()).map_err(|e| e.in_file(out))?;
     let mut file_copied = 0;
-    tensafe::write_file_atomically(out, |file| {
+    staged.write_file(out, |file| {
         file_copied = write_prepared(&prepared, source, file)?;
         Ok(())
     })
@@ -592,10 +594,18 @@ impl std::ops::Deref for Mapped {
 
 /// Converts one checkpoint file to one safetensors file.
 pub fn convert_file(input: &Path, output: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
+    let mut staged = StagedWrites::default();
+    let report = convert_file_staged(input, output, options, &mut staged)?;
+    staged.commit()?;
+    Ok(report)
+}
+
+/// [`convert_file`], its output moved into place when `staged` is committed.
+fn convert_file_staged(input: &Path, output: &Path, options: &ConvertOptions, staged: &mut StagedWrites) -> Result<ConvertReport> {
     let bytes = map_file(input)?;
     let ck = container::load(&bytes, &options.load).map_err(|e| in_file(e, input))?;
     let planned = plan_checkpoint(&ck, options)?;
-    let file_copied = write_planned(&planned, Some(&bytes), output)?;
+    let file_copied = write_planned(&planned, Some(&bytes), output, staged)?;
     Ok(ConvertReport { file_copied_bytes: file_copied, ..planned.report })
 }
 
@@ -622,6 +632,9 @@ pub struct ShardedReport {
 /// shards) into `out_dir`: `model-0000i-of-0000n.safetensors` and
 /// `model.safetensors.index.json`, as transformers names them. The input
 /// index must agree with the shards: every tensor where it says, none missing.
+/// Nothing in `out_dir` is replaced before every shard is converted (a
+/// refused shard leaves it as it was); a `model.safetensors` there, which
+/// transformers would load before the index, is removed once it is.
 pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -> Result<ShardedReport> {
     let text = tensafe::read_index_text(index).map_err(|source| Error::Io { path: index.to_owned(), source })?;
     let input = tensafe::ShardIndex::parse(&text).map_err(|e| Error::Structure(format!("{}: {e}", index.display())))?;
@@ -633,9 +646,12 @@ pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -
     std::fs::create_dir_all(out_dir).map_err(|source| Error::Io { path: out_dir.to_owned(), source })?;
     let mut report = ShardedReport::default();
     let mut output = tensafe::ShardIndex { metadata: input.metadata.clone(), weight_map: BTreeMap::new() };
+    // Names written, and names left out as copies of another (`dedupe`).
+    let mut accounted: BTreeSet<String> = BTreeSet::new();
+    let mut staged = StagedWrites::default();
     for (i, shard) in shard_names.iter().enumerate() {
         let out_name = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-        let shard_report = convert_file(&dir.join(shard), &out_dir.join(&out_name), options)?;
+        let shard_report = convert_file_staged(&dir.join(shard), &out_dir.join(&out_name), options, &mut staged)?;
         for t in &shard_report.tensors {
             match input.weight_map.get(&t.name) {
                 Some(s) if s == shard => {}
@@ -645,20 +661,26 @@ pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -
                 None => return Err(Error::Structure(format!("tensor `{}` in {shard} is missing from the index", t.name))),
             }
             output.weight_map.insert(t.name.clone(), out_name.clone());
+            accounted.insert(t.name.clone());
             report.total_size += t.bytes as u64;
         }
-        for (removed, _) in &shard_report.deduplicated {
-            output.weight_map.insert(removed.clone(), out_name.clone());
-        }
+        // A removed copy is in no file, so the new index does not list it.
+        accounted.extend(shard_report.deduplicated.iter().map(|(removed, _)| removed.clone()));
         report.shards.push((shard.to_string(), out_name, shard_report));
     }
-    if let Some((name, shard)) = input.weight_map.iter().find(|(name, _)| !output.weight_map.contains_key(*name)) {
+    if let Some((name, shard)) = input.weight_map.iter().find(|(name, _)| !accounted.contains(*name)) {
         return Err(Error::Structure(format!("the index maps `{name}` to {shard} but that shard does not hold it")));
     }
     output.metadata.insert("total_size".into(), report.total_size.into());
     let out_index = out_dir.join(tensafe::INDEX_FILE);
     let body = output.to_json();
-    tensafe::write_atomically(&out_index, |w| w.write_all(body.as_bytes()))?;
+    staged.write(&out_index, |w| w.write_all(body.as_bytes()))?;
+    staged.commit()?;
+    let single = out_dir.join(tensafe::SINGLE_FILE);
+    match std::fs::remove_file(&single) {
+        Err(source) if source.kind() != io::ErrorKind::NotFound => return Err(Error::Io { path: single, source }),
+        _ => {}
+    }
     report.index = out_index;
     Ok(report)
 }

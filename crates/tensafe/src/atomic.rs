@@ -1,10 +1,15 @@
-//! Replacing a file atomically.
+//! Replacing a file atomically, or several together.
 //!
 //! The new content goes to a temporary file next to the destination, is flushed
 //! to disk and renamed over it. A crash or an error at any point leaves the old
 //! file (or no file) under the destination name, never a half-written one;
 //! on error the temporary file is removed. Readers that still have the old
 //! file mapped keep their pages: the old inode is not truncated.
+//!
+//! [`StagedWrites`] does the same for the files of a sharded checkpoint:
+//! every file is written and flushed before the first rename, so an error
+//! while writing (a full disk, a bad input tensor) leaves every old file in
+//! place, an in-place rewrite included.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -24,11 +29,9 @@ pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
 {
-    write_file_atomically(path, |file| {
-        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-        write(&mut out)?;
-        out.flush()
-    })
+    let mut staged = StagedWrites::default();
+    staged.write(path, write)?;
+    staged.commit()
 }
 
 /// Like [`write_atomically`], handing `write` the temporary [`File`] itself
@@ -39,54 +42,109 @@ pub fn write_file_atomically<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&mut File) -> std::io::Result<()>,
 {
-    let target = resolve_symlinks(path)?;
-    let dir = match target.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = target.file_name().ok_or_else(|| Error::Io {
-        context: "the destination has no file name".into(),
-        source: std::io::ErrorKind::InvalidInput.into(),
-    })?;
-
-    let mut builder = tempfile::Builder::new();
-    let prefix = format!(".{}.", file_name.to_string_lossy());
-    builder.prefix(&prefix).suffix(".tmp");
-    #[cfg(unix)]
-    let existing_mode = {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&target).ok().map(|m| m.permissions().mode() & 0o7777);
-        // Created with 0o666 the kernel applies the umask, as for any new file.
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-        mode
-    };
-    let mut temp = builder
-        .tempfile_in(&dir)
-        // tempfile names its random path in the error; report the directory instead.
-        .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), without_path(e)))?;
-
-    write(temp.as_file_mut()).map_err(|e| Error::io("writing", e))?;
-    #[cfg(unix)]
-    if let Some(mode) = existing_mode {
-        use std::os::unix::fs::PermissionsExt;
-        temp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(|e| Error::io("copying the permissions of the replaced file", e))?;
-    }
-    temp.as_file().sync_all().map_err(|e| Error::io("flushing to disk", e))?;
-    temp.persist(&target).map_err(|e| Error::io("renaming the temporary file into place", e.error))?;
-    // Make the rename itself durable. Not every filesystem supports syncing a
-    // directory; the data is already safe, so a failure here is not an error.
-    #[cfg(unix)]
-    if let Ok(dir) = File::open(&dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
+    let mut staged = StagedWrites::default();
+    staged.write_file(path, write)?;
+    staged.commit()
 }
 
-/// The OS error alone, without the path tempfile attaches to it.
+/// Files written now and moved into place together later, by
+/// [`StagedWrites::commit`]: until then each is a flushed temporary file
+/// beside its destination, and dropping the `StagedWrites` removes them all.
+#[derive(Default)]
+pub struct StagedWrites {
+    /// Each written temporary file, with the path it replaces (links resolved).
+    files: Vec<(tempfile::NamedTempFile, PathBuf)>,
+}
+
+impl StagedWrites {
+    /// Writes what will replace `path` through `write` (buffered).
+    pub fn write<F>(&mut self, path: &Path, write: F) -> Result<()>
+    where
+        F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    {
+        self.write_file(path, |file| {
+            let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+            write(&mut out)?;
+            out.flush()
+        })
+    }
+
+    /// Writes what will replace `path` through `write`, which gets the
+    /// temporary [`File`] itself, as [`write_file_atomically`] describes.
+    pub fn write_file<F>(&mut self, path: &Path, write: F) -> Result<()>
+    where
+        F: FnOnce(&mut File) -> std::io::Result<()>,
+    {
+        let target = resolve_symlinks(path)?;
+        let dir = match target.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = target.file_name().ok_or_else(|| Error::Io {
+            context: "the destination has no file name".into(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        })?;
+
+        let mut builder = tempfile::Builder::new();
+        let prefix = format!(".{}.", file_name.to_string_lossy());
+        builder.prefix(&prefix).suffix(".tmp");
+        #[cfg(unix)]
+        let existing_mode = {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&target).ok().map(|m| m.permissions().mode() & 0o7777);
+            // Created with 0o666 the kernel applies the umask, as for any new file.
+            builder.permissions(std::fs::Permissions::from_mode(0o666));
+            mode
+        };
+        let mut temp = builder
+            .tempfile_in(&dir)
+            // tempfile names its random path in the error; report the directory instead.
+            .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), without_path(e)))?;
+
+        write(temp.as_file_mut()).map_err(|e| Error::io("writing", e))?;
+        #[cfg(unix)]
+        if let Some(mode) = existing_mode {
+            use std::os::unix::fs::PermissionsExt;
+            temp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io("copying the permissions of the replaced file", e))?;
+        }
+        temp.as_file().sync_all().map_err(|e| Error::io("flushing to disk", e))?;
+        self.files.push((temp, target));
+        Ok(())
+    }
+
+    /// Renames every file into place, in the order written, then makes the
+    /// renames durable.
+    pub fn commit(self) -> Result<()> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (temp, target) in self.files {
+            temp.persist(&target).map_err(|e| Error::io("renaming the temporary file into place", e.error).in_file(&target))?;
+            let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        // Not every filesystem supports syncing a directory; the data is
+        // already safe, so a failure here is not an error.
+        #[cfg(unix)]
+        for dir in dirs {
+            if let Ok(dir) = File::open(&dir) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The OS error alone, without the path tempfile attaches to it (it wraps
+/// the OS error in an error of its own that names the path).
 fn without_path(e: std::io::Error) -> std::io::Error {
-    e.raw_os_error().map_or(e, std::io::Error::from_raw_os_error)
+    let code = e.raw_os_error().or_else(|| {
+        let inner = e.get_ref()?.source()?;
+        inner.downcast_ref::<std::io::Error>()?.raw_os_error()
+    });
+    code.map_or_else(|| std::io::Error::from(e.kind()), std::io::Error::from_raw_os_error)
 }
 
 /// Follows symbolic links at `path` (up to a fixed depth) to the file they name.

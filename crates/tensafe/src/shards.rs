@@ -18,11 +18,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::atomic::write_atomically;
+use crate::atomic::StagedWrites;
 use crate::error::{Error, Result};
 use crate::header::{Header, Printable, TensorInfo};
 use crate::reader::PreadFile;
-use crate::writer::{serialize_to_file, Metadata, View};
+use crate::writer::{prepare, Metadata, View, WriteOptions};
 use crate::Dtype;
 
 /// The usual name of the index file.
@@ -438,8 +438,11 @@ where
 
 /// Splits tensors as [`plan_shards`] does and writes the shards plus
 /// `model.safetensors.index.json` into `dir`; returns the index (`None` when
-/// one `model.safetensors` was enough). Every file is written atomically;
-/// the index last.
+/// one `model.safetensors` was enough). Nothing is replaced until every file
+/// is written (an error leaves the directory as it was, so a checkpoint can
+/// be rewritten in place); then the shards are renamed into place, the index
+/// last, and the other form of a checkpoint there (`model.safetensors`, or
+/// an index) is removed.
 pub fn save_sharded<N, V, I>(tensors: I, dir: impl AsRef<Path>, max_shard_bytes: u64, metadata: Option<&Metadata>) -> Result<Option<ShardIndex>>
 where
     N: AsRef<str>,
@@ -448,15 +451,26 @@ where
 {
     let dir = dir.as_ref();
     let plan = plan_shards(tensors, max_shard_bytes);
+    let mut staged = StagedWrites::default();
     for (file, shard) in plan.files {
-        serialize_to_file(shard, metadata, dir.join(&file))?;
+        let path = dir.join(&file);
+        let prepared = prepare(shard, metadata, &WriteOptions::default()).map_err(|e| e.in_file(&path))?;
+        staged.write(&path, |out| prepared.write_to(out)).map_err(|e| e.in_file(&path))?;
     }
+    let index_path = dir.join(INDEX_FILE);
     if let Some(index) = &plan.index {
-        let index_path = dir.join(INDEX_FILE);
         let text = index.to_json();
-        write_atomically(&index_path, |out| out.write_all(text.as_bytes())).map_err(|e| e.in_file(&index_path))?;
+        staged.write(&index_path, |out| out.write_all(text.as_bytes())).map_err(|e| e.in_file(&index_path))?;
     }
-    Ok(plan.index)
+    staged.commit()?;
+    // The other form of a checkpoint in this directory would hide this one
+    // from the readers that look for it first (transformers takes
+    // model.safetensors before the index; tensafe the index first).
+    let other_form = if plan.index.is_some() { dir.join(SINGLE_FILE) } else { index_path };
+    match std::fs::remove_file(&other_form) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("removing the previous checkpoint's file", e).in_file(&other_form)),
+        _ => Ok(plan.index),
+    }
 }
 
 /// Where a [`LazyTensor`] gets its bytes: a local file here, a remote one in
@@ -536,6 +550,7 @@ pub fn reshard(input: impl AsRef<Path>, out_dir: impl AsRef<Path>, max_shard_byt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::writer::serialize_to_file;
     use crate::RawTensor;
 
     fn tensors(data: &[Vec<u8>]) -> Vec<(String, RawTensor<'_>)> {
@@ -589,6 +604,57 @@ mod tests {
         let single = ShardedCheckpoint::open(&out).unwrap();
         assert_eq!(single.shards().len(), 1);
         assert_eq!(single.read_tensor("layer.3").unwrap(), data[3]);
+    }
+
+    /// A tensor whose bytes cannot be had (its view gives none).
+    struct Unreadable;
+
+    impl View for Unreadable {
+        fn dtype(&self) -> Dtype {
+            Dtype::U8
+        }
+        fn shape(&self) -> &[usize] {
+            &[1000]
+        }
+        fn data(&self) -> Cow<'_, [u8]> {
+            Cow::Borrowed(&[])
+        }
+        fn data_len(&self) -> usize {
+            1000
+        }
+    }
+
+    #[test]
+    fn a_failed_save_leaves_the_checkpoint_there_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample();
+        save_sharded(tensors(&data), dir.path(), 400, None).unwrap();
+        let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        // The first shards are fine; the last one fails while being written.
+        let mut failing: Vec<(String, Box<dyn View>)> = tensors(&data).into_iter().map(|(n, t)| (n, Box::new(t) as Box<dyn View>)).collect();
+        failing.push(("zz.last".into(), Box::new(Unreadable)));
+        let error = save_sharded(failing.iter().map(|(n, v)| (n.as_str(), v.as_ref())), dir.path(), 400, None).unwrap_err();
+        assert!(error.to_string().contains("the view gave 0 bytes but announced 1000"), "{error}");
+        let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(before, after, "no file replaced, none left behind");
+        let ckpt = ShardedCheckpoint::open(dir.path()).unwrap();
+        for (i, d) in data.iter().enumerate() {
+            assert_eq!(&ckpt.read_tensor(&format!("layer.{i}")).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn a_save_replaces_the_other_form_of_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample();
+        save_sharded(tensors(&data), dir.path(), 10_000, None).unwrap();
+        assert!(dir.path().join(SINGLE_FILE).is_file());
+        save_sharded(tensors(&data), dir.path(), 400, None).unwrap();
+        assert!(!dir.path().join(SINGLE_FILE).exists(), "transformers would take it before the index");
+        let fewer = &tensors(&data)[..2];
+        save_sharded(fewer.iter().map(|(n, t)| (n.as_str(), t)), dir.path(), 10_000, None).unwrap();
+        assert!(!dir.path().join(INDEX_FILE).exists(), "tensafe would take it before model.safetensors");
+        assert_eq!(ShardedCheckpoint::open(dir.path()).unwrap().len(), 2);
     }
 
     #[test]
