@@ -22,7 +22,9 @@ pub(crate) const LEGACY_PROTOCOL: i64 = 1001;
 pub enum Kind {
     /// Starts with a zip local header: torch's zip path.
     Zip,
-    /// A tar archive (`ustar` at offset 257).
+    /// A tar archive: a first block that Python's `tarfile` takes for a
+    /// header ([`is_tar_header`]), which is what makes torch read a legacy
+    /// file as tar rather than as a pickle stream.
     Tar,
     /// A NumPy `.npy` file.
     Npy,
@@ -36,7 +38,7 @@ pub enum Kind {
 pub fn detect(bytes: &[u8]) -> Kind {
     if bytes.starts_with(b"PK\x03\x04") {
         Kind::Zip
-    } else if bytes.get(257..262) == Some(b"ustar") {
+    } else if is_tar_header(bytes) {
         Kind::Tar
     } else if bytes.starts_with(b"\x93NUMPY") {
         Kind::Npy
@@ -61,6 +63,60 @@ pub fn detect(bytes: &[u8]) -> Kind {
     } else {
         Kind::Stream
     }
+}
+
+/// Whether the first 512 bytes are a tar header as Python's `tarfile`
+/// (which torch's legacy loader tries first) accepts one: not all zero, and
+/// a checksum field that equals the sum of the block's bytes, unsigned or
+/// signed, with the field itself counted as spaces. The `ustar` magic is not
+/// needed (old tar headers lack it) and not enough: with a bad checksum
+/// `tarfile` fails and torch unpickles the file from its first byte.
+pub fn is_tar_header(bytes: &[u8]) -> bool {
+    let Some(block) = bytes.get(..512) else { return false };
+    if block.iter().all(|&b| b == 0) {
+        return false;
+    }
+    let field = &block[148..156];
+    let stored = if field[0] == 0o200 || field[0] == 0o377 {
+        // Base-256: the rest of the field, big-endian, negative for 0o377.
+        let magnitude = field[1..].iter().fold(0i64, |n, &b| (n << 8) | i64::from(b));
+        if field[0] == 0o377 { magnitude - (1i64 << 56) } else { magnitude }
+    } else {
+        // ASCII octal text up to the first NUL.
+        let text = field.split(|&b| b == 0).next().unwrap_or_default();
+        match std::str::from_utf8(text).ok().filter(|t| t.is_ascii()).and_then(python_octal) {
+            Some(n) => n,
+            None => return false,
+        }
+    };
+    let spaces = 8 * i64::from(b' ');
+    let outside = || block[..148].iter().chain(&block[156..]);
+    let unsigned = spaces + outside().map(|&b| i64::from(b)).sum::<i64>();
+    let signed = spaces + outside().map(|&b| i64::from(b as i8)).sum::<i64>();
+    stored == unsigned || stored == signed
+}
+
+/// An integer as Python's `int(text.strip() or "0", 8)` reads it (what
+/// `tarfile` does with a checksum field), so that both judge a header alike:
+/// Python's whitespace (which includes \x0b and \x1c-\x1f) around it, an
+/// optional sign and `0o` prefix, and single underscores between digits.
+fn python_octal(text: &str) -> Option<i64> {
+    let text = text.trim_matches(|c: char| c == ' ' || ('\t'..='\r').contains(&c) || ('\x1c'..='\x1f').contains(&c));
+    if text.is_empty() {
+        return Some(0);
+    }
+    let (negative, unsigned) = match text.as_bytes()[0] {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let digits = unsigned.strip_prefix("0o").or_else(|| unsigned.strip_prefix("0O")).map_or(unsigned, |rest| rest.strip_prefix('_').unwrap_or(rest));
+    let octal = digits.bytes().all(|b| b == b'_' || (b'0'..=b'7').contains(&b));
+    if !octal || digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') || digits.contains("__") {
+        return None;
+    }
+    let value = i64::from_str_radix(&digits.replace('_', ""), 8).ok()?;
+    Some(if negative { -value } else { value })
 }
 
 /// A zlib stream header as zlib writes it (RFC 1950: deflate with a 32 KiB
@@ -378,4 +434,56 @@ fn check_sys_info(heap: &Heap, v: &Value) -> std::result::Result<bool, String> {
         }
     }
     little.ok_or_else(|| "no little_endian entry".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_fields_read_as_python_reads_them() {
+        // Expected values from Python 3.11: int(text.strip() or "0", 8), None for ValueError.
+        let cases: [(&str, Option<i64>); 18] = [
+            ("", Some(0)),
+            (" ", Some(0)),
+            ("0000000", Some(0)),
+            ("  1234 ", Some(0o1234)),
+            ("\x0b12\x1c", Some(0o12)),
+            ("-17", Some(-0o17)),
+            ("+17", Some(0o17)),
+            ("0o17", Some(0o17)),
+            ("0O_17", Some(0o17)),
+            ("1_7", Some(0o17)),
+            ("1__7", None),
+            ("_17", None),
+            ("17_", None),
+            ("--5", None),
+            ("8", None),
+            ("0o", None),
+            ("12 3", None),
+            ("\x1f", Some(0)),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(python_octal(text), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn tar_is_what_tarfile_opens_not_what_says_ustar() {
+        let mut block = vec![0u8; 512];
+        block[..7].copy_from_slice(b"pickle\0");
+        block[257..263].copy_from_slice(b"ustar\0");
+        // A wrong checksum: tarfile refuses it, and torch unpickles the file.
+        block[148..156].copy_from_slice(b"0000000\0");
+        assert!(!is_tar_header(&block) && detect(&block) == Kind::Stream);
+        let sum: u32 = block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u32::from(b) }).sum();
+        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        assert!(is_tar_header(&block) && detect(&block) == Kind::Tar);
+        // No magic (an old tar header): still tar for tarfile.
+        block[257..263].fill(0);
+        let sum = sum - b"ustar".iter().map(|&b| u32::from(b)).sum::<u32>();
+        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        assert_eq!(detect(&block), Kind::Tar);
+        assert!(!is_tar_header(&[0u8; 512]) && !is_tar_header(&block[..511]));
+    }
 }

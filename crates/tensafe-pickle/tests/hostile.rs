@@ -772,6 +772,9 @@ fn class29_tar() {
         h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
         h[156] = kind;
         h[257..263].copy_from_slice(b"ustar\0");
+        h[148..156].fill(b' ');
+        let checksum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{checksum:06o}\0 ").as_bytes());
         let mut out = h;
         out.extend_from_slice(data);
         out.resize(out.len().div_ceil(512) * 512, 0);
@@ -788,6 +791,15 @@ fn class29_tar() {
     let r = dangerous(&tar);
     assert!(r.findings.iter().any(|f| f.detail.contains("link")));
     assert!(r.findings.iter().any(|f| f.detail.contains("escapes")));
+    assert!(imports(&r).contains(&"posix.system".to_string()));
+
+    // Tar's magic with a wrong checksum: tarfile refuses the header and torch
+    // unpickles the file from its first byte, so that is what is scanned.
+    let mut posing = evil.clone();
+    posing.resize(1536, 0);
+    posing[257..263].copy_from_slice(b"ustar\0");
+    posing[148..156].copy_from_slice(b"0000000\0");
+    let r = dangerous(&posing);
     assert!(imports(&r).contains(&"posix.system".to_string()));
 }
 
