@@ -901,7 +901,14 @@ impl<'a, 'h> Vm<'a, 'h> {
         self.alloc(Object::Global(crate::value::Global { module: module.into(), name: name.into(), known: None }))
     }
 
+    /// Whether the caller's patterns (`--allow-class`) allow `module.name`.
+    /// Never a name the denylist knows can run code: a pattern such as
+    /// `numpy.*`, meant for data classes, would otherwise let through the
+    /// module's code-running functions too.
     fn user_allowed(&self, module: &str, name: &str) -> bool {
+        if names::severity(module, name) == Severity::Dangerous {
+            return false;
+        }
         self.opts.allow_opaque.iter().any(|pattern| match pattern.strip_suffix(".*") {
             Some(prefix) => module == prefix || module.strip_prefix(prefix).is_some_and(|r| r.starts_with('.')),
             None => pattern.strip_prefix(module).and_then(|r| r.strip_prefix('.')) == Some(name),

@@ -1017,3 +1017,17 @@ fn payloads_inside_zlib_and_gzip_wrappers_are_found() {
     assert!(r.error.as_deref().unwrap_or_default().contains("inflates past the limit of 1048576 bytes"), "{:?}", r.error);
     assert_ne!(r.verdict, Verdict::Safe);
 }
+
+// A user's allow pattern (`scan --allow-class 'numpy.*'`) admits the data
+// classes it names, never a denylisted function that runs code.
+#[test]
+fn allow_patterns_never_admit_what_runs_code() {
+    let allow = ScanOptions { allow_opaque: vec!["numpy.*".into()], ..Default::default() };
+    let data_class = Asm::new().proto(2).global("numpy.somewhere", "Record").stop().finish();
+    assert_eq!(scan(&data_class).verdict, Verdict::Suspicious);
+    assert_eq!(scan_bytes(&data_class, "input", &allow).verdict, Verdict::Safe);
+    let runs_code = Asm::new().proto(2).global("numpy.testing._private.utils", "runstring").stop().finish();
+    assert_eq!(scan_bytes(&runs_code, "input", &allow).verdict, Verdict::Dangerous);
+    let exact = ScanOptions { allow_opaque: vec!["numpy.testing._private.utils.runstring".into()], ..Default::default() };
+    assert_eq!(scan_bytes(&runs_code, "input", &exact).verdict, Verdict::Dangerous);
+}
