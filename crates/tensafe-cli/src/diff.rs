@@ -203,8 +203,23 @@ fn element(dtype: Dtype, d: &[u8], i: usize) -> Option<f64> {
     })
 }
 
+/// The larger of two differences, NaN as soon as either is (`f64::max`
+/// would drop a NaN found earlier).
+fn larger(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) }
+}
+
 /// (differing elements, element count, max abs difference where defined).
 fn content_difference(dtype: Dtype, a: &[u8], b: &[u8]) -> (usize, usize, Option<f64>) {
+    if dtype.bits() < 8 {
+        // Packed elements (F4: two a byte; F6: four in three bytes), compared
+        // as fields of `bits` bits, lowest bits first.
+        let bits = dtype.bits();
+        let n = a.len() * 8 / bits;
+        let bit = |i: usize| (a[i / 8] ^ b[i / 8]) >> (i % 8) & 1 != 0;
+        let differing = (0..n).filter(|e| (e * bits..(e + 1) * bits).any(bit)).count();
+        return (differing, n, None);
+    }
     if dtype == Dtype::C64 {
         let n = a.len() / 8;
         let mut max = 0f64;
@@ -214,7 +229,7 @@ fn content_difference(dtype: Dtype, a: &[u8], b: &[u8]) -> (usize, usize, Option
             let (re, im) = (part(a, i * 8) - part(b, i * 8), part(a, i * 8 + 4) - part(b, i * 8 + 4));
             if a[i * 8..i * 8 + 8] != b[i * 8..i * 8 + 8] {
                 differing += 1;
-                max = max.max(re.hypot(im));
+                max = larger(max, re.hypot(im));
             }
         }
         return (differing, n, Some(max));
@@ -231,7 +246,7 @@ fn content_difference(dtype: Dtype, a: &[u8], b: &[u8]) -> (usize, usize, Option
         differing += 1;
         if let (Some(x), Some(y)) = (element(dtype, a, i), element(dtype, b, i)) {
             let d = (x - y).abs();
-            max = if d.is_nan() { f64::NAN } else { max.max(d) };
+            max = larger(max, d);
         }
     }
     (differing, n, decodable.then_some(max))
@@ -255,5 +270,13 @@ mod tests {
         let b: Vec<u8> = [1.0f32, 2.5, 1.0].iter().flat_map(|f| f.to_le_bytes()).collect();
         assert_eq!(content_difference(Dtype::F32, &a, &b), (2, 3, Some(2.0)));
         assert_eq!(content_difference(Dtype::F8E4M3, &[1, 2], &[1, 3]), (1, 2, None));
+        // A NaN stays the answer whatever comes after it.
+        let nan_first: Vec<u8> = [f32::NAN, 2.0, 5.0].iter().flat_map(|f| f.to_le_bytes()).collect();
+        let (differing, n, max) = content_difference(Dtype::F32, &a, &nan_first);
+        assert!((differing, n) == (2, 3) && max.unwrap().is_nan());
+        // F4 packs two elements a byte: elements are counted, not bytes.
+        assert_eq!(content_difference(Dtype::F4, &[0x12, 0x34], &[0x13, 0x34]), (1, 4, None));
+        assert_eq!(content_difference(Dtype::F4, &[0x12], &[0x21]), (2, 2, None));
+        assert_eq!(content_difference(Dtype::F6E2M3, &[0, 0, 0x80], &[0, 0, 0]), (1, 4, None));
     }
 }
