@@ -97,7 +97,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         return match tensafe_pickle::convert_sharded(&index, &args.output, &options) {
             Ok(report) => {
                 if args.json {
-                    println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize"));
+                    out!("{}\n", serde_json::to_string_pretty(&report).expect("reports serialize"));
                 } else {
                     for (input, output, r) in &report.shards {
                         say!("{input} → {output}: {} tensors, {}", r.tensors.len(), crate::human_bytes(r.data_bytes as u128));
@@ -143,7 +143,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
     match converted {
         Ok(report) => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize"));
+                out!("{}\n", serde_json::to_string_pretty(&report).expect("reports serialize"));
             } else {
                 let seconds = start.elapsed().as_secs_f64();
                 let root = if report.root.is_empty() { String::new() } else { format!(", state dict at `{}`", report.root) };

@@ -123,7 +123,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
             "identical": identical,
             "changes": changes,
         });
-        println!("{}", serde_json::to_string_pretty(&out).expect("JSON values serialize"));
+        out!("{}\n", serde_json::to_string_pretty(&out).expect("JSON values serialize"));
     } else {
         say!("a: {} ({kind_a}, {na} tensors)", args.a.display());
         say!("b: {} ({kind_b}, {nb} tensors)", args.b.display());

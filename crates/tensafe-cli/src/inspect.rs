@@ -36,9 +36,9 @@ pub(crate) fn print_checkpoint<'a>(path: &Path, sharded: bool, shards: impl Iter
 /// Prints what `inspect` shows of `parts`.
 fn print(path: &Path, parts: &[Part<'_>], as_json: bool) -> ExitCode {
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&to_json(parts)).expect("JSON values serialize"));
+        out!("{}\n", serde_json::to_string_pretty(&to_json(parts)).expect("JSON values serialize"));
     } else {
-        print!("{}", to_table(path, parts));
+        out!("{}", to_table(path, parts));
     }
     ExitCode::SUCCESS
 }

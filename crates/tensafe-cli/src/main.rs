@@ -5,7 +5,13 @@
 /// out escaped, so a hostile file can neither drive the terminal nor forge
 /// lines of the report.
 macro_rules! say {
-    ($($arg:tt)*) => { println!("{}", tensafe::Printable(&format!($($arg)*))) };
+    ($($arg:tt)*) => { crate::emit(format_args!("{}\n", tensafe::Printable(&format!($($arg)*)))) };
+}
+
+/// `print!` of text that is already safe to show (JSON, whose strings are
+/// escaped; tables built with [`tensafe::Printable`]), through [`emit`].
+macro_rules! out {
+    ($($arg:tt)*) => { crate::emit(format_args!($($arg)*)) };
 }
 
 /// [`say!`] for standard error.
@@ -77,7 +83,27 @@ enum Command {
     Diff(diff::DiffArgs),
 }
 
+/// Writes to standard output. A full disk or any other failure to write is
+/// reported and ends the program with status 74 (`EX_IOERR`) rather than a
+/// panic; a closed pipe ends it as it ends other Unix tools (see `main`).
+pub(crate) fn emit(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        eprintln!("tensafe: cannot write the output: {e}");
+        std::process::exit(74);
+    }
+}
+
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so writing into a closed pipe (`tensafe inspect
+    // big | head`) would be an error at every write; with the default action
+    // the program ends quietly there, as `cat` or `grep` do.
+    #[cfg(unix)]
+    // SAFETY: resetting a signal's disposition before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect { path, json } => match remote::url(&path) {

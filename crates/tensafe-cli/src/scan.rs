@@ -57,7 +57,7 @@ pub fn run(args: &ScanArgs) -> ExitCode {
     }
     let reports: Vec<ScanReport> = files.iter().map(|f| scan_file(f, &options)).collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports).expect("reports serialize"));
+        out!("{}\n", serde_json::to_string_pretty(&reports).expect("reports serialize"));
     } else {
         for r in &reports {
             print_report(r, args.verbose);

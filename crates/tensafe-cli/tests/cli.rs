@@ -150,3 +150,28 @@ fn names_with_control_characters_are_read_and_shown_escaped() {
     assert!(text.contains("evil\\u{1b}[2J\\nOK    forged"), "{text}");
     assert!(!text.contains('\u{1b}') && !text.lines().any(|l| l.starts_with("OK")), "{text:?}");
 }
+
+#[test]
+fn output_that_cannot_be_written_is_an_error_not_a_panic() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.safetensors");
+    write_file(&path, 5000);
+    // A full disk: reported, status 74.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tensafe")).args(["inspect"]).arg(&path).stdout(full).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(stderr.contains("cannot write the output: No space left on device") && !stderr.contains("panicked"), "{stderr}");
+    // A reader that stops early (`| head -1`): the program ends quietly, by SIGPIPE.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tensafe")).args(["inspect"]).arg(&path).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(first.contains("5000 tensors"), "{first}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
