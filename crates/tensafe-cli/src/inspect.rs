@@ -122,7 +122,7 @@ fn to_table(path: &Path, parts: &[Part<'_>]) -> String {
     let _ = writeln!(
         out,
         "{}: {tensors} tensors{shards}, {} parameters, {} of data, {header_bytes}-byte header{}",
-        path.display(),
+        tensafe::Printable(&path.display().to_string()),
         group_digits(parameters),
         human_bytes(data),
         if sharded { "s" } else { "" },

@@ -149,6 +149,11 @@ fn names_with_control_characters_are_read_and_shown_escaped() {
     let text = stdout(&diff);
     assert!(text.contains("evil\\u{1b}[2J\\nOK    forged"), "{text}");
     assert!(!text.contains('\u{1b}') && !text.lines().any(|l| l.starts_with("OK")), "{text:?}");
+    // So is the file's own name, at the head of the table.
+    let named = dir.path().join("x\nFAKE\u{1b}[31m");
+    std::fs::copy(&other, &named).unwrap();
+    let text = stdout(&tensafe(&["inspect", named.to_str().unwrap()]));
+    assert!(text.contains("x\\nFAKE\\u{1b}[31m:") && !text.contains('\u{1b}') && !text.lines().any(|l| l.starts_with("FAKE")), "{text:?}");
 }
 
 #[test]
