@@ -121,6 +121,10 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         single if args.input.is_dir() && single.is_file() => single,
         _ => args.input.clone(),
     };
+    if tensafe::PreadFile::open(&input).is_ok() {
+        say_err!("tensafe convert: {} is already a safetensors file: nothing to convert", input.display());
+        return ExitCode::FAILURE;
+    }
     let into_dir = output_url.is_none() && args.output.is_dir();
     let output = if into_dir { args.output.join(tensafe::SINGLE_FILE) } else { args.output.clone() };
     if output_url.is_none() && same_file(&input, &output) {

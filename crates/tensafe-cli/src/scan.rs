@@ -24,8 +24,12 @@ pub struct ScanArgs {
     verbose: bool,
 }
 
-fn collect(path: &Path, out: &mut Vec<PathBuf>) {
-    match std::fs::symlink_metadata(path) {
+/// The files under `path`, in name order, into `out`. A path given on the
+/// command line is followed wherever it links; inside a directory, links to
+/// directories are not (they could loop) and are listed in `skipped`.
+fn collect(path: &Path, given: bool, out: &mut Vec<PathBuf>, skipped: &mut Vec<PathBuf>) {
+    let metadata = if given { std::fs::metadata(path) } else { std::fs::symlink_metadata(path) };
+    match metadata {
         Ok(m) if m.is_dir() => {
             let mut entries: Vec<PathBuf> = match std::fs::read_dir(path) {
                 Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
@@ -36,10 +40,10 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) {
             };
             entries.sort();
             for e in entries {
-                collect(&e, out);
+                collect(&e, false, out, skipped);
             }
         }
-        Ok(m) if m.file_type().is_symlink() && path.is_dir() => {}
+        Ok(m) if m.file_type().is_symlink() && path.is_dir() => skipped.push(path.to_owned()),
         _ => out.push(path.to_owned()),
     }
 }
@@ -47,13 +51,21 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) {
 /// Runs the subcommand. Exit codes: 0 every file holds only allowlisted
 /// content; 1 something suspicious or dangerous was found; 2 a file could
 /// not be scanned completely (malformed, unreadable) and nothing worse was
-/// found; 3 a file is in a container the scanner does not open (a compressed
-/// wrapper) and nothing of the above was found.
+/// found (or there was no file to scan: "safe" would claim too much); 3 a
+/// file is in a container the scanner does not open (a compressed wrapper)
+/// and nothing of the above was found.
 pub fn run(args: &ScanArgs) -> ExitCode {
     let options = ScanOptions { allow_opaque: args.allow_class.clone(), ..Default::default() };
-    let mut files = Vec::new();
+    let (mut files, mut skipped) = (Vec::new(), Vec::new());
     for p in &args.paths {
-        collect(p, &mut files);
+        collect(p, true, &mut files, &mut skipped);
+    }
+    for link in &skipped {
+        say_err!("tensafe scan: not following {}, a link to a directory (scan it by its own path)", link.display());
+    }
+    if files.is_empty() {
+        say_err!("tensafe scan: no file to scan");
+        return ExitCode::from(2);
     }
     let reports: Vec<ScanReport> = files.iter().map(|f| scan_file(f, &options)).collect();
     if args.json {

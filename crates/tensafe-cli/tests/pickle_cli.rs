@@ -116,6 +116,11 @@ fn convert_never_overwrites_its_input_nor_leaves_part_of_a_checkpoint() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is the input itself"));
     assert_eq!(std::fs::read(&input).unwrap(), legacy_checkpoint());
+    let converted = dir.path().join("model.safetensors");
+    assert!(run(&["convert"], &[&input, &converted]).status.success());
+    let out = run(&["convert"], &[&converted, &dir.path().join("again.safetensors")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is already a safetensors file"));
 
     // Into a folder that holds an index: the index would hide the new file.
     let folder = dir.path().join("folder");
@@ -136,4 +141,29 @@ fn convert_never_overwrites_its_input_nor_leaves_part_of_a_checkpoint() {
     let out = run(&["convert"], &[&index, &target]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_dir(&target).map(|d| d.count()).unwrap_or(0), 0, "no shard, no temporary file");
+}
+
+#[test]
+fn scan_follows_what_it_is_given_and_never_calls_nothing_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::write(real.join("e.pkl"), b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00idq\x00\x85R.").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    // A link given on the command line is scanned.
+    assert_eq!(run(&["scan"], &[&link]).status.code(), Some(1));
+    // Inside a walk it is not followed, and says so.
+    let outer = dir.path().join("outer");
+    std::fs::create_dir(&outer).unwrap();
+    std::os::unix::fs::symlink(&real, outer.join("inner")).unwrap();
+    let out = run(&["scan"], &[&outer]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not following"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Nothing scanned is not "safe".
+    assert_eq!(out.status.code(), Some(2));
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = run(&["scan", "--json"], &[&empty]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no file to scan"));
 }
