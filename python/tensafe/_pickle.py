@@ -28,8 +28,9 @@ def convert(
     keep_metadata: bool = False,
     lenient_bool: bool = False,
 ) -> Dict[str, Any]:
-    """Converts a PyTorch checkpoint (`.pt`, `.pth`, `.bin`, `.ckpt`; zip,
-    legacy or tar format, detected by content) to safetensors.
+    """Converts a PyTorch checkpoint (`.pt`, `.pth`, `.bin`, `.ckpt`; zip or
+    legacy format, detected by content; legacy tar archives are refused) to
+    safetensors.
 
     `input` may also be a `pytorch_model.bin.index.json`, converting every
     shard into `output` as a directory with `model.safetensors.index.json`.

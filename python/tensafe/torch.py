@@ -251,7 +251,14 @@ def save_sharded(
     `{"format": "pt"}` by default as transformers and huggingface_hub write.
     `save_directory` may be a URL prefix (s3://, gs://, az://): the shards
     are uploaded, then the index. Open the result with `safe_open` or
-    `load_file` on the directory."""
+    `load_file` on the directory.
+
+    Locally, nothing is replaced until every file is written (an error leaves
+    the directory as it was), and then, as transformers' `save_pretrained`
+    does, what remains of an earlier checkpoint saved there under the same
+    names is removed: shards `model-0000i-of-0000n.safetensors` that are not
+    new, and `model.safetensors` beside a new index (or an index beside a
+    new `model.safetensors`). Other files are left alone."""
     return _save.write_sharded(_flatten(tensors), save_directory, max_shard_size, {"format": "pt"} if metadata is None else metadata)
 
 

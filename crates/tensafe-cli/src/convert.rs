@@ -127,19 +127,15 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
     }
     let into_dir = output_url.is_none() && args.output.is_dir();
     let output = if into_dir { args.output.join(tensafe::SINGLE_FILE) } else { args.output.clone() };
-    if output_url.is_none() && same_file(&input, &output) {
-        say_err!("tensafe convert: {} is the input itself: write the conversion elsewhere", output.display());
-        return ExitCode::FAILURE;
-    }
     let converted = match output_url {
         // A "directory" URL gets `model.safetensors` in it, like a local folder.
         Some(url) if url.ends_with('/') => convert_to_url(&input, &format!("{url}{}", tensafe::SINGLE_FILE), &options),
         Some(url) => convert_to_url(&input, url, &options),
         None => tensafe_pickle::convert_file(&input, &output, &options).map_err(|e| format!("refused: {e}")).and_then(|report| {
-            // An index left in the folder would hide the new file from tensafe.
-            let stale = args.output.join(tensafe::INDEX_FILE);
-            match into_dir.then(|| std::fs::remove_file(&stale)) {
-                Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("removing {}: {e}", stale.display())),
+            // Into a folder: an earlier checkpoint's index or shards there
+            // would hide the new file.
+            match into_dir.then(|| tensafe::remove_stale_files(&args.output, &[tensafe::SINGLE_FILE.to_owned()], false)) {
+                Some(Err(e)) => Err(e.to_string()),
                 _ => Ok(report),
             }
         }),
@@ -169,15 +165,6 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
             say_err!("tensafe convert: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Whether `a` and `b` name the same existing file (links followed).
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
     }
 }
 

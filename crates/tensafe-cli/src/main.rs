@@ -67,7 +67,10 @@ enum Command {
     /// 3 a file is in a container the scanner does not open (compressed).
     Scan(scan::ScanArgs),
     /// Rewrite a checkpoint (file, directory or index) into shards of at most
-    /// the given size, with a transformers-style index.
+    /// the given size, with a transformers-style index. Locally nothing is
+    /// replaced before every shard is written (in place works); then shards
+    /// and the `model.safetensors` or index of an earlier checkpoint in the
+    /// output directory are removed, as transformers does.
     Reshard {
         /// The input checkpoint: a file, directory or index, or its URL
         /// (s3://, gs://, az://, http(s)://; a directory URL ends in /).
@@ -90,7 +93,8 @@ pub(crate) fn emit(text: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
-        eprintln!("tensafe: cannot write the output: {e}");
+        // Not eprintln!, which would panic if standard error failed too.
+        let _ = writeln!(std::io::stderr(), "tensafe: cannot write the output: {e}");
         std::process::exit(74);
     }
 }

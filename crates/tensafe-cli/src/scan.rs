@@ -51,7 +51,8 @@ fn collect(path: &Path, given: bool, out: &mut Vec<PathBuf>, skipped: &mut Vec<P
 /// Runs the subcommand. Exit codes: 0 every file holds only allowlisted
 /// content; 1 something suspicious or dangerous was found; 2 a file could
 /// not be scanned completely (malformed, unreadable) and nothing worse was
-/// found (or there was no file to scan: "safe" would claim too much); 3 a
+/// found (or there was no file to scan, or a directory link was not
+/// followed: "safe" would claim too much); 3 a
 /// file is in a container the scanner does not open (a compressed wrapper)
 /// and nothing of the above was found.
 pub fn run(args: &ScanArgs) -> ExitCode {
@@ -77,7 +78,8 @@ pub fn run(args: &ScanArgs) -> ExitCode {
     }
     let worst = reports.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Safe);
     let flagged = reports.iter().any(|r| matches!(r.verdict, Verdict::Suspicious | Verdict::Dangerous));
-    let incomplete = reports.iter().any(|r| r.verdict == Verdict::Error && !r.unsupported);
+    // A directory link not followed is a part not scanned.
+    let incomplete = !skipped.is_empty() || reports.iter().any(|r| r.verdict == Verdict::Error && !r.unsupported);
     if flagged {
         ExitCode::from(1)
     } else if incomplete {

@@ -159,8 +159,10 @@ fn scan_follows_what_it_is_given_and_never_calls_nothing_safe() {
     std::os::unix::fs::symlink(&real, outer.join("inner")).unwrap();
     let out = run(&["scan"], &[&outer]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not following"), "{}", String::from_utf8_lossy(&out.stderr));
-    // Nothing scanned is not "safe".
+    // What was not scanned is not "safe", beside a safe file or alone.
     assert_eq!(out.status.code(), Some(2));
+    std::fs::write(outer.join("model.bin"), legacy_checkpoint()).unwrap();
+    assert_eq!(run(&["scan"], &[&outer]).status.code(), Some(2));
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let out = run(&["scan", "--json"], &[&empty]);

@@ -66,34 +66,43 @@ pub fn detect(bytes: &[u8]) -> Kind {
 }
 
 /// Whether the first 512 bytes are a tar header as Python's `tarfile`
-/// (which torch's legacy loader tries first) accepts one: not all zero, and
-/// a checksum field that equals the sum of the block's bytes, unsigned or
-/// signed, with the field itself counted as spaces. The `ustar` magic is not
-/// needed (old tar headers lack it) and not enough: with a bad checksum
-/// `tarfile` fails and torch unpickles the file from its first byte.
+/// (which torch's legacy loader tries first) accepts one
+/// (`TarInfo.frombuf`): not all zero, a checksum field that equals the sum
+/// of the block's bytes, unsigned or signed, with the field itself counted
+/// as spaces, and numeric fields (mode, ids, size, time, device numbers)
+/// that read as numbers. The `ustar` magic is not needed (old tar headers
+/// lack it) and not enough. Where `tarfile` refuses the file, torch
+/// unpickles it from its first byte; it also does when a later step of the
+/// tar path fails, which is why the scanner also reads a tar file from its
+/// first byte as a pickle.
 pub fn is_tar_header(bytes: &[u8]) -> bool {
     let Some(block) = bytes.get(..512) else { return false };
     if block.iter().all(|&b| b == 0) {
         return false;
     }
-    let field = &block[148..156];
-    let stored = if field[0] == 0o200 || field[0] == 0o377 {
-        // Base-256: the rest of the field, big-endian, negative for 0o377.
-        let magnitude = field[1..].iter().fold(0i64, |n, &b| (n << 8) | i64::from(b));
-        if field[0] == 0o377 { magnitude - (1i64 << 56) } else { magnitude }
-    } else {
-        // ASCII octal text up to the first NUL.
-        let text = field.split(|&b| b == 0).next().unwrap_or_default();
-        match std::str::from_utf8(text).ok().filter(|t| t.is_ascii()).and_then(python_octal) {
-            Some(n) => n,
-            None => return false,
-        }
-    };
+    let numeric = [100..108, 108..116, 116..124, 124..136, 136..148, 329..337, 337..345];
+    if numeric.into_iter().any(|field| tar_number(&block[field]).is_none()) {
+        return false;
+    }
+    let Some(stored) = tar_number(&block[148..156]) else { return false };
     let spaces = 8 * i64::from(b' ');
     let outside = || block[..148].iter().chain(&block[156..]);
     let unsigned = spaces + outside().map(|&b| i64::from(b)).sum::<i64>();
     let signed = spaces + outside().map(|&b| i64::from(b as i8)).sum::<i64>();
     stored == unsigned || stored == signed
+}
+
+/// A numeric header field as `tarfile`'s `nti` reads it: base-256 when its
+/// first byte is 0o200 or 0o377, else ASCII octal text up to the first NUL.
+fn tar_number(field: &[u8]) -> Option<i64> {
+    if field[0] == 0o200 || field[0] == 0o377 {
+        // Big-endian in the remaining bytes, negative for 0o377; more than
+        // fits in an i64 is still a number to Python.
+        let magnitude = field[1..].iter().try_fold(0i64, |n, &b| n.checked_mul(256).map(|n| n + i64::from(b))).unwrap_or(i64::MAX);
+        return Some(if field[0] == 0o377 { magnitude.saturating_sub(1i64 << 56) } else { magnitude });
+    }
+    let text = field.split(|&b| b == 0).next().unwrap_or_default();
+    std::str::from_utf8(text).ok().filter(|t| t.is_ascii()).and_then(python_octal)
 }
 
 /// An integer as Python's `int(text.strip() or "0", 8)` reads it (what

@@ -555,6 +555,15 @@ impl Writeback {
     }
 }
 
+/// Whether `a` and `b` name the same existing file (links followed).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// Maps a file read-only (an empty file gives an empty slice).
 pub fn map_file(path: &Path) -> Result<Mapped> {
     let file = tensafe::open_regular(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
@@ -592,7 +601,8 @@ impl std::ops::Deref for Mapped {
     }
 }
 
-/// Converts one checkpoint file to one safetensors file.
+/// Converts one checkpoint file to one safetensors file. Refuses to write
+/// over the input itself.
 pub fn convert_file(input: &Path, output: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
     let mut staged = StagedWrites::default();
     let report = convert_file_staged(input, output, options, &mut staged)?;
@@ -602,6 +612,10 @@ pub fn convert_file(input: &Path, output: &Path, options: &ConvertOptions) -> Re
 
 /// [`convert_file`], its output moved into place when `staged` is committed.
 fn convert_file_staged(input: &Path, output: &Path, options: &ConvertOptions, staged: &mut StagedWrites) -> Result<ConvertReport> {
+    if same_file(input, output) {
+        let source = io::Error::new(io::ErrorKind::InvalidInput, "is the input itself: write the conversion elsewhere");
+        return Err(Error::Io { path: output.to_owned(), source });
+    }
     let bytes = map_file(input)?;
     let ck = container::load(&bytes, &options.load).map_err(|e| in_file(e, input))?;
     let planned = plan_checkpoint(&ck, options)?;
@@ -633,8 +647,8 @@ pub struct ShardedReport {
 /// `model.safetensors.index.json`, as transformers names them. The input
 /// index must agree with the shards: every tensor where it says, none missing.
 /// Nothing in `out_dir` is replaced before every shard is converted (a
-/// refused shard leaves it as it was); a `model.safetensors` there, which
-/// transformers would load before the index, is removed once it is.
+/// refused shard leaves it as it was); then what remains there of an
+/// earlier checkpoint is removed (`tensafe::remove_stale_files`).
 pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -> Result<ShardedReport> {
     let text = tensafe::read_index_text(index).map_err(|source| Error::Io { path: index.to_owned(), source })?;
     let input = tensafe::ShardIndex::parse(&text).map_err(|e| Error::Structure(format!("{}: {e}", index.display())))?;
@@ -676,11 +690,8 @@ pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -
     let body = output.to_json();
     staged.write(&out_index, |w| w.write_all(body.as_bytes()))?;
     staged.commit()?;
-    let single = out_dir.join(tensafe::SINGLE_FILE);
-    match std::fs::remove_file(&single) {
-        Err(source) if source.kind() != io::ErrorKind::NotFound => return Err(Error::Io { path: single, source }),
-        _ => {}
-    }
+    let written: Vec<String> = report.shards.iter().map(|(_, out_name, _)| out_name.clone()).collect();
+    tensafe::remove_stale_files(out_dir, &written, true)?;
     report.index = out_index;
     Ok(report)
 }

@@ -270,6 +270,10 @@ static DANGEROUS_MODULES: &[&str] = &[
     "unittest", "torch.hub", "torch.jit", "torch._C", "torch.utils.cpp_extension", "torch.package",
     "torch.distributed", "torch.ops", "torch._dynamo", "torch._inductor", "torch.fx", "numpy.testing",
     "numpy.f2py", "numpy.distutils", "nose", "pytest", "IPython", "jinja2", "yaml",
+    // numpy's file I/O (reading, writing, mapping, loading libraries), under
+    // its numpy 1 and numpy 2 module names.
+    "numpy.ctypeslib", "numpy.lib.npyio", "numpy.lib._npyio_impl", "numpy.lib.format", "numpy.lib._format_impl",
+    "numpy.lib._datasource", "numpy.lib.utils", "numpy.core.memmap", "numpy._core.memmap",
 ];
 
 /// Single names reported as dangerous.
@@ -308,7 +312,16 @@ static DANGEROUS_NAMES: &[(&str, &str)] = &[
     ("torch.serialization", "load"),
     ("torch", "save"),
     ("numpy", "load"),
-    ("numpy.lib.npyio", "load"),
+    ("numpy", "save"),
+    ("numpy", "savez"),
+    ("numpy", "savez_compressed"),
+    ("numpy", "savetxt"),
+    ("numpy", "loadtxt"),
+    ("numpy", "genfromtxt"),
+    ("numpy", "fromfile"),
+    ("numpy", "fromregex"),
+    ("numpy", "memmap"),
+    ("numpy", "DataSource"),
     ("copyreg", "_reconstructor"),
     ("copyreg", "__newobj__"),
     ("copyreg", "__newobj_ex__"),

@@ -184,7 +184,24 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
     let mut s = Scanner { options, heap: Heap::default() };
     match container::detect(bytes) {
         Kind::Zip => s.zip(bytes, &mut r, true),
-        Kind::Tar => s.tar(bytes, &mut r),
+        Kind::Tar => {
+            s.tar(bytes, &mut r);
+            // When any step of its tar path fails (a later header, a short or
+            // missing member), torch unpickles the file from its first byte:
+            // what that would import or call counts too. A real tar file is
+            // no pickle there (its first byte is a member name's).
+            let mut from_start = ScanReport::new(name);
+            s.stream(bytes, "the file read as a pickle from its first byte", &mut from_start);
+            if from_start.pickles.iter().any(|p| !p.report.imports.is_empty() || !p.report.calls.is_empty()) {
+                r.finding(
+                    Severity::Dangerous,
+                    "polyglot",
+                    "the file is a tar archive and, from its first byte, a pickle that imports or calls (what torch.load runs when the tar path fails)",
+                );
+                r.pickles.extend(from_start.pickles);
+                r.findings.extend(from_start.findings);
+            }
+        }
         Kind::Npy => {
             r.container = "npy".into();
             s.npy(bytes, name, &mut r);

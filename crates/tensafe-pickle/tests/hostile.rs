@@ -801,6 +801,32 @@ fn class29_tar() {
     posing[148..156].copy_from_slice(b"0000000\0");
     let r = dangerous(&posing);
     assert!(imports(&r).contains(&"posix.system".to_string()));
+
+    // A tar header that is also a pickle from its first byte (a BINSTRING
+    // swallows the header's fields): torch unpickles it when tarfile refuses
+    // a field, or when any later step of the tar path fails. Both readings
+    // are scanned, whichever tarfile would take.
+    for mode in [&b"0000644\0"[..], b"zzzzzzz\0"] {
+        let evil = Asm::new().proto(2).system_call(&c.marker()).finish();
+        let mut block = vec![0u8; 512];
+        block[..evil.len()].copy_from_slice(&evil);
+        block[evil.len()] = b'T';
+        block[evil.len() + 1..evil.len() + 5].copy_from_slice(&((510 - evil.len() - 5) as u32).to_le_bytes());
+        block[510..512].copy_from_slice(b"0.");
+        block[100..108].copy_from_slice(mode);
+        block[124..136].copy_from_slice(b"00000000000\0");
+        block[156] = b'0';
+        block[257..263].copy_from_slice(b"ustar\0");
+        block[148..156].fill(b' ');
+        let checksum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+        block[148..156].copy_from_slice(format!("{checksum:06o}\0 ").as_bytes());
+        block.resize(1536, 0);
+        assert!(evil.len() < 95, "the pickle must end before the header's fields");
+        let tar = mode.starts_with(b"0");
+        assert_eq!(tensafe_pickle::detect(&block) == tensafe_pickle::Kind::Tar, tar);
+        let r = dangerous(&block);
+        assert!(imports(&r).contains(&"posix.system".to_string()), "{}", String::from_utf8_lossy(mode));
+    }
 }
 
 // 30. Cycles.
@@ -1028,6 +1054,11 @@ fn allow_patterns_never_admit_what_runs_code() {
     assert_eq!(scan_bytes(&data_class, "input", &allow).verdict, Verdict::Safe);
     let runs_code = Asm::new().proto(2).global("numpy.testing._private.utils", "runstring").stop().finish();
     assert_eq!(scan_bytes(&runs_code, "input", &allow).verdict, Verdict::Dangerous);
+    // numpy's file I/O, under its numpy 1 and 2 names.
+    for (module, name) in [("numpy", "savetxt"), ("numpy", "memmap"), ("numpy.lib._npyio_impl", "load"), ("numpy.ctypeslib", "load_library")] {
+        let io = Asm::new().proto(2).global(module, name).stop().finish();
+        assert_eq!(scan_bytes(&io, "input", &allow).verdict, Verdict::Dangerous, "{module}.{name}");
+    }
     let exact = ScanOptions { allow_opaque: vec!["numpy.testing._private.utils.runstring".into()], ..Default::default() };
     assert_eq!(scan_bytes(&runs_code, "input", &exact).verdict, Verdict::Dangerous);
 }

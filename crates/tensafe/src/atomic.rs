@@ -50,10 +50,16 @@ where
 /// Files written now and moved into place together later, by
 /// [`StagedWrites::commit`]: until then each is a flushed temporary file
 /// beside its destination, and dropping the `StagedWrites` removes them all.
+/// What is atomic is the writing: no destination changes before every file
+/// is written. The commit is a sequence of renames, each atomic; should one
+/// fail (or the machine stop) midway, the files before it are new and the
+/// rest old, so callers rename what refers to the others (an index) last.
 #[derive(Default)]
 pub struct StagedWrites {
-    /// Each written temporary file, with the path it replaces (links resolved).
-    files: Vec<(tempfile::NamedTempFile, PathBuf)>,
+    /// Each written temporary file (its path: the file itself is closed once
+    /// written, so a checkpoint of thousands of shards does not hold
+    /// thousands of descriptors), with the path it replaces (links resolved).
+    files: Vec<(tempfile::TempPath, PathBuf)>,
 }
 
 impl StagedWrites {
@@ -110,7 +116,7 @@ impl StagedWrites {
                 .map_err(|e| Error::io("copying the permissions of the replaced file", e))?;
         }
         temp.as_file().sync_all().map_err(|e| Error::io("flushing to disk", e))?;
-        self.files.push((temp, target));
+        self.files.push((temp.into_temp_path(), target));
         Ok(())
     }
 

@@ -239,21 +239,25 @@ pub struct Printable<'a>(pub &'a str);
 impl Printable<'_> {
     fn escapes(c: char) -> bool {
         c.is_control()
+            // The escape character itself, so that no name can show as
+            // another's escaped form (`a\u{202e}` typed out).
+            || c == '\\'
             || matches!(c,
                 // Unicode's format characters (general category Cf, 15.1):
                 // soft hyphen, bidirectional controls, zero-width characters,
                 // invisible operators, tags, musical and other format marks.
                 '\u{00ad}' | '\u{0600}'..='\u{0605}' | '\u{061c}' | '\u{06dd}' | '\u{070f}' | '\u{0890}'..='\u{0891}'
-                | '\u{08e2}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}'
-                | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}' | '\u{110bd}' | '\u{110cd}'
-                | '\u{13430}'..='\u{1343f}' | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}' | '\u{e0001}'
-                | '\u{e0020}'..='\u{e007f}'
+                | '\u{08e2}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}'
+                | '\u{feff}' | '\u{fff0}'..='\u{fffb}' | '\u{110bd}' | '\u{110cd}' | '\u{13430}'..='\u{1343f}'
+                | '\u{1bca0}'..='\u{1bca3}' | '\u{1d173}'..='\u{1d17a}'
                 // Line and paragraph separators (which break a line).
                 | '\u{2028}'..='\u{2029}'
-                // Other characters that show as nothing: the combining
-                // grapheme joiner, variation selectors, Hangul fillers.
-                | '\u{034f}' | '\u{180b}'..='\u{180d}' | '\u{180f}' | '\u{fe00}'..='\u{fe0f}' | '\u{e0100}'..='\u{e01ef}'
-                | '\u{115f}'..='\u{1160}' | '\u{3164}' | '\u{ffa0}')
+                // Other characters that show as nothing (default ignorable):
+                // the combining grapheme joiner, Khmer inherent vowels,
+                // variation selectors, Hangul fillers, the tag and
+                // variation-selector supplement block.
+                | '\u{034f}' | '\u{17b4}'..='\u{17b5}' | '\u{180b}'..='\u{180d}' | '\u{180f}' | '\u{fe00}'..='\u{fe0f}'
+                | '\u{115f}'..='\u{1160}' | '\u{3164}' | '\u{ffa0}' | '\u{e0000}'..='\u{e0fff}')
     }
 }
 
@@ -467,10 +471,13 @@ mod tests {
         assert_eq!(Printable("a\u{1b}[31m\n\té\u{202e}fdp.exe\u{301}").to_string(), "a\\u{1b}[31m\\n\\té\\u{202e}fdp.exe\u{301}");
         assert_eq!(Printable("w\u{200b}eight\u{feff}").to_string(), "w\\u{200b}eight\\u{feff}");
         // Other invisible characters that could pass one name off as another.
-        for hidden in ['\u{ad}', '\u{180e}', '\u{e0041}', '\u{1d173}', '\u{fe0f}', '\u{3164}', '\u{2029}'] {
+        for hidden in ['\u{ad}', '\u{180e}', '\u{e0041}', '\u{1d173}', '\u{fe0f}', '\u{3164}', '\u{2029}', '\u{17b4}', '\u{2065}', '\u{e0fff}'] {
             let shown = Printable(&format!("w{hidden}")).to_string();
             assert_eq!(shown, format!("w{}", hidden.escape_unicode()), "{hidden:?}");
         }
+        // A backslash is escaped too: typed-out escapes cannot pose as real ones.
+        assert_eq!(Printable("a\\u{202e}").to_string(), "a\\\\u{202e}");
+        assert_ne!(Printable("a\\u{202e}").to_string(), Printable("a\u{202e}").to_string());
         let dup_meta = r#"{"__metadata__":{"k":"1","k":"2"}}"#;
         assert!(parse(&file(dup_meta, 0)).unwrap_err().to_string().contains("duplicate metadata key"));
         let top = "[]";

@@ -41,7 +41,7 @@ pub use header::{Header, Printable, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_
 pub use parallel::{Split, TensorParallelPlan};
 pub use reader::{MmapFile, PreadFile, SafeTensors, TensorView};
 pub use shards::{
-    is_checkpoint_path, parse_size, read_index_text, MAX_INDEX_SIZE, plan_shards, reshard, save_sharded, Checkpoint, LazyTensor, ShardFile, ShardIndex, ShardPlan, ShardedCheckpoint, TensorSource, INDEX_FILE,
+    is_checkpoint_path, parse_size, read_index_text, remove_stale_files, MAX_INDEX_SIZE, plan_shards, reshard, save_sharded, Checkpoint, LazyTensor, ShardFile, ShardIndex, ShardPlan, ShardedCheckpoint, TensorSource, INDEX_FILE,
     SINGLE_FILE,
 };
 pub use slice::{ByteRanges, SliceIndex, SlicePlan};

@@ -441,8 +441,8 @@ where
 /// one `model.safetensors` was enough). Nothing is replaced until every file
 /// is written (an error leaves the directory as it was, so a checkpoint can
 /// be rewritten in place); then the shards are renamed into place, the index
-/// last, and the other form of a checkpoint there (`model.safetensors`, or
-/// an index) is removed.
+/// last, and what remains there of an earlier checkpoint under the same
+/// names is removed ([`remove_stale_files`]).
 pub fn save_sharded<N, V, I>(tensors: I, dir: impl AsRef<Path>, max_shard_bytes: u64, metadata: Option<&Metadata>) -> Result<Option<ShardIndex>>
 where
     N: AsRef<str>,
@@ -452,25 +452,51 @@ where
     let dir = dir.as_ref();
     let plan = plan_shards(tensors, max_shard_bytes);
     let mut staged = StagedWrites::default();
+    let written: Vec<String> = plan.files.iter().map(|(file, _)| file.clone()).collect();
     for (file, shard) in plan.files {
         let path = dir.join(&file);
         let prepared = prepare(shard, metadata, &WriteOptions::default()).map_err(|e| e.in_file(&path))?;
         staged.write(&path, |out| prepared.write_to(out)).map_err(|e| e.in_file(&path))?;
     }
-    let index_path = dir.join(INDEX_FILE);
     if let Some(index) = &plan.index {
+        let index_path = dir.join(INDEX_FILE);
         let text = index.to_json();
         staged.write(&index_path, |out| out.write_all(text.as_bytes())).map_err(|e| e.in_file(&index_path))?;
     }
     staged.commit()?;
-    // The other form of a checkpoint in this directory would hide this one
-    // from the readers that look for it first (transformers takes
-    // model.safetensors before the index; tensafe the index first).
-    let other_form = if plan.index.is_some() { dir.join(SINGLE_FILE) } else { index_path };
-    match std::fs::remove_file(&other_form) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("removing the previous checkpoint's file", e).in_file(&other_form)),
-        _ => Ok(plan.index),
+    remove_stale_files(dir, &written, plan.index.is_some())?;
+    Ok(plan.index)
+}
+
+/// After a checkpoint was written into `dir` as the files `written`
+/// (sharded: with an index), removes what remains there of an earlier
+/// checkpoint saved under the same names, as transformers' `save_pretrained`
+/// does: shards named `model-0000i-of-0000n.safetensors` that are not among
+/// the new files, and the other form of a checkpoint (`model.safetensors`
+/// beside a new index, an index beside a new `model.safetensors`), which
+/// readers would otherwise find first (transformers takes
+/// `model.safetensors` before an index, tensafe an index first). No other
+/// file is touched.
+pub fn remove_stale_files(dir: &Path, written: &[String], sharded: bool) -> Result<()> {
+    let other_form = if sharded { SINGLE_FILE } else { INDEX_FILE };
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("listing the checkpoint directory", e).in_file(dir))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing the checkpoint directory", e).in_file(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = (name == other_form || is_shard_name(&name)) && !written.contains(&name);
+        if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(entry.path()).map_err(|e| Error::io("removing a file of the previous checkpoint", e).in_file(entry.path()))?;
+        }
     }
+    Ok(())
+}
+
+/// Whether `name` is a shard's name as [`plan_shards`] (and transformers)
+/// give them: `model-0000i-of-0000n.safetensors`.
+fn is_shard_name(name: &str) -> bool {
+    let numbers = name.strip_prefix("model-").and_then(|rest| rest.strip_suffix(".safetensors"));
+    let five_digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    numbers.and_then(|n| n.split_once("-of-")).is_some_and(|(i, n)| five_digits(i) && five_digits(n))
 }
 
 /// Where a [`LazyTensor`] gets its bytes: a local file here, a remote one in
@@ -606,21 +632,21 @@ mod tests {
         assert_eq!(single.read_tensor("layer.3").unwrap(), data[3]);
     }
 
-    /// A tensor whose bytes cannot be had (its view gives none).
-    struct Unreadable;
+    /// A U8 tensor of the given shape whose bytes cannot be had (its view gives none).
+    struct Unreadable([usize; 1]);
 
     impl View for Unreadable {
         fn dtype(&self) -> Dtype {
             Dtype::U8
         }
         fn shape(&self) -> &[usize] {
-            &[1000]
+            &self.0
         }
         fn data(&self) -> Cow<'_, [u8]> {
             Cow::Borrowed(&[])
         }
         fn data_len(&self) -> usize {
-            1000
+            self.0[0]
         }
     }
 
@@ -630,11 +656,14 @@ mod tests {
         let data = sample();
         save_sharded(tensors(&data), dir.path(), 400, None).unwrap();
         let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
-        // The first shards are fine; the last one fails while being written.
-        let mut failing: Vec<(String, Box<dyn View>)> = tensors(&data).into_iter().map(|(n, t)| (n, Box::new(t) as Box<dyn View>)).collect();
-        failing.push(("zz.last".into(), Box::new(Unreadable)));
+        // Rewritten in place with new values and the same sizes, so the same
+        // shard names: the first two shards are fine, the last fails while
+        // being written (layer.4, beside layer.2).
+        let new_data: Vec<Vec<u8>> = data.iter().map(|d| d.iter().map(|b| b + 100).collect()).collect();
+        let mut failing: Vec<(String, Box<dyn View>)> = tensors(&new_data).into_iter().map(|(n, t)| (n, Box::new(t) as Box<dyn View>)).collect();
+        failing[4].1 = Box::new(Unreadable([SHAPES[4]]));
         let error = save_sharded(failing.iter().map(|(n, v)| (n.as_str(), v.as_ref())), dir.path(), 400, None).unwrap_err();
-        assert!(error.to_string().contains("the view gave 0 bytes but announced 1000"), "{error}");
+        assert!(error.to_string().contains("the view gave 0 bytes but announced 10"), "{error}");
         let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
         assert_eq!(before, after, "no file replaced, none left behind");
         let ckpt = ShardedCheckpoint::open(dir.path()).unwrap();
@@ -644,16 +673,28 @@ mod tests {
     }
 
     #[test]
-    fn a_save_replaces_the_other_form_of_a_checkpoint() {
+    fn a_save_removes_what_remains_of_the_checkpoint_it_replaces() {
         let dir = tempfile::tempdir().unwrap();
         let data = sample();
+        let files = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            names.sort();
+            names
+        };
+        std::fs::write(dir.path().join("model-notes.txt"), "kept").unwrap();
         save_sharded(tensors(&data), dir.path(), 10_000, None).unwrap();
-        assert!(dir.path().join(SINGLE_FILE).is_file());
+        assert_eq!(files(), ["model-notes.txt", SINGLE_FILE]);
+        // Sharded: model.safetensors goes (transformers would take it before the index).
         save_sharded(tensors(&data), dir.path(), 400, None).unwrap();
-        assert!(!dir.path().join(SINGLE_FILE).exists(), "transformers would take it before the index");
+        let three = ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"];
+        assert_eq!(files(), [&three[..], &["model-notes.txt", INDEX_FILE]].concat());
+        // Fewer shards: the old ones go.
+        save_sharded(tensors(&data), dir.path(), 600, None).unwrap();
+        assert_eq!(files(), ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model-notes.txt", INDEX_FILE]);
+        // One file: the index and shards go (tensafe would take the index first).
         let fewer = &tensors(&data)[..2];
         save_sharded(fewer.iter().map(|(n, t)| (n.as_str(), t)), dir.path(), 10_000, None).unwrap();
-        assert!(!dir.path().join(INDEX_FILE).exists(), "tensafe would take it before model.safetensors");
+        assert_eq!(files(), ["model-notes.txt", SINGLE_FILE]);
         assert_eq!(ShardedCheckpoint::open(dir.path()).unwrap().len(), 2);
     }
 
