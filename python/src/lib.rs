@@ -429,19 +429,15 @@ impl File {
             return Err(PyValueError::new_err(format!("read_all_into needs a writable contiguous buffer of {total} bytes")));
         }
         let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
-        // Report at most every 64 MiB, and the end.
-        let next_report = std::sync::atomic::AtomicU64::new(0);
-        let report = |done: u64| {
-            if let Some(callback) = &progress {
-                let due = next_report.load(std::sync::atomic::Ordering::Relaxed);
-                if done >= due || done == total as u64 {
-                    next_report.store(done + (64 << 20), std::sync::atomic::Ordering::Relaxed);
-                    Python::attach(|py| {
-                        if let Err(e) = callback.call1(py, (done, total)) {
-                            e.write_unraisable(py, None);
-                        }
-                    });
+        // `progress(done, total)` at most every 64 MiB, and at the end.
+        let mut next_report = 0;
+        let mut report = |done: usize| -> PyResult<()> {
+            match &progress {
+                Some(callback) if done >= next_report || done == total => {
+                    next_report = done + (64 << 20);
+                    Python::attach(|py| callback.call1(py, (done, total)).map(drop))
                 }
+                _ => Ok(()),
             }
         };
         py.detach(|| {
@@ -458,11 +454,37 @@ impl File {
                         Some(false) => tensafe_io::DirectIo::Never,
                     };
                     let range = tensafe_io::ReadRange { file_offset: p.header().data_start(), dst_offset: 0, len };
-                    let io_error = |e: std::io::Error| SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display()));
-                    let stats = tensafe_io::read_into(p.file(), &[range], dst, &options, Some(&report)).map_err(io_error)?;
+                    // On this (the calling) thread: the callback in order, and a
+                    // check for Ctrl-C every tick; an exception stops the load.
+                    let heard = |heard: tensafe_io::Progress| match heard {
+                        tensafe_io::Progress::Done(done) => report(done).map_err(std::io::Error::other),
+                        tensafe_io::Progress::Tick => Python::attach(|py| py.check_signals()).map_err(std::io::Error::other),
+                    };
+                    let stats = tensafe_io::read_into(p.file(), &[range], dst, &options, heard).map_err(|e| match e.downcast::<PyErr>() {
+                        Ok(raised) => raised,
+                        Err(e) => SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display())),
+                    })?;
                     Ok(stats.reads)
                 }
-                Source::Remote(r) => r.read_data_into(dst, Some(&report)).map(|traffic| traffic.requests).map_err(remote_error),
+                Source::Remote(r) => {
+                    // Called from the transfer's threads: one at a time, in
+                    // order, and the first exception raised once it is over.
+                    let state = std::sync::Mutex::new((0usize, None::<PyErr>, &mut report));
+                    let heard = |done: u64| {
+                        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                        let (reported, raised, report) = &mut *state;
+                        let done = done as usize;
+                        if raised.is_none() && done > *reported {
+                            *reported = done;
+                            *raised = report(done).err();
+                        }
+                    };
+                    let requests = r.read_data_into(dst, Some(&heard)).map(|traffic| traffic.requests).map_err(remote_error)?;
+                    match state.into_inner().unwrap_or_else(|p| p.into_inner()).1 {
+                        Some(raised) => Err(raised),
+                        None => Ok(requests),
+                    }
+                }
                 _ => Err(PyValueError::new_err("read_all_into is for pread and remote files; the others are in memory")),
             }
         })

@@ -265,6 +265,8 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
         data = _read_all(file, threads, progress)
     else:
         data = file.data_buffer()  # the mapping itself: tensors read the page cache
+        if progress is not None:
+            progress(file.data_len, file.data_len)  # nothing to read: done at once
     if framework == "pt" and not hasattr(data, "device") and device != "cpu":
         # Other accelerators: one host-to-device copy, tensors are views of it.
         data = _torch_bytes(data).to(device)

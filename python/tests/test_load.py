@@ -108,6 +108,28 @@ def test_one_large_tensor_with_progress_and_cache_drop(tmp_path):
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
+def test_progress_is_in_order_and_can_stop_a_load_on_every_backend(tmp_path):
+    path = tmp_path / "m.safetensors"
+    ts_pt.save_file({"a": torch.arange(40 * 1024 * 1024, dtype=torch.int32), "b": torch.ones(3)}, path)
+
+    class Cancel(Exception):
+        pass
+
+    for backend in ("pread", "mmap"):
+        for threads in (1, 8):
+            seen = []
+            ts_pt.load_file(path, backend=backend, threads=threads, progress=lambda done, total: seen.append((done, total)))
+            done = [d for d, _ in seen]
+            assert done == sorted(done) and seen[-1][0] == seen[-1][1], (backend, seen)
+
+            def cancel(done, total):
+                raise Cancel(done)
+
+            # The callback's exception ends the load and is raised by it.
+            with pytest.raises(Cancel):
+                ts_pt.load_file(path, backend=backend, threads=threads, progress=cancel)
+
+
 def test_engine_reads_in_bounded_chunks(tmp_path):
     path = tmp_path / "chunks.safetensors"
     ts_np.save_file({"x": np.arange(1_000_000, dtype=np.int64)}, path)

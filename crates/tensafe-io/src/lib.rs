@@ -14,12 +14,16 @@
 //! * [`staging::stage`] runs staged loads: reads into a bounded set of slots,
 //!   each copied out (to a device) before it is reused.
 
+mod progress;
 pub mod staging;
+
+pub use progress::Progress;
 
 use std::fs::File;
 use std::io;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 
 /// One range to read: `len` bytes at `file_offset` go to `dst_offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,14 +121,16 @@ struct Job<'a> {
 /// Reads every range into `dst` with a pool of threads.
 ///
 /// Ranges must lie inside `dst` and must not overlap there (checked: an error,
-/// not a panic). `progress` is called with the running total of bytes read,
-/// from the reader threads.
+/// not a panic). `progress` runs on the calling thread: it hears the running
+/// total of bytes read, in order, and a [`Progress::Tick`] every 50 ms. An
+/// error from it, or from a read, stops the readers (each finishes the read
+/// it is doing) and is returned, the first one.
 pub fn read_into(
     file: &File,
     ranges: &[ReadRange],
     dst: &mut [u8],
     options: &EngineOptions,
-    progress: Option<&(dyn Fn(u64) + Sync)>,
+    progress: impl FnMut(Progress) -> io::Result<()>,
 ) -> io::Result<Stats> {
     let chunk = options.chunk_bytes.max(DIRECT_ALIGN) / DIRECT_ALIGN * DIRECT_ALIGN;
     let ranges = coalesce(ranges.to_vec());
@@ -172,37 +178,55 @@ pub fn read_into(
     let in_flight = AtomicU64::new(0);
     let peak = AtomicU64::new(0);
     let direct_bytes = AtomicU64::new(0);
+    let stopped = AtomicBool::new(false);
+    let first_error: Mutex<Option<io::Error>> = Mutex::new(None);
+    let stop = |e: io::Error| {
+        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        stopped.store(true, Ordering::SeqCst);
+    };
     let threads = options.threads.max(1).min(job_count.max(1));
-    let result: io::Result<()> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| -> io::Result<()> {
-                    loop {
-                        let Some(Job { file_offset: offset, piece }) = queue.lock().expect("queue lock").pop() else { return Ok(()) };
-                        let len = piece.len() as u64;
-                        let now = in_flight.fetch_add(len, Ordering::SeqCst) + len;
-                        peak.fetch_max(now, Ordering::SeqCst);
-                        let read = match &direct_file {
-                            // Its unaligned head and tail go through the cache.
-                            Some(direct_file) => read_exact_at_direct(file, direct_file, piece, offset).map(|went_direct| {
-                                direct_bytes.fetch_add(went_direct as u64, Ordering::Relaxed);
-                            }),
-                            None => read_exact_at(file, piece, offset),
-                        };
-                        in_flight.fetch_sub(len, Ordering::SeqCst);
-                        read?;
-                        reads.fetch_add(1, Ordering::Relaxed);
-                        let done = total.fetch_add(len, Ordering::SeqCst) + len;
-                        if let Some(progress) = progress {
-                            progress(done);
-                        }
+    let (done_tx, done_rx) = mpsc::channel::<usize>();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let done_tx = done_tx.clone();
+            let (queue, stopped, stop, direct_file) = (&queue, &stopped, &stop, &direct_file);
+            let (total, reads, in_flight, peak, direct_bytes) = (&total, &reads, &in_flight, &peak, &direct_bytes);
+            scope.spawn(move || {
+                loop {
+                    if stopped.load(Ordering::SeqCst) {
+                        return;
                     }
-                })
-            })
-            .collect();
-        workers.into_iter().try_for_each(|w| w.join().expect("reader thread panicked"))
+                    let Some(Job { file_offset: offset, piece }) = queue.lock().expect("queue lock").pop() else { return };
+                    let len = piece.len() as u64;
+                    let now = in_flight.fetch_add(len, Ordering::SeqCst) + len;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let read = match &direct_file {
+                        // Its unaligned head and tail go through the cache.
+                        Some(direct_file) => read_exact_at_direct(file, direct_file, piece, offset).map(|went_direct| {
+                            direct_bytes.fetch_add(went_direct as u64, Ordering::Relaxed);
+                        }),
+                        None => read_exact_at(file, piece, offset),
+                    };
+                    in_flight.fetch_sub(len, Ordering::SeqCst);
+                    if let Err(e) = read {
+                        // The other readers stop before their next read.
+                        stop(e);
+                        return;
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    total.fetch_add(len, Ordering::SeqCst);
+                    // The receiver is gone only once the load is over.
+                    let _ = done_tx.send(len as usize);
+                }
+            });
+        }
+        drop(done_tx);
+        // Until every reader has ended (the scope then joins them, passing on a panic).
+        progress::relay(done_rx, progress, || stopped.load(Ordering::SeqCst), &stop);
     });
-    result?;
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
     Ok(Stats {
         bytes: total.into_inner(),
         reads: reads.into_inner(),
@@ -386,6 +410,10 @@ mod tests {
     use proptest::prelude::*;
     use std::io::Write;
 
+    fn quiet(_: Progress) -> io::Result<()> {
+        Ok(())
+    }
+
     fn file_with(bytes: &[u8]) -> File {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
@@ -404,10 +432,10 @@ mod tests {
         let f = file_with(&[0; 64]);
         let mut dst = vec![0u8; 16];
         let r = |file_offset, dst_offset, len| ReadRange { file_offset, dst_offset, len };
-        assert!(read_into(&f, &[r(0, 0, 8), r(32, 4, 8)], &mut dst, &EngineOptions::default(), None).is_err());
-        assert!(read_into(&f, &[r(0, 10, 8)], &mut dst, &EngineOptions::default(), None).is_err());
+        assert!(read_into(&f, &[r(0, 0, 8), r(32, 4, 8)], &mut dst, &EngineOptions::default(), quiet).is_err());
+        assert!(read_into(&f, &[r(0, 10, 8)], &mut dst, &EngineOptions::default(), quiet).is_err());
         // Past the end of the file: an error, not a short read.
-        assert!(read_into(&f, &[r(60, 0, 8)], &mut dst, &EngineOptions::default(), None).is_err());
+        assert!(read_into(&f, &[r(60, 0, 8)], &mut dst, &EngineOptions::default(), quiet).is_err());
     }
 
     #[test]
@@ -416,15 +444,46 @@ mod tests {
         let f = file_with(&data);
         let mut dst = vec![0u8; data.len()];
         let options = EngineOptions { threads: 3, chunk_bytes: 4096, direct: DirectIo::Never };
-        let seen = AtomicU64::new(0);
-        let stats = read_into(&f, &[ReadRange { file_offset: 0, dst_offset: 0, len: data.len() }], &mut dst, &options, Some(&|n| {
-            seen.fetch_max(n, Ordering::SeqCst);
-        }))
+        let mut heard = Vec::new();
+        let stats = read_into(&f, &[ReadRange { file_offset: 0, dst_offset: 0, len: data.len() }], &mut dst, &options, |p| {
+            if let Progress::Done(n) = p {
+                heard.push(n);
+            }
+            Ok(())
+        })
         .unwrap();
         assert_eq!(dst, data);
         assert!(stats.peak_in_flight <= 3 * 4096, "{stats:?}");
         assert_eq!(stats.reads, (data.len() as u64).div_ceil(4096));
-        assert_eq!(seen.into_inner(), data.len() as u64);
+        // Every read reported, in order, ending at the total.
+        assert_eq!(heard.len() as u64, stats.reads);
+        assert!(heard.windows(2).all(|w| w[0] < w[1]) && heard.last() == Some(&data.len()), "{heard:?}");
+    }
+
+    #[test]
+    fn an_error_from_progress_stops_the_load_and_is_returned() {
+        let data = vec![7u8; 4096 * 400];
+        let f = file_with(&data);
+        let mut dst = vec![0u8; data.len()];
+        let options = EngineOptions { threads: 2, chunk_bytes: 4096, direct: DirectIo::Never };
+        let mut calls = 0;
+        let error = read_into(&f, &[ReadRange { file_offset: 0, dst_offset: 0, len: data.len() }], &mut dst, &options, |p| {
+            calls += usize::from(matches!(p, Progress::Done(_)));
+            if calls == 3 { Err(io::Error::other("interrupted")) } else { Ok(()) }
+        })
+        .unwrap_err();
+        assert_eq!(error.to_string(), "interrupted");
+        assert_eq!(calls, 3, "nothing is reported after the error");
+    }
+
+    #[test]
+    fn a_failed_read_stops_the_others_and_is_returned() {
+        let f = file_with(&[1u8; 4096 * 100]);
+        let mut dst = vec![0u8; 4096 * 200];
+        let options = EngineOptions { threads: 2, chunk_bytes: 4096, direct: DirectIo::Never };
+        // The second half is past the end of the file.
+        let error = read_into(&f, &[ReadRange { file_offset: 0, dst_offset: 0, len: dst.len() }], &mut dst, &options, quiet).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error}");
     }
 
     /// A buffer whose data starts `shift` bytes past a page boundary.
@@ -446,7 +505,7 @@ mod tests {
         let (mut raw, start) = shifted_buffer(len, offset % DIRECT_ALIGN);
         let options = EngineOptions { threads: 3, chunk_bytes: 64 << 10, direct: DirectIo::Always };
         let range = ReadRange { file_offset: offset as u64, dst_offset: 0, len };
-        let stats = read_into(&f, &[range], &mut raw[start..start + len], &options, None).unwrap();
+        let stats = read_into(&f, &[range], &mut raw[start..start + len], &options, quiet).unwrap();
         assert_eq!(&raw[start..start + len], &data[offset..offset + len]);
         assert_eq!(stats.bytes, len as u64);
         let unaligned = (DIRECT_ALIGN - offset % DIRECT_ALIGN) + (offset + len) % DIRECT_ALIGN;
@@ -454,14 +513,14 @@ mod tests {
 
         // A destination aligned differently from the file: nothing can be direct, all is still right.
         let (mut raw, start) = shifted_buffer(len, offset % DIRECT_ALIGN + 8);
-        let stats = read_into(&f, &[range], &mut raw[start..start + len], &options, None).unwrap();
+        let stats = read_into(&f, &[range], &mut raw[start..start + len], &options, quiet).unwrap();
         assert_eq!(&raw[start..start + len], &data[offset..offset + len]);
         assert_eq!(stats.direct_bytes, 0);
 
         // Never: no direct bytes either way.
         let (mut raw, start) = shifted_buffer(len, offset % DIRECT_ALIGN);
         let never = EngineOptions { direct: DirectIo::Never, ..options };
-        assert_eq!(read_into(&f, &[range], &mut raw[start..start + len], &never, None).unwrap().direct_bytes, 0);
+        assert_eq!(read_into(&f, &[range], &mut raw[start..start + len], &never, quiet).unwrap().direct_bytes, 0);
         assert_eq!(&raw[start..start + len], &data[offset..offset + len]);
     }
 
@@ -478,12 +537,12 @@ mod tests {
         // Just written: in the cache.
         assert!(cached_fraction(&f, 0, data.len()) > 0.5);
         assert!(!prefers_direct(&f, 0, data.len()));
-        assert_eq!(read_into(&f, &[range], dst, &options, None).unwrap().direct_bytes, 0);
+        assert_eq!(read_into(&f, &[range], dst, &options, quiet).unwrap().direct_bytes, 0);
         evict(&f, 0, 0).unwrap();
         assert!(cached_fraction(&f, 0, data.len()) < 0.5);
         assert!(prefers_direct(&f, 0, data.len()));
         assert!(!prefers_direct(&f, 0, AUTO_DIRECT_MIN_BYTES - 1), "small reads go through the cache");
-        let stats = read_into(&f, &[range], dst, &options, None).unwrap();
+        let stats = read_into(&f, &[range], dst, &options, quiet).unwrap();
         assert_eq!(stats.direct_bytes, data.len() as u64);
         assert!(dst == &data[..]);
     }
@@ -559,7 +618,7 @@ mod tests {
             // Any alignment of the destination: direct reads where it matches the file's.
             let (mut raw, start) = shifted_buffer(at, shift);
             let dst = &mut raw[start..start + at];
-            read_into(&f, &ranges, dst, &EngineOptions { threads, chunk_bytes: chunk * 4096, direct }, None).unwrap();
+            read_into(&f, &ranges, dst, &EngineOptions { threads, chunk_bytes: chunk * 4096, direct }, quiet).unwrap();
             for r in &ranges {
                 prop_assert_eq!(&dst[r.dst_offset..r.dst_offset + r.len], &data[r.file_offset as usize..r.file_offset as usize + r.len]);
             }

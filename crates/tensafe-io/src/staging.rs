@@ -15,11 +15,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-/// How often the calling thread reports [`Progress::Tick`] (a chance to
-/// notice an interruption), chunks or not.
-const TICK: Duration = Duration::from_millis(50);
+pub use crate::progress::Progress;
 
 /// One chunk of the plan: `len` bytes at `offset` in the source (and in the
 /// destination), read to `place` in a slot.
@@ -32,16 +29,6 @@ pub struct Chunk {
     /// Where the chunk lands in a slot (a direct read keeps the file
     /// offset's place within a page).
     pub place: usize,
-}
-
-/// What the calling thread of [`stage`] hears while the readers work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Progress {
-    /// A chunk was read and its copy started (for a host sink, done); the
-    /// bytes so far.
-    Done(usize),
-    /// Another 50 ms have passed: a chance to check for an interruption.
-    Tick,
 }
 
 /// Where staged chunks go.
@@ -136,31 +123,7 @@ where
             scope.spawn(move || shared.run_reader(share, sink, read, done_tx));
         }
         drop(done_tx);
-        let mut done = 0;
-        let mut next_tick = Instant::now() + TICK;
-        loop {
-            let now = Instant::now();
-            let heard = if now >= next_tick {
-                next_tick = now + TICK;
-                Progress::Tick
-            } else {
-                match done_rx.recv_timeout(next_tick - now) {
-                    Ok(len) => {
-                        done += len;
-                        report.chunks += 1;
-                        Progress::Done(done)
-                    }
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    // Every reader has ended.
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            };
-            if !shared.failed.load(Ordering::Relaxed)
-                && let Err(e) = progress(heard)
-            {
-                shared.stop(e);
-            }
-        }
+        report.chunks = crate::progress::relay(done_rx, &mut progress, || shared.failed.load(Ordering::Relaxed), |e| shared.stop(e));
     });
     if let Some(e) = shared.first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
@@ -421,7 +384,7 @@ mod tests {
     /// Reads after the trigger are slow, so that reading half the file
     /// would take the stop over 100 ms to arrive.
     fn slowly() -> io::Result<()> {
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(std::time::Duration::from_millis(1));
         Ok(())
     }
 
@@ -474,7 +437,7 @@ mod tests {
     fn a_load_ticks_while_it_waits() {
         let mut l = Load::new(4096, 1024, 0, 2);
         let slow = |chunk: &Chunk, dst: &mut [u8]| {
-            std::thread::sleep(TICK * 3);
+            std::thread::sleep(crate::progress::TICK * 3);
             read_from(&l.src)(chunk, dst)
         };
         let mut ticks = 0;
