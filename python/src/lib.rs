@@ -45,10 +45,11 @@ fn remote_error(e: tensafe_remote::RemoteError) -> PyErr {
     if e.is_not_found() { PyFileNotFoundError::new_err(e.to_string()) } else { SafetensorError::new_err(e.to_string()) }
 }
 
-/// Reads positioned bytes of any source that is not in memory.
-fn read_at(source: &Source, offset: usize, dst: &mut [u8]) -> PyResult<()> {
+/// Reads positioned bytes of any source that is not in memory; `prefix`
+/// starts the message of a failed local read (the reference's, where it has one).
+fn read_at(source: &Source, offset: usize, dst: &mut [u8], prefix: &str) -> PyResult<()> {
     match source {
-        Source::Pread(p) => p.read_data_at(offset as u64, dst).map_err(|e| error("", &e)),
+        Source::Pread(p) => p.read_data_at(offset as u64, dst).map_err(|e| error(prefix, &e)),
         Source::Remote(r) => {
             let range = r.range(r.header().data_start() + offset as u64, 0, dst.len());
             tensafe_remote::read_into(&[range], dst, r.options(), None).map(|_| ()).map_err(remote_error)
@@ -197,7 +198,7 @@ impl File {
                 dst.copy_from_slice(&self.source.data().expect("in memory")[offset..offset + dst.len()]);
                 Ok(())
             }
-            Source::Pread(_) | Source::Remote(_) => read_at(&self.source, offset, dst),
+            Source::Pread(_) | Source::Remote(_) => read_at(&self.source, offset, dst, ""),
         }
         .map(|()| 0)
     }
@@ -555,7 +556,8 @@ impl File {
             }
             source @ (Source::Pread(_) | Source::Remote(_)) => {
                 let begin = info.data_offsets.0;
-                let array = PyByteArray::new_with(py, info.byte_len(), |dst| py.detach(|| read_at(source, begin, dst)))?;
+                let prefix = format!("Could not read tensor {} from file: ", tensafe::Printable(name));
+                let array = PyByteArray::new_with(py, info.byte_len(), |dst| py.detach(|| read_at(source, begin, dst, &prefix)))?;
                 Ok(array.into_any())
             }
             Source::Memory { header, object, .. } => {
@@ -576,7 +578,7 @@ impl File {
             py.detach(|| match (self.source.data(), &self.source) {
                 (Some(data), _) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst).map_err(|e| error("", &e)),
                 (None, Source::Remote(r)) => r.read_slice_into(name, &plan, dst).map(|_| ()).map_err(remote_error),
-                (None, Source::Pread(p)) => p.read_slice_into(name, &plan, dst).map_err(|e| error("", &e)),
+                (None, Source::Pread(p)) => p.read_slice_into(name, &plan, dst).map_err(|e| error("Could not read tensor bytes for slicing: ", &e)),
                 (None, _) => unreachable!("only pread and remote files have no data in memory"),
             })
         })?;

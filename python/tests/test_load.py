@@ -280,6 +280,20 @@ def test_the_native_schedule_reports_a_file_cut_short(many_chunks_file, tmp_path
         load_data_section(file, "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False, schedule="native")
 
 
+def test_reads_of_a_file_cut_short_fail_with_the_references_words(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    ts_pt.save_file({"a": torch.ones(10), "b": torch.ones(1000)}, path)
+    ours, theirs = tensafe.safe_open(path, "pt", backend="pread"), safetensors.safe_open(path, "pt", backend="pread")
+    os.truncate(path, os.path.getsize(path) - 100)
+    for get, words in ((lambda f: f.get_tensor("b"), "Could not read tensor b from file: "), (lambda f: f.get_slice("b")[:], "Could not read tensor bytes for slicing: ")):
+        messages = []
+        for f in (ours, theirs):
+            with pytest.raises(Exception) as info:
+                get(f)
+            messages.append(str(info.value))
+        assert messages[0].startswith(words) and messages[1].startswith(words), messages
+
+
 def test_the_native_schedule_passes_a_progress_error_through(many_chunks_file):
     from tensafe._pipeline import load_data_section
     from tensafe._tensafe_rust import File
