@@ -57,7 +57,7 @@ pub enum RemoteError {
         url: String,
     },
     /// The object changed (new ETag) between opening it and reading from it.
-    #[error("{url}: the object changed while it was being read (HTTP 412 on If-Match {etag}); open it again")]
+    #[error("{url}: the object changed while it was being read (it is no longer the version with ETag {etag}); open it again")]
     Changed {
         /// The URL.
         url: String,

@@ -184,6 +184,8 @@ enum Failure {
     Body { received: u64, source: object_store::Error },
     /// The request failed.
     Store(object_store::Error),
+    /// The response is of another version of the object (another ETag).
+    Changed,
 }
 
 /// Runs one request (with retries) and returns the bytes it delivered.
@@ -201,7 +203,7 @@ async fn run(object: &Object<'_>, mut job: Job<'_>, options: &RemoteOptions, cal
             Err(failure) => failure,
         };
         progress.take_back(delivered);
-        if matches!(failure, Failure::Store(_)) || attempts > options.retry.max_retries as u32 {
+        if matches!(failure, Failure::Store(_) | Failure::Changed) || attempts > options.retry.max_retries as u32 {
             return Err(failure.into_error(object, &probe, job.range.clone(), attempts));
         }
         tokio::time::sleep(backoff(options, attempts)).await;
@@ -216,6 +218,7 @@ impl Failure {
             Failure::Length { received } => RemoteError::WrongLength { url, range, received, attempts },
             Failure::Body { received, source } => RemoteError::Interrupted { url, range, received, attempts, source: Box::new(source) },
             Failure::Store(e) => classify(e, probe, object, range),
+            Failure::Changed => changed(url, object),
         }
     }
 }
@@ -231,13 +234,21 @@ pub(crate) fn backoff(options: &RemoteOptions, attempt: u32) -> Duration {
 async fn fetch_once(object: &Object<'_>, job: &mut Job<'_>, probe: &Probe, progress: &Progress<'_>, delivered: &mut u64) -> Result<(), Failure> {
     let range = job.range.clone();
     let expected = range.end - range.start;
+    // If-Match compares strongly, so a weak ETag (W/"…") would never match.
     let options = GetOptions {
         range: Some(GetRange::Bounded(range.clone())),
-        if_match: object.etag.map(str::to_owned),
+        if_match: object.etag.filter(|etag| !etag.starts_with("W/")).map(str::to_owned),
         extensions: probe.extensions(),
         ..GetOptions::default()
     };
     let result = object.store.get_opts(object.path, options).await.map_err(Failure::Store)?;
+    // A server that ignores If-Match (or a weak ETag) still names the version
+    // it sent: bytes of another version are never mixed with this one's.
+    if let Some(expected) = object.etag
+        && result.meta.e_tag.as_deref() != Some(expected)
+    {
+        return Err(Failure::Changed);
+    }
     if result.range != range {
         // The client checks Content-Range; a shorter range means the object shrank.
         return Err(Failure::Length { received: result.range.end.saturating_sub(result.range.start) });

@@ -87,11 +87,23 @@ impl RemoteUrl {
         &self.path
     }
 
-    /// A URL relative to this one (`join("model-00001-of-00002.safetensors")`
-    /// next to an index file).
-    pub fn join(&self, relative: &str) -> Result<RemoteUrl> {
-        let joined = self.url.join(relative).map_err(|e| RemoteError::InvalidUrl { url: relative.to_owned(), reason: e.to_string() })?;
-        RemoteUrl::parse(joined.as_str())
+    /// The URL of the file named `file_name` beside this one
+    /// (`join("model-00001-of-00002.safetensors")` next to an index file, or
+    /// in a "directory" URL ending in `/`). The name is one path segment,
+    /// whatever it holds: `%2e%2e`, `a%2Fb`, `?` or `#` are characters of
+    /// the name (percent-encoded), never steps out of the directory, another
+    /// path or a query. Control characters are refused (URLs drop tabs and
+    /// line breaks, so the name would silently become another).
+    pub fn join(&self, file_name: &str) -> Result<RemoteUrl> {
+        if file_name.chars().any(char::is_control) {
+            return Err(RemoteError::InvalidUrl { url: file_name.to_owned(), reason: "a file name with a control character".into() });
+        }
+        let mut url = self.url.clone();
+        url.path_segments_mut()
+            .map_err(|()| RemoteError::InvalidUrl { url: self.url.to_string(), reason: "it has no path to put a file name in".into() })?
+            .pop()
+            .push(file_name);
+        RemoteUrl::parse(url.as_str())
     }
 
     /// `scheme://authority`: what one client serves.
@@ -221,5 +233,14 @@ mod tests {
     fn joins_relative_names() {
         let index = RemoteUrl::parse("s3://b/ckpt/model.safetensors.index.json").unwrap();
         assert_eq!(index.join("model-00001-of-00002.safetensors").unwrap().as_str(), "s3://b/ckpt/model-00001-of-00002.safetensors");
+        let folder = RemoteUrl::parse("https://h/ckpt/").unwrap();
+        assert_eq!(folder.join("a.safetensors").unwrap().as_str(), "https://h/ckpt/a.safetensors");
+        // A name is one segment whatever it holds: no way out of the folder,
+        // into a subfolder, or into a query.
+        for (name, object) in [("%2e%2e", "ckpt/%2e%2e"), ("x%2Fy.safetensors", "ckpt/x%2Fy.safetensors"), ("a?b#c", "ckpt/a?b#c")] {
+            let joined = index.join(name).unwrap();
+            assert_eq!(joined.object_path().as_ref(), object, "{name:?} → {joined:?}");
+        }
+        assert!(index.join("t\t").is_err() && index.join("a\nb").is_err());
     }
 }

@@ -248,6 +248,14 @@ fn faults_are_retried_or_reported_never_returned() {
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?} (one at a time would take 7.2 s)");
     assert_eq!(&dst[..], &std::fs::read(root.path().join("mixed.safetensors")).unwrap()[local.header().data_start() as usize..][..dst.len()]);
 
+    // A server that sends another version whatever If-Match says: refused
+    // at once (not retried), never mixed into this one.
+    proxy.reset();
+    proxy.schedule([Fault::OtherETag]);
+    let changed = read(&file).unwrap_err();
+    assert!(matches!(*changed, RemoteError::Changed { .. }), "{changed}");
+    assert_eq!(proxy.seen().len(), 1);
+
     // Retry-After is waited for.
     proxy.reset();
     proxy.schedule([Fault::Unavailable { retry_after: 1 }, Fault::Unavailable { retry_after: 1 }]);

@@ -32,6 +32,9 @@ pub enum Fault {
     Reset,
     /// Answer with this status and a short body instead.
     Status(u16),
+    /// Pass it on with another ETag: a server that serves another version
+    /// of the object whatever If-Match says.
+    OtherETag,
 }
 
 /// What the proxy saw of one request.
@@ -197,6 +200,12 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
     };
     match fault {
         Fault::None | Fault::Reset | Fault::Unavailable { .. } | Fault::Status(_) => send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body),
+        Fault::OtherETag => {
+            let base = without(&base, &["etag"]);
+            client.write_all(base.as_bytes())?;
+            write!(client, "ETag: \"another-version\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+            client.write_all(body)
+        }
         Fault::Delay(d) => {
             std::thread::sleep(d);
             send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body)
