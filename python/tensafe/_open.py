@@ -39,15 +39,16 @@ def _framework(framework: Any) -> str:
         raise SafetensorError(f"framework {framework} is invalid") from None
 
 
-def _integer(value: Any) -> Optional[int]:
-    """`value` as an int when it is an integer (int, numpy integer, integer
-    0-d tensor: anything with `__index__`), not a bool; else `None`."""
-    if isinstance(value, bool):
-        return None
+def _check_count(what: str, value: Any, at_least: int) -> None:
+    """Refuses a count (threads, rank, a dim…) that is not an integer (int,
+    numpy integer, integer 0-d tensor: anything with `__index__`; not a bool)
+    of at least `at_least`."""
     try:
-        return operator.index(value)
+        valid = not isinstance(value, bool) and operator.index(value) >= at_least
     except TypeError:
-        return None
+        valid = False
+    if not valid:
+        raise ValueError(f"{what} must be an integer >= {at_least}, got {value!r}")
 
 
 def _device(device: Any) -> Union[str, int]:
@@ -247,8 +248,8 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
     or one allocation filled by parallel reads (pread)."""
     # Checked whatever the backend, so that a bad value is not found only
     # once the same call runs on another backend.
-    if threads is not None and (_integer(threads) is None or _integer(threads) < 1):
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    if threads is not None:
+        _check_count("threads", threads, 1)
     progress = _progress.resolve(progress, "loading ")
     with _gc_paused():
         return _bulk_unpaused(file, framework, device, threads, progress, drop_cache)
@@ -578,13 +579,13 @@ def _open_file_object(source: Any, backend: str) -> File:
     raw = getattr(source, "buffer", source)  # text mode
     raw = getattr(raw, "raw", raw)  # buffered
     name = getattr(source, "name", None)
-    if isinstance(raw, io.FileIO) and raw.closed and isinstance(name, (str, bytes, os.PathLike)):
-        return File(os.fsdecode(name), backend)
+    path = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else None
+    if isinstance(raw, io.FileIO) and raw.closed and path is not None:
+        return File(path, backend)
     if isinstance(raw, io.FileIO) and not raw.closed and stat.S_ISREG(os.fstat(raw.fileno()).st_mode):
         if raw.writable():
             source.flush()  # what the caller wrote is part of the file
-        shown = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else f"<file descriptor {raw.fileno()}>"
-        return File.from_fd(raw.fileno(), shown, backend)
+        return File.from_fd(raw.fileno(), path or f"<file descriptor {raw.fileno()}>", backend)
     return File.from_bytes(source.read())
 
 

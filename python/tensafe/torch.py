@@ -13,7 +13,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 import torch
 
 from . import _dtypes, _save
-from ._open import _integer, _to_torch, safe_open
+from ._open import _check_count, _to_torch, safe_open
 from ._tensafe_rust import TensorParallelPlan, TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (the reference's module has them)
 
 #: torch dtype -> element size in bytes (F4 counts its packed byte), as the reference exposes it.
@@ -323,15 +323,6 @@ class TensorParallelLoad(NamedTuple):
     total_bytes: int
 
 
-def _check_counts(**values: Any) -> None:
-    """Rank, world size and dims are integers from 0 (not negative: a rule's
-    dim counts from the first dimension)."""
-    for what, value in values.items():
-        counted_from = 1 if what == "world_size" else 0
-        if _integer(value) is None or _integer(value) < counted_from:
-            raise ValueError(f"{what} must be an integer >= {counted_from}, got {value!r}")
-
-
 def load_tensor_parallel(
     filename: Union[str, os.PathLike],
     rank: int,
@@ -349,7 +340,12 @@ def load_tensor_parallel(
     it; unmatched tensors are replicated. With `backend="pread"` only the
     selected bytes are read from storage.
     """
-    _check_counts(rank=rank, world_size=world_size, **{f"the dim of rule {pattern!r}": dim for pattern, dim in rules if dim is not None})
+    # A rule's dim counts from the first dimension: not negative.
+    _check_count("rank", rank, 0)
+    _check_count("world_size", world_size, 1)
+    for pattern, dim in rules:
+        if dim is not None:
+            _check_count(f"the dim of rule {pattern!r}", dim, 0)
     plan = TensorParallelPlan(rank, world_size, rules)
     tensors: Dict[str, torch.Tensor] = {}
     read = total = 0
