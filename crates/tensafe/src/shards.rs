@@ -630,6 +630,14 @@ mod tests {
         let single = ShardedCheckpoint::open(&out).unwrap();
         assert_eq!(single.shards().len(), 1);
         assert_eq!(single.read_tensor("layer.3").unwrap(), data[3]);
+
+        // In place: the input is read whole before anything of it is replaced.
+        assert!(reshard(dir.path(), dir.path(), 600).unwrap().is_some());
+        let again = ShardedCheckpoint::open(dir.path()).unwrap();
+        assert_eq!(again.shards().len(), 2);
+        for (i, d) in data.iter().enumerate() {
+            assert_eq!(&again.read_tensor(&format!("layer.{i}")).unwrap(), d);
+        }
     }
 
     /// A U8 tensor of the given shape whose bytes cannot be had (its view gives none).
