@@ -1,6 +1,12 @@
 //! The error type of remote reads.
+//!
+//! Text that comes from a server (error bodies, status reasons) is shown
+//! through [`Printable`], so that a hostile server cannot put terminal
+//! control sequences or forged lines into a caller's messages and logs.
 
 use std::ops::Range;
+
+use tensafe::Printable;
 
 /// What went wrong with a remote read. Every message names the URL.
 #[derive(Debug, thiserror::Error)]
@@ -15,7 +21,7 @@ pub enum RemoteError {
         reason: String,
     },
     /// The store could not be set up (missing bucket, account, bad option…).
-    #[error("{url}: cannot configure the object store client: {source}")]
+    #[error("{url}: cannot configure the object store client: {}", Printable(&source.to_string()))]
     Config {
         /// The URL.
         url: String,
@@ -24,7 +30,7 @@ pub enum RemoteError {
         source: Box<object_store::Error>,
     },
     /// 404, or the bucket or container does not exist.
-    #[error("{url}: not found (HTTP 404): {detail}")]
+    #[error("{url}: not found (HTTP 404): {}", Printable(detail))]
     NotFound {
         /// The URL.
         url: String,
@@ -32,7 +38,7 @@ pub enum RemoteError {
         detail: String,
     },
     /// 401/403: missing, wrong or insufficient credentials.
-    #[error("{url}: access denied (HTTP {status}): {detail}; check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY …)")]
+    #[error("{url}: access denied (HTTP {status}): {}; check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY …)", Printable(detail))]
     Forbidden {
         /// The URL.
         url: String,
@@ -40,6 +46,15 @@ pub enum RemoteError {
         status: u16,
         /// The server's explanation.
         detail: String,
+    },
+    /// A cloud store answered with a redirect to another host, which is not
+    /// followed: the request carries credentials.
+    #[error("{url}: the store redirected the request to {location:?}, another host; tensafe does not follow redirects away from an s3://, gs:// or az:// endpoint, because its requests carry credentials (point the endpoint or region at the host that serves the object)")]
+    Redirected {
+        /// The URL.
+        url: String,
+        /// Where the redirect pointed (as sent).
+        location: String,
     },
     /// 416: the range asked for starts past the end of the object.
     #[error("{url}: the server refused bytes {}..{} (HTTP 416 Range Not Satisfiable): the object is shorter than its header says, or it changed while being read", range.start, range.end)]
@@ -56,13 +71,14 @@ pub enum RemoteError {
         /// The URL.
         url: String,
     },
-    /// The object changed (new ETag) between opening it and reading from it.
-    #[error("{url}: the object changed while it was being read (it is no longer the version with ETag {etag}); open it again")]
+    /// The object changed (another ETag or size) between opening it and
+    /// reading from it.
+    #[error("{url}: the object changed while it was being read ({change}); open it again")]
     Changed {
         /// The URL.
         url: String,
-        /// The ETag seen when the file was opened.
-        etag: String,
+        /// What differs from the object seen when the file was opened.
+        change: String,
     },
     /// The server sent a different number of bytes than asked for, on every try.
     #[error("{url}: asked for bytes {}..{} ({} bytes) but the server sent {received} bytes{}; the data was discarded", range.start, range.end, range.end - range.start, if *attempts > 1 { format!(", {attempts} times") } else { String::new() })]
@@ -77,7 +93,7 @@ pub enum RemoteError {
         attempts: u32,
     },
     /// The response body broke off (or ran on past its length), on every try.
-    #[error("{url}: the response for bytes {}..{} broke off after {received} bytes{}: {source}", range.start, range.end, if *attempts > 1 { format!(" ({attempts} tries)") } else { String::new() })]
+    #[error("{url}: the response for bytes {}..{} broke off after {received} bytes{}: {}", range.start, range.end, if *attempts > 1 { format!(" ({attempts} tries)") } else { String::new() }, Printable(&source.to_string()))]
     Interrupted {
         /// The URL.
         url: String,
@@ -90,6 +106,21 @@ pub enum RemoteError {
         /// The client's error.
         #[source]
         source: Box<object_store::Error>,
+    },
+    /// The tries of a request ran out of time: the server is too slow, or
+    /// stalled.
+    #[error("{url}: gave up on bytes {}..{} after {:.1} s and {attempts} tries ({received} bytes had arrived in the last one): the server is stalled or too slow (the limits are RemoteOptions' retry_timeout plus timeout)", range.start, range.end, after.as_secs_f64())]
+    TimedOut {
+        /// The URL.
+        url: String,
+        /// The range asked for.
+        range: Range<u64>,
+        /// Bytes received in the last try.
+        received: u64,
+        /// Tries made.
+        attempts: u32,
+        /// Time since the first try began.
+        after: std::time::Duration,
     },
     /// A read outside the object.
     #[error("{url}: bytes {}..{} asked for, but the object has {size} bytes", range.start, range.end)]
@@ -108,7 +139,7 @@ pub enum RemoteError {
         reason: String,
     },
     /// Any other transfer failure (after the configured retries).
-    #[error("{url}: {source}")]
+    #[error("{url}: {}", Printable(&source.to_string()))]
     Transfer {
         /// The URL.
         url: String,

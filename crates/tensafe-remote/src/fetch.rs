@@ -12,6 +12,7 @@
 //! 4. Every response must carry exactly the bytes asked for: a short or long
 //!    body is discarded and the request retried with backoff, then reported.
 
+use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -184,49 +185,88 @@ enum Failure {
     Body { received: u64, source: object_store::Error },
     /// The request failed.
     Store(object_store::Error),
-    /// The response is of another version of the object (another ETag).
-    Changed,
+    /// The response is of another version of the object (another ETag, or
+    /// another total size).
+    Changed { size: u64 },
+    /// The tries ran out of time (`received` bytes in the last one).
+    TimedOut { received: u64 },
+}
+
+/// The tries of one request whose body had the wrong length or broke off,
+/// on top of the client's own retries: at most `retry.max_retries` more,
+/// none that would start after `retry.retry_timeout`, and none still running
+/// `retry.retry_timeout + timeout` after the first began. So a stalled server
+/// costs minutes, not each try's whole retry budget again.
+pub(crate) struct Tries<'o> {
+    options: &'o RemoteOptions,
+    started: tokio::time::Instant,
+    /// Tries begun so far.
+    pub attempts: u32,
+}
+
+impl<'o> Tries<'o> {
+    pub(crate) fn new(options: &'o RemoteOptions) -> Tries<'o> {
+        Tries { options, started: tokio::time::Instant::now(), attempts: 0 }
+    }
+
+    /// Runs the next try, cut off at the deadline (`None`: it was).
+    pub(crate) async fn attempt<T>(&mut self, once: impl Future<Output = T>) -> Option<T> {
+        self.attempts += 1;
+        let deadline = self.started + self.options.retry.retry_timeout + self.options.timeout;
+        tokio::time::timeout_at(deadline, once).await.ok()
+    }
+
+    /// Waits before the next try; `false` when there is none left.
+    pub(crate) async fn wait(&self) -> bool {
+        let b = &self.options.retry.backoff;
+        let wait = b.init_backoff.mul_f64(b.base.max(1.0).powi(self.attempts as i32 - 1)).min(b.max_backoff);
+        if self.attempts > self.options.retry.max_retries as u32 || self.started.elapsed() + wait > self.options.retry.retry_timeout {
+            return false;
+        }
+        tokio::time::sleep(wait).await;
+        true
+    }
+
+    /// Time since the first try began.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
 }
 
 /// Runs one request (with retries) and returns the bytes it delivered.
 async fn run(object: &Object<'_>, mut job: Job<'_>, options: &RemoteOptions, call: &Counter, progress: &Progress<'_>) -> Result<u64> {
     let useful = job.useful_bytes();
-    let mut attempts = 0u32;
+    let mut tries = Tries::new(options);
     loop {
-        attempts += 1;
         let mut counters = object.counters.to_vec();
         counters.push(call.clone());
         let probe = Probe::new(counters, options.max_retry_after);
         let mut delivered = 0;
-        let failure = match fetch_once(object, &mut job, &probe, progress, &mut delivered).await {
-            Ok(()) => return Ok(useful),
-            Err(failure) => failure,
+        let failure = match tries.attempt(fetch_once(object, &mut job, &probe, progress, &mut delivered)).await {
+            Some(Ok(())) => return Ok(useful),
+            Some(Err(failure)) => failure,
+            None => Failure::TimedOut { received: delivered },
         };
         progress.take_back(delivered);
-        if matches!(failure, Failure::Store(_) | Failure::Changed) || attempts > options.retry.max_retries as u32 {
-            return Err(failure.into_error(object, &probe, job.range.clone(), attempts));
+        if matches!(failure, Failure::Store(_) | Failure::Changed { .. } | Failure::TimedOut { .. }) || !tries.wait().await {
+            return Err(failure.into_error(object, &probe, job.range.clone(), &tries));
         }
-        tokio::time::sleep(backoff(options, attempts)).await;
     }
 }
 
 impl Failure {
     /// What the caller is told when this was the last try.
-    fn into_error(self, object: &Object<'_>, probe: &Probe, range: Range<u64>, attempts: u32) -> RemoteError {
+    fn into_error(self, object: &Object<'_>, probe: &Probe, range: Range<u64>, tries: &Tries<'_>) -> RemoteError {
         let url = object.url.to_owned();
+        let attempts = tries.attempts;
         match self {
+            Failure::TimedOut { received } => RemoteError::TimedOut { url, range, received, attempts, after: tries.elapsed() },
             Failure::Length { received } => RemoteError::WrongLength { url, range, received, attempts },
             Failure::Body { received, source } => RemoteError::Interrupted { url, range, received, attempts, source: Box::new(source) },
             Failure::Store(e) => classify(e, probe, object, range),
-            Failure::Changed => changed(url, object),
+            Failure::Changed { size } => changed(url, object, size),
         }
     }
-}
-
-/// The wait before try `attempt + 1` of a request whose body had the wrong length or broke off.
-pub(crate) fn backoff(options: &RemoteOptions, attempt: u32) -> Duration {
-    let b = &options.retry.backoff;
-    b.init_backoff.mul_f64(b.base.max(1.0).powi(attempt as i32 - 1)).min(b.max_backoff)
 }
 
 /// One try: the request, then its body copied into the job's targets;
@@ -244,10 +284,9 @@ async fn fetch_once(object: &Object<'_>, job: &mut Job<'_>, probe: &Probe, progr
     let result = object.store.get_opts(object.path, options).await.map_err(Failure::Store)?;
     // A server that ignores If-Match (or a weak ETag) still names the version
     // it sent: bytes of another version are never mixed with this one's.
-    if let Some(expected) = object.etag
-        && result.meta.e_tag.as_deref() != Some(expected)
-    {
-        return Err(Failure::Changed);
+    // So does a new total size in Content-Range, with or without ETags.
+    if result.meta.size != object.size || object.etag.is_some_and(|expected| result.meta.e_tag.as_deref() != Some(expected)) {
+        return Err(Failure::Changed { size: result.meta.size });
     }
     if result.range != range {
         // The client checks Content-Range; a shorter range means the object shrank.
@@ -306,15 +345,22 @@ pub(crate) fn classify(e: object_store::Error, probe: &Probe, object: &Object<'_
     let status = probe.last_status();
     match e {
         _ if status == 416 => RemoteError::RangeNotSatisfiable { url, range },
-        object_store::Error::Precondition { .. } if object.etag.is_some() => changed(url, object),
-        _ if status == 412 && object.etag.is_some() => changed(url, object),
-        e => classify_status(url, e, status),
+        object_store::Error::Precondition { .. } if object.etag.is_some() => changed(url, object, object.size),
+        _ if status == 412 && object.etag.is_some() => changed(url, object, object.size),
+        e => classify_status(url, e, Some(probe)),
     }
 }
 
-/// The errors every request can meet (reads and writes): 404, 401/403, or
-/// another failure; `status` is the last HTTP status seen (0 if unknown).
-pub(crate) fn classify_status(url: String, e: object_store::Error, status: u16) -> RemoteError {
+/// The errors every request can meet (reads and writes): a redirect not
+/// followed, 404, 401/403, or another failure. `probe` is what the HTTP layer
+/// saw of the request, where the request had one.
+pub(crate) fn classify_status(url: String, e: object_store::Error, probe: Option<&Probe>) -> RemoteError {
+    let status = probe.map_or(0, Probe::last_status);
+    if (300..400).contains(&status)
+        && let Some(location) = probe.and_then(Probe::redirected_to)
+    {
+        return RemoteError::Redirected { url, location };
+    }
     let detail = e.to_string();
     match e {
         object_store::Error::NotFound { .. } => RemoteError::NotFound { url, detail },
@@ -327,9 +373,15 @@ pub(crate) fn classify_status(url: String, e: object_store::Error, status: u16) 
     }
 }
 
-/// The object's ETag no longer matches.
-fn changed(url: String, object: &Object<'_>) -> RemoteError {
-    RemoteError::Changed { url, etag: object.etag.unwrap_or_default().to_owned() }
+/// The object is no longer the one that was opened: its size is now
+/// `size`, or (same size) its ETag no longer matches.
+fn changed(url: String, object: &Object<'_>, size: u64) -> RemoteError {
+    let change = match object.etag {
+        _ if size != object.size => format!("it has {size} bytes now, {} when it was opened", object.size),
+        Some(etag) => format!("it is no longer the version with ETag {}", tensafe::Printable(etag)),
+        None => "it is another version now".to_owned(),
+    };
+    RemoteError::Changed { url, change }
 }
 
 #[cfg(test)]

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use object_store::{GetOptions, GetRange, ObjectStore};
 use tensafe::{Header, SlicePlan};
 
 use crate::error::{RemoteError, Result};
-use crate::fetch::{backoff, classify, read_pieces, Object, Piece};
+use crate::fetch::{classify, read_pieces, Object, Piece, Tries};
 use crate::store::{block_on, store_for, RemoteUrl};
 use crate::traffic::{Counter, Probe, Traffic};
 use crate::RemoteOptions;
@@ -98,33 +99,47 @@ impl RemoteFile {
     /// Content-Range) and ETag too. A body of the wrong length is retried.
     async fn first_bytes(object: &Object<'_>, url: &RemoteUrl, options: &RemoteOptions) -> Result<(Bytes, u64, Option<String>)> {
         let first_len = options.first_read.max(8) as u64;
-        let mut attempts = 0u32;
+        let mut tries = Tries::new(options);
         loop {
-            attempts += 1;
             let probe = Probe::new(object.counters.to_vec(), options.max_retry_after);
             let get = GetOptions { range: Some(GetRange::Bounded(0..first_len)), extensions: probe.extensions(), ..GetOptions::default() };
-            let first = match object.store.get_opts(object.path, get).await {
-                Ok(result) => result,
-                Err(e) => return Err(RemoteFile::first_error(classify(e, &probe, object, 0..first_len), &probe, url, object.store, options).await),
-            };
-            let (size, etag) = (first.meta.size, first.meta.e_tag.clone());
-            let expected = first_len.min(size);
-            let received = first.bytes().await;
-            let short = match &received {
-                Ok(bytes) if bytes.len() as u64 == expected => None,
-                Ok(bytes) => Some(bytes.len() as u64),
-                Err(_) => Some(0),
-            };
-            match (received, short) {
-                (Ok(bytes), None) => return Ok((bytes, size, etag)),
-                (received, Some(got)) if attempts > options.retry.max_retries as u32 => {
-                    let range = 0..expected;
-                    return Err(match received {
-                        Err(source) => RemoteError::Interrupted { url: url.to_string(), range, received: got, attempts, source: Box::new(source) },
-                        Ok(_) => RemoteError::WrongLength { url: url.to_string(), range, received: got, attempts },
-                    });
+            // The body as it arrives, so that a failure can say how much came.
+            let mut body = Vec::new();
+            let once = async {
+                let first = object.store.get_opts(object.path, get).await?;
+                let (size, etag) = (first.meta.size, first.meta.e_tag.clone());
+                let mut stream = first.into_stream();
+                let mut failure = None;
+                while let Some(bytes) = stream.next().await {
+                    match bytes {
+                        Ok(bytes) => body.extend_from_slice(&bytes),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
                 }
-                _ => tokio::time::sleep(backoff(options, attempts)).await,
+                Ok::<_, object_store::Error>((failure, size, etag))
+            };
+            let (failure, size, etag) = match tries.attempt(once).await {
+                Some(Ok(answer)) => answer,
+                Some(Err(e)) => return Err(RemoteFile::first_error(classify(e, &probe, object, 0..first_len), &probe, url, object.store, options).await),
+                None => {
+                    let (range, attempts, after) = (0..first_len, tries.attempts, tries.elapsed());
+                    return Err(RemoteError::TimedOut { url: url.to_string(), range, received: body.len() as u64, attempts, after });
+                }
+            };
+            let expected = first_len.min(size);
+            let received = body.len() as u64;
+            if failure.is_none() && received == expected {
+                return Ok((Bytes::from(body), size, etag));
+            }
+            if !tries.wait().await {
+                let (url, range, attempts) = (url.to_string(), 0..expected, tries.attempts);
+                return Err(match failure {
+                    Some(source) => RemoteError::Interrupted { url, range, received, attempts, source: Box::new(source) },
+                    None => RemoteError::WrongLength { url, range, received, attempts },
+                });
             }
         }
     }

@@ -75,6 +75,7 @@
 //! [`RemoteOptions::max_retry_after`]).
 
 mod checkpoint;
+mod client;
 mod error;
 mod fetch;
 mod file;
@@ -106,7 +107,10 @@ pub struct RemoteOptions {
     /// longer than this takes a second request.
     pub first_read: usize,
     /// Retries of failed requests (5xx, 429, timeouts, dropped connections,
-    /// bodies of the wrong length) and their backoff.
+    /// bodies of the wrong length) and their backoff. No retry starts after
+    /// `retry_timeout`, and a request still failing `retry_timeout +
+    /// timeout` after its first try began is given up
+    /// ([`RemoteError::TimedOut`]).
     pub retry: RetryConfig,
     /// Longest wait for a whole request (response and body).
     pub timeout: Duration,
@@ -133,7 +137,8 @@ pub struct RemoteOptions {
 impl Default for RemoteOptions {
     /// 16 requests of at most 8 MiB in flight (128 MiB), ranges merged across
     /// gaps of up to 1 MiB, a 64 KiB first read, 10 retries within 3 minutes
-    /// (backoff from 100 ms to 15 s), 120 s per request.
+    /// (backoff from 100 ms to 15 s), 120 s per request, so at most 5 minutes
+    /// for a request that keeps failing.
     fn default() -> Self {
         RemoteOptions {
             concurrency: 16,

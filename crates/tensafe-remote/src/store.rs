@@ -13,6 +13,7 @@ use object_store::ObjectStore;
 use url::Url;
 
 use crate::error::{RemoteError, Result};
+use crate::client::Redirects;
 use crate::traffic::InstrumentedConnector;
 use crate::RemoteOptions;
 
@@ -176,9 +177,14 @@ fn build(url: &RemoteUrl, options: &RemoteOptions) -> object_store::Result<Arc<d
     }
     settings.extend(options.storage_options.iter().cloned());
     let root = url.root();
+    // Requests to cloud stores carry credentials: they never follow a
+    // redirect to another host. Web servers get none and may send a client
+    // anywhere (a CDN).
+    let redirects = if url.scheme == Scheme::Http { Redirects::Any } else { Redirects::SameOrigin };
     macro_rules! configure {
         ($builder:expr) => {{
-            let mut builder = $builder.with_url(root).with_retry(options.retry.clone()).with_http_connector(InstrumentedConnector);
+            let connector = InstrumentedConnector { redirects };
+            let mut builder = $builder.with_url(root).with_retry(options.retry.clone()).with_http_connector(connector);
             for (key, value) in &settings {
                 builder = builder.with_config(key.parse()?, value.clone());
             }

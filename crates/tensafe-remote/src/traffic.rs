@@ -16,10 +16,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
-use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpResponseBody, HttpService, ReqwestConnector,
-};
+use object_store::client::{HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpResponseBody, HttpService};
 use object_store::ClientOptions;
+
+use crate::client::Redirects;
 
 /// Requests made, response body bytes received and request body bytes sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -111,11 +111,13 @@ struct ProbeState {
     last_status: AtomicU16,
     /// Content-Length of a 200 answer to a range request (`u64::MAX`: none).
     whole_len: AtomicU64,
+    /// Where the last redirect that was not followed pointed.
+    redirected_to: std::sync::Mutex<Option<String>>,
 }
 
 impl Probe {
     pub(crate) fn new(counters: Vec<Counter>, retry_after_cap: Duration) -> Probe {
-        Probe(Arc::new(ProbeState { counters, retry_after_cap, range_ignored: AtomicBool::new(false), last_status: AtomicU16::new(0), whole_len: AtomicU64::new(u64::MAX) }))
+        Probe(Arc::new(ProbeState { counters, retry_after_cap, range_ignored: AtomicBool::new(false), last_status: AtomicU16::new(0), whole_len: AtomicU64::new(u64::MAX), redirected_to: Default::default() }))
     }
 
     /// Whether a range request got a 200 answer.
@@ -133,6 +135,12 @@ impl Probe {
         self.0.last_status.load(Ordering::Relaxed)
     }
 
+    /// The `Location` of a redirect answer that came back to the client
+    /// (one the redirect rule did not follow).
+    pub(crate) fn redirected_to(&self) -> Option<String> {
+        self.0.redirected_to.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
     pub(crate) fn extensions(&self) -> http::Extensions {
         let mut extensions = http::Extensions::new();
         extensions.insert(self.clone());
@@ -148,19 +156,26 @@ impl Probe {
     }
 }
 
-/// Builds object store clients whose requests go through [`Instrumented`].
-#[derive(Debug, Default)]
-pub(crate) struct InstrumentedConnector;
+/// Builds object store clients whose requests go through [`Instrumented`],
+/// on a client that follows `redirects`.
+#[derive(Debug)]
+pub(crate) struct InstrumentedConnector {
+    pub redirects: Redirects,
+}
 
 impl HttpConnector for InstrumentedConnector {
     fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
-        let inner = ReqwestConnector::default().connect(options)?;
-        Ok(HttpClient::new(Instrumented(inner)))
+        let inner = crate::client::build(options, self.redirects)?;
+        Ok(HttpClient::new(Instrumented(HttpClient::new(inner))))
     }
 }
 
 #[derive(Debug)]
 struct Instrumented(HttpClient);
+
+/// Most bytes of an error answer's body that are read (object_store puts the
+/// whole body into its error message; a hostile server could send gigabytes).
+const ERROR_BODY_LIMIT: u64 = 16 << 10;
 
 /// Longest `Retry-After` that is honoured when no probe says otherwise.
 const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
@@ -179,6 +194,10 @@ impl HttpService for Instrumented {
         let status = response.status();
         if let Some(p) = &probe {
             p.0.last_status.store(status.as_u16(), Ordering::Relaxed);
+            if status.is_redirection() {
+                let location = response.headers().get(http::header::LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                *p.0.redirected_to.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = location;
+            }
         }
         if ranged && status == StatusCode::OK {
             // The whole object is coming: drop the body unread (closing the
@@ -191,6 +210,16 @@ impl HttpService for Instrumented {
             let (parts, _whole_object) = response.into_parts();
             return Ok(HttpResponse::from_parts(parts, HttpResponseBody::from(Bytes::new())));
         }
+        if ranged && status == StatusCode::PARTIAL_CONTENT
+            && let Some(value) = response.headers().get(http::header::CONTENT_RANGE)
+            && !valid_content_range(value.as_bytes())
+        {
+            // Checked here, not retried: object_store computes `LAST + 1`,
+            // which overflows on `bytes 0-18446744073709551615/…`.
+            let shown = tensafe::Printable(&String::from_utf8_lossy(value.as_bytes())).to_string();
+            let message = format!("the server sent an invalid Content-Range header \"{shown}\" (tensafe needs `bytes FIRST-LAST/SIZE` with FIRST ≤ LAST < SIZE)");
+            return Err(HttpError::new(HttpErrorKind::Decode, std::io::Error::other(message)));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             // The client retries these with its own backoff; wait first as long
             // as the server asked (bounded), so a retry does not come too early.
@@ -200,8 +229,20 @@ impl HttpService for Instrumented {
             }
         }
         let (parts, body) = response.into_parts();
-        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(CountingBody { inner: body, probe })))
+        let left = if status.is_client_error() || status.is_server_error() { ERROR_BODY_LIMIT } else { u64::MAX };
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(CountingBody { inner: Some(body), probe, left })))
     }
+}
+
+/// Whether a `Content-Range` value is `bytes FIRST-LAST/SIZE` with
+/// `FIRST ≤ LAST < SIZE` (an unknown size, `/*`, is not accepted: tensafe
+/// learns object sizes from this header).
+fn valid_content_range(value: &[u8]) -> bool {
+    let number = |text: &str| -> Option<u64> { text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse().ok()).flatten() };
+    let Some(text) = std::str::from_utf8(value).ok().and_then(|v| v.trim().strip_prefix("bytes ")) else { return false };
+    let Some((range, size)) = text.split_once('/') else { return false };
+    let Some((first, last)) = range.split_once('-') else { return false };
+    matches!((number(first), number(last), number(size)), (Some(first), Some(last), Some(size)) if first <= last && last < size)
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not used by object stores).
@@ -210,10 +251,13 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs(seconds))
 }
 
-/// A response body that counts its data bytes as they are received.
+/// A response body that counts its data bytes as they are received, and
+/// ends after `left` bytes (the rest is dropped unread with the connection).
 struct CountingBody {
-    inner: HttpResponseBody,
+    /// `None` once the limit is reached.
+    inner: Option<HttpResponseBody>,
     probe: Option<Probe>,
+    left: u64,
 }
 
 impl Body for CountingBody {
@@ -222,25 +266,40 @@ impl Body for CountingBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
         let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &poll
-            && let Some(data) = frame.data_ref()
+        let Some(inner) = &mut this.inner else { return Poll::Ready(None) };
+        let mut poll = Pin::new(inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut poll
+            && let Some(data) = frame.data_mut()
         {
             let n = data.len() as u64;
             GLOBAL.add_bytes(n);
             if let Some(p) = &this.probe {
                 p.add_bytes(n);
             }
+            if n >= this.left {
+                data.truncate(this.left as usize);
+                this.inner = None;
+            } else {
+                this.left -= n;
+            }
         }
         poll
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|inner| inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let Some(inner) = &self.inner else { return SizeHint::with_exact(0) };
+        let mut hint = inner.size_hint();
+        if hint.upper().is_none_or(|upper| upper > self.left) {
+            let lower = hint.lower().min(self.left);
+            hint = SizeHint::new();
+            hint.set_lower(lower);
+            hint.set_upper(self.left);
+        }
+        hint
     }
 }
 
@@ -256,6 +315,29 @@ mod tests {
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(3)));
         headers.insert(http::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
         assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn content_ranges_must_be_complete_and_in_order() {
+        for good in ["bytes 0-0/1", " bytes 5-9/10 ", "bytes 0-18446744073709551614/18446744073709551615"] {
+            assert!(valid_content_range(good.as_bytes()), "{good}");
+        }
+        let bad = [
+            "bytes 0-18446744073709551615/18446744073709551615", // LAST + 1 overflows
+            "bytes 0-18446744073709551615/5",
+            "bytes 0-9/*",
+            "bytes 9-0/10",
+            "bytes 0-10/10",
+            "bytes +0-9/10",
+            "bytes 0-9/10/",
+            "0-9/10",
+            "bytes -9/10",
+            "bytes 0-99999999999999999999/1",
+        ];
+        for value in bad {
+            assert!(!valid_content_range(value.as_bytes()), "{value}");
+        }
+        assert!(!valid_content_range(b"bytes 0-9/1\xff0"));
     }
 
     #[test]

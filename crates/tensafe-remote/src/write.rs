@@ -156,7 +156,7 @@ fn put(url: &RemoteUrl, bytes: Vec<u8>, options: &RemoteOptions) -> Result<()> {
     let put = PutOptions { extensions: probe.extensions(), ..PutOptions::default() };
     block_on(store.put_opts(url.object_path(), PutPayload::from(bytes), put))?
         .map(|_| ())
-        .map_err(|e| classify_status(url.to_string(), e, probe.last_status()))
+        .map_err(|e| classify_status(url.to_string(), e, Some(&probe)))
 }
 
 /// A failure while producing the bytes (a view that gave the wrong length).
@@ -171,10 +171,10 @@ fn upload_multipart(url: &RemoteUrl, part: usize, options: &RemoteOptions, produ
     let store: Arc<dyn ObjectStore> = store_for(url, options)?;
     let probe = Probe::new(vec![options.counter.clone()], options.max_retry_after);
     let start = PutMultipartOptions { extensions: probe.extensions(), ..PutMultipartOptions::default() };
-    let upload = block_on(store.put_multipart_opts(url.object_path(), start))?.map_err(|e| classify_status(url.to_string(), e, probe.last_status()))?;
+    let upload = block_on(store.put_multipart_opts(url.object_path(), start))?.map_err(|e| classify_status(url.to_string(), e, Some(&probe)))?;
     let mut parts = Parts { upload: WriteMultipart::new_with_chunk_size(upload, part), part, in_flight: options.concurrency.max(1), url, failure: None };
     match produce(&mut parts) {
-        Ok(()) => block_on(parts.upload.finish())?.map(|_| ()).map_err(|e| classify_status(url.to_string(), e, 0)),
+        Ok(()) => block_on(parts.upload.finish())?.map(|_| ()).map_err(|e| classify_status(url.to_string(), e, None)),
         Err(e) => {
             // The parts sent so far are dropped. A failed abort only leaves
             // invisible parts behind, so the first error is the one to tell.
@@ -210,7 +210,7 @@ impl Write for Parts<'_> {
             });
             let failure = match sent {
                 Ok(Ok(())) => continue,
-                Ok(Err(e)) => classify_status(self.url.to_string(), e, 0),
+                Ok(Err(e)) => classify_status(self.url.to_string(), e, None),
                 Err(e) => e,
             };
             let message = failure.to_string();

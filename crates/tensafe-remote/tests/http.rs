@@ -256,6 +256,19 @@ fn faults_are_retried_or_reported_never_returned() {
     assert!(matches!(*changed, RemoteError::Changed { .. }), "{changed}");
     assert_eq!(proxy.seen().len(), 1);
 
+    // So is an answer that gives the object another size, and a
+    // Content-Range no client can use (its last byte is 2^64 - 1).
+    for (fault, says) in [
+        (Fault::OtherTotal, "the object changed while it was being read (it has"),
+        (Fault::HugeContentRange, "-18446744073709551615/861185\" (tensafe needs `bytes FIRST-LAST/SIZE`"),
+    ] {
+        proxy.reset();
+        proxy.set_steady(Some(fault.clone()));
+        let text = read(&file).unwrap_err().to_string();
+        assert!(text.contains(says), "{fault:?}: {text}");
+        assert_eq!(proxy.seen().len(), 1, "{fault:?} was retried");
+    }
+
     // Retry-After is waited for.
     proxy.reset();
     proxy.schedule([Fault::Unavailable { retry_after: 1 }, Fault::Unavailable { retry_after: 1 }]);
@@ -282,6 +295,26 @@ fn faults_are_retried_or_reported_never_returned() {
         assert!(proxy.seen().len() >= tries, "{fault:?} was not retried: {:?}", proxy.seen());
     }
 
+    // A stalled server costs at most the retry budget's time plus one
+    // request's timeout, whatever the client's own retries inside each try.
+    proxy.reset();
+    proxy.set_steady(Some(Fault::Stall { keep: 1000 }));
+    let impatient = RemoteOptions { retry: RetryConfig { retry_timeout: Duration::from_secs(2), max_retries: 10, ..fast_retries(0).retry }, ..fast_retries(0) };
+    let limit = Duration::from_secs(2 + 2 + 2); // retry_timeout + timeout, and slack
+    let start = Instant::now();
+    let on_open = RemoteFile::open_with(&url, &impatient).unwrap_err();
+    let took = start.elapsed();
+    assert!(matches!(on_open, RemoteError::TimedOut { received: 1000, .. } | RemoteError::Interrupted { received: 1000, .. }), "{on_open}");
+    assert!(took < limit, "a stalled server held an open for {took:?}");
+    proxy.set_steady(None);
+    let slow = RemoteFile::open_with(&url, &impatient).unwrap();
+    proxy.set_steady(Some(Fault::Stall { keep: 1000 }));
+    let start = Instant::now();
+    let on_read = slow.read_tensor("embed.weight").map(|data| data.len()).unwrap_err();
+    let took = start.elapsed();
+    assert!(matches!(on_read, RemoteError::TimedOut { received: 1000, .. } | RemoteError::Interrupted { received: 1000, .. }), "{on_read}");
+    assert!(took < limit, "a stalled server held a read for {took:?}");
+
     // Client errors are not retried.
     for (status, expect) in [(403u16, "access denied (HTTP 403)"), (401, "access denied (HTTP 401)"), (404, "not found (HTTP 404)"), (416, "416 Range Not Satisfiable")] {
         proxy.reset();
@@ -290,6 +323,17 @@ fn faults_are_retried_or_reported_never_returned() {
         assert!(text.contains(expect), "{status}: {text}");
         assert_eq!(proxy.seen().len(), 1, "{status} was retried");
     }
+
+    // A huge error body is read only in part, and what a server says is
+    // shown escaped: no terminal control sequences or forged lines.
+    proxy.reset();
+    proxy.set_steady(Some(Fault::HostileStatus { status: 403, len: 64 << 20 }));
+    let before = file.traffic();
+    let text = read(&file).unwrap_err().to_string();
+    let received = (file.traffic() - before).bytes;
+    assert!(received < 1 << 20, "{received} bytes of the error body were read");
+    assert!(text.contains("access denied (HTTP 403)") && text.contains("forged log line"), "{}", &text[..200]);
+    assert!(text.len() < 200 << 10 && !text.contains('\x1b') && !text.contains('\n'), "{} bytes: {:?}", text.len(), &text[..200]);
 
     // Opening through the proxy: a short first answer is retried…
     proxy.reset();
@@ -301,4 +345,52 @@ fn faults_are_retried_or_reported_never_returned() {
     proxy.set_steady(Some(Fault::HalfLength));
     let text = RemoteFile::open_with(&url, &fast_retries(1)).unwrap_err().to_string();
     assert!(text.contains("but the server sent"), "{text}");
+}
+
+#[test]
+fn redirects_leave_a_cloud_store_never_and_a_web_server_freely() {
+    let (root, _) = fixtures();
+    // nginx also answers the S3 client's GETs: the object sits at bucket/key.
+    std::fs::create_dir(root.path().join("bucket")).unwrap();
+    std::fs::copy(root.path().join("mixed.safetensors"), root.path().join("bucket/mixed.safetensors")).unwrap();
+    let Some(nginx) = Nginx::start(root.path()) else { return };
+    let redirecting = FaultProxy::start(nginx.port);
+    let elsewhere = FaultProxy::start(nginx.port); // another port: another origin
+    let away = Fault::Redirect { origin: format!("http://127.0.0.1:{}", elsewhere.port) };
+
+    // A web server may send the client to another host (a CDN): followed.
+    redirecting.set_steady(Some(away.clone()));
+    let file = RemoteFile::open_with(&redirecting.url("mixed.safetensors"), &fast_retries(1)).unwrap();
+    assert_same_as_local(&file, &root.path().join("mixed.safetensors"));
+    assert!(!elsewhere.seen().is_empty());
+
+    // An S3 endpoint is followed on its own origin only, so its credentials
+    // (here the session token, which reqwest would pass on) stay there.
+    redirecting.reset();
+    elsewhere.reset();
+    let token = "session-token-that-must-stay-home";
+    let s3 = RemoteOptions {
+        storage_options: [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", redirecting.port)),
+            ("aws_access_key_id", "key".into()),
+            ("aws_secret_access_key", "secret".into()),
+            ("aws_session_token", token.into()),
+            ("aws_region", "us-east-1".into()),
+            ("aws_virtual_hosted_style_request", "false".into()),
+            ("allow_http", "true".into()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .into(),
+        ..fast_retries(1)
+    };
+    redirecting.schedule([Fault::Redirect { origin: format!("http://127.0.0.1:{}", redirecting.port) }]);
+    let file = RemoteFile::open_with("s3://bucket/mixed.safetensors", &s3).unwrap();
+    assert_eq!(redirecting.seen().len(), 2, "{:?}", redirecting.seen());
+    assert!(redirecting.seen().iter().all(|seen| seen.head.contains(token)));
+    redirecting.set_steady(Some(away));
+    let err = file.read_tensor("embed.weight").map(|data| data.len()).unwrap_err();
+    assert!(matches!(err, RemoteError::Redirected { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{}/bucket/mixed.safetensors", elsewhere.port)) && text.contains("another host"), "{text}");
+    assert!(elsewhere.seen().is_empty(), "the credentials went to another host: {:?}", elsewhere.seen());
 }

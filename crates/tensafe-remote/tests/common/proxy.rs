@@ -21,6 +21,9 @@ pub enum Fault {
     Unavailable { retry_after: u64 },
     /// Send the headers and only `keep` bytes of the body, then close.
     Truncate { keep: usize },
+    /// Send the headers and `keep` bytes of the body, then nothing for a
+    /// minute.
+    Stall { keep: usize },
     /// Declare (and send) only half the body in Content-Length, keeping
     /// Content-Range: a complete-looking response that is too short.
     HalfLength,
@@ -28,13 +31,23 @@ pub enum Fault {
     DoubleLength,
     /// Shift Content-Range by one byte (the body is the asked range).
     WrongContentRange,
+    /// Content-Range with a last byte of 2^64 - 1 (the body is the asked range).
+    HugeContentRange,
+    /// Content-Range with a total one byte larger: the object grew.
+    OtherTotal,
     /// Close the connection without answering.
     Reset,
     /// Answer with this status and a short body instead.
     Status(u16),
+    /// Answer with this status and a body of `len` bytes that holds terminal
+    /// escapes and line breaks.
+    HostileStatus { status: u16, len: usize },
     /// Pass it on with another ETag: a server that serves another version
     /// of the object whatever If-Match says.
     OtherETag,
+    /// Answer `307 Temporary Redirect` to the same path on `origin`
+    /// (`http://host:port`).
+    Redirect { origin: String },
 }
 
 /// What the proxy saw of one request.
@@ -42,6 +55,8 @@ pub enum Fault {
 pub struct Seen {
     pub request_line: String,
     pub range: Option<String>,
+    /// The request's header lines, as sent.
+    pub head: String,
     pub fault: Fault,
     /// When the request arrived.
     pub at: Instant,
@@ -162,6 +177,7 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
     state.seen.lock().unwrap().push(Seen {
         request_line: head.lines().next().unwrap_or_default().to_owned(),
         range: header(&head, "range").map(str::to_owned),
+        head: head.clone(),
         fault: fault.clone(),
         at,
     });
@@ -170,6 +186,16 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
         Fault::Status(code) => {
             let body = format!("injected status {code}");
             return write!(client, "HTTP/1.1 {code} Injected\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+        Fault::Redirect { origin } => {
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            return write!(client, "HTTP/1.1 307 Temporary Redirect\r\nLocation: {origin}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+        Fault::HostileStatus { status, len } => {
+            write!(client, "HTTP/1.1 {status} Hostile\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")?;
+            let pattern = b"\x1b[2J\x1b[31mforged log line\r\n";
+            let body: Vec<u8> = pattern.iter().copied().cycle().take(*len).collect();
+            return client.write_all(&body);
         }
         Fault::Unavailable { retry_after } => {
             let body = "upstream busy";
@@ -199,7 +225,7 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
         client.flush()
     };
     match fault {
-        Fault::None | Fault::Reset | Fault::Unavailable { .. } | Fault::Status(_) => send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body),
+        Fault::None | Fault::Reset | Fault::Unavailable { .. } | Fault::Status(_) | Fault::HostileStatus { .. } | Fault::Redirect { .. } => send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body),
         Fault::OtherETag => {
             let base = without(&base, &["etag"]);
             client.write_all(base.as_bytes())?;
@@ -210,23 +236,33 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
             std::thread::sleep(d);
             send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body)
         }
+        Fault::Stall { keep } => {
+            send(&mut client, &format!("Content-Length: {}\r\n", body.len()), &body[..keep.min(body.len())])?;
+            std::thread::sleep(Duration::from_secs(60));
+            Ok(())
+        }
         Fault::Truncate { keep } => send(&mut client, &format!("Content-Length: {}\r\n", body.len()), &body[..keep.min(body.len())]),
         Fault::HalfLength => send(&mut client, &format!("Content-Length: {}\r\n", body.len() / 2), &body[..body.len() / 2]),
         Fault::DoubleLength => send(&mut client, &format!("Content-Length: {}\r\n", body.len() * 2), body),
-        Fault::WrongContentRange => {
-            let shifted = header(&up_head, "content-range").and_then(|cr| {
-                let (range, total) = cr.strip_prefix("bytes ")?.split_once('/')?;
-                let (a, b) = range.split_once('-')?;
-                let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
-                Some(format!("bytes {}-{}/{total}", a + 1, b + 1))
-            });
-            let base = without(&up_head, &["connection", "content-length", "content-range"]);
-            client.write_all(base.as_bytes())?;
-            if let Some(cr) = shifted {
-                write!(client, "Content-Range: {cr}\r\n")?;
-            }
-            write!(client, "Content-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
-            client.write_all(body)
-        }
+        Fault::WrongContentRange => send_content_range(&mut client, &up_head, body, |a, b, total| format!("bytes {}-{}/{total}", a + 1, b + 1)),
+        Fault::HugeContentRange => send_content_range(&mut client, &up_head, body, |a, _, total| format!("bytes {a}-{}/{total}", u64::MAX)),
+        Fault::OtherTotal => send_content_range(&mut client, &up_head, body, |a, b, total| format!("bytes {a}-{b}/{}", total + 1)),
     }
+}
+
+/// Sends the upstream answer with its Content-Range `bytes A-B/TOTAL`
+/// replaced by `rewrite(A, B, TOTAL)`.
+fn send_content_range(client: &mut TcpStream, up_head: &str, body: &[u8], rewrite: impl Fn(u64, u64, u64) -> String) -> std::io::Result<()> {
+    let rewritten = header(up_head, "content-range").and_then(|cr| {
+        let (range, total) = cr.strip_prefix("bytes ")?.split_once('/')?;
+        let (a, b) = range.split_once('-')?;
+        Some(rewrite(a.parse().ok()?, b.parse().ok()?, total.parse().ok()?))
+    });
+    let base = without(up_head, &["connection", "content-length", "content-range"]);
+    client.write_all(base.as_bytes())?;
+    if let Some(cr) = rewritten {
+        write!(client, "Content-Range: {cr}\r\n")?;
+    }
+    write!(client, "Content-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+    client.write_all(body)
 }
