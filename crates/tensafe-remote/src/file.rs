@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectStore};
 use tensafe::{Header, SlicePlan};
 
@@ -62,15 +62,8 @@ impl RemoteFile {
     /// to [`RemoteOptions::concurrency`] header reads in flight.
     pub fn open_many(urls: &[&str], options: &RemoteOptions) -> Result<Vec<RemoteFile>> {
         let urls = urls.iter().map(|u| RemoteUrl::parse(u)).collect::<Result<Vec<_>>>()?;
-        block_on(async {
-            use futures::StreamExt;
-            futures::stream::iter(urls.into_iter().map(|url| RemoteFile::open_async(url, options)))
-                .buffered(options.concurrency.max(1))
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect()
-        })?
+        // The first failure (in URL order) ends it: no more files are opened.
+        block_on(futures::stream::iter(urls.into_iter().map(|url| RemoteFile::open_async(url, options))).buffered(options.concurrency.max(1)).try_collect())?
     }
 
     async fn open_async(url: RemoteUrl, options: &RemoteOptions) -> Result<RemoteFile> {

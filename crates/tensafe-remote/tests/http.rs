@@ -146,6 +146,14 @@ fn nginx_errors_are_clear() {
     let page = RemoteFile::open(&nginx.url("page.safetensors")).unwrap_err().to_string();
     assert!(page.contains("header too large") && page.contains("HTML"), "{page}");
 
+    // Several files: the first failure ends the opening (one at a time here).
+    let proxy = FaultProxy::start(nginx.port);
+    let urls = [proxy.url("nope.safetensors"), proxy.url("mixed.safetensors"), proxy.url("mixed.safetensors")];
+    let one_at_a_time = RemoteOptions { concurrency: 1, ..RemoteOptions::default() };
+    let err = RemoteFile::open_many(&urls.iter().map(String::as_str).collect::<Vec<_>>(), &one_at_a_time).map(|files| files.len()).unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert_eq!(proxy.seen().len(), 1, "files were opened after the failure: {:?}", proxy.seen());
+
     // Reads outside the object are refused before any request.
     let file = RemoteFile::open(&nginx.url("mixed.safetensors")).unwrap();
     let before = file.traffic();
