@@ -190,7 +190,7 @@ impl HttpService for Instrumented {
         if let Some(p) = &probe {
             p.add_request(body_bytes);
         }
-        let response = self.0.execute(request).await?;
+        let mut response = self.0.execute(request).await?;
         let status = response.status();
         if let Some(p) = &probe {
             p.0.last_status.store(status.as_u16(), Ordering::Relaxed);
@@ -210,15 +210,22 @@ impl HttpService for Instrumented {
             let (parts, _whole_object) = response.into_parts();
             return Ok(HttpResponse::from_parts(parts, HttpResponseBody::from(Bytes::new())));
         }
-        if ranged && status == StatusCode::PARTIAL_CONTENT
+        if ranged
+            && status == StatusCode::PARTIAL_CONTENT
             && let Some(value) = response.headers().get(http::header::CONTENT_RANGE)
-            && !valid_content_range(value.as_bytes())
         {
-            // Checked here, not retried: object_store computes `LAST + 1`,
-            // which overflows on `bytes 0-18446744073709551615/…`.
-            let shown = tensafe::Printable(&String::from_utf8_lossy(value.as_bytes())).to_string();
-            let message = format!("the server sent an invalid Content-Range header \"{shown}\" (tensafe needs `bytes FIRST-LAST/SIZE` with FIRST ≤ LAST < SIZE)");
-            return Err(HttpError::new(HttpErrorKind::Decode, std::io::Error::other(message)));
+            let Some(range) = content_range(value.as_bytes()) else {
+                // Checked here, not retried: object_store computes `LAST + 1`,
+                // which overflows on `bytes 0-18446744073709551615/…`.
+                let shown = tensafe::Printable(&String::from_utf8_lossy(value.as_bytes())).to_string();
+                let message = format!("the server sent an invalid Content-Range header \"{shown}\" (tensafe needs `bytes FIRST-LAST/SIZE` with FIRST ≤ LAST < SIZE)");
+                return Err(HttpError::new(HttpErrorKind::Decode, std::io::Error::other(message)));
+            };
+            // A chunked answer has no Content-Length, which object_store
+            // requires; the range gives it (and the body is checked against it).
+            if !response.headers().contains_key(http::header::CONTENT_LENGTH) {
+                response.headers_mut().insert(http::header::CONTENT_LENGTH, (range.end - range.start).into());
+            }
         }
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             // The client retries these with its own backoff; wait first as long
@@ -234,15 +241,16 @@ impl HttpService for Instrumented {
     }
 }
 
-/// Whether a `Content-Range` value is `bytes FIRST-LAST/SIZE` with
-/// `FIRST ≤ LAST < SIZE` (an unknown size, `/*`, is not accepted: tensafe
-/// learns object sizes from this header).
-fn valid_content_range(value: &[u8]) -> bool {
+/// The byte range of a `Content-Range` value `bytes FIRST-LAST/SIZE` with
+/// `FIRST ≤ LAST < SIZE`, as `FIRST..LAST + 1` (an unknown size, `/*`, is
+/// not accepted: tensafe learns object sizes from this header).
+fn content_range(value: &[u8]) -> Option<std::ops::Range<u64>> {
     let number = |text: &str| -> Option<u64> { text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse().ok()).flatten() };
-    let Some(text) = std::str::from_utf8(value).ok().and_then(|v| v.trim().strip_prefix("bytes ")) else { return false };
-    let Some((range, size)) = text.split_once('/') else { return false };
-    let Some((first, last)) = range.split_once('-') else { return false };
-    matches!((number(first), number(last), number(size)), (Some(first), Some(last), Some(size)) if first <= last && last < size)
+    let text = std::str::from_utf8(value).ok()?.trim().strip_prefix("bytes ")?;
+    let (range, size) = text.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last, size) = (number(first)?, number(last)?, number(size)?);
+    (first <= last && last < size).then(|| first..last + 1)
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not used by object stores).
@@ -319,8 +327,8 @@ mod tests {
 
     #[test]
     fn content_ranges_must_be_complete_and_in_order() {
-        for good in ["bytes 0-0/1", " bytes 5-9/10 ", "bytes 0-18446744073709551614/18446744073709551615"] {
-            assert!(valid_content_range(good.as_bytes()), "{good}");
+        for (good, range) in [("bytes 0-0/1", 0..1), (" bytes 5-9/10 ", 5..10), ("bytes 0-18446744073709551614/18446744073709551615", 0..u64::MAX)] {
+            assert_eq!(content_range(good.as_bytes()), Some(range), "{good}");
         }
         let bad = [
             "bytes 0-18446744073709551615/18446744073709551615", // LAST + 1 overflows
@@ -335,9 +343,9 @@ mod tests {
             "bytes 0-99999999999999999999/1",
         ];
         for value in bad {
-            assert!(!valid_content_range(value.as_bytes()), "{value}");
+            assert_eq!(content_range(value.as_bytes()), None, "{value}");
         }
-        assert!(!valid_content_range(b"bytes 0-9/1\xff0"));
+        assert_eq!(content_range(b"bytes 0-9/1\xff0"), None);
     }
 
     #[test]

@@ -230,6 +230,7 @@ fn faults_are_retried_or_reported_never_returned() {
         (Fault::HalfLength, 2),                         // short body: retried by tensafe
         (Fault::Reset, 2),
         (Fault::Status(500), 2),
+        (Fault::Chunked, 1), // no Content-Length: the range gives the length
     ] {
         proxy.reset();
         proxy.schedule([fault.clone()]);

@@ -35,6 +35,9 @@ pub enum Fault {
     HugeContentRange,
     /// Content-Range with a total one byte larger: the object grew.
     OtherTotal,
+    /// Send the body in chunks (`Transfer-Encoding: chunked`), without
+    /// Content-Length.
+    Chunked,
     /// Close the connection without answering.
     Reset,
     /// Answer with this status and a short body instead.
@@ -235,6 +238,16 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
         Fault::Delay(d) => {
             std::thread::sleep(d);
             send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body)
+        }
+        Fault::Chunked => {
+            client.write_all(base.as_bytes())?;
+            client.write_all(b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
+            for chunk in body.chunks(1000) {
+                write!(client, "{:x}\r\n", chunk.len())?;
+                client.write_all(chunk)?;
+                client.write_all(b"\r\n")?;
+            }
+            client.write_all(b"0\r\n\r\n")
         }
         Fault::Stall { keep } => {
             send(&mut client, &format!("Content-Length: {}\r\n", body.len()), &body[..keep.min(body.len())])?;
