@@ -365,10 +365,12 @@ pub fn parse_size(text: &str) -> Result<u64> {
         other => return Err(Error::InvalidOption { reason: format!("unknown size unit {other:?} in {text:?}") }),
     };
     let value: f64 = number.parse().map_err(|_| Error::InvalidOption { reason: format!("not a size: {text:?}") })?;
-    if !(value.is_finite() && value > 0.0) {
-        return Err(Error::InvalidOption { reason: format!("sizes must be positive: {text:?}") });
+    // Fractions of a byte are dropped; what is left must be a byte at least.
+    let bytes = value * factor as f64;
+    if !(bytes.is_finite() && bytes >= 1.0) {
+        return Err(Error::InvalidOption { reason: format!("sizes must be one byte or more: {text:?}") });
     }
-    Ok((value * factor as f64) as u64)
+    Ok(bytes as u64)
 }
 
 /// How [`save_sharded`] splits tensors: the files to write, in order, each
@@ -599,6 +601,10 @@ mod tests {
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("5 parsecs").is_err());
         assert!(parse_size("-1GB").is_err());
+        assert_eq!(parse_size("1.9").unwrap(), 1);
+        for nothing in ["0.1", "0", "0.0000000001KB", ".", ""] {
+            assert!(parse_size(nothing).is_err(), "{nothing}");
+        }
     }
 
     #[test]
