@@ -140,7 +140,9 @@ fn convert_never_overwrites_its_input_nor_leaves_part_of_a_checkpoint() {
     let target = dir.path().join("converted");
     let out = run(&["convert"], &[&index, &target]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(std::fs::read_dir(&target).map(|d| d.count()).unwrap_or(0), 0, "no shard, no temporary file");
+    assert!(!target.exists(), "no shard, no temporary file, no folder: {:?}", std::fs::read_dir(&target).map(|d| d.count()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("b.bin") && stderr.contains("posix.system"), "the refused shard is named: {stderr}");
 }
 
 #[test]

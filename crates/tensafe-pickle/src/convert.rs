@@ -618,15 +618,18 @@ fn convert_file_staged(input: &Path, output: &Path, options: &ConvertOptions, st
     }
     let bytes = map_file(input)?;
     let ck = container::load(&bytes, &options.load).map_err(|e| in_file(e, input))?;
-    let planned = plan_checkpoint(&ck, options)?;
+    let planned = plan_checkpoint(&ck, options).map_err(|e| in_file(e, input))?;
     let file_copied = write_planned(&planned, Some(&bytes), output, staged)?;
     Ok(ConvertReport { file_copied_bytes: file_copied, ..planned.report })
 }
 
+/// `e` naming the input file it comes from (I/O and write errors already
+/// name their file).
 fn in_file(e: Error, path: &Path) -> Error {
     match e {
         Error::Container(m) => Error::Container(format!("{}: {m}", path.display())),
         Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", path.display())),
+        e @ (Error::Pickle(_) | Error::Tensor { .. } | Error::Structure(_) | Error::Limit(_)) => Error::InFile { path: path.to_owned(), source: Box::new(e) },
         other => other,
     }
 }
@@ -655,9 +658,22 @@ pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -
     let mut shard_names: Vec<&str> = input.weight_map.values().map(String::as_str).collect();
     shard_names.sort();
     shard_names.dedup();
-    let n = shard_names.len();
     let dir = index.parent().unwrap_or(Path::new("."));
+    // Folders this call creates, removed again if it fails (leaving them
+    // empty would look like a conversion that wrote nothing).
+    let created: Vec<&Path> = out_dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
     std::fs::create_dir_all(out_dir).map_err(|source| Error::Io { path: out_dir.to_owned(), source })?;
+    let result = convert_shards(&input, &shard_names, dir, out_dir, options);
+    if result.is_err() {
+        // Deepest first; a folder something else put files in stays.
+        created.iter().try_for_each(|d| std::fs::remove_dir(d)).ok();
+    }
+    result
+}
+
+/// [`convert_sharded`] into an existing `out_dir`.
+fn convert_shards(input: &tensafe::ShardIndex, shard_names: &[&str], dir: &Path, out_dir: &Path, options: &ConvertOptions) -> Result<ShardedReport> {
+    let n = shard_names.len();
     let mut report = ShardedReport::default();
     let mut output = tensafe::ShardIndex { metadata: input.metadata.clone(), weight_map: BTreeMap::new() };
     // Names written, and names left out as copies of another (`dedupe`).

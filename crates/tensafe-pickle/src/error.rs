@@ -77,6 +77,14 @@ pub enum Error {
     /// A configured limit was reached.
     #[error("limit reached: {}", Printable(.0))]
     Limit(String),
+    /// An error in one input file of several (a shard), named.
+    #[error("{}: {source}", Printable(&path.display().to_string()))]
+    InFile {
+        /// The input file.
+        path: PathBuf,
+        /// What went wrong in it.
+        source: Box<Error>,
+    },
     /// Writing the output failed (the core escapes what it quotes).
     #[error(transparent)]
     Write(#[from] tensafe::Error),
@@ -109,6 +117,7 @@ mod tests {
             Error::Tensor { name: HOSTILE.into(), reason: HOSTILE.into() },
             Error::Structure(HOSTILE.into()),
             Error::Limit(HOSTILE.into()),
+            Error::InFile { path: PathBuf::from(HOSTILE), source: Box::new(Error::Limit("x".into())) },
             Error::Write(tensafe::Error::Io { context: HOSTILE.into(), source: std::io::Error::other("full") }.in_file(HOSTILE)),
         ];
         for error in errors {
