@@ -706,6 +706,12 @@ fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
                 };
                 Ok(SliceIndex::Range { start: bound("start")?, stop: bound("stop")?, step: bound("step")? })
             } else if let Some(i) = saturating_int(item)? {
+                if item.extract::<i64>().is_err() {
+                    // Out of bounds for any dimension; said with the value
+                    // given, not the clamped one.
+                    let message = format!("Error during slicing: index {} at position {position} is out of bounds for every tensor dimension", item.str()?);
+                    return Err(typed_slice_error(index.py(), "SliceIndexError", message));
+                }
                 Ok(SliceIndex::Index(i))
             } else {
                 Err(typed_slice_error(
