@@ -666,7 +666,7 @@ pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -
     let result = convert_shards(&input, &shard_names, dir, out_dir, options);
     if result.is_err() {
         // Deepest first; a folder something else put files in stays.
-        created.iter().try_for_each(|d| std::fs::remove_dir(d)).ok();
+        created.iter().try_for_each(std::fs::remove_dir).ok();
     }
     result
 }
