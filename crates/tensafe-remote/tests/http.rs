@@ -278,6 +278,17 @@ fn faults_are_retried_or_reported_never_returned() {
         assert_eq!(proxy.seen().len(), 1, "{fault:?} was retried");
     }
 
+    // Weak ETags: compared as given, never sent in If-Match (which compares
+    // strongly, so every read would fail).
+    proxy.reset();
+    proxy.set_steady(Some(Fault::WeakETag));
+    let weak = RemoteFile::open_with(&url, &fast_retries(3)).unwrap();
+    assert!(weak.etag().is_some_and(|etag| etag.starts_with("W/")), "{:?}", weak.etag());
+    assert_eq!(read(&weak).unwrap(), expected);
+    assert!(proxy.seen().iter().all(|seen| !seen.head.to_ascii_lowercase().contains("if-match")), "{:?}", proxy.seen());
+    proxy.set_steady(Some(Fault::OtherETag));
+    assert!(matches!(*read(&weak).unwrap_err(), RemoteError::Changed { .. }));
+
     // Retry-After is waited for.
     proxy.reset();
     proxy.schedule([Fault::Unavailable { retry_after: 1 }, Fault::Unavailable { retry_after: 1 }]);

@@ -48,6 +48,9 @@ pub enum Fault {
     /// Pass it on with another ETag: a server that serves another version
     /// of the object whatever If-Match says.
     OtherETag,
+    /// Pass it on with the ETag made weak (`W/"…"`), as some servers and
+    /// proxies that compress or transform send it.
+    WeakETag,
     /// Answer `307 Temporary Redirect` to the same path on `origin`
     /// (`http://host:port`).
     Redirect { origin: String },
@@ -233,6 +236,12 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
             let base = without(&base, &["etag"]);
             client.write_all(base.as_bytes())?;
             write!(client, "ETag: \"another-version\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+            client.write_all(body)
+        }
+        Fault::WeakETag => {
+            let etag = header(&up_head, "etag").unwrap_or("\"none\"");
+            client.write_all(without(&base, &["etag"]).as_bytes())?;
+            write!(client, "ETag: W/{etag}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
             client.write_all(body)
         }
         Fault::Delay(d) => {
