@@ -254,6 +254,8 @@ def test_a_checkpoint_index_without_tensors_has_no_metadata(tmp_path):
 def test_save_errors_name_the_tensor():
     with pytest.raises(ValueError, match=r"Expected a dict of \[str, torch.Tensor\] but received <class 'str'>"):
         ts_pt.save("x")
+    with pytest.raises(ValueError, match=r"Expected a dict of \[str, np.ndarray\] but received <class 'list'>"):
+        ts_np.save([np.zeros(2)])  # the reference's numpy module: AttributeError
     with pytest.raises(ValueError, match="Key `t` is invalid, expected torch.Tensor but received <class 'dict'>"):
         ts_pt.save({"t": {}})
     with pytest.raises(ValueError, match="non contiguous tensor: `nc`"):
