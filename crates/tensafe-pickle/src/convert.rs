@@ -659,16 +659,34 @@ pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -
     shard_names.sort();
     shard_names.dedup();
     let dir = index.parent().unwrap_or(Path::new("."));
-    // Folders this call creates, removed again if it fails (leaving them
-    // empty would look like a conversion that wrote nothing).
-    let created: Vec<&Path> = out_dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
-    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io { path: out_dir.to_owned(), source })?;
+    let created = create_folders(out_dir)?;
     let result = convert_shards(&input, &shard_names, dir, out_dir, options);
     if result.is_err() {
+        // Leaving them empty would look like a conversion that wrote nothing.
         // Deepest first; a folder something else put files in stays.
-        created.iter().try_for_each(std::fs::remove_dir).ok();
+        created.iter().rev().try_for_each(std::fs::remove_dir).ok();
     }
     result
+}
+
+/// Creates `path` and the folders above it that are missing, and returns
+/// the ones this call created, outermost first (by path as written:
+/// `new/../old` creates `new` only if it was missing, and never lists `old`).
+fn create_folders(path: &Path) -> Result<Vec<&Path>> {
+    let mut created = Vec::new();
+    let mut ancestors: Vec<&Path> = path.ancestors().filter(|d| !d.as_os_str().is_empty()).collect();
+    ancestors.reverse();
+    for folder in ancestors {
+        match std::fs::create_dir(folder) {
+            Ok(()) => created.push(folder),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && folder.is_dir() => {}
+            Err(source) => {
+                created.iter().rev().try_for_each(std::fs::remove_dir).ok();
+                return Err(Error::Io { path: folder.to_owned(), source });
+            }
+        }
+    }
+    Ok(created)
 }
 
 /// [`convert_sharded`] into an existing `out_dir`.
@@ -715,4 +733,24 @@ fn convert_shards(input: &tensafe::ShardIndex, shard_names: &[&str], dir: &Path,
 /// The torch dtype → safetensors dtype table, for documentation and tests.
 pub fn dtype_table() -> Vec<(&'static str, Option<&'static str>)> {
     crate::names::TORCH_DTYPES.iter().map(|d: &TorchDtype| (d.name, d.safetensors().map(Dtype::code))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_folders_lists_only_what_it_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("old")).unwrap();
+        // `..` through a folder this call creates: `old` was there before.
+        let path = tmp.path().join("new/../old/sub");
+        let created = create_folders(&path).unwrap();
+        assert_eq!(created, [tmp.path().join("new"), path.clone()]);
+        assert!(create_folders(&path).unwrap().is_empty());
+        // A file in the way: an error, and nothing left behind.
+        std::fs::write(tmp.path().join("file"), b"").unwrap();
+        assert!(create_folders(&tmp.path().join("a/b/../../file/c")).is_err());
+        assert!(!tmp.path().join("a").exists());
+    }
 }

@@ -212,8 +212,12 @@ impl<'o> Tries<'o> {
     /// Runs the next try, cut off at the deadline (`None`: it was).
     pub(crate) async fn attempt<T>(&mut self, once: impl Future<Output = T>) -> Option<T> {
         self.attempts += 1;
-        let deadline = self.started + self.options.retry.retry_timeout + self.options.timeout;
-        tokio::time::timeout_at(deadline, once).await.ok()
+        // No deadline when it is past what an Instant can hold.
+        let budget = self.options.retry.retry_timeout.checked_add(self.options.timeout);
+        match budget.and_then(|budget| self.started.checked_add(budget)) {
+            Some(deadline) => tokio::time::timeout_at(deadline, once).await.ok(),
+            None => Some(once.await),
+        }
     }
 
     /// Waits before the next try; `false` when there is none left.
@@ -388,6 +392,7 @@ fn changed(url: String, object: &Object<'_>, size: u64) -> RemoteError {
 mod tests {
     use super::*;
     use object_store::memory::InMemory;
+    use object_store::RetryConfig;
 
     fn object<'a>(store: &'a InMemory, path: &'a Path, size: u64) -> Object<'a> {
         Object { url: "memory:///x", store, path, size, etag: None, counters: &[] }
@@ -426,6 +431,14 @@ mod tests {
         assert!(matches!(past_dst, Err(RemoteError::InvalidRequest { .. })));
         let past_object = plan(&objects, &[piece(90, 0, 20)], &mut dst, limits);
         assert!(matches!(past_object, Err(RemoteError::OutOfBounds { size: 100, .. })));
+    }
+
+    #[test]
+    fn tries_without_a_time_limit_have_no_deadline() {
+        let endless = RemoteOptions { retry: RetryConfig { retry_timeout: Duration::MAX, ..RetryConfig::default() }, ..RemoteOptions::default() };
+        let mut tries = Tries::new(&endless);
+        assert_eq!(crate::store::block_on(tries.attempt(async { 7 })).unwrap(), Some(7));
+        assert_eq!(tries.attempts, 1);
     }
 
     #[test]

@@ -105,6 +105,11 @@ impl RemoteFile {
                 let mut failure = None;
                 while let Some(bytes) = stream.next().await {
                     match bytes {
+                        // More than asked for: a wrong length, whatever follows.
+                        Ok(bytes) if (body.len() + bytes.len()) as u64 > first_len => {
+                            body.extend_from_slice(&bytes[..first_len as usize + 1 - body.len()]);
+                            break;
+                        }
                         Ok(bytes) => body.extend_from_slice(&bytes),
                         Err(e) => {
                             failure = Some(e);

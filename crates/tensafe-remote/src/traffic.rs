@@ -166,12 +166,16 @@ pub(crate) struct InstrumentedConnector {
 impl HttpConnector for InstrumentedConnector {
     fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
         let inner = crate::client::build(options, self.redirects)?;
-        Ok(HttpClient::new(Instrumented(HttpClient::new(inner))))
+        Ok(HttpClient::new(Instrumented { inner: HttpClient::new(inner), redirects: self.redirects }))
     }
 }
 
 #[derive(Debug)]
-struct Instrumented(HttpClient);
+struct Instrumented {
+    inner: HttpClient,
+    /// The rule the inner client follows redirects by.
+    redirects: Redirects,
+}
 
 /// Most bytes of an error answer's body that are read (object_store puts the
 /// whole body into its error message; a hostile server could send gigabytes).
@@ -185,19 +189,24 @@ impl HttpService for Instrumented {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let probe = request.extensions().get::<Probe>().cloned();
         let ranged = request.headers().contains_key(http::header::RANGE);
+        let sent_to = url::Url::parse(&request.uri().to_string()).ok();
         let body_bytes = request.body().content_length() as u64;
         GLOBAL.add_request(body_bytes);
         if let Some(p) = &probe {
             p.add_request(body_bytes);
         }
-        let mut response = self.0.execute(request).await?;
+        let mut response = self.inner.execute(request).await?;
         let status = response.status();
         if let Some(p) = &probe {
             p.0.last_status.store(status.as_u16(), Ordering::Relaxed);
-            if status.is_redirection() {
-                let location = response.headers().get(http::header::LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-                *p.0.redirected_to.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = location;
-            }
+            // A redirect the rule kept from leaving the origin (not one that
+            // ran out of hops, or a 300/304 a web server sent).
+            let location = response.headers().get(http::header::LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let elsewhere = location.filter(|location| {
+                let target = sent_to.as_ref().and_then(|sent_to| sent_to.join(location).ok().map(|target| target.origin() != sent_to.origin()));
+                self.redirects == Redirects::SameOrigin && status.is_redirection() && target.unwrap_or(true)
+            });
+            *p.0.redirected_to.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = elsewhere;
         }
         if ranged && status == StatusCode::OK {
             // The whole object is coming: drop the body unread (closing the
@@ -285,7 +294,13 @@ impl Body for CountingBody {
                 p.add_bytes(n);
             }
             if n >= this.left {
-                data.truncate(this.left as usize);
+                // Cut where a character starts, so that a UTF-8 body stays
+                // UTF-8 (object_store drops a body that is not, status and all).
+                let mut cut = this.left as usize;
+                while cut > 0 && data.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
+                    cut -= 1;
+                }
+                data.truncate(cut);
                 this.inner = None;
             } else {
                 this.left -= n;
@@ -346,6 +361,22 @@ mod tests {
             assert_eq!(content_range(value.as_bytes()), None, "{value}");
         }
         assert_eq!(content_range(b"bytes 0-9/1\xff0"), None);
+    }
+
+    #[test]
+    fn error_bodies_end_at_the_limit_on_a_character_boundary() {
+        // 16 KiB of "é" (2 bytes each) after one "x": the limit falls inside a character.
+        let text: String = std::iter::once('x').chain(std::iter::repeat_n('é', 20_000)).collect();
+        let mut body = CountingBody { inner: Some(HttpResponseBody::from(Bytes::from(text))), probe: None, left: ERROR_BODY_LIMIT };
+        let mut read = Vec::new();
+        crate::store::block_on(async {
+            while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                read.extend_from_slice(frame.unwrap().data_ref().unwrap());
+            }
+        })
+        .unwrap();
+        assert_eq!(read.len() as u64, ERROR_BODY_LIMIT - 1);
+        assert!(std::str::from_utf8(&read).is_ok() && body.is_end_stream());
     }
 
     #[test]

@@ -355,6 +355,16 @@ fn faults_are_retried_or_reported_never_returned() {
     assert!(text.contains("access denied (HTTP 403)") && text.contains("forged log line"), "{}", &text[..200]);
     assert!(text.len() < 200 << 10 && !text.contains('\x1b') && !text.contains('\n'), "{} bytes: {:?}", text.len(), &text[..200]);
 
+    // A chunked answer longer than its range is cut off where it overruns,
+    // on open (whose first read collects the body) as on reads.
+    proxy.reset();
+    proxy.set_steady(Some(Fault::ChunkedTooLong { extra: 32 << 20 }));
+    let counted = RemoteOptions { counter: tensafe_remote::Counter::new(), ..fast_retries(0) };
+    let text = RemoteFile::open_with(&url, &counted).unwrap_err().to_string();
+    assert!(text.contains("but the server sent"), "{text}");
+    let received = counted.counter.traffic().bytes;
+    assert!(received < 4 << 20, "{received} bytes were taken from an endless answer");
+
     // Opening through the proxy: a short first answer is retried…
     proxy.reset();
     proxy.schedule([Fault::HalfLength]);
@@ -413,4 +423,9 @@ fn redirects_leave_a_cloud_store_never_and_a_web_server_freely() {
     let text = err.to_string();
     assert!(text.contains(&format!("127.0.0.1:{}/bucket/mixed.safetensors", elsewhere.port)) && text.contains("another host"), "{text}");
     assert!(elsewhere.seen().is_empty(), "the credentials went to another host: {:?}", elsewhere.seen());
+
+    // Redirects without end on the same host are not called "another host".
+    redirecting.set_steady(Some(Fault::Redirect { origin: format!("http://127.0.0.1:{}", redirecting.port) }));
+    let err = file.read_tensor("embed.weight").map(|data| data.len()).unwrap_err();
+    assert!(!matches!(err, RemoteError::Redirected { .. }) && err.to_string().contains("307"), "{err}");
 }

@@ -38,6 +38,8 @@ pub enum Fault {
     /// Send the body in chunks (`Transfer-Encoding: chunked`), without
     /// Content-Length.
     Chunked,
+    /// As `Chunked`, then `extra` bytes more than Content-Range says.
+    ChunkedTooLong { extra: usize },
     /// Close the connection without answering.
     Reset,
     /// Answer with this status and a short body instead.
@@ -248,10 +250,12 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
             std::thread::sleep(d);
             send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body)
         }
-        Fault::Chunked => {
+        Fault::Chunked | Fault::ChunkedTooLong { .. } => {
+            let extra = if let Fault::ChunkedTooLong { extra } = fault { extra } else { 0 };
+            let body: Vec<u8> = body.iter().copied().chain(std::iter::repeat_n(0u8, extra)).collect();
             client.write_all(base.as_bytes())?;
             client.write_all(b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
-            for chunk in body.chunks(1000) {
+            for chunk in body.chunks(64 << 10) {
                 write!(client, "{:x}\r\n", chunk.len())?;
                 client.write_all(chunk)?;
                 client.write_all(b"\r\n")?;
