@@ -99,6 +99,30 @@ pub(crate) fn emit(text: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Ends the program on Ctrl-C, `kill` or a closed terminal as the default
+/// action would (by that signal), after removing the temporary files
+/// of writes that have not finished: a stopped `convert` or `reshard` leaves
+/// its destination as it was and nothing else behind.
+#[cfg(unix)]
+fn remove_unfinished_files_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            say_err!("tensafe: cannot watch for Ctrl-C ({e}); a stopped write may leave a temporary file");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            tensafe::remove_unfinished_files();
+            // Dying of the signal itself tells a shell to stop a loop too.
+            let _ = signal_hook::low_level::emulate_default_handler(signal);
+            std::process::exit(128 + signal);
+        }
+    });
+}
+
 fn main() -> ExitCode {
     // Rust ignores SIGPIPE, so writing into a closed pipe (`tensafe inspect
     // big | head`) would be an error at every write; with the default action
@@ -108,6 +132,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    #[cfg(unix)]
+    remove_unfinished_files_on_signals();
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect { path, json } => match remote::url(&path) {

@@ -180,3 +180,46 @@ fn output_that_cannot_be_written_is_an_error_not_a_panic() {
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE));
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn an_interrupted_reshard_leaves_the_destination_as_it_was_and_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 GiB of zeros in 64 tensors: a sparse file, quick to make and slow
+    // enough to rewrite (every shard is flushed to disk).
+    let (count, each) = (64usize, 16usize << 20);
+    let entries: Vec<String> =
+        (0..count).map(|i| format!("\"t{i}\":{{\"dtype\":\"U8\",\"shape\":[{each}],\"data_offsets\":[{},{}]}}", i * each, (i + 1) * each)).collect();
+    let mut header = format!("{{{}}}", entries.join(","));
+    header.extend(std::iter::repeat_n(' ', (8 - header.len() % 8) % 8));
+    let input = dir.path().join("big.safetensors");
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    std::fs::write(&input, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&input).unwrap().set_len((bytes.len() + count * each) as u64).unwrap();
+    let output = dir.path().join("out");
+    std::fs::create_dir(&output).unwrap();
+    write_file(&output.join("model.safetensors"), 3);
+    let before = std::fs::read(output.join("model.safetensors")).unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tensafe"))
+        .args(["reshard", input.to_str().unwrap(), output.to_str().unwrap(), "--max-shard-size", "32MB"])
+        .spawn()
+        .unwrap();
+    let temporary = |output: &Path| {
+        std::fs::read_dir(output).unwrap().filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count()
+    };
+    // Interrupted while its files are being written.
+    let start = std::time::Instant::now();
+    while temporary(&output) == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "the reshard ended before it could be interrupted");
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "no temporary file appeared");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGINT), "{status:?}");
+    let left: Vec<String> = std::fs::read_dir(&output).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, ["model.safetensors"], "a temporary file or a new shard was left");
+    assert_eq!(std::fs::read(output.join("model.safetensors")).unwrap(), before);
+}

@@ -10,10 +10,17 @@
 //! every file is written and flushed before the first rename, so an error
 //! while writing (a full disk, a bad input tensor) leaves every old file in
 //! place, an in-place rewrite included.
+//!
+//! The temporary files of this process that are not yet in place are listed,
+//! so that a program stopped by a signal can remove them first
+//! ([`remove_unfinished_files`]): destructors do not run when a signal ends a
+//! process, and a stopped multi-GB write would otherwise stay on disk.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 
@@ -59,7 +66,47 @@ pub struct StagedWrites {
     /// Each written temporary file (its path: the file itself is closed once
     /// written, so a checkpoint of thousands of shards does not hold
     /// thousands of descriptors), with the path it replaces (links resolved).
-    files: Vec<(tempfile::TempPath, PathBuf)>,
+    files: Vec<(tempfile::TempPath, PathBuf, Unfinished)>,
+}
+
+/// The temporary files of this process not yet renamed into place.
+static UNFINISHED: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+
+fn unfinished() -> MutexGuard<'static, HashSet<PathBuf>> {
+    UNFINISHED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A temporary file's place in the list of unfinished files, for as long as
+/// this value lives.
+struct Unfinished(PathBuf);
+
+impl Unfinished {
+    fn new(path: &Path) -> Unfinished {
+        unfinished().insert(path.to_owned());
+        Unfinished(path.to_owned())
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        unfinished().remove(&self.0);
+    }
+}
+
+/// Removes the temporary files of every write of this process that has not
+/// finished (not yet renamed into place), and keeps any from being renamed
+/// afterwards; returns how many it removed. For a program that is about to
+/// end on a signal (Ctrl-C, `kill`), where no destructor would remove them:
+/// what the destination names is left as it was, and no temporary file stays
+/// behind. Writes still running fail, and must not be retried: the process
+/// should exit.
+pub fn remove_unfinished_files() -> usize {
+    let mut files = unfinished();
+    let removed = files.iter().filter(|path| std::fs::remove_file(path).is_ok()).count();
+    // Held until the process ends: a commit that waits for the list renames nothing.
+    std::mem::forget(std::mem::take(&mut *files));
+    std::mem::forget(files);
+    removed
 }
 
 impl StagedWrites {
@@ -106,6 +153,7 @@ impl StagedWrites {
             .tempfile_in(&dir)
             // tempfile names its random path in the error; report the directory instead.
             .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), without_path(e)))?;
+        let listed = Unfinished::new(temp.path());
 
         write(temp.as_file_mut()).map_err(|e| Error::io("writing", e))?;
         #[cfg(unix)]
@@ -116,7 +164,7 @@ impl StagedWrites {
                 .map_err(|e| Error::io("copying the permissions of the replaced file", e))?;
         }
         temp.as_file().sync_all().map_err(|e| Error::io("flushing to disk", e))?;
-        self.files.push((temp.into_temp_path(), target));
+        self.files.push((temp.into_temp_path(), target, listed));
         Ok(())
     }
 
@@ -124,8 +172,14 @@ impl StagedWrites {
     /// renames durable.
     pub fn commit(self) -> Result<()> {
         let mut dirs: Vec<PathBuf> = Vec::new();
-        for (temp, target) in self.files {
-            temp.persist(&target).map_err(|e| Error::io("renaming the temporary file into place", e.error).in_file(&target))?;
+        for (temp, target, listed) in self.files {
+            {
+                // After remove_unfinished_files this waits for good: no
+                // rename once a signal's cleanup has begun.
+                let _no_cleanup_meanwhile = unfinished();
+                temp.persist(&target).map_err(|e| Error::io("renaming the temporary file into place", e.error).in_file(&target))?;
+            }
+            drop(listed);
             let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
             if !dirs.contains(&dir) {
                 dirs.push(dir);
