@@ -76,7 +76,9 @@ def run_interleaved(cases: dict, reps: int, after_each: Any = None, keep_going: 
                 continue
             try:
                 times[name].append(cases[name]())
-            except Exception as e:
+            except BaseException as e:  # a Rust panic (PanicException) is one too
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
                 if not keep_going:
                     raise
                 del times[name]

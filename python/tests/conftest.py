@@ -1,8 +1,12 @@
 """Shared fixtures. The reference implementation (`safetensors==0.8.0`) is
 installed next to tensafe and used as the oracle throughout."""
 
+import ctypes
+import mmap
+import os
 import pathlib
 
+import numpy as np
 import pytest
 
 import safetensors
@@ -20,3 +24,35 @@ def minilm_path() -> pathlib.Path:
     found = sorted(root.rglob("model.safetensors"))
     assert found, f"no model.safetensors under {root}"
     return found[0]
+
+
+def resident_fraction(path) -> float:
+    """Share of the file's pages in the page cache (mincore over a fresh mapping)."""
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+        view = np.frombuffer(m, dtype=np.uint8)  # its address (ctypes wants a writable buffer)
+        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+        del view
+    assert rc == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.fixture(scope="session")
+def page_cache_control(tmp_path_factory) -> None:
+    """Skips a test that checks what is in the page cache where the kernel
+    neither drops pages on request nor reports them truly (gVisor, which
+    some GPU machines run on, says every page is resident)."""
+    path = tmp_path_factory.mktemp("page-cache") / "probe.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if resident_fraction(path) > 0.1:
+        pytest.skip("this kernel keeps (or reports) a file's pages cached after POSIX_FADV_DONTNEED, so eviction cannot be checked here")

@@ -18,6 +18,7 @@ from tensafe._pipeline import StagingStats, _plan_chunks, load_data_section
 from tensafe._tensafe_rust import File, stage_data
 
 import test_load
+from conftest import resident_fraction
 from test_load import _chunk_count, assert_same
 
 every_dtype_file = test_load.every_dtype_file  # the fixture, shared
@@ -132,16 +133,14 @@ def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring, 
     assert bytes(data.cpu().numpy()) == raw[start:]
 
 
-def test_progress_and_cache_drop_on_cuda(tmp_path):
+def test_progress_and_cache_drop_on_cuda(page_cache_control, tmp_path):
     path = tmp_path / "progress.safetensors"
     big = torch.arange(12 * 2**20, dtype=torch.float32)  # 48 MiB: three staging chunks
     ts_pt.save_file({"big": big}, path)
-    from test_load import _resident_fraction
-
     seen = []
     path.read_bytes()  # in the page cache, so that the drop is seen
     loaded = ts_pt.load_file(path, device="cuda:0", backend="pread", progress=lambda done, total: seen.append((done, total)), drop_cache=True)
-    assert _resident_fraction(path) < 0.1
+    assert resident_fraction(path) < 0.1
     assert torch.equal(loaded["big"].cpu(), big)
     assert len(seen) == 3 and seen[-1] == (big.nbytes, big.nbytes)
 

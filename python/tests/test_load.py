@@ -16,6 +16,7 @@ import tensafe
 import tensafe.numpy as ts_np
 import tensafe.torch as ts_pt
 
+from conftest import resident_fraction
 from test_reference_diff import TORCH_DTYPES, as_bytes, random_tensor
 
 
@@ -93,15 +94,15 @@ def test_fifty_thousand_tiny_tensors(tmp_path):
         assert_same(dict(list(loaded.items())[:100]), dict(list(ref_pt.load_file(path).items())[:100]))
 
 
-def test_one_large_tensor_with_progress_and_cache_drop(tmp_path):
+def test_one_large_tensor_with_progress_and_cache_drop(page_cache_control, tmp_path):
     path = tmp_path / "huge.safetensors"
     big = torch.arange(48 * 1024 * 1024, dtype=torch.int32)  # 192 MiB
     ts_pt.save_file({"big": big, "empty": torch.zeros(0)}, path)
     seen = []
     path.read_bytes()  # in the page cache, so that the drop is seen
-    assert _resident_fraction(path) > 0.9
+    assert resident_fraction(path) > 0.9
     loaded = ts_pt.load_file(path, backend="pread", threads=4, progress=lambda done, total: seen.append((done, total)), drop_cache=True)
-    assert _resident_fraction(path) < 0.1
+    assert resident_fraction(path) < 0.1
     assert torch.equal(loaded["big"], big) and loaded["empty"].shape == (0,)
     total = big.numel() * 4
     assert seen and seen[-1] == (total, total)
@@ -404,7 +405,7 @@ def _evict(path):
     File(str(path), "pread").drop_cache()
 
 
-def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(tmp_path):
+def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(page_cache_control, tmp_path):
     from tensafe._tensafe_rust import DIRECT_ALIGN, File
 
     path = tmp_path / "cold.safetensors"
@@ -421,19 +422,19 @@ def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(tmp_path):
         buffer = tensafe._tensafe_rust.HostBuffer(shift + f.data_len)
         dst = memoryview(buffer)[shift : shift + f.data_len]
         f.read_all_into(dst, threads=3, chunk_bytes=1 << 20, direct=direct)
-        assert (_resident_fraction(path) < 0.1) == past_the_cache, (shift, direct)
+        assert (resident_fraction(path) < 0.1) == past_the_cache, (shift, direct)
         assert bytes(dst) == raw, (shift, direct)
     # The default through the public API: direct when cold, exact cold and warm.
     _evict(path)
     ours = ts_pt.load_file(path, backend="pread")
-    assert _resident_fraction(path) < 0.1
+    assert resident_fraction(path) < 0.1
     assert_same(ours, ref_pt.load_file(path))
     assert_same(ts_pt.load_file(path, backend="pread"), ref_pt.load_file(path))
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
 @pytest.mark.parametrize("chunk,ring", [(4096, 2), (65536 + 100, 3), (1 << 20, 4)])
-def test_staging_pipeline_reads_past_the_page_cache_and_stays_exact(tmp_path, backend, chunk, ring):
+def test_staging_pipeline_reads_past_the_page_cache_and_stays_exact(page_cache_control, tmp_path, backend, chunk, ring):
     """The accelerator pipeline's direct reads, with a CPU target: chunks cut
     at page boundaries of the file, only the section's first and last pages
     read through the cache."""
@@ -457,7 +458,7 @@ def test_staging_pipeline_reads_past_the_page_cache_and_stays_exact(tmp_path, ba
     assert stats.chunks == _chunk_count(file, chunk, True)
     assert file.data_len - 2 * DIRECT_ALIGN <= stats.direct_bytes <= file.data_len
     if chunk >= 1 << 20:
-        assert _resident_fraction(path) < 0.1
+        assert resident_fraction(path) < 0.1
 
 
 def test_staging_chunk_plan_covers_the_section_and_fits_the_slots():
@@ -483,7 +484,7 @@ def test_staging_chunk_plan_covers_the_section_and_fits_the_slots():
             assert all(place == 0 and length <= chunk for _, length, place in chunks)
 
 
-def test_staging_pipeline_can_go_direct_by_itself_only_when_cold(tmp_path):
+def test_staging_pipeline_can_go_direct_by_itself_only_when_cold(page_cache_control, tmp_path):
     from tensafe._pipeline import StagingStats, load_data_section
     from tensafe._tensafe_rust import File
 
@@ -503,7 +504,7 @@ def test_staging_pipeline_can_go_direct_by_itself_only_when_cold(tmp_path):
         assert stats.direct == cold and (stats.direct_bytes > 0) == cold
         assert bytes(data.numpy()) == raw[file.data_start :]
         if cold:
-            assert _resident_fraction(path) < 0.1
+            assert resident_fraction(path) < 0.1
     # A file in memory has no page cache to bypass: plain copies, even when asked.
     in_memory = File.from_bytes(raw)
     assert not in_memory.prefers_direct_reads()
@@ -526,26 +527,8 @@ def test_progress_true_draws_a_bar_and_bad_progress_is_refused(tmp_path, capsys)
 
 
 
-def _resident_fraction(path):
-    """Share of the file's pages in the page cache (mincore over a fresh mapping)."""
-    import ctypes
-    import mmap
-    import os
-
-    size = os.path.getsize(path)
-    pages = -(-size // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * pages)()
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
-        view = np.frombuffer(m, dtype=np.uint8)
-        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
-        del view
-    assert rc == 0, ctypes.get_errno()
-    return sum(v & 1 for v in vec) / pages
-
-
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
-def test_drop_cache_evicts_the_open_file_even_after_its_path_is_replaced(tmp_path, backend):
+def test_drop_cache_evicts_the_open_file_even_after_its_path_is_replaced(page_cache_control, tmp_path, backend):
     import os
 
     from tensafe._tensafe_rust import File
@@ -554,22 +537,22 @@ def test_drop_cache_evicts_the_open_file_even_after_its_path_is_replaced(tmp_pat
     ts_pt.save_file({"x": torch.arange(4 * 2**20, dtype=torch.int32)}, path)
     f = File(str(path), backend)
     path.read_bytes()  # into the page cache
-    assert _resident_fraction(path) > 0.9
+    assert resident_fraction(path) > 0.9
     # Another file takes the name: the handle still drops its own file's pages.
     os.rename(path, tmp_path / "moved.safetensors")
     path.write_bytes(b"other")
     f.drop_cache()
-    assert _resident_fraction(tmp_path / "moved.safetensors") < 0.1
+    assert resident_fraction(tmp_path / "moved.safetensors") < 0.1
 
 
-def test_drop_cache_keeps_the_pages_mapped_tensors_still_read(tmp_path):
+def test_drop_cache_keeps_the_pages_mapped_tensors_still_read(page_cache_control, tmp_path):
     """mmap tensors are views of the page cache: dropping it would turn every
     later access into a disk read. Private copies (pread) drop it."""
     path = tmp_path / "mapped.safetensors"
     ts_pt.save_file({"x": torch.arange(8 * 2**20, dtype=torch.int32)}, path)
     path.read_bytes()
     mapped = ts_pt.load_file(path, backend="mmap", drop_cache=True)
-    assert _resident_fraction(path) > 0.9
+    assert resident_fraction(path) > 0.9
     copied = ts_pt.load_file(path, backend="pread", drop_cache=True)
-    assert _resident_fraction(path) < 0.1
+    assert resident_fraction(path) < 0.1
     assert torch.equal(mapped["x"], copied["x"])
