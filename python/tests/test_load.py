@@ -556,3 +556,48 @@ def test_drop_cache_keeps_the_pages_mapped_tensors_still_read(page_cache_control
     copied = ts_pt.load_file(path, backend="pread", drop_cache=True)
     assert resident_fraction(path) < 0.1
     assert torch.equal(mapped["x"], copied["x"])
+
+
+def test_a_signal_handler_stops_a_private_load_midway(tmp_path):
+    """While a bulk `pread` load runs, the calling thread waits in Rust with the
+    GIL released, yet runs Python's signal handlers every tick: Ctrl-C (here
+    an alarm whose handler raises) stops a long load early, not after it."""
+    import signal
+
+    path = tmp_path / "big.safetensors"
+    ts_np.save_file({"x": np.resize(np.arange(251, dtype=np.uint8), 1 << 30)}, path)
+
+    def cold_load():  # read from the disk, one reader: long enough to stop midway
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        start = time.perf_counter()
+        ts_pt.load_file(path, backend="pread", threads=1)
+        return time.perf_counter() - start
+
+    cold_load()  # first allocations of this size can be slow: not measured
+    full = cold_load()
+    if full < 0.4:
+        pytest.skip(f"a cold load takes {full:.2f} s here: too short to stop midway")
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    stopped = None
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        start = time.perf_counter()
+        with pytest.raises(Stop):
+            cold_load()
+        stopped = time.perf_counter() - start
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s load"
