@@ -558,7 +558,7 @@ def test_drop_cache_keeps_the_pages_mapped_tensors_still_read(page_cache_control
     assert torch.equal(mapped["x"], copied["x"])
 
 
-def test_a_signal_handler_stops_a_private_load_midway(tmp_path):
+def test_a_signal_handler_stops_a_private_load_midway(tmp_path, request):
     """While a bulk `pread` load runs, the calling thread waits in Rust with the
     GIL released, yet runs Python's signal handlers every tick: Ctrl-C (here
     an alarm whose handler raises) stops a long load early, not after it."""
@@ -566,6 +566,7 @@ def test_a_signal_handler_stops_a_private_load_midway(tmp_path):
 
     path = tmp_path / "big.safetensors"
     ts_np.save_file({"x": np.resize(np.arange(251, dtype=np.uint8), 1 << 30)}, path)
+    request.addfinalizer(path.unlink)  # pytest keeps recent tmp_paths: not 1 GiB of them
 
     def cold_load():  # read from the disk, one reader: long enough to stop midway
         fd = os.open(path, os.O_RDONLY)
