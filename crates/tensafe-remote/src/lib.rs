@@ -72,7 +72,11 @@
 //! never the whole object). 5xx, 429, timeouts and connection resets are
 //! retried with exponential backoff ([`RemoteOptions::retry`]); a
 //! `Retry-After` in seconds is waited for first (at most
-//! [`RemoteOptions::max_retry_after`]).
+//! [`RemoteOptions::max_retry_after`]); a request still failing after
+//! `retry_timeout + timeout` is [`RemoteError::TimedOut`]. A cloud store's
+//! redirect to another host is not followed ([`RemoteError::Redirected`]:
+//! its requests carry credentials); web servers' redirects are. Text from a
+//! server (error bodies, read up to 16 KiB) is shown escaped.
 
 mod checkpoint;
 mod client;
