@@ -40,6 +40,16 @@ def resident_fraction(path) -> float:
     return sum(v & 1 for v in vec) / pages
 
 
+def evict(path) -> None:
+    """Writes the file's dirty pages back, then drops all its pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(scope="session")
 def page_cache_control(tmp_path_factory) -> None:
     """Skips a test that checks what is in the page cache where the kernel
@@ -48,11 +58,6 @@ def page_cache_control(tmp_path_factory) -> None:
     path = tmp_path_factory.mktemp("page-cache") / "probe.bin"
     path.write_bytes(os.urandom(4 << 20))
     path.read_bytes()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict(path)
     if resident_fraction(path) > 0.1:
         pytest.skip("this kernel keeps (or reports) a file's pages cached after POSIX_FADV_DONTNEED, so eviction cannot be checked here")

@@ -16,7 +16,7 @@ import tensafe
 import tensafe.numpy as ts_np
 import tensafe.torch as ts_pt
 
-from conftest import resident_fraction
+from conftest import evict, resident_fraction
 from test_reference_diff import TORCH_DTYPES, as_bytes, random_tensor
 
 
@@ -569,12 +569,7 @@ def test_a_signal_handler_stops_a_private_load_midway(tmp_path, request):
     request.addfinalizer(path.unlink)  # pytest keeps recent tmp_paths: not 1 GiB of them
 
     def cold_load():  # read from the disk, one reader: long enough to stop midway
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict(path)
         start = time.perf_counter()
         ts_pt.load_file(path, backend="pread", threads=1)
         return time.perf_counter() - start
