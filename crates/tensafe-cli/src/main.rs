@@ -15,8 +15,14 @@ macro_rules! out {
 }
 
 /// [`say!`] for standard error.
+/// Prints an error, escaped; nothing once a signal is ending the program
+/// (its cleanup is what made the work fail).
 macro_rules! say_err {
-    ($($arg:tt)*) => { eprintln!("{}", tensafe::Printable(&format!($($arg)*))) };
+    ($($arg:tt)*) => {
+        if !crate::STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("{}", tensafe::Printable(&format!($($arg)*)))
+        }
+    };
 }
 
 mod convert;
@@ -99,10 +105,14 @@ pub(crate) fn emit(text: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Set when a signal's cleanup begins: the main thread then waits for it.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Ends the program on Ctrl-C, `kill` or a closed terminal as the default
-/// action would (by that signal), after removing the temporary files
-/// of writes that have not finished: a stopped `convert` or `reshard` leaves
-/// its destination as it was and nothing else behind.
+/// action would (by that signal), after removing the temporary files of
+/// writes that have not finished and aborting unfinished multipart uploads
+/// (at most 10 s): a stopped `convert` or `reshard` leaves its destination
+/// as it was and nothing else behind.
 #[cfg(unix)]
 fn remove_unfinished_files_on_signals() {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -115,7 +125,9 @@ fn remove_unfinished_files_on_signals() {
     };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
+            STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
             tensafe::remove_unfinished_files();
+            tensafe_remote::abort_unfinished_uploads(std::time::Duration::from_secs(10));
             // Dying of the signal itself tells a shell to stop a loop too.
             let _ = signal_hook::low_level::emulate_default_handler(signal);
             std::process::exit(128 + signal);
@@ -134,7 +146,16 @@ fn main() -> ExitCode {
     }
     #[cfg(unix)]
     remove_unfinished_files_on_signals();
-    let cli = Cli::parse();
+    let code = run(Cli::parse());
+    // A signal's cleanup makes the writes fail; the signal, not their
+    // errors, ends the program.
+    while STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::park();
+    }
+    code
+}
+
+fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Inspect { path, json } => match remote::url(&path) {
             Some(url) => remote::inspect(url, json),

@@ -176,3 +176,44 @@ fn reshard_diff_and_convert_with_s3_urls() {
     assert_eq!(read_only.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&read_only.stderr).contains("read-only"), "{}", String::from_utf8_lossy(&read_only.stderr));
 }
+
+/// What the SeaweedFS filer lists under `path` (its JSON listing).
+fn filer_listing(weed: &Seaweed, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", weed.filer_port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nAccept: application/json\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn an_interrupted_upload_is_aborted() {
+    let Some(weed) = Seaweed::start("uploads") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // 1 GiB of zeros (a sparse file): one multipart upload of many parts.
+    let input = dir.path().join("big.safetensors");
+    common::write_sparse_file(&input, 1 << 30);
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tensafe"));
+    command.args(["reshard", input.to_str().unwrap(), &weed.url("out/"), "--max-shard-size", "5GB"]);
+    command.envs(aws_env(&weed, common::SECRET_KEY)).stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    // SeaweedFS keeps an unfinished upload's parts in the bucket's `.uploads` folder.
+    let uploads = format!("/buckets/{}/.uploads/", weed.bucket);
+    let in_progress = || filer_listing(&weed, &uploads).contains(&format!("\"FullPath\":\"{uploads}"));
+    let start = std::time::Instant::now();
+    while !in_progress() {
+        assert!(child.try_wait().unwrap().is_none(), "the upload ended before it could be interrupted");
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "no upload started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&output.status), Some(libc::SIGINT), "{:?}", output.status);
+    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!in_progress(), "the interrupted upload was not aborted: {}", filer_listing(&weed, &uploads));
+    let missing = tensafe_remote::RemoteFile::open_with(&weed.url("out/model.safetensors"), &weed.options()).map(|_| ()).unwrap_err();
+    assert!(missing.is_not_found(), "{missing}");
+}

@@ -95,7 +95,7 @@ pub use file::{read_into, RemoteFile, RemoteRange};
 pub use object_store::{BackoffConfig, RetryConfig};
 pub use store::{RemoteUrl, Scheme};
 pub use traffic::{global_traffic, Counter, Traffic};
-pub use write::{put_bytes, reshard, save_sharded_to_url, serialize_to_url, upload_prepared};
+pub use write::{abort_unfinished_uploads, put_bytes, reshard, save_sharded_to_url, serialize_to_url, upload_prepared};
 
 /// How remote files are read.
 #[derive(Debug, Clone)]

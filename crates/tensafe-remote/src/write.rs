@@ -11,12 +11,15 @@
 //! Nothing partial becomes visible: a PUT replaces the object at once, and a
 //! multipart upload only when it is completed; a failed one is aborted (and
 //! an upload cut short by a crash is never completed, so it stays invisible
-//! until the store's lifecycle rules drop its parts).
+//! until the store's lifecycle rules drop its parts). Uploads in progress are
+//! listed, so that a program stopped by a signal can abort them first
+//! ([`abort_unfinished_uploads`]).
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::Duration;
 
-use object_store::{ObjectStore, PutMultipartOptions, PutOptions, PutPayload, WriteMultipart};
+use object_store::{MultipartUpload, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart, WriteMultipart};
 use tensafe::{Metadata, Prepared, ShardIndex, ShardedCheckpoint, View, INDEX_FILE};
 
 use crate::error::{RemoteError, Result};
@@ -172,7 +175,8 @@ fn upload_multipart(url: &RemoteUrl, part: usize, options: &RemoteOptions, produ
     let probe = Probe::new(vec![options.counter.clone()], options.max_retry_after);
     let start = PutMultipartOptions { extensions: probe.extensions(), ..PutMultipartOptions::default() };
     let upload = block_on(store.put_multipart_opts(url.object_path(), start))?.map_err(|e| classify_status(url.to_string(), e, Some(&probe)))?;
-    let mut parts = Parts { upload: WriteMultipart::new_with_chunk_size(upload, part), part, in_flight: options.concurrency.max(1), url, failure: None };
+    let upload = Listed::new(upload);
+    let mut parts = Parts { upload: WriteMultipart::new_with_chunk_size(Box::new(upload), part), part, in_flight: options.concurrency.max(1), url, failure: None };
     match produce(&mut parts) {
         Ok(()) => block_on(parts.upload.finish())?.map(|_| ()).map_err(|e| classify_status(url.to_string(), e, None)),
         Err(e) => {
@@ -182,6 +186,74 @@ fn upload_multipart(url: &RemoteUrl, part: usize, options: &RemoteOptions, produ
             Err(parts.failure.take().unwrap_or_else(|| produce_error(url, e)))
         }
     }
+}
+
+/// A multipart upload, shared with the list of uploads in progress (which
+/// holds it weakly, for [`abort_unfinished_uploads`]). Once taken from it, by
+/// completion or an abort, the upload is over for everyone.
+#[derive(Debug)]
+struct Listed(Arc<Mutex<Option<Box<dyn MultipartUpload>>>>);
+
+type UploadSlot = Mutex<Option<Box<dyn MultipartUpload>>>;
+
+/// Multipart uploads in progress in this process.
+static UNFINISHED_UPLOADS: LazyLock<Mutex<Vec<Weak<UploadSlot>>>> = LazyLock::new(Default::default);
+
+impl Listed {
+    fn new(upload: Box<dyn MultipartUpload>) -> Listed {
+        let slot = Arc::new(Mutex::new(Some(upload)));
+        let mut list = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        list.retain(|upload| upload.strong_count() > 0);
+        list.push(Arc::downgrade(&slot));
+        Listed(slot)
+    }
+
+    fn take(&self) -> Option<Box<dyn MultipartUpload>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
+}
+
+fn upload_over() -> object_store::Error {
+    object_store::Error::Generic { store: "tensafe", source: "the upload was aborted (the program is stopping)".into() }
+}
+
+#[async_trait::async_trait]
+impl MultipartUpload for Listed {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        match self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
+            Some(upload) => upload.put_part(data),
+            None => Box::pin(async { Err(upload_over()) }),
+        }
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        match self.take() {
+            Some(mut upload) => upload.complete().await,
+            None => Err(upload_over()),
+        }
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        match self.take() {
+            Some(mut upload) => upload.abort().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Aborts every multipart upload of this process still in progress, so that
+/// the store drops their parts (S3 and GCS keep them, billed, until a
+/// lifecycle rule removes them); returns how many it aborted. For a program
+/// about to end on a signal: the uploads' writers fail from then on. Waits
+/// at most `wait` for the stores to answer.
+pub fn abort_unfinished_uploads(wait: Duration) -> usize {
+    let slots: Vec<Arc<UploadSlot>> = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    let uploads: Vec<Box<dyn MultipartUpload>> = slots.iter().filter_map(|slot| slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()).collect();
+    let count = uploads.len();
+    let aborts = futures::future::join_all(uploads.into_iter().map(|mut upload| async move { upload.abort().await }));
+    // The timer is made inside the runtime, which drives it.
+    let _ = block_on(async move { tokio::time::timeout(wait, aborts).await });
+    count
 }
 
 /// The sink of a multipart upload: bytes are copied into the current part;
@@ -228,6 +300,47 @@ impl Write for Parts<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// An upload that records what is done with it.
+    #[derive(Debug, Clone, Default)]
+    struct Recorder {
+        parts: Arc<AtomicUsize>,
+        aborted: Arc<AtomicBool>,
+    }
+
+    #[async_trait::async_trait]
+    impl MultipartUpload for Recorder {
+        fn put_part(&mut self, _data: PutPayload) -> UploadPart {
+            self.parts.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(()) })
+        }
+        async fn complete(&mut self) -> object_store::Result<PutResult> {
+            Ok(PutResult { e_tag: None, version: None })
+        }
+        async fn abort(&mut self) -> object_store::Result<()> {
+            self.aborted.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unfinished_uploads_are_aborted_on_request_and_then_refuse_parts() {
+        let (going, done) = (Recorder::default(), Recorder::default());
+        let mut upload = Listed::new(Box::new(going.clone()));
+        let mut finished = Listed::new(Box::new(done.clone()));
+        block_on(finished.complete()).unwrap().unwrap();
+        block_on(upload.put_part(PutPayload::from(vec![1u8]))).unwrap().unwrap();
+
+        assert!(abort_unfinished_uploads(Duration::from_secs(5)) >= 1);
+        assert!(going.aborted.load(Ordering::Relaxed), "the upload in progress was not aborted");
+        assert!(!done.aborted.load(Ordering::Relaxed), "a completed upload was aborted");
+        // Its writer fails from then on; its own abort has nothing left to do.
+        assert!(block_on(upload.put_part(PutPayload::from(vec![2u8]))).unwrap().is_err());
+        assert!(block_on(upload.complete()).unwrap().is_err());
+        block_on(upload.abort()).unwrap().unwrap();
+        assert_eq!(going.parts.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn refuses_urls_it_cannot_write() {

@@ -115,6 +115,9 @@ pub const SECRET_KEY: &str = "tensafe-test-secret-key-0123456789";
 pub struct Seaweed {
     pub server: Server,
     pub s3_port: u16,
+    /// The filer's HTTP port (its listings show what S3 does not, such as
+    /// the parts of unfinished multipart uploads).
+    pub filer_port: u16,
     pub bucket: String,
 }
 
@@ -140,12 +143,14 @@ impl Seaweed {
         command.arg(format!("-bucket={bucket}"));
         // Every other listener on a free port too (gRPC ports default to
         // port + 10000, so give them explicitly), and nothing we do not use.
-        for flag in ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"] {
+        let filer_port = free_port();
+        command.arg(format!("-filer.port={filer_port}"));
+        for flag in ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"] {
             command.arg(format!("-{flag}={}", free_port()));
         }
         command.args(["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=256"]);
         let server = Server::spawn("weed", command, dir);
-        let seaweed = Seaweed { server, s3_port, bucket: bucket.to_owned() };
+        let seaweed = Seaweed { server, s3_port, filer_port, bucket: bucket.to_owned() };
         // Ready when an authenticated 1 MiB write to the bucket succeeds: a
         // write of the size the tests make, through the whole write path
         // (a 2-byte probe once passed while larger uploads still failed).
