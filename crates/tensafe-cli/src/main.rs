@@ -124,15 +124,28 @@ fn remove_unfinished_files_on_signals() {
         }
     };
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
+        let mut signals = signals.forever();
+        if let Some(signal) = signals.next() {
             STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
-            tensafe::remove_unfinished_files();
-            tensafe_remote::abort_unfinished_uploads(std::time::Duration::from_secs(10));
-            // Dying of the signal itself tells a shell to stop a loop too.
-            let _ = signal_hook::low_level::emulate_default_handler(signal);
-            std::process::exit(128 + signal);
+            std::thread::spawn(move || {
+                tensafe::remove_unfinished_files();
+                tensafe_remote::abort_unfinished_uploads(std::time::Duration::from_secs(10));
+                die_of(signal);
+            });
+            // A second Ctrl-C does not wait for the aborts.
+            if let Some(again) = signals.next() {
+                die_of(again);
+            }
         }
     });
+}
+
+/// Ends the process as `signal`'s default action would: dying of the signal
+/// itself tells a shell to stop a loop too.
+#[cfg(unix)]
+fn die_of(signal: i32) -> ! {
+    let _ = signal_hook::low_level::emulate_default_handler(signal);
+    std::process::exit(128 + signal)
 }
 
 fn main() -> ExitCode {
