@@ -128,13 +128,17 @@ fn remove_unfinished_files_on_signals() {
         if let Some(signal) = signals.next() {
             STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
             std::thread::spawn(move || {
-                tensafe::remove_unfinished_files();
-                tensafe_remote::abort_unfinished_uploads(std::time::Duration::from_secs(10));
+                // Whatever happens in the cleanup, the signal ends the program.
+                let _ = std::panic::catch_unwind(|| {
+                    tensafe::remove_unfinished_files();
+                    tensafe_remote::abort_unfinished_uploads(std::time::Duration::from_secs(10));
+                });
                 die_of(signal);
             });
-            // A second Ctrl-C does not wait for the aborts.
-            if let Some(again) = signals.next() {
-                die_of(again);
+            // A second Ctrl-C does not wait for the aborts (other signals,
+            // which a shell or supervisor may send again, do).
+            if signals.any(|again| again == SIGINT) {
+                die_of(SIGINT);
             }
         }
     });

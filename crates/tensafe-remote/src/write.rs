@@ -16,7 +16,8 @@
 //! ([`abort_unfinished_uploads`]).
 
 use std::io::Write;
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use object_store::{MultipartUpload, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart, WriteMultipart};
@@ -192,24 +193,32 @@ fn upload_multipart(url: &RemoteUrl, part: usize, options: &RemoteOptions, produ
 /// holds it weakly, for [`abort_unfinished_uploads`]). Once taken from it, by
 /// completion or an abort, the upload is over for everyone.
 #[derive(Debug)]
-struct Listed(Arc<Mutex<Option<Box<dyn MultipartUpload>>>>);
+struct Listed(Arc<UploadSlot>);
 
-type UploadSlot = Mutex<Option<Box<dyn MultipartUpload>>>;
+#[derive(Debug)]
+struct UploadSlot {
+    upload: Mutex<Option<Box<dyn MultipartUpload>>>,
+    /// Parts sent and not yet answered: an abort waits for them, as parts
+    /// that land after an abort may be kept.
+    parts_in_flight: Arc<AtomicUsize>,
+}
+
+impl UploadSlot {
+    fn upload(&self) -> MutexGuard<'_, Option<Box<dyn MultipartUpload>>> {
+        self.upload.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 /// Multipart uploads in progress in this process.
 static UNFINISHED_UPLOADS: LazyLock<Mutex<Vec<Weak<UploadSlot>>>> = LazyLock::new(Default::default);
 
 impl Listed {
     fn new(upload: Box<dyn MultipartUpload>) -> Listed {
-        let slot = Arc::new(Mutex::new(Some(upload)));
+        let slot = Arc::new(UploadSlot { upload: Mutex::new(Some(upload)), parts_in_flight: Arc::default() });
         let mut list = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         list.retain(|upload| upload.strong_count() > 0);
         list.push(Arc::downgrade(&slot));
         Listed(slot)
-    }
-
-    fn take(&self) -> Option<Box<dyn MultipartUpload>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
     }
 }
 
@@ -220,21 +229,31 @@ fn upload_over() -> object_store::Error {
 #[async_trait::async_trait]
 impl MultipartUpload for Listed {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        match self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
-            Some(upload) => upload.put_part(data),
-            None => Box::pin(async { Err(upload_over()) }),
-        }
+        let Some(upload) = self.0.upload().as_mut().map(|upload| upload.put_part(data)) else {
+            return Box::pin(async { Err(upload_over()) });
+        };
+        let in_flight = self.0.parts_in_flight.clone();
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let answered = upload.await;
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            answered
+        })
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
-        match self.take() {
-            Some(mut upload) => upload.complete().await,
-            None => Err(upload_over()),
+        let Some(mut upload) = self.0.upload().take() else { return Err(upload_over()) };
+        let completed = upload.complete().await;
+        if completed.is_err() {
+            // Back in its place, for the abort that follows a failure.
+            *self.0.upload() = Some(upload);
         }
+        completed
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
-        match self.take() {
+        let taken = self.0.upload().take();
+        match taken {
             Some(mut upload) => upload.abort().await,
             None => Ok(()),
         }
@@ -245,12 +264,22 @@ impl MultipartUpload for Listed {
 /// the store drops their parts (S3 and GCS keep them, billed, until a
 /// lifecycle rule removes them); returns how many it aborted. For a program
 /// about to end on a signal: the uploads' writers fail from then on. Waits
-/// at most `wait` for the stores to answer.
+/// at most `wait` in all: for the parts in flight to be answered, then for
+/// the aborts.
 pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     let slots: Vec<Arc<UploadSlot>> = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().filter_map(Weak::upgrade).collect();
-    let uploads: Vec<Box<dyn MultipartUpload>> = slots.iter().filter_map(|slot| slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()).collect();
+    let uploads: Vec<(Box<dyn MultipartUpload>, Arc<AtomicUsize>)> =
+        slots.iter().filter_map(|slot| Some((slot.upload().take()?, slot.parts_in_flight.clone()))).collect();
     let count = uploads.len();
-    let aborts = futures::future::join_all(uploads.into_iter().map(|mut upload| async move { upload.abort().await }));
+    if count == 0 {
+        return 0;
+    }
+    let aborts = futures::future::join_all(uploads.into_iter().map(|(mut upload, in_flight)| async move {
+        while in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        upload.abort().await
+    }));
     // The timer is made inside the runtime, which drives it.
     let _ = block_on(async move { tokio::time::timeout(wait, aborts).await });
     count
@@ -300,46 +329,73 @@ impl Write for Parts<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    /// An upload that records what is done with it.
+    /// An upload that records what is done with it, in order.
     #[derive(Debug, Clone, Default)]
     struct Recorder {
-        parts: Arc<AtomicUsize>,
-        aborted: Arc<AtomicBool>,
+        events: Arc<Mutex<Vec<&'static str>>>,
+        /// How long each part takes to be answered.
+        part_time: Duration,
+        fail_completion: bool,
+    }
+
+    impl Recorder {
+        fn events(&self) -> Vec<&'static str> {
+            self.events.lock().unwrap().clone()
+        }
     }
 
     #[async_trait::async_trait]
     impl MultipartUpload for Recorder {
         fn put_part(&mut self, _data: PutPayload) -> UploadPart {
-            self.parts.fetch_add(1, Ordering::Relaxed);
-            Box::pin(async { Ok(()) })
+            let (events, time) = (self.events.clone(), self.part_time);
+            Box::pin(async move {
+                tokio::time::sleep(time).await;
+                events.lock().unwrap().push("part");
+                Ok(())
+            })
         }
         async fn complete(&mut self) -> object_store::Result<PutResult> {
+            self.events.lock().unwrap().push("complete");
+            if self.fail_completion {
+                return Err(object_store::Error::Generic { store: "test", source: "refused".into() });
+            }
             Ok(PutResult { e_tag: None, version: None })
         }
         async fn abort(&mut self) -> object_store::Result<()> {
-            self.aborted.store(true, Ordering::Relaxed);
+            self.events.lock().unwrap().push("abort");
             Ok(())
         }
     }
 
     #[test]
-    fn unfinished_uploads_are_aborted_on_request_and_then_refuse_parts() {
-        let (going, done) = (Recorder::default(), Recorder::default());
+    fn unfinished_uploads_are_aborted_after_their_parts_and_then_refuse_parts() {
+        let going = Recorder { part_time: Duration::from_millis(300), ..Recorder::default() };
+        let done = Recorder::default();
         let mut upload = Listed::new(Box::new(going.clone()));
         let mut finished = Listed::new(Box::new(done.clone()));
         block_on(finished.complete()).unwrap().unwrap();
-        block_on(upload.put_part(PutPayload::from(vec![1u8]))).unwrap().unwrap();
-
+        // A part in flight when the abort comes: answered first, then the abort.
+        let part = upload.put_part(PutPayload::from(vec![1u8]));
+        let sender = std::thread::spawn(move || block_on(part).unwrap().unwrap());
         assert!(abort_unfinished_uploads(Duration::from_secs(5)) >= 1);
-        assert!(going.aborted.load(Ordering::Relaxed), "the upload in progress was not aborted");
-        assert!(!done.aborted.load(Ordering::Relaxed), "a completed upload was aborted");
+        sender.join().unwrap();
+        assert_eq!(going.events(), ["part", "abort"]);
+        assert_eq!(done.events(), ["complete"], "a completed upload was aborted");
         // Its writer fails from then on; its own abort has nothing left to do.
         assert!(block_on(upload.put_part(PutPayload::from(vec![2u8]))).unwrap().is_err());
         assert!(block_on(upload.complete()).unwrap().is_err());
         block_on(upload.abort()).unwrap().unwrap();
-        assert_eq!(going.parts.load(Ordering::Relaxed), 1);
+        assert_eq!(going.events(), ["part", "abort"]);
+    }
+
+    #[test]
+    fn an_upload_whose_completion_fails_can_still_be_aborted() {
+        let refused = Recorder { fail_completion: true, ..Recorder::default() };
+        let mut upload = Listed::new(Box::new(refused.clone()));
+        assert!(block_on(upload.complete()).unwrap().is_err());
+        block_on(upload.abort()).unwrap().unwrap();
+        assert_eq!(refused.events(), ["complete", "abort"]);
     }
 
     #[test]

@@ -77,19 +77,21 @@ fn unfinished() -> MutexGuard<'static, HashSet<PathBuf>> {
 }
 
 /// A temporary file's place in the list of unfinished files, for as long as
-/// this value lives.
+/// this value lives (or until [`Unfinished::finish`]).
 struct Unfinished(PathBuf);
 
 impl Unfinished {
-    fn new(path: &Path) -> Unfinished {
-        unfinished().insert(path.to_owned());
-        Unfinished(path.to_owned())
+    /// Takes the file off the list through `list` (the list's lock, held).
+    fn finish(mut self, list: &mut HashSet<PathBuf>) {
+        list.remove(&std::mem::take(&mut self.0));
     }
 }
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
-        unfinished().remove(&self.0);
+        if !self.0.as_os_str().is_empty() {
+            unfinished().remove(&self.0);
+        }
     }
 }
 
@@ -97,9 +99,10 @@ impl Drop for Unfinished {
 /// finished (not yet renamed into place), and keeps any from being renamed
 /// afterwards; returns how many it removed. For a program that is about to
 /// end on a signal (Ctrl-C, `kill`), where no destructor would remove them:
-/// what the destination names is left as it was, and no temporary file stays
-/// behind. Writes still running fail, and must not be retried: the process
-/// should exit.
+/// what the destination names is left as it was (a commit under way is let
+/// finish first), and no temporary file stays behind. Writes still running
+/// go on into deleted files and then wait for good, before creating another
+/// or renaming one: the process must exit.
 pub fn remove_unfinished_files() -> usize {
     let mut files = unfinished();
     let removed = files.iter().filter(|path| std::fs::remove_file(path).is_ok()).count();
@@ -149,11 +152,19 @@ impl StagedWrites {
             builder.permissions(std::fs::Permissions::from_mode(0o666));
             mode
         };
-        let mut temp = builder
-            .tempfile_in(&dir)
-            // tempfile names its random path in the error; report the directory instead.
-            .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), without_path(e)))?;
-        let listed = Unfinished::new(temp.path());
+        // Created and listed under the list's lock, so that no temporary file
+        // exists unlisted; declared first, `listed` is dropped after `temp`.
+        let listed: Unfinished;
+        let mut temp = {
+            let mut list = unfinished();
+            let temp = builder
+                .tempfile_in(&dir)
+                // tempfile names its random path in the error; report the directory instead.
+                .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), without_path(e)))?;
+            list.insert(temp.path().to_owned());
+            listed = Unfinished(temp.path().to_owned());
+            temp
+        };
 
         write(temp.as_file_mut()).map_err(|e| Error::io("writing", e))?;
         #[cfg(unix)]
@@ -172,19 +183,31 @@ impl StagedWrites {
     /// renames durable.
     pub fn commit(self) -> Result<()> {
         let mut dirs: Vec<PathBuf> = Vec::new();
-        for (temp, target, listed) in self.files {
-            {
-                // After remove_unfinished_files this waits for good: no
-                // rename once a signal's cleanup has begun.
-                let _no_cleanup_meanwhile = unfinished();
-                temp.persist(&target).map_err(|e| Error::io("renaming the temporary file into place", e.error).in_file(&target))?;
-            }
-            drop(listed);
-            let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
+        let mut files = self.files.into_iter();
+        let mut renamed = Ok(());
+        {
+            // Every rename under one hold of the list's lock: a signal's
+            // cleanup comes before the first or after the last, so the
+            // destination is all old or all new. After the cleanup began,
+            // this waits for good.
+            let mut list = unfinished();
+            for (temp, target, listed) in files.by_ref() {
+                listed.finish(&mut list);
+                if let Err(e) = temp.persist(&target) {
+                    // Its temporary file goes with the error.
+                    renamed = Err(Error::io("renaming the temporary file into place", e.error).in_file(&target));
+                    break;
+                }
+                let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
             }
         }
+        // The files not renamed (after a failure) are removed, and unlisted
+        // with the lock free again.
+        drop(files);
+        renamed?;
         // Not every filesystem supports syncing a directory; the data is
         // already safe, so a failure here is not an error.
         #[cfg(unix)]
