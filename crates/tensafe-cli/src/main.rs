@@ -111,8 +111,9 @@ static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// Ends the program on Ctrl-C, `kill` or a closed terminal as the default
 /// action would (by that signal), after removing the temporary files of
 /// writes that have not finished and aborting unfinished multipart uploads
-/// (at most 10 s): a stopped `convert` or `reshard` leaves its destination
-/// as it was and nothing else behind.
+/// (at most 10 s): a stopped `convert` or `reshard` leaves a local
+/// destination as it was (or all new, if it was renaming) and no temporary
+/// file or unfinished upload behind.
 #[cfg(unix)]
 fn remove_unfinished_files_on_signals() {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};

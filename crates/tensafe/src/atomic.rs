@@ -99,15 +99,15 @@ impl Drop for Unfinished {
 /// finished (not yet renamed into place), and keeps any from being renamed
 /// afterwards; returns how many it removed. For a program that is about to
 /// end on a signal (Ctrl-C, `kill`), where no destructor would remove them:
-/// what the destination names is left as it was (a commit under way is let
-/// finish first), and no temporary file stays behind. Writes still running
-/// go on into deleted files and then wait for good, before creating another
-/// or renaming one: the process must exit.
+/// the destinations keep their old files (all new ones, when a commit was
+/// under way: it is let finish first), and no temporary file stays behind.
+/// Writes still running go on into deleted files and then wait for good,
+/// before creating another or renaming one: the process must exit.
 pub fn remove_unfinished_files() -> usize {
     let mut files = unfinished();
     let removed = files.iter().filter(|path| std::fs::remove_file(path).is_ok()).count();
+    files.clear();
     // Held until the process ends: a commit that waits for the list renames nothing.
-    std::mem::forget(std::mem::take(&mut *files));
     std::mem::forget(files);
     removed
 }
