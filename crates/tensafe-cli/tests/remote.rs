@@ -202,8 +202,15 @@ fn an_interrupted_upload_is_aborted() {
     // SeaweedFS keeps an unfinished upload's parts in the bucket's `.uploads` folder.
     let uploads = format!("/buckets/{}/.uploads/", weed.bucket);
     let in_progress = || filer_listing(&weed, &uploads).contains(&format!("\"FullPath\":\"{uploads}"));
+    // Once a part is there, tensafe has the upload (its creation was answered).
+    let a_part_arrived = || {
+        let listing = filer_listing(&weed, &uploads);
+        let Some(at) = listing.find(&format!("\"FullPath\":\"{uploads}")) else { return false };
+        let upload = listing[at + 12..].split('"').next().unwrap_or_default().to_owned();
+        filer_listing(&weed, &format!("{upload}/")).contains(&format!("\"FullPath\":\"{upload}/"))
+    };
     let start = std::time::Instant::now();
-    while !in_progress() {
+    while !a_part_arrived() {
         assert!(child.try_wait().unwrap().is_none(), "the upload ended before it could be interrupted");
         assert!(start.elapsed() < std::time::Duration::from_secs(60), "no upload started");
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -191,7 +191,10 @@ fn upload_multipart(url: &RemoteUrl, part: usize, options: &RemoteOptions, produ
 
 /// A multipart upload, shared with the list of uploads in progress (which
 /// holds it weakly, for [`abort_unfinished_uploads`]). Once taken from it, by
-/// completion or an abort, the upload is over for everyone.
+/// completion or an abort, the upload is over for everyone: after
+/// `abort_unfinished_uploads`, its writer's next part or completion waits
+/// for good (the process is ending), so that the parts in flight are not
+/// cancelled halfway but answered, and then aborted.
 #[derive(Debug)]
 struct Listed(Arc<UploadSlot>);
 
@@ -222,27 +225,40 @@ impl Listed {
     }
 }
 
-fn upload_over() -> object_store::Error {
-    object_store::Error::Generic { store: "tensafe", source: "the upload was aborted (the program is stopping)".into() }
+/// One part in a count of parts in flight, while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[async_trait::async_trait]
 impl MultipartUpload for Listed {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
         let Some(upload) = self.0.upload().as_mut().map(|upload| upload.put_part(data)) else {
-            return Box::pin(async { Err(upload_over()) });
+            return Box::pin(std::future::pending());
         };
-        let in_flight = self.0.parts_in_flight.clone();
-        in_flight.fetch_add(1, Ordering::SeqCst);
+        // Counted until answered or dropped: WriteMultipart cancels the
+        // parts in flight when its writer fails.
+        let in_flight = InFlight::new(&self.0.parts_in_flight);
         Box::pin(async move {
             let answered = upload.await;
-            in_flight.fetch_sub(1, Ordering::SeqCst);
+            drop(in_flight);
             answered
         })
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
-        let Some(mut upload) = self.0.upload().take() else { return Err(upload_over()) };
+        let Some(mut upload) = self.0.upload().take() else { return std::future::pending().await };
         let completed = upload.complete().await;
         if completed.is_err() {
             // Back in its place, for the abort that follows a failure.
@@ -263,9 +279,10 @@ impl MultipartUpload for Listed {
 /// Aborts every multipart upload of this process still in progress, so that
 /// the store drops their parts (S3 and GCS keep them, billed, until a
 /// lifecycle rule removes them); returns how many it aborted. For a program
-/// about to end on a signal: the uploads' writers fail from then on. Waits
-/// at most `wait` in all: for the parts in flight to be answered, then for
-/// the aborts.
+/// about to end on a signal: the uploads' writers wait for good from then
+/// on, and the process must exit. Waits
+/// at most `wait` in all. An upload whose creation is still unanswered is
+/// not known yet, and not aborted.
 pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     let slots: Vec<Arc<UploadSlot>> = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().filter_map(Weak::upgrade).collect();
     let uploads: Vec<(Box<dyn MultipartUpload>, Arc<AtomicUsize>)> =
@@ -274,11 +291,17 @@ pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     if count == 0 {
         return 0;
     }
+    // Aborted at once, and again once the parts that were in flight are
+    // answered: a part that lands after an abort may be kept (S3 says to
+    // abort again), and a slow store must not keep the first abort waiting.
     let aborts = futures::future::join_all(uploads.into_iter().map(|(mut upload, in_flight)| async move {
-        while in_flight.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let _ = upload.abort().await;
+        if in_flight.load(Ordering::SeqCst) > 0 {
+            while in_flight.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = upload.abort().await;
         }
-        upload.abort().await
     }));
     // The timer is made inside the runtime, which drives it.
     let _ = block_on(async move { tokio::time::timeout(wait, aborts).await });
@@ -368,34 +391,41 @@ mod tests {
         }
     }
 
+    /// One test: `abort_unfinished_uploads` takes every upload of the process.
     #[test]
-    fn unfinished_uploads_are_aborted_after_their_parts_and_then_refuse_parts() {
-        let going = Recorder { part_time: Duration::from_millis(300), ..Recorder::default() };
-        let done = Recorder::default();
-        let mut upload = Listed::new(Box::new(going.clone()));
-        let mut finished = Listed::new(Box::new(done.clone()));
-        block_on(finished.complete()).unwrap().unwrap();
-        // A part in flight when the abort comes: answered first, then the abort.
-        let part = upload.put_part(PutPayload::from(vec![1u8]));
-        let sender = std::thread::spawn(move || block_on(part).unwrap().unwrap());
-        assert!(abort_unfinished_uploads(Duration::from_secs(5)) >= 1);
-        sender.join().unwrap();
-        assert_eq!(going.events(), ["part", "abort"]);
-        assert_eq!(done.events(), ["complete"], "a completed upload was aborted");
-        // Its writer fails from then on; its own abort has nothing left to do.
-        assert!(block_on(upload.put_part(PutPayload::from(vec![2u8]))).unwrap().is_err());
-        assert!(block_on(upload.complete()).unwrap().is_err());
-        block_on(upload.abort()).unwrap().unwrap();
-        assert_eq!(going.events(), ["part", "abort"]);
-    }
-
-    #[test]
-    fn an_upload_whose_completion_fails_can_still_be_aborted() {
+    fn unfinished_uploads_are_aborted_again_after_their_parts_and_then_refuse_parts() {
+        // An upload whose completion fails can still be aborted by its writer.
         let refused = Recorder { fail_completion: true, ..Recorder::default() };
         let mut upload = Listed::new(Box::new(refused.clone()));
         assert!(block_on(upload.complete()).unwrap().is_err());
         block_on(upload.abort()).unwrap().unwrap();
         assert_eq!(refused.events(), ["complete", "abort"]);
+
+        let going = Recorder { part_time: Duration::from_millis(300), ..Recorder::default() };
+        let done = Recorder::default();
+        let mut upload = Listed::new(Box::new(going.clone()));
+        let mut finished = Listed::new(Box::new(done.clone()));
+        block_on(finished.complete()).unwrap().unwrap();
+        // A part in flight when the abort comes: aborted at once, and again
+        // once the part is answered.
+        let part = upload.put_part(PutPayload::from(vec![1u8]));
+        let sender = std::thread::spawn(move || block_on(part).unwrap().unwrap());
+        assert!(abort_unfinished_uploads(Duration::from_secs(5)) >= 1);
+        sender.join().unwrap();
+        assert_eq!(going.events(), ["abort", "part", "abort"]);
+        assert_eq!(done.events(), ["complete"], "a completed upload was aborted");
+        // A part cancelled by its writer no longer counts as in flight.
+        let mut cancelled = Listed::new(Box::new(Recorder { part_time: Duration::from_secs(3600), ..Recorder::default() }));
+        drop(cancelled.put_part(PutPayload::from(vec![3u8])));
+        let start = std::time::Instant::now();
+        assert!(abort_unfinished_uploads(Duration::from_secs(5)) >= 1);
+        assert!(start.elapsed() < Duration::from_secs(1), "the abort waited for a part that was cancelled");
+        // Its writer waits for good from then on; its own abort has nothing left to do.
+        let waits = |future| block_on(async { tokio::time::timeout(Duration::from_millis(100), future).await.is_err() }).unwrap();
+        assert!(waits(upload.put_part(PutPayload::from(vec![2u8]))));
+        assert!(waits(Box::pin(async { upload.complete().await.map(drop) })));
+        block_on(upload.abort()).unwrap().unwrap();
+        assert_eq!(going.events(), ["abort", "part", "abort"]);
     }
 
     #[test]
