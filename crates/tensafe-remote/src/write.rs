@@ -280,9 +280,8 @@ impl MultipartUpload for Listed {
 /// the store drops their parts (S3 and GCS keep them, billed, until a
 /// lifecycle rule removes them); returns how many it aborted. For a program
 /// about to end on a signal: the uploads' writers wait for good from then
-/// on, and the process must exit. Waits
-/// at most `wait` in all. An upload whose creation is still unanswered is
-/// not known yet, and not aborted.
+/// on, and the process must exit. Waits at most `wait` in all. An upload
+/// whose creation is still unanswered is not known yet, and not aborted.
 pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     let slots: Vec<Arc<UploadSlot>> = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().filter_map(Weak::upgrade).collect();
     let uploads: Vec<(Box<dyn MultipartUpload>, Arc<AtomicUsize>)> =
