@@ -480,7 +480,20 @@ impl File {
                             *raised = report(done).err();
                         }
                     };
-                    let requests = r.read_data_into(dst, Some(&heard)).map(|traffic| traffic.requests).map_err(remote_error)?;
+                    // Ctrl-C, checked on this (the calling) thread every tick, cancels the requests.
+                    let mut interrupted = None;
+                    let mut stop = || match Python::attach(|py| py.check_signals()) {
+                        Ok(()) => false,
+                        Err(raised) => {
+                            interrupted = Some(raised);
+                            true
+                        }
+                    };
+                    let read = r.read_data_into_until(dst, Some(&heard), &mut stop);
+                    if let Some(raised) = interrupted {
+                        return Err(raised);
+                    }
+                    let requests = read.map(|traffic| traffic.requests).map_err(remote_error)?;
                     match state.into_inner().unwrap_or_else(|p| p.into_inner()).1 {
                         Some(raised) => Err(raised),
                         None => Ok(requests),

@@ -61,3 +61,28 @@ def page_cache_control(tmp_path_factory) -> None:
     evict(path)
     if resident_fraction(path) > 0.1:
         pytest.skip("this kernel keeps (or reports) a file's pages cached after POSIX_FADV_DONTNEED, so eviction cannot be checked here")
+
+
+def seconds_until_a_signal_stops(load, after: float) -> float:
+    """Runs `load` with an alarm due `after` seconds in whose handler raises,
+    as Ctrl-C's does; checks that the exception came out of `load`, and
+    returns how long `load` ran."""
+    import signal
+    import time
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, after)
+        start = time.perf_counter()
+        with pytest.raises(Stop):
+            load()
+        return time.perf_counter() - start
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -16,7 +16,7 @@ import tensafe
 import tensafe.numpy as ts_np
 import tensafe.torch as ts_pt
 
-from conftest import evict, resident_fraction
+from conftest import evict, resident_fraction, seconds_until_a_signal_stops
 from test_reference_diff import TORCH_DTYPES, as_bytes, random_tensor
 
 
@@ -562,8 +562,6 @@ def test_a_signal_handler_stops_a_private_load_midway(tmp_path, request):
     """While a bulk `pread` load runs, the calling thread waits in Rust with the
     GIL released, yet runs Python's signal handlers every tick: Ctrl-C (here
     an alarm whose handler raises) stops a long load early, not after it."""
-    import signal
-
     path = tmp_path / "big.safetensors"
     ts_np.save_file({"x": np.resize(np.arange(251, dtype=np.uint8), 1 << 30)}, path)
     request.addfinalizer(path.unlink)  # pytest keeps recent tmp_paths: not 1 GiB of them
@@ -579,21 +577,5 @@ def test_a_signal_handler_stops_a_private_load_midway(tmp_path, request):
     if full < 0.4:
         pytest.skip(f"a cold load takes {full:.2f} s here: too short to stop midway")
 
-    class Stop(Exception):
-        pass
-
-    def stop(signum, frame):
-        raise Stop
-
-    stopped = None
-    previous = signal.signal(signal.SIGALRM, stop)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
-        start = time.perf_counter()
-        with pytest.raises(Stop):
-            cold_load()
-        stopped = time.perf_counter() - start
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    stopped = seconds_until_a_signal_stops(cold_load, after=0.05)
     assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s load"

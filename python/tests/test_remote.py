@@ -15,6 +15,7 @@ import torch
 
 import tensafe
 import tensafe.torch as ts_pt
+from conftest import seconds_until_a_signal_stops
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ACCESS_KEY, SECRET_KEY = "tensafe-test", "tensafe-test-secret"
@@ -58,6 +59,15 @@ def state_dict():
     return sd
 
 
+def write_sparse_file(path: pathlib.Path, data_len: int) -> None:
+    """A valid file of `data_len` zero bytes (one U8 tensor) that takes no disk space."""
+    header = f'{{"zeros":{{"dtype":"U8","shape":[{data_len}],"data_offsets":[0,{data_len}]}}}}'.encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + data_len)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A single file and a sharded checkpoint, served by nginx."""
@@ -65,6 +75,7 @@ def served(tmp_path_factory):
     sd = state_dict()
     ts_pt.save_file(sd, root / "model.safetensors", metadata={"format": "pt"})
     ts_pt.save_sharded(sd, root / "sharded", max_shard_size="20KB")
+    write_sparse_file(root / "sparse-2GiB.safetensors", 2 << 30)
     nginx = require("nginx", ["/usr/sbin/nginx"])
     conf_dir = tmp_path_factory.mktemp("nginx")
     port = free_port()
@@ -92,6 +103,22 @@ def test_http_file_reads_like_the_local_one(served):
         assert torch.equal(f.get_slice("embed")[100:200:3, -4:], sd["embed"][100:200:3, -4:])
     loaded = ts_pt.load_file(f"{base}/model.safetensors", progress=lambda done, total: None)
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+def test_ctrl_c_stops_a_remote_load_midway(served):
+    """A remote bulk load waits in Rust with the GIL released, yet runs
+    Python's signal handlers every tick: Ctrl-C (here an alarm whose handler
+    raises) cancels the transfer's requests instead of waiting for 2 GiB."""
+    url = f"{served[0]}/sparse-2GiB.safetensors"
+    assert ts_pt.load_file(url)["zeros"].shape == (2 << 30,)  # first allocations of this size are slow
+    start = time.perf_counter()
+    ts_pt.load_file(url)
+    full = time.perf_counter() - start
+    if full < 0.8:
+        pytest.skip(f"the whole load takes {full:.2f} s here: too short to stop midway")
+
+    stopped = seconds_until_a_signal_stops(lambda: ts_pt.load_file(url), after=0.15)  # past the header's milliseconds
+    assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s load"
 
 
 @pytest.mark.parametrize("target", ["sharded/", "sharded/model.safetensors.index.json"])

@@ -162,6 +162,9 @@ pub enum RemoteError {
         /// The URL.
         url: String,
     },
+    /// The caller stopped the transfer (Ctrl-C); its requests were cancelled.
+    #[error("the transfer was stopped (its requests were cancelled)")]
+    Stopped,
     /// The blocking API was called from inside an async runtime.
     #[error("tensafe-remote's blocking API was called from inside an async runtime; call it from a plain thread (e.g. tokio::task::spawn_blocking)")]
     InsideRuntime,

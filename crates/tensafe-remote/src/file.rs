@@ -2,6 +2,7 @@
 //! validated, with tensors, slices and whole data sections fetched on demand.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -278,13 +279,19 @@ impl RemoteFile {
     /// (`header().data_len()` bytes) with [`RemoteOptions::concurrency`]
     /// requests in flight. `progress` gets the running total of bytes delivered.
     pub fn read_data_into(&self, dst: &mut [u8], progress: Option<&(dyn Fn(u64) + Sync)>) -> Result<Traffic> {
+        self.read_data_into_until(dst, progress, &mut || false)
+    }
+
+    /// [`RemoteFile::read_data_into`] that can be stopped, as
+    /// [`read_into_until`] describes.
+    pub fn read_data_into_until(&self, dst: &mut [u8], progress: Option<&(dyn Fn(u64) + Sync)>, stop: &mut dyn FnMut() -> bool) -> Result<Traffic> {
         if dst.len() != self.header.data_len() {
             return Err(RemoteError::format(
                 self.url.as_str(),
                 tensafe::Error::BufferSize { expected: self.header.data_len() as u64, actual: dst.len() as u64 },
             ));
         }
-        read_into(&[self.range(self.header.data_start(), 0, dst.len())], dst, &self.options, progress)
+        read_into_until(&[self.range(self.header.data_start(), 0, dst.len())], dst, &self.options, progress, stop)
     }
 
     /// Streams the data section through `visit` in order, `window` bytes at a
@@ -328,6 +335,22 @@ impl RemoteFile {
 /// Ranges must lie inside their file and inside `dst`, and must not overlap
 /// in `dst` (checked). Returns the traffic of this call.
 pub fn read_into(ranges: &[RemoteRange<'_>], dst: &mut [u8], options: &RemoteOptions, progress: Option<&(dyn Fn(u64) + Sync)>) -> Result<Traffic> {
+    read_into_until(ranges, dst, options, progress, &mut || false)
+}
+
+/// How often a transfer asks whether to stop.
+const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// [`read_into`] that asks `stop`, on the calling thread, every 50 ms: when
+/// it answers `true` (Ctrl-C), the requests in flight are cancelled and the
+/// call ends with [`RemoteError::Stopped`], `dst` partly written.
+pub fn read_into_until(
+    ranges: &[RemoteRange<'_>],
+    dst: &mut [u8],
+    options: &RemoteOptions,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    stop: &mut dyn FnMut() -> bool,
+) -> Result<Traffic> {
     // One object entry per distinct file, in first-seen order.
     let mut files: Vec<&RemoteFile> = Vec::new();
     let pieces: Vec<Piece> = ranges
@@ -344,5 +367,19 @@ pub fn read_into(ranges: &[RemoteRange<'_>], dst: &mut [u8], options: &RemoteOpt
         })
         .collect();
     let objects: Vec<Object<'_>> = files.iter().map(|f| f.object()).collect();
-    block_on(read_pieces(&objects, &pieces, dst, options, progress))?
+    block_on(async {
+        let transfer = std::pin::pin!(read_pieces(&objects, &pieces, dst, options, progress));
+        let watch = std::pin::pin!(async {
+            loop {
+                tokio::time::sleep(STOP_CHECK_INTERVAL).await;
+                if stop() {
+                    return;
+                }
+            }
+        });
+        match futures::future::select(transfer, watch).await {
+            futures::future::Either::Left((done, _)) => done,
+            futures::future::Either::Right(((), _)) => Err(RemoteError::Stopped),
+        }
+    })?
 }

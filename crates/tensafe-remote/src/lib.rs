@@ -91,7 +91,7 @@ use std::time::Duration;
 
 pub use checkpoint::RemoteCheckpoint;
 pub use error::{RemoteError, Result};
-pub use file::{read_into, RemoteFile, RemoteRange};
+pub use file::{read_into, read_into_until, RemoteFile, RemoteRange};
 pub use object_store::{BackoffConfig, RetryConfig};
 pub use store::{RemoteUrl, Scheme};
 pub use traffic::{global_traffic, Counter, Traffic};
