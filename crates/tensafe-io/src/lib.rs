@@ -173,8 +173,6 @@ pub fn read_into(
 
     let job_count = jobs.len();
     let queue = Mutex::new(jobs);
-    let total = AtomicU64::new(0);
-    let reads = AtomicU64::new(0);
     let in_flight = AtomicU64::new(0);
     let peak = AtomicU64::new(0);
     let direct_bytes = AtomicU64::new(0);
@@ -186,11 +184,11 @@ pub fn read_into(
     };
     let threads = options.threads.max(1).min(job_count.max(1));
     let (done_tx, done_rx) = mpsc::channel::<usize>();
-    std::thread::scope(|scope| {
+    let relayed = std::thread::scope(|scope| {
         for _ in 0..threads {
             let done_tx = done_tx.clone();
             let (queue, stopped, stop, direct_file) = (&queue, &stopped, &stop, &direct_file);
-            let (total, reads, in_flight, peak, direct_bytes) = (&total, &reads, &in_flight, &peak, &direct_bytes);
+            let (in_flight, peak, direct_bytes) = (&in_flight, &peak, &direct_bytes);
             scope.spawn(move || {
                 loop {
                     if stopped.load(Ordering::SeqCst) {
@@ -213,8 +211,6 @@ pub fn read_into(
                         stop(e);
                         return;
                     }
-                    reads.fetch_add(1, Ordering::Relaxed);
-                    total.fetch_add(len, Ordering::SeqCst);
                     // The receiver is gone only once the load is over.
                     let _ = done_tx.send(len as usize);
                 }
@@ -222,14 +218,14 @@ pub fn read_into(
         }
         drop(done_tx);
         // Until every reader has ended (the scope then joins them, passing on a panic).
-        progress::relay(done_rx, progress, || stopped.load(Ordering::SeqCst), &stop);
+        progress::relay(done_rx, progress, || stopped.load(Ordering::SeqCst), &stop)
     });
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     Ok(Stats {
-        bytes: total.into_inner(),
-        reads: reads.into_inner(),
+        bytes: relayed.bytes as u64,
+        reads: relayed.messages as u64,
         peak_in_flight: peak.into_inner(),
         direct_bytes: direct_bytes.into_inner(),
     })

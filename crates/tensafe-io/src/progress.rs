@@ -19,18 +19,27 @@ pub enum Progress {
     Tick,
 }
 
+/// What the readers of a load sent, in all.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Relayed {
+    /// Messages (one per chunk or read done).
+    pub messages: usize,
+    /// The sum of the lengths they carried.
+    pub bytes: usize,
+}
+
 /// Runs on the calling thread while readers run, until every reader has
 /// dropped its sender: each `len` a reader sends is reported as the running
 /// total, in order, and a tick every [`TICK`]. The first error `progress`
 /// returns goes to `stop` (the readers should then end soon), and nothing
 /// more is reported; `stopped` says whether the load already stopped for
-/// another reason. Returns how many messages the readers sent.
+/// another reason. Returns what the readers sent.
 pub(crate) fn relay<E>(
     done_rx: mpsc::Receiver<usize>,
     mut progress: impl FnMut(Progress) -> Result<(), E>,
     stopped: impl Fn() -> bool,
     mut stop: impl FnMut(E),
-) -> usize {
+) -> Relayed {
     let (mut done, mut messages) = (0, 0);
     let mut next_tick = Instant::now() + TICK;
     loop {
@@ -47,7 +56,7 @@ pub(crate) fn relay<E>(
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 // Every reader has ended.
-                Err(mpsc::RecvTimeoutError::Disconnected) => return messages,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Relayed { messages, bytes: done },
             }
         };
         if !stopped()

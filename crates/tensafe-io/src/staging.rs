@@ -123,7 +123,7 @@ where
             scope.spawn(move || shared.run_reader(share, sink, read, done_tx));
         }
         drop(done_tx);
-        report.chunks = crate::progress::relay(done_rx, &mut progress, || shared.failed.load(Ordering::Relaxed), |e| shared.stop(e));
+        report.chunks = crate::progress::relay(done_rx, &mut progress, || shared.failed.load(Ordering::Relaxed), |e| shared.stop(e)).messages;
     });
     if let Some(e) = shared.first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
