@@ -468,8 +468,10 @@ impl File {
                     Ok(stats.reads)
                 }
                 Source::Remote(r) => {
-                    // Called from the transfer's threads: one at a time, in
-                    // order, and the first exception raised once it is over.
+                    // On this (the calling) thread, which drives the transfer:
+                    // the callback in order, and a check for Ctrl-C every tick;
+                    // an exception from either cancels the requests at the
+                    // next tick. (A Mutex: the transfer takes a `Fn + Sync`.)
                     let state = std::sync::Mutex::new((0usize, None::<PyErr>, &mut report));
                     let heard = |done: u64| {
                         let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
@@ -480,24 +482,18 @@ impl File {
                             *raised = report(done).err();
                         }
                     };
-                    // Ctrl-C, checked on this (the calling) thread every tick, cancels the requests.
-                    let mut interrupted = None;
-                    let mut stop = || match Python::attach(|py| py.check_signals()) {
-                        Ok(()) => false,
-                        Err(raised) => {
-                            interrupted = Some(raised);
-                            true
+                    let mut stop = || {
+                        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                        if state.1.is_none() {
+                            state.1 = Python::attach(|py| py.check_signals()).err();
                         }
+                        state.1.is_some()
                     };
                     let read = r.read_data_into_until(dst, Some(&heard), &mut stop);
-                    if let Some(raised) = interrupted {
+                    if let Some(raised) = state.into_inner().unwrap_or_else(|p| p.into_inner()).1 {
                         return Err(raised);
                     }
-                    let requests = read.map(|traffic| traffic.requests).map_err(remote_error)?;
-                    match state.into_inner().unwrap_or_else(|p| p.into_inner()).1 {
-                        Some(raised) => Err(raised),
-                        None => Ok(requests),
-                    }
+                    read.map(|traffic| traffic.requests).map_err(remote_error)
                 }
                 _ => Err(PyValueError::new_err("read_all_into is for pread and remote files; the others are in memory")),
             }

@@ -105,10 +105,11 @@ def test_http_file_reads_like_the_local_one(served):
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
 
 
-def test_ctrl_c_stops_a_remote_load_midway(served):
+def test_ctrl_c_or_a_progress_exception_stops_a_remote_load_midway(served):
     """A remote bulk load waits in Rust with the GIL released, yet runs
     Python's signal handlers every tick: Ctrl-C (here an alarm whose handler
-    raises) cancels the transfer's requests instead of waiting for 2 GiB."""
+    raises), or an exception from the progress callback, cancels the
+    transfer's requests instead of waiting for 2 GiB."""
     url = f"{served[0]}/sparse-2GiB.safetensors"
     assert ts_pt.load_file(url)["zeros"].shape == (2 << 30,)  # first allocations of this size are slow
     start = time.perf_counter()
@@ -119,6 +120,18 @@ def test_ctrl_c_stops_a_remote_load_midway(served):
 
     stopped = seconds_until_a_signal_stops(lambda: ts_pt.load_file(url), after=0.15)  # past the header's milliseconds
     assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s load"
+
+    class Cancel(Exception):
+        pass
+
+    def cancel(done, total):
+        raise Cancel(done)
+
+    start = time.perf_counter()
+    with pytest.raises(Cancel):
+        ts_pt.load_file(url, progress=cancel)
+    cancelled = time.perf_counter() - start
+    assert cancelled < full / 2, f"cancelled after {cancelled:.2f} s of a {full:.2f} s load"
 
 
 @pytest.mark.parametrize("target", ["sharded/", "sharded/model.safetensors.index.json"])

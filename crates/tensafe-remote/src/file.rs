@@ -279,19 +279,23 @@ impl RemoteFile {
     /// (`header().data_len()` bytes) with [`RemoteOptions::concurrency`]
     /// requests in flight. `progress` gets the running total of bytes delivered.
     pub fn read_data_into(&self, dst: &mut [u8], progress: Option<&(dyn Fn(u64) + Sync)>) -> Result<Traffic> {
-        self.read_data_into_until(dst, progress, &mut || false)
+        self.read_data(dst, progress, None)
     }
 
     /// [`RemoteFile::read_data_into`] that can be stopped, as
     /// [`read_into_until`] describes.
     pub fn read_data_into_until(&self, dst: &mut [u8], progress: Option<&(dyn Fn(u64) + Sync)>, stop: &mut dyn FnMut() -> bool) -> Result<Traffic> {
+        self.read_data(dst, progress, Some(stop))
+    }
+
+    fn read_data(&self, dst: &mut [u8], progress: Option<&(dyn Fn(u64) + Sync)>, stop: Option<&mut dyn FnMut() -> bool>) -> Result<Traffic> {
         if dst.len() != self.header.data_len() {
             return Err(RemoteError::format(
                 self.url.as_str(),
                 tensafe::Error::BufferSize { expected: self.header.data_len() as u64, actual: dst.len() as u64 },
             ));
         }
-        read_into_until(&[self.range(self.header.data_start(), 0, dst.len())], dst, &self.options, progress, stop)
+        transfer(&[self.range(self.header.data_start(), 0, dst.len())], dst, &self.options, progress, stop)
     }
 
     /// Streams the data section through `visit` in order, `window` bytes at a
@@ -335,7 +339,7 @@ impl RemoteFile {
 /// Ranges must lie inside their file and inside `dst`, and must not overlap
 /// in `dst` (checked). Returns the traffic of this call.
 pub fn read_into(ranges: &[RemoteRange<'_>], dst: &mut [u8], options: &RemoteOptions, progress: Option<&(dyn Fn(u64) + Sync)>) -> Result<Traffic> {
-    read_into_until(ranges, dst, options, progress, &mut || false)
+    transfer(ranges, dst, options, progress, None)
 }
 
 /// How often a transfer asks whether to stop.
@@ -350,6 +354,17 @@ pub fn read_into_until(
     options: &RemoteOptions,
     progress: Option<&(dyn Fn(u64) + Sync)>,
     stop: &mut dyn FnMut() -> bool,
+) -> Result<Traffic> {
+    transfer(ranges, dst, options, progress, Some(stop))
+}
+
+/// [`read_into`], asking `stop` every tick when there is one.
+fn transfer(
+    ranges: &[RemoteRange<'_>],
+    dst: &mut [u8],
+    options: &RemoteOptions,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    stop: Option<&mut dyn FnMut() -> bool>,
 ) -> Result<Traffic> {
     // One object entry per distinct file, in first-seen order.
     let mut files: Vec<&RemoteFile> = Vec::new();
@@ -367,8 +382,10 @@ pub fn read_into_until(
         })
         .collect();
     let objects: Vec<Object<'_>> = files.iter().map(|f| f.object()).collect();
+    let transfer = read_pieces(&objects, &pieces, dst, options, progress);
+    let Some(stop) = stop else { return block_on(transfer)? };
     block_on(async {
-        let transfer = std::pin::pin!(read_pieces(&objects, &pieces, dst, options, progress));
+        let transfer = std::pin::pin!(transfer);
         let watch = std::pin::pin!(async {
             loop {
                 tokio::time::sleep(STOP_CHECK_INTERVAL).await;

@@ -189,7 +189,7 @@ impl HttpService for Instrumented {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let probe = request.extensions().get::<Probe>().cloned();
         let ranged = request.headers().contains_key(http::header::RANGE);
-        let sent_to = url::Url::parse(&request.uri().to_string()).ok();
+        let sent_to = request.uri().clone();
         let body_bytes = request.body().content_length() as u64;
         GLOBAL.add_request(body_bytes);
         if let Some(p) = &probe {
@@ -199,14 +199,10 @@ impl HttpService for Instrumented {
         let status = response.status();
         if let Some(p) = &probe {
             p.0.last_status.store(status.as_u16(), Ordering::Relaxed);
-            // A redirect the rule kept from leaving the origin (not one that
-            // ran out of hops, or a 300/304 a web server sent).
-            let location = response.headers().get(http::header::LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-            let elsewhere = location.filter(|location| {
-                let target = sent_to.as_ref().and_then(|sent_to| sent_to.join(location).ok().map(|target| target.origin() != sent_to.origin()));
-                self.redirects == Redirects::SameOrigin && status.is_redirection() && target.unwrap_or(true)
-            });
-            *p.0.redirected_to.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = elsewhere;
+            // Read only with a 3xx last status: set for each 3xx answer.
+            if status.is_redirection() && self.redirects == Redirects::SameOrigin {
+                *p.0.redirected_to.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = elsewhere(&sent_to, response.headers());
+            }
         }
         if ranged && status == StatusCode::OK {
             // The whole object is coming: drop the body unread (closing the
@@ -248,6 +244,15 @@ impl HttpService for Instrumented {
         let left = if status.is_client_error() || status.is_server_error() { ERROR_BODY_LIMIT } else { u64::MAX };
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(CountingBody { inner: Some(body), probe, left })))
     }
+}
+
+/// Where a redirect answer to a request sent to `sent_to` points, when that
+/// is another origin (not when same-origin redirects ran out of hops).
+fn elsewhere(sent_to: &http::Uri, headers: &http::HeaderMap) -> Option<String> {
+    let location = String::from_utf8_lossy(headers.get(http::header::LOCATION)?.as_bytes()).into_owned();
+    let sent_to = url::Url::parse(&sent_to.to_string()).ok()?;
+    let same_origin = sent_to.join(&location).is_ok_and(|target| target.origin() == sent_to.origin());
+    (!same_origin).then_some(location)
 }
 
 /// The byte range of a `Content-Range` value `bytes FIRST-LAST/SIZE` with
