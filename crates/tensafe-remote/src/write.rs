@@ -203,7 +203,7 @@ struct UploadSlot {
     upload: Mutex<Option<Box<dyn MultipartUpload>>>,
     /// Parts sent and not yet answered: an abort waits for them, as parts
     /// that land after an abort may be kept.
-    parts_in_flight: Arc<AtomicUsize>,
+    parts_in_flight: AtomicUsize,
 }
 
 impl UploadSlot {
@@ -217,7 +217,7 @@ static UNFINISHED_UPLOADS: LazyLock<Mutex<Vec<Weak<UploadSlot>>>> = LazyLock::ne
 
 impl Listed {
     fn new(upload: Box<dyn MultipartUpload>) -> Listed {
-        let slot = Arc::new(UploadSlot { upload: Mutex::new(Some(upload)), parts_in_flight: Arc::default() });
+        let slot = Arc::new(UploadSlot { upload: Mutex::new(Some(upload)), parts_in_flight: AtomicUsize::new(0) });
         let mut list = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         list.retain(|upload| upload.strong_count() > 0);
         list.push(Arc::downgrade(&slot));
@@ -225,19 +225,19 @@ impl Listed {
     }
 }
 
-/// One part in a count of parts in flight, while it lives.
-struct InFlight(Arc<AtomicUsize>);
+/// One part in its upload's count of parts in flight, while it lives.
+struct InFlight(Arc<UploadSlot>);
 
 impl InFlight {
-    fn new(count: &Arc<AtomicUsize>) -> InFlight {
-        count.fetch_add(1, Ordering::SeqCst);
-        InFlight(count.clone())
+    fn new(slot: &Arc<UploadSlot>) -> InFlight {
+        slot.parts_in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(slot.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.parts_in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -249,7 +249,7 @@ impl MultipartUpload for Listed {
         };
         // Counted until answered or dropped: WriteMultipart cancels the
         // parts in flight when its writer fails.
-        let in_flight = InFlight::new(&self.0.parts_in_flight);
+        let in_flight = InFlight::new(&self.0);
         Box::pin(async move {
             let answered = upload.await;
             drop(in_flight);
@@ -284,8 +284,13 @@ impl MultipartUpload for Listed {
 /// whose creation is still unanswered is not known yet, and not aborted.
 pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     let slots: Vec<Arc<UploadSlot>> = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().filter_map(Weak::upgrade).collect();
-    let uploads: Vec<(Box<dyn MultipartUpload>, Arc<AtomicUsize>)> =
-        slots.iter().filter_map(|slot| Some((slot.upload().take()?, slot.parts_in_flight.clone()))).collect();
+    let uploads: Vec<(Box<dyn MultipartUpload>, Arc<UploadSlot>)> = slots
+        .into_iter()
+        .filter_map(|slot| {
+            let upload = slot.upload().take()?;
+            Some((upload, slot))
+        })
+        .collect();
     let count = uploads.len();
     if count == 0 {
         return 0;
@@ -293,10 +298,10 @@ pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     // Aborted at once, and again once the parts that were in flight are
     // answered: a part that lands after an abort may be kept (S3 says to
     // abort again), and a slow store must not keep the first abort waiting.
-    let aborts = futures::future::join_all(uploads.into_iter().map(|(mut upload, in_flight)| async move {
+    let aborts = futures::future::join_all(uploads.into_iter().map(|(mut upload, slot)| async move {
         let _ = upload.abort().await;
-        if in_flight.load(Ordering::SeqCst) > 0 {
-            while in_flight.load(Ordering::SeqCst) > 0 {
+        if slot.parts_in_flight.load(Ordering::SeqCst) > 0 {
+            while slot.parts_in_flight.load(Ordering::SeqCst) > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let _ = upload.abort().await;
