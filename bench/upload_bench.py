@@ -8,8 +8,8 @@ in flight, never the whole file). Checks the uploaded bytes.
 
 import io
 import os
+import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,42 +30,14 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def start_seaweed(work: str):
-    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
-    os.makedirs(f"{work}/data")
-    with open(f"{work}/s3.json", "w") as f:
-        f.write('{"identities": [{"name": "t", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
-                ' "actions": ["Admin", "Read", "Write", "List"]}]}' % (tr.ACCESS_KEY, tr.SECRET_KEY))
-    port = tr.free_port()
-    command = [weed, "mini", f"-dir={work}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={work}/s3.json",
-               f"-s3.port={port}", "-bucket=bench", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
-               "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=2048"]
-    for flag in ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-                 "s3.port.grpc", "admin.port", "admin.port.grpc"]:
-        command.append(f"-{flag}={tr.free_port()}")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return process, f"http://127.0.0.1:{port}"
-
-
 def main() -> None:
     gib = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
     work = tempfile.mkdtemp(prefix="tensafe-upload-bench")
-    process, endpoint = start_seaweed(work)
+    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    process, endpoint, client = tr.start_seaweed(weed, pathlib.Path(work), bucket="bench", volume_size_limit_mb=2048)
     os.environ.update({"AWS_ACCESS_KEY_ID": tr.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": tr.SECRET_KEY,
                        "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"})
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=tr.ACCESS_KEY,
-                          aws_secret_access_key=tr.SECRET_KEY, region_name="us-east-1")
     try:
-        tr.wait_for(int(endpoint.rsplit(":", 1)[1]), process, "SeaweedFS")
-        deadline = time.time() + 90
-        while True:
-            try:
-                client.put_object(Bucket="bench", Key=".ready", Body=b"ok")
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
         tensors = int(gib * 16)
         sd = {f"layer.{i}": torch.randn((64 << 20) // 4) for i in range(tensors)}  # 64 MiB each
         for _ in range(2):

@@ -3,6 +3,7 @@
 
 import os
 import pathlib
+import random
 import shutil
 import socket
 import subprocess
@@ -21,10 +22,33 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 ACCESS_KEY, SECRET_KEY = "tensafe-test", "tensafe-test-secret"
 
 
+_GIVEN_PORTS = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, for a server to listen on, picked outside
+    the kernel's ephemeral range: a port from that range (what binding port 0
+    gives) can be taken by an outgoing connection before the server binds it,
+    and `weed mini` makes such connections between its own parts as it starts."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first, last = (int(n) for n in f.read().split())
+    except (OSError, ValueError):
+        first, last = 32768, 60999
+    outside = [port for port in range(1024, 65536) if not first <= port <= last and port not in _GIVEN_PORTS]
+    if len(outside) < 1000:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for port in random.sample(outside, 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
+        return port
+    raise RuntimeError(f"no free port outside the ephemeral range {first}-{last}")
 
 
 def listening(port: int) -> bool:
@@ -153,11 +177,18 @@ def test_http_errors(served):
         tensafe.safe_open(f"{base}/nothing-here/", "pt")
 
 
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory):
-    weed = require("weed", [str(REPO / ".venv" / "bin" / "weed"), os.path.join(os.path.dirname(sys.executable), "weed")])
-    boto3 = pytest.importorskip("boto3")
-    work = tmp_path_factory.mktemp("seaweed")
+# What weed logs when a port it was given is taken: its own check before
+# starting, or a bind that lost the race after it.
+WEED_LOST_A_PORT = ("Port allocation failed", "address already in use")
+
+
+def start_seaweed(weed: str, work: pathlib.Path, bucket: str = "models", volume_size_limit_mb: int = 256):
+    """`weed mini` with its S3 gateway on 127.0.0.1, SigV4 enforced with one
+    identity, and one bucket; returns the process, its S3 endpoint and
+    a boto3 client, once an authenticated 1 MiB write works (a 2-byte probe
+    once passed while the larger uploads of the tests still failed)."""
+    import boto3
+
     (work / "data").mkdir()
     (work / "s3.json").write_text(
         '{"identities": [{"name": "tensafe", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
@@ -165,28 +196,50 @@ def seaweed(tmp_path_factory):
     )
     s3_port = free_port()
     command = [weed, "mini", f"-dir={work / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-s3.config={work / 's3.json'}", f"-s3.port={s3_port}", "-bucket=models"]
+               f"-s3.config={work / 's3.json'}", f"-s3.port={s3_port}", f"-bucket={bucket}"]
     for flag in ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                  "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"]:
         command.append(f"-{flag}={free_port()}")
     command += ["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-master.telemetry=false", "-master.volumeSizeLimitMB=256"]
-    log = open(work / "weed.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                "-master.telemetry=false", f"-master.volumeSizeLimitMB={volume_size_limit_mb}"]
+    with open(work / "weed.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{s3_port}"
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
                           aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
+    deadline = time.time() + 90
+    while True:
+        try:
+            if listening(s3_port):
+                client.put_object(Bucket=bucket, Key=".ready", Body=bytes(1 << 20))
+                return process, endpoint, client
+            error = f"nothing listens on port {s3_port}"
+        except Exception as e:
+            error = repr(e)
+        if time.time() > deadline or process.poll() is not None:
+            process.kill()
+            process.wait()
+            tail = "\n".join((work / "weed.log").read_text(errors="replace").splitlines()[-40:])
+            raise RuntimeError(f"SeaweedFS not ready ({error}); log tail:\n{tail}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    weed = require("weed", [str(REPO / ".venv" / "bin" / "weed"), os.path.join(os.path.dirname(sys.executable), "weed")])
+    pytest.importorskip("boto3")
+    for attempt in range(1, 4):
+        work = tmp_path_factory.mktemp("seaweed")
+        try:
+            process, endpoint, client = start_seaweed(weed, work)
+            break
+        except RuntimeError:
+            # A port picked free can still be taken by another process before
+            # weed binds it; weed then exits, and is started on other ports.
+            log = (work / "weed.log").read_text(errors="replace")
+            if attempt == 3 or not any(sign in log for sign in WEED_LOST_A_PORT):
+                raise
     try:
-        wait_for(s3_port, process, "SeaweedFS")
-        deadline = time.time() + 90
-        while True:  # ready when an authenticated 1 MiB write works (a 2-byte
-            try:       # probe once passed while the larger uploads below still failed)
-                client.put_object(Bucket="models", Key=".ready", Body=bytes(1 << 20))
-                break
-            except Exception:
-                if time.time() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(0.5)
         sd = state_dict()
         with tempfile.TemporaryDirectory() as tmp:
             ts_pt.save_sharded(sd, tmp, max_shard_size="20KB")
@@ -198,7 +251,6 @@ def seaweed(tmp_path_factory):
     finally:
         process.kill()
         process.wait()
-        log.close()
 
 
 def test_s3_checkpoint_through_environment_credentials(seaweed):

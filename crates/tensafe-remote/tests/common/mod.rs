@@ -45,9 +45,38 @@ pub fn require(name: &str, candidates: &[PathBuf], install: &str) -> Option<Path
     }
 }
 
-/// A port free on 127.0.0.1 right now.
+/// A port free on 127.0.0.1 right now, for a server to listen on.
+///
+/// It is picked outside the kernel's ephemeral range, never from it: a port
+/// from that range (what binding port 0 gives) can be taken by any outgoing
+/// connection before the server binds it, and `weed mini` makes such
+/// connections between its own parts while it starts, so it once lost a
+/// port to itself. No port is handed out twice in one test binary.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range.split_whitespace().map(|n| n.parse::<u16>().ok());
+    let (first, last) = match (bounds.next().flatten(), bounds.next().flatten()) {
+        (Some(first), Some(last)) => (first, last),
+        _ => (32768, 60999),
+    };
+    // The ports outside the ephemeral range, above the privileged ones.
+    let outside: Vec<u16> = (1024..=u16::MAX).filter(|port| !(first..=last).contains(port)).collect();
+    if outside.len() < 1000 {
+        return TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port();
+    }
+    let mut given = GIVEN.lock().unwrap();
+    for attempt in 0u64..10_000 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(attempt);
+        let port = outside[(hasher.finish() % outside.len() as u64) as usize];
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port outside the ephemeral range {first}-{last}")
 }
 
 /// Waits until `ready` says yes, or panics after `timeout` with the server's log.
@@ -166,7 +195,11 @@ impl Seaweed {
             let probe = format!("s3://{bucket}/.ready");
             let mut exited = false;
             wait_until("SeaweedFS S3 gateway", Duration::from_secs(90), &seaweed.server.log.clone(), || {
-                exited = attempt < 3 && seaweed.server.exited() && std::fs::read_to_string(&seaweed.server.log).unwrap_or_default().contains("address already in use");
+                exited = attempt < 3 && seaweed.server.exited() && {
+                    // weed's own check before it starts, or a bind that lost the race after it.
+                    let log = std::fs::read_to_string(&seaweed.server.log).unwrap_or_default();
+                    log.contains("Port allocation failed") || log.contains("address already in use")
+                };
                 exited || (listening(s3_port) && put(&options, &probe, vec![0; 1 << 20]).is_ok())
             });
             if !exited {
