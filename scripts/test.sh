@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Free disk, for the record: the suite writes GiB-sized files, and SeaweedFS
+# refuses writes when its disk runs low.
+echo "== Disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free here, $(df -h --output=avail "${TMPDIR:-/tmp}" | tail -1 | tr -d ' ') in ${TMPDIR:-/tmp}"
+
 echo "== Python environment"
 scripts/python-env.sh
 . .venv/bin/activate
