@@ -9,4 +9,4 @@ command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install --disable-pip-version-check -q --upgrade pip
-pip install --disable-pip-version-check -q -r python/requirements-test.txt
+pip install --disable-pip-version-check -q --retries 10 --timeout 60 -r python/requirements-test.txt -c python/constraints-test.txt

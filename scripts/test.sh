@@ -10,6 +10,12 @@ cd "$(dirname "$0")/.."
 # refuses writes when its disk runs low.
 echo "== Disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free here, $(df -h --output=avail "${TMPDIR:-/tmp}" | tail -1 | tr -d ' ') in ${TMPDIR:-/tmp}"
 
+if [ -n "${CI:-}" ]; then
+  # One build from scratch: incremental data would only take disk and time.
+  export CARGO_INCREMENTAL=0
+fi
+export CARGO_NET_RETRY=${CARGO_NET_RETRY:-10}
+
 echo "== Python environment"
 scripts/python-env.sh
 . .venv/bin/activate

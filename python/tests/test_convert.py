@@ -10,8 +10,6 @@ dtypes, shapes, bytes and the `{"format": "pt"}` metadata).
 import collections
 import io
 import json
-import os
-import pathlib
 import subprocess
 import zipfile
 
@@ -22,15 +20,6 @@ import safetensors
 import safetensors.torch as ref_pt
 import tensafe
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def exe():
-    """The debug CLI (built by `cargo test`; built here when missing)."""
-    path = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "debug" / "tensafe"
-    subprocess.run(["cargo", "build", "-q", "-j1", "-p", "tensafe-cli"], cwd=REPO, check=True)
-    return path
 
 
 def run(exe, *args):

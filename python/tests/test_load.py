@@ -16,7 +16,7 @@ import tensafe
 import tensafe.numpy as ts_np
 import tensafe.torch as ts_pt
 
-from conftest import evict, resident_fraction, seconds_until_a_signal_stops
+from conftest import evict, resident_fraction, seconds_until_a_signal_stops, stops_early
 from test_reference_diff import TORCH_DTYPES, as_bytes, random_tensor
 
 
@@ -223,8 +223,8 @@ def test_an_unknown_schedule_is_refused(many_chunks_file):
 
 class _FailingReads:
     """A File whose `fail_at`-th read fails (counted under a lock: readers
-    race); each read takes 5 ms, so that the main thread keeps up and "soon"
-    does not depend on the machine's load."""
+    race); each read takes 20 ms, so that the main thread keeps up and "soon"
+    (20 reads: about 0.2 s with two readers) holds on a loaded machine too."""
 
     def __init__(self, file, fail_at):
         self.file, self.fail_at, self.reads, self.lock = file, fail_at, 0, threading.Lock()
@@ -238,7 +238,7 @@ class _FailingReads:
             fail = self.reads == self.fail_at
         if fail:
             raise OSError("disk gone")
-        time.sleep(0.005)
+        time.sleep(0.02)
         return self.file.read_data_into(*args, **kwargs)
 
 
@@ -577,5 +577,5 @@ def test_a_signal_handler_stops_a_private_load_midway(tmp_path, request):
     if full < 0.4:
         pytest.skip(f"a cold load takes {full:.2f} s here: too short to stop midway")
 
-    stopped = seconds_until_a_signal_stops(cold_load, after=0.05)
+    stopped = stops_early(lambda: seconds_until_a_signal_stops(cold_load, after=0.05), full)
     assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s load"

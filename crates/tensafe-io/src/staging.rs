@@ -382,9 +382,9 @@ mod tests {
     }
 
     /// Reads after the trigger are slow, so that reading half the file
-    /// would take the stop over 100 ms to arrive.
+    /// would take the stop over 300 ms to arrive (room for a loaded machine).
     fn slowly() -> io::Result<()> {
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        std::thread::sleep(std::time::Duration::from_millis(5));
         Ok(())
     }
 

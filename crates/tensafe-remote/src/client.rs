@@ -112,6 +112,19 @@ pub(crate) fn build(options: &ClientOptions, redirects: Redirects) -> object_sto
     builder.build().map_err(client_error)
 }
 
+/// Refuses a setting that object_store would accept and then drop: a user
+/// agent that cannot be sent as a header is forgotten, and its default sent
+/// instead, without a word.
+pub(crate) fn check_setting(key: &str, value: &str) -> object_store::Result<()> {
+    match key.parse::<ClientConfigKey>() {
+        Ok(ClientConfigKey::UserAgent) => match reqwest::header::HeaderValue::from_str(value) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(invalid(ClientConfigKey::UserAgent, value, e)),
+        },
+        _ => Ok(()),
+    }
+}
+
 /// A boolean setting, spelled as object_store accepts it.
 fn parse_bool(value: &str) -> object_store::Result<bool> {
     match value.to_ascii_lowercase().as_str() {
@@ -165,5 +178,8 @@ mod tests {
         assert!(build(&options, Redirects::SameOrigin).is_ok());
         let options = ClientOptions::new().with_config(ClientConfigKey::PoolMaxIdlePerHost, "many");
         assert!(build(&options, Redirects::SameOrigin).is_err());
+        assert!(check_setting("user_agent", "my-tool/1.0").is_ok() && check_setting("timeout", "\n").is_ok());
+        let err = check_setting("user_agent", "my-tool\n1.0").unwrap_err().to_string();
+        assert!(err.contains("user_agent") && err.contains("my-tool\\n1.0"), "{err}");
     }
 }

@@ -13,7 +13,7 @@ use object_store::ObjectStore;
 use url::Url;
 
 use crate::error::{RemoteError, Result};
-use crate::client::Redirects;
+use crate::client::{self, Redirects};
 use crate::traffic::InstrumentedConnector;
 use crate::RemoteOptions;
 
@@ -186,6 +186,7 @@ fn build(url: &RemoteUrl, options: &RemoteOptions) -> object_store::Result<Arc<d
             let connector = InstrumentedConnector { redirects };
             let mut builder = $builder.with_url(root).with_retry(options.retry.clone()).with_http_connector(connector);
             for (key, value) in &settings {
+                client::check_setting(key, value)?;
                 builder = builder.with_config(key.parse()?, value.clone());
             }
             Arc::new(builder.build()?) as Arc<dyn ObjectStore>
@@ -224,6 +225,15 @@ mod tests {
             let err = RemoteUrl::parse(bad).unwrap_err();
             assert!(matches!(err, RemoteError::InvalidUrl { .. }), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn refuses_a_user_agent_it_could_not_send() {
+        let url = RemoteUrl::parse("http://127.0.0.1:9/x.safetensors").unwrap();
+        let with = |agent: &str| RemoteOptions { storage_options: vec![("user_agent".into(), agent.into())], ..RemoteOptions::default() };
+        assert!(store_for(&url, &with("my-tool/1.0")).is_ok());
+        let err = store_for(&url, &with("my-tool\r\nX-Injected: 1")).map(drop).unwrap_err();
+        assert!(matches!(err, RemoteError::Config { .. }) && err.to_string().contains("user_agent"), "{err}");
     }
 
     #[test]

@@ -361,7 +361,8 @@ mod tests {
     #[derive(Debug, Clone, Default)]
     struct Recorder {
         events: Arc<Mutex<Vec<&'static str>>>,
-        /// How long each part takes to be answered.
+        /// How long each part may take to be answered: it is answered as
+        /// soon as the upload is aborted, or when this time is up.
         part_time: Duration,
         fail_completion: bool,
     }
@@ -377,7 +378,12 @@ mod tests {
         fn put_part(&mut self, _data: PutPayload) -> UploadPart {
             let (events, time) = (self.events.clone(), self.part_time);
             Box::pin(async move {
-                tokio::time::sleep(time).await;
+                // Waiting for the abort, not for a fixed time: an abort always
+                // finds the part in flight, however slow the machine.
+                let start = tokio::time::Instant::now();
+                while start.elapsed() < time && !events.lock().unwrap().contains(&"abort") {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 events.lock().unwrap().push("part");
                 Ok(())
             })
@@ -405,7 +411,7 @@ mod tests {
         block_on(upload.abort()).unwrap().unwrap();
         assert_eq!(refused.events(), ["complete", "abort"]);
 
-        let going = Recorder { part_time: Duration::from_millis(300), ..Recorder::default() };
+        let going = Recorder { part_time: Duration::from_secs(20), ..Recorder::default() };
         let done = Recorder::default();
         let mut upload = Listed::new(Box::new(going.clone()));
         let mut finished = Listed::new(Box::new(done.clone()));
@@ -423,7 +429,7 @@ mod tests {
         drop(cancelled.put_part(PutPayload::from(vec![3u8])));
         let start = std::time::Instant::now();
         assert!(abort_unfinished_uploads(Duration::from_secs(5)) >= 1);
-        assert!(start.elapsed() < Duration::from_secs(1), "the abort waited for a part that was cancelled");
+        assert!(start.elapsed() < Duration::from_secs(3), "the abort waited (5 s) for a part that was cancelled");
         // Its writer waits for good from then on; its own abort has nothing left to do.
         let waits = |future| block_on(async { tokio::time::timeout(Duration::from_millis(100), future).await.is_err() }).unwrap();
         assert!(waits(upload.put_part(PutPayload::from(vec![2u8]))));

@@ -186,6 +186,9 @@ impl Seaweed {
                 command.arg(format!("-{flag}={}", free_port()));
             }
             command.args(["-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=256"]);
+            // A volume count of its own, not weed's guess from the free disk:
+            // on a shared disk running low that guess is 0, and every write fails.
+            command.arg("-volume.max=32");
             let server = Server::spawn("weed", command, dir);
             let mut seaweed = Seaweed { server, s3_port, filer_port, bucket: bucket.to_owned() };
             // Ready when an authenticated 1 MiB write to the bucket succeeds: a
