@@ -224,3 +224,107 @@ fn an_interrupted_upload_is_aborted() {
     let missing = tensafe_remote::RemoteFile::open_with(&weed.url("out/model.safetensors"), &weed.options()).map(|_| ()).unwrap_err();
     assert!(missing.is_not_found(), "{missing}");
 }
+
+/// An S3 endpoint that starts multipart uploads and then answers nothing:
+/// each part and each abort is read, noted, and held unanswered. Anything
+/// else is 404. Notes each request line.
+fn start_unanswering_store() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let noted = noted.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(client.try_clone().unwrap());
+                let mut client = client;
+                loop {
+                    let mut request = String::new();
+                    if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap();
+                        }
+                    }
+                    std::io::copy(&mut (&mut reader).take(length), &mut std::io::sink()).unwrap();
+                    let request = request.trim_end().to_owned();
+                    noted.lock().unwrap().push(request.clone());
+                    let answer = if request.starts_with("POST ") && request.contains("?uploads") {
+                        let body = "<InitiateMultipartUploadResult><Bucket>held</Bucket><Key>out/model.safetensors</Key><UploadId>1</UploadId></InitiateMultipartUploadResult>";
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                    } else if request.starts_with("PUT ") || request.starts_with("DELETE ") {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                        return;
+                    } else {
+                        let body = "<Error><Code>NoSuchKey</Code></Error>";
+                        format!("HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                    };
+                    if client.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_second_ctrl_c_does_not_wait_for_the_aborts() {
+    let (port, seen) = start_unanswering_store();
+    let dir = tempfile::tempdir().unwrap();
+    // 256 MiB of zeros (a sparse file): a multipart upload of 8 MiB parts.
+    let input = dir.path().join("big.safetensors");
+    common::write_sparse_file(&input, 256 << 20);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tensafe"));
+    command.args(["reshard", input.to_str().unwrap(), "s3://held/out/", "--max-shard-size", "5GB"]);
+    command.envs([
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_ACCESS_KEY_ID", "key".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+    ]);
+    let mut child = command.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let signal = |child: &std::process::Child| {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    };
+    let count = |method: &str| seen.lock().unwrap().iter().filter(|line| line.starts_with(method)).count();
+    let wait_for = |what: &str, ready: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !ready() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(60), "no {what}: {:?}", seen.lock().unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // A part arrived: the upload's creation was answered, tensafe knows it.
+    wait_for("part", &|| count("PUT ") > 0);
+    signal(&child);
+    // The first Ctrl-C aborts the upload, and waits (up to 10 s) for the
+    // store, which never answers.
+    wait_for("abort", &|| count("DELETE ") > 0);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "the first Ctrl-C did not wait for the abort");
+    let second = std::time::Instant::now();
+    signal(&child);
+    let output = child.wait_with_output().unwrap();
+    let took = second.elapsed();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&output.status), Some(libc::SIGINT), "{:?}", output.status);
+    assert!(took < std::time::Duration::from_secs(5), "the second Ctrl-C waited {took:?} (the aborts' limit is 10 s)");
+    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+}
