@@ -346,6 +346,50 @@ def test_overwriting_a_mapped_file_keeps_old_tensors_intact(tmp_path):
     assert bool((ts_pt.load_file(path)["w"] == 9.0).all())
 
 
+SLOW_SAVE = """
+import sys
+import numpy as np
+import tensafe.numpy as ts_np
+ts_np.save_file({f"t{i}": np.zeros(16 << 20, np.uint8) for i in range(64)}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+def test_a_save_killed_midway_leaves_the_old_file_and_nothing_else(tmp_path):
+    """SIGTERM, which Python does not handle (and SIGKILL, or the OOM killer):
+    no code of tensafe's runs, yet what it wrote had no name, and goes with
+    the process instead of staying beside the file as a hidden 1 GiB."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "model.safetensors"
+    ts_pt.save_file({"w": torch.arange(4.0)}, path)
+    old = path.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(path)])
+
+    def unnamed_bytes_written():  # an O_TMPFILE file shows as `DIR/#INODE (deleted)`
+        for fd in os.listdir(f"/proc/{child.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{child.pid}/fd/{fd}")
+                if os.path.dirname(target) == str(tmp_path) and target.endswith(" (deleted)"):
+                    return os.stat(f"/proc/{child.pid}/fd/{fd}").st_size
+            except OSError:
+                pass
+        return 0
+
+    deadline = time.time() + 60
+    while unnamed_bytes_written() == 0:
+        assert child.poll() is None, "the save ended before it could be killed"
+        assert time.time() < deadline, "the save never started writing"
+        time.sleep(0.001)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait() == -signal.SIGTERM
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+    assert path.read_bytes() == old
+
+
 def test_many_threads_read_and_write_concurrently(tmp_path):
     tensors = {f"t{i}": torch.randn(64, 64) for i in range(16)}
     path = tmp_path / "shared.safetensors"

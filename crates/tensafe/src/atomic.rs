@@ -11,6 +11,13 @@
 //! while writing (a full disk, a bad input tensor) leaves every old file in
 //! place, an in-place rewrite included.
 //!
+//! On Linux the new content is written to a file with no name (`O_TMPFILE`),
+//! which is named (linked into the directory) only once it is complete and
+//! flushed: a process killed while writing (SIGKILL, the OOM killer, a signal
+//! it does not handle) leaves nothing behind, where a named temporary file
+//! would stay, as large as what was written. Where the filesystem cannot, a
+//! named temporary file is written instead.
+//!
 //! The temporary files of this process that are not yet in place are listed,
 //! so that a program stopped by a signal can remove them first
 //! ([`remove_unfinished_files`]): destructors do not run when a signal ends a
@@ -152,6 +159,24 @@ impl StagedWrites {
             builder.permissions(std::fs::Permissions::from_mode(0o666));
             mode
         };
+        #[cfg(not(unix))]
+        let existing_mode = None;
+        #[cfg(target_os = "linux")]
+        if let Some(mut file) = unnamed::create_in(&dir) {
+            write(&mut file).map_err(|e| Error::io("writing", e))?;
+            finish_file(&file, existing_mode)?;
+            // Named and listed under the list's lock, so that no temporary
+            // file has a name unlisted.
+            let mut list = unfinished();
+            let temp = builder
+                .make_in(&dir, |path| unnamed::link(&file, path))
+                .map_err(|e| Error::io(format!("naming the written file in {}", dir.display()), without_path(e)))?;
+            list.insert(temp.path().to_owned());
+            let listed = Unfinished(temp.path().to_owned());
+            drop(list);
+            self.files.push((temp.into_temp_path(), target, listed));
+            return Ok(());
+        }
         // Created and listed under the list's lock, so that no temporary file
         // exists unlisted; declared first, `listed` is dropped after `temp`.
         let listed: Unfinished;
@@ -167,14 +192,7 @@ impl StagedWrites {
         };
 
         write(temp.as_file_mut()).map_err(|e| Error::io("writing", e))?;
-        #[cfg(unix)]
-        if let Some(mode) = existing_mode {
-            use std::os::unix::fs::PermissionsExt;
-            temp.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(mode))
-                .map_err(|e| Error::io("copying the permissions of the replaced file", e))?;
-        }
-        temp.as_file().sync_all().map_err(|e| Error::io("flushing to disk", e))?;
+        finish_file(temp.as_file(), existing_mode)?;
         self.files.push((temp.into_temp_path(), target, listed));
         Ok(())
     }
@@ -217,6 +235,58 @@ impl StagedWrites {
             }
         }
         Ok(())
+    }
+}
+
+/// Gives a written file the mode of the file it replaces (when there is
+/// one), and flushes it to disk.
+fn finish_file(file: &File, replaced_mode: Option<u32>) -> Result<()> {
+    if let Some(mode) = replaced_mode {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io("copying the permissions of the replaced file", e))?;
+        }
+        #[cfg(not(unix))]
+        let _ = mode;
+    }
+    file.sync_all().map_err(|e| Error::io("flushing to disk", e))
+}
+
+/// Files written with no name, and named once complete (Linux).
+#[cfg(target_os = "linux")]
+mod unnamed {
+    use std::ffi::CString;
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    /// A new, empty file in `dir` with no name yet (`O_TMPFILE`, mode
+    /// `0o666` minus the umask); `None` where that cannot be had: a
+    /// filesystem or kernel without it, or no `/proc` to name it through.
+    /// The caller then writes a named temporary file, which also reports
+    /// any error (a read-only or full disk) as such.
+    pub(super) fn create_in(dir: &Path) -> Option<File> {
+        if !Path::new("/proc/self/fd").is_dir() {
+            return None;
+        }
+        let dir = CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: open(2) with a valid C string; the descriptor it returns
+        // is owned by the File from then on.
+        let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o666 as libc::c_uint) };
+        // SAFETY: a descriptor just opened, owned by nothing else.
+        (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Names the unnamed `file` `path` (`AlreadyExists` when that is taken).
+    pub(super) fn link(file: &File, path: &Path) -> std::io::Result<()> {
+        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL in a number");
+        let to = CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: linkat(2) with valid C strings.
+        let rc = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+        if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
     }
 }
 

@@ -2,7 +2,8 @@
 //! and which file it ends up with when it does.
 //!
 //! * A writer killed mid-save (SIGKILL, so no destructor runs) leaves the old
-//!   file under the target name, byte for byte, or no file if there was none.
+//!   file under the target name, byte for byte, or no file if there was none,
+//!   and (on Linux, where it writes a file with no name) nothing else.
 //!   The killing is real: the test binary re-executes itself as a child
 //!   process (see [`child_process`]) that saves a slow, large tensor, and the
 //!   parent kills it once the temporary file has data in it.
@@ -158,18 +159,15 @@ fn listing(dir: &Path) -> Vec<OsString> {
     names
 }
 
-/// The writer's temporary files for `file_name` in `dir` (`.NAME.*.tmp`).
-fn temp_files(dir: &Path, file_name: &str) -> Vec<PathBuf> {
-    let prefix = format!(".{file_name}.");
-    let mut found: Vec<PathBuf> = fs::read_dir(dir)
-        .expect("listing the directory")
-        .map(|e| e.expect("a directory entry").path())
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".tmp"))
-        })
-        .collect();
-    found.sort();
-    found
+/// How many bytes process `pid` has written to a file with no name in
+/// `dir` (the unnamed file a save writes before naming it), if it has one.
+fn unnamed_file_written(pid: u32, dir: &Path) -> Option<u64> {
+    fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten().find_map(|fd| {
+        let target = fs::read_link(fd.path()).ok()?;
+        // An O_TMPFILE file shows as `DIR/#INODE (deleted)`.
+        let unnamed = target.parent() == Some(dir) && target.to_string_lossy().ends_with(" (deleted)");
+        unnamed.then(|| fs::metadata(fd.path()).ok()).flatten().map(|m| m.len())
+    })
 }
 
 /// A small valid file to be replaced.
@@ -200,17 +198,16 @@ fn save_small(path: &Path, name: &str, fill: u8) -> tensafe::Result<()> {
     tensafe::serialize_to_file([(name, RawTensor { dtype: Dtype::U8, shape: &[4], data: &data })], None, path)
 }
 
-/// Starts a slow save to `path`, waits until its temporary file holds data,
-/// SIGKILLs it, and returns the temporary file it left.
-fn kill_mid_save(path: &Path) -> PathBuf {
+/// Starts a slow save to `path`, waits until it has written data into its
+/// unnamed file, and SIGKILLs it.
+#[cfg(target_os = "linux")]
+fn kill_mid_save(path: &Path) {
     let dir = path.parent().unwrap();
-    let file_name = path.file_name().unwrap().to_str().unwrap();
     let mut child = spawn_child(JOB_SLOW_SAVE, path);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let temp = loop {
-        if let Some(temp) = temp_files(dir, file_name).into_iter().find(|t| fs::metadata(t).is_ok_and(|m| m.len() > 0))
-        {
-            break temp;
+    let written = loop {
+        if let Some(written) = unnamed_file_written(child.id(), dir).filter(|&n| n > 0) {
+            break written;
         }
         if child.try_wait().expect("polling the child").is_some() || Instant::now() > deadline {
             let _ = child.kill();
@@ -226,36 +223,30 @@ fn kill_mid_save(path: &Path) -> PathBuf {
         "the child was not killed mid-save:\n{}",
         describe(&output)
     );
-
-    // The kill came mid-save: the temporary file is partly written.
-    let written = fs::metadata(&temp).expect("SIGKILL leaves the temporary file").len();
-    assert!(written > 0 && written < (SLOW_TENSORS * CHUNK) as u64, "{written} bytes written");
-    temp
+    assert!(written < (SLOW_TENSORS * CHUNK) as u64, "{written} bytes written");
 }
 
 #[test]
-fn killed_writer_leaves_the_old_file_intact() {
+#[cfg(target_os = "linux")]
+fn killed_writer_leaves_the_old_file_intact_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let old = old_file_bytes();
     fs::write(&path, &old).unwrap();
 
-    let temp = kill_mid_save(&path);
+    kill_mid_save(&path);
     assert_old_file(&path, &old);
-    // The only other file is the abandoned temporary one, which no reader
-    // looking for `model.safetensors` would open.
-    let mut expected = vec![OsString::from("model.safetensors"), temp.file_name().unwrap().to_owned()];
-    expected.sort();
-    assert_eq!(listing(dir.path()), expected);
+    // What was written had no name: it went with the process.
+    assert_eq!(listing(dir.path()), ["model.safetensors"]);
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn killed_first_save_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("new.safetensors");
-    let temp = kill_mid_save(&path);
-    assert!(!path.exists(), "a half-written file appeared under the target name");
-    assert_eq!(listing(dir.path()), [temp.file_name().unwrap().to_owned()]);
+    kill_mid_save(&path);
+    assert!(listing(dir.path()).is_empty(), "a killed first save left {:?}", listing(dir.path()));
 }
 
 #[test]
