@@ -231,7 +231,9 @@ impl File {
             std::io::ErrorKind::NotFound => {
                 PyFileNotFoundError::new_err(format!("No such file or directory: {}", filename.display()))
             }
-            _ => PyOSError::new_err(format!("{}: {e}", filename.display())),
+            // The reference raises FileNotFoundError for every file it
+            // cannot open, and callers catch that; the message says why.
+            _ => PyFileNotFoundError::new_err(format!("{}: {e}", filename.display())),
         })?;
         File::from_local(py, file, filename, backend)
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import io
 import numbers
 import operator
@@ -418,6 +419,12 @@ class safe_open:
         file = self._open()
         code, shape, _begin, _end = file.info(name)
         return PySafeSlice(file, name, code, shape, self._framework, self._device)
+
+
+# `inspect.signature(safe_open)` would describe `__new__`, which takes
+# anything (it only picks the class): callers that look there for `backend`,
+# as some do before passing it, must find `__init__`'s parameters.
+safe_open.__signature__ = inspect.Signature(list(inspect.signature(safe_open.__init__).parameters.values())[1:])
 
 
 class _CheckpointOpen(safe_open):

@@ -65,8 +65,10 @@ def from_numpy(array: Any, place: Any = "cpu") -> paddle.Tensor:
     return paddle.to_tensor(array, place=place)
 
 
-def load(data: bytes, device: str = "cpu") -> Dict[str, paddle.Tensor]:
-    place = device.replace("cuda", "gpu")
+def load(data: bytes, device: Any = "cpu") -> Dict[str, paddle.Tensor]:
+    # A string names the device as torch would ("cuda:0"); a paddle Place is
+    # taken as it is, and None is the CPU, as the reference takes them.
+    place = "cpu" if device is None else device.replace("cuda", "gpu") if isinstance(device, str) else device
     return _numpy_like.load(data, lambda a: from_numpy(a, place))
 
 

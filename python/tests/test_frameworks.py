@@ -158,6 +158,12 @@ def check(module, tmp_path):
                 lib.save({"bad": [1.0]})
         check_paddle_bfloat16(ours, ref, tmp_path)
         check_paddle_dtypes_built_from_bytes(ours, tmp_path)
+        import paddle
+
+        # `load`'s device, as the reference takes it: a string, a Place, or None.
+        small = ours.save({"w": paddle.to_tensor([1.0, 2.0])})
+        for device in ("cpu", paddle.CPUPlace(), None):
+            assert str(ours.load(small, device=device)["w"].place) == str(ref.load(small, device=device)["w"].place) == "Place(cpu)"
 
 
 def check_paddle_bfloat16(ours, ref, tmp_path):

@@ -1,5 +1,7 @@
 """Differential tests: tensafe against the reference, byte for byte and value for value."""
 
+import pathlib
+
 import numpy as np
 import pytest
 import torch
@@ -346,3 +348,24 @@ def test_non_str_tensor_names_are_a_type_error_like_the_reference():
             ref_save({1: value})
         with pytest.raises(TypeError):
             ts_save({1: value})
+
+
+def test_safe_open_shows_the_references_parameters():
+    """Code that looks for `backend` in the signature before passing it."""
+    import inspect
+
+    assert list(inspect.signature(tensafe.safe_open).parameters) == list(inspect.signature(safetensors.safe_open).parameters)
+
+
+def test_every_file_that_cannot_be_opened_is_file_not_found_like_the_reference(tmp_path):
+    """Callers catch FileNotFoundError to fall back; tensafe's message says why."""
+    (tmp_path / "file").write_bytes(b"")
+    for path, why in [(tmp_path / "file" / "x.safetensors", "Not a directory"), (tmp_path / "missing.safetensors", "No such file")]:
+        for lib in (safetensors, tensafe):
+            with pytest.raises(FileNotFoundError) as raised:
+                lib.safe_open(str(path), "pt")
+        assert why in str(raised.value)
+    # A path object is local, whatever it spells: never a request to a server.
+    with pytest.raises(FileNotFoundError):
+        tensafe.safe_open(pathlib.Path("http://127.0.0.1:9/x.safetensors"), "pt")
+
