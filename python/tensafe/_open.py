@@ -141,9 +141,9 @@ def _wrap(framework: str, device: Union[str, int], array: Any) -> Any:
 
         return mx.array(array)
     if framework == "paddle":
-        from .paddle import from_numpy
+        from .paddle import from_numpy, place_of
 
-        return from_numpy(array, device.replace("cuda", "gpu") if isinstance(device, str) else device)
+        return from_numpy(array, place_of(device))
     raise SafetensorError(f"framework {framework} is invalid")
 
 

@@ -65,10 +65,17 @@ def from_numpy(array: Any, place: Any = "cpu") -> paddle.Tensor:
     return paddle.to_tensor(array, place=place)
 
 
+def place_of(device: Any) -> Any:
+    """paddle's place for a `device` argument: a string names the device as
+    torch would ("cuda:0" is paddle's "gpu:0"); a paddle Place is taken as it
+    is, and None is the CPU, as the reference takes them."""
+    if device is None:
+        return "cpu"
+    return device.replace("cuda", "gpu") if isinstance(device, str) else device
+
+
 def load(data: bytes, device: Any = "cpu") -> Dict[str, paddle.Tensor]:
-    # A string names the device as torch would ("cuda:0"); a paddle Place is
-    # taken as it is, and None is the CPU, as the reference takes them.
-    place = "cpu" if device is None else device.replace("cuda", "gpu") if isinstance(device, str) else device
+    place = place_of(device)
     return _numpy_like.load(data, lambda a: from_numpy(a, place))
 
 
