@@ -116,7 +116,11 @@ pub(crate) fn build(options: &ClientOptions, redirects: Redirects) -> object_sto
 /// agent that cannot be sent as a header is forgotten, and its default sent
 /// instead, without a word.
 pub(crate) fn check_setting(key: &str, value: &str) -> object_store::Result<()> {
-    match key.parse::<ClientConfigKey>() {
+    // The stores' own spellings (`aws_user_agent`, and the AWS_*, GOOGLE_*
+    // and AZURE_* variables, lowercased) name the same client setting.
+    let key = key.to_ascii_lowercase();
+    let client_key = ["aws_", "google_", "azure_"].iter().find_map(|prefix| key.strip_prefix(prefix)).unwrap_or(&key);
+    match client_key.parse::<ClientConfigKey>() {
         Ok(ClientConfigKey::UserAgent) => match reqwest::header::HeaderValue::from_str(value) {
             Ok(_) => Ok(()),
             Err(e) => Err(invalid(ClientConfigKey::UserAgent, value, e)),
@@ -179,6 +183,7 @@ mod tests {
         let options = ClientOptions::new().with_config(ClientConfigKey::PoolMaxIdlePerHost, "many");
         assert!(build(&options, Redirects::SameOrigin).is_err());
         assert!(check_setting("user_agent", "my-tool/1.0").is_ok() && check_setting("timeout", "\n").is_ok());
+        assert!(check_setting("aws_user_agent", "a\nb").is_err() && check_setting("AZURE_USER_AGENT", "a\nb").is_err());
         let err = check_setting("user_agent", "my-tool\n1.0").unwrap_err().to_string();
         assert!(err.contains("user_agent") && err.contains("my-tool\\n1.0"), "{err}");
     }

@@ -181,6 +181,22 @@ fn build(url: &RemoteUrl, options: &RemoteOptions) -> object_store::Result<Arc<d
     // redirect to another host. Web servers get none and may send a client
     // anywhere (a CDN).
     let redirects = if url.scheme == Scheme::Http { Redirects::Any } else { Redirects::SameOrigin };
+    // The environment the builders read (`from_env`), checked as the settings are.
+    let environment = match url.scheme {
+        Scheme::S3 => "AWS_",
+        Scheme::Gcs => "GOOGLE_",
+        Scheme::Azure => "AZURE_",
+        Scheme::Http => "",
+    };
+    if !environment.is_empty() {
+        for (key, value) in std::env::vars_os() {
+            if let (Some(key), Some(value)) = (key.to_str(), value.to_str())
+                && key.starts_with(environment)
+            {
+                client::check_setting(key, value)?;
+            }
+        }
+    }
     macro_rules! configure {
         ($builder:expr) => {{
             let connector = InstrumentedConnector { redirects };

@@ -12,11 +12,12 @@
 //! place, an in-place rewrite included.
 //!
 //! On Linux the new content is written to a file with no name (`O_TMPFILE`),
-//! which is named (linked into the directory) only once it is complete and
-//! flushed: a process killed while writing (SIGKILL, the OOM killer, a signal
-//! it does not handle) leaves nothing behind, where a named temporary file
-//! would stay, as large as what was written. Where the filesystem cannot, a
-//! named temporary file is written instead.
+//! which is named (linked into the directory) only when it is moved into
+//! place: a process killed while writing (SIGKILL, the OOM killer, a signal
+//! it does not handle) leaves nothing behind, where named temporary files
+//! would stay, as large as what was written. Past [`MAX_UNNAMED_STAGED_FILES`] files
+//! staged at once (a descriptor each), or where the filesystem cannot, the
+//! files get a temporary name as soon as they are written.
 //!
 //! The temporary files of this process that are not yet in place are listed,
 //! so that a program stopped by a signal can remove them first
@@ -70,10 +71,23 @@ where
 /// rest old, so callers rename what refers to the others (an index) last.
 #[derive(Default)]
 pub struct StagedWrites {
-    /// Each written temporary file (its path: the file itself is closed once
-    /// written, so a checkpoint of thousands of shards does not hold
-    /// thousands of descriptors), with the path it replaces (links resolved).
-    files: Vec<(tempfile::TempPath, PathBuf, Unfinished)>,
+    /// Each written file, with the path it replaces (links resolved).
+    files: Vec<(Staged, PathBuf)>,
+}
+
+/// Most files a [`StagedWrites`] keeps unnamed (each holds a descriptor);
+/// the later ones of a checkpoint of more shards are named once written.
+pub const MAX_UNNAMED_STAGED_FILES: usize = 64;
+
+/// A written, flushed file waiting to be moved into place.
+enum Staged {
+    /// Still without a name, in `dir` (Linux); named (`prefix`…`.tmp`) by
+    /// the commit, which renames it at once.
+    #[cfg(target_os = "linux")]
+    Unnamed { file: File, dir: PathBuf, prefix: String },
+    /// A named temporary file (closed, so that a checkpoint of thousands of
+    /// shards does not hold thousands of descriptors), listed as unfinished.
+    Named(tempfile::TempPath, Unfinished),
 }
 
 /// The temporary files of this process not yet renamed into place.
@@ -108,8 +122,8 @@ impl Drop for Unfinished {
 /// end on a signal (Ctrl-C, `kill`), where no destructor would remove them:
 /// the destinations keep their old files (all new ones, when a commit was
 /// under way: it is let finish first), and no temporary file stays behind.
-/// Writes still running go on into deleted files and then wait for good,
-/// before creating another or renaming one: the process must exit.
+/// Writes still running go on (into deleted or unnamed files) and then wait
+/// for good before naming or renaming one: the process must exit.
 pub fn remove_unfinished_files() -> usize {
     let mut files = unfinished();
     let removed = files.iter().filter(|path| std::fs::remove_file(path).is_ok()).count();
@@ -161,20 +175,24 @@ impl StagedWrites {
         };
         #[cfg(not(unix))]
         let existing_mode = None;
+        // Absolute: the file is named later, maybe after a chdir.
         #[cfg(target_os = "linux")]
-        if let Some(mut file) = unnamed::create_in(&dir) {
+        if let Some((mut file, dir)) = std::path::absolute(&dir).ok().and_then(|dir| Some((unnamed::create_in(&dir)?, dir))) {
             write(&mut file).map_err(|e| Error::io("writing", e))?;
             finish_file(&file, existing_mode)?;
-            // Named and listed under the list's lock, so that no temporary
-            // file has a name unlisted.
-            let mut list = unfinished();
-            let temp = builder
-                .make_in(&dir, |path| unnamed::link(&file, path))
-                .map_err(|e| Error::io(format!("naming the written file in {}", dir.display()), without_path(e)))?;
-            list.insert(temp.path().to_owned());
-            let listed = Unfinished(temp.path().to_owned());
-            drop(list);
-            self.files.push((temp.into_temp_path(), target, listed));
+            let unnamed = self.files.iter().filter(|(staged, _)| matches!(staged, Staged::Unnamed { .. })).count();
+            if unnamed < MAX_UNNAMED_STAGED_FILES {
+                self.files.push((Staged::Unnamed { file, dir, prefix }, target));
+            } else {
+                // Named and listed under the list's lock, so that no
+                // temporary file has a name unlisted.
+                let mut list = unfinished();
+                let temp = unnamed::name(&file, &dir, &prefix)?;
+                list.insert(temp.to_path_buf());
+                let listed = Unfinished(temp.to_path_buf());
+                drop(list);
+                self.files.push((Staged::Named(temp, listed), target));
+            }
             return Ok(());
         }
         // Created and listed under the list's lock, so that no temporary file
@@ -193,7 +211,7 @@ impl StagedWrites {
 
         write(temp.as_file_mut()).map_err(|e| Error::io("writing", e))?;
         finish_file(temp.as_file(), existing_mode)?;
-        self.files.push((temp.into_temp_path(), target, listed));
+        self.files.push((Staged::Named(temp.into_temp_path(), listed), target));
         Ok(())
     }
 
@@ -209,8 +227,22 @@ impl StagedWrites {
             // destination is all old or all new. After the cleanup began,
             // this waits for good.
             let mut list = unfinished();
-            for (temp, target, listed) in files.by_ref() {
-                listed.finish(&mut list);
+            for (staged, target) in files.by_ref() {
+                let temp = match staged {
+                    // Named and renamed under the lock: never listed.
+                    #[cfg(target_os = "linux")]
+                    Staged::Unnamed { file, dir, prefix } => match unnamed::name(&file, &dir, &prefix) {
+                        Ok(temp) => temp,
+                        Err(e) => {
+                            renamed = Err(e.in_file(&target));
+                            break;
+                        }
+                    },
+                    Staged::Named(temp, listed) => {
+                        listed.finish(&mut list);
+                        temp
+                    }
+                };
                 if let Err(e) = temp.persist(&target) {
                     // Its temporary file goes with the error.
                     renamed = Err(Error::io("renaming the temporary file into place", e.error).in_file(&target));
@@ -259,9 +291,15 @@ fn finish_file(file: &File, replaced_mode: Option<u32>) -> Result<()> {
 mod unnamed {
     use std::ffi::CString;
     use std::fs::File;
+    use std::io::{Seek, SeekFrom};
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::ffi::OsStrExt;
     use std::path::Path;
+
+    use tempfile::TempPath;
+
+    use super::without_path;
+    use crate::error::{Error, Result};
 
     /// A new, empty file in `dir` with no name yet (`O_TMPFILE`, mode
     /// `0o666` minus the umask); `None` where that cannot be had: a
@@ -280,8 +318,30 @@ mod unnamed {
         (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
     }
 
+    /// Names the unnamed, written `file` in `dir`: `prefix`, random letters,
+    /// `.tmp`. Where the filesystem cannot link it (it had `O_TMPFILE` but
+    /// refuses the link), its bytes are copied into a named temporary file
+    /// instead, rather than lost.
+    pub(super) fn name(file: &File, dir: &Path, prefix: &str) -> Result<TempPath> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(prefix).suffix(".tmp");
+        match builder.make_in(dir, |path| link(file, path)) {
+            Ok(named) => Ok(named.into_temp_path()),
+            Err(link_error) => {
+                let context = || format!("naming the written file in {} (it could not be linked: {link_error})", dir.display());
+                let mut copy = builder.tempfile_in(dir).map_err(|e| Error::io(context(), without_path(e)))?;
+                let mut source = file;
+                source.seek(SeekFrom::Start(0)).and_then(|_| std::io::copy(&mut source, copy.as_file_mut())).map_err(|e| Error::io(context(), e))?;
+                let mode = file.metadata().map_err(|e| Error::io(context(), e))?.permissions();
+                copy.as_file().set_permissions(mode).map_err(|e| Error::io(context(), e))?;
+                copy.as_file().sync_all().map_err(|e| Error::io(context(), e))?;
+                Ok(copy.into_temp_path())
+            }
+        }
+    }
+
     /// Names the unnamed `file` `path` (`AlreadyExists` when that is taken).
-    pub(super) fn link(file: &File, path: &Path) -> std::io::Result<()> {
+    fn link(file: &File, path: &Path) -> std::io::Result<()> {
         let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL in a number");
         let to = CString::new(path.as_os_str().as_bytes())?;
         // SAFETY: linkat(2) with valid C strings.

@@ -33,6 +33,9 @@ const CHILD_PATH: &str = "TENSAFE_CRASH_SAFETY_PATH";
 
 /// Child job: save [`SLOW_TENSORS`] slow tensors, to be killed half-way.
 const JOB_SLOW_SAVE: &str = "slow-save";
+/// Child job: a sharded save of [`SLOW_TENSORS`] slow tensors into the
+/// directory at the path, 4 of them a shard, to be killed half-way.
+const JOB_SLOW_SHARDED_SAVE: &str = "slow-sharded-save";
 /// Child job: save under a file-size limit, so that writing fails with EFBIG.
 const JOB_SIZE_LIMITED_SAVE: &str = "size-limited-save";
 /// Child job: save new files under various umasks (the umask is per process,
@@ -80,6 +83,11 @@ fn child_process() {
         Some(JOB_SLOW_SAVE) => {
             let tensors = (0..SLOW_TENSORS).map(|i| (format!("t{i:04}"), SlowZeros));
             tensafe::serialize_to_file(tensors, None, &path).expect("the slow save itself works");
+            panic!("the slow save finished before it was killed");
+        }
+        Some(JOB_SLOW_SHARDED_SAVE) => {
+            let tensors = (0..SLOW_TENSORS).map(|i| (format!("t{i:04}"), SlowZeros));
+            tensafe::save_sharded(tensors, &path, 4 * CHUNK as u64, None).expect("the slow save itself works");
             panic!("the slow save finished before it was killed");
         }
         Some(JOB_SIZE_LIMITED_SAVE) => {
@@ -159,15 +167,36 @@ fn listing(dir: &Path) -> Vec<OsString> {
     names
 }
 
-/// How many bytes process `pid` has written to a file with no name in
-/// `dir` (the unnamed file a save writes before naming it), if it has one.
-fn unnamed_file_written(pid: u32, dir: &Path) -> Option<u64> {
-    fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten().find_map(|fd| {
-        let target = fs::read_link(fd.path()).ok()?;
-        // An O_TMPFILE file shows as `DIR/#INODE (deleted)`.
-        let unnamed = target.parent() == Some(dir) && target.to_string_lossy().ends_with(" (deleted)");
-        unnamed.then(|| fs::metadata(fd.path()).ok()).flatten().map(|m| m.len())
-    })
+/// The sizes of the files with no name that process `pid` has open in
+/// `dir`: those a save writes, and stages, before naming them.
+fn unnamed_files(pid: u32, dir: &Path) -> Vec<u64> {
+    let dir = dir.canonicalize().expect("the directory exists");
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    fds.flatten()
+        .filter_map(|fd| {
+            let target = fs::read_link(fd.path()).ok()?;
+            // An O_TMPFILE file shows as `DIR/#INODE (deleted)`.
+            let unnamed = target.parent() == Some(&dir) && target.to_string_lossy().ends_with(" (deleted)");
+            unnamed.then(|| fs::metadata(fd.path()).ok()).flatten().map(|m| m.len())
+        })
+        .collect()
+}
+
+/// Whether `dir`'s filesystem can make files with no name (`O_TMPFILE`;
+/// NFS and older overlayfs cannot, and saves then write named files).
+#[cfg(target_os = "linux")]
+fn has_unnamed_files(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: open(2) with a valid C string; the descriptor is closed at once.
+    let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600 as libc::c_uint) };
+    if fd < 0 {
+        eprintln!("SKIPPED: {} has no O_TMPFILE", dir.to_string_lossy());
+        return false;
+    }
+    // SAFETY: closing the descriptor just opened.
+    unsafe { libc::close(fd) };
+    true
 }
 
 /// A small valid file to be replaced.
@@ -198,16 +227,16 @@ fn save_small(path: &Path, name: &str, fill: u8) -> tensafe::Result<()> {
     tensafe::serialize_to_file([(name, RawTensor { dtype: Dtype::U8, shape: &[4], data: &data })], None, path)
 }
 
-/// Starts a slow save to `path`, waits until it has written data into its
-/// unnamed file, and SIGKILLs it.
+/// Starts the slow save `job` to `path`, waits until it has `files` files
+/// with no name in `dir`, the last of them with data, and SIGKILLs it.
 #[cfg(target_os = "linux")]
-fn kill_mid_save(path: &Path) {
-    let dir = path.parent().unwrap();
-    let mut child = spawn_child(JOB_SLOW_SAVE, path);
+fn kill_mid_save(job: &str, path: &Path, dir: &Path, files: usize) {
+    let mut child = spawn_child(job, path);
     let deadline = Instant::now() + Duration::from_secs(60);
     let written = loop {
-        if let Some(written) = unnamed_file_written(child.id(), dir).filter(|&n| n > 0) {
-            break written;
+        let unnamed = unnamed_files(child.id(), dir);
+        if unnamed.len() >= files && unnamed.iter().all(|&n| n > 0) {
+            break unnamed.iter().sum::<u64>();
         }
         if child.try_wait().expect("polling the child").is_some() || Instant::now() > deadline {
             let _ = child.kill();
@@ -230,11 +259,14 @@ fn kill_mid_save(path: &Path) {
 #[cfg(target_os = "linux")]
 fn killed_writer_leaves_the_old_file_intact_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
+    if !has_unnamed_files(dir.path()) {
+        return;
+    }
     let path = dir.path().join("model.safetensors");
     let old = old_file_bytes();
     fs::write(&path, &old).unwrap();
 
-    kill_mid_save(&path);
+    kill_mid_save(JOB_SLOW_SAVE, &path, dir.path(), 1);
     assert_old_file(&path, &old);
     // What was written had no name: it went with the process.
     assert_eq!(listing(dir.path()), ["model.safetensors"]);
@@ -244,9 +276,54 @@ fn killed_writer_leaves_the_old_file_intact_and_nothing_else() {
 #[cfg(target_os = "linux")]
 fn killed_first_save_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();
+    if !has_unnamed_files(dir.path()) {
+        return;
+    }
     let path = dir.path().join("new.safetensors");
-    kill_mid_save(&path);
+    kill_mid_save(JOB_SLOW_SAVE, &path, dir.path(), 1);
     assert!(listing(dir.path()).is_empty(), "a killed first save left {:?}", listing(dir.path()));
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn killed_sharded_save_leaves_the_old_checkpoint_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    if !has_unnamed_files(dir.path()) {
+        return;
+    }
+    let old = old_file_bytes();
+    fs::write(dir.path().join("model.safetensors"), &old).unwrap();
+    // Two shards written and staged, a third being written.
+    kill_mid_save(JOB_SLOW_SHARDED_SAVE, dir.path(), dir.path(), 3);
+    assert_old_file(&dir.path().join("model.safetensors"), &old);
+    assert_eq!(listing(dir.path()), ["model.safetensors"]);
+}
+
+#[test]
+fn files_staged_past_the_unnamed_limit_are_named_and_all_move_into_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let count = tensafe::MAX_UNNAMED_STAGED_FILES + 3;
+    let mut staged = tensafe::StagedWrites::default();
+    for i in 0..count {
+        staged.write(&dir.path().join(format!("f{i}")), |out| out.write_all(&[i as u8; 3])).unwrap();
+    }
+    // On Linux only the files past the limit have (temporary) names yet.
+    let named = if cfg!(target_os = "linux") && has_unnamed_files(dir.path()) { 3 } else { count };
+    assert_eq!(listing(dir.path()).len(), named, "{:?}", listing(dir.path()));
+    staged.commit().unwrap();
+    let mut expected: Vec<OsString> = (0..count).map(|i| OsString::from(format!("f{i}"))).collect();
+    expected.sort();
+    assert_eq!(listing(dir.path()), expected);
+    for i in 0..count {
+        assert_eq!(fs::read(dir.path().join(format!("f{i}"))).unwrap(), [i as u8; 3]);
+    }
+    // Dropped before its commit: nothing stays, named or not.
+    let mut dropped = tensafe::StagedWrites::default();
+    for i in 0..count {
+        dropped.write(&dir.path().join(format!("g{i}")), |out| out.write_all(b"x")).unwrap();
+    }
+    drop(dropped);
+    assert_eq!(listing(dir.path()), expected);
 }
 
 #[test]
