@@ -44,7 +44,8 @@ impl RemoteCheckpoint {
             return match RemoteCheckpoint::from_index(&index_url, options) {
                 Err(e) if e.is_not_found() => RemoteCheckpoint::single(&format!("{url}{SINGLE_FILE}"), options).map_err(|e| {
                     if e.is_not_found() {
-                        invalid(url, format!("{url} has neither {INDEX_FILE} nor {SINGLE_FILE}"))
+                        // Not found, as a local directory with neither is.
+                        RemoteError::NotFound { url: url.to_owned(), detail: format!("it has neither {INDEX_FILE} nor {SINGLE_FILE}") }
                     } else {
                         e
                     }

@@ -132,8 +132,8 @@ fn seaweedfs_serves_a_sharded_checkpoint() {
     common::put(&options, &weed.url("single/model.safetensors"), std::fs::read(local.shards()[0].path()).unwrap()).unwrap();
     let single = RemoteCheckpoint::open(&weed.url("single/"), &options).unwrap();
     assert!(single.index().is_none() && single.len() == local.shards()[0].header().len());
-    let nothing = RemoteCheckpoint::open(&weed.url("nothing/"), &options).unwrap_err().to_string();
-    assert!(nothing.contains("has neither model.safetensors.index.json nor model.safetensors"), "{nothing}");
+    let nothing = RemoteCheckpoint::open(&weed.url("nothing/"), &options).unwrap_err();
+    assert!(nothing.is_not_found() && nothing.to_string().contains("has neither model.safetensors.index.json nor model.safetensors"), "{nothing}");
     // An index naming a shard that is not there.
     let mut broken = index.clone();
     broken.weight_map.insert("ghost".into(), "model-00009-of-00009.safetensors".into());
