@@ -139,7 +139,10 @@ def _wrap(framework: str, device: Union[str, int], array: Any) -> Any:
     if framework == "mlx":
         import mlx.core as mx
 
-        return mx.array(array)
+        try:
+            return mx.array(array)
+        except RuntimeError as e:  # mlx has no float8 types, and says only "std::bad_cast"
+            raise SafetensorError(f"mlx has no {array.dtype.name} type to load this tensor into ({e})") from e
     if framework == "paddle":
         from .paddle import from_numpy, place_of
 

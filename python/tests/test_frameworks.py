@@ -164,6 +164,15 @@ def check(module, tmp_path):
         small = ours.save({"w": paddle.to_tensor([1.0, 2.0])})
         for device in ("cpu", paddle.CPUPlace(), None):
             assert str(ours.load(small, device=device)["w"].place) == str(ref.load(small, device=device)["w"].place) == "Place(cpu)"
+    if module == "mlx":
+        import ml_dtypes
+
+        import tensafe.numpy
+
+        # mlx has no float8: said so, not mlx's bare "std::bad_cast".
+        tensafe.numpy.save_file({"f8": np.zeros(3, ml_dtypes.float8_e4m3fn)}, tmp_path / "f8.safetensors")
+        with tensafe.safe_open(tmp_path / "f8.safetensors", "mlx") as f, pytest.raises(tensafe.SafetensorError, match="mlx has no float8_e4m3fn type"):
+            f.get_tensor("f8")
 
 
 def check_paddle_bfloat16(ours, ref, tmp_path):
