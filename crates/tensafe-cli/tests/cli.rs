@@ -184,12 +184,13 @@ fn output_that_cannot_be_written_is_an_error_not_a_panic() {
 #[test]
 fn an_interrupted_reshard_leaves_the_destination_as_it_was_and_no_temporary_file() {
     let dir = tempfile::tempdir().unwrap();
-    // 640 MiB of zeros in 80 tensors, a shard each: a sparse file, quick to
-    // make and slow enough to rewrite (every shard is flushed to disk). On
-    // Linux the first shards are staged with no name, and those past
+    // 664 MiB of zeros in 664 tensors, a shard each: a sparse file, quick
+    // to make and slow enough to rewrite (every shard is flushed to disk).
+    // On Linux the first shards are staged with no name, and those past
     // tensafe::MAX_UNNAMED_STAGED_FILES get a temporary name once written:
-    // the signal comes when both kinds are there.
-    let (count, each) = (tensafe::MAX_UNNAMED_STAGED_FILES + 16, 8usize << 20);
+    // the signal comes when both kinds are there, with 600 shards (600
+    // flushes, a second or more) still to write.
+    let (count, each) = (tensafe::MAX_UNNAMED_STAGED_FILES + 600, 1usize << 20);
     let entries: Vec<String> =
         (0..count).map(|i| format!("\"t{i}\":{{\"dtype\":\"U8\",\"shape\":[{each}],\"data_offsets\":[{},{}]}}", i * each, (i + 1) * each)).collect();
     let mut header = format!("{{{}}}", entries.join(","));
@@ -205,7 +206,7 @@ fn an_interrupted_reshard_leaves_the_destination_as_it_was_and_no_temporary_file
     let before = std::fs::read(output.join("model.safetensors")).unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_tensafe"))
-        .args(["reshard", input.to_str().unwrap(), output.to_str().unwrap(), "--max-shard-size", "9MB"])
+        .args(["reshard", input.to_str().unwrap(), output.to_str().unwrap(), "--max-shard-size", "2MB"])
         .spawn()
         .unwrap();
     let temporary = |output: &Path| {

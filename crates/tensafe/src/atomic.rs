@@ -15,9 +15,12 @@
 //! which is named (linked into the directory) only when it is moved into
 //! place: a process killed while writing (SIGKILL, the OOM killer, a signal
 //! it does not handle) leaves nothing behind, where named temporary files
-//! would stay, as large as what was written. Past [`MAX_UNNAMED_STAGED_FILES`] files
-//! staged at once (a descriptor each), or where the filesystem cannot, the
-//! files get a temporary name as soon as they are written.
+//! would stay, as large as what was written. Past [`MAX_UNNAMED_STAGED_FILES`]
+//! files staged at once (a descriptor each), the files get a temporary name
+//! as soon as they are written; where the filesystem has no `O_TMPFILE`
+//! (NFS, older overlayfs), from the start, as before. Where it has it but
+//! refuses the link, the bytes are copied into a named file, under the lock
+//! of the list below (a Ctrl-C waits for that copy).
 //!
 //! The temporary files of this process that are not yet in place are listed,
 //! so that a program stopped by a signal can remove them first
@@ -75,8 +78,10 @@ pub struct StagedWrites {
     files: Vec<(Staged, PathBuf)>,
 }
 
-/// Most files a [`StagedWrites`] keeps unnamed (each holds a descriptor);
-/// the later ones of a checkpoint of more shards are named once written.
+/// Most files a [`StagedWrites`] keeps unnamed (each holds a descriptor),
+/// and fewer where the process may open few descriptors (a sixteenth of its
+/// limit); the later ones of a checkpoint of more shards are named once
+/// written.
 pub const MAX_UNNAMED_STAGED_FILES: usize = 64;
 
 /// A written, flushed file waiting to be moved into place.
@@ -175,13 +180,15 @@ impl StagedWrites {
         };
         #[cfg(not(unix))]
         let existing_mode = None;
-        // Absolute: the file is named later, maybe after a chdir.
+        // Its directory made absolute, as the named path's is: the file is
+        // named later, maybe after a chdir. (The destination itself stays as
+        // given, relative to the working directory of the commit.)
         #[cfg(target_os = "linux")]
         if let Some((mut file, dir)) = std::path::absolute(&dir).ok().and_then(|dir| Some((unnamed::create_in(&dir)?, dir))) {
             write(&mut file).map_err(|e| Error::io("writing", e))?;
             finish_file(&file, existing_mode)?;
             let unnamed = self.files.iter().filter(|(staged, _)| matches!(staged, Staged::Unnamed { .. })).count();
-            if unnamed < MAX_UNNAMED_STAGED_FILES {
+            if unnamed < unnamed::limit() {
                 self.files.push((Staged::Unnamed { file, dir, prefix }, target));
             } else {
                 // Named and listed under the list's lock, so that no
@@ -220,44 +227,57 @@ impl StagedWrites {
     pub fn commit(self) -> Result<()> {
         let mut dirs: Vec<PathBuf> = Vec::new();
         let mut files = self.files.into_iter();
-        let mut renamed = Ok(());
+        // Named files waiting for their rename (with their place in the
+        // list, for those listed), and those a failure leaves over: dropped
+        // only once the lock is free, since an `Unfinished` takes it.
+        let mut named: Vec<(tempfile::TempPath, PathBuf, Option<Unfinished>)> = Vec::new();
+        let mut left_over = Vec::new();
+        let mut outcome = Ok(());
         {
-            // Every rename under one hold of the list's lock: a signal's
-            // cleanup comes before the first or after the last, so the
-            // destination is all old or all new. After the cleanup began,
-            // this waits for good.
+            // Everything under one hold of the list's lock: a signal's
+            // cleanup comes before or after, so the destination is all old
+            // or all new. After the cleanup began, this waits for good.
             let mut list = unfinished();
+            // First every file gets a name (the unnamed ones: never listed,
+            // as they are renamed under this same hold), then the renames:
+            // a file that cannot be named stops the commit before any
+            // destination changes.
             for (staged, target) in files.by_ref() {
-                let temp = match staged {
-                    // Named and renamed under the lock: never listed.
+                match staged {
                     #[cfg(target_os = "linux")]
                     Staged::Unnamed { file, dir, prefix } => match unnamed::name(&file, &dir, &prefix) {
-                        Ok(temp) => temp,
+                        Ok(temp) => named.push((temp, target, None)),
                         Err(e) => {
-                            renamed = Err(e.in_file(&target));
+                            outcome = Err(e.in_file(&target));
                             break;
                         }
                     },
-                    Staged::Named(temp, listed) => {
+                    Staged::Named(temp, listed) => named.push((temp, target, Some(listed))),
+                }
+            }
+            if outcome.is_ok() {
+                let mut renames = std::mem::take(&mut named).into_iter();
+                for (temp, target, listed) in renames.by_ref() {
+                    if let Some(listed) = listed {
                         listed.finish(&mut list);
-                        temp
                     }
-                };
-                if let Err(e) = temp.persist(&target) {
-                    // Its temporary file goes with the error.
-                    renamed = Err(Error::io("renaming the temporary file into place", e.error).in_file(&target));
-                    break;
+                    if let Err(e) = temp.persist(&target) {
+                        // Its temporary file goes with the error.
+                        outcome = Err(Error::io("renaming the temporary file into place", e.error).in_file(&target));
+                        break;
+                    }
+                    let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+                    if !dirs.contains(&dir) {
+                        dirs.push(dir);
+                    }
                 }
-                let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-                if !dirs.contains(&dir) {
-                    dirs.push(dir);
-                }
+                left_over.extend(renames);
             }
         }
         // The files not renamed (after a failure) are removed, and unlisted
         // with the lock free again.
-        drop(files);
-        renamed?;
+        drop((files, named, left_over));
+        outcome?;
         // Not every filesystem supports syncing a directory; the data is
         // already safe, so a failure here is not an error.
         #[cfg(unix)]
@@ -316,6 +336,16 @@ mod unnamed {
         let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o666 as libc::c_uint) };
         // SAFETY: a descriptor just opened, owned by nothing else.
         (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// How many files a [`super::StagedWrites`] keeps unnamed here:
+    /// [`super::MAX_UNNAMED_STAGED_FILES`], or a sixteenth of the
+    /// descriptors this process may open, if that is fewer.
+    pub(super) fn limit() -> usize {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit fills the struct it is given.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { 1024 };
+        usize::try_from(soft / 16).unwrap_or(usize::MAX).min(super::MAX_UNNAMED_STAGED_FILES)
     }
 
     /// Names the unnamed, written `file` in `dir`: `prefix`, random letters,
