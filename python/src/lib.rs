@@ -537,15 +537,12 @@ impl File {
         }
         let checkpoint = py.detach(|| tensafe::ShardedCheckpoint::open(&path)).map_err(|e| {
             let missing = matches!(e.without_file(), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
-            // A directory with nothing to open: not found either (the
-            // reference raises OSError for any directory), saying what was looked for.
-            let nothing_in_it = path.is_dir() && !path.join(tensafe::INDEX_FILE).exists() && !path.join(tensafe::SINGLE_FILE).exists();
-            if missing {
-                PyFileNotFoundError::new_err(format!("No such file or directory: {}", path.display()))
-            } else if nothing_in_it {
-                PyFileNotFoundError::new_err(e.to_string())
-            } else {
-                SafetensorError::new_err(e.to_string())
+            match missing {
+                // The reference's words for a path that is not there; the
+                // core's for what is missing from a directory that is.
+                true if !path.exists() => PyFileNotFoundError::new_err(format!("No such file or directory: {}", path.display())),
+                true => PyFileNotFoundError::new_err(e.to_string()),
+                false => SafetensorError::new_err(e.to_string()),
             }
         })?;
         checkpoint

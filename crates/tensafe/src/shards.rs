@@ -304,9 +304,9 @@ impl Checkpoint<PreadFile> {
             } else if path.join(SINGLE_FILE).is_file() {
                 return Ok(Checkpoint::single(PreadFile::open(path.join(SINGLE_FILE))?));
             } else {
-                return Err(Error::InvalidCheckpoint {
-                    reason: format!("{} has neither {INDEX_FILE} nor {SINGLE_FILE}", path.display()),
-                });
+                // Not found, like a missing file (and a remote "directory" with neither).
+                let neither = format!("it has neither {INDEX_FILE} nor {SINGLE_FILE}");
+                return Err(Error::io(format!("opening the checkpoint in {}", path.display()), std::io::Error::new(std::io::ErrorKind::NotFound, neither)));
             }
         } else if is_index_file(path) {
             Some(path.to_path_buf())
@@ -662,6 +662,14 @@ mod tests {
         fn data_len(&self) -> usize {
             self.0[0]
         }
+    }
+
+    #[test]
+    fn a_directory_with_no_checkpoint_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ShardedCheckpoint::open(dir.path()).map(drop).unwrap_err();
+        assert!(matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{err:?}");
+        assert!(err.to_string().contains(&format!("neither {INDEX_FILE} nor {SINGLE_FILE}")), "{err}");
     }
 
     #[test]
