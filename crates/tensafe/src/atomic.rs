@@ -107,6 +107,14 @@ fn unfinished() -> MutexGuard<'static, HashSet<PathBuf>> {
 struct Unfinished(PathBuf);
 
 impl Unfinished {
+    /// Puts `path` on the list through `list` (the list's lock, held by the
+    /// caller since before the file got its name, so that no temporary file
+    /// has a name unlisted).
+    fn listed(list: &mut HashSet<PathBuf>, path: &Path) -> Unfinished {
+        list.insert(path.to_owned());
+        Unfinished(path.to_owned())
+    }
+
     /// Takes the file off the list through `list` (the list's lock, held).
     fn finish(mut self, list: &mut HashSet<PathBuf>) {
         list.remove(&std::mem::take(&mut self.0));
@@ -191,19 +199,15 @@ impl StagedWrites {
             if unnamed < unnamed::limit() {
                 self.files.push((Staged::Unnamed { file, dir, prefix }, target));
             } else {
-                // Named and listed under the list's lock, so that no
-                // temporary file has a name unlisted.
                 let mut list = unfinished();
                 let temp = unnamed::name(&file, &dir, &prefix)?;
-                list.insert(temp.to_path_buf());
-                let listed = Unfinished(temp.to_path_buf());
+                let listed = Unfinished::listed(&mut list, &temp);
                 drop(list);
                 self.files.push((Staged::Named(temp, listed), target));
             }
             return Ok(());
         }
-        // Created and listed under the list's lock, so that no temporary file
-        // exists unlisted; declared first, `listed` is dropped after `temp`.
+        // Declared first, `listed` is dropped after `temp`.
         let listed: Unfinished;
         let mut temp = {
             let mut list = unfinished();
@@ -211,8 +215,7 @@ impl StagedWrites {
                 .tempfile_in(&dir)
                 // tempfile names its random path in the error; report the directory instead.
                 .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), without_path(e)))?;
-            list.insert(temp.path().to_owned());
-            listed = Unfinished(temp.path().to_owned());
+            listed = Unfinished::listed(&mut list, temp.path());
             temp
         };
 

@@ -183,6 +183,14 @@ fn unnamed_files(pid: u32, dir: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// A temporary directory whose filesystem makes files with no name; `None`
+/// (the test is skipped) where it cannot.
+#[cfg(target_os = "linux")]
+fn dir_with_unnamed_files() -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir().unwrap();
+    has_unnamed_files(dir.path()).then_some(dir)
+}
+
 /// Whether `dir`'s filesystem can make files with no name (`O_TMPFILE`;
 /// NFS and older overlayfs cannot, and saves then write named files).
 #[cfg(target_os = "linux")]
@@ -259,10 +267,7 @@ fn kill_mid_save(job: &str, path: &Path, dir: &Path, files: usize) {
 #[test]
 #[cfg(target_os = "linux")]
 fn killed_writer_leaves_the_old_file_intact_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    if !has_unnamed_files(dir.path()) {
-        return;
-    }
+    let Some(dir) = dir_with_unnamed_files() else { return };
     let path = dir.path().join("model.safetensors");
     let old = old_file_bytes();
     fs::write(&path, &old).unwrap();
@@ -276,10 +281,7 @@ fn killed_writer_leaves_the_old_file_intact_and_nothing_else() {
 #[test]
 #[cfg(target_os = "linux")]
 fn killed_first_save_leaves_no_file() {
-    let dir = tempfile::tempdir().unwrap();
-    if !has_unnamed_files(dir.path()) {
-        return;
-    }
+    let Some(dir) = dir_with_unnamed_files() else { return };
     let path = dir.path().join("new.safetensors");
     kill_mid_save(JOB_SLOW_SAVE, &path, dir.path(), 1);
     assert!(listing(dir.path()).is_empty(), "a killed first save left {:?}", listing(dir.path()));
@@ -288,10 +290,7 @@ fn killed_first_save_leaves_no_file() {
 #[test]
 #[cfg(target_os = "linux")]
 fn killed_sharded_save_leaves_the_old_checkpoint_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    if !has_unnamed_files(dir.path()) {
-        return;
-    }
+    let Some(dir) = dir_with_unnamed_files() else { return };
     let old = old_file_bytes();
     fs::write(dir.path().join("model.safetensors"), &old).unwrap();
     // Two shards written and staged, a third being written.
