@@ -103,7 +103,7 @@ def seconds_until_a_signal_stops(load, after: float) -> float:
 
 @pytest.fixture(scope="session")
 def exe():
-    """The debug CLI (built by `cargo test`; built here when missing)."""
+    """The debug CLI, brought up to date (`cargo test` built it already)."""
     repo = pathlib.Path(__file__).resolve().parents[2]
     path = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or repo / "target") / "debug" / "tensafe"
     subprocess.run(["cargo", "build", "-q", "-j1", "-p", "tensafe-cli"], cwd=repo, check=True)

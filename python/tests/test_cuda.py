@@ -18,7 +18,7 @@ from tensafe._pipeline import StagingStats, _plan_chunks, load_data_section
 from tensafe._tensafe_rust import File, stage_data
 
 import test_load
-from conftest import resident_fraction
+from conftest import evict, resident_fraction
 from test_load import _chunk_count, assert_same
 
 every_dtype_file = test_load.every_dtype_file  # the fixture, shared
@@ -109,13 +109,11 @@ def test_awkward_sizes(tmp_path, backend):
 def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring, direct):
     from tensafe._tensafe_rust import DIRECT_ALIGN
 
-    from test_load import _evict
-
     path = tmp_path / "budget.safetensors"
     ref_pt.save_file({"x": torch.arange(5 * 2**20 + 11, dtype=torch.int32), "y": torch.randn(3, 5)}, path)
     file = File(str(path), backend)
     if direct:
-        _evict(path)
+        evict(path)
     stats = StagingStats()
     seen = []
     before = torch.cuda.memory_allocated(0)

@@ -393,18 +393,6 @@ def test_each_tensor_has_its_own_storage_like_the_reference(tmp_path, backend):
     assert len(single.getvalue()) < 2000
 
 
-def _evict(path):
-    """Writes the file back, then drops it from the page cache with the binding's own call."""
-    import os
-
-    from tensafe._tensafe_rust import File
-
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    File(str(path), "pread").drop_cache()
-
-
 def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(page_cache_control, tmp_path):
     from tensafe._tensafe_rust import DIRECT_ALIGN, File
 
@@ -418,14 +406,14 @@ def test_cold_private_loads_read_past_the_page_cache_and_stay_exact(page_cache_c
     # the file, or direct=False, reads through it.
     aligned = f.data_start % DIRECT_ALIGN
     for shift, direct, past_the_cache in [(aligned, True, True), (aligned + 1, True, False), (aligned, False, False)]:
-        _evict(path)
+        evict(path)
         buffer = tensafe._tensafe_rust.HostBuffer(shift + f.data_len)
         dst = memoryview(buffer)[shift : shift + f.data_len]
         f.read_all_into(dst, threads=3, chunk_bytes=1 << 20, direct=direct)
         assert (resident_fraction(path) < 0.1) == past_the_cache, (shift, direct)
         assert bytes(dst) == raw, (shift, direct)
     # The default through the public API: direct when cold, exact cold and warm.
-    _evict(path)
+    evict(path)
     ours = ts_pt.load_file(path, backend="pread")
     assert resident_fraction(path) < 0.1
     assert_same(ours, ref_pt.load_file(path))
@@ -446,7 +434,7 @@ def test_staging_pipeline_reads_past_the_page_cache_and_stays_exact(page_cache_c
     file = File(str(path), backend)
     assert file.data_start % DIRECT_ALIGN != 0, "the test wants an unaligned data section"
     raw = path.read_bytes()[file.data_start :]
-    _evict(path)
+    evict(path)
     stats = StagingStats()
     data = load_data_section(file, "cpu", chunk_bytes=chunk, ring=ring, stats=stats, direct=True)
     assert bytes(data.numpy()) == raw
@@ -495,7 +483,7 @@ def test_staging_pipeline_can_go_direct_by_itself_only_when_cold(page_cache_cont
     file = File(str(path), "pread")
     for cold in (True, False):
         if cold:
-            _evict(path)
+            evict(path)
         else:
             path.read_bytes()  # the direct load left it out of the cache
         assert file.prefers_direct_reads() == cold

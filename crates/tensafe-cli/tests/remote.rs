@@ -328,3 +328,19 @@ fn a_second_ctrl_c_does_not_wait_for_the_aborts() {
     assert!(took < std::time::Duration::from_secs(5), "the second Ctrl-C waited {took:?} (the aborts' limit is 10 s)");
     assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[test]
+fn a_user_agent_that_cannot_be_sent_is_refused_from_the_environment_too() {
+    let env = [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9".to_owned()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ("AWS_ACCESS_KEY_ID", "key".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "secret".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_USER_AGENT", "my-tool\r\nX-Injected: 1".to_owned()),
+    ];
+    let out = tensafe(&["inspect", "s3://bucket/model.safetensors"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("user_agent") && stderr.contains("cannot configure"), "{stderr}");
+}
