@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--match", default="", help="only the cases whose name matches this regular expression, searched "
                     "anywhere in the name (a short run; escape the names' parentheses and dots)")
     args = ap.parse_args()
+    began = time.perf_counter()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         sys.exit(2)
@@ -210,6 +211,8 @@ def main() -> None:
         print(f"tensafe vs reference: warm {best('reference cuda, warm') / best_warm:.2f}x, cold {best('reference cuda, cold') / best_cold:.2f}x faster")
         print(f"tensafe vs torch.load(mmap): warm {best(TORCH_CASES[0]) / best_warm:.2f}x, "
               f"cold {best(TORCH_CASES[1]) / best_cold:.2f}x faster")
+        print(f"(file written, checked and the table above measured in {time.perf_counter() - began:.0f} s)")
+        sys.stdout.flush()
 
         # After the acceptance table: a sticky CUDA error in an experiment
         # cannot take it down.
