@@ -15,11 +15,12 @@ median of `--reps`:
 - `torch.load(mmap=True)` then `.to("cuda:0")`, warm and cold
 
 and prints GB/s with ratios. `--sweep` then (after that table, so that an
-experiment's failure cannot take it down) times the staging pipeline over
-chunk sizes, ring lengths and reader threads, and cold with and without
-O_DIRECT (how its defaults were chosen), the experimental reader schedules
-("readers" in Python, "native" in Rust, also on whole files) and the
-ceiling of host staging (native readers with a pinned slot for every chunk).
+experiment's failure cannot take it down) times whole-file loads with other
+staging settings than the defaults (schedule, chunk size and ring length:
+how the defaults were chosen), the ceiling of host staging (native readers
+with a pinned slot for every chunk), and the three schedules on the data
+section alone over chunk sizes, ring lengths and reader threads, cold with
+and without O_DIRECT.
 Exits 2 when no CUDA device is present.
 """
 
@@ -168,10 +169,10 @@ def main() -> None:
                 return timed(fn)
             return run
 
-        def natively(load):
-            """`load` with the experimental native schedule (EXPERIMENT)."""
+        def with_settings(load, **settings):
+            """`load` with other staging settings than the defaults."""
             # `load_file` looks `load_data_section` up in the module at each call.
-            tensafe._pipeline.load_data_section = functools.partial(load_data_section, schedule="native")
+            tensafe._pipeline.load_data_section = functools.partial(load_data_section, **settings)
             try:
                 return load()
             finally:
@@ -220,24 +221,23 @@ def main() -> None:
             # Printed group by group, so that a run cut short keeps what it measured.
             sweep, swept = {}, {}
 
-            def measure_group(title: str) -> None:
+            def measure_group(title: str, reps: int = args.reps) -> None:
                 group = {name: case for name, case in sweep.items() if re.search(args.match, name) and name not in swept}
                 if group:
-                    swept.update(medians(group, args.reps))
-                    print_table({name: swept[name] for name in group}, size, f"staging sweep: {title}")
+                    swept.update(medians(group, reps))
+                    print_table({name: swept[name] for name in group}, size, f"staging sweep: {title}, median of {reps}")
 
-            # Most telling first: whole-file loads with the native schedule
-            # (beside the table above: should it be the default?) and the
-            # ceiling of host staging; the settings sweep last.
-            def native_load():
-                return natively(lambda: ts_pt.load_file(path, device="cuda:0", backend="pread"))
-            sweep["whole file: tensafe cuda (pread, native), warm"] = warm(native_load)
-            sweep["whole file: tensafe cuda (pread, native), cold"] = cold(native_load)
-            measure_group("whole files, native schedule")
-            native_warm = swept.get("whole file: tensafe cuda (pread, native), warm", float("nan"))
-            native_cold = swept.get("whole file: tensafe cuda (pread, native), cold", float("nan"))
-            print(f"\nEXPERIMENT native schedule, whole file: warm {size / native_warm / 1e9:.1f} GB/s, "
-                  f"cold {raw_cold / native_cold:.2f}x the best raw cold read")
+            # Most telling first: whole `load_file` calls with the default
+            # and the other settings (what picks the defaults), then the
+            # ceiling of host staging, then the data-section sweeps.
+            for schedule, chunk_mib, ring in (("native", 2, 128), ("native", 4, 64), ("native", 8, 32), ("native", 16, 16), ("ring", 16, 16)):
+                def load(schedule=schedule, chunk=chunk_mib * MiB, ring=ring):
+                    return with_settings(lambda: ts_pt.load_file(path, device="cuda:0"), schedule=schedule, chunk_bytes=chunk, ring=ring)
+                label = f"whole file: {schedule} {chunk_mib:>2} MiB x {ring:>2}"
+                sweep[label + ", warm"] = warm(load)
+                if schedule == "native" and chunk_mib in (4, 8):
+                    sweep[label + ", cold"] = cold(load)
+            measure_group("whole files, default backend and readers", reps=max(args.reps, 5))
             # The ceiling of host staging: native readers with a slot for
             # every chunk (one pinned buffer the size of the data, allocated
             # once), so no read waits for a copy.
@@ -250,8 +250,8 @@ def main() -> None:
                     stage_data(file, chunks, slots, 16, target, direct=False)
                 sweep[f"native {chunk_mib:>2} MiB, a slot per chunk, 16 readers, warm"] = warm(unbounded)
             measure_group("the ceiling of host staging (data section only)")
-            # EXPERIMENT: each reader issues its own copies (no central
-            # scheduler), from Python threads or from Rust threads (native).
+            # Each reader issues its own copies (no central scheduler), from
+            # Python threads or from Rust threads (native, the default).
             for schedule in ("readers", "native"):
                 for chunk_mib, ring in ((16, 16), (16, 32), (8, 32), (32, 32), (4, 64)):
                     def readers(chunk=chunk_mib * MiB, ring=ring, direct=False, schedule=schedule):
@@ -260,7 +260,7 @@ def main() -> None:
                     sweep[label + ", warm"] = warm(readers)
                     if (chunk_mib, ring) == (16, 32):
                         sweep[label + ", cold, O_DIRECT"] = cold(lambda readers=readers: readers(direct=True))
-                measure_group(f"EXPERIMENT {schedule} schedule (data section only)")
+                measure_group(f"{schedule} schedule (data section only)")
             settings = {
                 "pread": [(64, 4, 4), (32, 8, 8), (16, 16, 16), (8, 32, 16), (32, 16, 16), (4, 64, 16)],
                 "mmap": [(16, 16, 16)],
@@ -268,7 +268,7 @@ def main() -> None:
             for backend, configs in settings.items():
                 for chunk_mib, ring, threads in configs:
                     def by_ring(backend=backend, chunk=chunk_mib * MiB, ring=ring, threads=threads, direct=False):
-                        return load_data_section(File(path, backend), "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, direct=direct)
+                        return load_data_section(File(path, backend), "cuda:0", chunk_bytes=chunk, ring=ring, threads=threads, direct=direct, schedule="ring")
                     label = f"{backend} {chunk_mib:>2} MiB x {ring:>2}, {threads:>2} readers"
                     sweep[label + ", warm"] = warm(by_ring)
                     if (chunk_mib, ring) in ((16, 16), (8, 32)):

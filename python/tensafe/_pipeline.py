@@ -1,15 +1,28 @@
-"""Loading a file's data section onto an accelerator through a ring of pinned
-staging buffers.
+"""Loading a file's data section onto an accelerator through pinned staging
+buffers.
 
-The data section is cut into chunks. Reader threads fill free slots of the
-ring (positional reads, without the GIL) while chunks already read are copied
-to the device asynchronously on two streams, so disk reads and host-to-device
-copies overlap. The staging memory is allocated once per load and bounded:
-`ring × chunk_bytes` bytes, never more (with direct reads, chunks are whole
-pages, at least one, and a slot gets a page more only where an allocator
-hands out memory that is not page-aligned); a slot is refilled only after
-the copy out of it has completed.
-The result is one device allocation; tensors are views of it.
+The data section is cut into chunks, read into a bounded set of pinned
+slots and copied to one device allocation; tensors are views of it. The
+staging memory is allocated once per load and bounded: `ring × chunk_bytes`
+bytes, never more (with direct reads, chunks are whole pages, at least one,
+and a slot gets a page more only where an allocator hands out memory that is
+not page-aligned); a slot is refilled only after the copy out of it has
+completed.
+
+Three schedules run that plan (`load_data_section(schedule=...)`):
+
+- "native", the default for CUDA: Rust reader threads that never take the
+  GIL (`stage_data` → `tensafe_io::staging`). Each takes the next chunk,
+  reads it into one of its own slots and issues the copy through the CUDA
+  driver API (`tensafe-cuda`) on its own stream, so no reader waits for
+  another. It was the fastest on an H100 host (docs/ARCHITECTURE.md,
+  "Staging defaults").
+- "ring": one Python thread issues every copy in file order on two streams
+  while a pool of readers fills the slots. The default where torch's "cuda"
+  is not NVIDIA's driver (ROCm builds), since the native schedule talks to
+  libcuda itself.
+- "readers": the native schedule's rule in Python threads (each copy takes
+  the GIL); kept for comparison.
 
 With `direct`, a local file is read past the page cache (`O_DIRECT`): the
 disk writes straight into the pinned slots, and the host is not left holding
@@ -17,15 +30,12 @@ a second copy of the model in its cache. Direct reads need the same offset
 within a page in the file and in memory, so chunks are then cut at page
 boundaries of the file (`_plan_chunks`). By default the choice is the CPU
 loads' (`File.prefers_direct_reads`): direct when little of the file is
-cached, through the cache when it is. On H100 hosts, cold 4 GiB reads were
-faster direct in 7 of 8 comparisons (4–27% less time; one was 9% slower:
-`bench/gpu_bench.py --sweep`, `bench/gpu_probe.py staging`, the figures in
-docs/ARCHITECTURE.md), though the two runs of the default ring setting split
-one each way; a warm file is still read from the cache.
+cached, through the cache when it is (measured on H100 hosts: the figures
+are in docs/ARCHITECTURE.md).
 
 The scheduling does not depend on CUDA: with a CPU target the copies are
-plain synchronous copies, which is how the tests check it on machines
-without a GPU.
+plain memory copies, which is how the tests check it on machines without a
+GPU.
 """
 
 from __future__ import annotations
@@ -42,10 +52,10 @@ import torch
 from ._tensafe_rust import DIRECT_ALIGN, File, cut_reads, stage_data
 
 #: Defaults, chosen with `bench/gpu_bench.py --sweep` on an H100 host (the
-#: table is in docs/ARCHITECTURE.md): many mid-sized chunks keep enough reads
-#: in flight to pull the page cache fastest. Pinned memory: 256 MiB.
-CHUNK_BYTES = 16 << 20
-RING = 16
+#: table is in docs/ARCHITECTURE.md): with the native schedule, small chunks
+#: cost little and keep every reader busy. Pinned memory: 256 MiB.
+CHUNK_BYTES = 4 << 20
+RING = 64
 MAX_THREADS = 16
 
 
@@ -108,18 +118,16 @@ def load_data_section(
     progress: Optional[Callable[[int, int], Any]] = None,
     stats: Optional[StagingStats] = None,
     direct: Optional[bool] = None,
-    schedule: str = "ring",
+    schedule: Optional[str] = None,
 ) -> torch.Tensor:
     """The whole data section of `file` as a uint8 tensor on `device`.
 
     `direct`: read past the page cache; `None` (the default) decides by how
     much of the file is cached (`File.prefers_direct_reads`, the CPU loads'
-    policy). `schedule` (EXPERIMENT): "ring", one thread issues every copy
-    in file order; "readers", each reader copies what it read, on its own
-    stream, out of its own share of the slots (`_load_by_readers`);
-    "native", the same as "readers" on Rust threads that never take the
-    GIL, with the copies issued through the CUDA driver API
-    (`tensafe_io::staging`, `tensafe-cuda`)."""
+    policy). `schedule`: "native" (the default, but on ROCm builds of
+    torch), "ring" or "readers", as the module's docstring describes."""
+    if schedule is None:
+        schedule = "ring" if getattr(torch.version, "hip", None) else "native"
     if schedule not in ("ring", "readers", "native"):
         raise ValueError(f'schedule must be "ring", "readers" or "native", got {schedule!r}')
     total = file.data_len
@@ -242,7 +250,7 @@ def _side_stream(caller: Any) -> Any:
 
 
 def _load_natively(file, chunks, staging, out, caller, threads, direct, progress, stats) -> None:
-    """EXPERIMENT: the readers schedule run by `stage_data` in Rust. Each
+    """The native schedule: the readers schedule run by `stage_data` in Rust. Each
     slot is handed over from where chunks' places in it count
     (`_slot_start`); a CUDA target is given as torch's device pointer, length and the
     caller's raw stream, which the copies start after. The data is on the
@@ -258,7 +266,7 @@ def _load_natively(file, chunks, staging, out, caller, threads, direct, progress
 
 
 def _load_by_readers(chunks, staging, read, out, caller, threads, direct, progress, stats) -> None:
-    """EXPERIMENT: no central scheduler. Each reader (`threads`, at most one
+    """The readers schedule: no central scheduler. Each reader (`threads`, at most one
     per slot) owns every `readers`-th slot and its own stream (after
     `caller`'s work; `None` for CPU targets); it takes the next chunk (any
     order), waits until its slot's last copy has completed, reads into the

@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch as ref_pt
 import tensafe
 import tensafe.torch as ts_pt
-from tensafe._pipeline import StagingStats, _plan_chunks, load_data_section
+from tensafe._pipeline import CHUNK_BYTES, StagingStats, _plan_chunks, load_data_section
 from tensafe._tensafe_rust import File, stage_data
 
 import test_load
@@ -133,14 +133,14 @@ def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring, 
 
 def test_progress_and_cache_drop_on_cuda(page_cache_control, tmp_path):
     path = tmp_path / "progress.safetensors"
-    big = torch.arange(12 * 2**20, dtype=torch.float32)  # 48 MiB: three staging chunks
+    big = torch.arange(12 * 2**20, dtype=torch.float32)  # 48 MiB: several staging chunks
     ts_pt.save_file({"big": big}, path)
     seen = []
     path.read_bytes()  # in the page cache, so that the drop is seen
     loaded = ts_pt.load_file(path, device="cuda:0", backend="pread", progress=lambda done, total: seen.append((done, total)), drop_cache=True)
     assert resident_fraction(path) < 0.1
     assert torch.equal(loaded["big"].cpu(), big)
-    assert len(seen) == 3 and seen[-1] == (big.nbytes, big.nbytes)
+    assert len(seen) == -(-big.nbytes // CHUNK_BYTES) > 1 and seen[-1] == (big.nbytes, big.nbytes)
 
 
 def test_tensor_parallel_load_on_cuda(tmp_path):
@@ -162,8 +162,8 @@ def test_tensor_parallel_load_on_cuda(tmp_path):
 @pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("schedule", ["readers", "native"])
 def test_reader_schedules_on_cuda_are_exact(tmp_path, backend, chunk, ring, threads, direct, schedule):
-    """EXPERIMENT: each reader copies what it read, on its own stream (in
-    Python, or on Rust threads through the driver API)."""
+    """Each reader copies what it read, on its own stream (in Python, or on
+    Rust threads through the driver API: the default)."""
     path = tmp_path / "readers.safetensors"
     ref_pt.save_file({"x": torch.arange(5 * 2**20 + 11, dtype=torch.int32), "y": torch.randn(3, 5)}, path)
     file = File(str(path), backend)
@@ -199,7 +199,7 @@ def test_loads_follow_the_callers_device_and_stream(tmp_path, schedule):
 
 
 def test_native_loads_refuse_a_device_target_that_does_not_fit(tmp_path):
-    """EXPERIMENT: a destination shorter than the data, or not device
+    """The native schedule: a destination shorter than the data, or not device
     memory, is refused before any copy, and the device stays usable."""
     path = tmp_path / "fit.safetensors"
     ref_pt.save_file({"x": torch.arange(2**20, dtype=torch.int32)}, path)

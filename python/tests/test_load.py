@@ -194,7 +194,7 @@ def _chunk_count(file, chunk, direct):
 @pytest.mark.parametrize("direct", [False, True])
 def test_staging_pipeline_is_exact_and_bounded(many_chunks_file, backend, chunk, ring, threads, schedule, direct):
     """The accelerator pipeline's scheduling, run with a CPU target; the
-    "readers" and "native" schedules (EXPERIMENT) let each reader copy what
+    "readers" and "native" (the default) schedules let each reader copy what
     it read, in Python or on Rust threads."""
     from tensafe._pipeline import StagingStats, load_data_section
     from tensafe._tensafe_rust import DIRECT_ALIGN, File
@@ -211,6 +211,23 @@ def test_staging_pipeline_is_exact_and_bounded(many_chunks_file, backend, chunk,
     assert stats.pinned_bytes <= ring * (chunk + (DIRECT_ALIGN if direct else 0))
     assert 1 <= stats.max_in_flight <= min(ring, threads)
     assert seen == sorted(seen) and seen[-1] == file.data_len
+
+
+@pytest.mark.parametrize("hip,expected", [(None, "native"), ("6.4.0", "ring")])
+def test_the_default_schedule_is_native_but_on_rocm(many_chunks_file, monkeypatch, hip, expected):
+    """The native schedule talks to NVIDIA's driver itself, so a ROCm build
+    of torch (whose "cuda" is HIP) gets the ring."""
+    import tensafe._pipeline as pipeline
+    from tensafe._tensafe_rust import File
+
+    monkeypatch.setattr(torch.version, "hip", hip)
+    used = []
+    for name, schedule in (("_load_natively", "native"), ("_load_by_readers", "readers")):
+        real = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda *a, real=real, schedule=schedule: used.append(schedule) or real(*a))
+    data = pipeline.load_data_section(File(str(many_chunks_file), "pread"), "cpu", chunk_bytes=4096, ring=4, direct=False)
+    assert bytes(data.numpy()) == many_chunks_file.read_bytes()[-data.numel():]
+    assert (used or ["ring"]) == [expected]
 
 
 def test_an_unknown_schedule_is_refused(many_chunks_file):
