@@ -25,6 +25,17 @@ def save(tensors: Dict[str, Any], metadata: Optional[Dict[str, str]], to_numpy: 
     return _save.write(items(tensors, to_numpy, kind, code_of), metadata, filename)
 
 
+def convert_each(tensors: Dict[str, Any], convert: Callable[[Any], Any], *, in_place: bool = True) -> Dict[str, Any]:
+    """Backs the reference's private `_np2…`/`_…2np` helpers, which code
+    imports too: every value converted, in the caller's dict, which is
+    returned, as theirs do (`in_place=False`: into a new dict, as mlx's
+    `_mx2np` does)."""
+    converted = tensors if in_place else {}
+    for name, value in tensors.items():
+        converted[name] = convert(value)
+    return converted
+
+
 def load(data: bytes, from_numpy: Callable[[Any], Any]) -> Dict[str, Any]:
     return {name: from_numpy(_to_numpy(t["dtype"], t["shape"], t["data"])) for name, t in deserialize(data)}
 

@@ -29,3 +29,11 @@ def load(data: bytes) -> Dict[str, jnp.ndarray]:
 
 def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, jnp.ndarray]:
     return _numpy_like.load_file(filename, "flax", backend=backend)
+
+
+def _np2jnp(numpy_dict: Dict[str, np.ndarray]) -> Dict[str, jnp.ndarray]:
+    return _numpy_like.convert_each(numpy_dict, jnp.asarray)
+
+
+def _jnp2np(jnp_dict: Dict[str, jnp.ndarray]) -> Dict[str, np.ndarray]:
+    return _numpy_like.convert_each(jnp_dict, np.asarray)

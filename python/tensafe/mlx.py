@@ -29,3 +29,11 @@ def load(data: bytes) -> Dict[str, mx.array]:
 
 def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, mx.array]:
     return _numpy_like.load_file(filename, "mlx", backend=backend)
+
+
+def _np2mx(numpy_dict: Dict[str, np.ndarray]) -> Dict[str, mx.array]:
+    return _numpy_like.convert_each(numpy_dict, mx.array)
+
+
+def _mx2np(mx_dict: Dict[str, mx.array]) -> Dict[str, np.ndarray]:
+    return _numpy_like.convert_each(mx_dict, np.asarray, in_place=False)

@@ -81,3 +81,12 @@ def load(data: bytes, device: Any = "cpu") -> Dict[str, paddle.Tensor]:
 
 def load_file(filename: Union[str, os.PathLike], device: str = "cpu", *, backend: str = "mmap") -> Dict[str, paddle.Tensor]:
     return _numpy_like.load_file(filename, "paddle", device=device, backend=backend)
+
+
+def _np2paddle(numpy_dict: Dict[str, np.ndarray], device: Any = "cpu") -> Dict[str, paddle.Tensor]:
+    place = place_of(device)
+    return _numpy_like.convert_each(numpy_dict, lambda array: from_numpy(array, place))
+
+
+def _paddle2np(paddle_dict: Dict[str, paddle.Tensor]) -> Dict[str, np.ndarray]:
+    return _numpy_like.convert_each(paddle_dict, _to_numpy)

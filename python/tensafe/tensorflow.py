@@ -34,3 +34,12 @@ def load(data: bytes) -> Dict[str, tf.Tensor]:
 
 def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Dict[str, tf.Tensor]:
     return _numpy_like.load_file(filename, "tensorflow", backend=backend)
+
+
+def _np2tf(numpy_dict: Dict[str, np.ndarray]) -> Dict[str, tf.Tensor]:
+    return _numpy_like.convert_each(numpy_dict, tf.convert_to_tensor)
+
+
+def _tf2np(tf_dict: Dict[str, tf.Tensor]) -> Dict[str, np.ndarray]:
+    # `.numpy()` as it is: scalars stay numpy scalars, as the reference's are.
+    return _numpy_like.convert_each(tf_dict, lambda tensor: tensor.numpy())

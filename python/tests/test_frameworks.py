@@ -152,6 +152,7 @@ def check(module, tmp_path):
     with tensafe.safe_open(ours_path, alias) as f:
         want = arrays["float32.0"][1:, ::2]
         assert as_numpy(f.get_slice("float32.0")[1:, ::2]).tobytes() == want.tobytes()
+    check_private_converters(ours, ref, arrays)
     if module == "paddle":
         for lib in (ours, ref):
             with pytest.raises(ValueError, match="^Key `bad` is invalid, expected paddle.Tensor but received <class 'list'>$"):
@@ -173,6 +174,24 @@ def check(module, tmp_path):
         tensafe.numpy.save_file({"f8": np.zeros(3, ml_dtypes.float8_e4m3fn)}, tmp_path / "f8.safetensors")
         with tensafe.safe_open(tmp_path / "f8.safetensors", "mlx") as f, pytest.raises(tensafe.SafetensorError, match="mlx has no float8_e4m3fn type"):
             f.get_tensor("f8")
+
+
+def check_private_converters(ours, ref, arrays):
+    """The reference's `_np2…` and `_…2np` helpers (code imports them too):
+    the same values and types, and the same dict handed back (the caller's,
+    converted in place, or a new one)."""
+    import re
+
+    names = sorted(name for name in vars(ref) if re.fullmatch(r"_np2[a-z]+|_[a-z]+2np", name))
+    assert len(names) == 2, names
+    for name in names:
+        to_numpy = name.endswith("2np")
+        outcomes = []
+        for lib in (ours, ref):
+            given = {k: converter(lib.__name__.split(".")[-1])(v) if to_numpy else v for k, v in arrays.items()}
+            got = getattr(lib, name)(given)
+            outcomes.append((got is given, {k: (type(v), np.asarray(as_numpy(v)).dtype, as_numpy(v).tobytes()) for k, v in got.items()}))
+        assert outcomes[0] == outcomes[1], name
 
 
 def check_paddle_bfloat16(ours, ref, tmp_path):
