@@ -45,14 +45,29 @@ fn remote_error(e: tensafe_remote::RemoteError) -> PyErr {
     if e.is_not_found() { PyFileNotFoundError::new_err(e.to_string()) } else { SafetensorError::new_err(e.to_string()) }
 }
 
+/// How far a load gets between two calls of its `progress(done, total)`
+/// (and one call at the end): a callback per 4 MiB chunk would cost a GIL
+/// acquisition each, 25,000 for 100 GB.
+const PROGRESS_STEP: usize = 64 << 20;
+
+/// Asked, from time to time, whether a read should give up (Ctrl-C).
+type Stop<'a> = Option<&'a (dyn Fn() -> bool + Sync)>;
+
 /// Reads positioned bytes of any source that is not in memory; `prefix`
-/// starts the message of a failed local read (the reference's, where it has one).
-fn read_at(source: &Source, offset: usize, dst: &mut [u8], prefix: &str) -> PyResult<()> {
+/// starts the message of a failed local read (the reference's, where it has
+/// one). A remote read ends early, cancelling its requests, once `stop`
+/// answers true.
+fn read_at(source: &Source, offset: usize, dst: &mut [u8], prefix: &str, stop: Stop<'_>) -> PyResult<()> {
     match source {
         Source::Pread(p) => p.read_data_at(offset as u64, dst).map_err(|e| error(prefix, &e)),
         Source::Remote(r) => {
             let range = r.range(r.header().data_start() + offset as u64, 0, dst.len());
-            tensafe_remote::read_into(&[range], dst, r.options(), None).map(|_| ()).map_err(remote_error)
+            match stop {
+                Some(stop) => tensafe_remote::read_into_until(&[range], dst, r.options(), None, &mut || stop()),
+                None => tensafe_remote::read_into(&[range], dst, r.options(), None),
+            }
+            .map(|_| ())
+            .map_err(remote_error)
         }
         _ => unreachable!("sources in memory are copied from, not read"),
     }
@@ -182,9 +197,9 @@ impl File {
     }
 
     /// `dst.len()` bytes of the data section at `offset` into `dst`, without
-    /// the GIL (`read_data_into`, the staged loads); `direct` as there.
-    /// Returns the bytes read past the page cache.
-    fn read_data(&self, offset: usize, dst: &mut [u8], direct: bool) -> PyResult<usize> {
+    /// the GIL (`read_data_into`, the staged loads); `direct` as there, and
+    /// `stop` as `read_at`'s. Returns the bytes read past the page cache.
+    fn read_data(&self, offset: usize, dst: &mut [u8], direct: bool, stop: Stop<'_>) -> PyResult<usize> {
         if let (true, Some(local)) = (direct, self.local())
             && let Some(direct_file) = self.direct_handle(local)
         {
@@ -198,7 +213,7 @@ impl File {
                 dst.copy_from_slice(&self.source.data().expect("in memory")[offset..offset + dst.len()]);
                 Ok(())
             }
-            Source::Pread(_) | Source::Remote(_) => read_at(&self.source, offset, dst, ""),
+            Source::Pread(_) | Source::Remote(_) => read_at(&self.source, offset, dst, "", stop),
         }
         .map(|()| 0)
     }
@@ -397,7 +412,7 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            self.read_data(offset, dst, direct)
+            self.read_data(offset, dst, direct, None)
         })
     }
 
@@ -432,12 +447,12 @@ impl File {
             return Err(PyValueError::new_err(format!("read_all_into needs a writable contiguous buffer of {total} bytes")));
         }
         let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
-        // `progress(done, total)` at most every 64 MiB, and at the end.
+        // `progress(done, total)` at most every PROGRESS_STEP, and at the end.
         let mut next_report = 0;
         let mut report = |done: usize| -> PyResult<()> {
             match &progress {
                 Some(callback) if done >= next_report || done == total => {
-                    next_report = done + (64 << 20);
+                    next_report = done + PROGRESS_STEP;
                     Python::attach(|py| callback.call1(py, (done, total)).map(drop))
                 }
                 _ => Ok(()),
@@ -574,7 +589,7 @@ impl File {
             source @ (Source::Pread(_) | Source::Remote(_)) => {
                 let begin = info.data_offsets.0;
                 let prefix = format!("Could not read tensor {} from file: ", tensafe::Printable(name));
-                let array = PyByteArray::new_with(py, info.byte_len(), |dst| py.detach(|| read_at(source, begin, dst, &prefix)))?;
+                let array = PyByteArray::new_with(py, info.byte_len(), |dst| py.detach(|| read_at(source, begin, dst, &prefix, None)))?;
                 Ok(array.into_any())
             }
             Source::Memory { header, object, .. } => {
@@ -1193,10 +1208,12 @@ fn scan_pickle(py: Python<'_>, path: PathBuf) -> PyResult<String> {
 fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("SafetensorError", py.get_type::<SafetensorError>())?;
+    m.add("NativeStagingUnavailable", py.get_type::<staging::NativeStagingUnavailable>())?;
     m.add_class::<File>()?;
     m.add_class::<TensorBuffer>()?;
     m.add_class::<HostBuffer>()?;
     m.add("DIRECT_ALIGN", tensafe_io::DIRECT_ALIGN)?;
+    m.add("PROGRESS_STEP", PROGRESS_STEP)?;
     m.add_class::<TensorSpec>()?;
     m.add_class::<PyTensorParallelPlan>()?;
     m.add_function(wrap_pyfunction!(serialize, m)?)?;

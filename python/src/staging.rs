@@ -4,13 +4,27 @@
 //! destination and the pinned slots and plans the chunks; this runs them.
 
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::buffer::PyUntypedBuffer;
+use pyo3::create_exception;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use tensafe_cuda::DeviceSink;
 use tensafe_io::staging::{self, Chunk, Progress};
 
-use crate::File;
+use crate::{File, PROGRESS_STEP};
+
+create_exception!(
+    tensafe._tensafe_rust,
+    NativeStagingUnavailable,
+    PyRuntimeError,
+    "A native staged load could not start on this device, before anything was read or copied: the CUDA driver \
+     library is missing, a stub, or not the driver torch uses, or the destination is memory the driver does not \
+     know as that device's. `_pipeline.py` then loads through torch's copies instead."
+);
 
 /// Where the chunks go: host memory (a writable buffer; the CPU stand-in the
 /// tests use) or device memory given as (device ordinal, device pointer,
@@ -42,12 +56,16 @@ impl Writable {
 /// Runs a staged load of `file`'s data section: `chunks` are (offset in the
 /// data section, length, place in a slot), read by `readers` threads into
 /// `slots` (writable buffers; for a device target, pinned memory) and
-/// copied to `target`. Calls `progress(done, total)` after each chunk.
-/// Returns (chunks copied, most reads in flight, bytes read past the page
-/// cache).
+/// copied to `target`. Calls `progress(done, total)` every `PROGRESS_STEP`
+/// bytes whose copy started, and `progress(total, total)` once every copy
+/// has completed. Ctrl-C stops the load, remote requests in flight
+/// included. Returns (chunks copied, most reads in flight, bytes read past
+/// the page cache).
 ///
 /// Internal to `_pipeline.py`. A device target's pointer must be memory of
-/// that device (checked); its length and stream are trusted to be torch's.
+/// that device (checked: `NativeStagingUnavailable` otherwise, as for any
+/// failure to set the device up); its length and stream are trusted to be
+/// torch's.
 #[pyfunction]
 #[pyo3(signature = (file, chunks, slots, readers, target, *, direct, progress = None))]
 #[allow(clippy::too_many_arguments)]
@@ -82,41 +100,85 @@ pub fn stage_data(
     if regions.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
         return Err(PyValueError::new_err("staging slots, the destination and the file's memory must not overlap"));
     }
-    let device = match target {
-        Target::Device(device) => Some(device),
+    let sink = match target {
+        Target::Device((ordinal, ptr, len, stream)) => Some(py.detach(|| open_sink(ordinal, ptr, len, stream)).map_err(NativeStagingUnavailable::new_err)?),
         Target::Host(_) => None,
     };
+    // Set when the load is interrupted, so that remote reads give up at
+    // once; the interruption itself is kept, to be raised rather than the
+    // reads' "stopped" errors that may reach the engine first.
+    let interrupted = AtomicBool::new(false);
+    let interruption: Mutex<Option<PyErr>> = Mutex::new(None);
     let report = py.detach(|| {
         // SAFETY: the exports are held until this returns, and the regions are disjoint.
         let slot_slices = slot_regions.iter().map(|&(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }).collect();
+        let stop = || interrupted.load(Ordering::Relaxed);
         let read = |chunk: &Chunk, dst: &mut [u8]| {
-            file.read_data(chunk.offset, dst, direct).map(|n| n as u64).map_err(io::Error::other)
+            file.read_data(chunk.offset, dst, direct, Some(&stop)).map(|n| n as u64).map_err(io::Error::other)
         };
+        let mut next_report = PROGRESS_STEP;
         let on_progress = |heard: Progress| -> io::Result<()> {
-            match (heard, &progress) {
-                (Progress::Done(done), Some(callback)) => Python::attach(|py| callback.call1(py, (done, total)).map(drop).map_err(io::Error::other)),
-                (Progress::Done(_), None) => Ok(()),
+            let call = match (heard, &progress) {
+                // The last report waits until the copies have completed.
+                (Progress::Done(done), Some(callback)) if done >= next_report && done < total => {
+                    next_report = done + PROGRESS_STEP;
+                    Some((callback, done))
+                }
+                (Progress::Done(_), _) => None,
                 // Ctrl-C stops a long load (Python's handlers run on the main thread only).
-                (Progress::Tick, _) => Python::attach(|py| py.check_signals().map_err(io::Error::other)),
+                (Progress::Tick, _) => {
+                    return Python::attach(|py| py.check_signals()).map_err(|e| interrupt(&interrupted, &interruption, e));
+                }
+            };
+            match call {
+                Some((callback, done)) => {
+                    Python::attach(|py| callback.call1(py, (done, total)).map(drop)).map_err(|e| interrupt(&interrupted, &interruption, e))
+                }
+                None => Ok(()),
             }
         };
-        match (host_region, device) {
+        match (host_region, &sink) {
             (Some((ptr, len)), _) => {
                 // SAFETY: as the slots.
                 let out = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
                 staging::stage_to_host(&chunks, slot_slices, readers, out, read, on_progress)
             }
-            (None, Some((ordinal, ptr, len, stream))) => {
-                // SAFETY: `_pipeline.py` passes torch's pointer, length and stream for that device.
-                let sink = unsafe { tensafe_cuda::DeviceSink::new(ordinal, ptr, len, stream) }.map_err(io::Error::from)?;
-                staging::stage(&chunks, slot_slices, readers, &sink, read, on_progress)
-            }
+            (None, Some(sink)) => staging::stage(&chunks, slot_slices, readers, sink, read, on_progress),
             (None, None) => unreachable!("a target is on the host or on a device"),
         }
     });
-    drop((slots, host));
+    drop((slots, host, sink));
+    if let Some(raised) = interruption.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+        return Err(raised);
+    }
     let report = report.map_err(to_python)?;
+    if let Some(callback) = &progress {
+        callback.call1(py, (total, total))?;
+    }
     Ok((report.chunks, report.max_reading, report.direct_bytes))
+}
+
+/// Records why a load was interrupted (the progress callback's exception,
+/// or KeyboardInterrupt) and tells the readers to give up.
+fn interrupt(interrupted: &AtomicBool, interruption: &Mutex<Option<PyErr>>, raised: PyErr) -> io::Error {
+    let kept = Python::attach(|py| raised.clone_ref(py));
+    interruption.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_or_insert(kept);
+    interrupted.store(true, Ordering::Relaxed);
+    io::Error::other(raised)
+}
+
+/// The device sink, or why it could not be set up. A panic in the driver
+/// bindings (a library without a symbol they need) is such a reason too.
+fn open_sink(ordinal: i32, ptr: u64, len: usize, stream: usize) -> Result<DeviceSink, String> {
+    // SAFETY: `_pipeline.py` passes torch's pointer, length and stream for that device.
+    match catch_unwind(AssertUnwindSafe(|| unsafe { DeviceSink::new(ordinal, ptr, len, stream) })) {
+        Ok(Ok(sink)) => Ok(sink),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => {
+            let why = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("");
+            Err(format!("the CUDA driver bindings failed: {why}"))
+        }
+    }
 }
 
 /// The Python exception for a failed staged load: the one a read or the

@@ -4,10 +4,11 @@ buffers.
 The data section is cut into chunks, read into a bounded set of pinned
 slots and copied to one device allocation; tensors are views of it. The
 staging memory is allocated once per load and bounded: `ring × chunk_bytes`
-bytes, never more (with direct reads, chunks are whole pages, at least one,
-and a slot gets a page more only where an allocator hands out memory that is
-not page-aligned); a slot is refilled only after the copy out of it has
-completed.
+bytes asked for, never more (with direct reads, chunks are whole pages, at
+least one, and a slot gets a page more only where an allocator hands out
+memory that is not page-aligned; torch's pinned allocator rounds each slot
+up to a power of two, which the default chunk size already is); a slot is
+refilled only after the copy out of it has completed.
 
 Three schedules run that plan (`load_data_section(schedule=...)`):
 
@@ -16,11 +17,15 @@ Three schedules run that plan (`load_data_section(schedule=...)`):
   reads it into one of its own slots and issues the copy through the CUDA
   driver API (`tensafe-cuda`) on its own stream, so no reader waits for
   another. It was the fastest on an H100 host (docs/ARCHITECTURE.md,
-  "Staging defaults").
+  "Staging defaults"). It returns once every copy has completed; progress
+  is reported every `PROGRESS_STEP` bytes and once at that end.
 - "ring": one Python thread issues every copy in file order on two streams
-  while a pool of readers fills the slots. The default where torch's "cuda"
-  is not NVIDIA's driver (ROCm builds), since the native schedule talks to
-  libcuda itself.
+  while a pool of readers fills the slots; progress after every chunk. The
+  default where torch's "cuda" is not NVIDIA's driver (ROCm builds), since
+  the native schedule talks to libcuda itself, and where the native
+  schedule could not start (`NativeStagingUnavailable`: a libcuda that is
+  missing, a stub, or not the driver torch uses): the first such load warns
+  and goes on through the ring, and later loads take the ring at once.
 - "readers": the native schedule's rule in Python threads (each copy takes
   the GIL); kept for comparison.
 
@@ -44,12 +49,13 @@ import itertools
 import os
 import queue
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from ._tensafe_rust import DIRECT_ALIGN, File, cut_reads, stage_data
+from ._tensafe_rust import DIRECT_ALIGN, File, NativeStagingUnavailable, cut_reads, stage_data
 
 #: Defaults, chosen with `bench/gpu_bench.py --sweep` on an H100 host (the
 #: table is in docs/ARCHITECTURE.md): with the native schedule, small chunks
@@ -57,6 +63,19 @@ from ._tensafe_rust import DIRECT_ALIGN, File, cut_reads, stage_data
 CHUNK_BYTES = 4 << 20
 RING = 64
 MAX_THREADS = 16
+
+
+#: Why the native schedule could not start in this process, once it could
+#: not: loads that did not ask for a schedule then take the ring.
+_native_refused: Optional[str] = None
+
+
+def _refuse_native(why: str) -> None:
+    """Remembers that the native schedule cannot start here, and says so once."""
+    global _native_refused
+    if _native_refused is None:
+        warnings.warn(f"tensafe: loading through torch's copies instead of the native schedule: {why}", RuntimeWarning, stacklevel=2)
+    _native_refused = why
 
 
 class StagingStats:
@@ -76,8 +95,9 @@ class StagingStats:
 
 def default_threads(ring: int) -> int:
     """Reader threads for a ring of `ring` slots: one per slot, at most one
-    per core and at most MAX_THREADS."""
-    return max(1, min(ring, os.cpu_count() or 1, MAX_THREADS))
+    per core this process may run on, and at most MAX_THREADS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(ring, cores or 1, MAX_THREADS))
 
 
 def _plan_chunks(data_start: int, total: int, chunk_bytes: int, direct: bool) -> List[Tuple[int, int, int]]:
@@ -126,8 +146,9 @@ def load_data_section(
     much of the file is cached (`File.prefers_direct_reads`, the CPU loads'
     policy). `schedule`: "native" (the default, but on ROCm builds of
     torch), "ring" or "readers", as the module's docstring describes."""
+    fall_back = schedule is None
     if schedule is None:
-        schedule = "ring" if getattr(torch.version, "hip", None) else "native"
+        schedule = "ring" if getattr(torch.version, "hip", None) or _native_refused else "native"
     if schedule not in ("ring", "readers", "native"):
         raise ValueError(f'schedule must be "ring", "readers" or "native", got {schedule!r}')
     total = file.data_len
@@ -151,8 +172,14 @@ def load_data_section(
         stats.pinned_bytes = sum(buf.numel() for buf in staging)
         stats.direct = direct
     if schedule == "native":
-        _load_natively(file, chunks, staging, out, caller, threads, direct, progress, stats)
-        return out
+        try:
+            _load_natively(file, chunks, staging, out, caller, threads, direct, progress, stats)
+            return out
+        except NativeStagingUnavailable as e:
+            if not fall_back:
+                raise
+            _refuse_native(str(e))
+    # The ring (asked for, or the native schedule could not start).
     direct_bytes = [0] * len(chunks)
     reading, reading_lock = [0], threading.Lock()
 

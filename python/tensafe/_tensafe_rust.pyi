@@ -10,6 +10,10 @@ DTYPES: List[Tuple[str, int, Optional[str]]]
 class SafetensorError(Exception):
     """Raised for invalid files, invalid arguments and failed reads or writes."""
 
+class NativeStagingUnavailable(RuntimeError):
+    """`stage_data` could not set a device up (the CUDA driver library, or
+    the destination memory), before anything was read or copied."""
+
 class TensorSpec:
     """A tensor given by a raw address (the reference's API). The caller keeps
     the memory alive and unchanged until the serializer returns."""
@@ -40,6 +44,8 @@ class HostBuffer:
 
 #: Alignment (bytes) of the I/O engine's direct reads: file offset, length and destination.
 DIRECT_ALIGN: int
+#: Bytes between two progress reports of a bulk read or a native staged load.
+PROGRESS_STEP: int
 
 class File:
     """An open safetensors file (mmap, pread or in-memory source)."""

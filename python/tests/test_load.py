@@ -206,7 +206,10 @@ def test_staging_pipeline_is_exact_and_bounded(many_chunks_file, backend, chunk,
     raw = many_chunks_file.read_bytes()
     assert bytes(data.numpy()) == raw[file.data_start :]
     expected = _chunk_count(file, chunk, direct)
-    assert stats.chunks == expected == len(seen) and expected > ring
+    assert stats.chunks == expected and expected > ring
+    # The native schedule reports every PROGRESS_STEP (more than this file)
+    # and once at the end; the Python ones after every chunk.
+    assert len(seen) == (1 if schedule == "native" else expected)
     assert stats.direct == direct and (stats.direct_bytes > 0) == direct
     assert stats.pinned_bytes <= ring * (chunk + (DIRECT_ALIGN if direct else 0))
     assert 1 <= stats.max_in_flight <= min(ring, threads)
@@ -312,9 +315,34 @@ def test_reads_of_a_file_cut_short_fail_with_the_references_words(tmp_path):
         assert messages[0].startswith(words) and messages[1].startswith(words), messages
 
 
-def test_the_native_schedule_passes_a_progress_error_through(many_chunks_file):
+@pytest.fixture(scope="module")
+def file_of_a_few_steps(tmp_path_factory):
+    """Data of 2.5 progress steps (160 MiB) and a few bytes, at an odd offset."""
+    from tensafe._tensafe_rust import PROGRESS_STEP
+
+    path = tmp_path_factory.mktemp("steps") / "steps.safetensors"
+    ts_np.save_file({"odd": np.arange(3, dtype=np.int8), "x": np.arange(5 * PROGRESS_STEP // 8, dtype=np.float32)}, path)
+    return path
+
+
+def test_the_native_schedule_reports_progress_every_step_and_at_the_end(file_of_a_few_steps):
     from tensafe._pipeline import load_data_section
-    from tensafe._tensafe_rust import File
+    from tensafe._tensafe_rust import PROGRESS_STEP, File
+
+    file, seen = File(str(file_of_a_few_steps), "pread"), []
+    data = load_data_section(file, "cpu", chunk_bytes=1 << 20, ring=8, threads=2, direct=False, schedule="native",
+                             progress=lambda done, total: seen.append((done, total)))
+    assert bytes(data[:4096].numpy()) == file_of_a_few_steps.read_bytes()[file.data_start :][:4096]
+    total = file.data_len
+    assert [t for _, t in seen] == [total] * len(seen) and seen[-1][0] == total
+    done = [d for d, _ in seen]
+    assert len(done) == 3 and done == sorted(done), done  # two steps, then the end
+    assert all(b - a >= PROGRESS_STEP for a, b in zip([0, *done[:-2]], done[:-1])), done
+
+
+def test_the_native_schedule_passes_a_progress_error_through(file_of_a_few_steps):
+    from tensafe._pipeline import load_data_section
+    from tensafe._tensafe_rust import PROGRESS_STEP, File
 
     calls = []
 
@@ -323,9 +351,39 @@ def test_the_native_schedule_passes_a_progress_error_through(many_chunks_file):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        load_data_section(File(str(many_chunks_file), "pread"), "cpu", chunk_bytes=4096, ring=4, threads=2, direct=False,
+        load_data_section(File(str(file_of_a_few_steps), "pread"), "cpu", chunk_bytes=1 << 20, ring=4, threads=2, direct=False,
                           schedule="native", progress=progress)
-    assert len(calls) == 1, "after a failed callback no more progress is reported"
+    assert len(calls) == 1 and calls[0] < 2 * PROGRESS_STEP, "the first report raised, midway, and no more came"
+
+
+def test_a_default_load_falls_back_to_the_ring_when_the_native_schedule_cannot_start(many_chunks_file, monkeypatch):
+    """A driver that cannot serve the native schedule (a stub libcuda, another
+    driver than torch's) is found before anything is read: a load that did
+    not ask for a schedule warns once and goes through torch's copies."""
+    import tensafe._pipeline as pipeline
+    from tensafe._tensafe_rust import File, NativeStagingUnavailable
+
+    def refuse(*args, **kwargs):
+        attempts.append(1)
+        raise NativeStagingUnavailable("the CUDA driver library (libcuda) could not be loaded")
+
+    attempts = []
+    monkeypatch.setattr(pipeline, "stage_data", refuse)
+    monkeypatch.setattr(pipeline, "_native_refused", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    want = many_chunks_file.read_bytes()
+    file = File(str(many_chunks_file), "pread")
+    with pytest.warns(RuntimeWarning, match="instead of the native schedule: the CUDA driver library"):
+        first = pipeline.load_data_section(file, "cpu", chunk_bytes=4096, ring=4, direct=False)
+    assert bytes(first.numpy()) == want[file.data_start :] and attempts == [1]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = pipeline.load_data_section(file, "cpu", chunk_bytes=4096, ring=4, direct=False)
+    assert bytes(again.numpy()) == want[file.data_start :] and attempts == [1], "the ring at once, without a second warning"
+    with pytest.raises(NativeStagingUnavailable):
+        pipeline.load_data_section(file, "cpu", chunk_bytes=4096, ring=4, direct=False, schedule="native")
 
 
 def test_the_native_schedule_refuses_overlapping_or_read_only_buffers(many_chunks_file):
@@ -347,7 +405,7 @@ _FAKE_DRIVER_CHILD = """
 import ctypes, sys
 import numpy as np
 from tensafe._pipeline import _plan_chunks
-from tensafe._tensafe_rust import File, stage_data
+from tensafe._tensafe_rust import File, NativeStagingUnavailable, stage_data
 
 fake = ctypes.CDLL("libcuda.so")  # the fake, first on the library path
 file = File(sys.argv[1], "pread")
@@ -359,14 +417,14 @@ chunks = _plan_chunks(file.data_start, file.data_len, 8192, False)
 seen = []
 count, _, _ = stage_data(file, chunks, slots, 2, (0, device.ctypes.data, device.nbytes, 0), direct=False,
                          progress=lambda done, total: seen.append(done))
-assert count == len(chunks) == len(seen) and seen[-1] == file.data_len
+assert count == len(chunks) and seen == [file.data_len], seen  # once, when the copies have completed
 assert device.tobytes() == open(sys.argv[1], "rb").read()[file.data_start:], "wrong bytes on the fake device"
 for counter in (b"no_context", b"busy_destroys", b"pending", b"retained", b"streams", b"events"):
     assert fake.fake_counter(counter) == 0, (counter, fake.fake_counter(counter))
 host = np.zeros(file.data_len, np.uint8)  # memory the driver does not know
 try:
     stage_data(file, chunks, slots, 2, (0, host.ctypes.data, host.nbytes, 0), direct=False)
-except RuntimeError as e:
+except NativeStagingUnavailable as e:
     assert "is not memory of CUDA device 0" in str(e), e
 else:
     raise AssertionError("host memory was accepted as a device destination")
@@ -390,6 +448,28 @@ def test_native_device_loads_through_a_fake_driver(many_chunks_file, tmp_path):
     env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("LD_LIBRARY_PATH")])))
     child = subprocess.run([sys.executable, "-c", _FAKE_DRIVER_CHILD, str(many_chunks_file)], env=env, capture_output=True, text=True)
     assert child.returncode == 0 and "fake device load ok" in child.stdout, child.stdout + child.stderr
+
+    # A libcuda without the driver's functions (as a wrong library found
+    # first would be): refused as unusable, not a crash or a Rust panic.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "libcuda.c").write_text("int not_a_driver;\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "empty" / "libcuda.so"), str(tmp_path / "empty" / "libcuda.c")], check=True)
+    env["LD_LIBRARY_PATH"] = str(tmp_path / "empty")
+    child = subprocess.run([sys.executable, "-c", _UNUSABLE_DRIVER_CHILD, str(many_chunks_file)], env=env, capture_output=True, text=True)
+    assert child.returncode == 0 and "refused:" in child.stdout, child.stdout + child.stderr
+
+
+_UNUSABLE_DRIVER_CHILD = """
+import sys
+import numpy as np
+from tensafe._tensafe_rust import File, NativeStagingUnavailable, stage_data
+
+file = File(sys.argv[1], "pread")
+try:
+    stage_data(file, [(0, 4096, 0)], [np.empty(4096, np.uint8)], 1, (0, 1 << 40, file.data_len, 0), direct=False)
+except NativeStagingUnavailable as e:
+    print("refused:", e)
+"""
 
 
 @pytest.mark.parametrize("backend", ["mmap", "pread"])

@@ -161,6 +161,28 @@ def test_ctrl_c_or_a_progress_exception_stops_a_remote_load_midway(served):
     assert cancelled < full / 2, f"cancelled after {cancelled:.2f} s of a {full:.2f} s load"
 
 
+def test_ctrl_c_stops_a_staged_remote_load_midway(served):
+    """The native staged load (what a load to a GPU runs; here with a CPU
+    target) cancels the requests in flight at Ctrl-C, instead of waiting for
+    every reader's chunk: two readers of one 1 GiB chunk each."""
+    from tensafe._pipeline import load_data_section
+    from tensafe._tensafe_rust import File
+
+    file = File(f"{served[0]}/sparse-2GiB.safetensors")
+
+    def load():
+        return load_data_section(file, "cpu", chunk_bytes=1 << 30, ring=2, threads=2, direct=False, schedule="native")
+
+    assert load().shape == (2 << 30,)  # first allocations of this size are slow
+    start = time.perf_counter()
+    load()
+    full = time.perf_counter() - start
+    if full < 0.8:
+        pytest.skip(f"the whole load takes {full:.2f} s here: too short to stop midway")
+    stopped = stops_early(lambda: seconds_until_a_signal_stops(load, after=0.15), full)
+    assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s load"
+
+
 @pytest.mark.parametrize("target", ["sharded/", "sharded/model.safetensors.index.json"])
 def test_http_sharded_checkpoint_opens_as_one(served, target):
     base, sd = served
