@@ -2,8 +2,11 @@
 //!
 //! Text that comes from a server (error bodies, status reasons) is shown
 //! through [`Printable`], so that a hostile server cannot put terminal
-//! control sequences or forged lines into a caller's messages and logs.
+//! control sequences or forged lines into a caller's messages and logs:
+//! also down the `source()` chain, which error reporters print too
+//! ([`ClientError`]).
 
+use std::fmt;
 use std::ops::Range;
 
 use tensafe::Printable;
@@ -21,13 +24,13 @@ pub enum RemoteError {
         reason: String,
     },
     /// The store could not be set up (missing bucket, account, bad option…).
-    #[error("{url}: cannot configure the object store client: {}", Printable(&source.to_string()))]
+    #[error("{url}: cannot configure the object store client: {source}")]
     Config {
         /// The URL.
         url: String,
         /// The client's error.
         #[source]
-        source: Box<object_store::Error>,
+        source: ClientError,
     },
     /// 404, or the bucket or container does not exist.
     #[error("{url}: not found (HTTP 404): {}", Printable(detail))]
@@ -93,7 +96,7 @@ pub enum RemoteError {
         attempts: u32,
     },
     /// The response body broke off (or ran on past its length), on every try.
-    #[error("{url}: the response for bytes {}..{} broke off after {received} bytes{}: {}", range.start, range.end, if *attempts > 1 { format!(" ({attempts} tries)") } else { String::new() }, Printable(&source.to_string()))]
+    #[error("{url}: the response for bytes {}..{} broke off after {received} bytes{}: {}", range.start, range.end, if *attempts > 1 { format!(" ({attempts} tries)") } else { String::new() }, source)]
     Interrupted {
         /// The URL.
         url: String,
@@ -105,7 +108,7 @@ pub enum RemoteError {
         attempts: u32,
         /// The client's error.
         #[source]
-        source: Box<object_store::Error>,
+        source: ClientError,
     },
     /// The tries of a request ran out of time: the server is too slow, or
     /// stalled.
@@ -139,13 +142,13 @@ pub enum RemoteError {
         reason: String,
     },
     /// Any other transfer failure (after the configured retries).
-    #[error("{url}: {}", Printable(&source.to_string()))]
+    #[error("{url}: {source}")]
     Transfer {
         /// The URL.
         url: String,
         /// The client's error, which says how many retries were made.
         #[source]
-        source: Box<object_store::Error>,
+        source: ClientError,
     },
     /// The file is not a valid safetensors file (or the caller's request does not fit it).
     #[error("{url}: {source}")]
@@ -168,6 +171,65 @@ pub enum RemoteError {
     /// The blocking API was called from inside an async runtime.
     #[error("tensafe-remote's blocking API was called from inside an async runtime; call it from a plain thread (e.g. tokio::task::spawn_blocking)")]
     InsideRuntime,
+}
+
+/// An error of the object store client, as tensafe-remote shows it: its
+/// text, and the text of every error under it, escaped ([`Printable`]), since
+/// servers write part of it. [`ClientError::get`] gives the error itself.
+#[derive(Debug)]
+pub struct ClientError {
+    error: Box<object_store::Error>,
+    /// The escaped texts of the errors under `error`, nearest first.
+    causes: Option<Box<EscapedCause>>,
+}
+
+impl ClientError {
+    pub(crate) fn new(error: object_store::Error) -> ClientError {
+        let mut texts = Vec::new();
+        let mut under = std::error::Error::source(&error);
+        while let Some(cause) = under {
+            texts.push(Printable(&cause.to_string()).to_string());
+            under = cause.source();
+        }
+        let causes = texts.into_iter().rev().fold(None, |next, text| Some(Box::new(EscapedCause { text, next })));
+        ClientError { error: Box::new(error), causes }
+    }
+
+    /// The client's error as it came, its text unescaped.
+    pub fn get(&self) -> &object_store::Error {
+        &self.error
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", Printable(&self.error.to_string()))
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.causes.as_deref().map(|cause| cause as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// One escaped link of a [`ClientError`]'s chain.
+#[derive(Debug)]
+struct EscapedCause {
+    text: String,
+    next: Option<Box<EscapedCause>>,
+}
+
+impl fmt::Display for EscapedCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for EscapedCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.next.as_deref().map(|cause| cause as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// `Result` with [`RemoteError`].

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore};
 
-use crate::error::{RemoteError, Result};
+use crate::error::{ClientError, RemoteError, Result};
 use crate::traffic::{Counter, Probe, Traffic};
 use crate::RemoteOptions;
 
@@ -266,7 +266,7 @@ impl Failure {
         match self {
             Failure::TimedOut { received } => RemoteError::TimedOut { url, range, received, attempts, after: tries.elapsed() },
             Failure::Length { received } => RemoteError::WrongLength { url, range, received, attempts },
-            Failure::Body { received, source } => RemoteError::Interrupted { url, range, received, attempts, source: Box::new(source) },
+            Failure::Body { received, source } => RemoteError::Interrupted { url, range, received, attempts, source: ClientError::new(source) },
             Failure::Store(e) => classify(e, probe, object, range),
             Failure::Changed { size } => changed(url, object, size),
         }
@@ -373,7 +373,7 @@ pub(crate) fn classify_status(url: String, e: object_store::Error, probe: Option
             RemoteError::Forbidden { url, status: if status == 401 { 401 } else { 403 }, detail }
         }
         _ if status == 401 || status == 403 => RemoteError::Forbidden { url, status, detail },
-        source => RemoteError::Transfer { url, source: Box::new(source) },
+        source => RemoteError::Transfer { url, source: ClientError::new(source) },
     }
 }
 

@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectStore};
 use tensafe::{Header, SlicePlan};
 
-use crate::error::{RemoteError, Result};
+use crate::error::{ClientError, RemoteError, Result};
 use crate::fetch::{classify, read_pieces, Object, Piece, Tries};
 use crate::store::{block_on, store_for, RemoteUrl};
 use crate::traffic::{Counter, Probe, Traffic};
@@ -136,7 +136,7 @@ impl RemoteFile {
             if !tries.wait().await {
                 let (url, range, attempts) = (url.to_string(), 0..expected, tries.attempts);
                 return Err(match failure {
-                    Some(source) => RemoteError::Interrupted { url, range, received, attempts, source: Box::new(source) },
+                    Some(source) => RemoteError::Interrupted { url, range, received, attempts, source: ClientError::new(source) },
                     None => RemoteError::WrongLength { url, range, received, attempts },
                 });
             }

@@ -90,7 +90,7 @@ mod write;
 use std::time::Duration;
 
 pub use checkpoint::RemoteCheckpoint;
-pub use error::{RemoteError, Result};
+pub use error::{ClientError, RemoteError, Result};
 pub use file::{read_into, read_into_until, RemoteFile, RemoteRange};
 pub use object_store::{BackoffConfig, RetryConfig};
 pub use store::{RemoteUrl, Scheme};

@@ -12,7 +12,7 @@ use object_store::path::Path;
 use object_store::ObjectStore;
 use url::Url;
 
-use crate::error::{RemoteError, Result};
+use crate::error::{ClientError, RemoteError, Result};
 use crate::client::{self, Redirects};
 use crate::traffic::InstrumentedConnector;
 use crate::RemoteOptions;
@@ -159,7 +159,7 @@ pub(crate) fn store_for(url: &RemoteUrl, options: &RemoteOptions) -> Result<Arc<
     if let Some(store) = stores.get(&key) {
         return Ok(store.clone());
     }
-    let store = build(url, options).map_err(|source| RemoteError::Config { url: url.to_string(), source: Box::new(source) })?;
+    let store = build(url, options).map_err(|source| RemoteError::Config { url: url.to_string(), source: ClientError::new(source) })?;
     stores.insert(key, store.clone());
     Ok(store)
 }

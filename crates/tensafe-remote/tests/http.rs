@@ -360,6 +360,21 @@ fn faults_are_retried_or_reported_never_returned() {
     assert!(text.contains("access denied (HTTP 403)") && text.contains("forged log line"), "{}", &text[..200]);
     assert!(text.len() < 200 << 10 && !text.contains('\x1b') && !text.contains('\n'), "{} bytes: {:?}", text.len(), &text[..200]);
 
+    // Another refusal: the client's error, which quotes the body, and every
+    // error under it, which reporters walking `source()` print too, are escaped.
+    proxy.reset();
+    proxy.set_steady(Some(Fault::HostileStatus { status: 400, len: 4096 }));
+    let error = read(&file).unwrap_err();
+    assert!(matches!(*error, RemoteError::Transfer { .. }), "{error}");
+    let mut texts = Vec::new();
+    let mut level: Option<&dyn std::error::Error> = Some(&*error);
+    while let Some(e) = level {
+        texts.push(e.to_string());
+        level = e.source();
+    }
+    assert!(texts.len() >= 3 && texts[2..].iter().any(|t| t.contains("forged log line")), "{texts:#?}");
+    assert!(texts.iter().all(|t| !t.contains('\x1b') && !t.contains('\n')), "{texts:#?}");
+
     // A chunked answer longer than its range is cut off where it overruns,
     // on open (whose first read collects the body) as on reads.
     proxy.reset();
