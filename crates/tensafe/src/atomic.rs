@@ -356,6 +356,11 @@ mod unnamed {
     /// refuses the link), its bytes are copied into a named temporary file
     /// instead, rather than lost.
     pub(super) fn name(file: &File, dir: &Path, prefix: &str) -> Result<TempPath> {
+        name_with(file, dir, prefix, link)
+    }
+
+    /// [`name`], linking with `link` (the tests' way to a refused link).
+    fn name_with(file: &File, dir: &Path, prefix: &str, link: impl Fn(&File, &Path) -> std::io::Result<()>) -> Result<TempPath> {
         let mut builder = tempfile::Builder::new();
         builder.prefix(prefix).suffix(".tmp");
         match builder.make_in(dir, |path| link(file, path)) {
@@ -380,6 +385,48 @@ mod unnamed {
         // SAFETY: linkat(2) with valid C strings.
         let rc = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
         if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+
+        use super::*;
+
+        /// An unnamed file in a fresh directory, or `None` (with a note)
+        /// where the filesystem has no `O_TMPFILE`.
+        fn unnamed_file() -> Option<(tempfile::TempDir, File)> {
+            let dir = tempfile::tempdir().unwrap();
+            let file = create_in(dir.path());
+            if file.is_none() {
+                eprintln!("SKIPPED: {} has no O_TMPFILE", dir.path().display());
+            }
+            Some((dir, file?))
+        }
+
+        #[test]
+        fn a_file_that_cannot_be_linked_is_copied_under_a_name() {
+            let Some((dir, mut file)) = unnamed_file() else { return };
+            let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+            file.write_all(&bytes).unwrap();
+            file.set_permissions(std::fs::Permissions::from_mode(0o640)).unwrap();
+            let refuse = |_: &File, _: &Path| Err(std::io::Error::from_raw_os_error(libc::EXDEV));
+            let named = name_with(&file, dir.path(), ".x.", refuse).unwrap();
+            assert_eq!(named.parent(), Some(dir.path()));
+            assert!(named.file_name().unwrap().to_string_lossy().starts_with(".x."));
+            assert_eq!(std::fs::read(&named).unwrap(), bytes);
+            assert_eq!(std::fs::metadata(&named).unwrap().permissions().mode() & 0o777, 0o640);
+        }
+
+        #[test]
+        fn a_linked_file_is_the_same_file() {
+            let Some((dir, mut file)) = unnamed_file() else { return };
+            file.write_all(b"abc").unwrap();
+            let named = name(&file, dir.path(), ".y.").unwrap();
+            file.write_all(b"def").unwrap();
+            assert_eq!(std::fs::read(&named).unwrap(), b"abcdef", "a link, not a copy");
+        }
     }
 }
 
