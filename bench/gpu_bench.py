@@ -103,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=4.0)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="readers for the raw pread baseline")
+    ap.add_argument("--threads", type=int, default=None, help="readers for the raw pread baseline (default: as many as a load uses)")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--sweep", action="store_true", help="also time the staging pipeline's chunk/ring/thread settings")
     ap.add_argument("--match", default="", help="only the cases whose name matches this regular expression, searched "
@@ -117,11 +117,12 @@ def main() -> None:
     import safetensors.torch as ref_pt
     import tensafe.torch as ts_pt
     import tensafe._pipeline
-    from tensafe._pipeline import CHUNK_BYTES, RING, _plan_chunks, default_threads, load_data_section
+    from tensafe._pipeline import CHUNK_BYTES, MAX_THREADS, RING, _plan_chunks, default_threads, load_data_section
     from tensafe._tensafe_rust import File, stage_data
 
+    args.threads = args.threads or default_threads(MAX_THREADS)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
-          f"staging defaults: {CHUNK_BYTES // MiB} MiB x {RING} slots, {default_threads(RING)} readers")
+          f"staging defaults: native schedule, {CHUNK_BYTES // MiB} MiB x {RING} slots, {default_threads(RING)} readers")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path, pt_path = os.path.join(tmp, "big.safetensors"), os.path.join(tmp, "big.pt")
         start = time.perf_counter()

@@ -67,7 +67,8 @@ def huge_kib() -> int:
 
 def parallel_read(fd: int, size: int, slots: list, threads: int) -> None:
     """Reads [0, size) in slot-sized chunks; thread i reads chunks i, i+threads, …
-    into slot i (the ring's access pattern, without the device copy)."""
+    into slot i (the ring schedule's access pattern, without the device
+    copy; this probe predates the native schedule)."""
     chunk = len(slots[0])
 
     def worker(i: int) -> None:

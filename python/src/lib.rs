@@ -50,6 +50,27 @@ fn remote_error(e: tensafe_remote::RemoteError) -> PyErr {
 /// acquisition each, 25,000 for 100 GB.
 const PROGRESS_STEP: usize = 64 << 20;
 
+/// When a load calls its `progress(done, total)`: at `first` bytes done, then
+/// every [`PROGRESS_STEP`] (the end is the caller's to report).
+struct ProgressSteps {
+    next: usize,
+}
+
+impl ProgressSteps {
+    fn new(first: usize) -> ProgressSteps {
+        ProgressSteps { next: first }
+    }
+
+    /// Whether `done` bytes call for a report (counted as made if so).
+    fn due(&mut self, done: usize) -> bool {
+        let due = done >= self.next;
+        if due {
+            self.next = done + PROGRESS_STEP;
+        }
+        due
+    }
+}
+
 /// Asked, from time to time, whether a read should give up (Ctrl-C).
 type Stop<'a> = Option<&'a (dyn Fn() -> bool + Sync)>;
 
@@ -447,12 +468,11 @@ impl File {
             return Err(PyValueError::new_err(format!("read_all_into needs a writable contiguous buffer of {total} bytes")));
         }
         let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
-        // `progress(done, total)` at most every PROGRESS_STEP, and at the end.
-        let mut next_report = 0;
+        // `progress(done, total)` at once, then every PROGRESS_STEP, and at the end.
+        let mut steps = ProgressSteps::new(0);
         let mut report = |done: usize| -> PyResult<()> {
             match &progress {
-                Some(callback) if done >= next_report || done == total => {
-                    next_report = done + PROGRESS_STEP;
+                Some(callback) if done == total || steps.due(done) => {
                     Python::attach(|py| callback.call1(py, (done, total)).map(drop))
                 }
                 _ => Ok(()),

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use tensafe_cuda::DeviceSink;
 use tensafe_io::staging::{self, Chunk, Progress};
 
-use crate::{File, PROGRESS_STEP};
+use crate::{File, PROGRESS_STEP, ProgressSteps};
 
 create_exception!(
     tensafe._tensafe_rust,
@@ -101,40 +101,27 @@ pub fn stage_data(
         return Err(PyValueError::new_err("staging slots, the destination and the file's memory must not overlap"));
     }
     let sink = match target {
-        Target::Device((ordinal, ptr, len, stream)) => Some(py.detach(|| open_sink(ordinal, ptr, len, stream)).map_err(NativeStagingUnavailable::new_err)?),
+        Target::Device((ordinal, ptr, len, stream)) => Some(py.detach(|| open_sink(ordinal, ptr, len, stream))?),
         Target::Host(_) => None,
     };
-    // Set when the load is interrupted, so that remote reads give up at
-    // once; the interruption itself is kept, to be raised rather than the
-    // reads' "stopped" errors that may reach the engine first.
-    let interrupted = AtomicBool::new(false);
-    let interruption: Mutex<Option<PyErr>> = Mutex::new(None);
+    let failure = FirstFailure::default();
     let report = py.detach(|| {
         // SAFETY: the exports are held until this returns, and the regions are disjoint.
         let slot_slices = slot_regions.iter().map(|&(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }).collect();
-        let stop = || interrupted.load(Ordering::Relaxed);
+        let stop = || failure.happened();
         let read = |chunk: &Chunk, dst: &mut [u8]| {
-            file.read_data(chunk.offset, dst, direct, Some(&stop)).map(|n| n as u64).map_err(io::Error::other)
+            file.read_data(chunk.offset, dst, direct, Some(&stop)).map(|n| n as u64).map_err(|e| failure.record(e))
         };
-        let mut next_report = PROGRESS_STEP;
+        let mut steps = ProgressSteps::new(PROGRESS_STEP);
         let on_progress = |heard: Progress| -> io::Result<()> {
-            let call = match (heard, &progress) {
+            match (heard, &progress) {
                 // The last report waits until the copies have completed.
-                (Progress::Done(done), Some(callback)) if done >= next_report && done < total => {
-                    next_report = done + PROGRESS_STEP;
-                    Some((callback, done))
+                (Progress::Done(done), Some(callback)) if done < total && steps.due(done) => {
+                    Python::attach(|py| callback.call1(py, (done, total)).map(drop)).map_err(|e| failure.record(e))
                 }
-                (Progress::Done(_), _) => None,
+                (Progress::Done(_), _) => Ok(()),
                 // Ctrl-C stops a long load (Python's handlers run on the main thread only).
-                (Progress::Tick, _) => {
-                    return Python::attach(|py| py.check_signals()).map_err(|e| interrupt(&interrupted, &interruption, e));
-                }
-            };
-            match call {
-                Some((callback, done)) => {
-                    Python::attach(|py| callback.call1(py, (done, total)).map(drop)).map_err(|e| interrupt(&interrupted, &interruption, e))
-                }
-                None => Ok(()),
+                (Progress::Tick, _) => Python::attach(|py| py.check_signals()).map_err(|e| failure.record(e)),
             }
         };
         match (host_region, &sink) {
@@ -148,7 +135,7 @@ pub fn stage_data(
         }
     });
     drop((slots, host, sink));
-    if let Some(raised) = interruption.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+    if let Some(raised) = failure.into_first() {
         return Err(raised);
     }
     let report = report.map_err(to_python)?;
@@ -158,26 +145,50 @@ pub fn stage_data(
     Ok((report.chunks, report.max_reading, report.direct_bytes))
 }
 
-/// Records why a load was interrupted (the progress callback's exception,
-/// or KeyboardInterrupt) and tells the readers to give up.
-fn interrupt(interrupted: &AtomicBool, interruption: &Mutex<Option<PyErr>>, raised: PyErr) -> io::Error {
-    let kept = Python::attach(|py| raised.clone_ref(py));
-    interruption.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get_or_insert(kept);
-    interrupted.store(true, Ordering::Relaxed);
-    io::Error::other(raised)
+/// Why a staged load failed: the first exception of a read, of the progress
+/// callback or of Ctrl-C. Once there is one, remote reads in flight give up
+/// (`happened`), and their "stopped" errors, which may reach the engine
+/// before the cause does, are not what the caller is told.
+#[derive(Default)]
+struct FirstFailure {
+    happened: AtomicBool,
+    first: Mutex<Option<PyErr>>,
 }
 
-/// The device sink, or why it could not be set up. A panic in the driver
-/// bindings (a library without a symbol they need) is such a reason too.
-fn open_sink(ordinal: i32, ptr: u64, len: usize, stream: usize) -> Result<DeviceSink, String> {
+impl FirstFailure {
+    fn happened(&self) -> bool {
+        self.happened.load(Ordering::Relaxed)
+    }
+
+    /// Keeps `raised` if it is the first, and hands it on to the engine.
+    fn record(&self, raised: PyErr) -> io::Error {
+        let mut first = self.first.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if first.is_none() {
+            *first = Some(Python::attach(|py| raised.clone_ref(py)));
+            self.happened.store(true, Ordering::Relaxed);
+        }
+        io::Error::other(raised)
+    }
+
+    fn into_first(self) -> Option<PyErr> {
+        self.first.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The device sink. `NativeStagingUnavailable` where the driver cannot
+/// serve this load at all ([`tensafe_cuda::CudaError::means_unavailable`],
+/// or a panic of the driver bindings: a library without a function that
+/// setting up needs); RuntimeError, as for other CUDA failures, otherwise.
+fn open_sink(ordinal: i32, ptr: u64, len: usize, stream: usize) -> PyResult<DeviceSink> {
     // SAFETY: `_pipeline.py` passes torch's pointer, length and stream for that device.
     match catch_unwind(AssertUnwindSafe(|| unsafe { DeviceSink::new(ordinal, ptr, len, stream) })) {
         Ok(Ok(sink)) => Ok(sink),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(panic) => {
-            let why = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("");
-            Err(format!("the CUDA driver bindings failed: {why}"))
-        }
+        Ok(Err(e)) if e.means_unavailable() => Err(NativeStagingUnavailable::new_err(e.to_string())),
+        Ok(Err(e)) => Err(PyRuntimeError::new_err(e.to_string())),
+        Err(panic) => Err(NativeStagingUnavailable::new_err(format!(
+            "the CUDA driver bindings failed: {}",
+            tensafe_io::staging::panic_message(&*panic)
+        ))),
     }
 }
 

@@ -414,7 +414,8 @@ class safe_open:
         as bytes arrive (`progress=True`: a progress bar on stderr);
         `drop_cache=True` then evicts the file from the page cache so the
         model is not held twice in RAM. On CUDA devices the bytes go through
-        a bounded ring of pinned buffers straight to one device allocation.
+        a bounded set of pinned staging buffers straight to one device
+        allocation, and `progress` is called every 64 MiB and at the end.
         """
         return _bulk(self._open(), self._framework, self._device, threads, progress, drop_cache)
 

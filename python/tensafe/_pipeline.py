@@ -55,13 +55,16 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from ._tensafe_rust import DIRECT_ALIGN, File, NativeStagingUnavailable, cut_reads, stage_data
+from ._tensafe_rust import DIRECT_ALIGN, PROGRESS_STEP, File, NativeStagingUnavailable, cut_reads, stage_data
 
-#: Defaults, chosen with `bench/gpu_bench.py --sweep` on an H100 host (the
-#: table is in docs/ARCHITECTURE.md): with the native schedule, small chunks
-#: cost little and keep every reader busy. Pinned memory: 256 MiB.
-CHUNK_BYTES = 4 << 20
-RING = 64
+#: Chunk bytes and slots by schedule, chosen with `bench/gpu_bench.py
+#: --sweep` on H100 hosts (the tables are in docs/ARCHITECTURE.md): the
+#: native schedule is fastest with small chunks, which cost it little and
+#: keep every reader busy; the Python schedules pay for each chunk, and are
+#: fastest with 16 MiB ones. Pinned memory: 256 MiB either way.
+DEFAULTS = {"native": (4 << 20, 64), "ring": (16 << 20, 16), "readers": (16 << 20, 16)}
+#: The default schedule's settings.
+CHUNK_BYTES, RING = DEFAULTS["native"]
 MAX_THREADS = 16
 
 
@@ -132,8 +135,8 @@ def load_data_section(
     file: File,
     device: Any,
     *,
-    chunk_bytes: int = CHUNK_BYTES,
-    ring: int = RING,
+    chunk_bytes: Optional[int] = None,
+    ring: Optional[int] = None,
     threads: Optional[int] = None,
     progress: Optional[Callable[[int, int], Any]] = None,
     stats: Optional[StagingStats] = None,
@@ -145,7 +148,9 @@ def load_data_section(
     `direct`: read past the page cache; `None` (the default) decides by how
     much of the file is cached (`File.prefers_direct_reads`, the CPU loads'
     policy). `schedule`: "native" (the default, but on ROCm builds of
-    torch), "ring" or "readers", as the module's docstring describes."""
+    torch), "ring" or "readers", as the module's docstring describes.
+    `chunk_bytes` and `ring` (slots) default to the schedule's `DEFAULTS`;
+    `threads` to one per slot and core, up to MAX_THREADS."""
     fall_back = schedule is None
     if schedule is None:
         schedule = "ring" if getattr(torch.version, "hip", None) or _native_refused else "native"
@@ -164,22 +169,32 @@ def load_data_section(
     caller = torch.cuda.current_stream(target) if cuda else None
     if direct is None:
         direct = file.prefers_direct_reads()
-    chunks = _plan_chunks(file.data_start, total, chunk_bytes, direct)
-    ring = max(1, min(ring, len(chunks)))
-    threads = threads or default_threads(ring)
-    staging = _staging_slots(ring, max(place + length for _, length, place in chunks), pinned=cuda, page_aligned=direct)
-    if stats is not None:
-        stats.pinned_bytes = sum(buf.numel() for buf in staging)
-        stats.direct = direct
+    asked = (chunk_bytes, ring, threads)
+
+    def plan(schedule: str) -> Tuple[List[Tuple[int, int, int]], List[torch.Tensor], int]:
+        """Chunks, staging slots and reader threads for `schedule`."""
+        chunk_default, ring_default = DEFAULTS[schedule]
+        chunks = _plan_chunks(file.data_start, total, asked[0] or chunk_default, direct)
+        slots = max(1, min(asked[1] or ring_default, len(chunks)))
+        staging = _staging_slots(slots, max(place + length for _, length, place in chunks), pinned=cuda, page_aligned=direct)
+        if stats is not None:
+            stats.pinned_bytes = sum(buf.numel() for buf in staging)
+            stats.direct = direct
+        return chunks, staging, asked[2] or default_threads(slots)
+
     if schedule == "native":
         try:
-            _load_natively(file, chunks, staging, out, caller, threads, direct, progress, stats)
+            _load_natively(file, *plan(schedule), out, caller, direct, progress, stats)
             return out
         except NativeStagingUnavailable as e:
             if not fall_back:
                 raise
             _refuse_native(str(e))
-    # The ring (asked for, or the native schedule could not start).
+            schedule = "ring"
+    # The Python schedules (asked for, or the native one could not start).
+    chunks, staging, threads = plan(schedule)
+    ring = len(staging)
+    progress = _every_step(progress, total)
     direct_bytes = [0] * len(chunks)
     reading, reading_lock = [0], threading.Lock()
 
@@ -276,7 +291,22 @@ def _side_stream(caller: Any) -> Any:
     return stream
 
 
-def _load_natively(file, chunks, staging, out, caller, threads, direct, progress, stats) -> None:
+def _every_step(progress: Optional[Callable[[int, int], Any]], total: int) -> Optional[Callable[[int, int], Any]]:
+    """`progress`, called at most every `PROGRESS_STEP` bytes and at the end,
+    as the native schedule and the CPU bulk reads report."""
+    if progress is None:
+        return None
+    due = [PROGRESS_STEP]
+
+    def report(done: int, total: int = total) -> None:
+        if done >= due[0] or done == total:
+            due[0] = done + PROGRESS_STEP
+            progress(done, total)
+
+    return report
+
+
+def _load_natively(file, chunks, staging, threads, out, caller, direct, progress, stats) -> None:
     """The native schedule: the readers schedule run by `stage_data` in Rust. Each
     slot is handed over from where chunks' places in it count
     (`_slot_start`); a CUDA target is given as torch's device pointer, length and the

@@ -32,7 +32,8 @@ def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap") -> Di
 
 
 def _np2jnp(numpy_dict: Dict[str, np.ndarray]) -> Dict[str, jnp.ndarray]:
-    return _numpy_like.convert_each(numpy_dict, jnp.asarray)
+    # `jnp.array`, a copy, as the reference's: the caller may reuse its arrays.
+    return _numpy_like.convert_each(numpy_dict, jnp.array)
 
 
 def _jnp2np(jnp_dict: Dict[str, jnp.ndarray]) -> Dict[str, np.ndarray]:

@@ -83,7 +83,7 @@ def test_several_files_as_one_checkpoint(tmp_path):
 def test_awkward_sizes(tmp_path, backend):
     cases = {
         "only_empty": {"e": torch.zeros(0), "f": torch.zeros(0, 3, dtype=torch.bfloat16)},
-        # Odd length spanning several 16 MiB staging chunks.
+        # Odd length spanning many staging chunks and progress steps.
         "one_huge": {"big": torch.randint(0, 255, (100 * 2**20 + 3,), dtype=torch.uint8)},
         "tiny_many": {f"t.{i}": torch.full((2,), float(i)) for i in range(50_000)},
         # A U8 tensor first leaves the F32 one at an odd offset (other writers do this).
@@ -106,7 +106,8 @@ def test_awkward_sizes(tmp_path, backend):
 @pytest.mark.parametrize("backend", ["mmap", "pread"])
 @pytest.mark.parametrize("chunk,ring", [(4096, 1), (1 << 20, 3), (16 << 20, 16)])
 @pytest.mark.parametrize("direct", [False, True])
-def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring, direct):
+@pytest.mark.parametrize("schedule", ["native", "ring"])
+def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring, direct, schedule):
     from tensafe._tensafe_rust import DIRECT_ALIGN
 
     path = tmp_path / "budget.safetensors"
@@ -117,7 +118,8 @@ def test_pinned_staging_stays_within_its_budget(tmp_path, backend, chunk, ring, 
     stats = StagingStats()
     seen = []
     before = torch.cuda.memory_allocated(0)
-    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, progress=lambda done, total: seen.append(done), stats=stats, direct=direct)
+    data = load_data_section(file, "cuda:0", chunk_bytes=chunk, ring=ring, progress=lambda done, total: seen.append(done), stats=stats,
+                             direct=direct, schedule=schedule)
     torch.cuda.synchronize()
     assert data.is_cuda and data.numel() == file.data_len
     assert torch.cuda.memory_allocated(0) - before <= file.data_len + (1 << 20), "one device allocation of the data section"

@@ -62,6 +62,21 @@ impl std::fmt::Display for CudaError {
 
 impl std::error::Error for CudaError {}
 
+impl CudaError {
+    /// Whether the error says that this driver cannot serve loads here at
+    /// all, rather than that one load failed: no driver library, one whose
+    /// `cuInit` fails (a stub library, a driver without a usable device) or
+    /// that does not know the device, or a destination it does not know as
+    /// that device's memory (another driver than the caller's, or memory it
+    /// cannot address).
+    pub fn means_unavailable(&self) -> bool {
+        match self {
+            CudaError::NoDriver | CudaError::BadDestination { .. } => true,
+            CudaError::Call { call, .. } => matches!(*call, "cuInit" | "cuDeviceGet"),
+        }
+    }
+}
+
 impl From<CudaError> for io::Error {
     fn from(e: CudaError) -> Self {
         io::Error::other(e)
@@ -265,5 +280,17 @@ mod tests {
         let e = unsafe { DeviceSink::new(0, 0, 0, 0) }.err().expect("no driver, no sink");
         assert!(matches!(e, CudaError::NoDriver), "{e}");
         assert!(e.to_string().contains("could not be loaded"), "{e}");
+        assert!(e.means_unavailable());
+    }
+
+    #[test]
+    fn only_a_driver_that_cannot_serve_at_all_is_unavailable() {
+        let call = |call, error| CudaError::Call { call, error: DriverError(error) };
+        assert!(CudaError::BadDestination { ordinal: 0, dst: 0, len: 1 }.means_unavailable());
+        assert!(call("cuInit", sys::CUresult::CUDA_ERROR_STUB_LIBRARY).means_unavailable());
+        assert!(call("cuDeviceGet", sys::CUresult::CUDA_ERROR_INVALID_DEVICE).means_unavailable());
+        // One load's trouble (memory, a broken context) is not the driver's.
+        assert!(!call("cuEventCreate", sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY).means_unavailable());
+        assert!(!call("cuDevicePrimaryCtxRetain", sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS).means_unavailable());
     }
 }

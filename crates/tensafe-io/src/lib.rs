@@ -236,7 +236,7 @@ pub fn read_into(
 const AUTO_DIRECT_MIN_BYTES: usize = 64 << 20;
 
 /// The policy of [`DirectIo::Auto`], for callers that split a load into many
-/// reads of their own (the accelerator staging ring) and decide once per
+/// reads of their own (the accelerator staging loads) and decide once per
 /// load: whether `len` bytes at `offset` are worth reading past the page
 /// cache — a large read (at least 64 MiB) of which less than half is cached.
 pub fn prefers_direct(file: &File, offset: u64, len: usize) -> bool {
@@ -249,7 +249,7 @@ pub fn prefers_direct(file: &File, offset: u64, len: usize) -> bool {
 /// [`DIRECT_ALIGN`] pages (one page at least) in the file, so that every
 /// piece but the first and the last starts and ends on a page, as direct
 /// reads need; otherwise every `chunk` bytes from `offset`. The one cutting
-/// rule for the engine and the accelerator staging ring (through the binding).
+/// rule for the engine and the accelerator staging loads (through the binding).
 pub fn cut(offset: u64, len: usize, chunk: usize, aligned: bool) -> Vec<(u64, usize)> {
     let size = if aligned { (chunk - chunk % DIRECT_ALIGN).max(DIRECT_ALIGN) } else { chunk.max(1) } as u64;
     // Saturating: a range at the very end of u64 still ends; the caller's

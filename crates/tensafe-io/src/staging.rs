@@ -239,10 +239,13 @@ impl<E> Shared<'_, E> {
 /// `work()`, with a panic turned into an error: a reader that panics must
 /// still wait for its copies, and stop the others.
 fn catch_panic<T, E: From<io::Error>>(work: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
-    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-        let why = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("");
-        Err(io::Error::other(format!("a staging reader panicked: {why}")).into())
-    })
+    catch_unwind(AssertUnwindSafe(work))
+        .unwrap_or_else(|panic| Err(io::Error::other(format!("a staging reader panicked: {}", panic_message(&*panic))).into()))
+}
+
+/// What a caught panic said (its message, when it was text).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("")
 }
 
 /// [`stage`] into host memory: each chunk is copied into `dst` at its offset
