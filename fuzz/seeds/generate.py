@@ -108,8 +108,36 @@ SLICE_SEEDS = {
 }
 
 
+SHARD = b"\n--shard--\n"
+
+
+def checkpoint(weight_map, shards, metadata=None):
+    """An index (weight_map: name -> file) and its shard files, as the
+    shard_index target reads them: the index text, then each file after SHARD."""
+    index = {"weight_map": weight_map}
+    if metadata is not None:
+        index["metadata"] = metadata
+    return json.dumps(index).encode() + b"".join(SHARD + shard for shard in shards)
+
+
+SHARD_INDEX_SEEDS = {
+    "two_shards": checkpoint(
+        {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors", "c": "model-00002-of-00002.safetensors"},
+        [safetensors([("a", "F32", [2], 8), ("b", "U8", [3], 3)]), safetensors([("c", "BF16", [2, 2], 8)])],
+        metadata={"total_size": 19},
+    ),
+    "wrong_shard": checkpoint({"a": "s2.safetensors", "b": "s1.safetensors"},
+                              [safetensors([("a", "F32", [1], 4)]), safetensors([("b", "F32", [1], 4)])]),
+    "missing_tensor": checkpoint({"a": "s1.safetensors", "z": "s1.safetensors"}, [safetensors([("a", "I8", [1], 1)])]),
+    "bad_total": checkpoint({"a": "s1.safetensors"}, [safetensors([("a", "I8", [1], 1)])], metadata={"total_size": 5}),
+    "escaping_path": checkpoint({"a": "../s1.safetensors"}, []),
+    "null_metadata": b'{"metadata": null, "weight_map": {}}',
+    "not_a_name": b'{"weight_map": {"a": 3}}',
+}
+
+
 def main():
-    for target, seeds in (("header", HEADER_SEEDS), ("slice", SLICE_SEEDS)):
+    for target, seeds in (("header", HEADER_SEEDS), ("slice", SLICE_SEEDS), ("shard_index", SHARD_INDEX_SEEDS)):
         out = HERE / target
         out.mkdir(exist_ok=True)
         for name, content in seeds.items():

@@ -70,8 +70,12 @@ impl TensorParallelPlan {
             }),
             Split::Dim(dim) => {
                 let (start, stop) = self.bounds(shape[dim]);
+                // Only a tensor with no elements can have a dimension this long.
+                let too_long = |_| Error::InvalidOption {
+                    reason: format!("dimension {dim} of tensor `{}` ({}) is too long to split", crate::Printable(name), shape[dim]),
+                };
                 let mut indices = vec![SliceIndex::FULL; dim];
-                indices.push(SliceIndex::range(start as i64, stop as i64));
+                indices.push(SliceIndex::range(i64::try_from(start).map_err(too_long)?, i64::try_from(stop).map_err(too_long)?));
                 Ok(indices)
             }
         }
@@ -106,6 +110,13 @@ mod tests {
                 assert_eq!(next, size);
             }
         }
+    }
+
+    #[test]
+    fn a_dimension_past_i64_max_is_refused_not_wrapped() {
+        let plan = TensorParallelPlan::new(1, 2, &[("*", Split::Dim(0))]).unwrap();
+        let e = plan.plan_for("w", Dtype::F32, &[usize::MAX, 0]).unwrap_err();
+        assert!(e.to_string().contains("too long to split"), "{e}");
     }
 
     #[test]

@@ -207,13 +207,13 @@ fn select(shape: &[usize], indices: &[SliceIndex]) -> Result<(Vec<DimSelection>,
             }
             SliceIndex::Index(i) => {
                 let size = shape[k];
-                let resolved = if i < 0 { i.checked_add(size as i64) } else { Some(i) };
-                match resolved {
-                    Some(r) if r >= 0 && (r as u64) < size as u64 => {
-                        dims.push(DimSelection { start: r as usize, step: 1, count: 1, size })
-                    }
-                    _ => return Err(Error::SliceOutOfBounds { asked: i, dim: k, size }),
+                // In i128: a dimension of a tensor with no elements may be
+                // past i64::MAX.
+                let resolved = if i < 0 { i128::from(i) + size as i128 } else { i128::from(i) };
+                if !(0..size as i128).contains(&resolved) {
+                    return Err(Error::SliceOutOfBounds { asked: i, dim: k, size });
                 }
+                dims.push(DimSelection { start: resolved as usize, step: 1, count: 1, size })
             }
             SliceIndex::Range { start, stop, step } => {
                 let size = shape[k];
@@ -226,7 +226,7 @@ fn select(shape: &[usize], indices: &[SliceIndex]) -> Result<(Vec<DimSelection>,
                 let clamp = |bound: Option<i64>, default: usize| -> usize {
                     match bound {
                         None => default,
-                        Some(b) if b < 0 => (size as i64).saturating_add(b).max(0) as usize,
+                        Some(b) if b < 0 => (size as i128 + i128::from(b)).max(0) as usize,
                         Some(b) => (b as u64).min(size as u64) as usize,
                     }
                 };
@@ -249,6 +249,20 @@ mod tests {
     use super::*;
     use SliceIndex::{Ellipsis, Index, NewAxis};
     const FULL: SliceIndex = SliceIndex::FULL;
+
+    #[test]
+    fn dimensions_past_i64_max_index_from_the_end() {
+        // Only a tensor with no elements can have one; a header may declare it.
+        let huge = (1usize << 63) + 5;
+        let last = SlicePlan::new(Dtype::F32, &[huge, 0], &[Index(-1)]).unwrap();
+        assert_eq!(last.shape(), [0]);
+        let tail = SliceIndex::Range { start: Some(-2), stop: None, step: None };
+        assert_eq!(SlicePlan::new(Dtype::F32, &[huge, 0], &[tail]).unwrap().shape(), [2, 0]);
+        // As in numpy: a stop of i64::MAX is short of this dimension's end.
+        assert_eq!(SlicePlan::new(Dtype::F32, &[huge, 0], &[SliceIndex::range(-2, i64::MAX)]).unwrap().shape(), [0, 0]);
+        assert!(SlicePlan::new(Dtype::F32, &[huge, 0], &[Index(i64::MIN)]).is_ok(), "within a dimension this long");
+        assert!(matches!(SlicePlan::new(Dtype::F32, &[3, 0], &[Index(-4)]), Err(Error::SliceOutOfBounds { .. })));
+    }
 
     /// Reference semantics: gather element indices one by one.
     fn naive(shape: &[usize], dims: &[DimSelection]) -> Vec<usize> {
