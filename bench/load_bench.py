@@ -1,10 +1,12 @@
 """Loading at the hardware limit: tensafe against the raw read speed, the
-reference `safetensors` and `torch.load(mmap=True)`, interleaved in one run.
+reference `safetensors` and `torch.load(mmap=True)`, interleaved in one run
+(each repetition in a new random order, `--seed`).
 
     .venv/bin/python bench/load_bench.py [--gib 1.0] [--small 50000] [--reps 5] [--threads 4] [--dir DIR]
 
 Cases (cold = file evicted from the page cache with posix_fadvise(DONTNEED)
-right before; every load is followed by a touch of every page of every tensor):
+right before, then `--settle` seconds of rest; every load is followed by a
+touch of every page of every tensor):
 
 - raw parallel pread, cold / warm: `--threads` threads reading 8 MiB blocks
   into one buffer; raw parallel O_DIRECT, cold: the same past the page cache
@@ -113,6 +115,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--settle", type=float, default=0.5, help="seconds of rest after each eviction, before a cold case is timed")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random order of the cases in each repetition")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -129,6 +133,10 @@ def main() -> None:
         def cold(fn, target=path):
             def run():
                 evict(target)
+                # Let the eviction settle (the freed memory, the host's disk
+                # cache): without the pause, a case's time depended on which
+                # case ran before it.
+                time.sleep(args.settle)
                 start = time.perf_counter()
                 fn()
                 return time.perf_counter() - start
@@ -156,7 +164,7 @@ def main() -> None:
             f"tensafe {args.small} small": warm(lambda: ts_pt.load_file(small)),
             f"reference {args.small} small": warm(lambda: ref_pt.load_file(small)),
         }
-        times = run_interleaved(cases, args.reps)
+        times = run_interleaved(cases, args.reps, shuffle=args.seed)
 
         med = {name: statistics.median(v) for name, v in times.items()}
         # The raw limit is the faster of the two raw cold reads.

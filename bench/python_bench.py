@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -63,15 +64,22 @@ def small_tensors(count: int) -> dict:
     return {f"experts.{i // 64}.w{i % 64}": torch.randn(16, generator=g) for i in range(count)}
 
 
-def run_interleaved(cases: dict, reps: int, after_each: Any = None, keep_going: bool = False) -> dict:
+def run_interleaved(cases: dict, reps: int, after_each: Any = None, keep_going: bool = False, shuffle: Optional[int] = None) -> dict:
     """Runs every case `reps` times, in insertion order then reversed, so that
     drift in the machine's state hits every case alike; a case returns its
     own time in seconds. Returns each case's times. `after_each` runs after
     every case; with `keep_going`, a case that raises is reported and left
-    out of the rest (and of the result), and the others still run."""
+    out of the rest (and of the result), and the others still run. With
+    `shuffle` (a seed), each repetition runs the cases in a new random
+    order instead, so that no case always follows the same one."""
     times: dict = {name: [] for name in cases}
+    orders = random.Random(shuffle) if shuffle is not None else None
     for rep in range(reps):
-        for name in list(cases) if rep % 2 == 0 else list(reversed(cases)):
+        if orders is not None:
+            order = orders.sample(list(cases), len(cases))
+        else:
+            order = list(cases) if rep % 2 == 0 else list(reversed(cases))
+        for name in order:
             if name not in times:
                 continue
             try:
