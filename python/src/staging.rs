@@ -151,6 +151,7 @@ pub fn stage_data(
 /// before the cause does, are not what the caller is told.
 #[derive(Default)]
 struct FirstFailure {
+    /// Whether `first` is set, read without the lock (remote reads ask every tick).
     happened: AtomicBool,
     first: Mutex<Option<PyErr>>,
 }
@@ -160,14 +161,15 @@ impl FirstFailure {
         self.happened.load(Ordering::Relaxed)
     }
 
-    /// Keeps `raised` if it is the first, and hands it on to the engine.
+    /// Keeps `raised` if it is the first; the engine, which stops on any
+    /// error, gets a stand-in (what the caller is told is `first`).
     fn record(&self, raised: PyErr) -> io::Error {
         let mut first = self.first.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if first.is_none() {
-            *first = Some(Python::attach(|py| raised.clone_ref(py)));
+            *first = Some(raised);
             self.happened.store(true, Ordering::Relaxed);
         }
-        io::Error::other(raised)
+        io::Error::other("the load failed (the first failure is raised)")
     }
 
     fn into_first(self) -> Option<PyErr> {
@@ -184,7 +186,7 @@ fn open_sink(ordinal: i32, ptr: u64, len: usize, stream: usize) -> PyResult<Devi
     match catch_unwind(AssertUnwindSafe(|| unsafe { DeviceSink::new(ordinal, ptr, len, stream) })) {
         Ok(Ok(sink)) => Ok(sink),
         Ok(Err(e)) if e.means_unavailable() => Err(NativeStagingUnavailable::new_err(e.to_string())),
-        Ok(Err(e)) => Err(PyRuntimeError::new_err(e.to_string())),
+        Ok(Err(e)) => Err(to_python(e.into())),
         Err(panic) => Err(NativeStagingUnavailable::new_err(format!(
             "the CUDA driver bindings failed: {}",
             tensafe_io::staging::panic_message(&*panic)
@@ -192,14 +194,11 @@ fn open_sink(ordinal: i32, ptr: u64, len: usize, stream: usize) -> PyResult<Devi
     }
 }
 
-/// The Python exception for a failed staged load: the one a read or the
-/// progress callback raised, as it was; RuntimeError for CUDA (as torch's);
-/// ValueError for a refused plan; OSError otherwise.
+/// The Python exception for a staged load that failed in the engine or the
+/// sink (what reads, the progress callback and Ctrl-C raise is kept by
+/// [`FirstFailure`]): RuntimeError for CUDA (as torch's); ValueError for a
+/// refused plan; OSError otherwise.
 fn to_python(e: io::Error) -> PyErr {
-    let e = match e.downcast::<PyErr>() {
-        Ok(raised) => return raised,
-        Err(e) => e,
-    };
     if e.get_ref().is_some_and(|inner| inner.is::<tensafe_cuda::CudaError>()) {
         return PyRuntimeError::new_err(e.to_string());
     }

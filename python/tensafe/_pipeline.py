@@ -20,7 +20,8 @@ Three schedules run that plan (`load_data_section(schedule=...)`):
   "Staging defaults"). It returns once every copy has completed; progress
   is reported every `PROGRESS_STEP` bytes and once at that end.
 - "ring": one Python thread issues every copy in file order on two streams
-  while a pool of readers fills the slots; progress after every chunk. The
+  while a pool of readers fills the slots; progress every `PROGRESS_STEP`
+  bytes and at the end. The
   default where torch's "cuda" is not NVIDIA's driver (ROCm builds), since
   the native schedule talks to libcuda itself, and where the native
   schedule could not start (`NativeStagingUnavailable`: a libcuda that is
@@ -292,13 +293,13 @@ def _side_stream(caller: Any) -> Any:
 
 
 def _every_step(progress: Optional[Callable[[int, int], Any]], total: int) -> Optional[Callable[[int, int], Any]]:
-    """`progress`, called at most every `PROGRESS_STEP` bytes and at the end,
-    as the native schedule and the CPU bulk reads report."""
+    """`progress`, called every `PROGRESS_STEP` bytes (the first time at
+    that many) and at the end, as the native schedule reports."""
     if progress is None:
         return None
     due = [PROGRESS_STEP]
 
-    def report(done: int, total: int = total) -> None:
+    def report(done: int, total: int) -> None:
         if done >= due[0] or done == total:
             due[0] = done + PROGRESS_STEP
             progress(done, total)

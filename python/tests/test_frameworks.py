@@ -174,6 +174,9 @@ def check(module, tmp_path):
         tensafe.numpy.save_file({"f8": np.zeros(3, ml_dtypes.float8_e4m3fn)}, tmp_path / "f8.safetensors")
         with tensafe.safe_open(tmp_path / "f8.safetensors", "mlx") as f, pytest.raises(tensafe.SafetensorError, match="mlx has no float8_e4m3fn type"):
             f.get_tensor("f8")
+        for load in (lambda: ours.load((tmp_path / "f8.safetensors").read_bytes()), lambda: ours._np2mx({"f8": np.zeros(3, ml_dtypes.float8_e4m3fn)})):
+            with pytest.raises(tensafe.SafetensorError, match="mlx has no float8_e4m3fn type"):
+                load()
 
 
 def check_private_converters(ours, ref, arrays):

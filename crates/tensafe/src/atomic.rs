@@ -20,7 +20,9 @@
 //! as soon as they are written; where the filesystem has no `O_TMPFILE`
 //! (NFS, older overlayfs), from the start, as before. Where it has it but
 //! refuses the link, the bytes are copied into a named file, under the lock
-//! of the list below (a Ctrl-C waits for that copy).
+//! of the list below (a Ctrl-C waits for that copy). The environment
+//! variable [`NAMED_TEMP_FILES_ENV`] (set to anything) makes a process use
+//! named temporary files only: how the tests check that path on Linux.
 //!
 //! The temporary files of this process that are not yet in place are listed,
 //! so that a program stopped by a signal can remove them first
@@ -37,6 +39,10 @@ use crate::error::{Error, Result};
 
 /// Buffer for small writes; writes at least this large bypass it.
 const WRITE_BUFFER: usize = 1 << 20;
+
+/// Set (to anything), this environment variable makes the process write
+/// named temporary files only, as on systems without `O_TMPFILE`: read once.
+pub const NAMED_TEMP_FILES_ENV: &str = "TENSAFE_NAMED_TEMP_FILES";
 
 /// Writes a file through `write` and moves it into place at `path`.
 ///
@@ -330,7 +336,9 @@ mod unnamed {
     /// The caller then writes a named temporary file, which also reports
     /// any error (a read-only or full disk) as such.
     pub(super) fn create_in(dir: &Path) -> Option<File> {
-        if !Path::new("/proc/self/fd").is_dir() {
+        static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let usable = *USABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir() && std::env::var_os(super::NAMED_TEMP_FILES_ENV).is_none());
+        if !usable {
             return None;
         }
         let dir = CString::new(dir.as_os_str().as_bytes()).ok()?;

@@ -33,7 +33,7 @@ mod shards;
 mod slice;
 mod writer;
 
-pub use atomic::{remove_unfinished_files, write_atomically, write_file_atomically, StagedWrites, MAX_UNNAMED_STAGED_FILES};
+pub use atomic::{remove_unfinished_files, write_atomically, write_file_atomically, StagedWrites, MAX_UNNAMED_STAGED_FILES, NAMED_TEMP_FILES_ENV};
 pub use dtype::Dtype;
 pub use error::{Diagnosis, Error, Result};
 pub use fs::{open_regular, FilesystemKind};

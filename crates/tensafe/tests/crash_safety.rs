@@ -126,7 +126,17 @@ fn child_process() {
 
 /// Starts this test binary again, running only [`child_process`] with `job`.
 fn spawn_child(job: &str, path: &Path) -> Child {
-    Command::new(std::env::current_exe().expect("the test binary's path"))
+    spawn_child_with(job, path, false)
+}
+
+/// [`spawn_child`]; with `named`, the child writes named temporary files
+/// only, as on filesystems without `O_TMPFILE` ([`tensafe::NAMED_TEMP_FILES_ENV`]).
+fn spawn_child_with(job: &str, path: &Path, named: bool) -> Child {
+    let mut command = Command::new(std::env::current_exe().expect("the test binary's path"));
+    if named {
+        command.env(tensafe::NAMED_TEMP_FILES_ENV, "1");
+    }
+    command
         .args(["child_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(CHILD_JOB, job)
         .env(CHILD_PATH, path)
@@ -139,7 +149,12 @@ fn spawn_child(job: &str, path: &Path) -> Child {
 
 /// Runs [`child_process`] with `job` to completion; asserts that it passed.
 fn run_child(job: &str, path: &Path) -> Output {
-    let output = spawn_child(job, path).wait_with_output().expect("waiting for the child");
+    run_child_with(job, path, false)
+}
+
+/// [`run_child`], with `named` as [`spawn_child_with`]'s.
+fn run_child_with(job: &str, path: &Path, named: bool) -> Output {
+    let output = spawn_child_with(job, path, named).wait_with_output().expect("waiting for the child");
     assert!(output.status.success(), "{}", describe(&output));
     assert!(
         String::from_utf8_lossy(&output.stdout).contains("1 passed"),
@@ -240,12 +255,21 @@ fn save_small(path: &Path, name: &str, fill: u8) -> tensafe::Result<()> {
 /// with no name in `dir`, the last of them with data, and SIGKILLs it.
 #[cfg(target_os = "linux")]
 fn kill_mid_save(job: &str, path: &Path, dir: &Path, files: usize) {
-    let mut child = spawn_child(job, path);
+    let written = kill_once(spawn_child(job, path), |pid| {
+        let unnamed = unnamed_files(pid, dir);
+        (unnamed.len() >= files && unnamed.iter().all(|&n| n > 0)).then(|| unnamed.iter().sum::<u64>())
+    });
+    assert!(written < (SLOW_TENSORS * CHUNK) as u64, "{written} bytes written");
+}
+
+/// SIGKILLs `child` as soon as `ready(its pid)` gives something (checked
+/// every 2 ms, for up to a minute), and returns that; asserts that the
+/// child was killed, not ended on its own.
+fn kill_once<T>(mut child: Child, mut ready: impl FnMut(u32) -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let written = loop {
-        let unnamed = unnamed_files(child.id(), dir);
-        if unnamed.len() >= files && unnamed.iter().all(|&n| n > 0) {
-            break unnamed.iter().sum::<u64>();
+    let seen = loop {
+        if let Some(seen) = ready(child.id()) {
+            break seen;
         }
         if child.try_wait().expect("polling the child").is_some() || Instant::now() > deadline {
             let _ = child.kill();
@@ -261,7 +285,7 @@ fn kill_mid_save(job: &str, path: &Path, dir: &Path, files: usize) {
         "the child was not killed mid-save:\n{}",
         describe(&output)
     );
-    assert!(written < (SLOW_TENSORS * CHUNK) as u64, "{written} bytes written");
+    seen
 }
 
 #[test]
@@ -406,16 +430,41 @@ fn missing_directory_is_an_error_and_creates_nothing() {
 
 #[test]
 fn failed_write_removes_its_temporary_file() {
+    // Unnamed temporary files (Linux) have nothing to remove; named ones, as
+    // on filesystems without O_TMPFILE, must be removed.
+    for named in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let old = old_file_bytes();
+        fs::write(&path, &old).unwrap();
+
+        // The child checks the directory itself right after the error, then exits.
+        run_child_with(JOB_SIZE_LIMITED_SAVE, &path, named);
+
+        assert_old_file(&path, &old);
+        assert_eq!(listing(dir.path()), ["model.safetensors"], "named temporary files: {named}");
+    }
+}
+
+#[test]
+fn killed_writer_with_named_temporary_files_leaves_the_old_file_intact() {
+    // Where there is no O_TMPFILE (or it is turned off, as here), the part
+    // written so far stays under a hidden temporary name: the old file is
+    // never touched.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let old = old_file_bytes();
     fs::write(&path, &old).unwrap();
+    let temporary = || listing(dir.path()).into_iter().filter(|name| name != "model.safetensors").collect::<Vec<_>>();
 
-    // The child checks the directory itself right after the error, then exits.
-    run_child(JOB_SIZE_LIMITED_SAVE, &path);
-
+    let started = |_| temporary().iter().any(|name| fs::metadata(dir.path().join(name)).is_ok_and(|m| m.len() > 0)).then_some(());
+    kill_once(spawn_child_with(JOB_SLOW_SAVE, &path, true), started);
     assert_old_file(&path, &old);
-    assert_eq!(listing(dir.path()), ["model.safetensors"]);
+    let left = temporary();
+    assert!(
+        left.len() == 1 && left[0].to_string_lossy().starts_with(".model.safetensors.") && left[0].to_string_lossy().ends_with(".tmp"),
+        "{left:?}"
+    );
 }
 
 /// Permission bits of `path`.
