@@ -3,12 +3,12 @@
     bash bench/gpu_bench.sh            # on a machine with CUDA, torch and safetensors==0.8.0
 
 Writes a deterministic ≈4 GiB bf16 file, checks that tensafe's CUDA load is
-bit-exact against the reference, then measures in one process, interleaved,
-median of `--reps`:
+bit-exact against the reference, then measures in one process, interleaved
+(each repetition in a new random order, `--seed`), median of `--reps`:
 
 - raw pinned host→device copy bandwidth (the PCIe/NVLink limit)
 - raw parallel pread from the page cache (warm) and from disk (cold: evicted
-  with posix_fadvise first); warm rows read the file through the cache
+  with posix_fadvise first, then `--settle` seconds of rest); warm rows read the file through the cache
   first (`fill_cache`), as a load of an uncached file reads past it
 - tensafe `load_file(device="cuda:0")` warm and cold, mmap and pread backends
 - reference `load_file(device="cuda:0")` warm and cold
@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from load_bench import raw_pread  # noqa: E402
-from python_bench import evict, model_like, run_interleaved  # noqa: E402
+from python_bench import cold_case, evict, model_like, run_interleaved  # noqa: E402
 
 MiB = 1 << 20
 #: The torch.load cases: their .pt file is written only when one runs.
@@ -86,9 +86,10 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def medians(cases: dict, reps: int) -> dict:
-    """Median seconds per case, interleaved; nan for a case that failed."""
-    times = run_interleaved(cases, reps, after_each=torch.cuda.empty_cache, keep_going=True)
+def medians(cases: dict, reps: int, seed: int) -> dict:
+    """Median seconds per case, interleaved (each repetition in a new random
+    order drawn from `seed`); nan for a case that failed."""
+    times = run_interleaved(cases, reps, after_each=torch.cuda.empty_cache, keep_going=True, shuffle=seed)
     return {name: statistics.median(times[name]) if name in times else float("nan") for name in cases}
 
 
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="readers for the raw pread baseline (default: as many as a load uses)")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--settle", type=float, default=0.5, help="seconds of rest after each eviction, before a cold case is timed")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random order of the cases in each repetition")
     ap.add_argument("--sweep", action="store_true", help="also time the staging pipeline's chunk/ring/thread settings")
     ap.add_argument("--match", default="", help="only the cases whose name matches this regular expression, searched "
                     "anywhere in the name (a short run; escape the names' parentheses and dots)")
@@ -156,10 +159,7 @@ def main() -> None:
         device_buf = torch.empty(size, dtype=torch.uint8, device="cuda:0")
 
         def cold(fn, target=path):
-            def run():
-                evict(target)
-                return timed(fn)
-            return run
+            return cold_case(fn, target, args.settle, timer=timed)
 
         def warm(fn, target=path):
             def run():
@@ -199,7 +199,7 @@ def main() -> None:
             TORCH_CASES[1]: cold(torch_mmap, pt_path),
         }
         cases = {name: case for name, case in cases.items() if re.search(args.match, name)}
-        med = medians(cases, args.reps)
+        med = medians(cases, args.reps, args.seed)
         print_table(med, size, f"whole-file loads to cuda:0, median of {args.reps}")
         def best(*names: str) -> float:  # nan where --match left the cases out
             times = [med[n] for n in names if n in med and med[n] == med[n]]
@@ -225,7 +225,7 @@ def main() -> None:
             def measure_group(title: str, reps: int = args.reps) -> None:
                 group = {name: case for name, case in sweep.items() if re.search(args.match, name) and name not in swept}
                 if group:
-                    swept.update(medians(group, reps))
+                    swept.update(medians(group, reps, args.seed))
                     print_table({name: swept[name] for name in group}, size, f"staging sweep: {title}, median of {reps}")
 
             # Most telling first: whole `load_file` calls with the default

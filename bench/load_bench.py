@@ -45,7 +45,7 @@ import safetensors.torch as ref_pt
 import tensafe.torch as ts_pt
 
 sys.path.insert(0, os.path.dirname(__file__))
-from python_bench import evict, model_like, run_interleaved, small_tensors, touch_all  # noqa: E402
+from python_bench import cold_case, model_like, run_interleaved, small_tensors, touch_all  # noqa: E402
 
 
 def raw_pread(path: str, threads: int, block: int = 8 << 20, direct: bool = False, into: Any = None) -> None:
@@ -131,16 +131,7 @@ def main() -> None:
               f"median of {args.reps}; cold = evicted from the page cache")
 
         def cold(fn, target=path):
-            def run():
-                evict(target)
-                # Let the eviction settle (the freed memory, the host's disk
-                # cache): without the pause, a case's time depended on which
-                # case ran before it.
-                time.sleep(args.settle)
-                start = time.perf_counter()
-                fn()
-                return time.perf_counter() - start
-            return run
+            return cold_case(fn, target, args.settle)
 
         def warm(fn):
             def run():

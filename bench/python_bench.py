@@ -120,6 +120,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def cold_case(fn, path: str, settle: float, timer=timed):
+    """A case for `run_interleaved`: evicts `path`, rests `settle` seconds,
+    then returns `timer(fn)`. The rest lets the eviction settle (the freed
+    memory, the host's disk cache): without it, a case's time depended on
+    which case ran before it."""
+    def run() -> float:
+        evict(path)
+        time.sleep(settle)
+        return timer(fn)
+    return run
+
+
 def open_all(lib, path):
     with lib.safe_open(path, "pt") as f:
         f.keys()

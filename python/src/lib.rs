@@ -155,6 +155,10 @@ struct File {
     /// `O_DIRECT` (other failures, such as a shortage of descriptors, leave
     /// it unset for the next read to try again).
     direct: OnceLock<Option<std::fs::File>>,
+    /// The background read of a mapped file into the page cache, set by the
+    /// first `prefetch` and stopped when this file is dropped (which the
+    /// tensors cut out of its mapping delay: they hold it).
+    prefetch: OnceLock<Option<tensafe_io::prefetch::Prefetch>>,
 }
 
 /// The error for a bytes-like object whose bytes are not in one piece.
@@ -185,7 +189,7 @@ impl File {
     }
 
     fn from_source(source: Source) -> Self {
-        File { source, direct: OnceLock::new() }
+        File { source, direct: OnceLock::new(), prefetch: OnceLock::new() }
     }
 
     /// The `O_DIRECT` handle of `local` (this file's), opened on first use;
@@ -406,6 +410,20 @@ impl File {
                 object.bind(py).get_item(pyo3::types::PySlice::new(py, start, start + header.data_len() as isize, 1))
             }
             Source::Pread(_) | Source::Remote(_) => Err(PyValueError::new_err("this file has no data in memory; use read_all_into")),
+        }
+    }
+
+    /// Starts reading a mapped file's data section into the page cache on a
+    /// background thread (`tensafe_io::prefetch`), ahead of a bulk load's
+    /// first touch of its tensors; it stops when this file is dropped. Once
+    /// per file; a no-op for other sources.
+    fn prefetch(&self) {
+        if let Source::Mapped(m) = &self.source {
+            self.prefetch.get_or_init(|| {
+                let (start, len) = (m.header().data_start(), m.header().data_len() as u64);
+                // Without a second handle (no descriptors left) the load stays lazy.
+                m.positional().file().try_clone().ok().map(|file| tensafe_io::prefetch::Prefetch::start(file, start, len))
+            });
         }
     }
 

@@ -4,7 +4,6 @@
 //! destination and the pinned slots and plans the chunks; this runs them.
 
 use std::io;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -178,20 +177,13 @@ impl FirstFailure {
 }
 
 /// The device sink. `NativeStagingUnavailable` where the driver cannot
-/// serve this load at all ([`tensafe_cuda::CudaError::means_unavailable`],
-/// or a panic of the driver bindings: a library without a function that
-/// setting up needs); RuntimeError, as for other CUDA failures, otherwise.
+/// serve this load at all ([`tensafe_cuda::CudaError::means_unavailable`]);
+/// RuntimeError, as for other CUDA failures, otherwise.
 fn open_sink(ordinal: i32, ptr: u64, len: usize, stream: usize) -> PyResult<DeviceSink> {
     // SAFETY: `_pipeline.py` passes torch's pointer, length and stream for that device.
-    match catch_unwind(AssertUnwindSafe(|| unsafe { DeviceSink::new(ordinal, ptr, len, stream) })) {
-        Ok(Ok(sink)) => Ok(sink),
-        Ok(Err(e)) if e.means_unavailable() => Err(NativeStagingUnavailable::new_err(e.to_string())),
-        Ok(Err(e)) => Err(to_python(e.into())),
-        Err(panic) => Err(NativeStagingUnavailable::new_err(format!(
-            "the CUDA driver bindings failed: {}",
-            tensafe_io::staging::panic_message(&*panic)
-        ))),
-    }
+    unsafe { DeviceSink::new(ordinal, ptr, len, stream) }.map_err(|e| {
+        if e.means_unavailable() { NativeStagingUnavailable::new_err(e.to_string()) } else { to_python(e.into()) }
+    })
 }
 
 /// The Python exception for a staged load that failed in the engine or the

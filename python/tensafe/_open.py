@@ -269,7 +269,10 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
     elif file.backend not in _IN_MEMORY:
         data = _read_all(file, threads, progress)
     else:
-        data = file.data_buffer()  # the mapping itself: tensors read the page cache
+        # The mapping itself: tensors read the page cache, which a background
+        # thread fills ahead of their first touch (every tensor is wanted).
+        file.prefetch()
+        data = file.data_buffer()
         if progress is not None:
             progress(file.data_len, file.data_len)  # nothing to read: done at once
     if framework == "pt" and not hasattr(data, "device") and device != "cpu":
@@ -408,7 +411,9 @@ class safe_open:
     def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
         """Every tensor, in file order.
 
-        With `backend="mmap"` the tensors are lazy views of the mapping. With
+        With `backend="mmap"` the tensors are lazy views of the mapping, and a
+        background thread reads the file into the page cache (free memory
+        only) ahead of their first touch. With
         `backend="pread"` the whole file is read into one allocation by
         `threads` parallel readers (default 4), calling `progress(done, total)`
         as bytes arrive (`progress=True`: a progress bar on stderr);
@@ -613,11 +618,16 @@ def _as_path(data: Any) -> Optional[str]:
     return path if os.path.exists(path) or path.endswith((".safetensors", ".json")) else None
 
 
+class _NotAFileObject(TypeError, AttributeError):
+    """`_safe_open_handle` of something without `fileno()`: a TypeError, and
+    an AttributeError as the reference raises (callers may catch either)."""
+
+
 def _safe_open_handle(f: Any, framework: str, device: Any = "cpu", *, backend: str = "mmap") -> safe_open:
     """Like `safe_open`, from an open file object: the file it has open, or
     the sharded checkpoint when it is an index."""
     if not hasattr(f, "fileno"):
-        raise TypeError("expected a file object with a fileno() method")
+        raise _NotAFileObject(f"expected a file object with a fileno() method, got {type(f).__name__}")
     name = getattr(f, "name", None)
     if isinstance(name, (str, os.PathLike)) and _is_checkpoint(os.fspath(name)):
         return safe_open(name, framework, device, backend=backend)

@@ -304,7 +304,8 @@ def load_file(
 ) -> Dict[str, torch.Tensor]:
     """Loads every tensor of a file, in file order.
 
-    `backend="mmap"` (default): lazy zero-copy views. `backend="pread"`: one
+    `backend="mmap"` (default): lazy zero-copy views, the file read into the
+    page cache ahead of them in the background. `backend="pread"`: one
     allocation filled by `threads` parallel readers, the fast path on network
     filesystems and for private memory; `backend="auto"` picks between them by
     filesystem. See `safe_open.get_tensors` for `progress` and `drop_cache`.

@@ -137,6 +137,17 @@ def test_bytes_memoryview_and_file_objects_work_as_sources(sample):
             assert f.get_tensor("a").tolist() == [1.0] * 4
 
 
+def test_safe_open_handle_of_something_else_raises_what_the_reference_raises(sample):
+    path, _ = sample
+    for not_a_file in (str(path), 3, None):
+        with pytest.raises(AttributeError):
+            safetensors._safe_open_handle(not_a_file, "pt")
+        with pytest.raises(AttributeError, match="fileno"):
+            tensafe._safe_open_handle(not_a_file, "pt")
+        with pytest.raises(TypeError, match=type(not_a_file).__name__):
+            tensafe._safe_open_handle(not_a_file, "pt")
+
+
 def test_sources_are_read_by_bytes_whatever_their_item_size_or_shape(tmp_path):
     arrays = {"a": np.arange(4, dtype=np.float32), "z": np.zeros(1000, np.float32)}
     data = ts_np.save(arrays)

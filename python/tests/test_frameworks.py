@@ -181,8 +181,9 @@ def check(module, tmp_path):
 
 def check_private_converters(ours, ref, arrays):
     """The reference's `_np2…` and `_…2np` helpers (code imports them too):
-    the same values and types, and the same dict handed back (the caller's,
-    converted in place, or a new one)."""
+    the same values and types, the same dict handed back (the caller's,
+    converted in place, or a new one), and a copy of the caller's arrays
+    where the reference copies them (the caller may reuse its arrays)."""
     import re
 
     names = sorted(name for name in vars(ref) if re.fullmatch(r"_np2[a-z]+|_[a-z]+2np", name))
@@ -193,7 +194,8 @@ def check_private_converters(ours, ref, arrays):
         for lib in (ours, ref):
             given = {k: converter(lib.__name__.split(".")[-1])(v) if to_numpy else v for k, v in arrays.items()}
             got = getattr(lib, name)(given)
-            outcomes.append((got is given, {k: (type(v), np.asarray(as_numpy(v)).dtype, as_numpy(v).tobytes()) for k, v in got.items()}))
+            shared = {k: not to_numpy and np.shares_memory(np.asarray(as_numpy(v)), arrays[k]) for k, v in got.items()}
+            outcomes.append((got is given, shared, {k: (type(v), np.asarray(as_numpy(v)).dtype, as_numpy(v).tobytes()) for k, v in got.items()}))
         assert outcomes[0] == outcomes[1], name
 
 

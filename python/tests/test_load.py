@@ -665,3 +665,23 @@ def test_a_signal_handler_stops_a_private_load_midway(tmp_path, request):
 
     stopped = stops_early(lambda: seconds_until_a_signal_stops(cold_load, after=0.05), full)
     assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s load"
+
+
+def test_mmap_bulk_loads_fill_the_page_cache_in_the_background(page_cache_control, tmp_path):
+    """A bulk load through the mapping (`load_file`'s default) starts reading
+    the file into the page cache at once, ahead of the tensors' first touch;
+    lazy access to one tensor does not read the rest."""
+    path = tmp_path / "prefetched.safetensors"
+    ref_pt.save_file({"a": torch.zeros(4096), "b": torch.arange(8 * 2**20, dtype=torch.int32)}, path)
+    evict(path)
+    with tensafe.safe_open(path, "pt") as f:
+        lazy = f.get_tensor("a")
+        time.sleep(0.5)
+        assert resident_fraction(path) < 0.1, "a lazy get_tensor read the whole file"
+    del lazy
+    loaded = ts_pt.load_file(path)  # nothing touched
+    deadline = time.monotonic() + 20
+    while resident_fraction(path) < 0.99:
+        assert time.monotonic() < deadline, f"only {resident_fraction(path):.0%} of the file is cached 20 s after the load"
+        time.sleep(0.02)
+    assert torch.equal(loaded["b"], torch.arange(8 * 2**20, dtype=torch.int32))

@@ -15,10 +15,11 @@
 //! before it is destroyed, so no copy outlives a load, errors included.
 
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys;
-use tensafe_io::staging::Sink;
+use tensafe_io::staging::{Sink, panic_message};
 
 /// What fails here.
 #[derive(Debug)]
@@ -34,6 +35,9 @@ pub enum CudaError {
         /// Its length.
         len: usize,
     },
+    /// The driver bindings panicked while setting up: a loaded library that
+    /// lacks a function they look up (cudarc panics rather than failing).
+    Bindings(String),
     /// A driver call failed.
     Call {
         /// The driver function.
@@ -50,6 +54,7 @@ impl std::fmt::Display for CudaError {
             CudaError::BadDestination { ordinal, dst, len } => {
                 write!(f, "the destination ({len} bytes at {dst:#x}) is not memory of CUDA device {ordinal}")
             }
+            CudaError::Bindings(panic) => write!(f, "the CUDA driver bindings failed: {panic}"),
             CudaError::Call { call, error } => {
                 // The driver names its errors; it is loaded, as a call failed.
                 let name = error.error_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", error.0));
@@ -66,12 +71,12 @@ impl CudaError {
     /// Whether the error says that this driver cannot serve loads here at
     /// all, rather than that one load failed: no driver library, one whose
     /// `cuInit` fails (a stub library, a driver without a usable device) or
-    /// that does not know the device, or a destination it does not know as
-    /// that device's memory (another driver than the caller's, or memory it
-    /// cannot address).
+    /// that does not know the device, one without a function the bindings
+    /// need, or a destination it does not know as that device's memory
+    /// (another driver than the caller's, or memory it cannot address).
     pub fn means_unavailable(&self) -> bool {
         match self {
-            CudaError::NoDriver | CudaError::BadDestination { .. } => true,
+            CudaError::NoDriver | CudaError::Bindings(_) | CudaError::BadDestination { .. } => true,
             CudaError::Call { call, .. } => matches!(*call, "cuInit" | "cuDeviceGet"),
         }
     }
@@ -115,13 +120,25 @@ impl DeviceSink {
     /// `ordinal`, ordered after the work queued on stream `caller` so far (a
     /// raw `CUstream`/`cudaStream_t`; 0 is the legacy default stream).
     /// Refuses a `dst` that the driver does not know as memory of that
-    /// device.
+    /// device; a panic of the driver bindings is returned as
+    /// [`CudaError::Bindings`].
     ///
     /// # Safety
     /// `[dst, dst + len)` must be device memory the caller owns (the driver
     /// only vouches for `dst`), `caller` a stream of that device's primary
     /// context, and both must stay valid until the sink is dropped.
     pub unsafe fn new(ordinal: i32, dst: u64, len: usize, caller: usize) -> Result<Self, CudaError> {
+        // A sink half made when the bindings panic is dropped on the way out.
+        // SAFETY: the caller's contract, passed on.
+        catch_unwind(AssertUnwindSafe(|| unsafe { Self::open(ordinal, dst, len, caller) }))
+            .unwrap_or_else(|panic| Err(CudaError::Bindings(panic_message(&*panic).to_owned())))
+    }
+
+    /// [`DeviceSink::new`] without the panic guard.
+    ///
+    /// # Safety
+    /// As for [`DeviceSink::new`].
+    unsafe fn open(ordinal: i32, dst: u64, len: usize, caller: usize) -> Result<Self, CudaError> {
         if !driver_present() {
             return Err(CudaError::NoDriver);
         }
@@ -288,6 +305,7 @@ mod tests {
         let call = |call, error| CudaError::Call { call, error: DriverError(error) };
         assert!(CudaError::BadDestination { ordinal: 0, dst: 0, len: 1 }.means_unavailable());
         assert!(call("cuInit", sys::CUresult::CUDA_ERROR_STUB_LIBRARY).means_unavailable());
+        assert!(CudaError::Bindings("Missing symbol cuInit".into()).means_unavailable());
         assert!(call("cuDeviceGet", sys::CUresult::CUDA_ERROR_INVALID_DEVICE).means_unavailable());
         // One load's trouble (memory, a broken context) is not the driver's.
         assert!(!call("cuEventCreate", sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY).means_unavailable());

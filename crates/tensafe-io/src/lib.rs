@@ -11,9 +11,12 @@
 //!   the cache and without filling the cache with a second copy of the model.
 //! * [`evict`] drops a file's pages from the page cache after a load, so a
 //!   model is not held twice in RAM (once in the cache, once in the tensors).
+//! * [`prefetch::Prefetch`] reads a mapped file into the page cache on a
+//!   background thread, ahead of the thread that faults it in.
 //! * [`staging::stage`] runs staged loads: reads into a bounded set of slots,
 //!   each copied out (to a device) before it is reused.
 
+pub mod prefetch;
 mod progress;
 pub mod staging;
 
