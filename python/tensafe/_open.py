@@ -270,8 +270,11 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
         data = _read_all(file, threads, progress)
     else:
         # The mapping itself: tensors read the page cache, which a background
-        # thread fills ahead of their first touch (every tensor is wanted).
-        file.prefetch()
+        # thread fills ahead of their first touch where they stay mapped
+        # (every tensor is wanted; a copy to another device reads it all at
+        # once, and then drops the cache).
+        if framework != "pt" or device == "cpu":
+            file.prefetch()
         data = file.data_buffer()
         if progress is not None:
             progress(file.data_len, file.data_len)  # nothing to read: done at once
@@ -411,9 +414,9 @@ class safe_open:
     def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
         """Every tensor, in file order.
 
-        With `backend="mmap"` the tensors are lazy views of the mapping, and a
-        background thread reads the file into the page cache (free memory
-        only) ahead of their first touch. With
+        With `backend="mmap"` the tensors are lazy views of the mapping, and on
+        Linux a background thread reads the file into the page cache ahead of
+        their first touch (if it fits in memory). With
         `backend="pread"` the whole file is read into one allocation by
         `threads` parallel readers (default 4), calling `progress(done, total)`
         as bytes arrive (`progress=True`: a progress bar on stderr);

@@ -15,7 +15,7 @@
 //! before it is destroyed, so no copy outlives a load, errors included.
 
 use std::io;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 
 use cudarc::driver::result::{self as cu, DriverError};
 use cudarc::driver::sys;
@@ -128,7 +128,8 @@ impl DeviceSink {
     /// only vouches for `dst`), `caller` a stream of that device's primary
     /// context, and both must stay valid until the sink is dropped.
     pub unsafe fn new(ordinal: i32, dst: u64, len: usize, caller: usize) -> Result<Self, CudaError> {
-        // A sink half made when the bindings panic is dropped on the way out.
+        // A sink half made when the bindings panic is dropped on the way out
+        // (its context released; `in_context` pops what it pushed).
         // SAFETY: the caller's contract, passed on.
         catch_unwind(AssertUnwindSafe(|| unsafe { Self::open(ordinal, dst, len, caller) }))
             .unwrap_or_else(|panic| Err(CudaError::Bindings(panic_message(&*panic).to_owned())))
@@ -163,10 +164,13 @@ impl DeviceSink {
     fn in_context<T>(&mut self, work: impl FnOnce(&mut Self) -> Result<T, CudaError>) -> Result<T, CudaError> {
         // SAFETY: the context is retained for the sink's life; push and pop pair up.
         check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(self.context).result() })?;
-        let result = work(self);
+        // A panic of the bindings in `work` pops too, before it goes on
+        // (`new` turns it into an error); not from a drop guard, where a
+        // second panic would abort.
+        let result = catch_unwind(AssertUnwindSafe(|| work(self)));
         // SAFETY: as above.
         let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut std::ptr::null_mut()) };
-        result
+        result.unwrap_or_else(|panic| resume_unwind(panic))
     }
 
     /// Whether the driver knows `dst` as memory of device `ordinal`. Not

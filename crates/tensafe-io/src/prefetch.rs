@@ -5,32 +5,29 @@
 //! and the faulting thread does all the kernel's work: it allocates every
 //! page-cache page, issues the readahead and waits for it. [`Prefetch`]
 //! moves that work to a background thread, which asks the kernel for the
-//! file step by step (`posix_fadvise(WILLNEED)`: pages allocated and reads
+//! file piece by piece (`posix_fadvise(WILLNEED)`: pages allocated and reads
 //! queued, no copy) while the caller's thread only maps pages that are
 //! already there or on their way. On the 2-core development VM, where fresh
-//! memory also faults on the host, a cold `load_file` plus a first touch
-//! of every page went from a median of 1.5–2.1 s to 0.75–0.85 s for 1 GiB,
-//! below the 4-thread raw read (`bench/load_bench.py`).
+//! memory also faults on the host, a cold `load_file` plus a first touch of
+//! every page of 1 GiB took a median of 0.59 s with it, 1.33 s without it,
+//! against 0.79–0.89 s for a raw 4-thread read (docs/ARCHITECTURE.md).
 //!
 //! One process-wide thread serves the requests in order, so the shards of a
-//! checkpoint are read one after the other rather than competing. It only
-//! fills free memory: it stops once free RAM would drop under an eighth of
-//! the total, and never pushes other pages out of the cache for a file that
-//! may not be read in full. A request stops when its [`Prefetch`] is
-//! dropped.
+//! checkpoint are read one after the other rather than competing. A request
+//! runs only if its file fits: at most half of the memory the kernel
+//! reports available, and, with the files of the other live requests, at
+//! most half of RAM; otherwise its load stays lazy, so a checkpoint larger
+//! than memory is not read twice. A request stops when its [`Prefetch`] is
+//! dropped. Linux only; elsewhere nothing is read ahead.
 
 use std::fs::File;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, OnceLock};
 
-/// Bytes asked for at a time. Measured on the development VM (1 GiB, cold,
-/// medians of 6): 2 MiB 0.92 s, 8 MiB 0.75 s, 32 MiB 0.88 s, 128 MiB 1.95 s
-/// (a large step makes the toucher wait for all of it).
-pub const PREFETCH_STEP: u64 = 8 << 20;
-
 /// A request to read part of a file into the page cache in the background;
-/// dropping it stops the reading (after the step under way).
+/// dropping it stops the reading (after the call under way).
 pub struct Prefetch {
     shared: Arc<Shared>,
 }
@@ -40,7 +37,22 @@ struct Shared {
     stop: AtomicBool,
     /// Bytes asked for so far.
     done: AtomicU64,
+    /// The request's length while it counts in `live` (0 before it is let
+    /// run, and after its `Prefetch` is dropped).
+    counted: AtomicU64,
+    /// Where it counts: [`LIVE`] (the tests' own counters elsewhere).
+    live: &'static AtomicU64,
 }
+
+impl Shared {
+    fn new(live: &'static AtomicU64) -> Arc<Shared> {
+        Arc::new(Shared { stop: AtomicBool::new(false), done: AtomicU64::new(0), counted: AtomicU64::new(0), live })
+    }
+}
+
+/// Bytes of the files of the requests let run whose `Prefetch` is alive:
+/// what they have brought, or will bring, into the page cache.
+static LIVE: AtomicU64 = AtomicU64::new(0);
 
 /// One request, as the background thread holds it.
 struct Job {
@@ -53,15 +65,14 @@ struct Job {
 impl Prefetch {
     /// Starts reading `len` bytes of `file` at `offset` into the page cache on
     /// the background thread, after the requests before it. `file` is a handle
-    /// of its own (`try_clone` of the caller's). Where the OS has no such
-    /// advice (not Linux) nothing is read.
+    /// of its own (`try_clone` of the caller's).
     pub fn start(file: File, offset: u64, len: u64) -> Prefetch {
-        let shared = Arc::new(Shared { stop: AtomicBool::new(false), done: AtomicU64::new(0) });
-        if cfg!(target_os = "linux") {
-            let job = Job { file, offset, len, shared: shared.clone() };
-            // A send fails only if the thread is gone (it could not be
-            // spawned): the load then stays lazy, as without prefetching.
-            let _ = worker().send(job);
+        let shared = Shared::new(&LIVE);
+        if cfg!(target_os = "linux")
+            && let Some(queue) = worker()
+        {
+            // A send fails only if the thread is gone: the load stays lazy.
+            let _ = queue.send(Job { file, offset, len, shared: shared.clone() });
         }
         Prefetch { shared }
     }
@@ -74,37 +85,59 @@ impl Prefetch {
 
 impl Drop for Prefetch {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
+        // Atomics only (no lock): this may run in a forked child. SeqCst
+        // with `admit`: the request is uncounted here or there, never twice
+        // or not at all.
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.live.fetch_sub(self.shared.counted.swap(0, Ordering::SeqCst), Ordering::SeqCst);
     }
 }
 
-/// The background thread's queue, the thread started on first use. No
-/// lock around it: a child forked while another thread held one would
-/// wait on it for good (in a child the requests just wait, unserved).
-fn worker() -> &'static Sender<Job> {
-    static QUEUE: OnceLock<Sender<Job>> = OnceLock::new();
-    QUEUE.get_or_init(|| {
+/// The background thread's queue, the thread started on first use; `None`
+/// in a process forked from the one that started it (the thread does not
+/// run there, and the channel may have been mid-send at the fork).
+fn worker() -> Option<&'static Sender<Job>> {
+    static QUEUE: OnceLock<(u32, Sender<Job>)> = OnceLock::new();
+    let (owner, queue) = QUEUE.get_or_init(|| {
         let (send, receive) = channel::<Job>();
         let spawned = std::thread::Builder::new().name("tensafe-prefetch".into()).spawn(move || {
             for job in receive {
-                run(&job, free_memory_floor(), PREFETCH_STEP);
+                if admit(&job, memory_info()) {
+                    run(&job, advice_limit(&job.file), will_need);
+                }
             }
         });
-        drop(spawned); // detached; if it could not start, sends fail and nothing is read
-        send
-    })
+        drop(spawned); // detached; if it could not start, sends fail and loads stay lazy
+        (std::process::id(), send)
+    });
+    (*owner == std::process::id()).then_some(queue)
 }
 
-/// Asks for `job`'s range in `step`s until it is done, stopped, or free
-/// memory would fall under `floor` bytes; returns the bytes asked for.
-fn run(job: &Job, floor: u64, step: u64) -> u64 {
+/// Whether `job` may run, given (available, total) memory in bytes; if so,
+/// it now counts among the live requests until its `Prefetch` is dropped.
+/// Unknown memory (no `/proc/meminfo`) lets nothing run.
+fn admit(job: &Job, memory: Option<(u64, u64)>) -> bool {
+    let (Some((available, total)), shared) = (memory, &job.shared) else { return false };
+    if shared.stop.load(Ordering::SeqCst) || job.len > available / 2 || shared.live.load(Ordering::SeqCst).saturating_add(job.len) > total / 2 {
+        return false;
+    }
+    shared.live.fetch_add(job.len, Ordering::SeqCst);
+    shared.counted.store(job.len, Ordering::SeqCst);
+    // Dropped meanwhile: `drop` may have found nothing counted yet.
+    if shared.stop.load(Ordering::SeqCst) {
+        shared.live.fetch_sub(shared.counted.swap(0, Ordering::SeqCst), Ordering::SeqCst);
+        return false;
+    }
+    true
+}
+
+/// Asks for `job`'s range with `advise` in calls of at most `limit` bytes
+/// until it is done or stopped; returns the bytes asked for.
+fn run(job: &Job, limit: u64, mut advise: impl FnMut(&File, u64, u64) -> io::Result<()>) -> u64 {
     let mut at = 0;
     while at < job.len && !job.shared.stop.load(Ordering::Relaxed) {
-        let len = step.min(job.len - at);
-        if free_memory().is_some_and(|free| free < floor.saturating_add(len)) {
-            break;
-        }
-        if will_need(&job.file, job.offset + at, len).is_err() {
+        let len = limit.max(1).min(job.len - at);
+        if advise(&job.file, job.offset + at, len).is_err() {
             break; // advice the filesystem refuses: the load stays lazy
         }
         at += len;
@@ -113,56 +146,58 @@ fn run(job: &Job, floor: u64, step: u64) -> u64 {
     at
 }
 
-/// Free memory under which prefetching stops: an eighth of RAM.
-fn free_memory_floor() -> u64 {
-    total_memory().map_or(u64::MAX, |total| total / 8)
+/// The most one `WILLNEED` reads for sure. The kernel reads at most the
+/// larger of the device's largest request (`max_sectors_kb`) and the
+/// file's readahead window, and quietly drops the rest; the first holds
+/// whatever the window is. 128 KiB (the kernel's default window) where the
+/// device cannot be told (network filesystems, overlays).
+fn advice_limit(file: &File) -> u64 {
+    const DEFAULT: u64 = 128 << 10;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = file.metadata() else { return DEFAULT };
+        let device = format!("/sys/dev/block/{}:{}", libc::major(meta.dev()), libc::minor(meta.dev()));
+        // A whole disk has queue/ itself; a partition's is its disk's.
+        for queue in ["queue", "../queue"] {
+            let setting = std::fs::read_to_string(format!("{device}/{queue}/max_sectors_kb"));
+            if let Some(kib) = setting.ok().and_then(|text| text.trim().parse::<u64>().ok()).filter(|kib| *kib > 0) {
+                return kib.saturating_mul(1024);
+            }
+        }
+    }
+    let _ = file;
+    DEFAULT
 }
 
 /// Asks the kernel to read `len` bytes at `offset` into the page cache; it
 /// returns once the reads are queued.
-fn will_need(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
         let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(std::io::ErrorKind::InvalidInput.into());
+            return Err(io::ErrorKind::InvalidInput.into());
         };
         // SAFETY: plain syscall on a valid descriptor.
         let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
         if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
+            return Err(io::Error::from_raw_os_error(rc));
         }
     }
     let _ = (file, offset, len);
     Ok(())
 }
 
-/// Free RAM (not counting the page cache) and total RAM in bytes, where
-/// they can be told.
-#[allow(clippy::useless_conversion)] // c_ulong is 32 bits on 32-bit targets
-fn memory() -> Option<(u64, u64)> {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: sysinfo fills the struct it is given (all-zero is a valid value).
-        let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
-        if unsafe { libc::sysinfo(&mut info) } != 0 {
-            return None;
-        }
-        let bytes = |units| u64::from(units).saturating_mul(u64::from(info.mem_unit));
-        Some((bytes(info.freeram), bytes(info.totalram)))
-    }
-    #[cfg(not(target_os = "linux"))]
-    None
-}
-
-/// Free RAM in bytes, where it can be told.
-fn free_memory() -> Option<u64> {
-    memory().map(|(free, _)| free)
-}
-
-/// Total RAM in bytes, where it can be told.
-fn total_memory() -> Option<u64> {
-    memory().map(|(_, total)| total)
+/// (available, total) memory in bytes from `/proc/meminfo`, where there is one.
+fn memory_info() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        let line = text.lines().find_map(|line| line.strip_prefix(name))?;
+        let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        Some(kib.saturating_mul(1024))
+    };
+    Some((field("MemAvailable:")?, field("MemTotal:")?))
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -192,17 +227,25 @@ mod tests {
         Some((temp, file))
     }
 
-    fn job(file: &File, len: u64) -> Job {
-        let shared = Arc::new(Shared { stop: AtomicBool::new(false), done: AtomicU64::new(0) });
-        Job { file: file.try_clone().unwrap(), offset: 0, len, shared }
+    /// A request for the first `len` bytes of `file`, and its handle,
+    /// counted in `live`.
+    fn request_in(file: &File, len: u64, live: &'static AtomicU64) -> (Job, Prefetch) {
+        let shared = Shared::new(live);
+        (Job { file: file.try_clone().unwrap(), offset: 0, len, shared: shared.clone() }, Prefetch { shared })
+    }
+
+    /// A request for the first `len` bytes of `file`, counted apart.
+    fn request(file: &File, len: u64) -> (Job, Prefetch) {
+        request_in(file, len, Box::leak(Box::default()))
     }
 
     /// Waits until the first `len` bytes of `file` are cached (the reads
     /// asked for complete in the background); fails after 20 s.
-    fn wait_until_cached(file: &File, len: usize, asked: impl Fn() -> u64) {
+    fn wait_until_cached(file: &File, len: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while cached_fraction(file, 0, len) < 0.99 {
-            assert!(Instant::now() < deadline, "the file is not cached after 20 s ({} bytes asked for)", asked());
+            let cached = cached_fraction(file, 0, len);
+            assert!(Instant::now() < deadline, "only {:.0}% of the file is cached after 20 s", cached * 100.0);
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -210,37 +253,93 @@ mod tests {
     #[test]
     fn a_prefetch_fills_the_page_cache_in_the_background() {
         let Some((_temp, file)) = evicted_file(32 << 20) else { return };
+        if memory_info().is_none_or(|(available, _)| available <= 1 << 30) {
+            eprintln!("skipped: under 1 GiB of memory available");
+            return;
+        }
         let prefetch = Prefetch::start(file.try_clone().unwrap(), 0, 32 << 20);
-        wait_until_cached(&file, 32 << 20, || prefetch.requested());
+        wait_until_cached(&file, 32 << 20);
         assert_eq!(prefetch.requested(), 32 << 20);
     }
 
     #[test]
-    fn a_request_asks_for_its_range_in_steps() {
-        let Some((_temp, file)) = evicted_file(16 << 20) else { return };
-        // A range that does not end on a step: the last step is short.
-        let job = job(&file, (16 << 20) - 5);
-        assert_eq!(run(&job, 0, 3 << 20), (16 << 20) - 5);
-        assert_eq!(job.shared.done.load(Ordering::Relaxed), (16 << 20) - 5);
-        wait_until_cached(&file, (16 << 20) - 5, || job.shared.done.load(Ordering::Relaxed));
+    fn every_byte_is_read_ahead_though_the_kernel_caps_each_call() {
+        let Some((_temp, file)) = evicted_file(32 << 20) else { return };
+        // One call for the whole file reads only its first few MiB (on the
+        // development VM 8 of 32: the readahead window), and says nothing.
+        will_need(&file, 0, 32 << 20).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let one_call = cached_fraction(&file, 0, 32 << 20);
+        evict(&file, 0, 0).unwrap();
+        let (job, _prefetch) = request(&file, 32 << 20);
+        assert_eq!(run(&job, advice_limit(&file), will_need), 32 << 20);
+        wait_until_cached(&file, 32 << 20);
+        eprintln!("one call of 32 MiB cached {:.0}% of it; calls of {} KiB cached it all", one_call * 100.0, advice_limit(&file) >> 10);
     }
 
     #[test]
-    fn a_stopped_request_asks_for_nothing_more() {
-        let Some((_temp, file)) = evicted_file(16 << 20) else { return };
-        let stopped = job(&file, 16 << 20);
-        stopped.shared.stop.store(true, Ordering::Relaxed);
-        assert_eq!(run(&stopped, 0, PREFETCH_STEP), 0);
-        assert!(cached_fraction(&file, 0, 16 << 20) < 0.1);
+    fn a_request_is_asked_for_in_order_in_calls_of_at_most_the_limit() {
+        let file = tempfile::tempfile().unwrap();
+        let (job, _prefetch) = request(&file, (16 << 20) - 5);
+        let mut calls = Vec::new();
+        let asked = run(&job, 3 << 20, |_, offset, len| {
+            calls.push((offset, len));
+            Ok(())
+        });
+        assert_eq!(asked, (16 << 20) - 5);
+        assert_eq!(job.shared.done.load(Ordering::Relaxed), asked);
+        assert!(calls.iter().all(|&(_, len)| len > 0 && len <= 3 << 20), "{calls:?}");
+        let mut next = 0;
+        for &(offset, len) in &calls {
+            assert_eq!(offset, next, "{calls:?}");
+            next += len;
+        }
+        assert_eq!(next, asked);
     }
 
     #[test]
-    fn prefetching_never_eats_into_the_free_memory_floor() {
-        let Some((_temp, file)) = evicted_file(16 << 20) else { return };
-        let free = free_memory().expect("sysinfo works on Linux");
-        // A floor above what is free: not one step is asked for.
-        assert_eq!(run(&job(&file, 16 << 20), free + (1 << 30), PREFETCH_STEP), 0);
-        assert!(cached_fraction(&file, 0, 16 << 20) < 0.1);
-        assert!(free_memory_floor() > 0 && free_memory_floor() < total_memory().unwrap());
+    fn dropping_the_prefetch_stops_its_request() {
+        let file = tempfile::tempfile().unwrap();
+        let (job, prefetch) = request(&file, 64 << 20);
+        let mut prefetch = Some(prefetch);
+        let asked = run(&job, 1 << 20, |_, _, _| {
+            drop(prefetch.take()); // dropped during the first call
+            Ok(())
+        });
+        assert_eq!(asked, 1 << 20);
+    }
+
+    #[test]
+    fn a_refused_advice_stops_the_request() {
+        let file = tempfile::tempfile().unwrap();
+        let (job, _prefetch) = request(&file, 8 << 20);
+        let mut calls = 0;
+        assert_eq!(run(&job, 1 << 20, |_, _, _| if { calls += 1; calls } == 3 { Err(io::ErrorKind::Unsupported.into()) } else { Ok(()) }), 2 << 20);
+    }
+
+    #[test]
+    fn only_files_that_fit_in_memory_are_read_ahead() {
+        let file = tempfile::tempfile().unwrap();
+        let live: &'static AtomicU64 = Box::leak(Box::default());
+        let gib = 1u64 << 30;
+        let memory = Some((16 * gib, 32 * gib)); // (available, total)
+        let (large, _large) = request_in(&file, 9 * gib, live);
+        assert!(!admit(&large, memory), "over half of what is available");
+        let (first, first_handle) = request_in(&file, 8 * gib, live);
+        assert!(!admit(&first, None), "memory unknown");
+        assert!(admit(&first, memory));
+        let (second, second_handle) = request_in(&file, 8 * gib, live);
+        assert!(admit(&second, memory));
+        assert_eq!(live.load(Ordering::SeqCst), 16 * gib);
+        // With the live ones, over half of RAM (though it fits what is available).
+        let (third, _third) = request_in(&file, gib, live);
+        assert!(!admit(&third, memory));
+        // A dropped request leaves the count, once, and is not let run.
+        drop(first_handle);
+        assert_eq!(live.load(Ordering::SeqCst), 8 * gib);
+        assert!(!admit(&first, memory));
+        assert!(admit(&third, memory));
+        drop(second_handle);
+        assert_eq!(live.load(Ordering::SeqCst), gib);
     }
 }
