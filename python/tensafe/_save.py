@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._tensafe_rust import SafetensorError, parse_size, save_sharded_buffers, serialize_buffers
+from ._tensafe_rust import SafetensorError, parse_size, printable, save_sharded_buffers, serialize_buffers
 
 Item = Tuple[str, str, List[int], Any]
 
@@ -57,7 +57,7 @@ def numpy_item(name: str, array: Any, code: Optional[str] = None) -> Item:
     if not isinstance(name, str):
         raise TypeError(f"tensor names must be str, got {type(name)}")
     if not isinstance(array, np.ndarray):
-        raise SafetensorError(f"Key `{name}` is invalid, expected numpy.ndarray but received {type(array)}")
+        raise SafetensorError(f"Key `{printable(name)}` is invalid, expected numpy.ndarray but received {type(array)}")
     code = code or _dtypes.code_for_numpy(array.dtype)
     byteorder = array.dtype.byteorder
     if byteorder == ">" or (byteorder == "=" and sys.byteorder == "big"):

@@ -13,7 +13,7 @@ from . import _dtypes, _numpy_like
 # The reference's module has these names too (code imports them from it).
 from . import numpy  # noqa: F401
 from ._open import safe_open  # noqa: F401
-from ._tensafe_rust import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401
+from ._tensafe_rust import TensorSpec, deserialize, printable, serialize, serialize_file  # noqa: F401
 
 
 def _checked(tensors: Any) -> Any:
@@ -21,7 +21,7 @@ def _checked(tensors: Any) -> Any:
     if isinstance(tensors, dict):
         for name, value in tensors.items():
             if not isinstance(value, paddle.Tensor):
-                raise ValueError(f"Key `{name}` is invalid, expected paddle.Tensor but received {type(value)}")
+                raise ValueError(f"Key `{printable(name)}` is invalid, expected paddle.Tensor but received {type(value)}")
     return tensors
 
 

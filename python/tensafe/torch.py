@@ -14,7 +14,7 @@ import torch
 
 from . import _dtypes, _save
 from ._open import _check_count, _to_torch, safe_open
-from ._tensafe_rust import TensorParallelPlan, TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (the reference's module has them)
+from ._tensafe_rust import TensorParallelPlan, TensorSpec, deserialize, printable, serialize, serialize_file  # noqa: F401  (the reference's module has them)
 
 #: torch dtype -> element size in bytes (F4 counts its packed byte), as the reference exposes it.
 _SIZE: Dict[Any, int] = {}
@@ -151,7 +151,7 @@ def _evaluate_tensors_for_save(tensors: Dict[str, torch.Tensor]) -> None:
     sparse = []
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"Key `{name}` is invalid, expected torch.Tensor but received {type(tensor)}")
+            raise ValueError(f"Key `{printable(name)}` is invalid, expected torch.Tensor but received {type(tensor)}")
         if tensor.layout != torch.strided:
             sparse.append(name)
     if sparse:

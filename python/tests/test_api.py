@@ -629,3 +629,16 @@ def test_remove_duplicate_names_lets_a_lone_partial_tensor_through():
     with pytest.raises(RuntimeError, match="None is covering the entire storage"):
         ref_pt._remove_duplicate_names(lone)
     assert ts_pt._remove_duplicate_names(lone) == {}
+
+
+def test_saving_a_value_that_is_not_an_array_names_its_key_escaped():
+    import safetensors.numpy as ref_np
+
+    values = {"fine": np.zeros(2, np.float32), "layer.0\n": [1.0, 2.0]}
+    with pytest.raises(AttributeError):
+        ref_np.save(values)  # the reference fails on the value, without the key
+    with pytest.raises(tensafe.SafetensorError, match=r"Key `layer\.0\\n` is invalid, expected numpy\.ndarray but received <class 'list'>"):
+        ts_np.save(values)
+    # The reference's torch message has the key raw (a newline, here).
+    with pytest.raises(ValueError, match=r"Key `layer\.0\\n` is invalid, expected torch\.Tensor"):
+        ts_pt.save({"layer.0\n": [1.0, 2.0]})

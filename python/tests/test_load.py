@@ -326,12 +326,13 @@ def file_of_a_few_steps(tmp_path_factory):
     return path
 
 
-def test_the_native_schedule_reports_progress_every_step_and_at_the_end(file_of_a_few_steps):
+@pytest.mark.parametrize("schedule", ["native", "ring", "readers"])
+def test_every_schedule_reports_progress_every_step_and_at_the_end(file_of_a_few_steps, schedule):
     from tensafe._pipeline import load_data_section
     from tensafe._tensafe_rust import PROGRESS_STEP, File
 
     file, seen = File(str(file_of_a_few_steps), "pread"), []
-    data = load_data_section(file, "cpu", chunk_bytes=1 << 20, ring=8, threads=2, direct=False, schedule="native",
+    data = load_data_section(file, "cpu", chunk_bytes=1 << 20, ring=8, threads=2, direct=False, schedule=schedule,
                              progress=lambda done, total: seen.append((done, total)))
     assert bytes(data[:4096].numpy()) == file_of_a_few_steps.read_bytes()[file.data_start :][:4096]
     total = file.data_len
