@@ -13,7 +13,8 @@ from . import _dtypes, _numpy_like
 # The reference's module has these names too (code imports them from it).
 from . import numpy  # noqa: F401
 from ._open import safe_open  # noqa: F401
-from ._tensafe_rust import TensorSpec, deserialize, printable, serialize, serialize_file  # noqa: F401
+from ._tensafe_rust import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401
+from ._tensafe_rust import printable
 
 
 def _checked(tensors: Any) -> Any:

@@ -14,7 +14,8 @@ import torch
 
 from . import _dtypes, _save
 from ._open import _check_count, _to_torch, safe_open
-from ._tensafe_rust import TensorParallelPlan, TensorSpec, deserialize, printable, serialize, serialize_file  # noqa: F401  (the reference's module has them)
+from ._tensafe_rust import TensorParallelPlan, TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (the reference's module has them)
+from ._tensafe_rust import printable
 
 #: torch dtype -> element size in bytes (F4 counts its packed byte), as the reference exposes it.
 _SIZE: Dict[Any, int] = {}
