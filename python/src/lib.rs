@@ -21,6 +21,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyEllipsis, PyList, PySlice, PyTuple};
 use tensafe::{Dtype, Error, Header, MmapFile, PreadFile, RawTensor, SliceIndex, SlicePlan};
+use tensafe_io::prefetch::Prefetch;
 
 create_exception!(
     tensafe._tensafe_rust,
@@ -155,10 +156,21 @@ struct File {
     /// `O_DIRECT` (other failures, such as a shortage of descriptors, leave
     /// it unset for the next read to try again).
     direct: OnceLock<Option<std::fs::File>>,
-    /// The background read of a mapped file into the page cache, set by the
-    /// first `prefetch` and stopped when this file is dropped (which the
-    /// tensors cut out of its mapping delay: they hold it).
-    prefetch: OnceLock<Option<tensafe_io::prefetch::Prefetch>>,
+    /// The background reads of a mapped file into the page cache, stopped
+    /// when this file is dropped (which the tensors cut out of its mapping
+    /// delay: they hold it).
+    prefetches: std::sync::Mutex<Prefetches>,
+}
+
+/// A mapped file's background reads into the page cache.
+#[derive(Default)]
+struct Prefetches {
+    /// Their own handle of the file, shared.
+    file: Option<std::sync::Arc<std::fs::File>>,
+    /// The whole data section's (`prefetch`).
+    whole: Option<Prefetch>,
+    /// Single tensors' (`prefetch_range`), by offset in the data section.
+    ranges: std::collections::HashMap<u64, Prefetch>,
 }
 
 /// The error for a bytes-like object whose bytes are not in one piece.
@@ -188,8 +200,30 @@ impl File {
         .map_err(header_error)
     }
 
+    /// Queues a background read of `len` bytes at `offset` in the data
+    /// section of a mapped file (`whole`: all of it); see `prefetch`. Once
+    /// per range, and nothing more once the whole file is asked for.
+    fn start_prefetch(&self, offset: u64, len: u64, whole: bool) {
+        let Source::Mapped(m) = &self.source else { return };
+        let mut state = self.prefetches.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if state.whole.is_some() || len == 0 || (!whole && state.ranges.contains_key(&offset)) {
+            return;
+        }
+        if state.file.is_none() {
+            // Without a second handle (no descriptors left) the load stays lazy.
+            state.file = m.positional().file().try_clone().ok().map(std::sync::Arc::new);
+        }
+        let Some(file) = state.file.clone() else { return };
+        let request = Prefetch::start(file, m.header().data_start() + offset, len);
+        if whole {
+            state.whole = Some(request);
+        } else {
+            state.ranges.insert(offset, request);
+        }
+    }
+
     fn from_source(source: Source) -> Self {
-        File { source, direct: OnceLock::new(), prefetch: OnceLock::new() }
+        File { source, direct: OnceLock::new(), prefetches: Default::default() }
     }
 
     /// The `O_DIRECT` handle of `local` (this file's), opened on first use;
@@ -418,15 +452,19 @@ impl File {
     /// first touch of its tensors; it stops when this file is dropped. Once
     /// per file; a no-op for other sources.
     fn prefetch(&self) {
-        if let Source::Mapped(m) = &self.source {
-            self.prefetch.get_or_init(|| {
-                let (start, len) = (m.header().data_start(), m.header().data_len() as u64);
-                // Without a second handle (no descriptors left) the load stays lazy.
-                m.positional().file().try_clone().ok().map(|file| tensafe_io::prefetch::Prefetch::start(file, start, len))
-            });
-        }
+        let len = self.header().data_len() as u64;
+        self.start_prefetch(0, len, true);
     }
 
+    /// Like `prefetch`, for `len` bytes at `offset` in the data section (one
+    /// tensor that `get_tensor` hands out); nothing once the whole file is.
+    fn prefetch_range(&self, offset: u64, len: u64) -> PyResult<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.header().data_len() as u64) {
+            return Err(PyValueError::new_err("the range is not in the data section"));
+        }
+        self.start_prefetch(offset, len, false);
+        Ok(())
+    }
     /// Copies `len(dst)` bytes of the data section starting at `offset` into
     /// `dst` (a writable contiguous buffer), without the GIL: positional reads
     /// for local files, mapped ones included (faster than copying out of the

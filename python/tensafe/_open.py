@@ -305,6 +305,10 @@ def _convert(framework: str, device: Union[str, int], code: str, shape: List[int
     return _wrap(framework, device, _to_numpy(code, shape, buf))
 
 
+#: The smallest tensor that `get_tensor` reads ahead in the background
+#: (`File.prefetch_range`); the page faults' own readahead covers smaller ones.
+_PREFETCH_MIN_BYTES = 1 << 20
+
 #: File backends whose bytes are addressable memory (the others are read: pread, remote).
 _IN_MEMORY = ("mmap", "memory")
 
@@ -408,7 +412,11 @@ class safe_open:
             if self._cutter is None:
                 self._cutter = _Cutter(self._framework, file.data_buffer())
             tensor = self._cutter.cut(code, shape, begin, end)
-            return tensor if self._device == "cpu" else tensor.to(self._device)
+            if self._device != "cpu":
+                return tensor.to(self._device)
+            if end - begin >= _PREFETCH_MIN_BYTES:
+                file.prefetch_range(begin, end - begin)  # ahead of its first touch, as `prefetch`
+            return tensor
         return _convert(self._framework, self._device, code, shape, file.buffer(name))
 
     def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:

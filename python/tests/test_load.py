@@ -668,21 +668,30 @@ def test_a_signal_handler_stops_a_private_load_midway(tmp_path, request):
     assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s load"
 
 
-def test_mmap_bulk_loads_fill_the_page_cache_in_the_background(page_cache_control, tmp_path):
-    """A bulk load through the mapping (`load_file`'s default) starts reading
-    the file into the page cache at once, ahead of the tensors' first touch;
-    lazy access to one tensor does not read the rest."""
-    path = tmp_path / "prefetched.safetensors"
-    ref_pt.save_file({"a": torch.zeros(4096), "b": torch.arange(8 * 2**20, dtype=torch.int32)}, path)
-    evict(path)
-    with tensafe.safe_open(path, "pt") as f:
-        lazy = f.get_tensor("a")
-        time.sleep(0.5)
-        assert resident_fraction(path) < 0.1, "a lazy get_tensor read the whole file"
-    del lazy
-    loaded = ts_pt.load_file(path)  # nothing touched
+def _wait_until_cached(path) -> None:
     deadline = time.monotonic() + 20
     while resident_fraction(path) < 0.99:
         assert time.monotonic() < deadline, f"only {resident_fraction(path):.0%} of the file is cached 20 s after the load"
         time.sleep(0.02)
-    assert torch.equal(loaded["b"], torch.arange(8 * 2**20, dtype=torch.int32))
+
+
+def test_mmap_loads_fill_the_page_cache_in_the_background(page_cache_control, tmp_path):
+    """A bulk load through the mapping (`load_file`'s default) starts reading
+    the file into the page cache at once, ahead of the tensors' first touch,
+    and `get_tensor` its tensor when that is large (1 MiB and more); a small
+    tensor is left to the page faults, and nothing else is read."""
+    path, big = tmp_path / "prefetched.safetensors", torch.arange(8 * 2**20, dtype=torch.int32)
+    ref_pt.save_file({"a": torch.zeros(4096), "b": big}, path)  # "a" (16 KiB) is first
+    evict(path)
+    with tensafe.safe_open(path, "pt") as f:
+        small = f.get_tensor("a")
+        time.sleep(0.5)
+        assert resident_fraction(path) < 0.1, "a small tensor's get_tensor read the file ahead"
+        got = f.get_tensor("b")  # nothing touched
+        _wait_until_cached(path)  # "b" is all but the first 16 KiB
+    assert torch.equal(got, big)
+    del small, got
+    evict(path)
+    loaded = ts_pt.load_file(path)  # nothing touched
+    _wait_until_cached(path)
+    assert torch.equal(loaded["b"], big)

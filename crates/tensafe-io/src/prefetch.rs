@@ -56,7 +56,7 @@ static LIVE: AtomicU64 = AtomicU64::new(0);
 
 /// One request, as the background thread holds it.
 struct Job {
-    file: File,
+    file: Arc<File>,
     offset: u64,
     len: u64,
     shared: Arc<Shared>,
@@ -65,8 +65,8 @@ struct Job {
 impl Prefetch {
     /// Starts reading `len` bytes of `file` at `offset` into the page cache on
     /// the background thread, after the requests before it. `file` is a handle
-    /// of its own (`try_clone` of the caller's).
-    pub fn start(file: File, offset: u64, len: u64) -> Prefetch {
+    /// the requests for one file share (`try_clone` of the caller's).
+    pub fn start(file: Arc<File>, offset: u64, len: u64) -> Prefetch {
         let shared = Shared::new(&LIVE);
         if cfg!(target_os = "linux")
             && let Some(queue) = worker()
@@ -231,7 +231,7 @@ mod tests {
     /// counted in `live`.
     fn request_in(file: &File, len: u64, live: &'static AtomicU64) -> (Job, Prefetch) {
         let shared = Shared::new(live);
-        (Job { file: file.try_clone().unwrap(), offset: 0, len, shared: shared.clone() }, Prefetch { shared })
+        (Job { file: Arc::new(file.try_clone().unwrap()), offset: 0, len, shared: shared.clone() }, Prefetch { shared })
     }
 
     /// A request for the first `len` bytes of `file`, counted apart.
@@ -257,7 +257,7 @@ mod tests {
             eprintln!("skipped: under 1 GiB of memory available");
             return;
         }
-        let prefetch = Prefetch::start(file.try_clone().unwrap(), 0, 32 << 20);
+        let prefetch = Prefetch::start(Arc::new(file.try_clone().unwrap()), 0, 32 << 20);
         wait_until_cached(&file, 32 << 20);
         assert_eq!(prefetch.requested(), 32 << 20);
     }
