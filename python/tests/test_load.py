@@ -695,3 +695,11 @@ def test_mmap_loads_fill_the_page_cache_in_the_background(page_cache_control, tm
     loaded = ts_pt.load_file(path)  # nothing touched
     _wait_until_cached(path)
     assert torch.equal(loaded["b"], big)
+    # Ranges outside the data section are refused, not read.
+    from tensafe._tensafe_rust import File
+
+    file = File(str(path), "mmap")
+    for offset, length in [(file.data_len, 1), (1, file.data_len), (2**64 - 1, 2)]:
+        with pytest.raises(ValueError, match="not in the data section"):
+            file.prefetch_range(offset, length)
+    file.prefetch_range(file.data_len, 0)  # empty, at the end: nothing to do
