@@ -465,6 +465,7 @@ impl File {
         self.start_prefetch(offset, len, false);
         Ok(())
     }
+
     /// Copies `len(dst)` bytes of the data section starting at `offset` into
     /// `dst` (a writable contiguous buffer), without the GIL: positional reads
     /// for local files, mapped ones included (faster than copying out of the

@@ -260,6 +260,7 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
 
 
 def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads: Optional[int], progress: Any, drop_cache: bool) -> Dict[str, Any]:
+    to_other_device = framework == "pt" and device != "cpu"
     if framework == "pt" and _is_cuda(device):
         # Straight to the device through pinned staging buffers; the tensors
         # are views of one device allocation.
@@ -272,13 +273,13 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
         # The mapping itself: tensors read the page cache, which a background
         # thread fills ahead of their first touch where they stay mapped
         # (every tensor is wanted; a copy to another device reads it all at
-        # once, and then drops the cache).
-        if framework != "pt" or device == "cpu":
+        # once, and `drop_cache` may then drop the cache).
+        if not to_other_device:
             file.prefetch()
         data = file.data_buffer()
         if progress is not None:
             progress(file.data_len, file.data_len)  # nothing to read: done at once
-    if framework == "pt" and not hasattr(data, "device") and device != "cpu":
+    if to_other_device and not hasattr(data, "device"):
         # Other accelerators: one host-to-device copy, tensors are views of it.
         data = _torch_bytes(data).to(device)
     copied = file.backend not in _IN_MEMORY or hasattr(data, "device")
