@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import safetensors
+import safetensors.numpy as ref_np
 import safetensors.torch as ref_pt
 import tensafe
 import tensafe.numpy as ts_np
@@ -703,3 +704,28 @@ def test_mmap_loads_fill_the_page_cache_in_the_background(page_cache_control, tm
         with pytest.raises(ValueError, match="not in the data section"):
             file.prefetch_range(offset, length)
     file.prefetch_range(file.data_len, 0)  # empty, at the end: nothing to do
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_after_a_load_reads_ahead_with_its_own_thread(page_cache_control, tmp_path):
+    """The background thread does not survive a fork: a child forked after
+    the parent's first load starts one of its own (not the parent's queue,
+    which nothing serves there) and its loads still fill the page cache."""
+    path, expected = tmp_path / "forked.safetensors", np.arange(8 * 2**20, dtype=np.int32)
+    ref_np.save_file({"x": expected}, path)
+    assert np.array_equal(ts_np.load_file(path)["x"], expected)  # the parent's thread now runs
+    evict(path)
+    pid = os.fork()
+    if pid == 0:  # numpy only here: torch's thread pools are not fork-safe
+        code = 1
+        try:
+            loaded, deadline = ts_np.load_file(path), time.monotonic() + 20  # nothing touched
+            while resident_fraction(path) < 0.99 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            code = 3 if resident_fraction(path) < 0.99 else 0 if np.array_equal(loaded["x"], expected) else 4
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code != 3, "the forked child's load read nothing ahead in 20 s"
+    assert code == 0, f"the forked child failed (exit status {code})"

@@ -22,9 +22,9 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// A request to read part of a file into the page cache in the background;
 /// dropping it stops the reading (after the call under way).
@@ -93,24 +93,45 @@ impl Drop for Prefetch {
     }
 }
 
-/// The background thread's queue, the thread started on first use; `None`
-/// in a process forked from the one that started it (the thread does not
-/// run there, and the channel may have been mid-send at the fork).
+/// This process's background thread's queue, the thread started on first
+/// use, and again in a process forked after that: a thread does not survive
+/// a fork, and the parent's channel may have been mid-send at the fork, so
+/// a child leaves the parent's queue alone and starts its own. `None` if no
+/// thread could be started: loads stay lazy.
 fn worker() -> Option<&'static Sender<Job>> {
-    static QUEUE: OnceLock<(u32, Sender<Job>)> = OnceLock::new();
-    let (owner, queue) = QUEUE.get_or_init(|| {
-        let (send, receive) = channel::<Job>();
-        let spawned = std::thread::Builder::new().name("tensafe-prefetch".into()).spawn(move || {
-            for job in receive {
-                if admit(&job, memory_info()) {
-                    run(&job, advice_limit(&job.file), will_need);
-                }
+    /// The queue and the process it serves; a new one replaces it in a
+    /// forked child. Never freed: the process's thread holds its end.
+    static QUEUE: AtomicPtr<(u32, Sender<Job>)> = AtomicPtr::new(std::ptr::null_mut());
+    let pid = std::process::id();
+    let seen = QUEUE.load(Ordering::Acquire);
+    // SAFETY: a non-null pointer in QUEUE came from `Box::into_raw` below and is never freed.
+    if let Some((owner, queue)) = unsafe { seen.as_ref() }
+        && *owner == pid
+    {
+        return Some(queue);
+    }
+    let (send, receive) = channel::<Job>();
+    let spawned = std::thread::Builder::new().name("tensafe-prefetch".into()).spawn(move || {
+        for job in receive {
+            if admit(&job, memory_info()) {
+                run(&job, advice_limit(&job.file), will_need);
             }
-        });
-        drop(spawned); // detached; if it could not start, sends fail and loads stay lazy
-        (std::process::id(), send)
+        }
     });
-    (*owner == std::process::id()).then_some(queue)
+    drop(spawned.ok()?); // detached
+    let fresh = Box::into_raw(Box::new((pid, send)));
+    match QUEUE.compare_exchange(seen, fresh, Ordering::AcqRel, Ordering::Acquire) {
+        // SAFETY: just stored, never freed.
+        Ok(_) => Some(unsafe { &(*fresh).1 }),
+        Err(other) => {
+            // Another thread of this process was first: dropping this sender
+            // ends the thread just started.
+            // SAFETY: `fresh` was never shared.
+            drop(unsafe { Box::from_raw(fresh) });
+            // SAFETY: as above, from `Box::into_raw` and never freed.
+            unsafe { other.as_ref() }.filter(|(owner, _)| *owner == pid).map(|(_, queue)| queue)
+        }
+    }
 }
 
 /// Whether `job` may run, given (available, total) memory in bytes; if so,
