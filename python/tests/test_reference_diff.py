@@ -1,5 +1,6 @@
 """Differential tests: tensafe against the reference, byte for byte and value for value."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -368,4 +369,36 @@ def test_every_file_that_cannot_be_opened_is_file_not_found_like_the_reference(t
     # A path object is local, whatever it spells: never a request to a server.
     with pytest.raises(FileNotFoundError):
         tensafe.safe_open(pathlib.Path("http://127.0.0.1:9/x.safetensors"), "pt")
+
+
+def test_a_file_that_may_not_be_read_says_permission_denied(tmp_path):
+    """The README's claim: the FileNotFoundError gives the real reason."""
+    path = tmp_path / "locked.safetensors"
+    ref_pt.save_file({"a": torch.zeros(2)}, path)
+    path.chmod(0)
+
+    def attempt() -> str:
+        try:
+            tensafe.safe_open(str(path), "pt")
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return "opened"
+
+    if os.geteuid() != 0:
+        message = attempt()
+    else:  # root reads anything: try as nobody, in a child
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                os.write(write_end, attempt().encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            message = reader.read().decode()
+        os.waitpid(pid, 0)
+    assert message.startswith("FileNotFoundError: ") and "Permission denied" in message, message
 
