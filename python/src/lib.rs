@@ -20,7 +20,7 @@ use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyTypeError,
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyEllipsis, PyList, PySlice, PyTuple};
-use tensafe::{Dtype, Error, Header, MmapFile, PreadFile, RawTensor, SliceIndex, SlicePlan};
+use tensafe::{Dtype, Error, Header, MmapFile, PreadFile, RawTensor, SliceIndex, SlicePlan, TensorInfo};
 use tensafe_io::prefetch::Prefetch;
 
 create_exception!(
@@ -70,6 +70,52 @@ impl ProgressSteps {
         }
         due
     }
+}
+
+/// `progress(done, total)` at the first report, then every [`PROGRESS_STEP`]
+/// bytes, and at the end; with the GIL taken for each call.
+fn progress_reporter(progress: Option<&Py<PyAny>>, total: usize) -> impl FnMut(usize) -> PyResult<()> + '_ {
+    let mut steps = ProgressSteps::new(0);
+    move |done| match progress {
+        Some(callback) if done == total || steps.due(done) => Python::attach(|py| callback.call1(py, (done, total)).map(drop)),
+        _ => Ok(()),
+    }
+}
+
+/// The engine's options from the Python knobs (`None`: the default;
+/// `direct=None`: decided by how much is cached).
+fn engine_options(threads: Option<usize>, chunk_bytes: Option<usize>, direct: Option<bool>) -> tensafe_io::EngineOptions {
+    let mut options = tensafe_io::EngineOptions::default();
+    options.threads = threads.unwrap_or(options.threads);
+    options.chunk_bytes = chunk_bytes.unwrap_or(options.chunk_bytes);
+    options.direct = match direct {
+        None => tensafe_io::DirectIo::Auto,
+        Some(true) => tensafe_io::DirectIo::Always,
+        Some(false) => tensafe_io::DirectIo::Never,
+    };
+    options
+}
+
+/// Runs `ranges` of local file `p` into `dst` with the I/O engine (those
+/// close together in the file as one span, `tensafe_io::gather`). On the
+/// calling thread: `report` in order, and a check for Ctrl-C every tick; an
+/// exception from either stops the load and is raised. Returns the pieces read.
+fn read_with_engine(
+    p: &PreadFile,
+    ranges: &[tensafe_io::ReadRange],
+    dst: &mut [u8],
+    options: tensafe_io::EngineOptions,
+    report: &mut impl FnMut(usize) -> PyResult<()>,
+) -> PyResult<u64> {
+    let heard = |heard: tensafe_io::Progress| match heard {
+        tensafe_io::Progress::Done(done) => report(done).map_err(std::io::Error::other),
+        tensafe_io::Progress::Tick => Python::attach(|py| py.check_signals()).map_err(std::io::Error::other),
+    };
+    let stats = tensafe_io::gather::read_runs_into(p.file(), ranges, dst, &options, heard).map_err(|e| match e.downcast::<PyErr>() {
+        Ok(raised) => raised,
+        Err(e) => SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display())),
+    })?;
+    Ok(stats.reads)
 }
 
 /// Asked, from time to time, whether a read should give up (Ctrl-C).
@@ -243,6 +289,15 @@ impl File {
             Err(_) => return None,
         }
         self.direct.get().and_then(Option::as_ref)
+    }
+
+    /// Tensor `name`'s entry and the plan of its selection `index` (numpy
+    /// basic indexing), errors worded as the reference's.
+    fn slice_plan(&self, py: Python<'_>, name: &str, index: &Bound<'_, PyAny>) -> PyResult<(&TensorInfo, SlicePlan)> {
+        let info = self.header().info(name).map_err(|_| not_found(name))?;
+        let indices = parse_index(index)?;
+        let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(py, &info.shape, &indices, &e))?;
+        Ok((info, plan))
     }
 
     /// The handle for positional reads of a local file (mapped files have
@@ -525,41 +580,14 @@ impl File {
             return Err(PyValueError::new_err(format!("read_all_into needs a writable contiguous buffer of {total} bytes")));
         }
         let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
-        // `progress(done, total)` at once, then every PROGRESS_STEP, and at the end.
-        let mut steps = ProgressSteps::new(0);
-        let mut report = |done: usize| -> PyResult<()> {
-            match &progress {
-                Some(callback) if done == total || steps.due(done) => {
-                    Python::attach(|py| callback.call1(py, (done, total)).map(drop))
-                }
-                _ => Ok(()),
-            }
-        };
+        let mut report = progress_reporter(progress.as_ref(), total);
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
             match &self.source {
                 Source::Pread(p) => {
-                    let mut options = tensafe_io::EngineOptions::default();
-                    options.threads = threads.unwrap_or(options.threads);
-                    options.chunk_bytes = chunk_bytes.unwrap_or(options.chunk_bytes);
-                    options.direct = match direct {
-                        None => tensafe_io::DirectIo::Auto,
-                        Some(true) => tensafe_io::DirectIo::Always,
-                        Some(false) => tensafe_io::DirectIo::Never,
-                    };
                     let range = tensafe_io::ReadRange { file_offset: p.header().data_start(), dst_offset: 0, len };
-                    // On this (the calling) thread: the callback in order, and a
-                    // check for Ctrl-C every tick; an exception stops the load.
-                    let heard = |heard: tensafe_io::Progress| match heard {
-                        tensafe_io::Progress::Done(done) => report(done).map_err(std::io::Error::other),
-                        tensafe_io::Progress::Tick => Python::attach(|py| py.check_signals()).map_err(std::io::Error::other),
-                    };
-                    let stats = tensafe_io::read_into(p.file(), &[range], dst, &options, heard).map_err(|e| match e.downcast::<PyErr>() {
-                        Ok(raised) => raised,
-                        Err(e) => SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display())),
-                    })?;
-                    Ok(stats.reads)
+                    read_with_engine(p, &[range], dst, engine_options(threads, chunk_bytes, direct), &mut report)
                 }
                 Source::Remote(r) => {
                     // On this (the calling) thread, which drives the transfer:
@@ -591,6 +619,62 @@ impl File {
                 }
                 _ => Err(PyValueError::new_err("read_all_into is for pread and remote files; the others are in memory")),
             }
+        })
+    }
+
+    /// The shape, byte length and first byte's offset in the file of the
+    /// selection `index` of tensor `name` (as `read_slice`), for placing
+    /// selections in one buffer before `read_slices_into`.
+    fn slice_layout(&self, py: Python<'_>, name: &str, index: &Bound<'_, PyAny>) -> PyResult<(Vec<usize>, usize, u64)> {
+        let (info, plan) = self.slice_plan(py, name, index)?;
+        let first = plan.ranges().next().map_or(0, |run| run.start);
+        Ok((plan.shape().to_vec(), plan.byte_len(), self.header().data_start() + (info.data_offsets.0 + first) as u64))
+    }
+
+    /// Reads selections of a local file's tensors, `[(name, index,
+    /// dst_offset)]`, each packed at its offset in `dst` (a writable
+    /// contiguous buffer; byte lengths as `slice_layout` gives them), with
+    /// the parallel I/O engine and without the GIL, `threads` (default 4)
+    /// reads at a time: the byte runs of the selections, those at most 16 KiB
+    /// apart in the file (the rows of a column slice) read together and
+    /// copied apart; runs aligned like the file in `dst` may go past the
+    /// page cache (`direct`, as `read_all_into`).
+    /// `progress(done, total)` as `read_all_into`. Returns the pieces read.
+    #[pyo3(signature = (slices, dst, threads = None, progress = None, direct = None))]
+    fn read_slices_into(
+        &self,
+        py: Python<'_>,
+        slices: Vec<(String, Bound<'_, PyAny>, usize)>,
+        dst: &Bound<'_, PyAny>,
+        threads: Option<usize>,
+        progress: Option<Py<PyAny>>,
+        direct: Option<bool>,
+    ) -> PyResult<u64> {
+        let Some(local) = self.local() else {
+            return Err(PyValueError::new_err("read_slices_into is for local files (pread or mmap)"));
+        };
+        let data_start = self.header().data_start();
+        let mut ranges = Vec::new();
+        for (name, index, at) in &slices {
+            let (info, plan) = self.slice_plan(py, name, index)?;
+            let mut written = *at;
+            for run in plan.ranges() {
+                let file_offset = data_start + (info.data_offsets.0 + run.start) as u64;
+                ranges.push(tensafe_io::ReadRange { file_offset, dst_offset: written, len: run.len() });
+                written += run.len();
+            }
+        }
+        let buffer = PyUntypedBuffer::get(dst)?;
+        if buffer.readonly() || !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err("read_slices_into needs a writable contiguous buffer"));
+        }
+        let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        let total = ranges.iter().map(|r| r.len).sum();
+        let mut report = progress_reporter(progress.as_ref(), total);
+        py.detach(|| {
+            // SAFETY: the buffer export is held for the duration of the call.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            read_with_engine(local, &ranges, dst, engine_options(threads, None, direct), &mut report)
         })
     }
 
@@ -680,9 +764,7 @@ impl File {
     /// them, numpy semantics) of a tensor into a new bytearray.
     /// Returns `(shape, bytearray)`.
     fn read_slice<'py>(&self, py: Python<'py>, name: &str, index: &Bound<'py, PyAny>) -> PyResult<(Vec<usize>, Bound<'py, PyByteArray>)> {
-        let info = self.header().info(name).map_err(|_| not_found(name))?;
-        let indices = parse_index(index)?;
-        let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(py, &info.shape, &indices, &e))?;
+        let (info, plan) = self.slice_plan(py, name, index)?;
         let array = PyByteArray::new_with(py, plan.byte_len(), |dst| {
             py.detach(|| match (self.source.data(), &self.source) {
                 (Some(data), _) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst).map_err(|e| error("", &e)),

@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import threading
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import _dtypes, _progress
 from ._errors import SliceIndexError
@@ -166,6 +166,28 @@ def _read_all(file: File, threads: Optional[int], progress: Any) -> memoryview:
     if file.data_len:
         file.read_all_into(data, threads=threads, progress=progress)
     return data
+
+
+#: Selections from this size up are placed in `_read_selections`' buffer
+#: aligned like the file, so that their cold reads can go past the page cache.
+_DIRECT_MIN_BYTES = 1 << 20
+
+
+def _read_selections(file: File, selections: List[Tuple[str, Any]], threads: Optional[int] = None) -> Dict[str, Any]:
+    """torch tensors of the selections `[(name, index)]` (basic indices) of a
+    local file's tensors, read in parallel by the I/O engine into one fresh
+    allocation, one after the other; each tensor has a storage of its own
+    over its bytes, as bulk loads' (`_Cutter`)."""
+    placed, size = [], 0
+    for name, index in selections:
+        shape, nbytes, first = file.slice_layout(name, index)
+        size += (first - size) % DIRECT_ALIGN if nbytes >= _DIRECT_MIN_BYTES else -size % 64
+        placed.append((name, index, size, shape, nbytes))
+        size += nbytes
+    buffer = HostBuffer(size)
+    file.read_slices_into([(name, index, at) for name, index, at, _, _ in placed], buffer, threads=threads)
+    cutter = _Cutter("pt", memoryview(buffer))
+    return {name: cutter.cut(file.info(name)[0], shape, at, at + nbytes) for name, _, at, shape, nbytes in placed}
 
 
 _gc_lock = threading.Lock()
@@ -392,6 +414,11 @@ class safe_open:
             raise SafetensorError("File is closed")
         return self._file
 
+    def _parts(self) -> List["safe_open"]:
+        """The open files (one here; a checkpoint's shards in `_CheckpointOpen`)."""
+        self._open()
+        return [self]
+
     # -- header ------------------------------------------------------------
     def keys(self) -> List[str]:
         """Tensor names, sorted."""
@@ -466,6 +493,7 @@ class _CheckpointOpen(safe_open):
         self._shards = None
 
     def _parts(self) -> List[safe_open]:
+        """The shards, in index order."""
         if self._shards is None:
             raise SafetensorError("File is closed")
         return self._shards

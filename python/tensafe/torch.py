@@ -13,7 +13,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 import torch
 
 from . import _dtypes, _save
-from ._open import _check_count, _to_torch, safe_open
+from ._open import _check_count, _read_selections, _to_torch, safe_open
 from ._tensafe_rust import TensorParallelPlan, TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (the reference's module has them)
 from ._tensafe_rust import printable
 
@@ -339,8 +339,11 @@ def load_tensor_parallel(
     `rules` are `(glob pattern, dim)` pairs matched against tensor names in
     order: the first match splits the tensor along `dim` (contiguous parts,
     the first `size % world_size` ranks one row larger), `dim=None` replicates
-    it; unmatched tensors are replicated. With `backend="pread"` only the
-    selected bytes are read from storage.
+    it; unmatched tensors are replicated. Only the selected bytes are read
+    from storage, and the gaps of at most 16 KiB between them (the rows of
+    a column part are read together, which is faster). On the CPU, a local
+    file's parts are read by parallel readers into one allocation (each
+    tensor still has a storage of its own).
     """
     # A rule's dim counts from the first dimension: not negative.
     _check_count("rank", rank, 0)
@@ -350,17 +353,22 @@ def load_tensor_parallel(
             _check_count(f"the dim of rule {pattern!r}", dim, 0)
     plan = TensorParallelPlan(rank, world_size, rules)
     tensors: Dict[str, torch.Tensor] = {}
-    read = total = 0
+    total = 0
     with safe_open(filename, framework="pt", device=device, backend=backend) as f:
-        for name in f.offset_keys():
-            part = f.get_slice(name)
-            full_shape = part.get_shape()
-            split = plan.split(name, full_shape)
-            index = () if split is None else (slice(None),) * split[0] + (slice(split[1], split[2]),)
-            tensor = part[index]
-            tensors[name] = tensor
-            read += tensor.element_size() * tensor.nelement()
-            total += _dtypes.byte_size(part.get_dtype(), full_shape)
+        for shard in f._parts():
+            file = shard._open()
+            selections = []
+            for name in file.offset_keys():
+                code, full_shape, _, _ = file.info(name)
+                split = plan.split(name, full_shape)
+                selections.append((name, () if split is None else (slice(None),) * split[0] + (slice(split[1], split[2]),)))
+                total += _dtypes.byte_size(code, full_shape)
+            if shard._device == "cpu" and file.backend in ("pread", "mmap"):
+                # Every selection at once: parallel reads into one allocation.
+                tensors.update(_read_selections(file, selections))
+            else:
+                tensors.update((name, shard.get_slice(name)[index]) for name, index in selections)
+    read = sum(tensor.element_size() * tensor.nelement() for tensor in tensors.values())
     return TensorParallelLoad(tensors, read, total)
 
 

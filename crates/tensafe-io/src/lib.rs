@@ -11,11 +11,14 @@
 //!   the cache and without filling the cache with a second copy of the model.
 //! * [`evict`] drops a file's pages from the page cache after a load, so a
 //!   model is not held twice in RAM (once in the cache, once in the tensors).
+//! * [`gather::read_runs_into`] reads many small runs (slices' rows or
+//!   columns), those close together in the file as one span each.
 //! * [`prefetch::Prefetch`] reads a mapped file into the page cache on a
 //!   background thread, ahead of the thread that faults it in.
 //! * [`staging::stage`] runs staged loads: reads into a bounded set of slots,
 //!   each copied out (to a device) before it is reused.
 
+pub mod gather;
 pub mod prefetch;
 mod progress;
 pub mod staging;
@@ -171,8 +174,10 @@ pub fn read_into(
         rest = tail;
         consumed = step.dst_offset + step.len;
     }
-    // Largest jobs last: popping from the end starts them first.
-    jobs.sort_by_key(|job| job.piece.len());
+    // Popping from the end starts the largest jobs first, and among equal
+    // ones (the chunks of a large range, the runs of a slice) the first in
+    // the file: reads then move forward, as the kernel's readahead expects.
+    jobs.sort_by_key(|job| (job.piece.len(), std::cmp::Reverse(job.file_offset)));
 
     let job_count = jobs.len();
     let queue = Mutex::new(jobs);
