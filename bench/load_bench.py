@@ -18,6 +18,10 @@ touch of every page of every tensor):
 - torch.load(mmap=True, weights_only=True), cold (a file torch.save wrote here)
 - tensafe load_file(backend="pread"), cold: private memory, parallel reads
 - reference load_file(backend="pread"), cold
+- rank part, rows / columns: rank 0 of 2's part of every matrix (split
+  along dim 0 or 1, the norms whole), cold: tensafe `load_tensor_parallel`
+  against the reference's `get_slice` with the same bounds (lazy views: the
+  touch reads them)
 - small tensors: open + get_tensors of a file of `--small` tiny tensors, warm
 
 Prints medians, with the fastest and slowest repetition, in seconds and
@@ -41,6 +45,7 @@ from typing import Any
 
 import torch
 
+import safetensors
 import safetensors.torch as ref_pt
 import tensafe.torch as ts_pt
 
@@ -108,6 +113,26 @@ def engine_read(path: str, threads: int, direct: bool) -> None:
     f.read_all_into(memoryview(buffer)[shift : shift + f.data_len], threads=threads, direct=direct)
 
 
+#: Rank 0 of 2's part: every matrix split along a dim, the norms' vectors whole.
+def tp_rules(dim: int) -> list:
+    return [("*norm*", None), ("*", dim)]
+
+
+def reference_rank_part(path: str, dim: int) -> dict:
+    """What `load_tensor_parallel` returns, through the reference: each
+    tensor's `get_slice` indexed with the same bounds (lazy views)."""
+    from tensafe._tensafe_rust import TensorParallelPlan
+
+    plan = TensorParallelPlan(0, 2, tp_rules(dim))
+    out = {}
+    with safetensors.safe_open(path, "pt") as f:
+        for name in f.keys():
+            part = f.get_slice(name)
+            split = plan.split(name, part.get_shape())
+            out[name] = part[() if split is None else (slice(None),) * split[0] + (slice(split[1], split[2]),)]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
@@ -152,6 +177,10 @@ def main() -> None:
             "torch.load(mmap) + touch": cold(lambda: touch_all(torch.load(pt_path, mmap=True, weights_only=True)), pt_path),
             "tensafe pread (private)": cold(lambda: touch_all(ts_pt.load_file(path, backend="pread", threads=args.threads))),
             "reference pread (private)": cold(lambda: touch_all(ref_pt.load_file(path, backend="pread"))),
+            "tensafe rank part, rows": cold(lambda: touch_all(ts_pt.load_tensor_parallel(path, 0, 2, tp_rules(0)).tensors)),
+            "reference rank part, rows": cold(lambda: touch_all(reference_rank_part(path, 0))),
+            "tensafe rank part, columns": cold(lambda: touch_all(ts_pt.load_tensor_parallel(path, 0, 2, tp_rules(1)).tensors)),
+            "reference rank part, columns": cold(lambda: touch_all(reference_rank_part(path, 1))),
             f"tensafe {args.small} small": warm(lambda: ts_pt.load_file(small)),
             f"reference {args.small} small": warm(lambda: ref_pt.load_file(small)),
         }
@@ -162,9 +191,11 @@ def main() -> None:
         raw = min(med["raw parallel pread, cold"], med["raw parallel O_DIRECT, cold"])
         print(f"\n{'case':<32}{'seconds':>9}{'min':>7}{'max':>7}{'GB/s':>8}{'vs best raw cold':>18}")
         for name, t in med.items():
-            if "small" in name:
+            if "small" in name or "rank part" in name:
                 continue
             print(f"{name:<32}{t:>9.3f}{min(times[name]):>7.2f}{max(times[name]):>7.2f}{size / t / 1e9:>8.2f}{raw / t:>17.2f}x")
+        for name in (n for n in med if "rank part" in n):  # half the bytes (rows) or all of them (columns): no GB/s
+            print(f"{name:<32}{med[name]:>9.3f}{min(times[name]):>7.2f}{max(times[name]):>7.2f}")
         print()
 
         def compare(label: str, ours: str, theirs: str) -> None:
@@ -176,6 +207,8 @@ def main() -> None:
 
         compare("default mmap load + touch", "tensafe load_file + touch", "reference load_file + touch")
         compare("pread private load       ", "tensafe pread (private)", "reference pread (private)")
+        compare("rank 0 of 2, row parts   ", "tensafe rank part, rows", "reference rank part, rows")
+        compare("rank 0 of 2, column parts", "tensafe rank part, columns", "reference rank part, columns")
         ts_small, ref_small = med[f"tensafe {args.small} small"], med[f"reference {args.small} small"]
         print(f"{args.small} small tensors, open + get all:     tensafe {ts_small * 1e3:.1f} ms "
               f"({ts_small / args.small * 1e6:.1f} us/tensor), reference {ref_small * 1e3:.1f} ms "

@@ -725,7 +725,13 @@ def test_a_process_forked_after_a_load_reads_ahead_with_its_own_thread(page_cach
             code = 3 if resident_fraction(path) < 0.99 else 0 if np.array_equal(loaded["x"], expected) else 4
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    deadline = time.monotonic() + 60
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ended[0] == 0:  # still running: stuck
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's load did not end in 60 s")
+    code = os.waitstatus_to_exitcode(ended[1])
     assert code != 3, "the forked child's load read nothing ahead in 20 s"
     assert code == 0, f"the forked child failed (exit status {code})"

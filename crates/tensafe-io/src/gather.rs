@@ -3,24 +3,21 @@
 //!
 //! A run the size of a row of a column slice can be a few KiB, and one
 //! positional read each then costs more than the bytes between the runs:
-//! in the engine, about 8 µs a read (262,144 reads of 2 KiB took 2.25 s
-//! where the whole 1 GiB file read in about 1 s), the time the disk takes
-//! for 8 to 16 KiB. So runs at most [`GATHER_GAP`] apart are read as one
-//! span into a scratch buffer, in parallel like any other range, and copied
-//! to their places from there; runs that stand alone are read straight into
-//! place.
+//! in the engine, about 8 µs a read (a rank's column half of a 1 GiB file,
+//! 262,144 reads of 2 KiB, took 2.25 s, longer than reading the whole
+//! file), the time the disk takes for 8 to 16 KiB. So runs at most [`GATHER_GAP`] apart are read as one
+//! span into the reader's scratch buffer and copied to their places from
+//! there, by the reader that read it; runs that stand alone are read
+//! straight into place. Both kinds of read share one pool of readers.
 
 use std::fs::File;
 use std::io;
 use std::ops::Range;
 
-use crate::{DIRECT_ALIGN, DirectIo, EngineOptions, Progress, ReadRange, Stats, invalid, prefers_direct, read_into};
+use crate::{Destination, EngineOptions, Job, Progress, ReadRange, Stats, carve, chunk_places, chunk_size, coalesce, direct_handle, execute};
 
 /// Runs at most this many bytes apart in the file are read as one span.
 pub const GATHER_GAP: usize = 16 << 10;
-
-/// Spans are read in batches of about this many bytes (the scratch buffer).
-const SCRATCH_BYTES: usize = 64 << 20;
 
 /// Runs read as one span: `len` bytes at `file_offset`, holding `runs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,82 +27,51 @@ struct Span {
     runs: Range<usize>,
 }
 
-/// Reads every run into `dst` as [`read_into`] does (runs inside `dst`, not
-/// overlapping there: checked), reading runs at most [`GATHER_GAP`] apart
-/// in the file, in the order given, as one span of at most
-/// `options.chunk_bytes` and copying them out of it. `progress` hears the
-/// bytes read, the spans' gaps included. Returns the statistics of all reads.
+/// What a piece of the destination is for.
+enum Owner {
+    /// A read of its own, at this file offset.
+    Place(u64),
+    /// A run of span `span`, `at` bytes into it.
+    Run { span: usize, at: usize },
+}
+
+/// Reads every run into `dst` as [`crate::read_into`] does (runs inside
+/// `dst`, not overlapping there: checked), except that runs at most
+/// [`GATHER_GAP`] apart in the file, in the order given, are read as one
+/// span of at most `options.chunk_bytes` and copied out of it. `progress`
+/// and the statistics count the bytes delivered (not the spans' gaps).
 pub fn read_runs_into(
     file: &File,
     runs: &[ReadRange],
     dst: &mut [u8],
     options: &EngineOptions,
-    mut progress: impl FnMut(Progress) -> io::Result<()>,
+    progress: impl FnMut(Progress) -> io::Result<()>,
 ) -> io::Result<Stats> {
-    check_destinations(runs, dst.len())?;
-    let (alone, spans) = group(runs, GATHER_GAP, options.chunk_bytes);
-    // Decided once for the whole read, not per batch (a batch alone is too
-    // small for `Auto` to go direct).
-    let mut options = *options;
-    if options.direct == DirectIo::Auto {
-        let first = runs.iter().map(|r| r.file_offset).min().unwrap_or(0);
-        let bytes = alone.iter().map(|r| r.len).sum::<usize>() + spans.iter().map(|s| s.len).sum::<usize>();
-        options.direct = if prefers_direct(file, first, bytes) { DirectIo::Always } else { DirectIo::Never };
-    }
-    let options = &options;
-    let mut before = 0;
-    let mut total = Stats::default();
-    let mut add = |stats: Stats, before: &mut usize| {
-        *before += stats.bytes as usize;
-        total.bytes += stats.bytes;
-        total.reads += stats.reads;
-        total.peak_in_flight = total.peak_in_flight.max(stats.peak_in_flight);
-        total.direct_bytes += stats.direct_bytes;
-    };
-    let stats = read_into(file, &alone, dst, options, shifted(&mut progress, before))?;
-    add(stats, &mut before);
-    let batches = batches(&spans);
-    let Some(largest) = batches.iter().map(|(_, _, len)| *len).max() else { return Ok(total) };
-    // Page-aligned, so that a span placed like the file can be read directly.
-    let mut memory = vec![0u8; largest + DIRECT_ALIGN];
-    let shift = memory.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-    let scratch = &mut memory[shift..shift + largest];
-    for (batch, places, len) in batches {
-        let reads: Vec<ReadRange> =
-            spans[batch.clone()].iter().zip(&places).map(|(span, &at)| ReadRange { file_offset: span.file_offset, dst_offset: at, len: span.len }).collect();
-        let stats = read_into(file, &reads, &mut scratch[..len], options, shifted(&mut progress, before))?;
-        add(stats, &mut before);
-        for (span, &at) in spans[batch].iter().zip(&places) {
-            for run in &runs[span.runs.clone()] {
-                let from = at + (run.file_offset - span.file_offset) as usize;
-                dst[run.dst_offset..run.dst_offset + run.len].copy_from_slice(&scratch[from..from + run.len]);
-            }
+    let chunk = chunk_size(options);
+    let (alone, spans) = group(runs, GATHER_GAP, chunk);
+    let alone = coalesce(alone);
+    let bytes = alone.iter().map(|r| r.len).sum::<usize>() + spans.iter().map(|s| s.len).sum::<usize>();
+    let first = alone.iter().map(|r| r.file_offset).chain(spans.iter().map(|s| s.file_offset)).min();
+    let direct_file = direct_handle(file, options.direct, first, bytes);
+    let mut places: Vec<(usize, usize, Owner)> =
+        chunk_places(&alone, chunk, direct_file.is_some()).into_iter().map(|(at, len, file_offset)| (at, len, Owner::Place(file_offset))).collect();
+    for (index, span) in spans.iter().enumerate() {
+        for run in &runs[span.runs.clone()] {
+            places.push((run.dst_offset, run.len, Owner::Run { span: index, at: (run.file_offset - span.file_offset) as usize }));
         }
     }
-    Ok(total)
-}
-
-/// `progress` with `before` bytes added to what it hears.
-fn shifted(progress: &mut impl FnMut(Progress) -> io::Result<()>, before: usize) -> impl FnMut(Progress) -> io::Result<()> + '_ {
-    move |heard| match heard {
-        Progress::Done(done) => progress(Progress::Done(before + done)),
-        tick => progress(tick),
-    }
-}
-
-/// Checks that every run lies inside a destination of `len` bytes and that
-/// no two overlap there.
-fn check_destinations(runs: &[ReadRange], len: usize) -> io::Result<()> {
-    let mut places: Vec<(usize, usize)> = runs.iter().filter(|r| r.len > 0).map(|r| (r.dst_offset, r.len)).collect();
-    places.sort_unstable();
-    let mut free_from = 0;
-    for (at, run) in places {
-        if at < free_from {
-            return Err(invalid("ranges overlap in the destination"));
+    let mut jobs = Vec::new();
+    let mut span_runs: Vec<Vec<(usize, &mut [u8])>> = spans.iter().map(|_| Vec::new()).collect();
+    for (owner, piece) in carve(dst, places)? {
+        match owner {
+            Owner::Place(file_offset) => jobs.push(Job { file_offset, into: Destination::Place(piece) }),
+            Owner::Run { span, at } => span_runs[span].push((at, piece)),
         }
-        free_from = at.checked_add(run).filter(|end| *end <= len).ok_or_else(|| invalid("a range ends past the destination buffer"))?;
     }
-    Ok(())
+    for (span, runs) in spans.iter().zip(span_runs) {
+        jobs.push(Job { file_offset: span.file_offset, into: Destination::Scatter { len: span.len, runs } });
+    }
+    execute(file, jobs, direct_file.as_ref(), options, progress)
 }
 
 /// Splits `runs` into those read alone and spans of several runs, each run
@@ -124,7 +90,8 @@ fn group(runs: &[ReadRange], gap: usize, max_span: usize) -> (Vec<ReadRange>, Ve
     let mut first = 0;
     let mut span_end = 0u64;
     for (i, run) in runs.iter().enumerate() {
-        let run_end = run.file_offset + run.len as u64;
+        // Saturating: a run past the end of u64 cannot be read, and its read says so.
+        let run_end = run.file_offset.saturating_add(run.len as u64);
         let joins = i > first
             && run.file_offset >= span_end
             && run.file_offset - span_end <= gap as u64
@@ -139,27 +106,6 @@ fn group(runs: &[ReadRange], gap: usize, max_span: usize) -> (Vec<ReadRange>, Ve
         close(first, runs.len(), span_end);
     }
     (alone, spans)
-}
-
-/// Consecutive spans in batches of about [`SCRATCH_BYTES`]: each batch's
-/// spans, their places in the scratch buffer (each at the same offset
-/// within a page as in the file) and the bytes the batch takes there.
-fn batches(spans: &[Span]) -> Vec<(Range<usize>, Vec<usize>, usize)> {
-    let mut out = Vec::new();
-    let (mut first, mut places, mut used) = (0, Vec::new(), 0usize);
-    for (i, span) in spans.iter().enumerate() {
-        if !places.is_empty() && used + span.len > SCRATCH_BYTES {
-            out.push((first..i, std::mem::take(&mut places), used));
-            (first, used) = (i, 0);
-        }
-        let at = used + (span.file_offset as usize).wrapping_sub(used) % DIRECT_ALIGN;
-        places.push(at);
-        used = at + span.len;
-    }
-    if !places.is_empty() {
-        out.push((first..spans.len(), places, used));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -187,21 +133,23 @@ mod tests {
     }
 
     #[test]
-    fn spans_sit_in_the_scratch_buffer_like_in_the_file_and_batches_stay_bounded() {
-        let spans: Vec<Span> = (0..40).map(|i| Span { file_offset: i * (5 << 20) + 123, len: 3 << 20, runs: 0..2 }).collect();
-        let batches = batches(&spans);
-        assert!(batches.len() > 1);
-        let mut next = 0;
-        for (range, places, len) in &batches {
-            assert_eq!(range.start, next);
-            next = range.end;
-            assert!(*len <= SCRATCH_BYTES + (3 << 20) + DIRECT_ALIGN, "{len}");
-            for (span, at) in spans[range.clone()].iter().zip(places) {
-                assert_eq!(*at as u64 % DIRECT_ALIGN as u64, span.file_offset % DIRECT_ALIGN as u64);
-                assert!(at + span.len <= *len);
+    fn the_rows_of_a_column_slice_take_one_read_per_span() {
+        let bytes: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        // 1024 rows of 1 KiB, the first 100 bytes of each: one span of 1 MiB
+        // with 4 KiB reads at most, 256 with a chunk of one page.
+        let runs: Vec<ReadRange> = (0..1024).map(|row| run(row * 1024, row as usize * 100, 100)).collect();
+        let mut dst = vec![0u8; 102_400];
+        for (chunk, reads) in [(8 << 20, 1), (4096, 256)] {
+            let options = EngineOptions { threads: 2, chunk_bytes: chunk, direct: crate::DirectIo::Never };
+            let stats = read_runs_into(&file, &runs, &mut dst, &options, |_| Ok(())).unwrap();
+            assert_eq!((stats.reads, stats.bytes), (reads, 102_400));
+            assert!(stats.peak_in_flight <= 2 * chunk as u64);
+            for (k, r) in runs.iter().enumerate() {
+                assert_eq!(&dst[k * 100..k * 100 + 100], &bytes[r.file_offset as usize..r.file_offset as usize + 100]);
             }
         }
-        assert_eq!(next, spans.len());
     }
 
     #[test]
@@ -213,6 +161,9 @@ mod tests {
         assert!(overlap.to_string().contains("overlap"), "{overlap}");
         let past = read_runs_into(&file, &[run(0, 8, 4)], &mut dst, &EngineOptions::default(), quiet).unwrap_err();
         assert!(past.to_string().contains("past the destination"), "{past}");
+        // An empty run inside a span, placed past the end: refused too, not a panic.
+        let empty = read_runs_into(&file, &[run(0, 0, 4), run(8, 20, 0), run(12, 4, 4)], &mut dst, &EngineOptions::default(), quiet).unwrap_err();
+        assert!(empty.to_string().contains("past the destination"), "{empty}");
     }
 
     proptest! {

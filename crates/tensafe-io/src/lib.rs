@@ -107,7 +107,7 @@ pub fn coalesce(mut ranges: Vec<ReadRange>) -> Vec<ReadRange> {
 /// Statistics of one execution.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Bytes read.
+    /// Bytes delivered to the destination (read, less the gaps of spans).
     pub bytes: u64,
     /// Pieces read (a direct piece may take up to three calls: its unaligned
     /// head and tail through the cache).
@@ -121,7 +121,26 @@ pub struct Stats {
 /// One read of the plan.
 struct Job<'a> {
     file_offset: u64,
-    piece: &'a mut [u8],
+    into: Destination<'a>,
+}
+
+/// Where the bytes of one read go.
+enum Destination<'a> {
+    /// Straight into place.
+    Place(&'a mut [u8]),
+    /// A span of `len` bytes read into the reader's scratch buffer, out of
+    /// which each run (its offset in the span, its place) is copied.
+    Scatter { len: usize, runs: Vec<(usize, &'a mut [u8])> },
+}
+
+impl Job<'_> {
+    /// Bytes read from the file.
+    fn read_len(&self) -> usize {
+        match &self.into {
+            Destination::Place(piece) => piece.len(),
+            Destination::Scatter { len, .. } => *len,
+        }
+    }
 }
 
 /// Reads every range into `dst` with a pool of threads.
@@ -138,46 +157,81 @@ pub fn read_into(
     options: &EngineOptions,
     progress: impl FnMut(Progress) -> io::Result<()>,
 ) -> io::Result<Stats> {
-    let chunk = options.chunk_bytes.max(DIRECT_ALIGN) / DIRECT_ALIGN * DIRECT_ALIGN;
     let ranges = coalesce(ranges.to_vec());
-    let direct_file = match options.direct {
-        DirectIo::Never => None,
-        DirectIo::Always => open_direct(file),
-        DirectIo::Auto => {
-            let bytes: usize = ranges.iter().map(|r| r.len).sum();
-            let cold = ranges.first().is_some_and(|r| prefers_direct(file, r.file_offset, bytes));
-            if cold { open_direct(file) } else { None }
-        }
+    let bytes = ranges.iter().map(|r| r.len).sum();
+    let direct_file = direct_handle(file, options.direct, ranges.first().map(|r| r.file_offset), bytes);
+    let places = chunk_places(&ranges, chunk_size(options), direct_file.is_some());
+    let jobs = carve(dst, places)?.into_iter().map(|(file_offset, piece)| Job { file_offset, into: Destination::Place(piece) }).collect();
+    execute(file, jobs, direct_file.as_ref(), options, progress)
+}
+
+/// The largest read: `options.chunk_bytes` rounded down to whole pages.
+fn chunk_size(options: &EngineOptions) -> usize {
+    options.chunk_bytes.max(DIRECT_ALIGN) / DIRECT_ALIGN * DIRECT_ALIGN
+}
+
+/// The handle for direct reads, if `policy` wants them for a plan of
+/// `bytes` bytes starting at file offset `first` and the file allows them.
+fn direct_handle(file: &File, policy: DirectIo, first: Option<u64>, bytes: usize) -> Option<File> {
+    let wanted = match policy {
+        DirectIo::Never => false,
+        DirectIo::Always => true,
+        DirectIo::Auto => first.is_some_and(|offset| prefers_direct(file, offset, bytes)),
     };
-    // Split into chunks (at aligned file offsets when reading directly, so
-    // that every chunk but a range's first and last can bypass the cache) and
-    // sort by destination so `dst` can be carved into disjoint mutable slices
-    // without unsafe code.
-    let mut plan: Vec<ReadRange> = Vec::new();
+    if wanted { open_direct(file) } else { None }
+}
+
+/// The places (destination offset, length, file offset) of `ranges` cut
+/// into reads of at most `chunk` bytes (at aligned file offsets when
+/// reading directly, so that every chunk but a range's first and last can
+/// bypass the cache).
+fn chunk_places(ranges: &[ReadRange], chunk: usize, aligned: bool) -> Vec<(usize, usize, u64)> {
+    let mut places = Vec::new();
     for r in ranges {
-        for (at, len) in cut(r.file_offset, r.len, chunk, direct_file.is_some()) {
-            plan.push(ReadRange { file_offset: at, dst_offset: r.dst_offset + (at - r.file_offset) as usize, len });
+        for (at, len) in cut(r.file_offset, r.len, chunk, aligned) {
+            places.push((r.dst_offset + (at - r.file_offset) as usize, len, at));
         }
     }
-    plan.sort_by_key(|j| j.dst_offset);
-    let mut jobs: Vec<Job<'_>> = Vec::with_capacity(plan.len());
+    places
+}
+
+/// Carves `dst` into the disjoint pieces `places` ask for — (destination
+/// offset, length, what the piece is for) — without unsafe code: sorted by
+/// destination, each split off what is left. Overlapping places, and places
+/// past the end of `dst`, are errors.
+fn carve<T>(dst: &mut [u8], mut places: Vec<(usize, usize, T)>) -> io::Result<Vec<(T, &mut [u8])>> {
+    places.sort_by_key(|(at, len, _)| (*at, *len));
+    let mut pieces = Vec::with_capacity(places.len());
     let mut rest: &mut [u8] = dst;
     let mut consumed = 0usize;
-    for step in &plan {
-        let skip = step.dst_offset.checked_sub(consumed).ok_or_else(|| invalid("ranges overlap in the destination"))?;
-        if skip + step.len > rest.len() {
+    for (at, len, owner) in places {
+        let skip = at.checked_sub(consumed).ok_or_else(|| invalid("ranges overlap in the destination"))?;
+        if skip.checked_add(len).is_none_or(|end| end > rest.len()) {
             return Err(invalid("a range ends past the destination buffer"));
         }
         let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip);
-        let (piece, tail) = tail.split_at_mut(step.len);
-        jobs.push(Job { file_offset: step.file_offset, piece });
+        let (piece, tail) = tail.split_at_mut(len);
+        pieces.push((owner, piece));
         rest = tail;
-        consumed = step.dst_offset + step.len;
+        consumed = at + len;
     }
+    Ok(pieces)
+}
+
+/// Runs `jobs` on a pool of `options.threads` readers (see [`read_into`]);
+/// reads go past the page cache through `direct_file` where aligned.
+fn execute(
+    file: &File,
+    mut jobs: Vec<Job<'_>>,
+    direct_file: Option<&File>,
+    options: &EngineOptions,
+    progress: impl FnMut(Progress) -> io::Result<()>,
+) -> io::Result<Stats> {
     // Popping from the end starts the largest jobs first, and among equal
-    // ones (the chunks of a large range, the runs of a slice) the first in
+    // ones (the chunks of a large range, the spans of a slice) the first in
     // the file: reads then move forward, as the kernel's readahead expects.
-    jobs.sort_by_key(|job| (job.piece.len(), std::cmp::Reverse(job.file_offset)));
+    jobs.sort_by_key(|job| (job.read_len(), std::cmp::Reverse(job.file_offset)));
+    let scratch_len = jobs.iter().filter(|job| matches!(job.into, Destination::Scatter { .. })).map(Job::read_len).max().unwrap_or(0);
 
     let job_count = jobs.len();
     let queue = Mutex::new(jobs);
@@ -195,32 +249,54 @@ pub fn read_into(
     let relayed = std::thread::scope(|scope| {
         for _ in 0..threads {
             let done_tx = done_tx.clone();
-            let (queue, stopped, stop, direct_file) = (&queue, &stopped, &stop, &direct_file);
+            let (queue, stopped, stop) = (&queue, &stopped, &stop);
             let (in_flight, peak, direct_bytes) = (&in_flight, &peak, &direct_bytes);
             scope.spawn(move || {
+                // A span's bytes land here (allocated by the first span), at
+                // their offset within a page in the file, as direct reads need.
+                let mut scratch: Vec<u8> = Vec::new();
                 loop {
                     if stopped.load(Ordering::SeqCst) {
                         return;
                     }
-                    let Some(Job { file_offset: offset, piece }) = queue.lock().expect("queue lock").pop() else { return };
-                    let len = piece.len() as u64;
-                    let now = in_flight.fetch_add(len, Ordering::SeqCst) + len;
-                    peak.fetch_max(now, Ordering::SeqCst);
-                    let read = match &direct_file {
+                    let Some(Job { file_offset: offset, into }) = queue.lock().expect("queue lock").pop() else { return };
+                    let read_into_place = |piece: &mut [u8]| match direct_file {
                         // Its unaligned head and tail go through the cache.
                         Some(direct_file) => read_exact_at_direct(file, direct_file, piece, offset).map(|went_direct| {
                             direct_bytes.fetch_add(went_direct as u64, Ordering::Relaxed);
                         }),
                         None => read_exact_at(file, piece, offset),
                     };
-                    in_flight.fetch_sub(len, Ordering::SeqCst);
+                    let (len, delivered) = match &into {
+                        Destination::Place(piece) => (piece.len(), piece.len()),
+                        Destination::Scatter { len, runs } => (*len, runs.iter().map(|(_, run)| run.len()).sum()),
+                    };
+                    let now = in_flight.fetch_add(len as u64, Ordering::SeqCst) + len as u64;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let read = match into {
+                        Destination::Place(piece) => read_into_place(piece),
+                        Destination::Scatter { len, runs } => {
+                            if scratch.is_empty() {
+                                scratch = vec![0; scratch_len + 2 * DIRECT_ALIGN];
+                            }
+                            let at = scratch.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN) + (offset % DIRECT_ALIGN as u64) as usize;
+                            let span = &mut scratch[at..at + len];
+                            read_into_place(span).map(|()| {
+                                for (from, run) in runs {
+                                    let n = run.len();
+                                    run.copy_from_slice(&span[from..from + n]);
+                                }
+                            })
+                        }
+                    };
+                    in_flight.fetch_sub(len as u64, Ordering::SeqCst);
                     if let Err(e) = read {
                         // The other readers stop before their next read.
                         stop(e);
                         return;
                     }
                     // The receiver is gone only once the load is over.
-                    let _ = done_tx.send(len as usize);
+                    let _ = done_tx.send(delivered);
                 }
             });
         }
