@@ -259,7 +259,8 @@ fn execute(
                     if stopped.load(Ordering::SeqCst) {
                         return;
                     }
-                    let Some(Job { file_offset: offset, into }) = queue.lock().expect("queue lock").pop() else { return };
+                    let Some(job) = queue.lock().expect("queue lock").pop() else { return };
+                    let (offset, len) = (job.file_offset, job.read_len());
                     let read_into_place = |piece: &mut [u8]| match direct_file {
                         // Its unaligned head and tail go through the cache.
                         Some(direct_file) => read_exact_at_direct(file, direct_file, piece, offset).map(|went_direct| {
@@ -267,15 +268,15 @@ fn execute(
                         }),
                         None => read_exact_at(file, piece, offset),
                     };
-                    let (len, delivered) = match &into {
-                        Destination::Place(piece) => (piece.len(), piece.len()),
-                        Destination::Scatter { len, runs } => (*len, runs.iter().map(|(_, run)| run.len()).sum()),
+                    let delivered = match &job.into {
+                        Destination::Place(piece) => piece.len(),
+                        Destination::Scatter { runs, .. } => runs.iter().map(|(_, run)| run.len()).sum(),
                     };
                     let now = in_flight.fetch_add(len as u64, Ordering::SeqCst) + len as u64;
                     peak.fetch_max(now, Ordering::SeqCst);
-                    let read = match into {
+                    let read = match job.into {
                         Destination::Place(piece) => read_into_place(piece),
-                        Destination::Scatter { len, runs } => {
+                        Destination::Scatter { runs, .. } => {
                             if scratch.is_empty() {
                                 scratch = vec![0; scratch_len + 2 * DIRECT_ALIGN];
                             }
