@@ -341,9 +341,9 @@ def load_tensor_parallel(
     the first `size % world_size` ranks one row larger), `dim=None` replicates
     it; unmatched tensors are replicated. Only the selected bytes are read
     from storage, and the gaps of at most 16 KiB between them (the rows of
-    a column part are read together, which is faster). On the CPU, a local
-    file's parts are read by parallel readers into one allocation (each
-    tensor still has a storage of its own).
+    a column part are read together, which is faster). A local file's parts
+    are read by parallel readers into one allocation (on the CPU each tensor
+    still has a storage of its own; on a device each is copied there).
     """
     # A rule's dim counts from the first dimension: not negative.
     _check_count("rank", rank, 0)
@@ -363,9 +363,12 @@ def load_tensor_parallel(
                 split = plan.split(name, full_shape)
                 selections.append((name, () if split is None else (slice(None),) * split[0] + (slice(split[1], split[2]),)))
                 total += _dtypes.byte_size(code, full_shape)
-            if shard._device == "cpu" and file.backend in ("pread", "mmap"):
-                # Every selection at once: parallel reads into one allocation.
-                tensors.update(_read_selections(file, selections))
+            if file.backend in ("pread", "mmap"):
+                # Every selection at once: parallel reads into one allocation
+                # (then each part to the device, as `get_slice` moves it).
+                parts = _read_selections(file, selections)
+                target = shard._device
+                tensors.update(parts if target == "cpu" else ((name, part.to(target)) for name, part in parts.items()))
             else:
                 tensors.update((name, shard.get_slice(name)[index]) for name, index in selections)
     read = sum(tensor.element_size() * tensor.nelement() for tensor in tensors.values())
