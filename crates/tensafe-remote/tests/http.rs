@@ -243,7 +243,9 @@ fn faults_are_retried_or_reported_never_returned() {
     // proxy, 8 at a time: 3 waves, never more than 8 at once.
     proxy.reset();
     proxy.set_steady(Some(Fault::Delay(Duration::from_secs(1))));
-    let eight = RemoteOptions { concurrency: 8, chunk_bytes: 32 << 10, ..fast_retries(3) };
+    // A 5 s timeout: 1 s of delay leaves a 2 s one too little on a loaded
+    // machine, and a retry would count as a 25th request.
+    let eight = RemoteOptions { concurrency: 8, chunk_bytes: 32 << 10, timeout: Duration::from_secs(5), ..fast_retries(3) };
     let limited = RemoteFile::open_with(&url, &eight).unwrap();
     let mut dst = vec![0u8; 24 * (32 << 10)];
     let start = Instant::now();

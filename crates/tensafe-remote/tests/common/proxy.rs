@@ -258,14 +258,24 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
             send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body)
         }
         Fault::Chunked | Fault::ChunkedTooLong { .. } => {
-            let extra = if let Fault::ChunkedTooLong { extra } = fault { extra } else { 0 };
-            let body: Vec<u8> = body.iter().copied().chain(std::iter::repeat_n(0u8, extra)).collect();
+            let mut extra = if let Fault::ChunkedTooLong { extra } = fault { extra } else { 0 };
             client.write_all(base.as_bytes())?;
             client.write_all(b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
-            for chunk in body.chunks(64 << 10) {
+            let mut send_chunk = |chunk: &[u8]| -> std::io::Result<()> {
                 write!(client, "{:x}\r\n", chunk.len())?;
                 client.write_all(chunk)?;
-                client.write_all(b"\r\n")?;
+                client.write_all(b"\r\n")
+            };
+            for chunk in body.chunks(64 << 10) {
+                send_chunk(chunk)?;
+            }
+            // The overrun, sent as it is made (built whole first, tens of MiB
+            // in a debug build could outlast the client's timeout).
+            let zeros = [0u8; 64 << 10];
+            while extra > 0 {
+                let n = extra.min(zeros.len());
+                send_chunk(&zeros[..n])?;
+                extra -= n;
             }
             client.write_all(b"0\r\n\r\n")
         }
