@@ -122,14 +122,14 @@ def reference_rank_part(path: str, dim: int) -> dict:
     """What `load_tensor_parallel` returns, through the reference: each
     tensor's `get_slice` indexed with the same bounds (lazy views)."""
     from tensafe._tensafe_rust import TensorParallelPlan
+    from tensafe.torch import _part_index
 
     plan = TensorParallelPlan(0, 2, tp_rules(dim))
     out = {}
     with safetensors.safe_open(path, "pt") as f:
         for name in f.keys():
             part = f.get_slice(name)
-            split = plan.split(name, part.get_shape())
-            out[name] = part[() if split is None else (slice(None),) * split[0] + (slice(split[1], split[2]),)]
+            out[name] = part[_part_index(plan.split(name, part.get_shape()))]
     return out
 
 

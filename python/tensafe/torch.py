@@ -325,6 +325,12 @@ class TensorParallelLoad(NamedTuple):
     total_bytes: int
 
 
+def _part_index(split: Optional[Tuple[int, int, int]]) -> tuple:
+    """The basic index that selects a `TensorParallelPlan.split` result
+    `(dim, start, stop)`; the whole tensor for `None` (replicated)."""
+    return () if split is None else (slice(None),) * split[0] + (slice(split[1], split[2]),)
+
+
 def load_tensor_parallel(
     filename: Union[str, os.PathLike],
     rank: int,
@@ -360,8 +366,7 @@ def load_tensor_parallel(
             selections = []
             for name in file.offset_keys():
                 code, full_shape, _, _ = file.info(name)
-                split = plan.split(name, full_shape)
-                selections.append((name, () if split is None else (slice(None),) * split[0] + (slice(split[1], split[2]),)))
+                selections.append((name, _part_index(plan.split(name, full_shape))))
                 total += _dtypes.byte_size(code, full_shape)
             if file.backend in ("pread", "mmap"):
                 # Every selection at once: parallel reads into one allocation

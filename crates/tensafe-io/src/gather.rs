@@ -47,8 +47,24 @@ pub fn read_runs_into(
     options: &EngineOptions,
     progress: impl FnMut(Progress) -> io::Result<()>,
 ) -> io::Result<Stats> {
+    read_grouped(file, runs, Some(GATHER_GAP), dst, options, progress)
+}
+
+/// [`read_runs_into`] with runs at most `gap` apart read as spans, or with
+/// none (`None`: [`crate::read_into`]); runs read alone are coalesced.
+pub(crate) fn read_grouped(
+    file: &File,
+    runs: &[ReadRange],
+    gap: Option<usize>,
+    dst: &mut [u8],
+    options: &EngineOptions,
+    progress: impl FnMut(Progress) -> io::Result<()>,
+) -> io::Result<Stats> {
     let chunk = chunk_size(options);
-    let (alone, spans) = group(runs, GATHER_GAP, chunk);
+    let (alone, spans) = match gap {
+        Some(gap) => group(runs, gap, chunk),
+        None => (runs.to_vec(), Vec::new()),
+    };
     let alone = coalesce(alone);
     let bytes = alone.iter().map(|r| r.len).sum::<usize>() + spans.iter().map(|s| s.len).sum::<usize>();
     let first = alone.iter().map(|r| r.file_offset).chain(spans.iter().map(|s| s.file_offset)).min();

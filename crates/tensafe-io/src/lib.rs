@@ -157,12 +157,7 @@ pub fn read_into(
     options: &EngineOptions,
     progress: impl FnMut(Progress) -> io::Result<()>,
 ) -> io::Result<Stats> {
-    let ranges = coalesce(ranges.to_vec());
-    let bytes = ranges.iter().map(|r| r.len).sum();
-    let direct_file = direct_handle(file, options.direct, ranges.first().map(|r| r.file_offset), bytes);
-    let places = chunk_places(&ranges, chunk_size(options), direct_file.is_some());
-    let jobs = carve(dst, places)?.into_iter().map(|(file_offset, piece)| Job { file_offset, into: Destination::Place(piece) }).collect();
-    execute(file, jobs, direct_file.as_ref(), options, progress)
+    gather::read_grouped(file, ranges, None, dst, options, progress)
 }
 
 /// The largest read: `options.chunk_bytes` rounded down to whole pages.
