@@ -9,6 +9,8 @@
 //!   parent kills it once the temporary file has data in it.
 //! * A save that fails with an error, before or during writing, leaves no
 //!   temporary file behind.
+//! * The cleanup a signal handler runs removes the staged temporary files,
+//!   and a commit after it renames nothing (it waits for the process to end).
 //! * A new file's mode is `0o666` minus the umask; a replaced file keeps its
 //!   mode; a symbolic link is kept and the file it names is replaced.
 
@@ -41,6 +43,10 @@ const JOB_SIZE_LIMITED_SAVE: &str = "size-limited-save";
 /// Child job: save new files under various umasks (the umask is per process,
 /// so changing it among the parallel tests would be a race).
 const JOB_UMASK_MODES: &str = "umask-modes";
+
+/// Child job: stage two files beside the path, run the signal cleanup
+/// ([`tensafe::remove_unfinished_files`]), then commit on another thread.
+const JOB_CLEANUP_THEN_COMMIT: &str = "cleanup-then-commit";
 
 /// Bytes in one slow tensor.
 const CHUNK: usize = 1 << 20;
@@ -119,6 +125,27 @@ fn child_process() {
                 let expected = u32::from(0o666 & !mask);
                 assert_eq!(mode(&new_path), expected, "umask {mask:03o}");
             }
+        }
+        #[cfg(target_os = "linux")]
+        Some(JOB_CLEANUP_THEN_COMMIT) => {
+            let dir = path.parent().expect("the path has a directory");
+            let mut staged = tensafe::StagedWrites::default();
+            for name in ["a.safetensors", "b.safetensors"] {
+                staged.write(&dir.join(name), |out| out.write_all(b"new")).unwrap();
+            }
+            // Named temporary files are listed and removed; unnamed ones
+            // have no name to remove (they end with the process).
+            let named = std::env::var_os(tensafe::NAMED_TEMP_FILES_ENV).is_some() || !has_unnamed_files(dir);
+            assert_eq!(tensafe::remove_unfinished_files(), if named { 2 } else { 0 });
+            assert!(listing(dir).is_empty(), "the cleanup left {:?}", listing(dir));
+            // A commit after the cleanup waits for good: the process is
+            // about to end on its signal, and must not rename anything.
+            let (committed, heard) = std::sync::mpsc::channel();
+            std::thread::spawn(move || committed.send(staged.commit().is_ok()));
+            let outcome = heard.recv_timeout(Duration::from_millis(500));
+            assert!(outcome.is_err(), "the commit after the cleanup went on: {outcome:?}");
+            assert!(listing(dir).is_empty(), "the commit after the cleanup renamed {:?}", listing(dir));
+            eprintln!("the commit waited");
         }
         other => panic!("unknown child job {other:?}"),
     }
@@ -321,6 +348,18 @@ fn killed_sharded_save_leaves_the_old_checkpoint_and_nothing_else() {
     kill_mid_save(JOB_SLOW_SHARDED_SAVE, dir.path(), dir.path(), 3);
     assert_old_file(&dir.path().join("model.safetensors"), &old);
     assert_eq!(listing(dir.path()), ["model.safetensors"]);
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn the_signal_cleanup_removes_staged_files_and_stops_later_commits() {
+    for named in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = run_child_with(JOB_CLEANUP_THEN_COMMIT, &dir.path().join("x"), named);
+        assert!(String::from_utf8_lossy(&output.stderr).contains("the commit waited"), "{}", describe(&output));
+        // The process ended with its commit waiting: nothing in place, nothing left.
+        assert!(listing(dir.path()).is_empty(), "named: {named}: left {:?}", listing(dir.path()));
+    }
 }
 
 #[test]
