@@ -61,8 +61,10 @@ def convert(
 
 def scan(paths: Union[PathLike, List[PathLike]]) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
     """Reports every import and call loading a file would make, with a
-    verdict: `"safe"`, `"suspicious"` or `"dangerous"` (see the report's
-    `verdict`). Handles torch checkpoints, pickles, `.npy`/`.npz` and
+    verdict: `"safe"`, `"suspicious"` or `"dangerous"`, or `"error"` where
+    the file could not be scanned completely and nothing worse was found
+    (`error` says why; `unsupported` is true
+    for a compressed file it did not unpack). Handles torch checkpoints, pickles, `.npy`/`.npz` and
     `.joblib` by content. A list of paths gives a list of reports."""
     if isinstance(paths, (list, tuple)):
         return [json.loads(scan_pickle(os.fspath(p))) for p in paths]
