@@ -1043,7 +1043,7 @@ impl TensorSpec {
 }
 
 /// The order in which the reference lists TensorSpec dtypes in its error message.
-const SPEC_DTYPE_ORDER: [Dtype; 19] = [
+const SPEC_DTYPE_ORDER: [Dtype; 20] = [
     Dtype::Bool,
     Dtype::I8,
     Dtype::U8,
@@ -1063,6 +1063,7 @@ const SPEC_DTYPE_ORDER: [Dtype; 19] = [
     Dtype::F8E5M2Fnuz,
     Dtype::F8E8M0,
     Dtype::F4,
+    Dtype::C64,
 ];
 
 /// Where a tensor's bytes come from while serializing.

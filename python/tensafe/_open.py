@@ -53,7 +53,10 @@ def _check_count(what: str, value: Any, at_least: int) -> None:
 
 
 def _device(device: Any) -> Union[str, int]:
-    """Normalises a device argument the way the reference accepts it."""
+    """Normalises a device argument the way the reference accepts it, and
+    a `torch.device` too (which the reference refuses) by its name."""
+    if type(device).__module__ == "torch" and type(device).__name__ == "device":  # no torch import needed
+        device = str(device)
     if device is None or device == "cpu":
         return "cpu"
     if isinstance(device, bool):
@@ -71,7 +74,8 @@ def _device(device: Any) -> Union[str, int]:
         m = _DEVICE_RE.match(device)
         if m and int(m.group(2) or 0) < 2**64:
             return f"{m.group(1)}:{m.group(2) or 0}"
-    raise SafetensorError(f"device {device} is invalid")
+    # The reference's words: a string as it is, anything else by its repr.
+    raise SafetensorError(f"device {device if isinstance(device, str) else repr(device)} is invalid")
 
 
 def _numpy_bytes(buf: Any) -> Any:

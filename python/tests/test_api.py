@@ -73,6 +73,9 @@ def test_closed_handle(sample):
         ("pt", -1, "device -1 is invalid"),
         ("pt", 2**70, f"device {2**70} is invalid"),
         ("pt", "mps:1", "device mps:1 is invalid: only mps or mps:0 is supported"),
+        ("pt", [0], "device [0] is invalid"),
+        ("pt", 1.5, "device 1.5 is invalid"),
+        ("pt", Ellipsis, "device Ellipsis is invalid"),
         ("np", "cuda:0", "Device cuda:0 is not supported for framework numpy"),
         ("np", "cuda", "Device cuda:0 is not supported for framework numpy"),
         ("flax", 0, "Device 0 is not supported for framework flax"),
@@ -84,6 +87,21 @@ def test_argument_errors_match_the_reference(sample, framework, device, message)
         with pytest.raises(mod.SafetensorError) as info:
             mod.safe_open(path, framework, device=device)
         assert str(info.value) == message, mod
+
+
+def test_a_torch_device_is_taken_by_its_name(sample):
+    """The reference refuses a `torch.device`; tensafe takes it as its name."""
+    from tensafe._open import _device
+
+    path, _ = sample
+    with pytest.raises(safetensors.SafetensorError, match=r"device device\(type='cpu'\) is invalid"):
+        safetensors.safe_open(path, "pt", device=torch.device("cpu"))
+    with tensafe.safe_open(path, "pt", device=torch.device("cpu")) as f, tensafe.safe_open(path, "pt") as g:
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in g.keys())
+    for device, same_as in [(torch.device("cpu"), "cpu"), (torch.device("cuda"), "cuda:0"), (torch.device("cuda", 3), "cuda:3")]:
+        assert _device(device) == _device(same_as)
+    with pytest.raises(tensafe.SafetensorError, match="device meta is invalid"):
+        tensafe.safe_open(path, "pt", device=torch.device("meta"))
 
 
 def test_backend_and_missing_tensor_errors(sample):

@@ -26,6 +26,10 @@ pub enum Error {
     #[error("header too large: the first 8 bytes declare a {declared}-byte header, above the limit of {limit} bytes{hint}")]
     HeaderTooLarge { declared: u64, limit: u64, hint: Diagnosis },
 
+    /// A file being written would have a header above the limit readers accept.
+    #[error("header too large: the tensors' names, shapes and the metadata take a {size}-byte header, above the limit of {limit} bytes that readers accept")]
+    HeaderTooLargeToWrite { size: u64, limit: u64 },
+
     /// The header length points past the end of the input.
     #[error("invalid header length: the first 8 bytes declare a {declared}-byte header but only {available} bytes follow them{hint}")]
     InvalidHeaderLength { declared: u64, available: u64, hint: Diagnosis },
@@ -126,7 +130,7 @@ impl Error {
     pub fn reference_text(&self) -> String {
         match self.without_file() {
             Error::HeaderTooSmall { .. } => "header too small".into(),
-            Error::HeaderTooLarge { .. } => "header too large".into(),
+            Error::HeaderTooLarge { .. } | Error::HeaderTooLargeToWrite { .. } => "header too large".into(),
             Error::InvalidHeaderLength { .. } => "invalid header length".into(),
             Error::InvalidUtf8 { source, .. } => format!("invalid UTF-8 in header: {source}"),
             Error::InvalidJson { source, .. } => format!("invalid JSON in header: {source}"),

@@ -108,7 +108,12 @@ impl Header {
         })?;
         let raw = parse_json(text).map_err(|source| {
             // A document that is not an object at all is probably not ours.
-            let hint = if text.trim_start().starts_with('{') { Diagnosis::Unknown } else { Diagnosis::sniff(json) };
+            // (The header is whole here: whatever it is, it is not cut short.)
+            let hint = match Diagnosis::sniff(json) {
+                _ if text.trim_start().starts_with('{') => Diagnosis::Unknown,
+                Diagnosis::TruncatedHeader => Diagnosis::Unknown,
+                hint => hint,
+            };
             Error::InvalidJson { source, hint }
         })?;
         let data_len = file_len - 8 - header_len as u64;
@@ -489,6 +494,16 @@ mod tests {
         let deep = format!(r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":{}{}}}}}"#, "[".repeat(100_000), "]".repeat(100_000));
         let err = parse(&file(&deep, 1)).unwrap_err().to_string();
         assert!(err.contains("recursion limit"), "{err}");
+    }
+
+    #[test]
+    fn a_whole_header_that_is_not_json_is_not_called_truncated() {
+        // A byte-order mark before the object: byte 8 of the text is a `{`,
+        // as byte 8 of a file cut short in its header is.
+        let bom = "\u{feff}{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+        let err = parse(&file(bom, 4)).unwrap_err().to_string();
+        assert!(err.starts_with("invalid JSON in header: expected value at line 1 column 1"), "{err}");
+        assert!(!err.contains("truncated"), "{err}");
     }
 
     #[test]

@@ -231,11 +231,7 @@ where
     // Pad so that 8 + N is a multiple of the alignment.
     let padded = (8 + json.len()).next_multiple_of(align) - 8;
     if padded as u64 > options.max_header_size {
-        return Err(Error::HeaderTooLarge {
-            declared: padded as u64,
-            limit: options.max_header_size,
-            hint: Default::default(),
-        });
+        return Err(Error::HeaderTooLargeToWrite { size: padded as u64, limit: options.max_header_size });
     }
     let mut header = Vec::with_capacity(8 + padded);
     header.extend_from_slice(&(padded as u64).to_le_bytes());
@@ -291,4 +287,21 @@ where
     let path = path.as_ref();
     let prepared = prepare(tensors, metadata, options).map_err(|e| e.in_file(path))?;
     write_atomically(path, |out| prepared.write_to(out)).map_err(|e| e.in_file(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Dtype, RawTensor};
+
+    #[test]
+    fn a_header_above_the_limit_is_refused_as_a_write_error() {
+        let data = [0u8; 4];
+        let tensors = (0..20).map(|i| (format!("tensor.{i}"), RawTensor { dtype: Dtype::F32, shape: &[1], data: &data }));
+        let err = prepare(tensors, None, &WriteOptions { max_header_size: 256, ..Default::default() }).err().expect("too large");
+        let message = err.to_string();
+        assert!(message.starts_with("header too large: the tensors' names, shapes and the metadata take a "), "{message}");
+        assert!(message.ends_with("above the limit of 256 bytes that readers accept"), "{message}");
+        assert_eq!(err.reference_text(), "header too large");
+    }
 }
