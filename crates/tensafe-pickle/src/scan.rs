@@ -133,7 +133,7 @@ impl ScanReport {
 
     fn finish(mut self) -> ScanReport {
         for p in &self.pickles {
-            if p.torch_would_run || p.report.name.ends_with(".pkl") || self.container == "pickle" {
+            if p.torch_would_run || has_extension(&p.report.name, ".pkl") || self.container == "pickle" {
                 for i in &p.report.imports {
                     if i.severity > Severity::Safe {
                         self.would_execute.push(format!("{}: import {} (offset {})", p.report.name, i.global, i.offset));
@@ -493,8 +493,10 @@ impl<'o> Scanner<'o> {
         let names: Vec<&str> = archive.entries.iter().map(|e| e.name.as_str()).collect();
         let prefix = names.first().and_then(|n| n.split_once('/')).map(|(p, _)| p.to_owned()).unwrap_or_default();
         let foreign = container::foreign_archive_kind(&names);
-        let is_torch = foreign.is_none() && names.iter().any(|n| *n == format!("{prefix}/data.pkl"));
-        let is_npz = !names.is_empty() && names.iter().all(|n| n.ends_with(".npy"));
+        // torch finds its records by name ignoring ASCII case (miniz's lookup).
+        let pkl_name = format!("{prefix}/data.pkl");
+        let is_torch = foreign.is_none() && names.iter().any(|n| n.eq_ignore_ascii_case(&pkl_name));
+        let is_npz = !names.is_empty() && names.iter().all(|n| has_extension(n, ".npy"));
         r.container = match (foreign, is_torch, is_npz) {
             (Some(kind), _, _) => {
                 r.finding(Severity::Dangerous, "code", format!("{kind}; code files: {}", code_files(&names)));
@@ -515,7 +517,7 @@ impl<'o> Scanner<'o> {
             }
         }
         // The data.pkl torch resolves: the last entry of that name.
-        let torch_pkl = archive.entries.iter().rposition(|e| e.name == format!("{prefix}/data.pkl"));
+        let torch_pkl = archive.entries.iter().rposition(|e| e.name.eq_ignore_ascii_case(&pkl_name));
         let mut storage_records: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut order: Vec<usize> = (0..archive.entries.len()).collect();
         if let Some(i) = torch_pkl {
@@ -523,8 +525,16 @@ impl<'o> Scanner<'o> {
             order.insert(0, i);
         }
         let mut budget = self.options.limits.max_inflate;
+        // Entries that share their bytes (central records copied, or
+        // overlapping entries: both already reported) are parsed once, and
+        // all parsing stops past a few times the file's size.
+        let mut parsed_at = std::collections::HashSet::new();
+        let mut parse_left = (bytes.len() as u64).saturating_mul(ZIP_PARSE_FACTOR).saturating_add(1 << 20);
         for i in order {
             let e = &archive.entries[i];
+            if !parsed_at.insert(e.data_offset) {
+                continue;
+            }
             let data = match archive.data(bytes, e, &mut budget) {
                 Ok(d) => d,
                 Err(msg) => {
@@ -536,20 +546,30 @@ impl<'o> Scanner<'o> {
                     }
                 }
             };
-            if storage_records.contains(&e.name) {
+            if storage_records.contains(&e.name.to_ascii_lowercase()) {
                 // Declared raw storage: checked (size, CRC, inflation), not parsed.
                 continue;
             }
-            if e.name.ends_with(".npy") {
+            match parse_left.checked_sub(data.len() as u64) {
+                Some(left) => parse_left = left,
+                None => {
+                    r.fail(format!(
+                        "the zip's entries hold more than {ZIP_PARSE_FACTOR} times the file's bytes (entries that overlap): stopped at `{}`",
+                        e.name
+                    ));
+                    break;
+                }
+            }
+            if has_extension(&e.name, ".npy") {
                 self.npy(&data, &e.name, r);
                 continue;
             }
-            let looks_like_pickle = data.first() == Some(&0x80) || e.name.ends_with(".pkl") || e.name.ends_with(".pickle");
+            let looks_like_pickle = data.first() == Some(&0x80) || has_extension(&e.name, ".pkl") || has_extension(&e.name, ".pickle");
             if !looks_like_pickle && !parses_as_pickle(&data, &self.options.limits) {
                 continue;
             }
             let is_torch_pkl = Some(i) == torch_pkl;
-            let pids = if is_torch_pkl || e.name.ends_with(".pkl") { PidSchema::Zip } else { PidSchema::None };
+            let pids = if is_torch_pkl || has_extension(&e.name, ".pkl") { PidSchema::Zip } else { PidSchema::None };
             let (value, end, storages) = self.pickle(Run::new(&e.name, 0, pids, is_torch_pkl || foreign.is_some()), &data, r);
             if end < data.len() && r.pickles.last().is_some_and(|p| p.report.error.is_none()) {
                 r.finding(Severity::Suspicious, "trailing-data", format!("{} bytes after STOP in `{}`", data.len() - end, e.name));
@@ -560,7 +580,7 @@ impl<'o> Scanner<'o> {
             }
             if is_torch_pkl {
                 for key in &storages.order {
-                    storage_records.insert(format!("{prefix}/data/{key}"));
+                    storage_records.insert(format!("{prefix}/data/{key}").to_ascii_lowercase());
                     let decl = &storages.by_key[key];
                     match archive.get(&format!("{prefix}/data/{key}")) {
                         None => r.finding(Severity::Suspicious, "storage", format!("storage `{key}` has no record")),
@@ -687,7 +707,7 @@ impl<'o> Scanner<'o> {
             r.fail(format!("{name}: malformed .npy header"));
             return;
         };
-        if header.contains("'|O'") || header.contains("\"|O\"") {
+        if npy_has_objects(&header) {
             r.finding(Severity::Suspicious, "npy", format!("{name}: object-dtype array; its payload is a pickle"));
             let mut tr = ScanReport::new(name);
             self.stream(&bytes[data_start..], &format!("{name} payload"), &mut tr);
@@ -700,6 +720,26 @@ impl<'o> Scanner<'o> {
             }
         }
     }
+}
+
+/// Whether a `.npy` header declares Python objects anywhere in its dtype
+/// (`'|O'`, `'O'`, `'<O8'`, or a field of a structured dtype), which makes
+/// `np.load(allow_pickle=True)` unpickle the data. Every quoted string of the
+/// header is taken as a possible type string: a field named `O` counts too,
+/// which errs toward scanning.
+fn npy_has_objects(header: &str) -> bool {
+    let mut rest = header;
+    while let Some(open) = rest.find(['\'', '"']) {
+        let quote = rest[open..].chars().next().expect("found");
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(quote) else { return false };
+        let text = after[..close].trim_start_matches(['<', '>', '|', '=']);
+        if text.strip_prefix('O').is_some_and(|size| size.bytes().all(|b| b.is_ascii_digit())) {
+            return true;
+        }
+        rest = &after[close + 1..];
+    }
+    false
 }
 
 /// The `.npy` header text and where the data start.
@@ -721,6 +761,15 @@ fn code_files(names: &[&str]) -> String {
     }
     let shown: Vec<&str> = code.iter().take(10).map(|s| **s).collect();
     format!("{}{}", shown.join(", "), if code.len() > 10 { ", …" } else { "" })
+}
+
+/// How many times a zip's bytes its entries may hold, all parsed together.
+const ZIP_PARSE_FACTOR: u64 = 4;
+
+/// Whether a member's name ends with `extension`, in any ASCII case (torch
+/// and numpy open `DATA.PKL` and `X.NPY` as they do the lower-case names).
+fn has_extension(name: &str, extension: &str) -> bool {
+    name.len() >= extension.len() && name.is_char_boundary(name.len() - extension.len()) && name[name.len() - extension.len()..].eq_ignore_ascii_case(extension)
 }
 
 /// Whether bytes decode as a complete pickle (used to find pickles by content).

@@ -168,7 +168,8 @@ impl Vm<'_, '_> {
                     };
                     self.charge(pairs.len() as u64 + 1).map_err(|e| e.to_string())?;
                     for (k, v) in pairs {
-                        self.heap.dict_set(id, k, v)?;
+                        let (_, cost) = self.heap.dict_set(id, k, v)?;
+                        self.charge(cost).map_err(|e| e.to_string())?;
                     }
                 }
                 Ok(Value::Obj(id))
@@ -184,7 +185,8 @@ impl Vm<'_, '_> {
                     };
                     self.charge(items.len() as u64 + 1).map_err(|e| e.to_string())?;
                     for item in items {
-                        self.heap.set_add(id, item)?;
+                        let (_, cost) = self.heap.set_add(id, item)?;
+                        self.charge(cost).map_err(|e| e.to_string())?;
                     }
                 }
                 Ok(Value::Obj(id))

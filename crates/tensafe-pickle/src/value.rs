@@ -326,13 +326,24 @@ impl Heap {
     /// Builds the hash key of a value, as Python would compare it. Errors on
     /// unhashable values and on keys too large or deep to hash cheaply (an
     /// attacker could otherwise make every SETITEM re-hash a huge tuple).
-    pub fn key(&self, v: &Value) -> Result<Key, String> {
-        let mut budget = 256u32;
-        self.key_inner(v, 0, &mut budget)
+    /// Returns the key with the work that hashing and comparing it costs: a
+    /// unit per part and per byte of its strs, bytes and big ints, which the
+    /// VM charges (an 8 MB str key set a million times must run out of work,
+    /// not take hours).
+    pub fn costed_key(&self, v: &Value) -> Result<(Key, u64), String> {
+        let (mut budget, mut cost) = (256u32, 0u64);
+        let key = self.key_inner(v, 0, &mut budget, &mut cost)?;
+        Ok((key, cost))
     }
 
-    fn key_inner(&self, v: &Value, depth: u32, budget: &mut u32) -> Result<Key, String> {
+    fn key_inner(&self, v: &Value, depth: u32, budget: &mut u32, cost: &mut u64) -> Result<Key, String> {
         *budget = budget.checked_sub(1).ok_or("dict key too large to hash (more than 256 parts)")?;
+        let bytes = match v {
+            Value::BigInt(b) | Value::Bytes(b) => b.len(),
+            Value::Str(s) => s.len(),
+            _ => 0,
+        };
+        *cost = cost.saturating_add(1 + bytes as u64);
         if depth > 32 {
             return Err("dict key nested more than 32 levels".into());
         }
@@ -352,7 +363,7 @@ impl Heap {
             Value::Bytes(b) => Key::Bytes(b.clone()),
             Value::Obj(id) => match self.get(*id) {
                 Object::Tuple(items) => {
-                    Key::Tuple(items.iter().map(|i| self.key_inner(i, depth + 1, budget)).collect::<Result<_, _>>()?)
+                    Key::Tuple(items.iter().map(|i| self.key_inner(i, depth + 1, budget, cost)).collect::<Result<_, _>>()?)
                 }
                 Object::Global(g) => Key::Global(g.module.clone(), g.name.clone()),
                 Object::List(_) | Object::Dict(_) => return Err(format!("unhashable type: '{}'", self.get(*id).type_name())),
@@ -363,29 +374,30 @@ impl Heap {
     }
 
     /// Inserts or overwrites `dict[key] = value`; returns whether the key was
-    /// already there.
-    pub fn dict_set(&mut self, dict: ObjId, key: Value, value: Value) -> Result<bool, String> {
-        let k = self.key(&key)?;
+    /// already there, and the work hashing the key cost ([`Heap::costed_key`]).
+    pub fn dict_set(&mut self, dict: ObjId, key: Value, value: Value) -> Result<(bool, u64), String> {
+        let (k, cost) = self.costed_key(&key)?;
         let Object::Dict(d) = self.get_mut(dict) else { return Err("not a dict".into()) };
         if let Some(&i) = d.index.get(&k) {
             d.entries[i].1 = value;
-            Ok(true)
+            Ok((true, cost))
         } else {
             d.index.insert(k, d.entries.len());
             d.entries.push((key, value));
-            Ok(false)
+            Ok((false, cost))
         }
     }
 
-    /// Adds to a set; returns whether the item was already there.
-    pub fn set_add(&mut self, set: ObjId, item: Value) -> Result<bool, String> {
-        let k = self.key(&item)?;
+    /// Adds to a set; returns whether the item was already there, and the
+    /// work hashing it cost.
+    pub fn set_add(&mut self, set: ObjId, item: Value) -> Result<(bool, u64), String> {
+        let (k, cost) = self.costed_key(&item)?;
         let Object::Set(s) = self.get_mut(set) else { return Err("not a set".into()) };
         if s.index.insert(k, ()).is_some() {
-            Ok(true)
+            Ok((true, cost))
         } else {
             s.items.push(item);
-            Ok(false)
+            Ok((false, cost))
         }
     }
 
@@ -544,9 +556,9 @@ mod tests {
     fn keys_compare_like_python() {
         let mut heap = Heap::default();
         let d = heap.new_dict(DictKind::Dict, 0);
-        assert!(!heap.dict_set(d, Value::Int(1), Value::None).unwrap());
-        assert!(heap.dict_set(d, Value::Bool(true), Value::Int(5)).unwrap());
-        assert!(heap.dict_set(d, Value::Float(1.0), Value::Int(6)).unwrap());
+        assert!(!heap.dict_set(d, Value::Int(1), Value::None).unwrap().0);
+        assert!(heap.dict_set(d, Value::Bool(true), Value::Int(5)).unwrap().0);
+        assert!(heap.dict_set(d, Value::Float(1.0), Value::Int(6)).unwrap().0);
         let Object::Dict(dict) = heap.get(d) else { panic!() };
         assert_eq!(dict.entries.len(), 1);
         assert!(matches!(dict.entries[0], (Value::Int(1), Value::Int(6))));
@@ -561,7 +573,7 @@ mod tests {
         for _ in 0..10_000 {
             v = Value::Obj(heap.alloc(Object::Tuple(vec![v]), 0));
         }
-        assert!(heap.key(&v).is_err());
+        assert!(heap.costed_key(&v).is_err());
         assert!(heap.summary(&v, 100).len() < 200);
     }
 }

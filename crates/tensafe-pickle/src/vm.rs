@@ -680,7 +680,8 @@ impl<'a, 'h> Vm<'a, 'h> {
                     let items = self.pop_mark()?;
                     let id = self.heap.new_set(true, self.op_offset);
                     for item in items {
-                        self.heap.set_add(id, item).map_err(|e| self.err(e))?;
+                        let (_, cost) = self.heap.set_add(id, item).map_err(|e| self.err(e))?;
+                        self.charge(cost)?;
                     }
                     self.push(Value::Obj(id))?;
                 }
@@ -1173,7 +1174,8 @@ impl<'a, 'h> Vm<'a, 'h> {
             Object::Dict(_) => {
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    let repeated = self.heap.dict_set(id, k.clone(), v).map_err(|e| self.err(e))?;
+                    let (repeated, cost) = self.heap.dict_set(id, k.clone(), v).map_err(|e| self.err(e))?;
+                    self.charge(cost)?;
                     if repeated {
                         let key = self.heap.summary(&k, 60);
                         self.anomaly(Severity::Safe, "repeated-key", format!("key {key} set twice"));
@@ -1219,7 +1221,8 @@ impl<'a, 'h> Vm<'a, 'h> {
         match self.heap.get(id) {
             Object::Set(s) if !s.frozen => {
                 for item in items {
-                    self.heap.set_add(id, item).map_err(|e| self.err(e))?;
+                    let (_, cost) = self.heap.set_add(id, item).map_err(|e| self.err(e))?;
+                    self.charge(cost)?;
                 }
                 Ok(())
             }

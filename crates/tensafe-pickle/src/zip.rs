@@ -51,7 +51,7 @@ pub struct Archive {
     pub entries: Vec<Entry>,
     /// Strictness violations (empty for a clean torch archive).
     pub problems: Vec<String>,
-    /// Name → index of its last entry (the one torch's reader resolves).
+    /// Name in lower case → index of its last entry.
     by_name: HashMap<String, usize>,
 }
 
@@ -246,10 +246,17 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         problems.push(format!("central directory declares {cd_size} bytes but its entries take {}", at as u64 - cd_offset));
     }
 
+    // torch looks records up ignoring ASCII case: names that differ only in
+    // case are duplicates to it.
     let mut by_name = HashMap::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
-        if by_name.insert(e.name.clone(), i).is_some() {
-            problems.push(format!("duplicate entry name `{}`", e.name));
+        if let Some(first) = by_name.insert(e.name.to_ascii_lowercase(), i) {
+            let first = &entries[first].name;
+            problems.push(if *first == e.name {
+                format!("duplicate entry name `{}`", e.name)
+            } else {
+                format!("entries `{first}` and `{}` differ only in case (torch's zip reader does not tell them apart)", e.name)
+            });
         }
     }
     // Entries, in file order, must tile [0, cd_offset): header, data, optional descriptor.
@@ -311,9 +318,10 @@ fn name_problem(name: &str, limits: &Limits) -> Option<&'static str> {
 }
 
 impl Archive {
-    /// The entry with this exact name (the last one, if duplicated).
+    /// The entry with this name in any ASCII case, as torch's reader finds
+    /// records (the last one, if several: the archive then has a problem).
     pub fn get(&self, name: &str) -> Option<&Entry> {
-        self.by_name.get(name).map(|&i| &self.entries[i])
+        self.by_name.get(&name.to_ascii_lowercase()).map(|&i| &self.entries[i])
     }
 
     /// An entry's uncompressed bytes: borrowed when stored, inflated (to

@@ -176,7 +176,8 @@ fn strided_views_match_a_naive_index_loop() {
 #[test]
 fn numpy_files_are_scanned_by_content() {
     fn npy(descr: &str, payload: &[u8]) -> Vec<u8> {
-        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (1,), }}");
+        // `descr` as Python writes it: a quoted type string, or a list of fields.
+        let mut header = format!("{{'descr': {descr}, 'fortran_order': False, 'shape': (1,), }}");
         while (10 + header.len() + 1) % 64 != 0 {
             header.push(' ');
         }
@@ -187,16 +188,23 @@ fn numpy_files_are_scanned_by_content() {
         out.extend_from_slice(payload);
         out
     }
-    let plain = npy("<f4", &1f32.to_le_bytes());
+    let plain = npy("'<f4'", &1f32.to_le_bytes());
     assert_eq!(scan_bytes(&plain, "a.npy", &ScanOptions::default()).verdict, Verdict::Safe);
+    let fields = npy("[('x', '<f4'), ('y', '<i8', (2,))]", &[0; 20]);
+    assert_eq!(scan_bytes(&fields, "f.npy", &ScanOptions::default()).verdict, Verdict::Safe);
     let evil = Asm::new().proto(2).global("posix", "system").str("id").tuple1().reduce().stop().finish();
-    let object = npy("|O", &evil);
-    let r = scan_bytes(&object, "b.npy", &ScanOptions::default());
-    assert_eq!(r.verdict, Verdict::Dangerous);
-    // The same inside an .npz (a zip of .npy members).
-    let npz = Zip::new(vec![Entry::new("a.npy", &plain), Entry::new("b.npy", &object)]).build();
-    let r = scan_bytes(&npz, "x.npz", &ScanOptions::default());
-    assert_eq!((r.container.as_str(), r.verdict), ("npz", Verdict::Dangerous));
+    // Every spelling numpy reads as an object dtype, a field of one included.
+    for descr in ["'|O'", "\"|O\"", "'O'", "'<O8'", "'|O8'", "[('f', 'O')]", "[('x', '<f4'), ('f', '>O', (2,))]"] {
+        let r = scan_bytes(&npy(descr, &evil), "b.npy", &ScanOptions::default());
+        assert_eq!(r.verdict, Verdict::Dangerous, "{descr}");
+    }
+    let object = npy("'|O'", &evil);
+    // The same inside an .npz (a zip of .npy members), in any case.
+    for member in ["b.npy", "B.NPY"] {
+        let npz = Zip::new(vec![Entry::new("a.npy", &plain), Entry::new(member, &object)]).build();
+        let r = scan_bytes(&npz, "x.npz", &ScanOptions::default());
+        assert_eq!(r.verdict, Verdict::Dangerous, "{member}");
+    }
     // joblib's array wrapper is not allowlisted, but it is data that joblib's
     // loader consumes, not code: suspicious, unlike the rest of joblib.
     let joblib = Asm::new().proto(2).global("joblib.numpy_pickle", "NumpyArrayWrapper").empty_tuple().op(0x81).stop().finish();

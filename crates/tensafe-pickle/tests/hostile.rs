@@ -1062,3 +1062,85 @@ fn allow_patterns_never_admit_what_runs_code() {
     let exact = ScanOptions { allow_opaque: vec!["numpy.testing._private.utils.runstring".into()], ..Default::default() };
     assert_eq!(scan_bytes(&runs_code, "input", &exact).verdict, Verdict::Dangerous);
 }
+
+// A large key set again and again: each SETITEM hashes (and compares) the
+// whole key, so that work is charged, and the scan stops at the work limit
+// instead of hashing 100 GB.
+#[test]
+fn a_large_key_set_many_times_runs_out_of_work() {
+    let key = "k".repeat(1 << 20);
+    let mut asm = Asm::new().proto(2).empty_dict().str(&key).binput(0).none().setitem();
+    for _ in 0..100_000 {
+        asm = asm.binget(0).none().setitem();
+    }
+    let bytes = asm.stop().finish();
+    let start = Instant::now();
+    let report = scan(&bytes);
+    let error = report.pickles[0].report.error.clone().expect("the scan stops");
+    assert!(error.contains("work limit reached"), "{error}");
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
+// torch finds `data.pkl` (and every record) by name in any ASCII case: an
+// upper-case `DATA.PKL` is what it unpickles, however large and whatever its
+// first byte, so the scanner parses it as the torch pickle; two names that
+// differ only in case are duplicates.
+#[test]
+fn an_upper_case_data_pkl_is_the_pickle_torch_runs() {
+    let c = Canary::new();
+    // Protocol 0 (no PROTO byte first), padded past 1 MB so that only the name says "pickle".
+    let payload = Asm::new().op(b'N').op(b'0').str(&" ".repeat(1_100_000)).op(b'0').system_call(&c.marker()).op(b'.').finish();
+    let archive = |entries: Vec<Entry>| Zip::new(entries).build();
+    let version = Entry::new("archive/version", b"3\n");
+    let upper = archive(vec![Entry::new("archive/DATA.PKL", &payload), version.clone()]);
+    let r = dangerous(&upper);
+    assert_eq!(r.container, "torch zip");
+    assert!(r.pickles.iter().any(|p| p.torch_would_run), "{:?}", r.pickles.iter().map(|p| &p.report.name).collect::<Vec<_>>());
+    assert!(r.would_execute.iter().any(|w| w.contains("posix.system")), "{:?}", r.would_execute);
+    // The converter reads it too, and refuses its call.
+    let refusal = refused(&upper);
+    assert!(refusal.contains("posix.system") || refusal.contains("posix"), "{refusal}");
+
+    let both = archive(vec![Entry::new("archive/data.pkl", &state_dict_pickle()), Entry::new("archive/DATA.PKL", &payload), version]);
+    let r = dangerous(&both);
+    assert!(r.findings.iter().any(|f| f.detail.contains("differ only in case")), "{:?}", r.findings);
+    assert!(refused(&both).contains("differ only in case"));
+}
+
+/// `zip` (one entry, no comment) with its central record repeated `copies`
+/// more times: entries that all share the first one's bytes.
+fn with_central_copies(zip: &[u8], copies: usize) -> Vec<u8> {
+    let end = zip.len() - 22;
+    assert_eq!(&zip[end..end + 4], b"PK\x05\x06");
+    let field = |at: usize| u32::from_le_bytes(zip[end + at..end + at + 4].try_into().unwrap()) as usize;
+    let (cd_size, cd_offset) = (field(12), field(16));
+    let mut out = zip[..cd_offset].to_vec();
+    for _ in 0..=copies {
+        out.extend_from_slice(&zip[cd_offset..cd_offset + cd_size]);
+    }
+    let count = (copies + 1) as u16;
+    out.extend_from_slice(b"PK\x05\x06\0\0\0\0");
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&(((copies + 1) * cd_size) as u32).to_le_bytes());
+    out.extend_from_slice(&(cd_offset as u32).to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+// Entries that share their bytes are parsed once: 2000 central records of
+// one 1 MB pickle cost one parse, not 2000.
+#[test]
+fn entries_sharing_their_bytes_are_parsed_once() {
+    let mut asm = Asm::new().proto(2);
+    for _ in 0..500_000 {
+        asm = asm.none().pop();
+    }
+    let pickle = asm.none().stop().finish();
+    let shared = with_central_copies(&Zip::new(vec![Entry::new("x.pkl", &pickle)]).build(), 2000);
+    let start = Instant::now();
+    let r = scan(&shared);
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(r.verdict, Verdict::Dangerous, "duplicate names are a zip problem");
+    assert_eq!(r.pickles.len(), 1, "parsed once");
+}
