@@ -46,7 +46,7 @@ pub fn detect(bytes: &[u8]) -> Kind {
         Kind::Wrapper("gzip")
     } else if bytes.starts_with(b"7z\xbc\xaf\x27\x1c") {
         Kind::Wrapper("7z")
-    } else if bytes.starts_with(b"BZh") {
+    } else if is_bzip2(bytes) {
         Kind::Wrapper("bzip2")
     } else if bytes.starts_with(b"\xfd7zXZ\x00") {
         Kind::Wrapper("xz")
@@ -63,6 +63,15 @@ pub fn detect(bytes: &[u8]) -> Kind {
     } else {
         Kind::Stream
     }
+}
+
+/// Whether the file starts as a bzip2 stream: `BZh`, a block size digit,
+/// then a block's or the end's magic. `BZh` alone is no proof: `B` is also
+/// the pickle opcode BINBYTES.
+fn is_bzip2(bytes: &[u8]) -> bool {
+    const BLOCK: &[u8] = &[0x31, 0x41, 0x59, 0x26, 0x53, 0x59];
+    const END: &[u8] = &[0x17, 0x72, 0x45, 0x38, 0x50, 0x90];
+    bytes.len() >= 10 && bytes.starts_with(b"BZh") && (b'1'..=b'9').contains(&bytes[3]) && (&bytes[4..10] == BLOCK || &bytes[4..10] == END)
 }
 
 /// Whether the first 512 bytes are a tar header as Python's `tarfile`

@@ -187,20 +187,9 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
         Kind::Tar => {
             s.tar(bytes, &mut r);
             // When any step of its tar path fails (a later header, a short or
-            // missing member), torch unpickles the file from its first byte:
-            // what that would import or call counts too. A real tar file is
-            // no pickle there (its first byte is a member name's).
-            let mut from_start = ScanReport::new(name);
-            s.stream(bytes, "the file read as a pickle from its first byte", &mut from_start);
-            if from_start.pickles.iter().any(|p| !p.report.imports.is_empty() || !p.report.calls.is_empty()) {
-                r.finding(
-                    Severity::Dangerous,
-                    "polyglot",
-                    "the file is a tar archive and, from its first byte, a pickle that imports or calls (what torch.load runs when the tar path fails)",
-                );
-                r.pickles.extend(from_start.pickles);
-                r.findings.extend(from_start.findings);
-            }
+            // missing member), torch unpickles the file from its first byte.
+            // A real tar file is no pickle there (its first byte is a member name's).
+            s.as_pickle_too(bytes, name, "a tar archive", "what torch.load runs when the tar path fails", &mut r);
         }
         Kind::Npy => {
             r.container = "npy".into();
@@ -221,6 +210,9 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
             r.fail(format!(
                 "a {w}-compressed file (torch.load cannot open it directly; joblib.load would decompress and unpickle it) was not unpacked; decompress it and scan the result"
             ));
+            // torch.load and pickle.load read it from its first byte: a file
+            // whose magic is also a pickle opcode (bzip2's `B`) can be both.
+            s.as_pickle_too(bytes, name, &format!("{w}-compressed"), "what torch.load and pickle.load run", &mut r);
         }
         Kind::Stream => {
             if bytes.is_empty() {
@@ -472,6 +464,22 @@ impl<'o> Scanner<'o> {
                 "shared-references",
                 format!("{shared} containers are reached more than once (each is walked once; a pickle can share one object many times)"),
             );
+        }
+    }
+
+    /// Scans a file of another kind (`kind`) from its first byte as a pickle
+    /// too: one that imports or calls is a polyglot, its findings reported
+    /// (`runs`: who would run it). A file that is no pickle adds nothing.
+    fn as_pickle_too(&mut self, bytes: &[u8], name: &str, kind: &str, runs: &str, r: &mut ScanReport) {
+        let mut from_start = ScanReport::new(name);
+        self.stream(bytes, "the file read as a pickle from its first byte", &mut from_start);
+        if from_start.pickles.iter().any(|p| !p.report.imports.is_empty() || !p.report.calls.is_empty()) {
+            r.finding(Severity::Dangerous, "polyglot", format!("the file is {kind} and, from its first byte, a pickle that imports or calls ({runs})"));
+            for p in &mut from_start.pickles {
+                p.torch_would_run = true;
+            }
+            r.pickles.extend(from_start.pickles);
+            r.findings.extend(from_start.findings);
         }
     }
 

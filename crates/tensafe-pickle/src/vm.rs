@@ -1062,7 +1062,6 @@ impl<'a, 'h> Vm<'a, 'h> {
         let state_is_dict = matches!(self.heap.object(&state), Some(Object::Dict(_)));
         match self.heap.get_mut(id) {
             Object::Dict(d) if d.kind != DictKind::Dict && state_is_dict => d.attrs.push(state),
-            Object::Tensor(t) if state_is_dict => t.attrs.push(state),
             Object::Opaque(o) => {
                 o.states.push(state.clone());
                 if self.opts.mode == Mode::Scan {
@@ -1078,10 +1077,16 @@ impl<'a, 'h> Vm<'a, 'h> {
                     }
                 }
             }
+            // torch never writes one; its loader would call `set_(*state)`,
+            // giving the tensor other bytes than the ones this reads.
+            Object::Tensor(_) => {
+                let detail = format!("BUILD on a tensor with a {} state (torch's loader would pass it to `set_`)", self.heap.type_name(&state));
+                self.flag(Severity::Dangerous, "type-confusion", detail)?;
+            }
             other => {
                 let what = other.type_name();
                 let detail = if state_is_dict {
-                    format!("BUILD on a {what} (only OrderedDict, tensors and allowed opaque objects take a state)")
+                    format!("BUILD on a {what} (only OrderedDict and allowed opaque objects take a state)")
                 } else {
                     format!("BUILD on a {what} with a {} state", self.heap.type_name(&state))
                 };

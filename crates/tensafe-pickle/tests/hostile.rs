@@ -414,13 +414,21 @@ fn class14_polyglots() {
 // 15. Wrappers torch cannot open directly.
 #[test]
 fn class15_wrappers() {
-    for (magic, name) in [(&b"\x1f\x8b\x08\x00"[..], "gzip"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"BZh91AY", "bzip2"), (b"\xfd7zXZ\x00", "xz")] {
+    for (magic, name) in [(&b"\x1f\x8b\x08\x00"[..], "gzip"), (b"7z\xbc\xaf\x27\x1c", "7z"), (b"BZh91AY&SY", "bzip2"), (b"\xfd7zXZ\x00", "xz")] {
         let mut bytes = magic.to_vec();
         bytes.extend_from_slice(&[0u8; 64]);
         assert!(refused(&bytes).contains(name));
         let r = scan(&bytes);
         assert_eq!(r.verdict, Verdict::Error, "{name}: never reported clean");
     }
+    // `BZh` without a bzip2 block after it is no bzip2 file, but can be a
+    // pickle: BINBYTES (`B`) of 0x685a bytes, POP, then the call.
+    let c = Canary::new();
+    let mut bytes = b"BZh\0\0".to_vec();
+    bytes.extend_from_slice(&[b'A'; 0x685a]);
+    bytes.extend(Asm::new().op(b'0').proto(2).system_call(&c.marker()).stop().finish());
+    let r = dangerous(&bytes);
+    assert!(r.would_execute.iter().any(|w| w.contains("posix.system")), "{:?}", r.would_execute);
 }
 
 // 16. Legacy side pickles carrying code.
@@ -626,6 +634,9 @@ fn class24_type_confusion() {
         Asm::new().proto(4).empty_list().mark().int(1).op(0x90).stop().finish(),
         Asm::new().proto(2).empty_list().empty_dict().build().stop().finish(),
         Asm::new().proto(2).empty_dict().empty_dict().build().stop().finish(),
+        // BUILD on a tensor with a dict state {other tensor: None}: torch's
+        // loader would run `w.set_(other)`, so `w` would hold other bytes.
+        tensor(Asm::new().proto(2)).empty_dict().tensor_v2("FloatStorage", "0", 12, 0, &[3], &[1]).none().setitem().build().stop().finish(),
     ];
     for pkl in cases {
         let msg = refused(&torch_zip(&pkl, &[("0", &floats12())]));
