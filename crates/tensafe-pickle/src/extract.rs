@@ -54,7 +54,17 @@ struct Walker<'h> {
     options: &'h ExtractOptions,
     visited: HashMap<ObjId, String>,
     names: HashSet<String>,
+    /// Bytes of all the paths named so far, within `limits.max_path_bytes`.
+    path_bytes: u64,
     out: Extracted,
+}
+
+/// The first 80 characters of a path, for messages (a path can be megabytes).
+fn start_of(path: &str) -> String {
+    match path.char_indices().nth(80) {
+        Some((end, _)) => format!("{}…", &path[..end]),
+        None => path.to_owned(),
+    }
 }
 
 fn join(prefix: &str, part: &str) -> String {
@@ -85,7 +95,7 @@ fn is_tensor(heap: &Heap, v: &Value) -> bool {
 
 /// Finds the state dict and names every tensor under it.
 pub fn extract(heap: &Heap, root: &Value, options: &ExtractOptions, limits: &Limits) -> Result<Extracted> {
-    let mut w = Walker { heap, holders: tensor_holders(heap, root), counted: HashSet::new(), limits, options, visited: HashMap::new(), names: HashSet::new(), out: Extracted::default() };
+    let mut w = Walker { heap, holders: tensor_holders(heap, root), counted: HashSet::new(), limits, options, visited: HashMap::new(), names: HashSet::new(), path_bytes: 0, out: Extracted::default() };
     let top_dict = match heap.object(root) {
         Some(Object::Dict(d)) => Some(d),
         _ => None,
@@ -317,6 +327,16 @@ impl Walker<'_> {
                     None => self.out.non_tensors.push((name, v)),
                 },
                 _ => self.out.non_tensors.push((name, v)),
+            }
+            // Each path holds its parent's: long keys nested deep would
+            // otherwise take memory quadratic in the input.
+            self.path_bytes = children.iter().fold(self.path_bytes, |sum, (_, n)| sum.saturating_add(n.len() as u64));
+            if self.path_bytes > self.limits.max_path_bytes {
+                let at = children.first().map_or_else(String::new, |(_, path)| start_of(path));
+                return Err(Error::Limit(format!(
+                    "the paths of the values take more than {} bytes (long keys nested deep), at `{at}`",
+                    self.limits.max_path_bytes
+                )));
             }
             // Reverse so that children are visited in order.
             for (v, n) in children.into_iter().rev() {

@@ -12,6 +12,10 @@ pub struct Limits {
     pub max_marks: usize,
     /// Memo entries (kept in a map, whatever the indices).
     pub max_memo: usize,
+    /// Objects (tuples, lists, dicts, tensors, …) all the pickles of one
+    /// file make: about 170 bytes each, and a pickle can make one per
+    /// input byte. torch writes about 9 per tensor.
+    pub max_objects: usize,
     /// One str or bytes argument (it must also fit in the remaining input).
     pub max_string: u64,
     /// LONG1/LONG4 payload bytes.
@@ -20,6 +24,8 @@ pub struct Limits {
     pub max_nesting: usize,
     /// Tensor paths emitted by the extraction walk (shared-reference explosions).
     pub max_paths: usize,
+    /// Bytes of all the paths (dotted names) the extraction walk builds.
+    pub max_path_bytes: u64,
     /// Tensors in one checkpoint.
     pub max_tensors: usize,
     /// Tensor dimensions.
@@ -49,10 +55,12 @@ impl Default for Limits {
             max_stack: 1_000_000,
             max_marks: 100_000,
             max_memo: 1_000_000,
+            max_objects: 16_000_000,
             max_string: 64 << 20,
             max_long_bytes: 64,
             max_nesting: 1_000,
             max_paths: 1_000_000,
+            max_path_bytes: 256 << 20,
             max_tensors: 1_000_000,
             max_ndim: 64,
             min_output_budget: 64 << 20,

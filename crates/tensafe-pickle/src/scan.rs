@@ -342,6 +342,11 @@ impl<'o> Scanner<'o> {
         let mut little = true;
         let labels = ["magic number", "protocol", "sys_info", "object", "storage keys"];
         while pos < bytes.len() {
+            if index == MAX_PICKLES_IN_A_ROW {
+                // Each would add a report: five million `N.` pairs took gigabytes.
+                r.fail(format!("more than {MAX_PICKLES_IN_A_ROW} pickles one after another; those from offset {pos} on were not scanned"));
+                return;
+            }
             if index == 5 && legacy_ok {
                 // The legacy raw storage section follows the key list.
                 match raw_section(bytes, pos, &keys, &declared, little) {
@@ -770,6 +775,10 @@ fn code_files(names: &[&str]) -> String {
     let shown: Vec<&str> = code.iter().take(10).map(|s| **s).collect();
     format!("{}{}", shown.join(", "), if code.len() > 10 { ", …" } else { "" })
 }
+
+/// Pickles scanned one after another in a stream (pickle.load runs the
+/// first, torch's legacy format five).
+const MAX_PICKLES_IN_A_ROW: usize = 1000;
 
 /// How many times a zip's bytes its entries may hold, all parsed together.
 const ZIP_PARSE_FACTOR: u64 = 4;

@@ -433,6 +433,11 @@ impl<'a, 'h> Vm<'a, 'h> {
         if self.stack.len() >= self.opts.limits.max_stack {
             return Err(self.err(format!("value stack deeper than {}", self.opts.limits.max_stack)));
         }
+        // Every object the VM makes is pushed: the one place to bound them
+        // (about 170 bytes each; a pickle can make one per byte).
+        if self.heap.len() > self.opts.limits.max_objects {
+            return Err(self.err(format!("more than {} objects", self.opts.limits.max_objects)));
+        }
         self.stack.push(v);
         Ok(())
     }

@@ -1155,3 +1155,55 @@ fn entries_sharing_their_bytes_are_parsed_once() {
     assert_eq!(r.verdict, Verdict::Dangerous, "duplicate names are a zip problem");
     assert_eq!(r.pickles.len(), 1, "parsed once");
 }
+
+// Long keys nested deep: every path repeats its parents', so the names the
+// walk builds would grow with the square of the input (400 levels of 20 KB
+// keys, 8 MB: 1.6 GB of names); they are counted and refused past the limit.
+#[test]
+fn long_keys_nested_deep_stop_at_the_path_limit() {
+    let depth = 400;
+    let key = |level: usize| format!("{level:03}{}", "k".repeat(20_000));
+    let mut asm = Asm::new().proto(2).empty_dict().str(&key(0));
+    for level in 1..depth {
+        asm = asm.empty_dict().str(&key(level));
+    }
+    asm = asm.empty_dict().short_str("w").tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1]).setitem();
+    for _ in 0..depth {
+        asm = asm.setitem();
+    }
+    let pkl = asm.stop().finish();
+    let start = Instant::now();
+    let flatten = ConvertOptions { extract: ExtractOptions { flatten: true, ..Default::default() }, ..Default::default() };
+    let msg = refused_with(&torch_zip(&pkl, &[("0", &floats12())]), &flatten);
+    assert!(msg.contains("paths of the values take more than"), "{msg}");
+    assert!(msg.len() < 1000, "the message shows the start of the path only: {} bytes", msg.len());
+    let r = scan(&torch_zip(&pkl, &[("0", &floats12())]));
+    assert!(r.findings.iter().any(|f| f.detail.contains("paths of the values")), "{:?}", r.findings);
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+}
+
+// Millions of tiny pickles one after another: each would add a report (5
+// million took gigabytes); the scan stops after a thousand and says so.
+#[test]
+fn a_stream_of_a_million_pickles_is_cut_short() {
+    let bytes = b"N.".repeat(1_000_000);
+    let start = Instant::now();
+    let r = scan(&bytes);
+    assert_eq!(r.verdict, Verdict::Suspicious, "trailing pickles are suspicious");
+    assert_eq!(r.pickles.len(), 1000);
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("more than 1000 pickles one after another")), "{:?}", r.error);
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
+// A pickle can make an object per byte (TUPLE1 on the last one: 170 bytes
+// of memory each, 30 MB of input took 4 GB): their number is bounded.
+#[test]
+fn objects_are_bounded() {
+    let pickle = |tuples: usize| Asm::new().proto(2).none().raw(&vec![0x85; tuples]).stop().finish();
+    let options = ScanOptions { limits: tensafe_pickle::Limits { max_objects: 10_000, ..Default::default() }, ..Default::default() };
+    let error = |bytes: &[u8]| scan_bytes(bytes, "input", &options).pickles[0].report.error.clone();
+    assert_eq!(error(&pickle(9_000)), None);
+    let over = error(&pickle(20_000)).expect("over the limit");
+    assert!(over.contains("more than 10000 objects"), "{over}");
+    assert_eq!(tensafe_pickle::Limits::default().max_objects, 16_000_000);
+}
