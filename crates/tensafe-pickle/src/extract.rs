@@ -379,17 +379,37 @@ fn module_state(heap: &Heap, o: &crate::value::Opaque) -> Option<Vec<(Value, Str
     Some(out)
 }
 
-/// A JSON rendering of a non-tensor value (bounded in size and depth).
-pub fn to_json(heap: &Heap, v: &Value) -> serde_json::Value {
-    let mut budget = 100_000usize;
-    json_inner(heap, v, 0, &mut budget)
+/// A JSON rendering of a non-tensor value, bounded in depth and in size by
+/// `budget`: [`JSON_NODE_UNITS`] per value (about what a JSON value takes
+/// in memory) and a unit per byte of its strs, spent as it renders (what is
+/// left shows as `"…"`). A pickle can refer to one long str many
+/// times: counted by values alone, 4000 references to 1 MB took 4 GB.
+pub fn to_json(heap: &Heap, v: &Value, budget: &mut usize) -> serde_json::Value {
+    json_inner(heap, v, 0, budget)
 }
 
+/// `s`, or as much of it as `budget` allows (then `…`); spends its bytes.
+fn within(s: &str, budget: &mut usize) -> String {
+    if s.len() <= *budget {
+        *budget -= s.len();
+        return s.to_owned();
+    }
+    let mut end = *budget;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    *budget = 0;
+    format!("{}…", &s[..end])
+}
+
+/// Units of [`to_json`]'s budget one value costs, whatever its size.
+pub const JSON_NODE_UNITS: usize = 32;
+
 fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde_json::Value {
-    if *budget == 0 || depth > 32 {
+    if *budget < JSON_NODE_UNITS || depth > 32 {
         return json!("…");
     }
-    *budget -= 1;
+    *budget -= JSON_NODE_UNITS;
     match v {
         Value::None => serde_json::Value::Null,
         Value::Bool(b) => json!(b),
@@ -397,7 +417,7 @@ fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde
         Value::BigInt(b) => json!(big_to_decimal(b)),
         Value::Float(f) if f.is_finite() => json!(f),
         Value::Float(f) => json!(f.to_string()),
-        Value::Str(s) => json!(&**s),
+        Value::Str(s) => json!(within(s, budget)),
         Value::Bytes(_) => json!(heap.summary(v, 1000)),
         Value::Obj(id) => match heap.get(*id) {
             Object::Tuple(items) | Object::List(items) => {
@@ -408,7 +428,7 @@ fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde
                 d.entries
                     .iter()
                     .map(|(k, v)| {
-                        let key = k.as_str().map(str::to_owned).unwrap_or_else(|| heap.summary(k, 100));
+                        let key = k.as_str().map_or_else(|| heap.summary(k, 100), |k| within(k, budget));
                         (key, json_inner(heap, v, depth + 1, budget))
                     })
                     .collect(),

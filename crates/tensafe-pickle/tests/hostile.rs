@@ -1207,3 +1207,27 @@ fn objects_are_bounded() {
     assert!(over.contains("more than 10000 objects"), "{over}");
     assert_eq!(tensafe_pickle::Limits::default().max_objects, 16_000_000);
 }
+
+// A non-tensor value that refers to one long str many times: its JSON (in
+// the report, and the metadata when kept) is bounded in bytes, not only in
+// values (4000 references to 1 MB took 4 GB before).
+#[test]
+fn non_tensor_values_render_to_bounded_json() {
+    let mut asm = Asm::new().proto(2).empty_dict().short_str("state_dict").empty_dict();
+    asm = asm.short_str("w").tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1]).setitem().setitem();
+    asm = asm.short_str("x").empty_list().str(&"A".repeat(1 << 20)).binput(0).append();
+    for _ in 1..4000 {
+        asm = asm.binget(0).append();
+    }
+    let pkl = asm.setitem().stop().finish();
+    let c = Canary::new();
+    let input = c.dir.path().join("input.pt");
+    std::fs::write(&input, torch_zip(&pkl, &[("0", &floats12())])).unwrap();
+    let start = Instant::now();
+    let report = tensafe_pickle::convert_file(&input, &c.out(), &ConvertOptions::default()).unwrap();
+    let (path, text) = &report.non_tensors[0];
+    assert_eq!(path, "x");
+    assert!(text.len() < 65 << 20 && text.len() > 60 << 20, "{} bytes", text.len());
+    assert!(text.ends_with("\"…\"]"), "the rest shown as …");
+    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+}
