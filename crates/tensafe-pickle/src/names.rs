@@ -97,6 +97,14 @@ pub enum StorageType {
 }
 
 impl StorageType {
+    /// The element type's name for messages: `float32`, or `bytes` (untyped).
+    pub fn element_name(self) -> &'static str {
+        match self {
+            StorageType::Typed(d) => d.name,
+            StorageType::Untyped => "bytes",
+        }
+    }
+
     /// Bytes per storage element (`numel` counts these).
     pub fn element_size(self) -> u64 {
         match self {

@@ -407,8 +407,9 @@ impl<'o> Scanner<'o> {
             }
             index += 1;
             if failed {
-                let at = pos + end;
-                r.fail(format!("malformed pickle at offset {at}; bytes after it were not scanned"));
+                // Its report says where and why (a malformed opcode, or a limit).
+                let why = r.pickles.last().and_then(|p| p.report.error.clone()).unwrap_or_else(|| format!("the pickle at offset {pos} failed"));
+                r.fail(format!("{why}; the bytes after it were not scanned"));
                 return;
             }
             pos += end;

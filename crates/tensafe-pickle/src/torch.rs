@@ -404,10 +404,13 @@ impl Vm<'_, '_> {
                     let (a, b) = (first.byte_len(), storage.byte_len());
                     let same_type = first.storage_type == storage.storage_type;
                     if a != b || (!same_type && a != Some(0)) {
-                        let detail = format!(
-                            "storage `{}` declared twice with different sizes or types ({:?} vs {:?} bytes)",
-                            storage.key, a, b
-                        );
+                        let bytes = |n: Option<u64>| n.map_or_else(|| "more than 2^64".to_owned(), |n| n.to_string());
+                        let detail = if a != b {
+                            format!("storage `{}` declared twice with different sizes ({} and {} bytes)", storage.key, bytes(a), bytes(b))
+                        } else {
+                            let (x, y) = (first.storage_type.element_name(), storage.storage_type.element_name());
+                            format!("storage `{}` declared twice with different element types ({x} and {y})", storage.key)
+                        };
                         self.flag(Severity::Dangerous, "storage", detail)?;
                     }
                 } else {

@@ -571,8 +571,23 @@ fn class21_storage_sizes() {
         .stop()
         .finish();
     let bytes = torch_zip(&pkl, &[("0", &floats12())]);
-    assert!(refused(&bytes).contains("declared twice"));
+    let msg = refused(&bytes);
+    assert!(msg.contains("storage `0` declared twice with different sizes (48 and 4000 bytes)"), "{msg}");
     dangerous(&bytes);
+    // The same size, another element type.
+    let pkl = Asm::new()
+        .proto(2)
+        .empty_dict()
+        .mark()
+        .str("a")
+        .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
+        .str("b")
+        .tensor_v2("IntStorage", "0", 12, 0, &[12], &[1])
+        .setitems()
+        .stop()
+        .finish();
+    let msg = refused(&torch_zip(&pkl, &[("0", &floats12())]));
+    assert!(msg.contains("storage `0` declared twice with different element types (float32 and int32)"), "{msg}");
 }
 
 // 22. Tensor geometry outside its storage.
@@ -1230,4 +1245,14 @@ fn non_tensor_values_render_to_bounded_json() {
     assert!(text.len() < 65 << 20 && text.len() > 60 << 20, "{} bytes", text.len());
     assert!(text.ends_with("\"…\"]"), "the rest shown as …");
     assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+}
+
+// The file's error says where the pickle stopped and why, not only that it
+// was "malformed" somewhere after the failing opcode.
+#[test]
+fn a_stopped_scan_says_where_and_why() {
+    let bytes = Asm::new().proto(2).mark().mark().op(b'X').raw(&u32::MAX.to_le_bytes()).finish();
+    let error = scan(&bytes).error.expect("an error");
+    assert!(error.contains("offset 4 (BINUNICODE): str declares 4294967295 bytes"), "{error}");
+    assert!(error.ends_with("the bytes after it were not scanned"), "{error}");
 }
