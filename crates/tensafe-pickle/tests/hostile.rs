@@ -558,35 +558,26 @@ fn class21_storage_sizes() {
     // numel × element size overflows.
     let pkl = Asm::new().proto(2).tensor_v2("DoubleStorage", "0", i64::MAX, 0, &[1], &[1]).stop().finish();
     assert!(refused(&torch_zip(&pkl, &[("0", &[0; 8])])).contains("overflows"));
-    // One key declared with two sizes.
-    let pkl = Asm::new()
-        .proto(2)
-        .empty_dict()
-        .mark()
-        .str("a")
-        .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
-        .str("b")
-        .tensor_v2("FloatStorage", "0", 1000, 0, &[1000], &[1])
-        .setitems()
-        .stop()
-        .finish();
-    let bytes = torch_zip(&pkl, &[("0", &floats12())]);
+    // One key declared with two sizes, or two element types.
+    let declared_twice = |second: &str, numel: i64| {
+        let pkl = Asm::new()
+            .proto(2)
+            .empty_dict()
+            .mark()
+            .str("a")
+            .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
+            .str("b")
+            .tensor_v2(second, "0", numel, 0, &[numel], &[1])
+            .setitems()
+            .stop()
+            .finish();
+        torch_zip(&pkl, &[("0", &floats12())])
+    };
+    let bytes = declared_twice("FloatStorage", 1000);
     let msg = refused(&bytes);
     assert!(msg.contains("storage `0` declared twice with different sizes (48 and 4000 bytes)"), "{msg}");
     dangerous(&bytes);
-    // The same size, another element type.
-    let pkl = Asm::new()
-        .proto(2)
-        .empty_dict()
-        .mark()
-        .str("a")
-        .tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1])
-        .str("b")
-        .tensor_v2("IntStorage", "0", 12, 0, &[12], &[1])
-        .setitems()
-        .stop()
-        .finish();
-    let msg = refused(&torch_zip(&pkl, &[("0", &floats12())]));
+    let msg = refused(&declared_twice("IntStorage", 12));
     assert!(msg.contains("storage `0` declared twice with different element types (float32 and int32)"), "{msg}");
 }
 
