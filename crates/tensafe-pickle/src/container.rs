@@ -246,13 +246,14 @@ fn run_pickle(
 fn load_zip<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<'a>> {
     let limits = &options.limits;
     let archive = zip::read(bytes, limits).map_err(|e| Error::Container(format!("zip: {e}")))?;
-    if !archive.problems.is_empty() {
-        let shown: Vec<&str> = archive.problems.iter().take(5).map(String::as_str).collect();
+    // Names that differ only in case: torch would read one of them, which is not said.
+    let problems: Vec<&str> = archive.problems.iter().chain(&archive.case_collisions).map(String::as_str).collect();
+    if !problems.is_empty() {
         return Err(Error::Container(format!(
             "zip: refused by the strict reader ({} problem{}): {}",
-            archive.problems.len(),
-            if archive.problems.len() == 1 { "" } else { "s" },
-            shown.join("; ")
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
+            problems[..problems.len().min(5)].join("; ")
         )));
     }
     let names: Vec<&str> = archive.entries.iter().map(|e| e.name.as_str()).collect();

@@ -272,6 +272,21 @@ impl Walker<'_> {
         Ok(())
     }
 
+    /// `parent.part`, counted against `limits.max_path_bytes` before it is
+    /// made: each path holds its parent's, so long keys nested deep (or a
+    /// long key over many entries) would take memory quadratic in the input.
+    fn child_path(&mut self, parent: &str, part: &str) -> Result<String> {
+        self.path_bytes = self.path_bytes.saturating_add((parent.len() + 1 + part.len()) as u64);
+        if self.path_bytes > self.limits.max_path_bytes {
+            return Err(Error::Limit(format!(
+                "the paths of the values take more than {} bytes (long keys nested deep), at `{}`",
+                self.limits.max_path_bytes,
+                start_of(parent)
+            )));
+        }
+        Ok(join(parent, part))
+    }
+
     /// Walks `v`, naming tensors `prefix.<…>`; `path` is for messages.
     fn walk(&mut self, v: &Value, prefix: &str, _path: &str) -> Result<()> {
         let mut todo: Vec<(Value, String, usize)> = vec![(v.clone(), prefix.to_owned(), 0)];
@@ -303,13 +318,13 @@ impl Walker<'_> {
                 Object::Dict(d) => {
                     for (k, v) in &d.entries {
                         let part = key_name(self.heap, k).map_err(|reason| Error::Structure(format!("at `{name}`: {reason}")))?;
-                        children.push((v.clone(), join(&name, &part)));
+                        children.push((v.clone(), self.child_path(&name, &part)?));
                     }
                 }
                 Object::List(items) | Object::Tuple(items) => {
                     if self.holders.contains(&id) {
                         for (i, item) in items.iter().enumerate() {
-                            children.push((item.clone(), join(&name, &i.to_string())));
+                            children.push((item.clone(), self.child_path(&name, &i.to_string())?));
                         }
                     } else {
                         self.out.non_tensors.push((name, v));
@@ -323,20 +338,14 @@ impl Walker<'_> {
                     }
                 }
                 Object::Opaque(o) => match module_state(self.heap, o) {
-                    Some(fields) => children.extend(fields.into_iter().map(|(v, part)| (v, join(&name, &part)))),
+                    Some(fields) => {
+                        for (v, part) in fields {
+                            children.push((v, self.child_path(&name, &part)?));
+                        }
+                    }
                     None => self.out.non_tensors.push((name, v)),
                 },
                 _ => self.out.non_tensors.push((name, v)),
-            }
-            // Each path holds its parent's: long keys nested deep would
-            // otherwise take memory quadratic in the input.
-            self.path_bytes = children.iter().fold(self.path_bytes, |sum, (_, n)| sum.saturating_add(n.len() as u64));
-            if self.path_bytes > self.limits.max_path_bytes {
-                let at = children.first().map_or_else(String::new, |(_, path)| start_of(path));
-                return Err(Error::Limit(format!(
-                    "the paths of the values take more than {} bytes (long keys nested deep), at `{at}`",
-                    self.limits.max_path_bytes
-                )));
             }
             // Reverse so that children are visited in order.
             for (v, n) in children.into_iter().rev() {
@@ -418,7 +427,7 @@ fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde
         Value::Float(f) if f.is_finite() => json!(f),
         Value::Float(f) => json!(f.to_string()),
         Value::Str(s) => json!(within(s, budget)),
-        Value::Bytes(_) => json!(heap.summary(v, 1000)),
+        Value::Bytes(_) => json!(within(&heap.summary(v, 1000), budget)),
         Value::Obj(id) => match heap.get(*id) {
             Object::Tuple(items) | Object::List(items) => {
                 serde_json::Value::Array(items.iter().map(|i| json_inner(heap, i, depth + 1, budget)).collect())
@@ -428,7 +437,10 @@ fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde
                 d.entries
                     .iter()
                     .map(|(k, v)| {
-                        let key = k.as_str().map_or_else(|| heap.summary(k, 100), |k| within(k, budget));
+                        let key = match k.as_str() {
+                            Some(k) => within(k, budget),
+                            None => within(&heap.summary(k, 100), budget),
+                        };
                         (key, json_inner(heap, v, depth + 1, budget))
                     })
                     .collect(),
@@ -437,13 +449,13 @@ fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde
             Object::Opaque(o) => {
                 let class = heap.global(&o.callable).map(|g| g.qualified()).unwrap_or_else(|| "?".into());
                 let mut m = serde_json::Map::new();
-                m.insert("__class__".into(), json!(class));
+                m.insert("__class__".into(), json!(within(&class, budget)));
                 if let Some(state) = o.states.last() {
                     m.insert("__state__".into(), json_inner(heap, state, depth + 1, budget));
                 }
                 serde_json::Value::Object(m)
             }
-            _ => json!(heap.summary(v, 200)),
+            _ => json!(within(&heap.summary(v, 200), budget)),
         },
     }
 }

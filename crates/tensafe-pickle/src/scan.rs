@@ -181,7 +181,7 @@ pub fn scan_file(path: &Path, options: &ScanOptions) -> ScanReport {
 /// Scans bytes (`name` is used in the report).
 pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport {
     let mut r = ScanReport::new(name);
-    let mut s = Scanner { options, heap: Heap::default() };
+    let mut s = Scanner { options, heap: Heap::default(), pickles_left: MAX_PICKLES_PER_FILE };
     match container::detect(bytes) {
         Kind::Zip => s.zip(bytes, &mut r, true),
         Kind::Tar => {
@@ -189,7 +189,7 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
             // When any step of its tar path fails (a later header, a short or
             // missing member), torch unpickles the file from its first byte.
             // A real tar file is no pickle there (its first byte is a member name's).
-            s.as_pickle_too(bytes, name, "a tar archive", "what torch.load runs when the tar path fails", &mut r);
+            s.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a tar archive", "what torch.load runs when the tar path fails", &mut r);
         }
         Kind::Npy => {
             r.container = "npy".into();
@@ -212,7 +212,7 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
             ));
             // torch.load and pickle.load read it from its first byte: a file
             // whose magic is also a pickle opcode (bzip2's `B`) can be both.
-            s.as_pickle_too(bytes, name, &format!("{w}-compressed"), "what torch.load and pickle.load run", &mut r);
+            s.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, &format!("{w}-compressed"), "what torch.load and pickle.load run", &mut r);
         }
         Kind::Stream => {
             if bytes.is_empty() {
@@ -313,6 +313,8 @@ impl<'n> Run<'n> {
 struct Scanner<'o> {
     options: &'o ScanOptions,
     heap: Heap,
+    /// Pickles this file may still have scanned ([`MAX_PICKLES_PER_FILE`]).
+    pickles_left: usize,
 }
 
 impl<'o> Scanner<'o> {
@@ -324,6 +326,15 @@ impl<'o> Scanner<'o> {
     /// Runs one pickle in scan mode and records it.
     fn pickle(&mut self, run: Run<'_>, data: &[u8], r: &mut ScanReport) -> (Option<Value>, usize, StorageTable) {
         let mut storages = StorageTable::default();
+        if self.pickles_left == 0 {
+            // Each adds a report: five million `N.` pairs took gigabytes.
+            // Taken as the whole input, so that a stream stops here.
+            if r.error.is_none() {
+                r.fail(format!("more than {MAX_PICKLES_PER_FILE} pickles in the file; `{}` and those after it were not scanned", run.name));
+            }
+            return (None, data.len(), storages);
+        }
+        self.pickles_left -= 1;
         let opts = self.vm_options(run.pids, run.data_only);
         let (outcome, mut report) = Vm::new(run.name, data, &mut self.heap, &mut storages, opts).run();
         report.name = run.name.to_owned();
@@ -342,11 +353,6 @@ impl<'o> Scanner<'o> {
         let mut little = true;
         let labels = ["magic number", "protocol", "sys_info", "object", "storage keys"];
         while pos < bytes.len() {
-            if index == MAX_PICKLES_IN_A_ROW {
-                // Each would add a report: five million `N.` pairs took gigabytes.
-                r.fail(format!("more than {MAX_PICKLES_IN_A_ROW} pickles one after another; those from offset {pos} on were not scanned"));
-                return;
-            }
             if index == 5 && legacy_ok {
                 // The legacy raw storage section follows the key list.
                 match raw_section(bytes, pos, &keys, &declared, little) {
@@ -476,11 +482,11 @@ impl<'o> Scanner<'o> {
     /// Scans a file of another kind (`kind`) from its first byte as a pickle
     /// too: one that imports or calls is a polyglot, its findings reported
     /// (`runs`: who would run it). A file that is no pickle adds nothing.
-    fn as_pickle_too(&mut self, bytes: &[u8], name: &str, kind: &str, runs: &str, r: &mut ScanReport) {
+    fn as_pickle_too(&mut self, bytes: &[u8], name: &str, label: &str, kind: &str, runs: &str, r: &mut ScanReport) {
         let mut from_start = ScanReport::new(name);
-        self.stream(bytes, "the file read as a pickle from its first byte", &mut from_start);
+        self.stream(bytes, label, &mut from_start);
         if from_start.pickles.iter().any(|p| !p.report.imports.is_empty() || !p.report.calls.is_empty()) {
-            r.finding(Severity::Dangerous, "polyglot", format!("the file is {kind} and, from its first byte, a pickle that imports or calls ({runs})"));
+            r.finding(Severity::Dangerous, "polyglot", format!("{label}: {kind}, and a pickle that imports or calls ({runs})"));
             for p in &mut from_start.pickles {
                 p.torch_would_run = true;
             }
@@ -511,6 +517,11 @@ impl<'o> Scanner<'o> {
         let pkl_name = format!("{prefix}/data.pkl");
         let is_torch = foreign.is_none() && names.iter().any(|n| n.eq_ignore_ascii_case(&pkl_name));
         let is_npz = !names.is_empty() && names.iter().all(|n| has_extension(n, ".npy"));
+        if is_torch {
+            for c in &archive.case_collisions {
+                r.finding(Severity::Dangerous, "zip", c.clone());
+            }
+        }
         r.container = match (foreign, is_torch, is_npz) {
             (Some(kind), _, _) => {
                 r.finding(Severity::Dangerous, "code", format!("{kind}; code files: {}", code_files(&names)));
@@ -546,7 +557,7 @@ impl<'o> Scanner<'o> {
         let mut parse_left = (bytes.len() as u64).saturating_mul(ZIP_PARSE_FACTOR).saturating_add(1 << 20);
         for i in order {
             let e = &archive.entries[i];
-            if !parsed_at.insert(e.data_offset) {
+            if !parsed_at.insert((e.data_offset, e.method, e.compressed_size)) {
                 continue;
             }
             let data = match archive.data(bytes, e, &mut budget) {
@@ -564,7 +575,8 @@ impl<'o> Scanner<'o> {
                 // Declared raw storage: checked (size, CRC, inflation), not parsed.
                 continue;
             }
-            match parse_left.checked_sub(data.len() as u64) {
+            // The stored bytes: inflation has its own budget.
+            match parse_left.checked_sub(e.compressed_size) {
                 Some(left) => parse_left = left,
                 None => {
                     r.fail(format!(
@@ -574,7 +586,8 @@ impl<'o> Scanner<'o> {
                     break;
                 }
             }
-            if has_extension(&e.name, ".npy") {
+            // numpy's npz reader goes by the magic, not the name.
+            if data.starts_with(b"\x93NUMPY") {
                 self.npy(&data, &e.name, r);
                 continue;
             }
@@ -721,39 +734,76 @@ impl<'o> Scanner<'o> {
             r.fail(format!("{name}: malformed .npy header"));
             return;
         };
-        if npy_has_objects(&header) {
-            r.finding(Severity::Suspicious, "npy", format!("{name}: object-dtype array; its payload is a pickle"));
-            let mut tr = ScanReport::new(name);
-            self.stream(&bytes[data_start..], &format!("{name} payload"), &mut tr);
-            for p in &mut tr.pickles {
-                p.torch_would_run = true;
+        let payload = &bytes[data_start..];
+        match npy_descr(&header) {
+            // Raw elements: np.load unpickles nothing.
+            Some(descr) if is_plain_npy_type(descr) => {}
+            Some(descr) if is_object_npy_type(descr) => {
+                r.finding(Severity::Suspicious, "npy", format!("{name}: object-dtype array; its payload is a pickle"));
+                let mut tr = ScanReport::new(name);
+                self.stream(payload, &format!("{name} payload"), &mut tr);
+                for p in &mut tr.pickles {
+                    p.torch_would_run = true;
+                }
+                r.pickles.extend(tr.pickles);
+                if let Some(e) = tr.error {
+                    r.fail(e);
+                }
             }
-            r.pickles.extend(tr.pickles);
-            if let Some(e) = tr.error {
-                r.fail(e);
-            }
+            // A dtype not read for sure here (structured, or another spelling
+            // of one): numpy unpickles the payload when it holds objects.
+            _ => self.as_pickle_too(
+                payload,
+                name,
+                &format!("{name}'s payload read as a pickle"),
+                "a .npy array whose dtype this does not read for sure",
+                "what np.load(allow_pickle=True) runs when the dtype holds objects",
+                r,
+            ),
         }
     }
 }
 
-/// Whether a `.npy` header declares Python objects anywhere in its dtype
-/// (`'|O'`, `'O'`, `'<O8'`, or a field of a structured dtype), which makes
-/// `np.load(allow_pickle=True)` unpickle the data. Every quoted string of the
-/// header is taken as a possible type string: a field named `O` counts too,
-/// which errs toward scanning.
-fn npy_has_objects(header: &str) -> bool {
-    let mut rest = header;
-    while let Some(open) = rest.find(['\'', '"']) {
-        let quote = rest[open..].chars().next().expect("found");
-        let after = &rest[open + 1..];
-        let Some(close) = after.find(quote) else { return false };
-        let text = after[..close].trim_start_matches(['<', '>', '|', '=']);
-        if text.strip_prefix('O').is_some_and(|size| size.bytes().all(|b| b.is_ascii_digit())) {
-            return true;
-        }
-        rest = &after[close + 1..];
+/// The `descr` of a `.npy` header when it is one plainly quoted type string
+/// (`{'descr': '<f4', …}`); `None` for anything else (a list of fields,
+/// escapes, a key given twice, adjacent literals), which the caller must
+/// not take for plain data.
+fn npy_descr(header: &str) -> Option<&str> {
+    if header.contains('\\') || header.matches("descr").count() != 1 {
+        return None;
     }
-    false
+    let at = header.find("descr")?;
+    let after_key = header[at + 5..].strip_prefix(['\'', '"'])?.trim_start().strip_prefix(':')?.trim_start();
+    let quote = after_key.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let value = &after_key[1..];
+    let end = value.find(quote)?;
+    value[end + 1..].trim_start().starts_with([',', '}']).then(|| &value[..end])
+}
+
+/// A numpy type string of raw elements: bool, ints, floats, complex,
+/// bytes, unicode, void, datetimes (as `dtype.str` writes them).
+fn is_plain_npy_type(descr: &str) -> bool {
+    let t = descr.strip_prefix(['<', '>', '|', '=']).unwrap_or(descr);
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some(rest) = t.get(1..) else { return false };
+    match t.as_bytes().first() {
+        Some(b'?') => rest.is_empty(),
+        Some(b'b') => rest == "1",
+        Some(b'i' | b'u') => matches!(rest, "1" | "2" | "4" | "8"),
+        Some(b'f') => matches!(rest, "2" | "4" | "8" | "16"),
+        Some(b'c') => matches!(rest, "8" | "16" | "32"),
+        Some(b'S' | b'U' | b'V') => digits(rest),
+        Some(b'M' | b'm') => rest.strip_prefix('8').is_some_and(|unit| {
+            unit.is_empty() || unit.strip_prefix('[').and_then(|u| u.strip_suffix(']')).is_some_and(|u| !u.is_empty() && u.bytes().all(|b| b.is_ascii_alphanumeric()))
+        }),
+        _ => false,
+    }
+}
+
+/// A numpy type string of Python objects (`'|O'`, `'O'`, `'<O8'`).
+fn is_object_npy_type(descr: &str) -> bool {
+    let t = descr.strip_prefix(['<', '>', '|', '=']).unwrap_or(descr);
+    t.strip_prefix('O').is_some_and(|size| size.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The `.npy` header text and where the data start.
@@ -777,9 +827,13 @@ fn code_files(names: &[&str]) -> String {
     format!("{}{}", shown.join(", "), if code.len() > 10 { ", …" } else { "" })
 }
 
-/// Pickles scanned one after another in a stream (pickle.load runs the
-/// first, torch's legacy format five).
-const MAX_PICKLES_IN_A_ROW: usize = 1000;
+/// The label of a file of another kind read as a pickle.
+const FROM_THE_FIRST_BYTE: &str = "the file read as a pickle from its first byte";
+
+/// Pickles scanned in one file, wherever they are (streams, zip members,
+/// tar members, npy payloads): pickle.load runs one, torch's legacy format
+/// five, a torch zip one.
+const MAX_PICKLES_PER_FILE: usize = 10_000;
 
 /// How many times a zip's bytes its entries may hold, all parsed together.
 const ZIP_PARSE_FACTOR: u64 = 4;

@@ -168,8 +168,8 @@ impl Vm<'_, '_> {
                     };
                     self.charge(pairs.len() as u64 + 1).map_err(|e| e.to_string())?;
                     for (k, v) in pairs {
-                        let (_, cost) = self.heap.dict_set(id, k, v)?;
-                        self.charge(cost).map_err(|e| e.to_string())?;
+                        self.charge_key(&k).map_err(|e| e.to_string())?;
+                        self.heap.dict_set(id, k, v)?;
                     }
                 }
                 Ok(Value::Obj(id))
@@ -185,8 +185,8 @@ impl Vm<'_, '_> {
                     };
                     self.charge(items.len() as u64 + 1).map_err(|e| e.to_string())?;
                     for item in items {
-                        let (_, cost) = self.heap.set_add(id, item)?;
-                        self.charge(cost).map_err(|e| e.to_string())?;
+                        self.charge_key(&item).map_err(|e| e.to_string())?;
+                        self.heap.set_add(id, item)?;
                     }
                 }
                 Ok(Value::Obj(id))

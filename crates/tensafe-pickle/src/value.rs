@@ -365,7 +365,10 @@ impl Heap {
                 Object::Tuple(items) => {
                     Key::Tuple(items.iter().map(|i| self.key_inner(i, depth + 1, budget, cost)).collect::<Result<_, _>>()?)
                 }
-                Object::Global(g) => Key::Global(g.module.clone(), g.name.clone()),
+                Object::Global(g) => {
+                    *cost = cost.saturating_add((g.module.len() + g.name.len()) as u64);
+                    Key::Global(g.module.clone(), g.name.clone())
+                }
                 Object::List(_) | Object::Dict(_) => return Err(format!("unhashable type: '{}'", self.get(*id).type_name())),
                 Object::Set(s) if !s.frozen => return Err("unhashable type: 'set'".into()),
                 _ => Key::Id(*id),
@@ -374,30 +377,29 @@ impl Heap {
     }
 
     /// Inserts or overwrites `dict[key] = value`; returns whether the key was
-    /// already there, and the work hashing the key cost ([`Heap::costed_key`]).
-    pub fn dict_set(&mut self, dict: ObjId, key: Value, value: Value) -> Result<(bool, u64), String> {
-        let (k, cost) = self.costed_key(&key)?;
+    /// already there. The VM charges the key's hashing first ([`Heap::costed_key`]).
+    pub fn dict_set(&mut self, dict: ObjId, key: Value, value: Value) -> Result<bool, String> {
+        let (k, _) = self.costed_key(&key)?;
         let Object::Dict(d) = self.get_mut(dict) else { return Err("not a dict".into()) };
         if let Some(&i) = d.index.get(&k) {
             d.entries[i].1 = value;
-            Ok((true, cost))
+            Ok(true)
         } else {
             d.index.insert(k, d.entries.len());
             d.entries.push((key, value));
-            Ok((false, cost))
+            Ok(false)
         }
     }
 
-    /// Adds to a set; returns whether the item was already there, and the
-    /// work hashing it cost.
-    pub fn set_add(&mut self, set: ObjId, item: Value) -> Result<(bool, u64), String> {
-        let (k, cost) = self.costed_key(&item)?;
+    /// Adds to a set; returns whether the item was already there.
+    pub fn set_add(&mut self, set: ObjId, item: Value) -> Result<bool, String> {
+        let (k, _) = self.costed_key(&item)?;
         let Object::Set(s) = self.get_mut(set) else { return Err("not a set".into()) };
         if s.index.insert(k, ()).is_some() {
-            Ok((true, cost))
+            Ok(true)
         } else {
             s.items.push(item);
-            Ok((false, cost))
+            Ok(false)
         }
     }
 
@@ -501,7 +503,7 @@ impl Heap {
                         }
                         out.push('}');
                     }
-                    Object::Global(g) => out.push_str(&g.qualified()),
+                    Object::Global(g) => out.extend(g.qualified().chars().take(limit)),
                     Object::Storage(s) => {
                         let _ = write!(out, "<storage {} ({} elements)>", s.key, s.numel);
                     }
@@ -556,9 +558,9 @@ mod tests {
     fn keys_compare_like_python() {
         let mut heap = Heap::default();
         let d = heap.new_dict(DictKind::Dict, 0);
-        assert!(!heap.dict_set(d, Value::Int(1), Value::None).unwrap().0);
-        assert!(heap.dict_set(d, Value::Bool(true), Value::Int(5)).unwrap().0);
-        assert!(heap.dict_set(d, Value::Float(1.0), Value::Int(6)).unwrap().0);
+        assert!(!heap.dict_set(d, Value::Int(1), Value::None).unwrap());
+        assert!(heap.dict_set(d, Value::Bool(true), Value::Int(5)).unwrap());
+        assert!(heap.dict_set(d, Value::Float(1.0), Value::Int(6)).unwrap());
         let Object::Dict(dict) = heap.get(d) else { panic!() };
         assert_eq!(dict.entries.len(), 1);
         assert!(matches!(dict.entries[0], (Value::Int(1), Value::Int(6))));

@@ -335,6 +335,14 @@ impl<'a, 'h> Vm<'a, 'h> {
         Ok(())
     }
 
+    /// Charges the work of hashing and comparing `key` ([`Heap::costed_key`])
+    /// before a dict or set hashes it: one key can be 256 strs of 64 MB.
+    /// An unhashable key costs nothing here; the insertion reports it.
+    pub(crate) fn charge_key(&mut self, key: &Value) -> Result<()> {
+        let cost = self.heap.costed_key(key).map_or(0, |(_, cost)| cost);
+        self.charge(cost)
+    }
+
     /// Spends work units for operations that touch existing data (copies of
     /// containers), so that total time stays linear in the input size.
     pub(crate) fn charge(&mut self, units: u64) -> Result<()> {
@@ -685,8 +693,8 @@ impl<'a, 'h> Vm<'a, 'h> {
                     let items = self.pop_mark()?;
                     let id = self.heap.new_set(true, self.op_offset);
                     for item in items {
-                        let (_, cost) = self.heap.set_add(id, item).map_err(|e| self.err(e))?;
-                        self.charge(cost)?;
+                        self.charge_key(&item)?;
+                        self.heap.set_add(id, item).map_err(|e| self.err(e))?;
                     }
                     self.push(Value::Obj(id))?;
                 }
@@ -1184,8 +1192,8 @@ impl<'a, 'h> Vm<'a, 'h> {
             Object::Dict(_) => {
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    let (repeated, cost) = self.heap.dict_set(id, k.clone(), v).map_err(|e| self.err(e))?;
-                    self.charge(cost)?;
+                    self.charge_key(&k)?;
+                    let repeated = self.heap.dict_set(id, k.clone(), v).map_err(|e| self.err(e))?;
                     if repeated {
                         let key = self.heap.summary(&k, 60);
                         self.anomaly(Severity::Safe, "repeated-key", format!("key {key} set twice"));
@@ -1231,8 +1239,8 @@ impl<'a, 'h> Vm<'a, 'h> {
         match self.heap.get(id) {
             Object::Set(s) if !s.frozen => {
                 for item in items {
-                    let (_, cost) = self.heap.set_add(id, item).map_err(|e| self.err(e))?;
-                    self.charge(cost)?;
+                    self.charge_key(&item)?;
+                    self.heap.set_add(id, item).map_err(|e| self.err(e))?;
                 }
                 Ok(())
             }

@@ -12,7 +12,7 @@
 //! converter can refuse and the scanner can report them.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::limits::Limits;
 
@@ -51,6 +51,9 @@ pub struct Archive {
     pub entries: Vec<Entry>,
     /// Strictness violations (empty for a clean torch archive).
     pub problems: Vec<String>,
+    /// Names that differ only in ASCII case: a problem in a torch archive,
+    /// whose reader looks records up ignoring case ([`Archive::get`]).
+    pub case_collisions: Vec<String>,
     /// Name in lower case → index of its last entry.
     by_name: HashMap<String, usize>,
 }
@@ -247,17 +250,22 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     }
 
     // torch looks records up ignoring ASCII case: names that differ only in
-    // case are duplicates to it.
-    let mut by_name = HashMap::with_capacity(entries.len());
+    // case are duplicates to it (and only to it: numpy's npz reader tells
+    // `a.npy` from `A.npy`).
+    let mut exact = HashSet::with_capacity(entries.len());
+    let mut by_name: HashMap<String, usize> = HashMap::with_capacity(entries.len());
+    let mut case_collisions = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        if let Some(first) = by_name.insert(e.name.to_ascii_lowercase(), i) {
-            let first = &entries[first].name;
-            problems.push(if *first == e.name {
-                format!("duplicate entry name `{}`", e.name)
-            } else {
-                format!("entries `{first}` and `{}` differ only in case (torch's zip reader does not tell them apart)", e.name)
-            });
+        let lower = e.name.to_ascii_lowercase();
+        if !exact.insert(e.name.as_str()) {
+            problems.push(format!("duplicate entry name `{}`", e.name));
+        } else if let Some(&other) = by_name.get(&lower) {
+            case_collisions.push(format!(
+                "entries `{}` and `{}` differ only in case (torch's zip reader does not tell them apart)",
+                entries[other].name, e.name
+            ));
         }
+        by_name.insert(lower, i);
     }
     // Entries, in file order, must tile [0, cd_offset): header, data, optional descriptor.
     let mut order: Vec<&Entry> = entries.iter().collect();
@@ -277,7 +285,7 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     } else if cursor > cd_offset {
         problems.push("the last entry overlaps the central directory".to_string());
     }
-    Ok(Archive { entries, problems, by_name })
+    Ok(Archive { entries, problems, case_collisions, by_name })
 }
 
 /// Length of the data descriptor after an entry (0 without flag 0x0008).

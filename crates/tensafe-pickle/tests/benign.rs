@@ -193,11 +193,27 @@ fn numpy_files_are_scanned_by_content() {
     let fields = npy("[('x', '<f4'), ('y', '<i8', (2,))]", &[0; 20]);
     assert_eq!(scan_bytes(&fields, "f.npy", &ScanOptions::default()).verdict, Verdict::Safe);
     let evil = Asm::new().proto(2).global("posix", "system").str("id").tuple1().reduce().stop().finish();
-    // Every spelling numpy reads as an object dtype, a field of one included.
-    for descr in ["'|O'", "\"|O\"", "'O'", "'<O8'", "'|O8'", "[('f', 'O')]", "[('x', '<f4'), ('f', '>O', (2,))]"] {
+    // Every spelling numpy reads as an object dtype, a field of one
+    // included: anything but a plain type string has its payload scanned.
+    let spellings = ["'|O'", "\"|O\"", "'O'", "'<O8'", "'|O8'", "'object'", "'i4,O'", "'(2,)O'", "'\\x4f'", "'ob' 'ject'"];
+    let fields = ["[('f', 'O')]", "[('x', '<f4'), ('f', '>O', (2,))]", "[('\\'', 'O')]"];
+    for descr in spellings.iter().chain(&fields) {
         let r = scan_bytes(&npy(descr, &evil), "b.npy", &ScanOptions::default());
         assert_eq!(r.verdict, Verdict::Dangerous, "{descr}");
     }
+    // numpy's npz reader goes by the magic: an object array under another name.
+    let hidden = Zip::new(vec![Entry::new("a.npy", &plain), Entry::new("x.bin", &npy("'|O'", &evil))]).build();
+    assert_eq!(scan_bytes(&hidden, "x.npz", &ScanOptions::default()).verdict, Verdict::Dangerous);
+    // Names that differ only in case are distinct arrays to numpy (no
+    // problem outside torch archives), and a compressed npz whose arrays
+    // inflate far past the file's size is scanned whole.
+    let both = Zip::new(vec![Entry::new("a.npy", &plain), Entry::new("A.npy", &plain)]).build();
+    assert_eq!(scan_bytes(&both, "x.npz", &ScanOptions::default()).verdict, Verdict::Safe);
+    let zeros = npy("'<f4'", &vec![0; 8 << 20]);
+    let compressed = Zip::new(vec![Entry { method: 8, ..Entry::new("z.npy", &zeros) }, Entry::new("a.npy", &plain)]).build();
+    assert!(compressed.len() < 1 << 20);
+    let r = scan_bytes(&compressed, "x.npz", &ScanOptions::default());
+    assert_eq!((r.verdict, r.error.clone()), (Verdict::Safe, None));
     let object = npy("'|O'", &evil);
     // The same inside an .npz (a zip of .npy members), in any case.
     for member in ["b.npy", "B.NPY"] {

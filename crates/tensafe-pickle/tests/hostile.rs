@@ -1188,17 +1188,20 @@ fn long_keys_nested_deep_stop_at_the_path_limit() {
     assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
 }
 
-// Millions of tiny pickles one after another: each would add a report (5
-// million took gigabytes); the scan stops after a thousand and says so.
+// Millions of tiny pickles: each would add a report (5 million took
+// gigabytes); the scan stops after 10,000 in a file, wherever they are (one
+// stream, or the members of a zip), and says so.
 #[test]
-fn a_stream_of_a_million_pickles_is_cut_short() {
-    let bytes = b"N.".repeat(1_000_000);
-    let start = Instant::now();
-    let r = scan(&bytes);
-    assert_eq!(r.verdict, Verdict::Suspicious, "trailing pickles are suspicious");
-    assert_eq!(r.pickles.len(), 1000);
-    assert!(r.error.as_deref().is_some_and(|e| e.contains("more than 1000 pickles one after another")), "{:?}", r.error);
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+fn a_file_of_a_million_pickles_is_cut_short() {
+    let members: Vec<Entry> = (0..20).map(|i| Entry::new(&format!("m{i}.pkl"), &b"N.".repeat(600))).collect();
+    for bytes in [b"N.".repeat(1_000_000), Zip::new(members).build()] {
+        let start = Instant::now();
+        let r = scan(&bytes);
+        assert_eq!(r.verdict, Verdict::Suspicious, "trailing pickles are suspicious");
+        assert_eq!(r.pickles.len(), 10_000);
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("more than 10000 pickles in the file")), "{:?}", r.error);
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    }
 }
 
 // A pickle can make an object per byte (TUPLE1 on the last one: 170 bytes
@@ -1246,4 +1249,20 @@ fn a_stopped_scan_says_where_and_why() {
     let error = scan(&bytes).error.expect("an error");
     assert!(error.contains("offset 4 (BINUNICODE): str declares 4294967295 bytes"), "{error}");
     assert!(error.ends_with("the bytes after it were not scanned"), "{error}");
+}
+
+// One long key over many entries: every entry's path holds it, so the paths
+// are counted before each is made (2000 copies of a 1 MB key: 2 GB).
+#[test]
+fn a_long_key_over_many_entries_stops_at_the_path_limit() {
+    let mut asm = Asm::new().proto(2).empty_dict().str(&"k".repeat(1 << 20)).empty_dict().mark();
+    for i in 0..2000 {
+        asm = asm.int(i).none();
+    }
+    let pkl = asm.setitems().setitem().stop().finish();
+    let flatten = ConvertOptions { extract: ExtractOptions { flatten: true, ..Default::default() }, ..Default::default() };
+    let start = Instant::now();
+    let msg = refused_with(&torch_zip(&pkl, &[]), &flatten);
+    assert!(msg.contains("paths of the values take more than"), "{msg}");
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
 }
