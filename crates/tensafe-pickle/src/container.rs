@@ -369,7 +369,9 @@ fn load_legacy<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<
         pos = start + end;
         Ok((v, start as u64))
     };
-    let (magic, at) = next("legacy pickle 1 (magic number)", data_only(false), &mut heap, &mut storages)?;
+    // The name says both what torch's legacy format keeps there and what a
+    // plain pickle (torch.load's other input) keeps there: its object.
+    let (magic, at) = next("legacy pickle 1 (magic number; in a plain pickle, its object)", data_only(false), &mut heap, &mut storages)?;
     if !matches!(&magic, Value::BigInt(b) if **b == LEGACY_MAGIC) {
         return Err(Error::Container(format!(
             "not a torch checkpoint: not a zip, and the first pickle (offset {at}) is {} rather than torch's magic number (a plain pickle?)",

@@ -1266,3 +1266,12 @@ fn a_long_key_over_many_entries_stops_at_the_path_limit() {
     assert!(msg.contains("paths of the values take more than"), "{msg}");
     assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
 }
+
+// A plain pickle (not a torch checkpoint) that imports: the refusal says
+// the pickle may be a plain one, not only torch's magic-number pickle.
+#[test]
+fn a_plain_pickle_refusal_names_it_as_possibly_plain() {
+    let c = Canary::new();
+    let msg = refused(&Asm::new().proto(2).system_call(&c.marker()).stop().finish());
+    assert!(msg.contains("in a plain pickle, its object") && msg.contains("posix.system"), "{msg}");
+}
