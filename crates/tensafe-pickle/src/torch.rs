@@ -60,7 +60,7 @@ impl Vm<'_, '_> {
 
     fn tensor_arg(&self, v: &Value, what: &str) -> std::result::Result<Tensor, String> {
         match self.heap.object(v) {
-            Some(Object::Tensor(t)) => Ok(t.clone()),
+            Some(Object::Tensor(t)) => Ok((**t).clone()),
             _ => Err(format!("{what} must be a tensor, got {}", self.heap.type_name(v))),
         }
     }
@@ -338,11 +338,11 @@ impl Vm<'_, '_> {
             Rebuild::FromNumpy => return Err("tensors rebuilt from numpy arrays need numpy globals and are not supported".into()),
             Rebuild::Nested => return Err("nested tensors are not supported".into()),
         };
-        Ok(self.alloc(Object::Tensor(tensor)))
+        Ok(self.alloc(Object::Tensor(Box::new(tensor))))
     }
 
     fn unconvertible(&mut self, kind: &'static str, detail: &str) -> Value {
-        self.alloc(Object::Unconvertible(Unconvertible { kind, detail: detail.to_owned() }))
+        self.alloc(Object::Unconvertible(Box::new(Unconvertible { kind, detail: detail.to_owned() })))
     }
 
     fn check_qtensor(&self, a: &[Value]) -> std::result::Result<(), String> {
@@ -384,7 +384,7 @@ impl Vm<'_, '_> {
                 if let Some(Value::Bool(rg)) = a.get(1) {
                     t.requires_grad = *rg;
                 }
-                Ok(self.alloc(Object::Tensor(t)))
+                Ok(self.alloc(Object::Tensor(Box::new(t))))
             }
             Known::OrderedDict | Known::Counter | Known::Set | Known::FrozenSet if a.is_empty() => {
                 let empty = self.alloc(Object::Tuple(vec![]));
@@ -417,14 +417,14 @@ impl Vm<'_, '_> {
                     self.storages.order.push(storage.key.clone());
                     self.storages.by_key.insert(storage.key.clone(), storage.clone());
                 }
-                Ok(self.alloc(Object::Storage(storage)))
+                Ok(self.alloc(Object::Storage(Box::new(storage))))
             }
             Err(reason) => {
                 let severity = if self.opts.pids == PidSchema::None { Severity::Suspicious } else { Severity::Dangerous };
                 self.flag(severity, "persistent-id", reason)?;
-                let callee = self.alloc(Object::Global(crate::value::Global { module: "<persistent_load>".into(), name: "BINPERSID".into(), known: None }));
+                let callee = self.alloc(Object::Global(Box::new(crate::value::Global { module: "<persistent_load>".into(), name: "BINPERSID".into(), known: None })));
                 let id = self.heap.alloc(
-                    Object::Opaque(crate::value::Opaque { callable: callee, args: pid, how: "BINPERSID", states: vec![], items: vec![] }),
+                    Object::Opaque(Box::new(crate::value::Opaque { callable: callee, args: pid, how: "BINPERSID", states: vec![], items: vec![] })),
                     self.op_offset,
                 );
                 Ok(Value::Obj(id))

@@ -912,7 +912,7 @@ impl<'a, 'h> Vm<'a, 'h> {
     // ---- globals and calls --------------------------------------------------
 
     fn unknown_global(&mut self, module: &str, name: &str) -> Value {
-        self.alloc(Object::Global(crate::value::Global { module: module.into(), name: name.into(), known: None }))
+        self.alloc(Object::Global(Box::new(crate::value::Global { module: module.into(), name: name.into(), known: None })))
     }
 
     /// Whether the caller's patterns (`--allow-class`) allow `module.name`.
@@ -978,7 +978,7 @@ impl<'a, 'h> Vm<'a, 'h> {
             }
         }
         let known = if self.opts.data_only { None } else { known };
-        Ok(self.alloc(Object::Global(crate::value::Global { module: module.into(), name: name.into(), known })))
+        Ok(self.alloc(Object::Global(Box::new(crate::value::Global { module: module.into(), name: name.into(), known }))))
     }
 
     /// The model of calling something not allowlisted: an opaque object.
@@ -989,7 +989,7 @@ impl<'a, 'h> Vm<'a, 'h> {
             None => Severity::Dangerous,
         };
         let id = self.heap.alloc(
-            Object::Opaque(Opaque { callable: callee.clone(), args: args.clone(), how, states: vec![], items: vec![] }),
+            Object::Opaque(Box::new(Opaque { callable: callee.clone(), args: args.clone(), how, states: vec![], items: vec![] })),
             self.op_offset,
         );
         self.record_call(&callee, &args, severity, Some(id))?;
