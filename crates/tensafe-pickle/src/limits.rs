@@ -14,8 +14,9 @@ pub struct Limits {
     pub max_memo: usize,
     /// Objects (tuples, lists, dicts, tensors, …) all the pickles of one
     /// file make: about 90 bytes each (a 5 MB pickle of nested TUPLE1s took
-    /// 429 MB), and a pickle can make one per input byte. torch writes about 8 per tensor (the opcodes of a
-    /// `torch.save`d state dict of 1000 tensors, counted with pickletools).
+    /// 429 MB), and a pickle can make one per input byte. torch writes about
+    /// 8 per tensor (the opcodes of a `torch.save`d state dict of 1000
+    /// tensors, counted with pickletools).
     pub max_objects: usize,
     /// One str or bytes argument (it must also fit in the remaining input).
     pub max_string: u64,

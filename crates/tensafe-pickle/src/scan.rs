@@ -483,16 +483,24 @@ impl<'o> Scanner<'o> {
     /// too: one that imports or calls is a polyglot, its findings reported
     /// (`runs`: who would run it). A file that is no pickle adds nothing.
     fn as_pickle_too(&mut self, bytes: &[u8], name: &str, label: &str, kind: &str, runs: &str, r: &mut ScanReport) {
-        let mut from_start = ScanReport::new(name);
-        self.stream(bytes, label, &mut from_start);
+        let from_start = self.loaded_stream(bytes, name, label);
         if from_start.pickles.iter().any(|p| !p.report.imports.is_empty() || !p.report.calls.is_empty()) {
             r.finding(Severity::Dangerous, "polyglot", format!("{label}: {kind}, and a pickle that imports or calls ({runs})"));
-            for p in &mut from_start.pickles {
-                p.torch_would_run = true;
-            }
             r.pickles.extend(from_start.pickles);
             r.findings.extend(from_start.findings);
         }
+    }
+
+    /// Scans `bytes` inside a file (`name`) as a stream of pickles that a
+    /// loader would run (a tar member, an object array's payload), into a
+    /// report of its own for the caller to merge.
+    fn loaded_stream(&mut self, bytes: &[u8], name: &str, label: &str) -> ScanReport {
+        let mut inner = ScanReport::new(name);
+        self.stream(bytes, label, &mut inner);
+        for p in &mut inner.pickles {
+            p.torch_would_run = true;
+        }
+        inner
     }
 
     fn zip(&mut self, bytes: &[u8], r: &mut ScanReport, zip_first: bool) {
@@ -513,9 +521,10 @@ impl<'o> Scanner<'o> {
         let names: Vec<&str> = archive.entries.iter().map(|e| e.name.as_str()).collect();
         let prefix = names.first().and_then(|n| n.split_once('/')).map(|(p, _)| p.to_owned()).unwrap_or_default();
         let foreign = container::foreign_archive_kind(&names);
-        // torch finds its records by name ignoring ASCII case (miniz's lookup).
-        let pkl_name = format!("{prefix}/data.pkl");
-        let is_torch = foreign.is_none() && names.iter().any(|n| n.eq_ignore_ascii_case(&pkl_name));
+        // The data.pkl torch resolves (the last of that name, in any ASCII
+        // case: miniz's lookup), as `Archive::position` finds records.
+        let torch_pkl = archive.position(&format!("{prefix}/data.pkl"));
+        let is_torch = foreign.is_none() && torch_pkl.is_some();
         let is_npz = !names.is_empty() && names.iter().all(|n| has_extension(n, ".npy"));
         if is_torch {
             for c in &archive.case_collisions {
@@ -541,9 +550,8 @@ impl<'o> Scanner<'o> {
                 );
             }
         }
-        // The data.pkl torch resolves: the last entry of that name.
-        let torch_pkl = archive.entries.iter().rposition(|e| e.name.eq_ignore_ascii_case(&pkl_name));
-        let mut storage_records: std::collections::HashSet<String> = std::collections::HashSet::new();
+        // The entries torch reads as the storages' raw bytes (by index).
+        let mut storage_records: std::collections::HashSet<usize> = std::collections::HashSet::new();
         let mut order: Vec<usize> = (0..archive.entries.len()).collect();
         if let Some(i) = torch_pkl {
             order.retain(|&j| j != i);
@@ -571,7 +579,7 @@ impl<'o> Scanner<'o> {
                     }
                 }
             };
-            if storage_records.contains(&e.name.to_ascii_lowercase()) {
+            if storage_records.contains(&i) {
                 // Declared raw storage: checked (size, CRC, inflation), not parsed.
                 continue;
             }
@@ -607,9 +615,10 @@ impl<'o> Scanner<'o> {
             }
             if is_torch_pkl {
                 for key in &storages.order {
-                    storage_records.insert(format!("{prefix}/data/{key}").to_ascii_lowercase());
+                    let record = archive.position(&format!("{prefix}/data/{key}"));
+                    storage_records.extend(record);
                     let decl = &storages.by_key[key];
-                    match archive.get(&format!("{prefix}/data/{key}")) {
+                    match record.map(|at| &archive.entries[at]) {
                         None => r.finding(Severity::Suspicious, "storage", format!("storage `{key}` has no record")),
                         Some(rec) if Some(rec.size) != decl.byte_len() => r.finding(
                             Severity::Dangerous,
@@ -664,11 +673,7 @@ impl<'o> Scanner<'o> {
                 match base.as_str() {
                     "storages" | "tensors" => self.tar_records(data, &name, base == "storages", r),
                     _ => {
-                        let mut tr = ScanReport::new(&name);
-                        self.stream(data, &format!("tar member `{name}`"), &mut tr);
-                        for p in &mut tr.pickles {
-                            p.torch_would_run = true;
-                        }
+                        let tr = self.loaded_stream(data, &name, &format!("tar member `{name}`"));
                         r.pickles.extend(tr.pickles);
                         r.findings.extend(tr.findings.into_iter().filter(|f| f.kind != "legacy"));
                         if let Some(e) = tr.error {
@@ -740,11 +745,7 @@ impl<'o> Scanner<'o> {
             Some(descr) if is_plain_npy_type(descr) => {}
             Some(descr) if is_object_npy_type(descr) => {
                 r.finding(Severity::Suspicious, "npy", format!("{name}: object-dtype array; its payload is a pickle"));
-                let mut tr = ScanReport::new(name);
-                self.stream(payload, &format!("{name} payload"), &mut tr);
-                for p in &mut tr.pickles {
-                    p.torch_would_run = true;
-                }
+                let tr = self.loaded_stream(payload, name, &format!("{name} payload"));
                 r.pickles.extend(tr.pickles);
                 if let Some(e) = tr.error {
                     r.fail(e);

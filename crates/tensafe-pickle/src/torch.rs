@@ -168,8 +168,8 @@ impl Vm<'_, '_> {
                     };
                     self.charge(pairs.len() as u64 + 1).map_err(|e| e.to_string())?;
                     for (k, v) in pairs {
-                        self.charge_key(&k).map_err(|e| e.to_string())?;
-                        self.heap.dict_set(id, k, v)?;
+                        let hashed = self.charged_key(&k).map_err(|e| e.to_string())?;
+                        self.heap.dict_set(id, k, hashed, v)?;
                     }
                 }
                 Ok(Value::Obj(id))
@@ -185,8 +185,8 @@ impl Vm<'_, '_> {
                     };
                     self.charge(items.len() as u64 + 1).map_err(|e| e.to_string())?;
                     for item in items {
-                        self.charge_key(&item).map_err(|e| e.to_string())?;
-                        self.heap.set_add(id, item)?;
+                        let k = self.charged_key(&item).map_err(|e| e.to_string())?;
+                        self.heap.set_add(id, item, k)?;
                     }
                 }
                 Ok(Value::Obj(id))

@@ -381,10 +381,10 @@ impl Heap {
         })
     }
 
-    /// Inserts or overwrites `dict[key] = value`; returns whether the key was
-    /// already there. The VM charges the key's hashing first ([`Heap::costed_key`]).
-    pub fn dict_set(&mut self, dict: ObjId, key: Value, value: Value) -> Result<bool, String> {
-        let (k, _) = self.costed_key(&key)?;
+    /// Inserts or overwrites `dict[key] = value`, `k` being `key`'s hash key
+    /// ([`Heap::costed_key`], whose work the caller has charged); returns
+    /// whether the key was already there.
+    pub fn dict_set(&mut self, dict: ObjId, key: Value, k: Key, value: Value) -> Result<bool, String> {
         let Object::Dict(d) = self.get_mut(dict) else { return Err("not a dict".into()) };
         if let Some(&i) = d.index.get(&k) {
             d.entries[i].1 = value;
@@ -396,9 +396,9 @@ impl Heap {
         }
     }
 
-    /// Adds to a set; returns whether the item was already there.
-    pub fn set_add(&mut self, set: ObjId, item: Value) -> Result<bool, String> {
-        let (k, _) = self.costed_key(&item)?;
+    /// Adds `item` (hash key `k`, as for [`Heap::dict_set`]) to a set;
+    /// returns whether it was already there.
+    pub fn set_add(&mut self, set: ObjId, item: Value, k: Key) -> Result<bool, String> {
         let Object::Set(s) = self.get_mut(set) else { return Err("not a set".into()) };
         if s.index.insert(k, ()).is_some() {
             Ok(true)
@@ -563,14 +563,18 @@ mod tests {
     fn keys_compare_like_python() {
         let mut heap = Heap::default();
         let d = heap.new_dict(DictKind::Dict, 0);
-        assert!(!heap.dict_set(d, Value::Int(1), Value::None).unwrap());
-        assert!(heap.dict_set(d, Value::Bool(true), Value::Int(5)).unwrap());
-        assert!(heap.dict_set(d, Value::Float(1.0), Value::Int(6)).unwrap());
+        let mut set = |key: Value, value: Value| {
+            let (k, _) = heap.costed_key(&key)?;
+            heap.dict_set(d, key, k, value)
+        };
+        assert!(!set(Value::Int(1), Value::None).unwrap());
+        assert!(set(Value::Bool(true), Value::Int(5)).unwrap());
+        assert!(set(Value::Float(1.0), Value::Int(6)).unwrap());
         let Object::Dict(dict) = heap.get(d) else { panic!() };
         assert_eq!(dict.entries.len(), 1);
         assert!(matches!(dict.entries[0], (Value::Int(1), Value::Int(6))));
         let l = heap.alloc(Object::List(vec![]), 0);
-        assert!(heap.dict_set(d, Value::Obj(l), Value::None).unwrap_err().contains("unhashable"));
+        assert!(heap.costed_key(&Value::Obj(l)).unwrap_err().contains("unhashable"));
     }
 
     #[test]

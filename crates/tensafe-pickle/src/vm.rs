@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::error::{Error, PickleError, Result};
 use crate::limits::Limits;
 use crate::names::{self, Severity};
-use crate::value::{DictKind, Heap, Object, ObjId, Opaque, Storage, Value};
+use crate::value::{DictKind, Heap, Key, Object, ObjId, Opaque, Storage, Value};
 
 /// Strict conversion or symbolic scanning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,12 +335,13 @@ impl<'a, 'h> Vm<'a, 'h> {
         Ok(())
     }
 
-    /// Charges the work of hashing and comparing `key` ([`Heap::costed_key`])
-    /// before a dict or set hashes it: one key can be 256 strs of 64 MB.
-    /// An unhashable key costs nothing here; the insertion reports it.
-    pub(crate) fn charge_key(&mut self, key: &Value) -> Result<()> {
-        let cost = self.heap.costed_key(key).map_or(0, |(_, cost)| cost);
-        self.charge(cost)
+    /// The hash key of `v` for a dict or set, the work of hashing and
+    /// comparing it ([`Heap::costed_key`]) charged before anything hashes it:
+    /// one key can be 256 strs of 64 MB.
+    pub(crate) fn charged_key(&mut self, v: &Value) -> Result<Key> {
+        let (key, cost) = self.heap.costed_key(v).map_err(|e| self.err(e))?;
+        self.charge(cost)?;
+        Ok(key)
     }
 
     /// Spends work units for operations that touch existing data (copies of
@@ -442,7 +443,7 @@ impl<'a, 'h> Vm<'a, 'h> {
             return Err(self.err(format!("value stack deeper than {}", self.opts.limits.max_stack)));
         }
         // Every object the VM makes is pushed: the one place to bound them
-        // (about 170 bytes each; a pickle can make one per byte).
+        // (about 90 bytes each; a pickle can make one per byte).
         if self.heap.len() > self.opts.limits.max_objects {
             return Err(self.err(format!("more than {} objects", self.opts.limits.max_objects)));
         }
@@ -693,8 +694,8 @@ impl<'a, 'h> Vm<'a, 'h> {
                     let items = self.pop_mark()?;
                     let id = self.heap.new_set(true, self.op_offset);
                     for item in items {
-                        self.charge_key(&item)?;
-                        self.heap.set_add(id, item).map_err(|e| self.err(e))?;
+                        let k = self.charged_key(&item)?;
+                        self.heap.set_add(id, item, k).map_err(|e| self.err(e))?;
                     }
                     self.push(Value::Obj(id))?;
                 }
@@ -1192,8 +1193,8 @@ impl<'a, 'h> Vm<'a, 'h> {
             Object::Dict(_) => {
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    self.charge_key(&k)?;
-                    let repeated = self.heap.dict_set(id, k.clone(), v).map_err(|e| self.err(e))?;
+                    let hashed = self.charged_key(&k)?;
+                    let repeated = self.heap.dict_set(id, k.clone(), hashed, v).map_err(|e| self.err(e))?;
                     if repeated {
                         let key = self.heap.summary(&k, 60);
                         self.anomaly(Severity::Safe, "repeated-key", format!("key {key} set twice"));
@@ -1239,8 +1240,8 @@ impl<'a, 'h> Vm<'a, 'h> {
         match self.heap.get(id) {
             Object::Set(s) if !s.frozen => {
                 for item in items {
-                    self.charge_key(&item)?;
-                    self.heap.set_add(id, item).map_err(|e| self.err(e))?;
+                    let k = self.charged_key(&item)?;
+                    self.heap.set_add(id, item, k).map_err(|e| self.err(e))?;
                 }
                 Ok(())
             }

@@ -329,7 +329,12 @@ impl Archive {
     /// The entry with this name in any ASCII case, as torch's reader finds
     /// records (the last one, if several: the archive then has a problem).
     pub fn get(&self, name: &str) -> Option<&Entry> {
-        self.by_name.get(&name.to_ascii_lowercase()).map(|&i| &self.entries[i])
+        self.position(name).map(|i| &self.entries[i])
+    }
+
+    /// The index in [`Archive::entries`] of the entry [`Archive::get`] finds.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.by_name.get(&name.to_ascii_lowercase()).copied()
     }
 
     /// An entry's uncompressed bytes: borrowed when stored, inflated (to

@@ -201,16 +201,8 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
         }
         Fault::HostileStatus { status, len } => {
             write!(client, "HTTP/1.1 {status} Hostile\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")?;
-            // Sent as it is made, a block at a time: built whole first (64 MiB
-            // in a debug build), it once came after the client's 2 s timeout.
             let block = b"\x1b[2J\x1b[31mforged log line\r\n".repeat(2048);
-            let mut left = *len;
-            while left > 0 {
-                let n = left.min(block.len());
-                client.write_all(&block[..n])?;
-                left -= n;
-            }
-            return Ok(());
+            return send_repeated(&block, *len, |piece| client.write_all(piece));
         }
         Fault::Unavailable { retry_after } => {
             let body = "upstream busy";
@@ -258,7 +250,7 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
             send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body)
         }
         Fault::Chunked | Fault::ChunkedTooLong { .. } => {
-            let mut extra = if let Fault::ChunkedTooLong { extra } = fault { extra } else { 0 };
+            let extra = if let Fault::ChunkedTooLong { extra } = fault { extra } else { 0 };
             client.write_all(base.as_bytes())?;
             client.write_all(b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")?;
             let mut send_chunk = |chunk: &[u8]| -> std::io::Result<()> {
@@ -269,14 +261,7 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
             for chunk in body.chunks(64 << 10) {
                 send_chunk(chunk)?;
             }
-            // The overrun, sent as it is made (built whole first, tens of MiB
-            // in a debug build could outlast the client's timeout).
-            let zeros = [0u8; 64 << 10];
-            while extra > 0 {
-                let n = extra.min(zeros.len());
-                send_chunk(&zeros[..n])?;
-                extra -= n;
-            }
+            send_repeated(&[0u8; 64 << 10], extra, &mut send_chunk)?;
             client.write_all(b"0\r\n\r\n")
         }
         Fault::Stall { keep } => {
@@ -308,4 +293,17 @@ fn send_content_range(client: &mut TcpStream, up_head: &str, body: &[u8], rewrit
     }
     write!(client, "Content-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
     client.write_all(body)
+}
+
+/// Sends `len` bytes of `block` repeated, a block at a time, as they are
+/// made: a large hostile body built whole first (tens of MiB in a debug
+/// build) once came after the client's 2 s timeout.
+fn send_repeated(block: &[u8], len: usize, mut send: impl FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len());
+        send(&block[..n])?;
+        left -= n;
+    }
+    Ok(())
 }
