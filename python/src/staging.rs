@@ -14,7 +14,8 @@ use pyo3::prelude::*;
 use tensafe_cuda::DeviceSink;
 use tensafe_io::staging::{self, Chunk, Progress};
 
-use crate::{File, PROGRESS_STEP, ProgressSteps};
+use crate::file::File;
+use crate::progress::{PROGRESS_STEP, ProgressSteps};
 
 create_exception!(
     tensafe._tensafe_rust,
