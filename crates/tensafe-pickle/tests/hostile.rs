@@ -1217,6 +1217,21 @@ fn objects_are_bounded() {
     assert_eq!(tensafe_pickle::Limits::default().max_objects, 16_000_000);
 }
 
+// Memo entries are bounded in number, whatever their indices; setting one
+// index again adds nothing. (torch puts about 8 per tensor: the default
+// admits a checkpoint of `max_tensors` tensors, python/tests/test_convert.py.)
+#[test]
+fn memo_entries_are_bounded() {
+    let fresh = |puts: usize| Asm::new().proto(4).raw(&[b'N', 0x94, b'0'].repeat(puts)).none().stop().finish();
+    let same = |puts: usize| Asm::new().proto(2).raw(&[b'N', b'q', 0, b'0'].repeat(puts)).none().stop().finish();
+    let options = ScanOptions { limits: tensafe_pickle::Limits { max_memo: 1_000, ..Default::default() }, ..Default::default() };
+    let error = |bytes: &[u8]| scan_bytes(bytes, "input", &options).pickles[0].report.error.clone();
+    assert_eq!(error(&fresh(1_000)), None);
+    let over = error(&fresh(1_001)).expect("over the limit");
+    assert!(over.contains("more than 1000 memo entries"), "{over}");
+    assert_eq!(error(&same(5_000)), None, "one index set again");
+}
+
 // A non-tensor value that refers to one long str many times: its JSON (in
 // the report, and the metadata when kept) is bounded in bytes, not only in
 // values (4000 references to 1 MB took 4 GB before).
