@@ -182,65 +182,7 @@ pub fn scan_file(path: &Path, options: &ScanOptions) -> ScanReport {
 pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport {
     let mut r = ScanReport::new(name);
     let mut s = Scanner { options, heap: Heap::default(), pickles_left: MAX_PICKLES_PER_FILE };
-    match container::detect(bytes) {
-        Kind::Zip => s.zip(bytes, &mut r, true),
-        Kind::Tar => {
-            s.tar(bytes, &mut r);
-            // When any step of its tar path fails (a later header, a short or
-            // missing member), torch unpickles the file from its first byte.
-            // A real tar file is no pickle there (its first byte is a member name's).
-            s.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a tar archive", "what torch.load runs when the tar path fails", &mut r);
-        }
-        Kind::Npy => {
-            r.container = "npy".into();
-            s.npy(bytes, name, &mut r);
-        }
-        Kind::Wrapper(w @ ("zlib" | "gzip")) => {
-            // joblib's compressed files (`compress=3` is zlib): inflate within
-            // the inflate budget and scan the pickle stream inside.
-            match inflate_wrapper(w, bytes, options.limits.max_inflate) {
-                Ok(inner) => s.stream(&inner, name, &mut r),
-                Err(e) => r.fail(format!("{w} wrapper: {e}")),
-            }
-            r.container = format!("{w}-compressed pickle stream");
-        }
-        Kind::Wrapper(w) => {
-            r.container = format!("{w} (compressed)");
-            r.unsupported = true;
-            r.fail(format!(
-                "a {w}-compressed file (torch.load cannot open it directly; joblib.load would decompress and unpickle it) was not unpacked; decompress it and scan the result"
-            ));
-            // torch.load and pickle.load read it from its first byte: a file
-            // whose magic is also a pickle opcode (bzip2's `B`) can be both.
-            s.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, &format!("{w}-compressed"), "what torch.load and pickle.load run", &mut r);
-        }
-        Kind::Stream => {
-            if bytes.is_empty() {
-                r.container = "empty".into();
-                r.fail("empty file");
-            } else if let Ok((header, _)) = tensafe::Header::parse_file_bytes(bytes, &tensafe::ReadOptions::default()) {
-                // A valid safetensors file holds no pickle (torch.load would
-                // fail on it, running nothing).
-                r.container = format!("safetensors ({} tensors, no pickle)", header.len());
-            } else {
-                s.stream(bytes, name, &mut r);
-                if zip::has_end_record(bytes) {
-                    r.finding(
-                        Severity::Dangerous,
-                        "polyglot",
-                        "the file starts as a pickle stream (what torch.load runs) but also ends with a zip directory (what zip-first tools read)",
-                    );
-                    let mut zr = ScanReport::new(name);
-                    s.zip(bytes, &mut zr, false);
-                    r.findings.extend(zr.findings);
-                    r.pickles.extend(zr.pickles);
-                    if let Some(e) = zr.error {
-                        r.fail(format!("zip view: {e}"));
-                    }
-                }
-            }
-        }
-    }
+    s.container(bytes, name, true, &mut r);
     r.finish()
 }
 
@@ -318,6 +260,84 @@ struct Scanner<'o> {
 }
 
 impl<'o> Scanner<'o> {
+    /// Scans `bytes` as what their content says they are (torch's
+    /// detection order), into `r`; `unwrap`: whether a zlib or gzip wrapper
+    /// is inflated and what it holds scanned.
+    fn container(&mut self, bytes: &[u8], name: &str, unwrap: bool, r: &mut ScanReport) {
+        match container::detect(bytes) {
+            Kind::Zip => self.zip(bytes, r, true),
+            Kind::Tar => {
+                self.tar(bytes, r);
+                // When any step of its tar path fails (a later header, a short or
+                // missing member), torch unpickles the file from its first byte.
+                // A real tar file is no pickle there (its first byte is a member name's).
+                self.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a tar archive", "what torch.load runs when the tar path fails", r);
+            }
+            Kind::Npy => {
+                r.container = "npy".into();
+                self.npy(bytes, name, r);
+            }
+            Kind::Wrapper(w @ ("zlib" | "gzip")) if unwrap => {
+                // joblib's compressed files (`compress=3` is zlib), and anything
+                // else compressed whole (torch.load reads a checkpoint through
+                // `gzip.open` too): inflate within the inflate budget and scan
+                // what is inside as a file of its own, once (a wrapper inside is
+                // not opened).
+                match inflate_wrapper(w, bytes, self.options.limits.max_inflate) {
+                    Ok(inner) => {
+                        self.container(&inner, name, false, r);
+                        let inside = if r.container == "pickle" { "pickle stream" } else { &r.container };
+                        r.container = format!("{w}-compressed {inside}");
+                    }
+                    Err(e) => {
+                        r.fail(format!("{w} wrapper: {e}"));
+                        r.container = format!("{w}-compressed file");
+                    }
+                }
+            }
+            Kind::Wrapper(w) => {
+                r.container = format!("{w} (compressed)");
+                r.unsupported = true;
+                r.fail(format!(
+                    "a {w}-compressed file (torch.load cannot open it directly; joblib.load would decompress and unpickle it) was not unpacked; decompress it and scan the result"
+                ));
+                // torch.load and pickle.load read it from its first byte: a file
+                // whose magic is also a pickle opcode (bzip2's `B`) can be both.
+                self.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, &format!("{w}-compressed"), "what torch.load and pickle.load run", r);
+            }
+            Kind::Stream => {
+                if bytes.is_empty() {
+                    r.container = "empty".into();
+                    r.fail("empty file");
+                } else if let Ok((header, _)) = tensafe::Header::parse_file_bytes(bytes, &tensafe::ReadOptions::default()) {
+                    r.container = format!("safetensors ({} tensors, no pickle)", header.len());
+                    // pickle.load (and torch.load where it does not know
+                    // safetensors) reads it from its first byte, which fails
+                    // at once for a plain safetensors file; but a header
+                    // length whose bytes start `\x80\x02V` makes the header
+                    // one UNICODE line, and the tensors' bytes opcodes.
+                    self.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a safetensors file", "what pickle.load runs", r);
+                } else {
+                    self.stream(bytes, name, r);
+                    if zip::has_end_record(bytes) {
+                        r.finding(
+                            Severity::Dangerous,
+                            "polyglot",
+                            "the file starts as a pickle stream (what torch.load runs) but also ends with a zip directory (what zip-first tools read)",
+                        );
+                        let mut zr = ScanReport::new(name);
+                        self.zip(bytes, &mut zr, false);
+                        r.findings.extend(zr.findings);
+                        r.pickles.extend(zr.pickles);
+                        if let Some(e) = zr.error {
+                            r.fail(format!("zip view: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn vm_options(&self, pids: PidSchema, data_only: bool) -> VmOptions<'o> {
         let options: &'o ScanOptions = self.options;
         VmOptions { mode: Mode::Scan, pids, data_only, allow_opaque: &options.allow_opaque, limits: &options.limits, no_trailing: false }

@@ -527,11 +527,12 @@ fn class20_floods() {
     let stack = Asm::new().proto(2).raw(&vec![b'N'; 1_000_001]).stop().finish();
     assert!(refused(&torch_zip(&stack, &[])).contains("value stack deeper"));
     let mut memo = Asm::new().proto(2).none();
-    for i in 0..1_000_001u32 {
+    for i in 0..1_001u32 {
         memo = memo.op(b'r').raw(&i.to_le_bytes());
     }
     let memo = memo.stop().finish();
-    assert!(refused(&torch_zip(&memo, &[])).contains("memo entries"));
+    let few = ConvertOptions { load: LoadOptions { limits: tensafe_pickle::Limits { max_memo: 1_000, ..Default::default() }, ..Default::default() }, ..Default::default() };
+    assert!(refused_with(&torch_zip(&memo, &[]), &few).contains("more than 1000 memo entries"));
     // Deep nesting: the VM is iterative, extraction stops at the limit.
     let mut nested = Asm::new().proto(2).empty_dict().str("x");
     for _ in 0..2000 {
@@ -1059,6 +1060,56 @@ fn payloads_inside_zlib_and_gzip_wrappers_are_found() {
     let r = scan_bytes(&bomb, "bomb", &options);
     assert!(r.error.as_deref().unwrap_or_default().contains("inflates past the limit of 1048576 bytes"), "{:?}", r.error);
     assert_ne!(r.verdict, Verdict::Safe);
+}
+
+// A compressed file is scanned as what it holds: a torch checkpoint
+// (torch.load reads one through `gzip.open`), a safetensors file, a
+// payload-carrying archive; a wrapper inside a wrapper is not opened.
+#[test]
+fn what_a_wrapper_holds_is_scanned_as_a_file() {
+    let benign = torch_zip(&state_dict_pickle(), &[("0", &[0u8; 48])]);
+    let r = scan(&gzip(&benign, Some("model.pt")));
+    assert_eq!((r.verdict, r.container.as_str()), (Verdict::Safe, "gzip-compressed torch zip"), "{:?} {:?}", r.findings, r.error);
+
+    let data = 1f32.to_le_bytes();
+    let safetensors = tensafe::serialize([("w", tensafe::RawTensor { dtype: tensafe::Dtype::F32, shape: &[1], data: &data })], None).unwrap();
+    let r = scan(&miniz_oxide::deflate::compress_to_vec_zlib(&safetensors, 6));
+    assert_eq!(r.verdict, Verdict::Safe, "{:?} {:?}", r.findings, r.error);
+    assert_eq!(r.container, "zlib-compressed safetensors (1 tensors, no pickle)");
+
+    let c = Canary::new();
+    let hostile = torch_zip(&Asm::new().proto(2).system_call(&c.marker()).stop().finish(), &[]);
+    let r = dangerous(&gzip(&hostile, None));
+    assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?}", imports(&r));
+
+    let twice = gzip(&gzip(&benign, None), None);
+    let r = scan(&twice);
+    assert!(r.unsupported && r.container == "gzip-compressed gzip (compressed)", "{} {:?}", r.container, r.error);
+    assert_ne!(r.verdict, Verdict::Safe);
+}
+
+// A valid safetensors file can be a pickle too: a header length whose bytes
+// start `\x80\x02V` (PROTO 2, UNICODE) makes its whole header one str up
+// to the newline before the closing brace (EMPTY_DICT), and the tensor
+// bytes after it opcodes. pickle.load runs them (checked with CPython).
+#[test]
+fn a_safetensors_file_that_is_also_a_pickle_is_flagged() {
+    let c = Canary::new();
+    let payload = Asm::new().system_call(&c.marker()).stop().finish();
+    let header_len = u64::from_le_bytes([0x80, 0x02, b'V', 0, 0, 0, 0, 0]) as usize;
+    let json = format!(r#"{{"x":{{"dtype":"U8","shape":[{0}],"data_offsets":[0,{0}]}}"#, payload.len());
+    let mut bytes = header_len.to_le_bytes().to_vec();
+    bytes.extend_from_slice(json.as_bytes());
+    bytes.resize(8 + header_len - 2, b' ');
+    bytes.extend_from_slice(b"\n}");
+    bytes.extend_from_slice(&payload);
+    let (header, _) = tensafe::Header::parse_file_bytes(&bytes, &Default::default()).expect("a valid safetensors file");
+    assert_eq!(header.len(), 1);
+
+    let r = dangerous(&bytes);
+    assert!(r.container.starts_with("safetensors"), "{}", r.container);
+    assert!(r.findings.iter().any(|f| f.kind == "polyglot"), "{:?}", r.findings);
+    assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?}", imports(&r));
 }
 
 // A user's allow pattern (`scan --allow-class 'numpy.*'`) admits the data
