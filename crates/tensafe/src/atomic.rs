@@ -172,6 +172,7 @@ impl StagedWrites {
         F: FnOnce(&mut File) -> std::io::Result<()>,
     {
         let target = resolve_symlinks(path)?;
+        refuse_unless_regular(&target)?;
         let dir = match target.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
@@ -441,11 +442,44 @@ mod unnamed {
 /// The OS error alone, without the path tempfile attaches to it (it wraps
 /// the OS error in an error of its own that names the path).
 fn without_path(e: std::io::Error) -> std::io::Error {
-    let code = e.raw_os_error().or_else(|| {
-        let inner = e.get_ref()?.source()?;
-        inner.downcast_ref::<std::io::Error>()?.raw_os_error()
-    });
-    code.map_or_else(|| std::io::Error::from(e.kind()), std::io::Error::from_raw_os_error)
+    if let Some(code) = e.raw_os_error() {
+        return std::io::Error::from_raw_os_error(code);
+    }
+    // tempfile's error shows as "{the OS error} at path {path}" and does not
+    // hand out the OS error itself (its `source` is that error's source).
+    let text = e.to_string();
+    match text.rsplit_once(" at path ") {
+        Some((os_error, _)) => std::io::Error::new(e.kind(), os_error.to_owned()),
+        None => std::io::Error::from(e.kind()),
+    }
+}
+
+/// Refuses a destination that exists and is not a regular file: a save
+/// replaces what is there, and a device, FIFO, socket or directory is not
+/// the user's earlier save (run as root, a rename replaces even `/dev/null`).
+fn refuse_unless_regular(target: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(()) };
+    let kind = meta.file_type();
+    if kind.is_file() {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    let what = {
+        use std::os::unix::fs::FileTypeExt;
+        match () {
+            _ if kind.is_dir() => "a directory",
+            _ if kind.is_char_device() || kind.is_block_device() => "a device",
+            _ if kind.is_fifo() => "a FIFO",
+            _ if kind.is_socket() => "a socket",
+            _ => "not a regular file",
+        }
+    };
+    #[cfg(not(unix))]
+    let what = if kind.is_dir() { "a directory" } else { "not a regular file" };
+    Err(Error::io(
+        format!("the destination {} is {what}, which a save does not replace", target.display()),
+        std::io::ErrorKind::InvalidInput.into(),
+    ))
 }
 
 /// Follows symbolic links at `path` (up to a fixed depth) to the file they name.

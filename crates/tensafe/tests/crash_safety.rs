@@ -464,7 +464,33 @@ fn missing_directory_is_an_error_and_creates_nothing() {
     let err = save_small(&path, "w", 1).expect_err("the directory does not exist");
     let message = err.to_string();
     assert!(message.contains("model.safetensors") && message.contains("creating a temporary file"), "{message}");
+    // The OS's words, as the reference shows them; not tempfile's random path.
+    assert!(message.contains("No such file or directory (os error 2)"), "{message}");
+    assert!(!message.contains("at path"), "{message}");
     assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+}
+
+#[test]
+fn a_destination_that_is_not_a_regular_file_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o644) }, 0);
+    let directory = dir.path().join("directory");
+    fs::create_dir(&directory).unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::os::unix::fs::symlink("fifo", &link).unwrap();
+
+    for (path, what) in [(&fifo, "a FIFO"), (&directory, "a directory"), (&link, "a FIFO")] {
+        let message = save_small(path, "w", 1).expect_err("not a regular file").to_string();
+        assert!(message.contains(what) && message.contains("which a save does not replace"), "{message}");
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+    assert!(fs::symlink_metadata(&directory).unwrap().is_dir());
+    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(listing(dir.path()), ["directory", "fifo", "link.safetensors"]);
 }
 
 #[test]
