@@ -490,9 +490,37 @@ pub fn remove_stale_files(dir: &Path, written: &[String], sharded: bool) -> Resu
         let entry = entry.map_err(|e| Error::io("listing the checkpoint directory", e).in_file(dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let stale = (name == other_form || is_shard_name(&name)) && !written.contains(&name);
-        if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+        // A link is removed itself (as in the Hugging Face cache, where a
+        // snapshot's files are links), never what it points to.
+        if stale && entry.file_type().is_ok_and(|t| t.is_file() || t.is_symlink()) {
             std::fs::remove_file(entry.path()).map_err(|e| Error::io("removing a file of the previous checkpoint", e).in_file(entry.path()))?;
         }
+    }
+    Ok(())
+}
+
+/// Refuses to reshard one shard of a checkpoint into that checkpoint's own
+/// directory: the new files would replace the checkpoint, and
+/// [`remove_stale_files`] remove its other shards, leaving only this
+/// shard's tensors.
+fn refuse_one_shard_in_place(input: &Path, out_dir: &Path) -> Result<()> {
+    let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if is_checkpoint_path(input) || !is_shard_name(&name) {
+        return Ok(());
+    }
+    let input_dir = match input.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if same(input_dir, out_dir) {
+        return Err(Error::InvalidCheckpoint {
+            reason: format!(
+                "{} is one shard of the checkpoint in {}, and resharding it there would replace that checkpoint with this shard's tensors alone: give the directory or its index as the input, or another output directory",
+                input.display(),
+                out_dir.display()
+            ),
+        });
     }
     Ok(())
 }
@@ -563,6 +591,7 @@ impl<S: TensorSource> View for LazyTensor<'_, S> {
 /// Rewrites a checkpoint (directory, index or file) into `out_dir` with a new
 /// shard size, keeping each shard's `__metadata__` of the first input shard.
 pub fn reshard(input: impl AsRef<Path>, out_dir: impl AsRef<Path>, max_shard_bytes: u64) -> Result<Option<ShardIndex>> {
+    refuse_one_shard_in_place(input.as_ref(), out_dir.as_ref())?;
     let checkpoint = ShardedCheckpoint::open(input)?;
     let metadata: Option<Metadata> = checkpoint.shards.first().and_then(|s| s.header().metadata()).map(|m| m.iter().cloned().collect());
     let read_error = Mutex::new(None);
@@ -735,6 +764,52 @@ mod tests {
         save_sharded(fewer.iter().map(|(n, t)| (n.as_str(), t)), dir.path(), 10_000, None).unwrap();
         assert_eq!(files(), ["model-notes.txt", SINGLE_FILE]);
         assert_eq!(ShardedCheckpoint::open(dir.path()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn stale_links_are_removed_and_what_they_name_kept() {
+        // The Hugging Face cache's layout: a snapshot's files are links to blobs.
+        let root = tempfile::tempdir().unwrap();
+        let (blobs, snapshot) = (root.path().join("blobs"), root.path().join("snapshot"));
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(&blobs).unwrap();
+        let data = sample();
+        save_sharded(tensors(&data), &blobs, 400, None).unwrap();
+        for entry in std::fs::read_dir(&blobs).unwrap() {
+            let name = entry.unwrap().file_name();
+            std::os::unix::fs::symlink(Path::new("../blobs").join(&name), snapshot.join(&name)).unwrap();
+        }
+        assert_eq!(ShardedCheckpoint::open(&snapshot).unwrap().shards().len(), 3);
+
+        let fewer = &tensors(&data)[..2];
+        save_sharded(fewer.iter().map(|(n, t)| (n.as_str(), t)), &snapshot, 10_000, None).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&snapshot).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [SINGLE_FILE], "the old index and shards' links are gone");
+        assert_eq!(ShardedCheckpoint::open(&snapshot).unwrap().len(), 2);
+        assert_eq!(std::fs::read_dir(&blobs).unwrap().count(), 4, "the blobs are kept");
+    }
+
+    #[test]
+    fn one_shard_is_not_resharded_into_its_own_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = sample();
+        save_sharded(tensors(&data), dir.path(), 400, None).unwrap();
+        let shard = dir.path().join("model-00002-of-00003.safetensors");
+        let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+
+        let message = reshard(&shard, dir.path(), 10_000).unwrap_err().to_string();
+        assert!(message.contains("is one shard of the checkpoint in"), "{message}");
+        // Also when named relative to the directory it is in.
+        let relative = dir.path().join(".").join("model-00002-of-00003.safetensors");
+        assert!(reshard(&relative, dir.path().join("."), 10_000).is_err());
+        let after: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(after, before);
+        assert_eq!(ShardedCheckpoint::open(dir.path()).unwrap().len(), 5);
+
+        // Into another directory it is a checkpoint of its own.
+        let out = dir.path().join("alone");
+        reshard(&shard, &out, 10_000).unwrap();
+        assert_eq!(ShardedCheckpoint::open(&out).unwrap().read_tensor("layer.3").unwrap(), data[3]);
     }
 
     #[test]
