@@ -3,9 +3,11 @@
 /// `println!` for a line that carries text from the files being examined
 /// (tensor names, pickle globals, archive entries): control characters come
 /// out escaped, so a hostile file can neither drive the terminal nor forge
-/// lines of the report.
+/// lines of the report. Names quoted in it were escaped already
+/// ([`tensafe::Printable`]); the line's pass ([`tensafe::PrintableLine`])
+/// leaves their backslashes alone, so they are not escaped twice.
 macro_rules! say {
-    ($($arg:tt)*) => { crate::emit(format_args!("{}\n", tensafe::Printable(&format!($($arg)*)))) };
+    ($($arg:tt)*) => { crate::emit(format_args!("{}\n", tensafe::PrintableLine(&format!($($arg)*)))) };
 }
 
 /// `print!` of text that is already safe to show (JSON, whose strings are
@@ -20,7 +22,7 @@ macro_rules! out {
 macro_rules! say_err {
     ($($arg:tt)*) => {
         if !crate::STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
-            eprintln!("{}", tensafe::Printable(&format!($($arg)*)))
+            eprintln!("{}", tensafe::PrintableLine(&format!($($arg)*)))
         }
     };
 }

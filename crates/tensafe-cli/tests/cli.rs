@@ -157,6 +157,23 @@ fn names_with_control_characters_are_read_and_shown_escaped() {
 }
 
 #[test]
+fn messages_escape_what_they_quote_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // verify's error quotes the tensor's name, escaped by the core.
+    let bad_bool = dir.path().join("bool.safetensors");
+    tensafe::serialize_to_file([("b\nOK\\x", RawTensor { dtype: Dtype::Bool, shape: &[1], data: &[2] })], None, &bad_bool).unwrap();
+    let out = tensafe(&["verify", bad_bool.to_str().unwrap()]);
+    let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("BOOL tensor `b\\nOK\\\\x`"), "{text}");
+    // An error quoting a path with a newline (escaped by the core, then the line as a whole).
+    let named = dir.path().join("p\nOK.bin");
+    std::fs::write(&named, b"PK\x03\x04 not safetensors").unwrap();
+    let out = tensafe(&["inspect", named.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("p\\nOK.bin:") && !stderr.contains("p\\\\nOK") && !stderr.lines().any(|l| l.starts_with("OK")), "{stderr}");
+}
+
+#[test]
 fn output_that_cannot_be_written_is_an_error_not_a_panic() {
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::ExitStatusExt;

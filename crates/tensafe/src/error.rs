@@ -8,7 +8,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::header::Printable;
+use crate::header::{Printable, PrintableLine};
 use crate::Dtype;
 
 /// Result alias used throughout the crate.
@@ -76,7 +76,7 @@ pub enum Error {
     TooManyIndices { given: usize, shape: Vec<usize> },
 
     /// An index tensafe does not support (a non-positive step, …).
-    #[error("invalid slice: {}", Printable(.reason))]
+    #[error("invalid slice: {}", PrintableLine(.reason))]
     InvalidSlice { reason: String },
 
     /// An index with more than one `...` (numpy refuses it too, as an IndexError).
@@ -92,11 +92,13 @@ pub enum Error {
     InvalidName { name: String, reason: &'static str },
 
     /// An invalid writer option.
-    #[error("invalid option: {}", Printable(.reason))]
+    #[error("invalid option: {}", PrintableLine(.reason))]
     InvalidOption { reason: String },
 
-    /// A sharded checkpoint whose index and shards disagree.
-    #[error("invalid checkpoint: {}", Printable(.reason))]
+    /// A sharded checkpoint whose index and shards disagree. (The reasons
+    /// of this and the other `reason` variants escaped the names they quote
+    /// already: their backslashes are not escaped again.)
+    #[error("invalid checkpoint: {}", PrintableLine(.reason))]
     InvalidCheckpoint { reason: String },
 
     /// An operating-system error, with what tensafe was doing.
@@ -293,5 +295,12 @@ mod tests {
             assert!(!text.chars().any(char::is_control), "{text:?}");
             assert!(text.contains(r"a\u{1b}[2J\nOK"), "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_name_escaped_in_a_reason_is_not_escaped_again() {
+        let reason = format!("missing shard {} (listed in the index)", Printable("a\\b\n"));
+        let text = Error::InvalidCheckpoint { reason }.to_string();
+        assert_eq!(text, r"invalid checkpoint: missing shard a\\b\n (listed in the index)");
     }
 }

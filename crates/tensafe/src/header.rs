@@ -242,11 +242,12 @@ impl<'de> Visitor<'de> for HeaderVisitor {
 pub struct Printable<'a>(pub &'a str);
 
 impl Printable<'_> {
-    fn escapes(c: char) -> bool {
+    /// Whether `c` is shown escaped; the backslash too if `backslash`.
+    fn escapes(c: char, backslash: bool) -> bool {
         c.is_control()
             // The escape character itself, so that no name can show as
             // another's escaped form (`a\u{202e}` typed out).
-            || c == '\\'
+            || (backslash && c == '\\')
             || matches!(c,
                 // Unicode's format characters (general category Cf, 15.1):
                 // soft hyphen, bidirectional controls, zero-width characters,
@@ -268,21 +269,38 @@ impl Printable<'_> {
 
 impl fmt::Display for Printable<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use fmt::Write;
-        for c in self.0.chars() {
-            if Printable::escapes(c) {
-                // `\n`, `\t`… where Rust has a short form; `\u{…}` for the
-                // rest, including what `escape_debug` would leave as is.
-                match c.escape_debug() {
-                    short if short.len() > 1 => write!(f, "{short}")?,
-                    _ => write!(f, "{}", c.escape_unicode())?,
-                }
-            } else {
-                f.write_char(c)?;
-            }
-        }
-        Ok(())
+        write_escaped(f, self.0, true)
     }
+}
+
+/// A line of output whose names from files were already shown through
+/// [`Printable`], escaped once more as a whole, so that nothing else in it
+/// (a path, an OS message) can control the terminal either. The backslash
+/// is left as is: the names' own escapes are not escaped a second time.
+#[derive(Debug, Clone, Copy)]
+pub struct PrintableLine<'a>(pub &'a str);
+
+impl fmt::Display for PrintableLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_escaped(f, self.0, false)
+    }
+}
+
+fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str, backslash: bool) -> fmt::Result {
+    use fmt::Write;
+    for c in text.chars() {
+        if Printable::escapes(c, backslash) {
+            // `\n`, `\t`… where Rust has a short form; `\u{…}` for the
+            // rest, including what `escape_debug` would leave as is.
+            match c.escape_debug() {
+                short if short.len() > 1 => write!(f, "{short}")?,
+                _ => write!(f, "{}", c.escape_unicode())?,
+            }
+        } else {
+            f.write_char(c)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
