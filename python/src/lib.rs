@@ -140,6 +140,7 @@ fn _tensafe_rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // (code, bits, framework name or None), in the reference's order.
     let dtypes: Vec<(&str, usize, Option<&str>)> = Dtype::ALL.iter().map(|d| (d.code(), d.bits(), d.framework_name())).collect();
     m.add("DTYPES", dtypes)?;
+    m.add("SUPPORTED_DTYPE_NAMES", serialize::supported_dtype_names())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

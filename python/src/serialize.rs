@@ -31,8 +31,7 @@ impl TensorSpec {
     #[pyo3(signature = (*, dtype, shape, data_ptr, data_len))]
     fn new(dtype: &str, shape: Vec<usize>, data_ptr: usize, data_len: usize) -> PyResult<Self> {
         let parsed = Dtype::from_framework_name(dtype).ok_or_else(|| {
-            let names: Vec<&str> = SPEC_DTYPE_ORDER.iter().filter_map(|d| d.framework_name()).collect();
-            SafetensorError::new_err(format!("Unknown dtype \"{dtype}\". Supported dtypes: {}", names.join(", ")))
+            SafetensorError::new_err(format!("Unknown dtype \"{dtype}\". Supported dtypes: {}", supported_dtype_names().join(", ")))
         })?;
         let mut shape = shape;
         if parsed == Dtype::F4 {
@@ -71,7 +70,14 @@ impl TensorSpec {
     }
 }
 
-/// The order in which the reference lists TensorSpec dtypes in its error message.
+/// The framework names of the dtypes a save takes, in the order the
+/// reference lists them when it refuses one (`SUPPORTED_DTYPE_NAMES` in
+/// Python, for the framework modules' message).
+pub(crate) fn supported_dtype_names() -> Vec<&'static str> {
+    SPEC_DTYPE_ORDER.iter().filter_map(|d| d.framework_name()).collect()
+}
+
+/// The order in which the reference lists the dtypes it saves in its error message.
 const SPEC_DTYPE_ORDER: [Dtype; 20] = [
     Dtype::Bool,
     Dtype::I8,
@@ -127,10 +133,10 @@ fn specs_from_dict(tensor_dict: &Bound<'_, PyDict>) -> PyResult<Vec<Owned>> {
     let mut out = Vec::with_capacity(tensor_dict.len());
     for (name, spec) in tensor_dict.iter() {
         let name: String = name.extract().map_err(|_| {
-            PyTypeError::new_err(format!("argument 'tensor_dict': '{}' object is not an instance of 'str'", type_name(&name)))
+            not_an_instance("tensor_dict", &name, "str")
         })?;
         let spec = spec.cast::<TensorSpec>().map_err(|_| {
-            PyTypeError::new_err(format!("argument 'tensor_dict': '{}' object is not an instance of 'TensorSpec'", type_name(&spec)))
+            not_an_instance("tensor_dict", &spec, "TensorSpec")
         })?;
         let spec = spec.get();
         out.push(Owned {
@@ -143,6 +149,13 @@ fn specs_from_dict(tensor_dict: &Bound<'_, PyDict>) -> PyResult<Vec<Owned>> {
     Ok(out)
 }
 
+/// pyo3's words for an argument of the wrong type, which the reference
+/// raises (None is named as itself).
+fn not_an_instance(argument: &str, obj: &Bound<'_, PyAny>, expected: &str) -> PyErr {
+    let what = if obj.is_none() { "'None'".to_owned() } else { format!("'{}' object", type_name(obj)) };
+    PyTypeError::new_err(format!("argument '{argument}': {what} is not an instance of '{expected}'"))
+}
+
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
@@ -153,7 +166,7 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 fn metadata_text(obj: &Bound<'_, PyAny>) -> PyResult<String> {
     match obj.cast::<pyo3::types::PyString>() {
         Ok(text) => text.to_str().map(str::to_owned),
-        Err(_) => Err(PyTypeError::new_err(format!("argument 'metadata': '{}' object is not an instance of 'str'", type_name(obj)))),
+        Err(_) => Err(not_an_instance("metadata", obj, "str")),
     }
 }
 
@@ -231,7 +244,10 @@ pub(crate) fn serialize_buffers<'py>(
 fn buffers_from_list(tensors: &Bound<'_, PyList>) -> PyResult<Vec<Owned>> {
     let mut owned = Vec::with_capacity(tensors.len());
     for item in tensors.iter() {
-        let (name, code, shape, obj): (String, String, Vec<usize>, Bound<'_, PyAny>) = item.extract()?;
+        let (name, code, shape, obj): (Bound<'_, PyAny>, String, Vec<usize>, Bound<'_, PyAny>) = item.extract()?;
+        let name: String = name.extract().map_err(|_| {
+            not_an_instance("tensor_dict", &name, "str")
+        })?;
         let dtype = Dtype::from_code(&code).ok_or_else(|| SafetensorError::new_err(format!("unknown dtype code {code}")))?;
         let buffer = PyUntypedBuffer::get(&obj)?;
         if !buffer.is_c_contiguous() {
@@ -245,7 +261,9 @@ fn buffers_from_list(tensors: &Bound<'_, PyList>) -> PyResult<Vec<Owned>> {
 /// `deserialize(bytes) -> [(name, {"shape", "dtype", "data"})]` in file order.
 #[pyfunction]
 pub(crate) fn deserialize<'py>(py: Python<'py>, bytes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
-    let buffer = PyUntypedBuffer::get(bytes)?;
+    // Any bytes-like object is taken (the reference takes `bytes` only).
+    let buffer = PyUntypedBuffer::get(bytes)
+        .map_err(|_| not_an_instance("bytes", bytes, "bytes"))?;
     if !buffer.is_c_contiguous() {
         return Err(PyValueError::new_err(NOT_CONTIGUOUS));
     }

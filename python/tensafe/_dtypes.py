@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from ._tensafe_rust import DTYPES, SafetensorError
+from ._tensafe_rust import DTYPES, SUPPORTED_DTYPE_NAMES, SafetensorError
 
 #: code -> (bits, framework name or None)
 BY_CODE: Dict[str, Tuple[int, Optional[str]]] = {code: (bits, name) for code, bits, name in DTYPES}
@@ -60,7 +60,7 @@ def code_for_numpy(dtype: Any) -> str:
     try:
         return BY_NAME[dtype.name]
     except KeyError:
-        raise SafetensorError(f'Unknown dtype "{dtype.name}". Supported dtypes: {", ".join(BY_NAME)}') from None
+        raise SafetensorError(f'Unknown dtype "{dtype.name}". Supported dtypes: {", ".join(SUPPORTED_DTYPE_NAMES)}') from None
 
 
 def torch_dtype(code: str) -> Any:

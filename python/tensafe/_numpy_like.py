@@ -21,7 +21,7 @@ def items(tensors: Dict[str, Any], to_numpy: ToNumpy, kind: str, code_of: Option
     return [_save.numpy_item(name, to_numpy(value), code_of(value) if code_of else None) for name, value in tensors.items()]
 
 
-def save(tensors: Dict[str, Any], metadata: Optional[Dict[str, str]], to_numpy: ToNumpy, kind: str, filename: Any = None, code_of: Any = None) -> Optional[bytes]:
+def save(tensors: Dict[str, Any], metadata: Optional[Dict[str, str]], to_numpy: ToNumpy, kind: str, filename: Any = _save.TO_BYTES, code_of: Any = None) -> Optional[bytes]:
     return _save.write(items(tensors, to_numpy, kind, code_of), metadata, filename)
 
 

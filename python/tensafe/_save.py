@@ -17,21 +17,32 @@ from ._tensafe_rust import SafetensorError, parse_size, printable, save_sharded_
 Item = Tuple[str, str, List[int], Any]
 
 
+#: `write`'s filename when the caller wants the bytes back (`save`): not
+#: None, which a `save_file` caller may pass by mistake.
+TO_BYTES: Any = object()
+
+
 def check_metadata(metadata: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
     if metadata is not None and not isinstance(metadata, dict):
-        raise TypeError(f"metadata must be a dict of str to str, got {type(metadata)}")
+        raise TypeError(f"argument 'metadata': '{type(metadata).__name__}' object is not an instance of 'dict'")
     return metadata
 
 
-def write(items: List[Item], metadata: Optional[Dict[str, str]], filename: Any = None) -> Optional[bytes]:
-    """Serializes `items` to `filename`, or to bytes when it is None. A URL
-    (s3://, gs://, az://) is uploaded with the same bytes: one PUT up to
-    8 MiB, else a multipart upload streamed from the buffers, aborted on
+def path_argument(path: Any, argument: str = "filename") -> Any:
+    """`os.fspath(path)`, refusing what is not a path (None included) in
+    the reference's words."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"argument '{argument}': expected str, bytes or os.PathLike object, not {type(path).__name__}")
+    return os.fspath(path)
+
+
+def write(items: List[Item], metadata: Optional[Dict[str, str]], filename: Any = TO_BYTES) -> Optional[bytes]:
+    """Serializes `items` to `filename`, or to bytes when it is `TO_BYTES`.
+    A URL (s3://, gs://, az://) is uploaded with the same bytes: one PUT up
+    to 8 MiB, else a multipart upload streamed from the buffers, aborted on
     failure (http(s):// is read-only)."""
     check_metadata(metadata)
-    if filename is not None:
-        filename = os.fspath(filename)
-    return serialize_buffers(items, metadata, filename)
+    return serialize_buffers(items, metadata, None if filename is TO_BYTES else path_argument(filename))
 
 
 def write_sharded(items: List[Item], directory: Any, max_shard_size: Any, metadata: Optional[Dict[str, str]]) -> Optional[dict]:
@@ -43,7 +54,7 @@ def write_sharded(items: List[Item], directory: Any, max_shard_size: Any, metada
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     if limit <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
-    return save_sharded_buffers(items, os.fspath(directory), limit, metadata)
+    return save_sharded_buffers(items, path_argument(directory, "save_directory"), limit, metadata)
 
 
 def numpy_item(name: str, array: Any, code: Optional[str] = None) -> Item:
@@ -55,7 +66,7 @@ def numpy_item(name: str, array: Any, code: Optional[str] = None) -> Item:
     from . import _dtypes
 
     if not isinstance(name, str):
-        raise TypeError(f"tensor names must be str, got {type(name)}")
+        raise TypeError(f"argument 'tensor_dict': '{type(name).__name__}' object is not an instance of 'str'")
     if not isinstance(array, np.ndarray):
         raise SafetensorError(f"Key `{printable(name)}` is invalid, expected numpy.ndarray but received {type(array)}")
     code = code or _dtypes.code_for_numpy(array.dtype)

@@ -6,6 +6,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 __version__: str
 #: (header code, bits, framework dtype name or None), in the format's order.
 DTYPES: List[Tuple[str, int, Optional[str]]]
+#: The framework names of the dtypes a save takes, in the order the
+#: reference lists them when it refuses one.
+SUPPORTED_DTYPE_NAMES: List[str]
 
 class SafetensorError(Exception):
     """Raised for invalid files, invalid arguments and failed reads or writes."""

@@ -72,6 +72,10 @@ def place_of(device: Any) -> Any:
     is, and None is the CPU, as the reference takes them."""
     if device is None:
         return "cpu"
+    if device in ("cuda", "gpu"):
+        # A CPU build of paddle fails inside its own parser on a bare "gpu"
+        # (AttributeError); with the index it raises its ValueError.
+        return "gpu:0"
     return device.replace("cuda", "gpu") if isinstance(device, str) else device
 
 

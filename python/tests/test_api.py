@@ -283,6 +283,36 @@ def test_a_checkpoint_index_without_tensors_has_no_metadata(tmp_path):
         assert (f.keys(), f.metadata(), f.get_tensors()) == ([], None, {})
 
 
+@pytest.mark.parametrize("framework", ["pt", "np"])
+def test_argument_type_errors_read_as_the_references(tmp_path, framework):
+    import safetensors.numpy as ref_np
+
+    ours, ref, make = (ts_pt, ref_pt, torch.zeros) if framework == "pt" else (ts_np, ref_np, np.zeros)
+    calls = {
+        "a name that is not a str": lambda lib: lib.save({1: make(2)}),
+        "metadata that is not a dict": lambda lib: lib.save({"a": make(2)}, metadata="x"),
+        "a metadata value of None": lambda lib: lib.save({"a": make(2)}, metadata={"x": None}),
+        "bytes that are a str": lambda lib: lib.load("x"),
+        "no filename": lambda lib: lib.save_file({"a": make(2)}, None),
+        "a filename that is an int": lambda lib: lib.save_file({"a": make(2)}, 3),
+        "a missing directory": lambda lib: lib.save_file({"a": make(2)}, tmp_path / "missing" / "x.safetensors"),
+    }
+    if framework == "np":
+        calls["an unknown dtype"] = lambda lib: lib.save({"a": np.zeros(2, dtype=np.complex128)})
+    for what, call in calls.items():
+        raised = []
+        for lib in (ref, ours):
+            with pytest.raises(Exception) as info:
+                call(lib)
+            raised.append(info.value)
+        theirs, mine = raised
+        assert type(mine).__name__ == type(theirs).__name__, (what, theirs, mine)
+        # The reference names its random temporary file; tensafe the directory.
+        expected = str(theirs).split(" at path ")[0]
+        assert str(mine).startswith(expected), (what, str(theirs), str(mine))
+    assert not list(tmp_path.iterdir())
+
+
 def test_save_errors_name_the_tensor():
     with pytest.raises(ValueError, match=r"Expected a dict of \[str, torch.Tensor\] but received <class 'str'>"):
         ts_pt.save("x")

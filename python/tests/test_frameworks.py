@@ -121,6 +121,12 @@ def check(module, tmp_path):
     theirs = ref.save(comparable, metadata={"framework": module})
     assert ours.save({k: convert(v) for k, v in arrays.items() if k in comparable}, metadata={"framework": module}) == theirs
 
+    # A filename that is not set is an error, as in the reference, not a
+    # save into bytes that are thrown away.
+    for lib in (ours, ref):
+        with pytest.raises(TypeError, match="^argument 'filename': expected str, bytes or os.PathLike object, not NoneType$"):
+            lib.save_file({"w": convert(np.zeros(2, np.float32))}, None)
+
     ours_path, ref_path = tmp_path / "ours.safetensors", tmp_path / "ref.safetensors"
     ours.save_file(tensors, ours_path)
     assert ours_path.read_bytes() == ours.save(tensors)
@@ -165,6 +171,16 @@ def check(module, tmp_path):
         small = ours.save({"w": paddle.to_tensor([1.0, 2.0])})
         for device in ("cpu", paddle.CPUPlace(), None):
             assert str(ours.load(small, device=device)["w"].place) == str(ref.load(small, device=device)["w"].place) == "Place(cpu)"
+        # A bare "cuda" or "gpu": paddle's own answer (its ValueError in a
+        # CPU build), not a crash inside its device parser.
+        for device in ("cuda", "gpu"):
+            outcomes = []
+            for lib in (ours, ref):
+                try:
+                    outcomes.append(str(lib.load(small, device=device)["w"].place))
+                except Exception as e:
+                    outcomes.append(type(e).__name__)
+            assert outcomes[0] == outcomes[1], (device, outcomes)
     if module == "mlx":
         import ml_dtypes
 
