@@ -1,7 +1,9 @@
 //! `tensafe diff A B`: tensors added, removed, or changed in dtype, shape or
-//! content. Either side may be a safetensors file or a torch checkpoint
-//! (read with the non-executing converter), so a conversion can be proven
-//! against its source.
+//! content, and, between two safetensors files or checkpoints, metadata
+//! entries. Either side may be a safetensors file or checkpoint (a
+//! directory or index, local or remote) or a torch checkpoint (read with the
+//! non-executing converter), so a conversion can be proven against its
+//! source.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -36,11 +38,32 @@ struct Tensor<'a> {
 
 type Tensors<'a> = BTreeMap<String, Tensor<'a>>;
 
-/// Calls `f` with the tensors of `path`: a safetensors file if it parses as
-/// one, else a torch checkpoint; or a URL of a safetensors file or checkpoint.
-fn with_tensors<R>(path: &Path, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Result<R, String> {
+/// What one side of the comparison holds.
+struct Side<'a> {
+    /// "safetensors" or "torch checkpoint".
+    kind: &'static str,
+    tensors: Tensors<'a>,
+    /// A safetensors file's `__metadata__` (a checkpoint's first shard's);
+    /// `None` for a torch checkpoint, which has none to compare.
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+impl<'a> Side<'a> {
+    fn safetensors(tensors: Tensors<'a>, header: Option<&tensafe::Header>) -> Side<'a> {
+        let metadata = header.and_then(tensafe::Header::metadata).map(|m| m.iter().cloned().collect()).unwrap_or_default();
+        Side { kind: "safetensors", tensors, metadata: Some(metadata) }
+    }
+}
+
+/// Calls `f` with what `path` holds: a safetensors checkpoint (directory
+/// or index), a safetensors file if it parses as one, else a torch
+/// checkpoint; or a URL of a safetensors file or checkpoint.
+fn with_tensors<R>(path: &Path, f: impl FnOnce(&Side<'_>) -> R) -> Result<R, String> {
     if let Some(url) = crate::remote::url(path) {
         return with_remote_tensors(url, f);
+    }
+    if tensafe::is_checkpoint_path(path) {
+        return with_checkpoint_tensors(path, f);
     }
     let st_error = match MmapFile::open(path) {
         Ok(file) => {
@@ -48,7 +71,7 @@ fn with_tensors<R>(path: &Path, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Resu
                 .tensors()
                 .map(|(name, v)| (name.to_owned(), Tensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: Cow::Borrowed(v.data()) }))
                 .collect();
-            return Ok(f("safetensors", &tensors));
+            return Ok(f(&Side::safetensors(tensors, Some(file.header()))));
         }
         Err(e) => e,
     };
@@ -62,12 +85,29 @@ fn with_tensors<R>(path: &Path, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Resu
         .iter()
         .map(|(name, p)| (name.clone(), Tensor { dtype: p.dtype(), shape: p.shape().to_vec(), data: p.data() }))
         .collect();
-    Ok(f("torch checkpoint", &tensors))
+    Ok(f(&Side { kind: "torch checkpoint", tensors, metadata: None }))
+}
+
+/// Calls `f` with the tensors of a local sharded safetensors checkpoint
+/// (a directory or its index), each shard mapped.
+fn with_checkpoint_tensors<R>(path: &Path, f: impl FnOnce(&Side<'_>) -> R) -> Result<R, String> {
+    let checkpoint = tensafe::ShardedCheckpoint::open(path).map_err(|e| e.to_string())?;
+    let places: Vec<(usize, String, (usize, usize))> = checkpoint.iter().map(|(shard, name, info)| (shard, name.to_owned(), info.data_offsets)).collect();
+    let shards: Vec<MmapFile> = checkpoint.into_shards().into_iter().map(MmapFile::from_pread).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let tensors = places
+        .into_iter()
+        .map(|(shard, name, (begin, end))| {
+            let info = shards[shard].header().info(&name).expect("the checkpoint lists it in this shard");
+            let tensor = Tensor { dtype: info.dtype, shape: info.shape.clone(), data: Cow::Borrowed(&shards[shard].data()[begin..end]) };
+            (name, tensor)
+        })
+        .collect();
+    Ok(f(&Side::safetensors(tensors, shards.first().map(MmapFile::header))))
 }
 
 /// Calls `f` with the tensors of a remote safetensors file or sharded
 /// checkpoint, downloaded into memory (with concurrent range requests).
-fn with_remote_tensors<R>(url: &str, f: impl FnOnce(&str, &Tensors<'_>) -> R) -> Result<R, String> {
+fn with_remote_tensors<R>(url: &str, f: impl FnOnce(&Side<'_>) -> R) -> Result<R, String> {
     let checkpoint = RemoteCheckpoint::open(url, &RemoteOptions::default()).map_err(|e| e.to_string())?;
     let data = crate::remote::with_transfer_progress("download", || {
         checkpoint
@@ -86,7 +126,7 @@ fn with_remote_tensors<R>(url: &str, f: impl FnOnce(&str, &Tensors<'_>) -> R) ->
             (name.to_owned(), Tensor { dtype: info.dtype, shape: info.shape.clone(), data: Cow::Borrowed(&data[shard][begin..end]) })
         })
         .collect();
-    Ok(f("safetensors", &tensors))
+    Ok(f(&Side::safetensors(tensors, checkpoint.shards().first().map(|shard| shard.header()))))
 }
 
 #[derive(Serialize)]
@@ -95,17 +135,48 @@ struct Change {
     change: &'static str,
     detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    max_abs_difference: Option<f64>,
+    max_abs_difference: Option<Magnitude>,
+}
+
+/// The largest difference between two elements: exact for integers (an
+/// `f64` cannot tell 2^62 from 2^62 + 1), a float otherwise. In JSON a
+/// number, or `"inf"`/`"nan"`, which JSON numbers cannot be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Magnitude {
+    Int(u64),
+    Float(f64),
+}
+
+impl std::fmt::Display for Magnitude {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Magnitude::Int(i) => write!(f, "{i}"),
+            Magnitude::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+impl Serialize for Magnitude {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Magnitude::Int(i) => serializer.serialize_u64(i),
+            Magnitude::Float(x) if x.is_nan() => serializer.serialize_str("nan"),
+            Magnitude::Float(x) if x.is_infinite() => serializer.serialize_str("inf"),
+            Magnitude::Float(x) => serializer.serialize_f64(x),
+        }
+    }
 }
 
 /// Runs the subcommand. Exit codes: 0 same tensors (names, dtypes, shapes
-/// and bytes); 1 differences; 2 a file could not be read.
+/// and bytes) and, between safetensors sides, the same metadata; 1
+/// differences; 2 a file could not be read.
 pub fn run(args: &DiffArgs) -> ExitCode {
-    let result = with_tensors(&args.a, |kind_a, a| {
-        with_tensors(&args.b, |kind_b, b| {
+    let result = with_tensors(&args.a, |a| {
+        with_tensors(&args.b, |b| {
             let changes = compare(a, b);
-            let identical = a.keys().filter(|k| b.contains_key(*k)).count() - changes.iter().filter(|c| c.change != "added" && c.change != "removed").count();
-            (kind_a.to_owned(), a.len(), kind_b.to_owned(), b.len(), changes, identical)
+            let changed = changes.iter().filter(|c| matches!(c.change, "dtype" | "shape" | "content")).count();
+            let identical = a.tensors.keys().filter(|k| b.tensors.contains_key(*k)).count() - changed;
+            (a.kind, a.tensors.len(), b.kind, b.tensors.len(), changes, identical)
         })
     })
     .and_then(|inner| inner);
@@ -133,14 +204,16 @@ pub fn run(args: &DiffArgs) -> ExitCode {
                 "removed" => "-",
                 _ => "~",
             };
-            say!("{mark} {:<8} {}  {}", c.change, c.name, c.detail);
+            say!("{mark} {:<8} {}  {}", c.change, tensafe::Printable(&c.name), c.detail);
         }
         say!("{identical} identical tensors, {} differences", changes.len());
     }
     if changes.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
-fn compare(a: &Tensors<'_>, b: &Tensors<'_>) -> Vec<Change> {
+fn compare(a: &Side<'_>, b: &Side<'_>) -> Vec<Change> {
+    let (a_meta, b_meta) = (&a.metadata, &b.metadata);
+    let (a, b) = (&a.tensors, &b.tensors);
     let mut out = Vec::new();
     for (name, ta) in a {
         let Some(tb) = b.get(name) else {
@@ -167,6 +240,22 @@ fn compare(a: &Tensors<'_>, b: &Tensors<'_>) -> Vec<Change> {
             out.push(Change { name: name.clone(), change: "added", detail: format!("{} {:?}", tb.dtype.code(), tb.shape), max_abs_difference: None });
         }
     }
+    // Loaders read metadata too (transformers checks `format`). A torch
+    // checkpoint has none to compare with a conversion's.
+    if let (Some(a_meta), Some(b_meta)) = (a_meta, b_meta) {
+        let keys: std::collections::BTreeSet<&String> = a_meta.keys().chain(b_meta.keys()).collect();
+        for key in keys {
+            let shown = |value: &String| format!("{:?}", tensafe::Printable(value).to_string());
+            let detail = match (a_meta.get(key), b_meta.get(key)) {
+                (Some(x), Some(y)) if x == y => continue,
+                (Some(x), Some(y)) => format!("{} → {}", shown(x), shown(y)),
+                (Some(x), None) => format!("{} removed", shown(x)),
+                (None, Some(y)) => format!("{} added", shown(y)),
+                (None, None) => unreachable!("a key of either map"),
+            };
+            out.push(Change { name: key.clone(), change: "metadata", detail, max_abs_difference: None });
+        }
+    }
     out
 }
 
@@ -182,8 +271,25 @@ fn f16_to_f64(h: u16) -> f64 {
     }
 }
 
-/// Decodes element `i` as a number, for the dtypes where that is simple.
-fn element(dtype: Dtype, d: &[u8], i: usize) -> Option<f64> {
+/// Decodes element `i` of an integer dtype (bool included) exactly.
+fn integer(dtype: Dtype, d: &[u8], i: usize) -> Option<i128> {
+    let w = dtype.bits() / 8;
+    let b = d.get(i * w..(i + 1) * w)?;
+    Some(match dtype {
+        Dtype::I64 => i64::from_le_bytes(b.try_into().ok()?).into(),
+        Dtype::I32 => i32::from_le_bytes(b.try_into().ok()?).into(),
+        Dtype::I16 => i16::from_le_bytes(b.try_into().ok()?).into(),
+        Dtype::I8 => (b[0] as i8).into(),
+        Dtype::U64 => u64::from_le_bytes(b.try_into().ok()?).into(),
+        Dtype::U32 => u32::from_le_bytes(b.try_into().ok()?).into(),
+        Dtype::U16 => u16::from_le_bytes(b.try_into().ok()?).into(),
+        Dtype::U8 | Dtype::Bool => b[0].into(),
+        _ => return None,
+    })
+}
+
+/// Decodes element `i` of a float dtype, for those where that is simple.
+fn float(dtype: Dtype, d: &[u8], i: usize) -> Option<f64> {
     let w = dtype.bits() / 8;
     let b = d.get(i * w..(i + 1) * w)?;
     Some(match dtype {
@@ -191,14 +297,6 @@ fn element(dtype: Dtype, d: &[u8], i: usize) -> Option<f64> {
         Dtype::F32 => f32::from_le_bytes(b.try_into().ok()?) as f64,
         Dtype::F16 => f16_to_f64(u16::from_le_bytes(b.try_into().ok()?)),
         Dtype::BF16 => f32::from_bits((u16::from_le_bytes(b.try_into().ok()?) as u32) << 16) as f64,
-        Dtype::I64 => i64::from_le_bytes(b.try_into().ok()?) as f64,
-        Dtype::I32 => i32::from_le_bytes(b.try_into().ok()?) as f64,
-        Dtype::I16 => i16::from_le_bytes(b.try_into().ok()?) as f64,
-        Dtype::I8 => b[0] as i8 as f64,
-        Dtype::U64 => u64::from_le_bytes(b.try_into().ok()?) as f64,
-        Dtype::U32 => u32::from_le_bytes(b.try_into().ok()?) as f64,
-        Dtype::U16 => u16::from_le_bytes(b.try_into().ok()?) as f64,
-        Dtype::U8 | Dtype::Bool => b[0] as f64,
         _ => return None,
     })
 }
@@ -210,7 +308,7 @@ fn larger(a: f64, b: f64) -> f64 {
 }
 
 /// (differing elements, element count, max abs difference where defined).
-fn content_difference(dtype: Dtype, a: &[u8], b: &[u8]) -> (usize, usize, Option<f64>) {
+fn content_difference(dtype: Dtype, a: &[u8], b: &[u8]) -> (usize, usize, Option<Magnitude>) {
     if dtype.bits() < 8 {
         // Packed elements (F4: two a byte; F6: four in three bytes), compared
         // as fields of `bits` bits, lowest bits first.
@@ -220,36 +318,25 @@ fn content_difference(dtype: Dtype, a: &[u8], b: &[u8]) -> (usize, usize, Option
         let differing = (0..n).filter(|e| (e * bits..(e + 1) * bits).any(bit)).count();
         return (differing, n, None);
     }
-    if dtype == Dtype::C64 {
-        let n = a.len() / 8;
-        let mut max = 0f64;
-        let mut differing = 0;
-        for i in 0..n {
-            let part = |d: &[u8], k: usize| f32::from_le_bytes(d[k..k + 4].try_into().expect("4 bytes")) as f64;
-            let (re, im) = (part(a, i * 8) - part(b, i * 8), part(a, i * 8 + 4) - part(b, i * 8 + 4));
-            if a[i * 8..i * 8 + 8] != b[i * 8..i * 8 + 8] {
-                differing += 1;
-                max = larger(max, re.hypot(im));
-            }
-        }
-        return (differing, n, Some(max));
-    }
-    let width = dtype.bits().max(8) / 8;
+    let width = dtype.bits() / 8;
     let n = a.len() / width;
-    let decodable = element(dtype, a, 0).is_some() || n == 0;
-    let mut max = 0f64;
-    let mut differing = 0;
-    for i in 0..n {
-        if a[i * width..(i + 1) * width] == b[i * width..(i + 1) * width] {
-            continue;
-        }
-        differing += 1;
-        if let (Some(x), Some(y)) = (element(dtype, a, i), element(dtype, b, i)) {
-            let d = (x - y).abs();
-            max = larger(max, d);
-        }
-    }
-    (differing, n, decodable.then_some(max))
+    let differs = |i: usize| a[i * width..(i + 1) * width] != b[i * width..(i + 1) * width];
+    let differing: Vec<usize> = (0..n).filter(|&i| differs(i)).collect();
+    let max = if dtype == Dtype::C64 {
+        let part = |d: &[u8], k: usize| f32::from_le_bytes(d[k..k + 4].try_into().expect("4 bytes")) as f64;
+        let gap = |i: usize| (part(a, i * 8) - part(b, i * 8)).hypot(part(a, i * 8 + 4) - part(b, i * 8 + 4));
+        Some(Magnitude::Float(differing.iter().map(|&i| gap(i)).fold(0.0, larger)))
+    } else if integer(dtype, &[0; 8], 0).is_some() {
+        // |x - y| of two 64-bit integers fits 64 bits unsigned.
+        let gap = |i: usize| (integer(dtype, a, i).expect("an element") - integer(dtype, b, i).expect("an element")).unsigned_abs() as u64;
+        Some(Magnitude::Int(differing.iter().map(|&i| gap(i)).max().unwrap_or(0)))
+    } else if float(dtype, &[0; 8], 0).is_some() {
+        let gap = |i: usize| (float(dtype, a, i).expect("an element") - float(dtype, b, i).expect("an element")).abs();
+        Some(Magnitude::Float(differing.iter().map(|&i| gap(i)).fold(0.0, larger)))
+    } else {
+        None
+    };
+    (differing.len(), n, max)
 }
 
 #[cfg(test)]
@@ -268,15 +355,31 @@ mod tests {
     fn content_differences_measure_the_largest_gap() {
         let a: Vec<u8> = [1.0f32, 2.0, 3.0].iter().flat_map(|f| f.to_le_bytes()).collect();
         let b: Vec<u8> = [1.0f32, 2.5, 1.0].iter().flat_map(|f| f.to_le_bytes()).collect();
-        assert_eq!(content_difference(Dtype::F32, &a, &b), (2, 3, Some(2.0)));
+        assert_eq!(content_difference(Dtype::F32, &a, &b), (2, 3, Some(Magnitude::Float(2.0))));
         assert_eq!(content_difference(Dtype::F8E4M3, &[1, 2], &[1, 3]), (1, 2, None));
         // A NaN stays the answer whatever comes after it.
         let nan_first: Vec<u8> = [f32::NAN, 2.0, 5.0].iter().flat_map(|f| f.to_le_bytes()).collect();
         let (differing, n, max) = content_difference(Dtype::F32, &a, &nan_first);
-        assert!((differing, n) == (2, 3) && max.unwrap().is_nan());
+        assert!((differing, n) == (2, 3) && matches!(max, Some(Magnitude::Float(x)) if x.is_nan()));
         // F4 packs two elements a byte: elements are counted, not bytes.
         assert_eq!(content_difference(Dtype::F4, &[0x12, 0x34], &[0x13, 0x34]), (1, 4, None));
         assert_eq!(content_difference(Dtype::F4, &[0x12], &[0x21]), (2, 2, None));
         assert_eq!(content_difference(Dtype::F6E2M3, &[0, 0, 0x80], &[0, 0, 0]), (1, 4, None));
+    }
+
+    #[test]
+    fn integer_differences_are_exact() {
+        let i64s = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (a, b) = (i64s(&[1 << 62, 5]), i64s(&[(1 << 62) + 1, 5]));
+        assert_eq!(content_difference(Dtype::I64, &a, &b), (1, 2, Some(Magnitude::Int(1))));
+        let (a, b) = (i64s(&[i64::MIN]), i64s(&[i64::MAX]));
+        assert_eq!(content_difference(Dtype::I64, &a, &b), (1, 1, Some(Magnitude::Int(u64::MAX))));
+        let (a, b) = (0u64.to_le_bytes(), u64::MAX.to_le_bytes());
+        assert_eq!(content_difference(Dtype::U64, &a, &b), (1, 1, Some(Magnitude::Int(u64::MAX))));
+        assert_eq!(content_difference(Dtype::I8, &[0x80], &[0x7f]), (1, 1, Some(Magnitude::Int(255))));
+        // In JSON: integers as numbers, non-finite floats as strings.
+        let json = |m: Magnitude| serde_json::to_string(&m).unwrap();
+        assert_eq!(json(Magnitude::Int(u64::MAX)), "18446744073709551615");
+        assert_eq!((json(Magnitude::Float(f64::INFINITY)), json(Magnitude::Float(f64::NAN))), ("\"inf\"".into(), "\"nan\"".into()));
     }
 }

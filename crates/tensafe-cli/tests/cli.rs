@@ -157,6 +157,47 @@ fn names_with_control_characters_are_read_and_shown_escaped() {
 }
 
 #[test]
+fn diff_compares_metadata_exact_integers_and_local_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let save = |name: &str, big: i64, format: &str| {
+        let (ints, floats) = (big.to_le_bytes(), [0u8; 4096]);
+        let tensors = [
+            ("big", RawTensor { dtype: Dtype::I64, shape: &[1], data: &ints }),
+            ("w", RawTensor { dtype: Dtype::F32, shape: &[1024], data: &floats }),
+        ];
+        let metadata = std::collections::BTreeMap::from([("format".to_owned(), format.to_owned())]);
+        tensafe::serialize_to_file(tensors, Some(&metadata), dir.path().join(name)).unwrap();
+    };
+    save("a.safetensors", 1 << 62, "pt");
+    save("b.safetensors", (1 << 62) + 1, "pt");
+    save("np.safetensors", 1 << 62, "np");
+
+    // An f64 cannot tell 2^62 from 2^62 + 1: the difference is exact.
+    let out = tensafe(&["diff", &path("a.safetensors"), &path("b.safetensors")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("1 of 1 elements differ, max abs difference 1"), "{}", stdout(&out));
+
+    // Metadata is compared, between safetensors sides.
+    let out = tensafe(&["diff", &path("a.safetensors"), &path("np.safetensors")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains(r#"~ metadata format  "pt" → "np""#), "{}", stdout(&out));
+    let out = tensafe(&["diff", &path("a.safetensors"), &path("np.safetensors"), "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["changes"][0]["change"], "metadata");
+
+    // A local sharded checkpoint, by its directory or its index.
+    let reshard = tensafe(&["reshard", &path("a.safetensors"), &path("sharded"), "--max-shard-size", "2KB"]);
+    assert!(reshard.status.success(), "{}", String::from_utf8_lossy(&reshard.stderr));
+    assert!(dir.path().join("sharded/model.safetensors.index.json").exists());
+    for checkpoint in [path("sharded"), path("sharded/model.safetensors.index.json")] {
+        let out = tensafe(&["diff", &checkpoint, &path("a.safetensors")]);
+        assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+        assert!(stdout(&out).contains("2 identical tensors, 0 differences"), "{}", stdout(&out));
+    }
+}
+
+#[test]
 fn messages_escape_what_they_quote_once() {
     let dir = tempfile::tempdir().unwrap();
     // verify's error quotes the tensor's name, escaped by the core.
