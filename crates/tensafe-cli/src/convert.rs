@@ -131,7 +131,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         // A "directory" URL gets `model.safetensors` in it, like a local folder.
         Some(url) if url.ends_with('/') => convert_to_url(&input, &format!("{url}{}", tensafe::SINGLE_FILE), &options),
         Some(url) => convert_to_url(&input, url, &options),
-        None => tensafe_pickle::convert_file(&input, &output, &options).map_err(|e| format!("refused: {e}")).and_then(|report| {
+        None => tensafe_pickle::convert_file(&input, &output, &options).map_err(|e| failure(&e)).and_then(|report| {
             // Into a folder: an earlier checkpoint's index or shards there
             // would hide the new file.
             match into_dir.then(|| tensafe::remove_stale_files(&args.output, &[tensafe::SINGLE_FILE.to_owned()], false)) {
@@ -183,8 +183,17 @@ fn convert_to_url(input: &Path, url: &str, options: &ConvertOptions) -> Result<C
 }
 
 fn fail(e: &tensafe_pickle::Error) -> ExitCode {
-    say_err!("tensafe convert: refused: {e}");
+    say_err!("tensafe convert: {}", failure(e));
     ExitCode::FAILURE
+}
+
+/// What went wrong: the input refused, or the output not written (which
+/// says nothing about the input).
+fn failure(e: &tensafe_pickle::Error) -> String {
+    match e {
+        tensafe_pickle::Error::Write(_) => format!("writing the output: {e}"),
+        _ => format!("refused: {e}"),
+    }
 }
 
 fn print_details(r: &ConvertReport) {

@@ -84,6 +84,12 @@ fn convert_writes_or_refuses_and_diff_proves_it() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("max abs difference 2"));
     assert_eq!(run(&["diff"], &[&output, &dir.path().join("missing")]).status.code(), Some(2));
 
+    // An output that cannot be written is said to be that, not a refusal of the input.
+    let out = run(&["convert"], &[&input, &dir.path().join("missing").join("m.safetensors")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tensafe convert: writing the output:") && !stderr.contains("refused"), "{stderr}");
+
     // A hostile file is refused and nothing is written.
     let evil = dir.path().join("evil.pt");
     std::fs::write(&evil, b"\x80\x02cposix\nsystem\nX\x02\x00\x00\x00idq\x00\x85R.").unwrap();
