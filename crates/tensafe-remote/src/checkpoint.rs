@@ -117,7 +117,7 @@ fn invalid(url: &str, reason: String) -> RemoteError {
 fn read_small(url: &RemoteUrl, options: &RemoteOptions, counter: &Counter) -> Result<Vec<u8>> {
     let store = store_for(url, options)?;
     let counters = [counter.clone(), options.counter.clone()];
-    let object = Object { url: url.as_str(), store: store.as_ref(), path: url.object_path(), size: 0, etag: None, counters: &counters };
+    let object = Object { url: url.as_str(), store: store.as_ref(), path: url.object_path(), size: 0, version: None, counters: &counters };
     block_on(async {
         let probe = Probe::new(counters.to_vec(), options.max_retry_after);
         let get = GetOptions { extensions: probe.extensions(), ..GetOptions::default() };

@@ -67,12 +67,15 @@ pub enum RemoteError {
         /// The range asked for.
         range: Range<u64>,
     },
-    /// The server answered a range request with the whole object (200
-    /// instead of 206). The body is dropped unread.
-    #[error("{url}: the server ignores HTTP Range requests (it answered 200 with the whole object instead of 206 Partial Content); tensafe refuses to download the whole object to read part of it; serve the file from a server with range support (S3-compatible stores, nginx, Apache, …)")]
+    /// The server answered a range request with something else than the
+    /// range: the whole object (200 instead of 206), or another success
+    /// status. The body is dropped unread.
+    #[error("{url}: the server ignores HTTP Range requests (it answered {} instead of 206 Partial Content); tensafe refuses to download the whole object to read part of it; serve the file from a server with range support (S3-compatible stores, nginx, Apache, …)", if *status == 200 { "200 with the whole object".to_owned() } else { status.to_string() })]
     RangeIgnored {
         /// The URL.
         url: String,
+        /// The status it answered with.
+        status: u16,
     },
     /// The object changed (another ETag or size) between opening it and
     /// reading from it.

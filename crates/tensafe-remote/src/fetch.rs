@@ -32,10 +32,41 @@ pub(crate) struct Object<'a> {
     pub store: &'a dyn ObjectStore,
     pub path: &'a Path,
     pub size: u64,
-    /// Sent as `If-Match` so a replaced object is noticed, not mixed in.
-    pub etag: Option<&'a str>,
+    /// The version opened, checked on every answer and sent as a condition
+    /// (`If-Match`, `If-Unmodified-Since`), so that a replaced object is
+    /// noticed, not mixed in.
+    pub version: Option<&'a Version>,
     /// Where this object's traffic is counted (besides the process total).
     pub counters: &'a [Counter],
+}
+
+/// What tells one version of an object from another: its ETag, or where
+/// the server sends none, its Last-Modified time (whole seconds: a file
+/// replaced within the same second by one of the same size goes unseen).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Version {
+    ETag(String),
+    LastModified(chrono::DateTime<chrono::Utc>),
+}
+
+impl Version {
+    /// The version an answer names, if any (object_store gives the Unix
+    /// epoch for a missing Last-Modified).
+    pub(crate) fn of(meta: &object_store::ObjectMeta) -> Option<Version> {
+        match &meta.e_tag {
+            Some(etag) => Some(Version::ETag(etag.clone())),
+            None if meta.last_modified.timestamp() != 0 => Some(Version::LastModified(meta.last_modified)),
+            None => None,
+        }
+    }
+
+    /// The ETag, if that is what this version is known by.
+    pub(crate) fn etag(&self) -> Option<&str> {
+        match self {
+            Version::ETag(etag) => Some(etag),
+            Version::LastModified(_) => None,
+        }
+    }
 }
 
 /// `len` bytes at `offset` of object `object` go to `dst_offset`.
@@ -281,15 +312,19 @@ async fn fetch_once(object: &Object<'_>, job: &mut Job<'_>, probe: &Probe, progr
     // If-Match compares strongly, so a weak ETag (W/"…") would never match.
     let options = GetOptions {
         range: Some(GetRange::Bounded(range.clone())),
-        if_match: object.etag.filter(|etag| !etag.starts_with("W/")).map(str::to_owned),
+        if_match: object.version.and_then(Version::etag).filter(|etag| !etag.starts_with("W/")).map(str::to_owned),
+        if_unmodified_since: match object.version {
+            Some(Version::LastModified(at)) => Some(*at),
+            _ => None,
+        },
         extensions: probe.extensions(),
         ..GetOptions::default()
     };
     let result = object.store.get_opts(object.path, options).await.map_err(Failure::Store)?;
-    // A server that ignores If-Match (or a weak ETag) still names the version
-    // it sent: bytes of another version are never mixed with this one's.
-    // So does a new total size in Content-Range, with or without ETags.
-    if result.meta.size != object.size || object.etag.is_some_and(|expected| result.meta.e_tag.as_deref() != Some(expected)) {
+    // A server that ignores the condition (or a weak ETag) still names the
+    // version it sent: bytes of another version are never mixed with this
+    // one's. So does a new total size in Content-Range, whatever else.
+    if result.meta.size != object.size || object.version.is_some_and(|expected| Version::of(&result.meta).as_ref() != Some(expected)) {
         return Err(Failure::Changed { size: result.meta.size });
     }
     if result.range != range {
@@ -344,13 +379,14 @@ fn scatter(targets: &mut [(u64, &mut [u8])], next: &mut usize, at: u64, bytes: &
 pub(crate) fn classify(e: object_store::Error, probe: &Probe, object: &Object<'_>, range: Range<u64>) -> RemoteError {
     let url = object.url.to_owned();
     if probe.range_ignored() || matches!(e, object_store::Error::NotSupported { .. }) {
-        return RemoteError::RangeIgnored { url };
+        let status = if probe.range_ignored() { 200 } else { probe.last_status() };
+        return RemoteError::RangeIgnored { url, status };
     }
     let status = probe.last_status();
     match e {
         _ if status == 416 => RemoteError::RangeNotSatisfiable { url, range },
-        object_store::Error::Precondition { .. } if object.etag.is_some() => changed(url, object, object.size),
-        _ if status == 412 && object.etag.is_some() => changed(url, object, object.size),
+        object_store::Error::Precondition { .. } if object.version.is_some() => changed(url, object, object.size),
+        _ if status == 412 && object.version.is_some() => changed(url, object, object.size),
         e => classify_status(url, e, Some(probe)),
     }
 }
@@ -378,11 +414,12 @@ pub(crate) fn classify_status(url: String, e: object_store::Error, probe: Option
 }
 
 /// The object is no longer the one that was opened: its size is now
-/// `size`, or (same size) its ETag no longer matches.
+/// `size`, or (same size) its version no longer matches.
 fn changed(url: String, object: &Object<'_>, size: u64) -> RemoteError {
-    let change = match object.etag {
+    let change = match object.version {
         _ if size != object.size => format!("it has {size} bytes now, {} when it was opened", object.size),
-        Some(etag) => format!("it is no longer the version with ETag {}", tensafe::Printable(etag)),
+        Some(Version::ETag(etag)) => format!("it is no longer the version with ETag {}", tensafe::Printable(etag)),
+        Some(Version::LastModified(at)) => format!("it is no longer the version last modified at {}", at.to_rfc2822()),
         None => "it is another version now".to_owned(),
     };
     RemoteError::Changed { url, change }
@@ -395,7 +432,7 @@ mod tests {
     use object_store::RetryConfig;
 
     fn object<'a>(store: &'a InMemory, path: &'a Path, size: u64) -> Object<'a> {
-        Object { url: "memory:///x", store, path, size, etag: None, counters: &[] }
+        Object { url: "memory:///x", store, path, size, version: None, counters: &[] }
     }
 
     fn piece(offset: u64, dst_offset: usize, len: usize) -> Piece {

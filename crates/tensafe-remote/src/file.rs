@@ -10,7 +10,7 @@ use object_store::{GetOptions, GetRange, ObjectStore};
 use tensafe::{Header, SlicePlan};
 
 use crate::error::{ClientError, RemoteError, Result};
-use crate::fetch::{classify, read_pieces, Object, Piece, Tries};
+use crate::fetch::{classify, read_pieces, Object, Piece, Tries, Version};
 use crate::store::{block_on, store_for, RemoteUrl};
 use crate::traffic::{Counter, Probe, Traffic};
 use crate::RemoteOptions;
@@ -19,16 +19,17 @@ use crate::RemoteOptions;
 ///
 /// Opening reads the header alone, in one range request (two when the
 /// header is longer than [`RemoteOptions::first_read`]). Reads after that
-/// send `If-Match` with the object's ETag (when the server gave one), so an
-/// object replaced in the meantime is an error ([`RemoteError::Changed`])
-/// rather than a mix of old header and new data.
+/// send `If-Match` with the object's ETag, or where the server sent none
+/// `If-Unmodified-Since` with its Last-Modified time, and check the version
+/// each answer names, so an object replaced in the meantime is an error
+/// ([`RemoteError::Changed`]) rather than a mix of old header and new data.
 #[derive(Debug)]
 pub struct RemoteFile {
     url: RemoteUrl,
     store: Arc<dyn ObjectStore>,
     header: Header,
     size: u64,
-    etag: Option<String>,
+    version: Option<Version>,
     options: RemoteOptions,
     /// This file's counter, then the caller's ([`RemoteOptions::counter`]).
     counters: [Counter; 2],
@@ -71,8 +72,8 @@ impl RemoteFile {
         let store = store_for(&url, options)?;
         let counters = [Counter::new(), options.counter.clone()];
         let name = url.to_string();
-        let object = |size, etag| Object { url: &name, store: store.as_ref(), path: url.object_path(), size, etag, counters: &counters };
-        let (prefix, size, etag) = RemoteFile::first_bytes(&object(0, None), &url, options).await?;
+        let object = |size, version| Object { url: &name, store: store.as_ref(), path: url.object_path(), size, version, counters: &counters };
+        let (prefix, size, version) = RemoteFile::first_bytes(&object(0, None), &url, options).await?;
         let format = |e| RemoteError::format(&name, e);
         let n = Header::header_len(&prefix, size, &options.read_options).map_err(format)?;
         let header = if 8 + n <= prefix.len() {
@@ -83,15 +84,15 @@ impl RemoteFile {
             let have = prefix.len() - 8;
             json[..have].copy_from_slice(&prefix[8..]);
             let piece = Piece { object: 0, offset: prefix.len() as u64, dst_offset: 0, len: n - have };
-            read_pieces(&[object(size, etag.as_deref())], &[piece], &mut json[have..], options, None).await?;
+            read_pieces(&[object(size, version.as_ref())], &[piece], &mut json[have..], options, None).await?;
             Header::parse(&json, size).map_err(format)?
         };
-        Ok(RemoteFile { url, store, header, size, etag, options: options.clone(), counters })
+        Ok(RemoteFile { url, store, header, size, version, options: options.clone(), counters })
     }
 
     /// First request: the start of the file, which tells its size (from
-    /// Content-Range) and ETag too. A body of the wrong length is retried.
-    async fn first_bytes(object: &Object<'_>, url: &RemoteUrl, options: &RemoteOptions) -> Result<(Bytes, u64, Option<String>)> {
+    /// Content-Range) and version too. A body of the wrong length is retried.
+    async fn first_bytes(object: &Object<'_>, url: &RemoteUrl, options: &RemoteOptions) -> Result<(Bytes, u64, Option<Version>)> {
         let first_len = options.first_read.max(8) as u64;
         let mut tries = Tries::new(options);
         loop {
@@ -101,7 +102,7 @@ impl RemoteFile {
             let mut body = Vec::new();
             let once = async {
                 let first = object.store.get_opts(object.path, get).await?;
-                let (size, etag) = (first.meta.size, first.meta.e_tag.clone());
+                let (size, version) = (first.meta.size, Version::of(&first.meta));
                 let mut stream = first.into_stream();
                 let mut failure = None;
                 while let Some(bytes) = stream.next().await {
@@ -118,9 +119,9 @@ impl RemoteFile {
                         }
                     }
                 }
-                Ok::<_, object_store::Error>((failure, size, etag))
+                Ok::<_, object_store::Error>((failure, size, version))
             };
-            let (failure, size, etag) = match tries.attempt(once).await {
+            let (failure, size, version) = match tries.attempt(once).await {
                 Some(Ok(answer)) => answer,
                 Some(Err(e)) => return Err(RemoteFile::first_error(classify(e, &probe, object, 0..first_len), &probe, url, object.store, options).await),
                 None => {
@@ -131,7 +132,7 @@ impl RemoteFile {
             let expected = first_len.min(size);
             let received = body.len() as u64;
             if failure.is_none() && received == expected {
-                return Ok((Bytes::from(body), size, etag));
+                return Ok((Bytes::from(body), size, version));
             }
             if !tries.wait().await {
                 let (url, range, attempts) = (url.to_string(), 0..expected, tries.attempts);
@@ -187,7 +188,7 @@ impl RemoteFile {
 
     /// The object's ETag when opened, if the server sent one.
     pub fn etag(&self) -> Option<&str> {
-        self.etag.as_deref()
+        self.version.as_ref().and_then(Version::etag)
     }
 
     /// The options the file was opened with.
@@ -206,7 +207,7 @@ impl RemoteFile {
             store: self.store.as_ref(),
             path: self.url.object_path(),
             size: self.size,
-            etag: self.etag.as_deref(),
+            version: self.version.as_ref(),
             counters: &self.counters,
         }
     }

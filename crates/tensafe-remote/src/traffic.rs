@@ -181,6 +181,12 @@ struct Instrumented {
 /// whole body into its error message; a hostile server could send gigabytes).
 const ERROR_BODY_LIMIT: u64 = 16 << 10;
 
+/// Most bytes of a successful answer to a request that is not a GET (an
+/// upload's XML: S3's CreateMultipartUpload and CompleteMultipartUpload
+/// answers take under a KiB), which object_store reads whole into memory;
+/// past it the answer is an error. GETs are bounded by what they ask for.
+const ANSWER_BODY_LIMIT: u64 = 1 << 20;
+
 /// Longest `Retry-After` that is honoured when no probe says otherwise.
 const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
 
@@ -189,6 +195,7 @@ impl HttpService for Instrumented {
     async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let probe = request.extensions().get::<Probe>().cloned();
         let ranged = request.headers().contains_key(http::header::RANGE);
+        let reads_object = request.method() == http::Method::GET;
         let sent_to = request.uri().clone();
         let body_bytes = request.body().content_length() as u64;
         GLOBAL.add_request(body_bytes);
@@ -241,8 +248,12 @@ impl HttpService for Instrumented {
             }
         }
         let (parts, body) = response.into_parts();
-        let left = if status.is_client_error() || status.is_server_error() { ERROR_BODY_LIMIT } else { u64::MAX };
-        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(CountingBody { inner: Some(body), probe, left })))
+        let (left, past_limit) = match () {
+            _ if status.is_client_error() || status.is_server_error() => (ERROR_BODY_LIMIT, PastLimit::Cut),
+            _ if !reads_object => (ANSWER_BODY_LIMIT, PastLimit::Fail),
+            _ => (u64::MAX, PastLimit::Cut),
+        };
+        Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(CountingBody { inner: Some(body), probe, left, past_limit })))
     }
 }
 
@@ -274,12 +285,22 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 /// A response body that counts its data bytes as they are received, and
-/// ends after `left` bytes (the rest is dropped unread with the connection).
+/// stops after `left` bytes (the rest is dropped unread with the connection).
 struct CountingBody {
     /// `None` once the limit is reached.
     inner: Option<HttpResponseBody>,
     probe: Option<Probe>,
     left: u64,
+    past_limit: PastLimit,
+}
+
+/// What a body longer than its limit becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PastLimit {
+    /// Cut at the limit (an error's text: its start says enough).
+    Cut,
+    /// An error (an answer that must be read whole to be understood).
+    Fail,
 }
 
 impl Body for CountingBody {
@@ -297,6 +318,11 @@ impl Body for CountingBody {
             GLOBAL.add_bytes(n);
             if let Some(p) = &this.probe {
                 p.add_bytes(n);
+            }
+            if n > this.left && this.past_limit == PastLimit::Fail {
+                this.inner = None;
+                let message = format!("the server's answer has more than {ANSWER_BODY_LIMIT} bytes, far more than this request's answer takes");
+                return Poll::Ready(Some(Err(HttpError::new(HttpErrorKind::Decode, std::io::Error::other(message)))));
             }
             if n >= this.left {
                 // Cut where a character starts, so that a UTF-8 body stays
@@ -372,7 +398,7 @@ mod tests {
     fn error_bodies_end_at_the_limit_on_a_character_boundary() {
         // 16 KiB of "é" (2 bytes each) after one "x": the limit falls inside a character.
         let text: String = std::iter::once('x').chain(std::iter::repeat_n('é', 20_000)).collect();
-        let mut body = CountingBody { inner: Some(HttpResponseBody::from(Bytes::from(text))), probe: None, left: ERROR_BODY_LIMIT };
+        let mut body = CountingBody { inner: Some(HttpResponseBody::from(Bytes::from(text))), probe: None, left: ERROR_BODY_LIMIT, past_limit: PastLimit::Cut };
         let mut read = Vec::new();
         crate::store::block_on(async {
             while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {

@@ -283,6 +283,24 @@ fn faults_are_retried_or_reported_never_returned() {
         assert_eq!(proxy.seen().len(), 1, "{fault:?} was retried");
     }
 
+    // No ETag: the Last-Modified time tells versions apart, sent as
+    // If-Unmodified-Since and checked on every answer.
+    proxy.reset();
+    proxy.set_steady(Some(Fault::NoETag));
+    let dated = RemoteFile::open_with(&url, &fast_retries(3)).unwrap();
+    assert_eq!(dated.etag(), None);
+    assert_eq!(read(&dated).unwrap(), expected);
+    assert!(proxy.seen().iter().skip(1).all(|seen| seen.head.to_ascii_lowercase().contains("if-unmodified-since")), "{:?}", proxy.seen());
+    proxy.set_steady(Some(Fault::NoETagOtherDate));
+    let replaced = read(&dated).unwrap_err();
+    assert!(matches!(*replaced, RemoteError::Changed { .. }) && replaced.to_string().contains("last modified at"), "{replaced}");
+
+    // An answer with another success status than 206 is named as it is.
+    proxy.reset();
+    proxy.set_steady(Some(Fault::NoContent));
+    let text = read(&file).unwrap_err().to_string();
+    assert!(text.contains("it answered 204 instead of 206"), "{text}");
+
     // Weak ETags: compared as given, never sent in If-Match (which compares
     // strongly, so every read would fail).
     proxy.reset();

@@ -308,3 +308,62 @@ fn seaweedfs_takes_uploads_byte_identical_to_local_saves() {
     let read_only = tensafe_remote::serialize_to_url(small.iter().map(Tensor::raw), None, "http://127.0.0.1:1/x.safetensors", &options).unwrap_err();
     assert!(matches!(read_only, RemoteError::ReadOnly { .. }), "{read_only}");
 }
+
+/// An endpoint that answers every request with `200 OK` and a body of
+/// `len` bytes (zeros), whatever was asked; returns its port. The
+/// requests it answered are counted in the returned counter.
+fn answering_everything_with(len: u64) -> (u16, std::sync::Arc<AtomicU64>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answered = std::sync::Arc::new(AtomicU64::new(0));
+    let count = answered.clone();
+    std::thread::spawn(move || {
+        for mut client in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                // The request head (a small body may follow; it is not needed).
+                let mut head = [0u8; 64 << 10];
+                let _ = client.read(&mut head);
+                let _ = write!(client, "HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
+                let block = vec![b' '; 1 << 20];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(block.len() as u64);
+                    if client.write_all(&block[..n as usize]).is_err() {
+                        return; // the client stopped reading
+                    }
+                    left -= n;
+                }
+            });
+        }
+    });
+    (port, answered)
+}
+
+// object_store reads the answers to upload requests (the XML of
+// CreateMultipartUpload and CompleteMultipartUpload) whole into memory: a
+// hostile endpoint answering with gigabytes took gigabytes. An answer to a
+// request that is not a GET is refused past 1 MiB.
+#[test]
+fn an_upload_answer_is_bounded() {
+    let (port, answered) = answering_everything_with(256 << 20);
+    let options = RemoteOptions {
+        storage_options: vec![
+            ("aws_endpoint".into(), format!("http://127.0.0.1:{port}")),
+            ("aws_access_key_id".into(), "key".into()),
+            ("aws_secret_access_key".into(), "secret".into()),
+            ("aws_region".into(), "us-east-1".into()),
+            ("aws_allow_http".into(), "true".into()),
+        ],
+        part_bytes: 5 << 20,
+        retry: object_store::RetryConfig { max_retries: 1, ..Default::default() },
+        ..RemoteOptions::default()
+    };
+    // 8 MiB: a multipart upload, whose first request's answer is read.
+    let mut large = common::mixed_tensors();
+    large.push(Tensor::new("big.weight", Dtype::F32, &[2 << 20], 9));
+    let error = tensafe_remote::serialize_to_url(large.iter().map(Tensor::raw), None, "s3://bucket/x.safetensors", &options).unwrap_err();
+    assert!(error.to_string().contains("more than 1048576 bytes"), "{error}");
+    assert!(answered.load(Ordering::SeqCst) >= 1);
+}

@@ -56,6 +56,13 @@ pub enum Fault {
     /// Answer `307 Temporary Redirect` to the same path on `origin`
     /// (`http://host:port`).
     Redirect { origin: String },
+    /// Answer `204 No Content`.
+    NoContent,
+    /// Pass it on without its ETag (its Last-Modified kept), as a server
+    /// that sends no ETags.
+    NoETag,
+    /// As `NoETag`, with another Last-Modified time: another version.
+    NoETagOtherDate,
 }
 
 /// What the proxy saw of one request.
@@ -195,6 +202,7 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
             let body = format!("injected status {code}");
             return write!(client, "HTTP/1.1 {code} Injected\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
         }
+        Fault::NoContent => return write!(client, "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"),
         Fault::Redirect { origin } => {
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             return write!(client, "HTTP/1.1 307 Temporary Redirect\r\nLocation: {origin}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -232,7 +240,11 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
         client.flush()
     };
     match fault {
-        Fault::None | Fault::Reset | Fault::Unavailable { .. } | Fault::Status(_) | Fault::HostileStatus { .. } | Fault::Redirect { .. } => send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body),
+        Fault::None | Fault::Reset | Fault::Unavailable { .. } | Fault::Status(_) | Fault::HostileStatus { .. } | Fault::Redirect { .. } | Fault::NoContent => {
+            send(&mut client, &format!("Content-Length: {}\r\n", body.len()), body)
+        }
+        Fault::NoETag => send_without_etag(&mut client, &base, body, None),
+        Fault::NoETagOtherDate => send_without_etag(&mut client, &base, body, Some("Tue, 02 Jan 2024 00:00:00 GMT")),
         Fault::OtherETag => {
             let base = without(&base, &["etag"]);
             client.write_all(base.as_bytes())?;
@@ -276,6 +288,19 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: &Shared) -> std::io::
         Fault::HugeContentRange => send_content_range(&mut client, &up_head, body, |a, _, total| format!("bytes {a}-{}/{total}", u64::MAX)),
         Fault::OtherTotal => send_content_range(&mut client, &up_head, body, |a, b, total| format!("bytes {a}-{b}/{}", total + 1)),
     }
+}
+
+/// Sends the upstream answer (`base`: its status and headers, without
+/// Connection and Content-Length) without its ETag, and with
+/// `last_modified` instead of its Last-Modified if given.
+fn send_without_etag(client: &mut TcpStream, base: &str, body: &[u8], last_modified: Option<&str>) -> std::io::Result<()> {
+    let dropped: &[&str] = if last_modified.is_some() { &["etag", "last-modified"] } else { &["etag"] };
+    client.write_all(without(base, dropped).as_bytes())?;
+    if let Some(date) = last_modified {
+        write!(client, "Last-Modified: {date}\r\n")?;
+    }
+    write!(client, "Content-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+    client.write_all(body)
 }
 
 /// Sends the upstream answer with its Content-Range `bytes A-B/TOTAL`
