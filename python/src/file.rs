@@ -467,8 +467,17 @@ impl File {
                 self.header().data_len()
             )));
         }
+        // A file in memory is copied from a Rust slice of it, which `dst`
+        // (a `&mut` of its own) must not share bytes with.
+        if let (Source::Memory { .. }, Some(data)) = (&self.source, self.source.data()) {
+            let start = data.as_ptr() as usize;
+            if ptr < start + data.len() && start < ptr + len {
+                return Err(PyValueError::new_err("read_data_into's buffer must not share memory with the file's bytes"));
+            }
+        }
         py.detach(|| {
-            // SAFETY: the buffer export is held for the duration of the call.
+            // SAFETY: the buffer export is held for the duration of the call,
+            // and it is apart from a source in memory (checked above).
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
             self.read_data(offset, dst, direct, None)
         })

@@ -601,6 +601,22 @@ def test_staging_pipeline_can_go_direct_by_itself_only_when_cold(page_cache_cont
     assert stats.direct_bytes == 0
 
 
+def test_a_read_into_the_bytes_it_reads_from_is_refused():
+    from tensafe._tensafe_rust import File
+
+    raw = bytearray(ts_pt.save({"x": torch.arange(1024, dtype=torch.int32)}))
+    file = File.from_bytes(raw)
+    view = memoryview(raw)
+    # Overlapping the file's own bytes (by one byte, or inside them): refused.
+    for dst in (view[file.data_start - 1 : file.data_start + 15], view[-16:]):
+        with pytest.raises(ValueError, match="must not share memory"):
+            file.read_data_into(0, dst)
+    # Apart from them: read.
+    out = bytearray(16)
+    file.read_data_into(0, out)
+    assert bytes(out) == bytes(raw[file.data_start : file.data_start + 16])
+
+
 def test_progress_true_draws_a_bar_and_bad_progress_is_refused(tmp_path, capsys):
     path = tmp_path / "bar.safetensors"
     ts_pt.save_file({"x": torch.zeros(3 * 2**20)}, path)
