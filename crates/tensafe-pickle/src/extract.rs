@@ -120,7 +120,7 @@ pub fn extract(heap: &Heap, root: &Value, options: &ExtractOptions, limits: &Lim
     match selected {
         Some((path, value)) => {
             w.out.root = path.clone();
-            w.walk(&value, "", &path)?;
+            w.walk(&value, "")?;
             // Everything beside the root: reported, or converted when it is
             // optimizer state and that was asked for.
             if let Some(d) = top_dict
@@ -145,11 +145,11 @@ pub fn extract(heap: &Heap, root: &Value, options: &ExtractOptions, limits: &Lim
                     if OPTIMIZER_KEYS.contains(&name.as_str()) {
                         w.beside(&name, v)?;
                     } else {
-                        w.walk(v, &name, &name)?;
+                        w.walk(v, &name)?;
                     }
                 }
             } else {
-                w.walk(root, "", "")?;
+                w.walk(root, "")?;
             }
         }
         None => {
@@ -261,7 +261,7 @@ impl Walker<'_> {
         if !self.holds_tensor(v) {
             self.out.non_tensors.push((name.to_owned(), v.clone()));
         } else if OPTIMIZER_KEYS.contains(&name) && self.options.include_optimizer {
-            self.walk(v, name, name)?;
+            self.walk(v, name)?;
         } else if OPTIMIZER_KEYS.contains(&name) {
             let n = self.count_new_tensors(v);
             self.out.skipped.push((name.to_owned(), format!("optimizer state with {n} tensors (pass --include-optimizer to keep it)")));
@@ -287,8 +287,8 @@ impl Walker<'_> {
         Ok(join(parent, part))
     }
 
-    /// Walks `v`, naming tensors `prefix.<…>`; `path` is for messages.
-    fn walk(&mut self, v: &Value, prefix: &str, _path: &str) -> Result<()> {
+    /// Walks `v`, naming tensors `prefix.<…>`.
+    fn walk(&mut self, v: &Value, prefix: &str) -> Result<()> {
         let mut todo: Vec<(Value, String, usize)> = vec![(v.clone(), prefix.to_owned(), 0)];
         let mut paths = 0usize;
         while let Some((v, name, depth)) = todo.pop() {
