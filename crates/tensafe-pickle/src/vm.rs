@@ -1118,7 +1118,16 @@ impl<'a, 'h> Vm<'a, 'h> {
     /// joblib does, scanning the nested pickle, so that the rest of the
     /// stream is scanned too (scan mode only: convert refuses the import).
     fn skip_joblib_array(&mut self, wrapper: ObjId, state: &Value) -> Result<()> {
-        let (count, itemsize, padded) = joblib_layout(self.heap, state).map_err(|m| self.err(format!("joblib array: {m}")))?;
+        let (count, itemsize, padded) = match joblib_layout(self.heap, state) {
+            Ok(layout) => layout,
+            Err(m) => {
+                // joblib would step over some number of bytes and go on
+                // unpickling; not knowing how many, the rest is not scanned,
+                // and what numpy reads differently from this is a crafted file.
+                self.flag(Severity::Dangerous, "joblib", format!("joblib array whose layout this does not read as numpy does: {m}"))?;
+                return Err(self.err(format!("joblib array: {m}")));
+            }
+        };
         if let Some(end) = self.frame_end.take()
             && self.pos != end
         {
@@ -1482,20 +1491,61 @@ fn joblib_layout(heap: &Heap, state: &Value) -> std::result::Result<(u64, Option
         let dim = dim.as_int().filter(|&d| d >= 0).ok_or("a shape entry is not a non-negative int")?;
         n.checked_mul(dim as u64).ok_or("the element count overflows")
     })?;
-    // numpy.dtype(code, False, True) with BUILD state (…, elsize, alignment, flags).
+    // numpy.dtype(code, False, True) with BUILD state (version, byte order,
+    // subarray, names, fields, elsize, alignment, flags), as numpy's
+    // `dtype.__reduce__` writes it.
     let Some(Object::Opaque(dtype)) = get("dtype").and_then(|v| heap.object(v)) else { return Err("no dtype object".into()) };
     let code = heap.tuple(&dtype.args).and_then(|a| a.first()).and_then(Value::as_str).ok_or("the dtype has no type code")?;
-    let elsize = dtype.states.first().and_then(|s| heap.tuple(s)).and_then(|t| t.get(5)).and_then(Value::as_int).filter(|&e| e > 0);
-    let code = code.trim_start_matches(['<', '>', '=', '|']);
-    let itemsize = if code.starts_with('O') {
-        None
-    } else {
-        let digits = code.trim_start_matches(|c: char| c.is_ascii_alphabetic());
-        let size = elsize.map(|e| e as u64).or_else(|| digits.parse().ok()).ok_or_else(|| format!("dtype code {code:?} has no element size"))?;
-        Some(size)
+    let state = dtype.states.first().and_then(|s| heap.tuple(s));
+    let field = |i: usize| state.and_then(|t| t.get(i));
+    if [2, 3, 4].into_iter().any(|i| field(i).is_some_and(|v| !matches!(v, Value::None))) {
+        return Err(format!("dtype {code:?} has a subarray or fields"));
+    }
+    let elsize = field(5).and_then(Value::as_int).filter(|&e| e > 0);
+    // NPY_ITEM_REFCOUNT: the elements hold Python objects, whatever the code says.
+    let holds_objects = field(7).and_then(Value::as_int).is_some_and(|flags| flags & 1 != 0);
+    let itemsize = match numpy_reduce_code(code) {
+        Some(NumpyCode::Objects) => None,
+        _ if holds_objects => return Err(format!("dtype {code:?} is flagged as holding objects")),
+        Some(NumpyCode::Fixed(size)) => Some(size),
+        // Strings and void: the state's element size is the size.
+        Some(NumpyCode::Flexible) => Some(elsize.ok_or_else(|| format!("dtype {code:?} has no element size in its state"))? as u64),
+        None => return Err(format!("dtype code {code:?} is not one numpy's pickling writes")),
     };
     let padded = get("numpy_array_alignment_bytes").is_some_and(|v| !matches!(v, Value::None));
     Ok((count, itemsize, padded))
+}
+
+/// What a dtype code in numpy's pickling form (`dtype.__reduce__`: a kind
+/// letter and the element size, e.g. `f8`, `u1`, `O8`, `U20`, after an
+/// optional byte-order character) says about its elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NumpyCode {
+    /// Raw elements of this many bytes.
+    Fixed(u64),
+    /// Strings or void: the size is the state's.
+    Flexible,
+    /// Python objects (a nested pickle in joblib's files).
+    Objects,
+}
+
+/// The codes numpy's pickling writes, and nothing else: numpy takes many
+/// other spellings (`uint8`, `object`, `d`), and one read wrongly here is
+/// an array stepped over by the wrong number of bytes.
+fn numpy_reduce_code(code: &str) -> Option<NumpyCode> {
+    let code = code.strip_prefix(['<', '>', '=', '|']).unwrap_or(code);
+    let (kind, size) = code.split_at_checked(1)?;
+    let fixed = |sizes: &[&str]| sizes.contains(&size).then(|| NumpyCode::Fixed(size.parse().expect("digits")));
+    match kind {
+        "b" => fixed(&["1"]),
+        "i" | "u" => fixed(&["1", "2", "4", "8"]),
+        "f" => fixed(&["2", "4", "8", "16"]),
+        "c" => fixed(&["8", "16", "32"]),
+        "M" | "m" => fixed(&["8"]),
+        "O" => matches!(size, "" | "4" | "8").then_some(NumpyCode::Objects),
+        "S" | "U" | "V" => (!size.is_empty() && size.bytes().all(|b| b.is_ascii_digit())).then_some(NumpyCode::Flexible),
+        _ => None,
+    }
 }
 
 /// Opcode names, as `pickletools` spells them.

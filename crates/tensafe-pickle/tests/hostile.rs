@@ -897,7 +897,12 @@ fn scan_reports_every_event_with_severity() {
 /// include a STOP byte) between the wrapper's BUILD and the next opcode, as
 /// joblib writes them. `declared` is the array length in the wrapper state.
 fn joblib_stream(declared: i64, payload: impl FnOnce(Asm) -> Asm) -> Vec<u8> {
-    let asm = array_wrapper(Asm::new().proto(2).empty_dict().mark().str("w"), declared, "f8")
+    joblib_stream_typed("f8", 0, declared, payload)
+}
+
+/// [`joblib_stream`] with the array's dtype code and the flags of its state.
+fn joblib_stream_typed(code: &str, flags: i64, declared: i64, payload: impl FnOnce(Asm) -> Asm) -> Vec<u8> {
+    let asm = array_wrapper(Asm::new().proto(2).empty_dict().mark().str("w"), declared, code)
         .mark()
         .int(3)
         .str("<")
@@ -906,7 +911,7 @@ fn joblib_stream(declared: i64, payload: impl FnOnce(Asm) -> Asm) -> Vec<u8> {
         .none()
         .int(-1)
         .int(-1)
-        .int(0)
+        .int(flags)
         .tuple()
         .build()
         .str("numpy_array_alignment_bytes")
@@ -941,6 +946,26 @@ fn array_wrapper(asm: Asm, len: i64, dtype: &str) -> Asm {
         .op(0x88)
         .tuple()
         .reduce()
+}
+
+// numpy takes many spellings of a dtype (`uint8`, `object`, `d`); joblib
+// steps over `count × itemsize` bytes as numpy sizes them. A code read
+// wrongly here would step over the wrong bytes (`uint8` read as 8 bytes an
+// element hid a payload joblib ran), so only the codes numpy's pickling
+// writes are read, and an array flagged as holding objects is one.
+#[test]
+fn joblib_dtypes_numpy_would_size_otherwise_are_dangerous() {
+    let c = Canary::new();
+    for (code, flags) in [("uint8", 0), ("d", 0), ("object", 0), ("f8", 63), ("<i3", 0)] {
+        let bytes = joblib_stream_typed(code, flags, 3, |a| a.system_call(&c.marker()));
+        let r = dangerous(&bytes);
+        assert!(r.pickles.iter().any(|p| p.report.anomalies.iter().any(|a| a.kind == "joblib")), "{code}: {:?}", r.pickles[0].report.anomalies);
+    }
+    // What numpy writes is read (8-byte elements: the stream holds 24 bytes): decoded to the end.
+    for code in ["f8", "<f8", "i8", "u8", "c8", "M8", "m8"] {
+        let r = scan(&joblib_stream_typed(code, 0, 3, |a| a.int(1)));
+        assert!(r.pickles.iter().all(|p| p.report.error.is_none()), "{code}: {:?}", r.pickles[0].report.error);
+    }
 }
 
 // joblib (PICKLE.md §10): raw array bytes inside the stream must not end the
