@@ -760,7 +760,7 @@ impl<'o> Scanner<'o> {
             return;
         };
         let payload = &bytes[data_start..];
-        match npy_descr(&header) {
+        match canonical_npy_descr(&header) {
             // Raw elements: np.load unpickles nothing.
             Some(descr) if is_plain_npy_type(descr) => {}
             Some(descr) if is_object_npy_type(descr) => {
@@ -785,20 +785,26 @@ impl<'o> Scanner<'o> {
     }
 }
 
-/// The `descr` of a `.npy` header when it is one plainly quoted type string
-/// (`{'descr': '<f4', …}`); `None` for anything else (a list of fields,
-/// escapes, a key given twice, adjacent literals), which the caller must
-/// not take for plain data.
-fn npy_descr(header: &str) -> Option<&str> {
-    if header.contains('\\') || header.matches("descr").count() != 1 {
-        return None;
-    }
-    let at = header.find("descr")?;
-    let after_key = header[at + 5..].strip_prefix(['\'', '"'])?.trim_start().strip_prefix(':')?.trim_start();
-    let quote = after_key.chars().next().filter(|c| *c == '\'' || *c == '"')?;
-    let value = &after_key[1..];
-    let end = value.find(quote)?;
-    value[end + 1..].trim_start().starts_with([',', '}']).then(|| &value[..end])
+/// The `descr` of a `.npy` header written as numpy writes it, and nothing
+/// else: `{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }`,
+/// padded with spaces, ending with a newline. numpy reads the header with
+/// `ast.literal_eval`, so any other text (adjacent literals that join into
+/// the key, a comment holding a decoy `descr`, escapes, a key given twice)
+/// may say something else to it than to a reader of the text: `None`, and
+/// the caller does not take the payload for plain data.
+fn canonical_npy_descr(header: &str) -> Option<&str> {
+    let body = header.strip_suffix('\n')?.trim_end_matches(' ');
+    let rest = body.strip_prefix("{'descr': '")?;
+    let (descr, rest) = rest.split_once('\'')?;
+    let rest = rest.strip_prefix(", 'fortran_order': ")?;
+    let rest = rest.strip_prefix("False").or_else(|| rest.strip_prefix("True"))?;
+    let (dims, rest) = rest.strip_prefix(", 'shape': (")?.split_once(')')?;
+    let number = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    let dims_ok = match dims.strip_suffix(',') {
+        Some(one) => number(one),
+        None => dims.is_empty() || dims.split(", ").all(number),
+    };
+    (dims_ok && rest == ", }" && !descr.contains('\\')).then_some(descr)
 }
 
 /// A numpy type string of raw elements: bool, ints, floats, complex,

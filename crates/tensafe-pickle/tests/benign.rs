@@ -177,7 +177,11 @@ fn strided_views_match_a_naive_index_loop() {
 fn numpy_files_are_scanned_by_content() {
     fn npy(descr: &str, payload: &[u8]) -> Vec<u8> {
         // `descr` as Python writes it: a quoted type string, or a list of fields.
-        let mut header = format!("{{'descr': {descr}, 'fortran_order': False, 'shape': (1,), }}");
+        npy_with_header(&format!("{{'descr': {descr}, 'fortran_order': False, 'shape': (1,), }}"), payload)
+    }
+    /// A version 1.0 `.npy` file: `dict` padded as numpy pads it, then `payload`.
+    fn npy_with_header(dict: &str, payload: &[u8]) -> Vec<u8> {
+        let mut header = dict.to_owned();
         while (10 + header.len() + 1) % 64 != 0 {
             header.push(' ');
         }
@@ -200,6 +204,19 @@ fn numpy_files_are_scanned_by_content() {
     for descr in spellings.iter().chain(&fields) {
         let r = scan_bytes(&npy(descr, &evil), "b.npy", &ScanOptions::default());
         assert_eq!(r.verdict, Verdict::Dangerous, "{descr}");
+    }
+    // numpy reads the header with ast.literal_eval: adjacent literals join
+    // into the key `descr`, and a comment may hold a decoy for a reader of
+    // the text. Only numpy's own layout is read; any other has its payload
+    // scanned.
+    let commented = npy_with_header("{'de' 'scr': '|O', 'fortran_order': False, 'shape': (), } # 'descr': '<f4',", &evil);
+    assert_eq!(scan_bytes(&commented, "c.npy", &ScanOptions::default()).verdict, Verdict::Dangerous);
+    // numpy's layouts for 0-d, 1-d and n-d arrays and Fortran order are read as plain data.
+    for (order, shape) in [("False", "()"), ("False", "(3,)"), ("True", "(2, 3)"), ("False", "(0, 5, 1)")] {
+        // The payload is raw bytes to numpy: never unpickled.
+        let file = npy_with_header(&format!("{{'descr': '<f4', 'fortran_order': {order}, 'shape': {shape}, }}"), &evil);
+        let r = scan_bytes(&file, "p.npy", &ScanOptions::default());
+        assert_eq!(r.verdict, Verdict::Safe, "{shape}: {:?}", r.findings);
     }
     // numpy's npz reader goes by the magic: an object array under another name.
     let hidden = Zip::new(vec![Entry::new("a.npy", &plain), Entry::new("x.bin", &npy("'|O'", &evil))]).build();
