@@ -672,10 +672,24 @@ impl<'o> Scanner<'o> {
             }
             let size_text = String::from_utf8_lossy(&h[124..136]);
             let Ok(size) = u64::from_str_radix(size_text.trim_matches(|c: char| c == '\0' || c == ' '), 8) else {
-                r.fail(format!("tar: bad size field for `{name}` at offset {at}"));
+                // Base-256 and other forms tarfile reads: where the next
+                // header is, and so what torch extracts, is not known here.
+                r.finding(Severity::Dangerous, "tar", format!("member `{name}` at offset {at} has a size field this does not read as Python's tarfile does; the rest was not scanned"));
                 return;
             };
             let kind = h[156];
+            // tarfile extracts unknown types as regular files, takes a
+            // directory's data to be none whatever its size says, and lets
+            // PAX and GNU headers change the next member's name and size:
+            // only regular members and empty directories are walked as
+            // tarfile walks them.
+            if !matches!(kind, b'0' | 0 | b'1' | b'2') && !(kind == b'5' && size == 0) {
+                r.finding(
+                    Severity::Dangerous,
+                    "tar",
+                    format!("member `{name}` at offset {at} is of type {:?} (size {size}), which this does not read as Python's tarfile does: what torch extracts may differ from what was scanned", kind as char),
+                );
+            }
             let data_start = at + 512;
             let Some(data_end) = (data_start as u64).checked_add(size).filter(|&e| e <= bytes.len() as u64) else {
                 r.fail(format!("tar: member `{name}` runs past the end of the file"));

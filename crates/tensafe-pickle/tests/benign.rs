@@ -182,7 +182,7 @@ fn numpy_files_are_scanned_by_content() {
     /// A version 1.0 `.npy` file: `dict` padded as numpy pads it, then `payload`.
     fn npy_with_header(dict: &str, payload: &[u8]) -> Vec<u8> {
         let mut header = dict.to_owned();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(' ');
         }
         header.push('\n');

@@ -811,6 +811,36 @@ fn class29_tar() {
     assert!(r.findings.iter().any(|f| f.detail.contains("escapes")));
     assert!(imports(&r).contains(&"posix.system".to_string()));
 
+    // Members tarfile reads otherwise than a plain walk: an unknown type
+    // (extracted as a regular file), a directory with a size (tarfile reads
+    // the next header right after it), a PAX header (it sets the next
+    // member's size), a base-256 size. Each is dangerous; a benign archive
+    // of regular members and an empty directory is not.
+    let benign = || {
+        let mut tar = member("archive", b'5', b"");
+        tar.extend(member("sys_info", b'0', &Asm::new().proto(2).empty_dict().stop().finish()));
+        tar
+    };
+    let mut plain = benign();
+    plain.extend(vec![0; 1024]);
+    assert!(scan(&plain).findings.iter().all(|f| f.severity < Severity::Dangerous), "{:?}", scan(&plain).findings);
+    for (kind, data) in [(b'7', &b"x"[..]), (b'Z', b"x"), (b'5', b"hidden"), (b'x', b"30 size=1000\n"), (b'L', b"longname")] {
+        let mut tar = benign();
+        tar.extend(member("odd", kind, data));
+        tar.extend(vec![0; 1024]);
+        let r = dangerous(&tar);
+        assert!(r.findings.iter().any(|f| f.detail.contains("does not read as Python's tarfile does")), "{}: {:?}", kind as char, r.findings);
+    }
+    let mut base256 = member("storages", b'0', b"");
+    base256[124] = 0x80;
+    base256[148..156].fill(b' ');
+    let checksum: u32 = base256[..512].iter().map(|&b| u32::from(b)).sum();
+    base256[148..156].copy_from_slice(format!("{checksum:06o}\0 ").as_bytes());
+    let mut tar = benign();
+    tar.extend(base256);
+    tar.extend(vec![0; 1024]);
+    assert!(dangerous(&tar).findings.iter().any(|f| f.detail.contains("size field")));
+
     // Tar's magic with a wrong checksum: tarfile refuses the header and torch
     // unpickles the file from its first byte, so that is what is scanned.
     let mut posing = evil.clone();
