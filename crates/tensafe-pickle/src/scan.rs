@@ -683,7 +683,8 @@ impl<'o> Scanner<'o> {
             // PAX and GNU headers change the next member's name and size:
             // only regular members and empty directories are walked as
             // tarfile walks them.
-            if !matches!(kind, b'0' | 0 | b'1' | b'2') && !(kind == b'5' && size == 0) {
+            let walked = matches!(kind, b'0' | 0 | b'1' | b'2') || (kind == b'5' && size == 0);
+            if !walked {
                 r.finding(
                     Severity::Dangerous,
                     "tar",
