@@ -42,27 +42,40 @@ pub fn detect(bytes: &[u8]) -> Kind {
         Kind::Tar
     } else if bytes.starts_with(b"\x93NUMPY") {
         Kind::Npy
-    } else if bytes.starts_with(b"\x1f\x8b") {
-        Kind::Wrapper("gzip")
-    } else if bytes.starts_with(b"7z\xbc\xaf\x27\x1c") {
-        Kind::Wrapper("7z")
-    } else if is_bzip2(bytes) {
-        Kind::Wrapper("bzip2")
-    } else if bytes.starts_with(b"\xfd7zXZ\x00") {
-        Kind::Wrapper("xz")
-    } else if bytes.starts_with(b"\x28\xb5\x2f\xfd") {
-        Kind::Wrapper("zstd")
-    } else if bytes.starts_with(b"\x04\x22\x4d\x18") {
-        Kind::Wrapper("lz4")
-    } else if is_zlib(bytes) {
-        Kind::Wrapper("zlib")
-    } else if bytes.starts_with(b"\x5d\x00\x00") {
-        // The .lzma ("alone") header joblib writes: properties byte 0x5d, then
-        // a little-endian dictionary size. As a pickle, `]` then 0x00 is invalid.
-        Kind::Wrapper("lzma")
+    } else if let Some(wrapper) = wrapper_kind(bytes) {
+        Kind::Wrapper(wrapper)
     } else {
         Kind::Stream
     }
+}
+
+/// The compressed format the file starts with, by its magic, if any.
+pub fn wrapper_kind(bytes: &[u8]) -> Option<&'static str> {
+    Some(if bytes.starts_with(b"\x1f\x8b") {
+        "gzip"
+    } else if bytes.starts_with(b"7z\xbc\xaf\x27\x1c") {
+        "7z"
+    } else if is_bzip2(bytes) {
+        "bzip2"
+    } else if bytes.starts_with(b"\xfd7zXZ\x00") {
+        "xz"
+    } else if bytes.starts_with(b"\x28\xb5\x2f\xfd") {
+        "zstd"
+    } else if bytes.starts_with(b"\x04\x22\x4d\x18") {
+        "lz4"
+    } else if is_zlib(bytes) {
+        "zlib"
+    } else if bytes.starts_with(b"ZF") {
+        // joblib's old compressed format, which joblib.load still reads
+        // (`ZF`: as a pickle, `Z` is no opcode).
+        "joblib zfile"
+    } else if bytes.starts_with(b"\x5d\x00\x00") {
+        // The .lzma ("alone") header joblib writes: properties byte 0x5d, then
+        // a little-endian dictionary size. As a pickle, `]` then 0x00 is invalid.
+        "lzma"
+    } else {
+        return None;
+    })
 }
 
 /// Whether the file starts as a bzip2 stream: `BZh`, a block size digit,

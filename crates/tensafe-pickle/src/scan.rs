@@ -186,17 +186,44 @@ pub fn scan_bytes(bytes: &[u8], name: &str, options: &ScanOptions) -> ScanReport
     r.finish()
 }
 
-/// The bytes inside a zlib stream or a single-member gzip file, refusing to
-/// inflate past `limit` bytes and checking the wrapper's checksum.
-fn inflate_wrapper(kind: &str, bytes: &[u8], limit: u64) -> Result<Vec<u8>, String> {
+/// What a compressed wrapper inflated to.
+struct Inflated {
+    /// The bytes, whole or as far as they inflated.
+    bytes: Vec<u8>,
+    /// Why they are not the whole, checked contents: a damaged stream or
+    /// checksum, or the inflate limit. A loader that inflates as it reads
+    /// (joblib) unpickles what came before, so that is scanned too.
+    problem: Option<String>,
+}
+
+/// The bytes inside a zlib stream, a single-member gzip file or joblib's
+/// old `ZF` file (`ZF`, the length in hex padded to 19 bytes, then zlib),
+/// inflating at most `limit` bytes and checking the wrapper's checksum.
+fn inflate_wrapper(kind: &str, bytes: &[u8], limit: u64) -> Inflated {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let too_big = |e: miniz_oxide::inflate::DecompressError| match e.status {
-        miniz_oxide::inflate::TINFLStatus::HasMoreOutput => format!("inflates past the limit of {limit} bytes"),
-        status => format!("corrupt compressed data ({status:?})"),
+    let inflated = |result: Result<Vec<u8>, miniz_oxide::inflate::DecompressError>| match result {
+        Ok(bytes) => Inflated { bytes, problem: None },
+        Err(e) => {
+            let problem = match e.status {
+                miniz_oxide::inflate::TINFLStatus::HasMoreOutput => format!("inflates past the limit of {limit} bytes"),
+                status => format!("corrupt compressed data ({status:?})"),
+            };
+            Inflated { bytes: e.output, problem: Some(problem) }
+        }
     };
-    if kind == "zlib" {
-        // Verifies the Adler-32 trailer.
-        return miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(bytes, limit).map_err(too_big);
+    let broken = |problem: &str| Inflated { bytes: Vec::new(), problem: Some(problem.to_owned()) };
+    match kind {
+        // Verifies the Adler-32 trailer; joblib's reader skips one more
+        // space after the header when there is one.
+        "zlib" => return inflated(miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(bytes, limit)),
+        "joblib zfile" => {
+            let at = if bytes.get(21) == Some(&b' ') { 22 } else { 21 };
+            return match bytes.get(at..) {
+                Some(body) => inflated(miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(body, limit)),
+                None => broken("truncated ZF header"),
+            };
+        }
+        _ => {}
     }
     // RFC 1952: a 10-byte header, optional fields, raw deflate, then CRC-32
     // and the length mod 2^32 of the inflated bytes.
@@ -204,32 +231,34 @@ fn inflate_wrapper(kind: &str, bytes: &[u8], limit: u64) -> Result<Vec<u8>, Stri
     const FEXTRA: u8 = 4;
     const FNAME: u8 = 8;
     const FCOMMENT: u8 = 16;
-    let truncated = || "truncated gzip header".to_string();
     if bytes.len() < 18 || bytes[2] != 8 {
-        return Err("not a deflate gzip member".into());
+        return broken("not a deflate gzip member");
     }
     let flags = bytes[3];
     let mut at = 10usize;
     if flags & FEXTRA != 0 {
-        let len = u16::from_le_bytes([*bytes.get(at).ok_or_else(truncated)?, *bytes.get(at + 1).ok_or_else(truncated)?]) as usize;
-        at += 2 + len;
+        let Some(len) = bytes.get(at..at + 2) else { return broken("truncated gzip header") };
+        at += 2 + u16::from_le_bytes([len[0], len[1]]) as usize;
     }
     for flag in [FNAME, FCOMMENT] {
         if flags & flag != 0 {
-            at += bytes.get(at..).ok_or_else(truncated)?.iter().position(|&b| b == 0).ok_or_else(truncated)? + 1;
+            match bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0)) {
+                Some(end) => at += end + 1,
+                None => return broken("truncated gzip header"),
+            }
         }
     }
     if flags & FHCRC != 0 {
         at += 2;
     }
-    let body = bytes.get(at..bytes.len() - 8).ok_or_else(truncated)?;
-    let out = miniz_oxide::inflate::decompress_to_vec_with_limit(body, limit).map_err(too_big)?;
+    let Some(body) = bytes.get(at..bytes.len() - 8) else { return broken("truncated gzip header") };
+    let mut out = inflated(miniz_oxide::inflate::decompress_to_vec_with_limit(body, limit));
     let trailer = &bytes[bytes.len() - 8..];
     let (crc, size) = (u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes")), u32::from_le_bytes(trailer[4..].try_into().expect("4 bytes")));
-    if crc32fast::hash(&out) != crc || out.len() as u32 != size {
-        return Err("the gzip trailer does not match the inflated bytes (corrupt, or more than one member)".into());
+    if out.problem.is_none() && (crc32fast::hash(&out.bytes) != crc || out.bytes.len() as u32 != size) {
+        out.problem = Some("the gzip trailer does not match the inflated bytes (corrupt, or more than one member)".into());
     }
-    Ok(out)
+    out
 }
 
 /// How to run one pickle in scan mode.
@@ -264,7 +293,12 @@ impl<'o> Scanner<'o> {
     /// detection order), into `r`; `unwrap`: whether a zlib or gzip wrapper
     /// is inflated and what it holds scanned.
     fn container(&mut self, bytes: &[u8], name: &str, unwrap: bool, r: &mut ScanReport) {
-        match container::detect(bytes) {
+        self.scan_as(container::detect(bytes), bytes, name, unwrap, r);
+    }
+
+    /// Scans `bytes` as a file of kind `kind`, into `r` ([`Scanner::container`]).
+    fn scan_as(&mut self, kind: Kind, bytes: &[u8], name: &str, unwrap: bool, r: &mut ScanReport) {
+        match kind {
             Kind::Zip => self.zip(bytes, r, true),
             Kind::Tar => {
                 self.tar(bytes, r);
@@ -272,27 +306,46 @@ impl<'o> Scanner<'o> {
                 // missing member), torch unpickles the file from its first byte.
                 // A real tar file is no pickle there (its first byte is a member name's).
                 self.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a tar archive", "what torch.load runs when the tar path fails", r);
+                // numpy.load and joblib.load go by magics of their own, which
+                // a tar header's first bytes (a member's name) can hold too.
+                let other = match container::wrapper_kind(bytes) {
+                    _ if bytes.starts_with(b"\x93NUMPY") => Some(("an .npy array, which np.load reads", Kind::Npy)),
+                    Some(wrapper) => Some(("a compressed file, which joblib.load unpacks and unpickles", Kind::Wrapper(wrapper))),
+                    None => None,
+                };
+                if let Some((what, kind)) = other {
+                    let mut view = ScanReport::new(name);
+                    self.scan_as(kind, bytes, name, unwrap, &mut view);
+                    r.finding(Severity::Dangerous, "polyglot", format!("a tar archive whose first bytes also make it {what} ({})", view.container));
+                    r.findings.extend(view.findings);
+                    r.pickles.extend(view.pickles);
+                    if let Some(e) = view.error {
+                        r.fail(format!("its other reading: {e}"));
+                    }
+                }
             }
             Kind::Npy => {
                 r.container = "npy".into();
                 self.npy(bytes, name, r);
             }
-            Kind::Wrapper(w @ ("zlib" | "gzip")) if unwrap => {
+            Kind::Wrapper(w @ ("zlib" | "gzip" | "joblib zfile")) if unwrap => {
                 // joblib's compressed files (`compress=3` is zlib), and anything
                 // else compressed whole (torch.load reads a checkpoint through
                 // `gzip.open` too): inflate within the inflate budget and scan
                 // what is inside as a file of its own, once (a wrapper inside is
                 // not opened).
-                match inflate_wrapper(w, bytes, self.options.limits.max_inflate) {
-                    Ok(inner) => {
-                        self.container(&inner, name, false, r);
-                        let inside = if r.container == "pickle" { "pickle stream" } else { &r.container };
-                        r.container = format!("{w}-compressed {inside}");
-                    }
-                    Err(e) => {
-                        r.fail(format!("{w} wrapper: {e}"));
-                        r.container = format!("{w}-compressed file");
-                    }
+                let inflated = inflate_wrapper(w, bytes, self.options.limits.max_inflate);
+                if let Some(problem) = &inflated.problem {
+                    r.fail(format!("{w} wrapper: {problem}"));
+                }
+                if inflated.bytes.is_empty() {
+                    r.container = format!("{w}-compressed file");
+                } else {
+                    // A damaged or cut stream too: joblib unpickles what it
+                    // inflated before it reaches the damage.
+                    self.container(&inflated.bytes, name, false, r);
+                    let inside = if r.container == "pickle" { "pickle stream" } else { &r.container };
+                    r.container = format!("{w}-compressed {inside}");
                 }
             }
             Kind::Wrapper(w) => {
@@ -319,7 +372,12 @@ impl<'o> Scanner<'o> {
                     self.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a safetensors file", "what pickle.load runs", r);
                 } else {
                     self.stream(bytes, name, r);
-                    if zip::has_end_record(bytes) {
+                    // An end record as zip readers find it (numpy's npz
+                    // reader takes a file starting `PK\x05\x06`, and zip tools
+                    // any file that ends as an archive), with data before the
+                    // archive or after its record: a zip view that parses.
+                    let zip_view = zip::has_end_record(bytes) || (zip::end_record(bytes).is_some() && zip::read(bytes, &self.options.limits).is_ok());
+                    if zip_view {
                         r.finding(
                             Severity::Dangerous,
                             "polyglot",

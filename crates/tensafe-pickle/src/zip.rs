@@ -69,9 +69,23 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 
 /// Whether the bytes contain an end-of-central-directory record whose
-/// comment reaches exactly the end: a zip another tool would open.
+/// comment reaches exactly the end: a zip any tool would open.
 pub fn has_end_record(bytes: &[u8]) -> bool {
     find_eocds(bytes).next().is_some()
+}
+
+/// The end-of-central-directory record as Python's `zipfile` (numpy's npz
+/// reader) and miniz (torch's) find it: a comment-less record in the last 22
+/// bytes, else the last signature in the last 64 KiB + 22 bytes that has a
+/// whole record after it, whatever its comment length says.
+pub fn end_record(bytes: &[u8]) -> Option<usize> {
+    let last = bytes.len().checked_sub(22)?;
+    if bytes[last..].starts_with(EOCD_SIG) && bytes[last + 20..] == [0, 0] {
+        return Some(last);
+    }
+    let start = bytes.len().saturating_sub(22 + 0xffff);
+    // Windows that start at `last` or before: a whole record after each.
+    bytes[start..last + 4].windows(4).rposition(|w| w == EOCD_SIG).map(|i| start + i)
 }
 
 fn find_eocds(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
@@ -89,14 +103,21 @@ fn find_eocds(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
 /// Parses the archive. `Err` when it cannot be read at all.
 pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     let mut problems = Vec::new();
-    let mut eocds = find_eocds(bytes);
-    let eocd = eocds.next().ok_or("no end-of-central-directory record (not a zip, or truncated)")?;
-    if let Some(other) = eocds.next() {
+    let eocd = end_record(bytes).ok_or("no end-of-central-directory record (not a zip, or truncated)")?;
+    if let Some(other) = find_eocds(bytes).find(|&other| other != eocd) {
         problems.push(format!("several end-of-central-directory records (at offsets {other} and {eocd})"));
     }
     let comment_len = u16_at(bytes, eocd + 20).unwrap_or(0);
     if comment_len > 0 {
         problems.push(format!("zip comment of {comment_len} bytes (torch writes none)"));
+    }
+    let comment_end = eocd + 22 + comment_len as usize;
+    if comment_end != bytes.len() {
+        // Python's zipfile and miniz take the record all the same.
+        problems.push(format!(
+            "the end record's {comment_len}-byte comment ends at {comment_end}, not at the end of the {}-byte file (zip readers take the archive anyway)",
+            bytes.len()
+        ));
     }
     let disk = u16_at(bytes, eocd + 4).ok_or("truncated end record")?;
     let cd_disk = u16_at(bytes, eocd + 6).ok_or("truncated end record")?;
@@ -147,9 +168,20 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     if count > limits.max_zip_entries as u64 {
         return Err(format!("{count} entries (limit {})", limits.max_zip_entries));
     }
-    let cd_end = cd_offset.checked_add(cd_size).ok_or("central directory overflows")?;
+    let mut cd_end = cd_offset.checked_add(cd_size).ok_or("central directory overflows")?;
     if cd_end > tail_start {
         return Err(format!("central directory [{cd_offset}, {cd_end}) runs past the end records at {tail_start}"));
+    }
+    // Bytes before the archive (a zip appended to another file): Python's
+    // zipfile shifts every offset by the gap between where the directory
+    // ends and where the end records start, and finds the archive.
+    let mut shift = 0u64;
+    let holds_directory = |offset: u64| usize::try_from(offset).ok().and_then(|o| bytes.get(o..o + 4)) == Some(CENTRAL_SIG);
+    if !holds_directory(cd_offset) && holds_directory(cd_offset + (tail_start - cd_end)) {
+        shift = tail_start - cd_end;
+        cd_offset += shift;
+        cd_end += shift;
+        problems.push(format!("the archive starts {shift} bytes into the file, after other data (zip readers shift its offsets and take it)"));
     }
     if cd_end != tail_start {
         problems.push(format!("{} unaccounted bytes between the central directory and the end records", tail_start - cd_end));
@@ -216,6 +248,7 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         if method == 0 && csize != usize_ {
             problems.push(format!("entry `{name}`: stored with {csize} bytes but declares {usize_}"));
         }
+        local = local.saturating_add(shift);
         // The local header: same name, same method; data follows it.
         let lh = usize::try_from(local)
             .ok()
@@ -267,10 +300,11 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         }
         by_name.insert(lower, i);
     }
-    // Entries, in file order, must tile [0, cd_offset): header, data, optional descriptor.
+    // Entries, in file order, must tile [shift, cd_offset): header, data,
+    // optional descriptor.
     let mut order: Vec<&Entry> = entries.iter().collect();
     order.sort_by_key(|e| e.local_offset);
-    let mut cursor = 0u64;
+    let mut cursor = shift;
     for e in order {
         if e.local_offset < cursor {
             problems.push(format!("entry `{}` overlaps the previous entry", e.name));

@@ -831,6 +831,19 @@ fn class29_tar() {
         let r = dangerous(&tar);
         assert!(r.findings.iter().any(|f| f.detail.contains("does not read as Python's tarfile does")), "{}: {:?}", kind as char, r.findings);
     }
+    // A tar header whose name starts with another loader's magic: joblib
+    // and numpy read the file as theirs.
+    for magic in [&b"ZF0x10               "[..], b"\x93NUMPY\x01\x00"] {
+        let mut tar = member(std::str::from_utf8(magic).unwrap_or("\u{93}NUMPY"), b'0', b"x");
+        tar[..magic.len()].copy_from_slice(magic);
+        tar[148..156].fill(b' ');
+        let checksum: u32 = tar[..512].iter().map(|&b| u32::from(b)).sum();
+        tar[148..156].copy_from_slice(format!("{checksum:06o}\0 ").as_bytes());
+        tar.extend(vec![0; 1024]);
+        assert_eq!(tensafe_pickle::detect(&tar), tensafe_pickle::Kind::Tar);
+        let r = dangerous(&tar);
+        assert!(r.findings.iter().any(|f| f.kind == "polyglot" && f.detail.contains("whose first bytes also make it")), "{:?}", r.findings);
+    }
     let mut base256 = member("storages", b'0', b"");
     base256[124] = 0x80;
     base256[148..156].fill(b' ');
@@ -1141,6 +1154,48 @@ fn what_a_wrapper_holds_is_scanned_as_a_file() {
     let r = scan(&twice);
     assert!(r.unsupported && r.container == "gzip-compressed gzip (compressed)", "{} {:?}", r.container, r.error);
     assert_ne!(r.verdict, Verdict::Safe);
+}
+
+// Zip readers (Python's zipfile for numpy, miniz for torch) take the last
+// end record with a whole record after it, whatever its comment says, and
+// an archive after other data: a torch zip with bytes after its end record,
+// and a file that starts `PK\x05\x06` (numpy reads it as an npz) with the
+// archive after a few bytes, are read as archives and their payloads found.
+#[test]
+fn zips_as_zip_readers_find_them_are_scanned() {
+    let c = Canary::new();
+    let archive = torch_zip(&Asm::new().proto(2).system_call(&c.marker()).stop().finish(), &[]);
+    let mut trailing = archive.clone();
+    trailing.extend_from_slice(b"XXXX");
+    let r = dangerous(&trailing);
+    assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?} {:?}", r.error, r.findings);
+    assert!(r.findings.iter().any(|f| f.detail.contains("not at the end of the")), "{:?}", r.findings);
+
+    let mut prepended = b"PK\x05\x06\n0B".to_vec();
+    prepended.extend_from_slice(&(archive.len() as u32).to_le_bytes());
+    prepended.extend_from_slice(&archive);
+    prepended.push(b'.');
+    let r = dangerous(&prepended);
+    assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?} {:?}", r.error, r.findings);
+    assert!(r.findings.iter().any(|f| f.detail.contains("starts 11 bytes into the file")), "{:?}", r.findings);
+}
+
+// joblib inflates as it reads: a payload before a damaged checksum or a
+// broken stream runs before the damage is seen. Its old `ZF` format too.
+#[test]
+fn compressed_payloads_are_found_before_damage_and_in_joblib_zfiles() {
+    let c = Canary::new();
+    let evil = Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    let mut bad_checksum = miniz_oxide::deflate::compress_to_vec_zlib(&evil, 6);
+    *bad_checksum.last_mut().unwrap() ^= 0xff;
+    let r = dangerous(&bad_checksum);
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("Adler32Mismatch")), "{:?}", r.error);
+    let mut zfile = b"ZF".to_vec();
+    zfile.extend_from_slice(format!("{:<19}", format!("0x{:x}", evil.len())).as_bytes());
+    zfile.extend_from_slice(&miniz_oxide::deflate::compress_to_vec_zlib(&evil, 6));
+    let r = dangerous(&zfile);
+    assert_eq!(r.container, "joblib zfile-compressed pickle stream");
+    assert!(imports(&r).contains(&"posix.system".to_owned()));
 }
 
 // A valid safetensors file can be a pickle too: a header length whose bytes
