@@ -515,7 +515,18 @@ def test_scan_reads_real_joblib_files_to_the_end(exe, tmp_path):
     for protocol in (2, 5):
         path = tmp_path / f"m{protocol}.joblib"
         joblib.dump(
-            {"w": np.arange(1000.0), "objs": objs, "s": np.array(["ab", "cde"]), "empty": np.zeros((0, 3)), "ns": argparse.Namespace(lr=0.1)},
+            {
+                "w": np.arange(1000.0),
+                "objs": objs,
+                "s": np.array(["ab", "cde"]),
+                "empty": np.zeros((0, 3)),
+                # Structured: numpy pickles the dtype as void with fields
+                # (its size in the state); with an object field, joblib
+                # pickles the whole array.
+                "rec": np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8", (2,))]),
+                "rec_objs": np.array([(1, {"k": 1})], dtype=[("a", "<i4"), ("o", "O")]),
+                "ns": argparse.Namespace(lr=0.1),
+            },
             path,
             protocol=protocol,
         )

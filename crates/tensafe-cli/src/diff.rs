@@ -245,7 +245,8 @@ fn compare(a: &Side<'_>, b: &Side<'_>) -> Vec<Change> {
     if let (Some(a_meta), Some(b_meta)) = (a_meta, b_meta) {
         let keys: std::collections::BTreeSet<&String> = a_meta.keys().chain(b_meta.keys()).collect();
         for key in keys {
-            let shown = |value: &String| format!("{:?}", tensafe::Printable(value).to_string());
+            // Quoted and escaped once (Debug), as the line's pass leaves backslashes be.
+            let shown = |value: &String| format!("{value:?}");
             let detail = match (a_meta.get(key), b_meta.get(key)) {
                 (Some(x), Some(y)) if x == y => continue,
                 (Some(x), Some(y)) => format!("{} → {}", shown(x), shown(y)),

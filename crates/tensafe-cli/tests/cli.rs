@@ -166,7 +166,7 @@ fn diff_compares_metadata_exact_integers_and_local_checkpoints() {
             ("big", RawTensor { dtype: Dtype::I64, shape: &[1], data: &ints }),
             ("w", RawTensor { dtype: Dtype::F32, shape: &[1024], data: &floats }),
         ];
-        let metadata = std::collections::BTreeMap::from([("format".to_owned(), format.to_owned())]);
+        let metadata = std::collections::BTreeMap::from([("format".to_owned(), format.to_owned()), ("path".to_owned(), format!("{format}\\dir"))]);
         tensafe::serialize_to_file(tensors, Some(&metadata), dir.path().join(name)).unwrap();
     };
     save("a.safetensors", 1 << 62, "pt");
@@ -182,6 +182,8 @@ fn diff_compares_metadata_exact_integers_and_local_checkpoints() {
     let out = tensafe(&["diff", &path("a.safetensors"), &path("np.safetensors")]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(stdout(&out).contains(r#"~ metadata format  "pt" → "np""#), "{}", stdout(&out));
+    // Values are quoted and escaped once.
+    assert!(stdout(&out).contains(r#"~ metadata path  "pt\\dir" → "np\\dir""#), "{}", stdout(&out));
     let out = tensafe(&["diff", &path("a.safetensors"), &path("np.safetensors"), "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["changes"][0]["change"], "metadata");

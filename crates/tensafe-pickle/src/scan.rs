@@ -293,7 +293,25 @@ impl<'o> Scanner<'o> {
     /// detection order), into `r`; `unwrap`: whether a zlib or gzip wrapper
     /// is inflated and what it holds scanned.
     fn container(&mut self, bytes: &[u8], name: &str, unwrap: bool, r: &mut ScanReport) {
-        self.scan_as(container::detect(bytes), bytes, name, unwrap, r);
+        if bytes.starts_with(b"PK\x05\x06") {
+            // numpy's npz reader takes a file that starts with an end record
+            // (an empty archive, or one after a few bytes) for a zip; torch
+            // and pickle.load read a pickle stream, which stops at once at
+            // its PERSID (`P`). Both readings are scanned.
+            self.zip(bytes, r, true);
+            self.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a zip end record", "what torch.load and pickle.load run", r);
+            return;
+        }
+        let kind = match container::detect(bytes) {
+            // A safetensors header length can start with a compressed
+            // file's magic (376 is `78 01`, zlib's): the file is what its
+            // header says. (As a zlib stream, the length's bytes would have
+            // to make a valid stored block, which a header under the size
+            // limit cannot.)
+            Kind::Wrapper(_) if tensafe::Header::parse_file_bytes(bytes, &tensafe::ReadOptions::default()).is_ok() => Kind::Stream,
+            kind => kind,
+        };
+        self.scan_as(kind, bytes, name, unwrap, r);
     }
 
     /// Scans `bytes` as a file of kind `kind`, into `r` ([`Scanner::container`]).
@@ -372,12 +390,7 @@ impl<'o> Scanner<'o> {
                     self.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a safetensors file", "what pickle.load runs", r);
                 } else {
                     self.stream(bytes, name, r);
-                    // An end record as zip readers find it (numpy's npz
-                    // reader takes a file starting `PK\x05\x06`, and zip tools
-                    // any file that ends as an archive), with data before the
-                    // archive or after its record: a zip view that parses.
-                    let zip_view = zip::has_end_record(bytes) || (zip::end_record(bytes).is_some() && zip::read(bytes, &self.options.limits).is_ok());
-                    if zip_view {
+                    if zip::has_end_record(bytes) {
                         r.finding(
                             Severity::Dangerous,
                             "polyglot",
@@ -562,7 +575,12 @@ impl<'o> Scanner<'o> {
     /// (`runs`: who would run it). A file that is no pickle adds nothing.
     fn as_pickle_too(&mut self, bytes: &[u8], name: &str, label: &str, kind: &str, runs: &str, r: &mut ScanReport) {
         let from_start = self.loaded_stream(bytes, name, label);
-        if from_start.pickles.iter().any(|p| !p.report.imports.is_empty() || !p.report.calls.is_empty()) {
+        // Code runs only through an import: a call needs a callable, which
+        // only an import gives (a persistent id is the loader's own lookup,
+        // and plain pickle.load has none). An import of a name no module
+        // can have (bytes of a header, with NULs and braces) fails at once.
+        let imports = |p: &PickleScan| p.report.imports.iter().any(|i| importable(&i.global));
+        if from_start.pickles.iter().any(imports) {
             r.finding(Severity::Dangerous, "polyglot", format!("{label}: {kind}, and a pickle that imports or calls ({runs})"));
             r.pickles.extend(from_start.pickles);
             r.findings.extend(from_start.findings);
@@ -925,6 +943,15 @@ fn code_files(names: &[&str]) -> String {
     }
     let shown: Vec<&str> = code.iter().take(10).map(|s| **s).collect();
     format!("{}{}", shown.join(", "), if code.len() > 10 { ", …" } else { "" })
+}
+
+/// Whether `global` (`module.name`) is a dotted path of Python
+/// identifiers, which an import can find; anything else fails to import.
+fn importable(global: &str) -> bool {
+    global.split('.').all(|part| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| c == '_' || c.is_alphabetic()) && chars.all(|c| c == '_' || c.is_alphanumeric())
+    })
 }
 
 /// The label of a file of another kind read as a pickle.

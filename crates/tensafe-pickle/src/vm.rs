@@ -1498,14 +1498,20 @@ fn joblib_layout(heap: &Heap, state: &Value) -> std::result::Result<(u64, Option
     let code = heap.tuple(&dtype.args).and_then(|a| a.first()).and_then(Value::as_str).ok_or("the dtype has no type code")?;
     let state = dtype.states.first().and_then(|s| heap.tuple(s));
     let field = |i: usize| state.and_then(|t| t.get(i));
-    if [2, 3, 4].into_iter().any(|i| field(i).is_some_and(|v| !matches!(v, Value::None))) {
+    let elsize = field(5).and_then(Value::as_int).filter(|&e| e > 0);
+    // NPY_ITEM_REFCOUNT: the elements hold Python objects (joblib then
+    // pickles the whole array: a nested pickle), whatever the code says.
+    let holds_objects = field(7).and_then(Value::as_int).is_some_and(|flags| flags & 1 != 0);
+    let code_kind = numpy_reduce_code(code);
+    // A subarray, field names or fields: structured, which numpy writes as
+    // void (`V12`); its size is the state's.
+    let structured = [2, 3, 4].into_iter().any(|i| field(i).is_some_and(|v| !matches!(v, Value::None)));
+    if structured && code_kind != Some(NumpyCode::Flexible) {
         return Err(format!("dtype {code:?} has a subarray or fields"));
     }
-    let elsize = field(5).and_then(Value::as_int).filter(|&e| e > 0);
-    // NPY_ITEM_REFCOUNT: the elements hold Python objects, whatever the code says.
-    let holds_objects = field(7).and_then(Value::as_int).is_some_and(|flags| flags & 1 != 0);
-    let itemsize = match numpy_reduce_code(code) {
+    let itemsize = match code_kind {
         Some(NumpyCode::Objects) => None,
+        Some(NumpyCode::Flexible) if holds_objects && code.trim_start_matches(['<', '>', '=', '|']).starts_with('V') => None,
         _ if holds_objects => return Err(format!("dtype {code:?} is flagged as holding objects")),
         Some(NumpyCode::Fixed(size)) => Some(size),
         // Strings and void: the state's element size is the size.

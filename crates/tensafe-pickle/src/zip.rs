@@ -76,14 +76,15 @@ pub fn has_end_record(bytes: &[u8]) -> bool {
 
 /// The end-of-central-directory record as Python's `zipfile` (numpy's npz
 /// reader) and miniz (torch's) find it: a comment-less record in the last 22
-/// bytes, else the last signature in the last 64 KiB + 22 bytes that has a
-/// whole record after it, whatever its comment length says.
-pub fn end_record(bytes: &[u8]) -> Option<usize> {
+/// bytes, else the last signature in the last 64 KiB + 22 bytes (zipfile's
+/// window: one byte more than the longest comment needs) that has a whole
+/// record after it, whatever its comment length says.
+fn end_record(bytes: &[u8]) -> Option<usize> {
     let last = bytes.len().checked_sub(22)?;
     if bytes[last..].starts_with(EOCD_SIG) && bytes[last + 20..] == [0, 0] {
         return Some(last);
     }
-    let start = bytes.len().saturating_sub(22 + 0xffff);
+    let start = bytes.len().saturating_sub(22 + 0x10000);
     // Windows that start at `last` or before: a whole record after each.
     bytes[start..last + 4].windows(4).rposition(|w| w == EOCD_SIG).map(|i| start + i)
 }

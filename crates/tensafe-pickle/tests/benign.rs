@@ -246,6 +246,48 @@ fn numpy_files_are_scanned_by_content() {
     assert_eq!(scan_bytes(&loader, "m.joblib", &ScanOptions::default()).verdict, Verdict::Dangerous);
 }
 
+/// A safetensors file whose header is `json` padded with spaces to `len`
+/// bytes, its one U8 tensor `data`.
+fn safetensors_with_header_len(len: usize, data: &[u8]) -> Vec<u8> {
+    let mut json = format!(r#"{{"w":{{"dtype":"U8","shape":[{0}],"data_offsets":[0,{0}]}}}}"#, data.len());
+    assert!(json.len() <= len);
+    json.extend(std::iter::repeat_n(' ', len - json.len()));
+    let mut bytes = (len as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(json.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+// Header lengths whose first byte is an opcode (`P`: 0x50 = 80, 336…; `c`:
+// 99) or whose first bytes are zlib's magic (376: `78 01`) belong to valid
+// files: pickle.load fails on them at once (no persistent_load; a module
+// name of NULs and braces), joblib's zlib reader on their bytes.
+#[test]
+fn safetensors_files_whose_length_reads_as_something_else_scan_as_safe() {
+    for len in [80, 336, 99, 376] {
+        let bytes = safetensors_with_header_len(len, b"ab\ncd\n.");
+        assert!(tensafe::Header::parse_file_bytes(&bytes, &Default::default()).is_ok(), "{len}");
+        let r = scan_bytes(&bytes, "m.safetensors", &ScanOptions::default());
+        assert_eq!((r.verdict, r.container.as_str()), (Verdict::Safe, "safetensors (1 tensors, no pickle)"), "{len}: {:?} {:?}", r.findings, r.error);
+    }
+}
+
+// A plain pickle that holds the bytes of a zip file is a pickle: the zip's
+// end record is inside it, not at its end. An empty npz (its end record
+// alone) is an empty archive.
+#[test]
+fn a_pickle_holding_a_zip_and_an_empty_npz_are_not_polyglots() {
+    let archive = Zip::new(vec![Entry::new("a.txt", b"hello")]).build();
+    let with_archive = Asm::new().proto(4).empty_dict().mark().str("doc").op(b'B').raw(&(archive.len() as u32).to_le_bytes()).raw(&archive);
+    let pickle = with_archive.str("n").int(1).op(b'u').stop().finish();
+    let r = scan_bytes(&pickle, "p.pkl", &ScanOptions::default());
+    assert_eq!(r.verdict, Verdict::Safe, "{:?} {:?}", r.findings, r.error);
+    let mut empty = b"PK\x05\x06".to_vec();
+    empty.extend_from_slice(&[0; 18]);
+    let r = scan_bytes(&empty, "e.npz", &ScanOptions::default());
+    assert_eq!(r.verdict, Verdict::Safe, "{:?} {:?}", r.findings, r.error);
+}
+
 #[test]
 fn safetensors_files_scan_as_safe() {
     let data = 1f32.to_le_bytes();

@@ -1165,11 +1165,14 @@ fn what_a_wrapper_holds_is_scanned_as_a_file() {
 fn zips_as_zip_readers_find_them_are_scanned() {
     let c = Canary::new();
     let archive = torch_zip(&Asm::new().proto(2).system_call(&c.marker()).stop().finish(), &[]);
-    let mut trailing = archive.clone();
-    trailing.extend_from_slice(b"XXXX");
-    let r = dangerous(&trailing);
-    assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?} {:?}", r.error, r.findings);
-    assert!(r.findings.iter().any(|f| f.detail.contains("not at the end of the")), "{:?}", r.findings);
+    // Up to zipfile's window: 64 KiB + 22 bytes from the end.
+    for tail in [4, 65_536] {
+        let mut trailing = archive.clone();
+        trailing.extend(std::iter::repeat_n(b'X', tail));
+        let r = dangerous(&trailing);
+        assert!(imports(&r).contains(&"posix.system".to_owned()), "{tail}: {:?} {:?}", r.error, r.findings);
+        assert!(r.findings.iter().any(|f| f.detail.contains("not at the end of the")), "{:?}", r.findings);
+    }
 
     let mut prepended = b"PK\x05\x06\n0B".to_vec();
     prepended.extend_from_slice(&(archive.len() as u32).to_le_bytes());

@@ -502,7 +502,8 @@ pub fn remove_stale_files(dir: &Path, written: &[String], sharded: bool) -> Resu
 /// Refuses to reshard one shard of a checkpoint into that checkpoint's own
 /// directory: the new files would replace the checkpoint, and
 /// [`remove_stale_files`] remove its other shards, leaving only this
-/// shard's tensors.
+/// shard's tensors. (A lone file named like a shard, with no other shard or
+/// index beside it, is a checkpoint of its own.)
 fn refuse_one_shard_in_place(input: &Path, out_dir: &Path) -> Result<()> {
     let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if is_checkpoint_path(input) || !is_shard_name(&name) {
@@ -513,7 +514,13 @@ fn refuse_one_shard_in_place(input: &Path, out_dir: &Path) -> Result<()> {
         _ => Path::new("."),
     };
     let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
-    if same(input_dir, out_dir) {
+    let others = std::fs::read_dir(input_dir).map(|entries| {
+        entries.flatten().any(|e| {
+            let other = e.file_name().to_string_lossy().into_owned();
+            other != name && (other == INDEX_FILE || is_shard_name(&other))
+        })
+    });
+    if same(input_dir, out_dir) && others.unwrap_or(true) {
         return Err(Error::InvalidCheckpoint {
             reason: format!(
                 "{} is one shard of the checkpoint in {}, and resharding it there would replace that checkpoint with this shard's tensors alone: give the directory or its index as the input, or another output directory",
@@ -810,6 +817,15 @@ mod tests {
         let out = dir.path().join("alone");
         reshard(&shard, &out, 10_000).unwrap();
         assert_eq!(ShardedCheckpoint::open(&out).unwrap().read_tensor("layer.3").unwrap(), data[3]);
+
+        // So is a lone file named like a shard, with no other shard or index
+        // beside it: resharded in place.
+        let lone_dir = dir.path().join("lone");
+        std::fs::create_dir(&lone_dir).unwrap();
+        let lone = lone_dir.join("model-00001-of-00002.safetensors");
+        std::fs::copy(&shard, &lone).unwrap();
+        assert!(reshard(&lone, &lone_dir, 10_000).unwrap().is_none());
+        assert_eq!(ShardedCheckpoint::open(&lone_dir).unwrap().read_tensor("layer.3").unwrap(), data[3]);
     }
 
     #[test]
