@@ -69,9 +69,10 @@ pub fn wrapper_kind(bytes: &[u8]) -> Option<&'static str> {
         // joblib's old compressed format, which joblib.load still reads
         // (`ZF`: as a pickle, `Z` is no opcode).
         "joblib zfile"
-    } else if bytes.starts_with(b"\x5d\x00\x00") {
+    } else if bytes.starts_with(b"\x5d\x00") {
         // The .lzma ("alone") header joblib writes: properties byte 0x5d, then
-        // a little-endian dictionary size. As a pickle, `]` then 0x00 is invalid.
+        // a little-endian dictionary size; joblib goes by these two bytes. As
+        // a pickle, `]` then 0x00 is invalid.
         "lzma"
     } else {
         return None;

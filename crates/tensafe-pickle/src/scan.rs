@@ -302,15 +302,28 @@ impl<'o> Scanner<'o> {
             self.as_pickle_too(bytes, name, FROM_THE_FIRST_BYTE, "a zip end record", "what torch.load and pickle.load run", r);
             return;
         }
-        let kind = match container::detect(bytes) {
+        let kind = container::detect(bytes);
+        if let Kind::Wrapper(wrapper) = kind
+            && tensafe::Header::parse_file_bytes(bytes, &tensafe::ReadOptions::default()).is_ok()
+        {
             // A safetensors header length can start with a compressed
             // file's magic (376 is `78 01`, zlib's): the file is what its
-            // header says. (As a zlib stream, the length's bytes would have
-            // to make a valid stored block, which a header under the size
-            // limit cannot.)
-            Kind::Wrapper(_) if tensafe::Header::parse_file_bytes(bytes, &tensafe::ReadOptions::default()).is_ok() => Kind::Stream,
-            kind => kind,
-        };
+            // header says. joblib.load goes by the magic, though, and a
+            // header can hold a valid gzip stream (stored blocks inside a
+            // JSON string): that reading is scanned too, and a polyglot
+            // when it imports.
+            self.scan_as(Kind::Stream, bytes, name, unwrap, r);
+            if unwrap {
+                let mut view = ScanReport::new(name);
+                self.scan_as(kind, bytes, name, true, &mut view);
+                if view.pickles.iter().any(|p| p.report.imports.iter().any(|i| importable(&i.global))) {
+                    r.finding(Severity::Dangerous, "polyglot", format!("a safetensors file that is also a {wrapper}-compressed pickle, which joblib.load unpacks and unpickles"));
+                    r.findings.extend(view.findings);
+                    r.pickles.extend(view.pickles);
+                }
+            }
+            return;
+        }
         self.scan_as(kind, bytes, name, unwrap, r);
     }
 
@@ -479,7 +492,9 @@ impl<'o> Scanner<'o> {
             if legacy_ok {
                 legacy_ok = match (index, &value) {
                     (0, Some(Value::BigInt(b))) => **b == LEGACY_MAGIC,
+                    // torch compares with `!=`: 1001.0 passes too.
                     (1, Some(Value::Int(LEGACY_PROTOCOL))) => true,
+                    (1, Some(Value::Float(f))) => *f == LEGACY_PROTOCOL as f64,
                     (2, Some(v)) => {
                         little = sys_info_little(&self.heap, v).unwrap_or(true);
                         true
@@ -676,7 +691,12 @@ impl<'o> Scanner<'o> {
                 }
             };
             if storage_records.contains(&i) {
-                // Declared raw storage: checked (size, CRC, inflation), not parsed.
+                // Declared raw storage: checked (size, CRC, inflation), not
+                // parsed; unless it is an .npy, which numpy's npz reader
+                // (any zip is an npz to np.load) reads as one.
+                if data.starts_with(b"\x93NUMPY") {
+                    self.npy(&data, &e.name, r);
+                }
                 continue;
             }
             // The stored bytes: inflation has its own budget.

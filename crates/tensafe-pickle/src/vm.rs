@@ -869,8 +869,15 @@ impl<'a, 'h> Vm<'a, 'h> {
                 0x82..=0x84 => {
                     return Err(self.err("extension-registry opcodes (EXT1/EXT2/EXT4) are refused"));
                 }
-                0x97 | 0x98 => {
-                    return Err(self.err("out-of-band buffers (NEXT_BUFFER/READONLY_BUFFER) are refused"));
+                0x97 => {
+                    return Err(self.err("out-of-band buffers (NEXT_BUFFER) are refused"));
+                }
+                // READONLY_BUFFER on in-band bytes: CPython makes a read-only
+                // view of them, the same bytes (here, nothing changes).
+                0x98 => {
+                    if !matches!(self.top()?, Value::Bytes(_)) {
+                        return Err(self.err("READONLY_BUFFER on something that is not bytes"));
+                    }
                 }
                 _ => return Err(self.err(format!("invalid opcode 0x{op:02x}"))),
             }
@@ -902,8 +909,10 @@ impl<'a, 'h> Vm<'a, 'h> {
         Ok(Value::None)
     }
 
+    /// A PUT or GET index as CPython reads it (`int(line, 10)`:
+    /// whitespace around it, a sign, underscores between digits).
     fn text_index(&mut self, line: &[u8]) -> Result<u64> {
-        match std::str::from_utf8(line).ok().and_then(|s| s.parse::<i64>().ok()) {
+        match python_decimal(line) {
             Some(i) if i >= 0 => Ok(i as u64),
             Some(_) => Err(self.err("negative memo index")),
             None => Err(self.err("memo index is not a decimal int")),
@@ -1360,6 +1369,23 @@ fn long_from_le(bytes: &[u8]) -> Value {
     } else {
         Value::BigInt(bytes.into())
     }
+}
+
+/// Decimal text as Python's `int(text, 10)` reads it, within an `i64`:
+/// ASCII whitespace around it, an optional sign, digits with single
+/// underscores between them.
+fn python_decimal(line: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(line).ok()?.trim_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (negative, digits) = match text.as_bytes().first()? {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') || digits.contains("__") || !digits.bytes().all(|b| b.is_ascii_digit() || b == b'_') {
+        return None;
+    }
+    let magnitude: i64 = digits.replace('_', "").parse().ok()?;
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// Plain decimal text to a big int (two's complement LE bytes), ≤ 64 digits.

@@ -127,7 +127,8 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     let mut cd_size = u32_at(bytes, eocd + 12).ok_or("truncated end record")? as u64;
     let mut cd_offset = u32_at(bytes, eocd + 16).ok_or("truncated end record")? as u64;
     if disk != 0 || cd_disk != 0 || count_disk as u64 != count {
-        return Err("multi-disk archives are not supported".into());
+        // Python's zipfile ignores these fields of a classic end record.
+        problems.push(format!("the end record names other disks (disk {disk}, directory on disk {cd_disk}, {count_disk} of {count} entries on this one)"));
     }
     // Structures after the last entry: [zip64 end record] [locator] end record.
     let mut tail_start = eocd as u64;
@@ -164,33 +165,45 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         cd_offset = off64;
         tail_start = e64 as u64;
     } else if count == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff {
-        return Err("end record needs Zip64 values but there is no Zip64 locator".into());
+        // Python's zipfile takes the values as they are.
+        problems.push("the end record has Zip64 sentinel values but there is no Zip64 locator".into());
     }
     if count > limits.max_zip_entries as u64 {
         return Err(format!("{count} entries (limit {})", limits.max_zip_entries));
     }
     let mut cd_end = cd_offset.checked_add(cd_size).ok_or("central directory overflows")?;
+    // Python's zipfile reads the directory where it ends at the end records
+    // (`cd_size` before them) and shifts every declared offset by the
+    // difference: data before the archive (a zip appended to another file),
+    // or declared offsets past where things are. Where the declared offset
+    // holds no directory, do as it does.
+    let mut shift = 0i64;
+    let holds_directory = |offset: u64| usize::try_from(offset).ok().and_then(|o| bytes.get(o..o + 4)) == Some(CENTRAL_SIG);
+    if let Some(found) = tail_start.checked_sub(cd_size).filter(|&found| found != cd_offset && !holds_directory(cd_offset) && holds_directory(found)) {
+        shift = found as i64 - cd_offset as i64;
+        cd_offset = found;
+        cd_end = tail_start;
+        problems.push(match shift {
+            s if s > 0 => format!("the archive starts {s} bytes into the file, after other data (zip readers shift its offsets and take it)"),
+            s => format!("the archive's offsets are declared {} bytes past where its records are (zip readers shift them back and take it)", -s),
+        });
+    }
     if cd_end > tail_start {
         return Err(format!("central directory [{cd_offset}, {cd_end}) runs past the end records at {tail_start}"));
-    }
-    // Bytes before the archive (a zip appended to another file): Python's
-    // zipfile shifts every offset by the gap between where the directory
-    // ends and where the end records start, and finds the archive.
-    let mut shift = 0u64;
-    let holds_directory = |offset: u64| usize::try_from(offset).ok().and_then(|o| bytes.get(o..o + 4)) == Some(CENTRAL_SIG);
-    if !holds_directory(cd_offset) && holds_directory(cd_offset + (tail_start - cd_end)) {
-        shift = tail_start - cd_end;
-        cd_offset += shift;
-        cd_end += shift;
-        problems.push(format!("the archive starts {shift} bytes into the file, after other data (zip readers shift its offsets and take it)"));
     }
     if cd_end != tail_start {
         problems.push(format!("{} unaccounted bytes between the central directory and the end records", tail_start - cd_end));
     }
 
+    // The directory is walked by its size, as Python's zipfile walks it; the
+    // count in the end record is checked against what it holds.
     let mut entries = Vec::with_capacity(count.min(1 << 16) as usize);
     let mut at = cd_offset as usize;
-    for i in 0..count {
+    while (at as u64) < cd_end {
+        let i = entries.len();
+        if i >= limits.max_zip_entries {
+            return Err(format!("more than {} entries", limits.max_zip_entries));
+        }
         if bytes.get(at..at + 4) != Some(CENTRAL_SIG) {
             return Err(format!("central directory entry {i} at offset {at} has no signature"));
         }
@@ -208,7 +221,8 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         let name_bytes = bytes.get(at + 46..at + 46 + name_len).ok_or("truncated central directory name")?;
         let extra = bytes.get(at + 46 + name_len..at + 46 + name_len + extra_len).ok_or("truncated central directory extra field")?;
         if disk_start != 0 && disk_start != 0xffff {
-            return Err("multi-disk archives are not supported".into());
+            // Python's zipfile ignores it.
+            problems.push(format!("entry {i} starts on disk {disk_start}"));
         }
         // Zip64 extended information: the fields that overflowed, in order.
         let mut e = 0;
@@ -249,13 +263,13 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         if method == 0 && csize != usize_ {
             problems.push(format!("entry `{name}`: stored with {csize} bytes but declares {usize_}"));
         }
-        local = local.saturating_add(shift);
+        local = local.checked_add_signed(shift).ok_or_else(|| format!("entry `{name}`: its local header offset, shifted, is before the file"))?;
         // The local header: same name, same method; data follows it.
-        let lh = usize::try_from(local)
-            .ok()
-            .filter(|&lo| lo < cd_offset as usize)
-            .and_then(|lo| bytes.get(lo..lo + 30))
-            .ok_or_else(|| format!("entry `{name}`: local header at {local} is outside the entries area"))?;
+        let lh = usize::try_from(local).ok().and_then(|lo| bytes.get(lo..lo + 30)).ok_or_else(|| format!("entry `{name}`: local header at {local} is outside the file"))?;
+        if local >= cd_offset {
+            // Python's zipfile reads it there all the same.
+            problems.push(format!("entry `{name}`: local header at {local} is outside the entries area"));
+        }
         let lo = local as usize;
         if &lh[..4] != LOCAL_SIG {
             return Err(format!("entry `{name}`: no local header at offset {lo}"));
@@ -282,6 +296,9 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     if at as u64 != cd_end {
         problems.push(format!("central directory declares {cd_size} bytes but its entries take {}", at as u64 - cd_offset));
     }
+    if entries.len() as u64 != count {
+        problems.push(format!("the end record declares {count} entries, the central directory holds {}", entries.len()));
+    }
 
     // torch looks records up ignoring ASCII case: names that differ only in
     // case are duplicates to it (and only to it: numpy's npz reader tells
@@ -305,7 +322,7 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     // optional descriptor.
     let mut order: Vec<&Entry> = entries.iter().collect();
     order.sort_by_key(|e| e.local_offset);
-    let mut cursor = shift;
+    let mut cursor = shift.max(0) as u64;
     for e in order {
         if e.local_offset < cursor {
             problems.push(format!("entry `{}` overlaps the previous entry", e.name));

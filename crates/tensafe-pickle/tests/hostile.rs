@@ -1156,6 +1156,81 @@ fn what_a_wrapper_holds_is_scanned_as_a_file() {
     assert_ne!(r.verdict, Verdict::Safe);
 }
 
+/// A valid safetensors file that is also a gzip file of a pickle: its
+/// header length, 0x88b1f, starts `1f 8b 08 00`, gzip's magic with no flags;
+/// the deflate stream is stored blocks whose headers and lengths sit inside
+/// the JSON's first key, written with bytes a JSON string may hold (the
+/// length's complement as a UTF-8 lead and continuation byte). Inflated:
+/// `V` and the rest of the header up to its newline (one str), then the
+/// tensor bytes, `payload`, then gzip's CRC and size as the file's last
+/// tensor bytes.
+fn safetensors_gzip_polyglot(payload: &[u8]) -> Vec<u8> {
+    const N: usize = 0x8_8b1f;
+    const STORED: u8 = b'H'; // BFINAL 0, BTYPE 00
+    const STORED_FINAL: u8 = b'a'; // BFINAL 1, BTYPE 00
+    let json_safe = |len: usize| {
+        let (low, high) = (len & 0xff, len >> 8);
+        (0x20..=0x3d).contains(&low) && low != 0x22 && (0x40..=0x7f).contains(&high) && high != 0x5c
+    };
+    let lengths: Vec<usize> = (0x4020..0x8000).filter(|&l| json_safe(l)).collect();
+    let size = payload.len() + 8;
+    let tail = format!("\":{{\"dtype\":\"U8\",\"shape\":[{size}],\"data_offsets\":[0,{size}]}}}}\n");
+    // The final block runs from its header to the end of the payload.
+    let final_len = |at: usize| N - (at + 5) + payload.len();
+    let final_fits = |at: usize| lengths.contains(&final_len(at)) && N - (at + 5) >= tail.len() + 8;
+    let mut blocks = Vec::new(); // (header offset, length, final)
+    let mut at = 2;
+    while N - at > 3 * 0x7f3d {
+        blocks.push((at, 0x7f3d, false));
+        at += 5 + 0x7f3d;
+    }
+    // Up to two more middle blocks, so that the final one's length fits.
+    let splits = std::iter::once(vec![])
+        .chain(lengths.iter().map(|&a| vec![a]))
+        .chain(lengths.iter().flat_map(|&a| lengths.iter().step_by(7).map(move |&b| vec![a, b])));
+    let (middle, from) = splits
+        .map(|middle| {
+            let from = middle.iter().fold(at, |from, len| from + 5 + len);
+            (middle, from)
+        })
+        .find(|&(_, from)| final_fits(from))
+        .expect("a split into stored blocks");
+    for len in middle {
+        blocks.push((at, len, false));
+        at += 5 + len;
+    }
+    blocks.push((from, final_len(from), true));
+    let mut header = vec![b'a'; N];
+    header[..2].copy_from_slice(b"{\"");
+    for &(at, len, last) in &blocks {
+        header[at] = if last { STORED_FINAL } else { STORED };
+        header[at + 1..at + 5].copy_from_slice(&[len as u8, (len >> 8) as u8, !(len as u8), !((len >> 8) as u8)]);
+    }
+    header[7] = b'V';
+    header[N - tail.len()..].copy_from_slice(tail.as_bytes());
+    let stream = [&header[..], payload].concat();
+    let inflated: Vec<u8> = blocks.iter().flat_map(|&(at, len, _)| stream[at + 5..at + 5 + len].iter().copied()).collect();
+    let mut bytes = (N as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&stream);
+    bytes.extend_from_slice(&crc32fast::hash(&inflated).to_le_bytes());
+    bytes.extend_from_slice(&(inflated.len() as u32).to_le_bytes());
+    bytes
+}
+
+// A safetensors file is what its header says, but joblib.load goes by the
+// magic of its first bytes: its gzip reading is scanned too.
+#[test]
+fn a_safetensors_file_that_is_also_a_gzip_pickle_is_flagged() {
+    let c = Canary::new();
+    let payload = Asm::new().op(b'0').system_call(&c.marker()).stop().finish();
+    let bytes = safetensors_gzip_polyglot(&payload);
+    assert!(tensafe::Header::parse_file_bytes(&bytes, &Default::default()).is_ok());
+    assert_eq!(tensafe_pickle::detect(&bytes), tensafe_pickle::Kind::Wrapper("gzip"));
+    let r = dangerous(&bytes);
+    assert!(r.container.starts_with("safetensors"), "{}", r.container);
+    assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?}", r.findings);
+}
+
 // Zip readers (Python's zipfile for numpy, miniz for torch) take the last
 // end record with a whole record after it, whatever its comment says, and
 // an archive after other data: a torch zip with bytes after its end record,
@@ -1181,6 +1256,61 @@ fn zips_as_zip_readers_find_them_are_scanned() {
     let r = dangerous(&prepended);
     assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?} {:?}", r.error, r.findings);
     assert!(r.findings.iter().any(|f| f.detail.contains("starts 11 bytes into the file")), "{:?}", r.findings);
+}
+
+// Fields of the end record that Python's zipfile ignores or reads its own
+// way (disk numbers, the entry count, declared offsets it shifts back) are
+// problems, and the archive is still read: np.load ran each payload.
+#[test]
+fn zips_python_reads_despite_their_fields_are_scanned() {
+    let c = Canary::new();
+    let archive = torch_zip(&Asm::new().proto(2).system_call(&c.marker()).stop().finish(), &[]);
+    let eocd = archive.len() - 22;
+    let patched = |patch: &dyn Fn(&mut Vec<u8>)| {
+        let mut bytes = archive.clone();
+        patch(&mut bytes);
+        bytes
+    };
+    let put_u16 = |b: &mut Vec<u8>, at: usize, v: u16| b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let disks = patched(&|b| put_u16(b, eocd + 4, 1));
+    let count = patched(&|b| {
+        put_u16(b, eocd + 8, 2);
+        put_u16(b, eocd + 10, 2);
+    });
+    // Every declared offset 100 bytes too far: the directory's and each entry's.
+    let past = patched(&|b| {
+        let cd = u32::from_le_bytes(b[eocd + 16..eocd + 20].try_into().unwrap()) as usize;
+        b[eocd + 16..eocd + 20].copy_from_slice(&((cd + 100) as u32).to_le_bytes());
+        let mut at = cd;
+        while b[at..at + 4] == [0x50, 0x4b, 1, 2] {
+            let local = u32::from_le_bytes(b[at + 42..at + 46].try_into().unwrap());
+            b[at + 42..at + 46].copy_from_slice(&(local + 100).to_le_bytes());
+            let lengths: usize = [28, 30, 32].iter().map(|&o| u16::from_le_bytes([b[at + o], b[at + o + 1]]) as usize).sum();
+            at += 46 + lengths;
+        }
+    });
+    for (what, bytes, says) in [("disks", disks, "other disks"), ("count", count, "declares 2 entries"), ("past", past, "declared 100 bytes past")] {
+        let r = dangerous(&bytes);
+        assert!(imports(&r).contains(&"posix.system".to_owned()), "{what}: {:?} {:?}", r.error, r.findings);
+        assert!(r.findings.iter().any(|f| f.detail.contains(says)), "{what}: {:?}", r.findings);
+    }
+}
+
+// What CPython's unpickler takes that a stricter reading would stop at: a
+// memo index written as Python's int() reads it, READONLY_BUFFER on
+// in-band bytes, a legacy protocol number given as a float (torch compares
+// with `!=`). The payload after each is found.
+#[test]
+fn what_cpython_accepts_does_not_stop_the_scan() {
+    let c = Canary::new();
+    let payload = || Asm::new().system_call(&c.marker()).stop().finish();
+    for index in [&b" 1"[..], b"1_0", b"\t1", b"1\r", b"+1"] {
+        let bytes = Asm::new().none().op(b'p').raw(index).raw(b"\n").op(b'0').raw(&payload()).finish();
+        let r = dangerous(&bytes);
+        assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?}: {:?}", String::from_utf8_lossy(index), r.error);
+    }
+    let readonly = Asm::new().proto(5).op(b'C').raw(&[1, b'a']).op(0x98).op(b'0').raw(&payload()).finish();
+    assert!(imports(&dangerous(&readonly)).contains(&"posix.system".to_owned()));
 }
 
 // joblib inflates as it reads: a payload before a damaged checksum or a
