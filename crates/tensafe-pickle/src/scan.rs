@@ -873,8 +873,17 @@ impl<'o> Scanner<'o> {
         let payload = &bytes[data_start..];
         match canonical_npy_descr(&header) {
             // Raw elements: np.load unpickles nothing.
-            Some(descr) if is_plain_npy_type(descr) => {}
-            Some(descr) if is_object_npy_type(descr) => {
+            Some(NpyDescr::Type(descr)) if is_plain_npy_type(descr) => {}
+            Some(NpyDescr::Fields { objects: false }) => {}
+            Some(NpyDescr::Fields { objects: true }) => {
+                r.finding(Severity::Suspicious, "npy", format!("{name}: structured array with object fields; its payload is a pickle"));
+                let tr = self.loaded_stream(payload, name, &format!("{name} payload"));
+                r.pickles.extend(tr.pickles);
+                if let Some(e) = tr.error {
+                    r.fail(e);
+                }
+            }
+            Some(NpyDescr::Type(descr)) if is_object_npy_type(descr) => {
                 r.finding(Severity::Suspicious, "npy", format!("{name}: object-dtype array; its payload is a pickle"));
                 let tr = self.loaded_stream(payload, name, &format!("{name} payload"));
                 r.pickles.extend(tr.pickles);
@@ -903,10 +912,19 @@ impl<'o> Scanner<'o> {
 /// the key, a comment holding a decoy `descr`, escapes, a key given twice)
 /// may say something else to it than to a reader of the text: `None`, and
 /// the caller does not take the payload for plain data.
-fn canonical_npy_descr(header: &str) -> Option<&str> {
+fn canonical_npy_descr(header: &str) -> Option<NpyDescr<'_>> {
     let body = header.strip_suffix('\n')?.trim_end_matches(' ');
-    let rest = body.strip_prefix("{'descr': '")?;
-    let (descr, rest) = rest.split_once('\'')?;
+    let rest = body.strip_prefix("{'descr': ")?;
+    let (descr, rest) = match rest.strip_prefix('[') {
+        Some(_) => {
+            let (objects, rest) = npy_fields(rest)?;
+            (NpyDescr::Fields { objects }, rest)
+        }
+        None => {
+            let (text, rest) = quoted(rest)?;
+            (NpyDescr::Type(text), rest)
+        }
+    };
     let rest = rest.strip_prefix(", 'fortran_order': ")?;
     let rest = rest.strip_prefix("False").or_else(|| rest.strip_prefix("True"))?;
     let (dims, rest) = rest.strip_prefix(", 'shape': (")?.split_once(')')?;
@@ -915,7 +933,71 @@ fn canonical_npy_descr(header: &str) -> Option<&str> {
         Some(one) => number(one),
         None => dims.is_empty() || dims.split(", ").all(number),
     };
-    (dims_ok && rest == ", }" && !descr.contains('\\')).then_some(descr)
+    (dims_ok && rest == ", }").then_some(descr)
+}
+
+/// What a `.npy` header's `descr` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NpyDescr<'a> {
+    /// One type string.
+    Type(&'a str),
+    /// A list of fields (a structured array), as `dtype.descr` writes it;
+    /// `objects` when a field, at any depth, holds Python objects.
+    Fields { objects: bool },
+}
+
+/// A string literal in single quotes with no quote or backslash inside,
+/// at the start of `text`, and the text after it.
+fn quoted(text: &str) -> Option<(&str, &str)> {
+    let (inside, rest) = text.strip_prefix('\'')?.split_once('\'')?;
+    (!inside.contains('\\')).then_some((inside, rest))
+}
+
+/// numpy's list of fields at the start of `text` (as `repr(dtype.descr)`
+/// writes it: `[('x', '<f4'), ('y', '<i8', (2,)), ('s', [...])]`, a name
+/// or a `(title, name)` pair, a type or a nested list, an optional shape),
+/// and the text after it; `None` for anything else, or a type not read
+/// for sure.
+fn npy_fields(text: &str) -> Option<(bool, &str)> {
+    let mut rest = text.strip_prefix('[')?;
+    let mut objects = false;
+    loop {
+        rest = rest.strip_prefix('(')?;
+        rest = match rest.strip_prefix('(') {
+            Some(pair) => {
+                let (_, after) = quoted(pair)?;
+                quoted(after.strip_prefix(", ")?)?.1.strip_prefix(')')?
+            }
+            None => quoted(rest)?.1,
+        };
+        rest = rest.strip_prefix(", ")?;
+        rest = if rest.starts_with('[') {
+            let (inner, after) = npy_fields(rest)?;
+            objects |= inner;
+            after
+        } else {
+            let (t, after) = quoted(rest)?;
+            match () {
+                _ if is_object_npy_type(t) => objects = true,
+                _ if is_plain_npy_type(t) => {}
+                _ => return None,
+            }
+            after
+        };
+        if let Some(shape) = rest.strip_prefix(", (") {
+            let (dims, after) = shape.split_once(')')?;
+            let dims = dims.strip_suffix(',').unwrap_or(dims);
+            if !dims.split(", ").all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+                return None;
+            }
+            rest = after;
+        }
+        rest = rest.strip_prefix(')')?;
+        match rest.strip_prefix(", ") {
+            Some(next) => rest = next,
+            None => return Some((objects, rest.strip_prefix(']')?)),
+        }
+    }
 }
 
 /// A numpy type string of raw elements: bool, ints, floats, complex,

@@ -196,6 +196,14 @@ fn numpy_files_are_scanned_by_content() {
     assert_eq!(scan_bytes(&plain, "a.npy", &ScanOptions::default()).verdict, Verdict::Safe);
     let fields = npy("[('x', '<f4'), ('y', '<i8', (2,))]", &[0; 20]);
     assert_eq!(scan_bytes(&fields, "f.npy", &ScanOptions::default()).verdict, Verdict::Safe);
+    // Fields of raw types, nested, titled, padded: raw data, whatever the
+    // bytes would say as a pickle (text `cats\ndogs\n` reads as a GLOBAL).
+    let mut text = b"ccats\ndogs\n".to_vec();
+    text.resize(20, 0);
+    for descr in ["[('note', '|S16'), ('v', '<f4')]", "[('a', '<i4'), ('', '|V4'), ('b', [('x', '<f8'), ('y', '|u1', (2, 3))]), (('title', 't'), '>f2')]"] {
+        let r = scan_bytes(&npy(descr, &text), "s.npy", &ScanOptions::default());
+        assert_eq!(r.verdict, Verdict::Safe, "{descr}: {:?}", r.findings);
+    }
     let evil = Asm::new().proto(2).global("posix", "system").str("id").tuple1().reduce().stop().finish();
     // Every spelling numpy reads as an object dtype, a field of one
     // included: anything but a plain type string has its payload scanned.

@@ -1231,6 +1231,22 @@ fn a_safetensors_file_that_is_also_a_gzip_pickle_is_flagged() {
     assert!(imports(&r).contains(&"posix.system".to_owned()), "{:?}", r.findings);
 }
 
+// torch checks the legacy protocol with `!=`, so 1001.0 passes and it goes
+// on to run the next pickles: they are scanned as torch runs them. joblib
+// takes any file starting `]\x00` for lzma (its dictionary size varies).
+#[test]
+fn legacy_float_protocols_and_small_lzma_dictionaries_are_read_as_loaders_read_them() {
+    let c = Canary::new();
+    let mut stream = legacy_magic();
+    stream.extend(Asm::new().proto(2).op(b'G').raw(&1001f64.to_be_bytes()).stop().finish());
+    stream.extend(Asm::new().proto(2).system_call(&c.marker()).stop().finish());
+    let r = dangerous(&stream);
+    assert!(r.would_execute.iter().any(|w| w.contains("posix.system")), "{:?}", r.would_execute);
+    let lzma = [&b"\x5d\x00\x10\x00\x00"[..], &[0xff; 8], &[0; 16]].concat();
+    let r = scan(&lzma);
+    assert!(r.unsupported && r.container.starts_with("lzma"), "{} {:?}", r.container, r.error);
+}
+
 // Zip readers (Python's zipfile for numpy, miniz for torch) take the last
 // end record with a whole record after it, whatever its comment says, and
 // an archive after other data: a torch zip with bytes after its end record,
