@@ -178,9 +178,11 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
     // or declared offsets past where things are. Where the declared offset
     // holds no directory, do as it does.
     let mut shift = 0i64;
-    let holds_directory = |offset: u64| usize::try_from(offset).ok().and_then(|o| bytes.get(o..o + 4)) == Some(CENTRAL_SIG);
-    if let Some(found) = tail_start.checked_sub(cd_size).filter(|&found| found != cd_offset && !holds_directory(cd_offset) && holds_directory(found)) {
-        shift = found as i64 - cd_offset as i64;
+    let holds_directory = |offset: u64| usize::try_from(offset).ok().and_then(|o| bytes.get(o..o.checked_add(4)?)) == Some(CENTRAL_SIG);
+    let moved = tail_start.checked_sub(cd_size).filter(|&found| found != cd_offset && !holds_directory(cd_offset) && holds_directory(found));
+    // (An offset too large for an i64 is no directory Python finds either.)
+    if let Some((found, by)) = moved.and_then(|found| Some((found, i64::try_from(found).ok()?.checked_sub(i64::try_from(cd_offset).ok()?)?))) {
+        shift = by;
         cd_offset = found;
         cd_end = tail_start;
         problems.push(match shift {
@@ -265,7 +267,7 @@ pub fn read(bytes: &[u8], limits: &Limits) -> Result<Archive, String> {
         }
         local = local.checked_add_signed(shift).ok_or_else(|| format!("entry `{name}`: its local header offset, shifted, is before the file"))?;
         // The local header: same name, same method; data follows it.
-        let lh = usize::try_from(local).ok().and_then(|lo| bytes.get(lo..lo + 30)).ok_or_else(|| format!("entry `{name}`: local header at {local} is outside the file"))?;
+        let lh = usize::try_from(local).ok().and_then(|lo| bytes.get(lo..lo.checked_add(30)?)).ok_or_else(|| format!("entry `{name}`: local header at {local} is outside the file"))?;
         if local >= cd_offset {
             // Python's zipfile reads it there all the same.
             problems.push(format!("entry `{name}`: local header at {local} is outside the entries area"));

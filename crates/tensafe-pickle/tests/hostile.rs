@@ -1312,6 +1312,28 @@ fn zips_python_reads_despite_their_fields_are_scanned() {
     }
 }
 
+// A Zip64 extra field can give a local header offset near 2^64: an error,
+// never an overflow.
+#[test]
+fn huge_zip64_local_offsets_are_errors_not_panics() {
+    let zip = Zip::new(vec![Entry::new("a.npy", b"x")]).build();
+    let eocd = zip.len() - 22;
+    let u32_at = |at: usize| u32::from_le_bytes(zip[at..at + 4].try_into().unwrap()) as usize;
+    let (cd, cd_size) = (u32_at(eocd + 16), u32_at(eocd + 12));
+    let mut central = zip[cd..cd + cd_size].to_vec();
+    let name_len = u16::from_le_bytes([central[28], central[29]]) as usize;
+    central[42..46].copy_from_slice(&u32::MAX.to_le_bytes());
+    central[30..32].copy_from_slice(&12u16.to_le_bytes());
+    let extra = [&[1u8, 0, 8, 0][..], &(u64::MAX - 15).to_le_bytes()].concat();
+    central.splice(46 + name_len..46 + name_len, extra);
+    let mut end = zip[eocd..].to_vec();
+    end[12..16].copy_from_slice(&((cd_size + 12) as u32).to_le_bytes());
+    let bytes = [&zip[..cd], &central[..], &end[..]].concat();
+    let r = scan(&bytes);
+    assert_ne!(r.verdict, Verdict::Safe);
+    assert!(r.error.as_deref().is_some_and(|e| e.contains("outside the file")), "{:?}", r.error);
+}
+
 // What CPython's unpickler takes that a stricter reading would stop at: a
 // memo index written as Python's int() reads it, READONLY_BUFFER on
 // in-band bytes, a legacy protocol number given as a float (torch compares
