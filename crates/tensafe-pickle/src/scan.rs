@@ -117,6 +117,24 @@ impl ScanReport {
         self.findings.push(Finding { kind, detail: detail.into(), severity });
     }
 
+    /// Whether a pickle of this report imports a name a module could
+    /// answer. Code runs only through an import: a call needs a callable,
+    /// which only an import gives (a persistent id is the loader's own
+    /// lookup, and plain pickle.load has none), and an import of a name no
+    /// module can have (bytes of a header, with NULs and braces) fails.
+    fn imports_code(&self) -> bool {
+        self.pickles.iter().any(|p| p.report.imports.iter().any(|i| importable(&i.global)))
+    }
+
+    /// Takes in `view`, another loader's reading of the same file, as a
+    /// dangerous polyglot (`detail`); hands back the view's error, if any.
+    fn absorb_polyglot(&mut self, detail: String, view: ScanReport) -> Option<String> {
+        self.finding(Severity::Dangerous, "polyglot", detail);
+        self.findings.extend(view.findings);
+        self.pickles.extend(view.pickles);
+        view.error
+    }
+
     fn fail(&mut self, message: impl Into<String>) {
         let message = message.into();
         self.error = Some(match self.error.take() {
@@ -316,10 +334,9 @@ impl<'o> Scanner<'o> {
             if unwrap {
                 let mut view = ScanReport::new(name);
                 self.scan_as(kind, bytes, name, true, &mut view);
-                if view.pickles.iter().any(|p| p.report.imports.iter().any(|i| importable(&i.global))) {
-                    r.finding(Severity::Dangerous, "polyglot", format!("a safetensors file that is also a {wrapper}-compressed pickle, which joblib.load unpacks and unpickles"));
-                    r.findings.extend(view.findings);
-                    r.pickles.extend(view.pickles);
+                if view.imports_code() {
+                    // Its inflation is no error of a safetensors file.
+                    let _ = r.absorb_polyglot(format!("a safetensors file that is also a {wrapper}-compressed pickle, which joblib.load unpacks and unpickles"), view);
                 }
             }
             return;
@@ -347,10 +364,8 @@ impl<'o> Scanner<'o> {
                 if let Some((what, kind)) = other {
                     let mut view = ScanReport::new(name);
                     self.scan_as(kind, bytes, name, unwrap, &mut view);
-                    r.finding(Severity::Dangerous, "polyglot", format!("a tar archive whose first bytes also make it {what} ({})", view.container));
-                    r.findings.extend(view.findings);
-                    r.pickles.extend(view.pickles);
-                    if let Some(e) = view.error {
+                    let detail = format!("a tar archive whose first bytes also make it {what} ({})", view.container);
+                    if let Some(e) = r.absorb_polyglot(detail, view) {
                         r.fail(format!("its other reading: {e}"));
                     }
                 }
@@ -404,16 +419,10 @@ impl<'o> Scanner<'o> {
                 } else {
                     self.stream(bytes, name, r);
                     if zip::has_end_record(bytes) {
-                        r.finding(
-                            Severity::Dangerous,
-                            "polyglot",
-                            "the file starts as a pickle stream (what torch.load runs) but also ends with a zip directory (what zip-first tools read)",
-                        );
                         let mut zr = ScanReport::new(name);
                         self.zip(bytes, &mut zr, false);
-                        r.findings.extend(zr.findings);
-                        r.pickles.extend(zr.pickles);
-                        if let Some(e) = zr.error {
+                        let detail = "the file starts as a pickle stream (what torch.load runs) but also ends with a zip directory (what zip-first tools read)";
+                        if let Some(e) = r.absorb_polyglot(detail.into(), zr) {
                             r.fail(format!("zip view: {e}"));
                         }
                     }
@@ -590,15 +599,9 @@ impl<'o> Scanner<'o> {
     /// (`runs`: who would run it). A file that is no pickle adds nothing.
     fn as_pickle_too(&mut self, bytes: &[u8], name: &str, label: &str, kind: &str, runs: &str, r: &mut ScanReport) {
         let from_start = self.loaded_stream(bytes, name, label);
-        // Code runs only through an import: a call needs a callable, which
-        // only an import gives (a persistent id is the loader's own lookup,
-        // and plain pickle.load has none). An import of a name no module
-        // can have (bytes of a header, with NULs and braces) fails at once.
-        let imports = |p: &PickleScan| p.report.imports.iter().any(|i| importable(&i.global));
-        if from_start.pickles.iter().any(imports) {
-            r.finding(Severity::Dangerous, "polyglot", format!("{label}: {kind}, and a pickle that imports or calls ({runs})"));
-            r.pickles.extend(from_start.pickles);
-            r.findings.extend(from_start.findings);
+        if from_start.imports_code() {
+            // A pickle that fails on its first bytes says nothing more.
+            let _ = r.absorb_polyglot(format!("{label}: {kind}, and a pickle that imports or calls ({runs})"), from_start);
         }
     }
 
@@ -871,29 +874,27 @@ impl<'o> Scanner<'o> {
             return;
         };
         let payload = &bytes[data_start..];
-        match canonical_npy_descr(&header) {
+        let objects = match canonical_npy_descr(&header) {
             // Raw elements: np.load unpickles nothing.
-            Some(NpyDescr::Type(descr)) if is_plain_npy_type(descr) => {}
-            Some(NpyDescr::Fields { objects: false }) => {}
-            Some(NpyDescr::Fields { objects: true }) => {
-                r.finding(Severity::Suspicious, "npy", format!("{name}: structured array with object fields; its payload is a pickle"));
+            Some(NpyDescr::Type(descr)) if is_plain_npy_type(descr) => return,
+            Some(NpyDescr::Fields { objects: false }) => return,
+            Some(NpyDescr::Fields { objects: true }) => Some("structured array with object fields"),
+            Some(NpyDescr::Type(descr)) if is_object_npy_type(descr) => Some("object-dtype array"),
+            _ => None,
+        };
+        match objects {
+            Some(what) => {
+                r.finding(Severity::Suspicious, "npy", format!("{name}: {what}; its payload is a pickle"));
                 let tr = self.loaded_stream(payload, name, &format!("{name} payload"));
                 r.pickles.extend(tr.pickles);
                 if let Some(e) = tr.error {
                     r.fail(e);
                 }
             }
-            Some(NpyDescr::Type(descr)) if is_object_npy_type(descr) => {
-                r.finding(Severity::Suspicious, "npy", format!("{name}: object-dtype array; its payload is a pickle"));
-                let tr = self.loaded_stream(payload, name, &format!("{name} payload"));
-                r.pickles.extend(tr.pickles);
-                if let Some(e) = tr.error {
-                    r.fail(e);
-                }
-            }
-            // A dtype not read for sure here (structured, or another spelling
-            // of one): numpy unpickles the payload when it holds objects.
-            _ => self.as_pickle_too(
+            // A dtype not read for sure here (another spelling of one, a
+            // header not in numpy's layout): numpy unpickles the payload
+            // when it holds objects.
+            None => self.as_pickle_too(
                 payload,
                 name,
                 &format!("{name}'s payload read as a pickle"),
@@ -928,12 +929,17 @@ fn canonical_npy_descr(header: &str) -> Option<NpyDescr<'_>> {
     let rest = rest.strip_prefix(", 'fortran_order': ")?;
     let rest = rest.strip_prefix("False").or_else(|| rest.strip_prefix("True"))?;
     let (dims, rest) = rest.strip_prefix(", 'shape': (")?.split_once(')')?;
+    (npy_dims(dims) && rest == ", }").then_some(descr)
+}
+
+/// Whether `dims` is the inside of a tuple of ints as Python writes it:
+/// ``, `3,`, `2, 3`.
+fn npy_dims(dims: &str) -> bool {
     let number = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
-    let dims_ok = match dims.strip_suffix(',') {
+    match dims.strip_suffix(',') {
         Some(one) => number(one),
         None => dims.is_empty() || dims.split(", ").all(number),
-    };
-    (dims_ok && rest == ", }").then_some(descr)
+    }
 }
 
 /// What a `.npy` header's `descr` is.
@@ -986,8 +992,7 @@ fn npy_fields(text: &str) -> Option<(bool, &str)> {
         };
         if let Some(shape) = rest.strip_prefix(", (") {
             let (dims, after) = shape.split_once(')')?;
-            let dims = dims.strip_suffix(',').unwrap_or(dims);
-            if !dims.split(", ").all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+            if !npy_dims(dims) {
                 return None;
             }
             rest = after;

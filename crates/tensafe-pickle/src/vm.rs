@@ -1532,16 +1532,17 @@ fn joblib_layout(heap: &Heap, state: &Value) -> std::result::Result<(u64, Option
     // A subarray, field names or fields: structured, which numpy writes as
     // void (`V12`); its size is the state's.
     let structured = [2, 3, 4].into_iter().any(|i| field(i).is_some_and(|v| !matches!(v, Value::None)));
-    if structured && code_kind != Some(NumpyCode::Flexible) {
+    if structured && code_kind != Some(NumpyCode::Void) {
         return Err(format!("dtype {code:?} has a subarray or fields"));
     }
     let itemsize = match code_kind {
         Some(NumpyCode::Objects) => None,
-        Some(NumpyCode::Flexible) if holds_objects && code.trim_start_matches(['<', '>', '=', '|']).starts_with('V') => None,
+        // Structured with an object field: joblib pickles the array.
+        Some(NumpyCode::Void) if holds_objects => None,
         _ if holds_objects => return Err(format!("dtype {code:?} is flagged as holding objects")),
         Some(NumpyCode::Fixed(size)) => Some(size),
         // Strings and void: the state's element size is the size.
-        Some(NumpyCode::Flexible) => Some(elsize.ok_or_else(|| format!("dtype {code:?} has no element size in its state"))? as u64),
+        Some(NumpyCode::Strings | NumpyCode::Void) => Some(elsize.ok_or_else(|| format!("dtype {code:?} has no element size in its state"))? as u64),
         None => return Err(format!("dtype code {code:?} is not one numpy's pickling writes")),
     };
     let padded = get("numpy_array_alignment_bytes").is_some_and(|v| !matches!(v, Value::None));
@@ -1555,8 +1556,10 @@ fn joblib_layout(heap: &Heap, state: &Value) -> std::result::Result<(u64, Option
 enum NumpyCode {
     /// Raw elements of this many bytes.
     Fixed(u64),
-    /// Strings or void: the size is the state's.
-    Flexible,
+    /// Bytes or str: the size is the state's.
+    Strings,
+    /// Void, the code of structured dtypes: the size is the state's.
+    Void,
     /// Python objects (a nested pickle in joblib's files).
     Objects,
 }
@@ -1575,7 +1578,9 @@ fn numpy_reduce_code(code: &str) -> Option<NumpyCode> {
         "c" => fixed(&["8", "16", "32"]),
         "M" | "m" => fixed(&["8"]),
         "O" => matches!(size, "" | "4" | "8").then_some(NumpyCode::Objects),
-        "S" | "U" | "V" => (!size.is_empty() && size.bytes().all(|b| b.is_ascii_digit())).then_some(NumpyCode::Flexible),
+        "S" | "U" | "V" if size.is_empty() || !size.bytes().all(|b| b.is_ascii_digit()) => None,
+        "S" | "U" => Some(NumpyCode::Strings),
+        "V" => Some(NumpyCode::Void),
         _ => None,
     }
 }
