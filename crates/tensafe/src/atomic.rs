@@ -171,8 +171,8 @@ impl StagedWrites {
     where
         F: FnOnce(&mut File) -> std::io::Result<()>,
     {
-        let target = resolve_symlinks(path)?;
-        refuse_unless_regular(&target)?;
+        let (target, existing) = resolve_symlinks(path)?;
+        refuse_unless_regular(&target, existing.as_ref())?;
         let dir = match target.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
@@ -188,7 +188,7 @@ impl StagedWrites {
         #[cfg(unix)]
         let existing_mode = {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&target).ok().map(|m| m.permissions().mode() & 0o7777);
+            let mode = existing.as_ref().map(|m| m.permissions().mode() & 0o7777);
             // Created with 0o666 the kernel applies the umask, as for any new file.
             builder.permissions(std::fs::Permissions::from_mode(0o666));
             mode
@@ -457,8 +457,8 @@ fn without_path(e: std::io::Error) -> std::io::Error {
 /// Refuses a destination that exists and is not a regular file: a save
 /// replaces what is there, and a device, FIFO, socket or directory is not
 /// the user's earlier save (run as root, a rename replaces even `/dev/null`).
-fn refuse_unless_regular(target: &Path) -> Result<()> {
-    let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(()) };
+fn refuse_unless_regular(target: &Path, existing: Option<&std::fs::Metadata>) -> Result<()> {
+    let Some(meta) = existing else { return Ok(()) };
     let kind = meta.file_type();
     if kind.is_file() {
         return Ok(());
@@ -482,8 +482,9 @@ fn refuse_unless_regular(target: &Path) -> Result<()> {
     ))
 }
 
-/// Follows symbolic links at `path` (up to a fixed depth) to the file they name.
-fn resolve_symlinks(path: &Path) -> Result<PathBuf> {
+/// Follows symbolic links at `path` (up to a fixed depth) to the file they
+/// name, and what is there now (`None`: nothing yet).
+fn resolve_symlinks(path: &Path) -> Result<(PathBuf, Option<std::fs::Metadata>)> {
     let mut current = path.to_path_buf();
     for _ in 0..40 {
         match std::fs::symlink_metadata(&current) {
@@ -494,7 +495,7 @@ fn resolve_symlinks(path: &Path) -> Result<PathBuf> {
                     _ => link,
                 };
             }
-            _ => return Ok(current),
+            found => return Ok((current, found.ok())),
         }
     }
     Err(Error::io("following symbolic links", std::io::Error::other("too many levels of symbolic links")))
