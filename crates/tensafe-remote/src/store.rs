@@ -120,7 +120,7 @@ impl std::fmt::Display for RemoteUrl {
 }
 
 /// The runtime every request runs on; callers of the blocking API only wait.
-fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);

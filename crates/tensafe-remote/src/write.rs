@@ -9,8 +9,9 @@
 //! file size; no copy of the whole file is made.
 //!
 //! Nothing partial becomes visible: a PUT replaces the object at once, and a
-//! multipart upload only when it is completed; a failed one is aborted (and
-//! an upload cut short by a crash is never completed, so it stays invisible
+//! multipart upload only when it is completed; a failed one is aborted, and
+//! aborted again once the parts it had in flight are answered (an upload cut
+//! short by a crash is never completed, so it stays invisible
 //! until the store's lifecycle rules drop its parts). Uploads in progress are
 //! listed, so that a program stopped by a signal can abort them first
 //! ([`abort_unfinished_uploads`]).
@@ -25,7 +26,7 @@ use tensafe::{Metadata, Prepared, ShardIndex, ShardedCheckpoint, View, INDEX_FIL
 
 use crate::error::{RemoteError, Result};
 use crate::fetch::classify_status;
-use crate::store::{block_on, store_for, RemoteUrl, Scheme};
+use crate::store::{block_on, runtime, store_for, RemoteUrl, Scheme};
 use crate::traffic::Probe;
 use crate::{RemoteCheckpoint, RemoteFile, RemoteOptions};
 
@@ -210,6 +211,21 @@ impl UploadSlot {
     fn upload(&self) -> MutexGuard<'_, Option<Box<dyn MultipartUpload>>> {
         self.upload.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Aborts `upload` (taken from this slot) at once, and again once the
+    /// parts that were in flight are answered: a part that lands after an
+    /// abort may be kept (S3 says to abort again), and a slow store must not
+    /// hold up the first abort. Ok if either abort was.
+    async fn abort(&self, mut upload: Box<dyn MultipartUpload>) -> object_store::Result<()> {
+        let first = upload.abort().await;
+        if self.parts_in_flight.load(Ordering::SeqCst) == 0 {
+            return first;
+        }
+        while self.parts_in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        upload.abort().await.or(first)
+    }
 }
 
 /// Multipart uploads in progress in this process.
@@ -247,14 +263,17 @@ impl MultipartUpload for Listed {
         let Some(upload) = self.0.upload().as_mut().map(|upload| upload.put_part(data)) else {
             return Box::pin(std::future::pending());
         };
-        // Counted until answered or dropped: WriteMultipart cancels the
-        // parts in flight when its writer fails.
+        // A task of its own, counted until answered: WriteMultipart drops the
+        // parts in flight when its writer fails, and a request dropped after
+        // its body was sent may still be stored, after the abort that was
+        // meant to follow it. Dropping the handle leaves the part going.
         let in_flight = InFlight::new(&self.0);
-        Box::pin(async move {
+        let part = runtime().spawn(async move {
             let answered = upload.await;
             drop(in_flight);
             answered
-        })
+        });
+        Box::pin(async move { part.await.unwrap_or_else(|e| Err(object_store::Error::Generic { store: "tensafe", source: Box::new(e) })) })
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
@@ -270,7 +289,7 @@ impl MultipartUpload for Listed {
     async fn abort(&mut self) -> object_store::Result<()> {
         let taken = self.0.upload().take();
         match taken {
-            Some(mut upload) => upload.abort().await,
+            Some(upload) => self.0.abort(upload).await,
             None => Ok(()),
         }
     }
@@ -295,18 +314,7 @@ pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     if count == 0 {
         return 0;
     }
-    // Aborted at once, and again once the parts that were in flight are
-    // answered: a part that lands after an abort may be kept (S3 says to
-    // abort again), and a slow store must not keep the first abort waiting.
-    let aborts = futures::future::join_all(uploads.into_iter().map(|(mut upload, slot)| async move {
-        let _ = upload.abort().await;
-        if slot.parts_in_flight.load(Ordering::SeqCst) > 0 {
-            while slot.parts_in_flight.load(Ordering::SeqCst) > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let _ = upload.abort().await;
-        }
-    }));
+    let aborts = futures::future::join_all(uploads.into_iter().map(|(upload, slot)| async move { slot.abort(upload).await }));
     // The timer is made inside the runtime, which drives it.
     let _ = block_on(async move { tokio::time::timeout(wait, aborts).await });
     count
@@ -424,18 +432,27 @@ mod tests {
         sender.join().unwrap();
         assert_eq!(going.events(), ["abort", "part", "abort"]);
         assert_eq!(done.events(), ["complete"], "a completed upload was aborted");
-        // A part cancelled by its writer no longer counts as in flight.
-        let mut cancelled = Listed::new(Box::new(Recorder { part_time: Duration::from_secs(3600), ..Recorder::default() }));
+        // A part whose writer dropped it (WriteMultipart does when the writer
+        // fails) is still sent, and the abort still waits for it.
+        let dropped = Recorder { part_time: Duration::from_secs(20), ..Recorder::default() };
+        let mut cancelled = Listed::new(Box::new(dropped.clone()));
         drop(cancelled.put_part(PutPayload::from(vec![3u8])));
-        let start = std::time::Instant::now();
         assert!(abort_unfinished_uploads(Duration::from_secs(5)) >= 1);
-        assert!(start.elapsed() < Duration::from_secs(3), "the abort waited (5 s) for a part that was cancelled");
+        assert_eq!(dropped.events(), ["abort", "part", "abort"]);
         // Its writer waits for good from then on; its own abort has nothing left to do.
         let waits = |future| block_on(async { tokio::time::timeout(Duration::from_millis(100), future).await.is_err() }).unwrap();
         assert!(waits(upload.put_part(PutPayload::from(vec![2u8]))));
         assert!(waits(Box::pin(async { upload.complete().await.map(drop) })));
         block_on(upload.abort()).unwrap().unwrap();
         assert_eq!(going.events(), ["abort", "part", "abort"]);
+
+        // A writer's own abort (after a failure) also comes again after its
+        // parts in flight, dropped or not.
+        let failing = Recorder { part_time: Duration::from_secs(20), ..Recorder::default() };
+        let mut upload = Listed::new(Box::new(failing.clone()));
+        drop(upload.put_part(PutPayload::from(vec![4u8])));
+        block_on(upload.abort()).unwrap().unwrap();
+        assert_eq!(failing.events(), ["abort", "part", "abort"]);
     }
 
     #[test]
