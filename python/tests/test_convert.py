@@ -141,7 +141,10 @@ def test_views_shared_storage_strides_and_aliases(exe, tmp_path):
         "alias": base,
         "expand": torch.ones(1).expand(5, 3),
         "narrow": base.view(4, 6)[1:3, 2:5],
+        # Empty, its offset (25) past the storage's end: torch leaves it unchecked.
+        "empty_past_end": base.view(4, 6)[4:, 1:].flatten(),
     }
+    assert state["empty_past_end"].storage_offset() > base.numel()
     src, dst = check(exe, tmp_path, state)
     report = json.loads(run(exe, "convert", "--json", src, tmp_path / "again.safetensors").stdout)
     copied = {t["name"] for t in report["tensors"] if t["copied"]}
@@ -159,7 +162,8 @@ def test_conjugate_and_negative_bits_are_applied(exe, tmp_path):
     c = torch.randn(4, dtype=torch.complex64)
     f = torch.randn(5)
     i = torch.arange(-3, 3, dtype=torch.int32)
-    state = {"conj": c.conj(), "neg": f._neg_view(), "neg_int": i._neg_view()}
+    u = torch.tensor([0, 1, 2, 200, 255], dtype=torch.uint8)
+    state = {"conj": c.conj(), "neg": f._neg_view(), "neg_int": i._neg_view(), "neg_uint8": u._neg_view()}
     assert state["conj"].is_conj() and state["neg"].is_neg()
     check(exe, tmp_path, state, {k: v.resolve_conj().resolve_neg() for k, v in state.items()})
 
@@ -214,6 +218,49 @@ def test_nested_containers_flatten_with_dots(exe, tmp_path):
     convert(exe, src, tmp_path / "x.safetensors", "--flatten")
     expected = {"encoder.layer.w": a, "decoder.0": b, "decoder.1.x": c}
     assert (tmp_path / "x.safetensors").read_bytes() == oracle_bytes(expected, tmp_path)
+    # diff reads the checkpoint with the options it was converted with.
+    assert run(exe, "diff", src, tmp_path / "x.safetensors").returncode == 2
+    assert run(exe, "diff", "--flatten", src, tmp_path / "x.safetensors").returncode == 0
+
+
+def test_flat_state_dicts_with_other_values_and_picked_tensors(exe, tmp_path):
+    t, u = torch.randn(3, 4), torch.randn(2)
+    # Tensors by name beside values that hold none: the top level is the state dict.
+    src, _ = check(exe, tmp_path, {"model": t, "epoch": 7}, {"model": t})
+    report = json.loads(run(exe, "convert", "--json", src, tmp_path / "r.safetensors").stdout)
+    assert report["root"] == "" and ["epoch", "7"] in report["non_tensors"]
+    # The empty name is a name (the reference writes it).
+    check(exe, tmp_path, {"": t, "b": u})
+
+    # A module's non-tensor extra state, as module.state_dict() gives it.
+    class WithExtraState(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"scale": 2, "recipe": "delayed"}
+
+        def set_extra_state(self, state):
+            pass
+
+    sd = WithExtraState(3, 2).state_dict()
+    src, _ = check(exe, tmp_path, sd, {k: v for k, v in sd.items() if torch.is_tensor(v)})
+    report = json.loads(run(exe, "convert", "--json", src, tmp_path / "r.safetensors").stdout)
+    assert [p for p, _ in report["non_tensors"]] == ["_extra_state.scale", "_extra_state.recipe"]
+    # --key may pick a tensor, named by the key; it is obeyed on a flat dict too.
+    src = tmp_path / "picked.pt"
+    torch.save({"model": t, "optimizer": {"state": {"m": u}}}, src)
+    convert(exe, src, tmp_path / "picked.safetensors", "--key", "model")
+    assert (tmp_path / "picked.safetensors").read_bytes() == oracle_bytes({"model": t}, tmp_path)
+    torch.save({"a": t, "b": u}, src)
+    convert(exe, src, tmp_path / "picked.safetensors", "--key", "b")
+    assert (tmp_path / "picked.safetensors").read_bytes() == oracle_bytes({"b": u}, tmp_path)
+    # A lone tensor has no name, whatever the options.
+    torch.save(t, src)
+    for flags in [(), ("--flatten",)]:
+        out = run(exe, "convert", *flags, src, tmp_path / "lone.safetensors")
+        assert out.returncode == 1 and "one tensor, not a dict of named tensors" in out.stderr, out.stderr
+    # A top-level `format` entry cannot be kept: the file's own `format: pt` is there.
+    torch.save({"model": {"w": t}, "format": "v2"}, src)
+    out = run(exe, "convert", "--keep-metadata", src, tmp_path / "fmt.safetensors")
+    assert out.returncode == 1 and "carries `format: pt`" in out.stderr, out.stderr
 
 
 def test_training_checkpoint_skips_optimizer_state_unless_asked(exe, tmp_path):
@@ -271,8 +318,23 @@ def test_pickle_protocols(exe, tmp_path, protocol):
 def test_legacy_stream_format(exe, tmp_path):
     base = torch.randn(4, 5)
     state = {"w": base, "t": base.t(), "row": base[1], "i": torch.arange(3), "b": torch.tensor([True, False])}
+    state["empty_past_end"] = base[4:, 1:].flatten()
     src, _ = check(exe, tmp_path, state, None, _use_new_zipfile_serialization=False)
     assert not src.read_bytes().startswith(b"PK")
+
+
+def test_legacy_stream_with_an_odd_sized_byte_storage(exe, tmp_path):
+    # An int16 view of 6 of 7 bytes: torch's legacy writer counts 3 elements
+    # but writes all 7 bytes; its reader reads 6 and leaves the last byte.
+    odd = torch.arange(7, dtype=torch.uint8)[:6].view(torch.int16)
+    src, _ = check(exe, tmp_path, {"h": odd}, None, _use_new_zipfile_serialization=False)
+    assert scan_json(exe, src)[1]["verdict"] == "safe"
+    # The zip format keeps the 7 bytes as the record, which torch.load
+    # refuses: damaged (suspicious), not dangerous.
+    torch.save({"h": odd}, tmp_path / "odd_zip.pt")
+    code, report = scan_json(exe, tmp_path / "odd_zip.pt")
+    assert (code, report["verdict"]) == (1, "suspicious"), report
+    assert any("holds 7 bytes but the pickle declares 3 elements of 2 bytes" in f["detail"] for f in report["findings"]), report
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -448,6 +510,15 @@ def test_real_model_sharded(exe, tmp_path, minilm_path):
         fname = f"model-{i:05d}-of-00002.safetensors"
         assert all(index["weight_map"][k] == fname for k in part)
         assert (out / fname).read_bytes() == oracle_bytes({k: state[k] for k in part}, tmp_path)
+    # diff reads the sharded pickle checkpoint too, by its folder or index.
+    for source in [src, src / "pytorch_model.bin.index.json"]:
+        out_diff = run(exe, "diff", source, out)
+        assert out_diff.returncode == 0 and f"{len(names)} identical tensors" in out_diff.stdout, out_diff.stderr
+    changed = dict(state)
+    changed[shards[1][0]] = changed[shards[1][0]] + 1
+    torch.save({k: changed[k] for k in shards[1]}, src / "pytorch_model-00002-of-00002.bin")
+    report = json.loads(run(exe, "diff", "--json", src, out).stdout)
+    assert [c["name"] for c in report["changes"]] == [shards[1][0]]
 
 
 def test_sharded_dedupe_lists_only_what_the_shards_hold(exe, tmp_path):

@@ -19,6 +19,20 @@ pub struct ConvertArgs {
     /// an existing folder, `model.safetensors` in it; for a sharded input,
     /// the output folder.
     output: PathBuf,
+    #[command(flatten)]
+    reading: ReadingArgs,
+    /// Keep non-tensor values (epoch, hyper-parameters…) as JSON strings in `__metadata__`.
+    #[arg(long)]
+    keep_metadata: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How a torch checkpoint is read into named tensors: `convert`'s options,
+/// which `diff` takes too so that it reads a checkpoint as it was converted.
+#[derive(Args)]
+pub struct ReadingArgs {
     /// Dotted key of the state dict inside the checkpoint (e.g. `model` or `state_dict`).
     #[arg(long)]
     key: Option<String>,
@@ -32,9 +46,6 @@ pub struct ConvertArgs {
     /// kept one (the reference's save_model convention).
     #[arg(long)]
     dedupe: bool,
-    /// Keep non-tensor values (epoch, hyper-parameters…) as JSON strings in `__metadata__`.
-    #[arg(long)]
-    keep_metadata: bool,
     /// Map BOOL bytes other than 0/1 to 1 instead of refusing the file.
     #[arg(long)]
     lenient_bool: bool,
@@ -45,13 +56,10 @@ pub struct ConvertArgs {
     /// `module.*`); they are never executed. Repeatable.
     #[arg(long = "allow-class", value_name = "PATTERN")]
     allow_class: Vec<String>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
-impl ConvertArgs {
-    fn options(&self) -> ConvertOptions {
+impl ReadingArgs {
+    pub(crate) fn options(&self, keep_metadata: bool) -> ConvertOptions {
         ConvertOptions {
             load: LoadOptions { allow_opaque: self.allow_class.clone(), ..Default::default() },
             extract: ExtractOptions {
@@ -61,15 +69,16 @@ impl ConvertArgs {
                 strict_meta: self.strict_meta,
             },
             dedupe: self.dedupe,
-            keep_non_tensors: self.keep_metadata,
+            keep_non_tensors: keep_metadata,
             lenient_bool: self.lenient_bool,
             format_metadata: true,
         }
     }
 }
 
-/// The index file of a sharded checkpoint named by `input`, if it is one.
-fn sharded_index(input: &Path) -> Option<PathBuf> {
+/// The index file of a sharded torch checkpoint named by `input` (the index,
+/// or a folder holding `pytorch_model.bin.index.json`), if it is one.
+pub(crate) fn sharded_index(input: &Path) -> Option<PathBuf> {
     if input.is_dir() {
         let index = input.join("pytorch_model.bin.index.json");
         return index.is_file().then_some(index);
@@ -77,9 +86,18 @@ fn sharded_index(input: &Path) -> Option<PathBuf> {
     input.to_string_lossy().ends_with(".index.json").then(|| input.to_owned())
 }
 
+/// The torch checkpoint file `input` names: itself, or the
+/// `pytorch_model.bin` in a folder holding one.
+pub(crate) fn single_input(input: &Path) -> PathBuf {
+    match input.join("pytorch_model.bin") {
+        single if input.is_dir() && single.is_file() => single,
+        _ => input.to_owned(),
+    }
+}
+
 /// Runs the subcommand. Exit codes: 0 converted, 1 refused or failed.
 pub fn run(args: &ConvertArgs) -> ExitCode {
-    let options = args.options();
+    let options = args.reading.options(args.keep_metadata);
     let start = Instant::now();
     if let Some(url) = crate::remote::url(&args.input) {
         say_err!("tensafe convert: {url}: the input must be a local file (a pickle is checked as a whole, so it would be downloaded first); download it, then convert it");
@@ -117,10 +135,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         };
     }
     // A folder holding an unsharded `pytorch_model.bin`; a folder as output.
-    let input = match args.input.join("pytorch_model.bin") {
-        single if args.input.is_dir() && single.is_file() => single,
-        _ => args.input.clone(),
-    };
+    let input = single_input(&args.input);
     if tensafe::PreadFile::open(&input).is_ok() {
         say_err!("tensafe convert: {} is already a safetensors file: nothing to convert", input.display());
         return ExitCode::FAILURE;

@@ -1,9 +1,9 @@
 //! `tensafe diff A B`: tensors added, removed, or changed in dtype, shape or
 //! content, and, between two safetensors files or checkpoints, metadata
 //! entries. Either side may be a safetensors file or checkpoint (a
-//! directory or index, local or remote) or a torch checkpoint (read with the
-//! non-executing converter), so a conversion can be proven against its
-//! source.
+//! directory or index, local or remote) or a torch checkpoint (a file, or a
+//! sharded one; read with the non-executing converter and `convert`'s
+//! reading options), so a conversion can be proven against its source.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -20,11 +20,15 @@ use tensafe_remote::{RemoteCheckpoint, RemoteOptions};
 /// Arguments of `tensafe diff`.
 #[derive(Args)]
 pub struct DiffArgs {
-    /// The first file (safetensors, or a torch checkpoint), or the URL of a
-    /// safetensors file or checkpoint (s3://, gs://, az://, http(s)://).
+    /// The first file or folder (safetensors, or a torch checkpoint, sharded
+    /// or not, read as `convert` reads it), or the URL of a safetensors file
+    /// or checkpoint (s3://, gs://, az://, http(s)://).
     a: PathBuf,
     /// The second file.
     b: PathBuf,
+    /// How a torch checkpoint side is read, as `convert` reads it.
+    #[command(flatten)]
+    reading: crate::convert::ReadingArgs,
     /// Print the differences as JSON.
     #[arg(long)]
     json: bool,
@@ -56,42 +60,45 @@ impl<'a> Side<'a> {
 }
 
 /// Calls `f` with what `path` holds: a safetensors checkpoint (directory
-/// or index), a safetensors file if it parses as one, else a torch
-/// checkpoint; or a URL of a safetensors file or checkpoint.
-fn with_tensors<R>(path: &Path, f: impl FnOnce(&Side<'_>) -> R) -> Result<R, String> {
+/// or index) or file if it parses as one, else a torch checkpoint (a file,
+/// a sharded one's index or folder, or a folder holding
+/// `pytorch_model.bin`) read with `options`; or a URL of a safetensors file
+/// or checkpoint.
+fn with_tensors<R>(path: &Path, options: &ConvertOptions, f: impl FnOnce(&Side<'_>) -> R) -> Result<R, String> {
     if let Some(url) = crate::remote::url(path) {
         return with_remote_tensors(url, f);
     }
-    if tensafe::is_checkpoint_path(path) {
-        return with_checkpoint_tensors(path, f);
-    }
-    let st_error = match MmapFile::open(path) {
-        Ok(file) => {
-            let tensors = file
-                .tensors()
-                .map(|(name, v)| (name.to_owned(), Tensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: Cow::Borrowed(v.data()) }))
-                .collect();
-            return Ok(f(&Side::safetensors(tensors, Some(file.header()))));
+    let st_error = if tensafe::is_checkpoint_path(path) {
+        match tensafe::ShardedCheckpoint::open(path) {
+            Ok(checkpoint) => return with_checkpoint_tensors(checkpoint, f),
+            Err(e) => e,
         }
-        Err(e) => e,
+    } else {
+        match MmapFile::open(path) {
+            Ok(file) => {
+                let tensors = file
+                    .tensors()
+                    .map(|(name, v)| (name.to_owned(), Tensor { dtype: v.dtype(), shape: v.shape().to_vec(), data: Cow::Borrowed(v.data()) }))
+                    .collect();
+                return Ok(f(&Side::safetensors(tensors, Some(file.header()))));
+            }
+            Err(e) => e,
+        }
     };
-    let bytes = tensafe_pickle::map_file(path).map_err(|e| e.to_string())?;
-    let options = ConvertOptions::default();
-    let ck = tensafe_pickle::load(&bytes, &options.load)
-        .map_err(|e| format!("{}: neither safetensors ({st_error}) nor a torch checkpoint ({e})", path.display()))?;
-    let planned = tensafe_pickle::plan_checkpoint(&ck, &options).map_err(|e| format!("{}: {e}", path.display()))?;
-    let tensors = planned
-        .tensors
-        .iter()
-        .map(|(name, p)| (name.clone(), Tensor { dtype: p.dtype(), shape: p.shape().to_vec(), data: p.data() }))
-        .collect();
-    Ok(f(&Side { kind: "torch checkpoint", tensors, metadata: None }))
+    let files = match crate::convert::sharded_index(path) {
+        Some(index) => {
+            let (_, shards) = tensafe_pickle::read_shard_index(&index).map_err(|e| e.to_string())?;
+            let dir = index.parent().unwrap_or(Path::new("."));
+            shards.iter().map(|shard| dir.join(shard)).collect()
+        }
+        None => vec![crate::convert::single_input(path)],
+    };
+    with_pickle_tensors(&files, options, &st_error, f)
 }
 
-/// Calls `f` with the tensors of a local sharded safetensors checkpoint
-/// (a directory or its index), each shard mapped.
-fn with_checkpoint_tensors<R>(path: &Path, f: impl FnOnce(&Side<'_>) -> R) -> Result<R, String> {
-    let checkpoint = tensafe::ShardedCheckpoint::open(path).map_err(|e| e.to_string())?;
+/// Calls `f` with the tensors of a local sharded safetensors checkpoint,
+/// each shard mapped.
+fn with_checkpoint_tensors<R>(checkpoint: tensafe::ShardedCheckpoint, f: impl FnOnce(&Side<'_>) -> R) -> Result<R, String> {
     let places: Vec<(usize, String, (usize, usize))> = checkpoint.iter().map(|(shard, name, info)| (shard, name.to_owned(), info.data_offsets)).collect();
     let shards: Vec<MmapFile> = checkpoint.into_shards().into_iter().map(MmapFile::from_pread).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
     let tensors = places
@@ -103,6 +110,34 @@ fn with_checkpoint_tensors<R>(path: &Path, f: impl FnOnce(&Side<'_>) -> R) -> Re
         })
         .collect();
     Ok(f(&Side::safetensors(tensors, shards.first().map(MmapFile::header))))
+}
+
+/// Calls `f` with the tensors of torch checkpoint files (one file, or a
+/// sharded checkpoint's shards) as `convert` would write them.
+fn with_pickle_tensors<R>(files: &[PathBuf], options: &ConvertOptions, st_error: &tensafe::Error, f: impl FnOnce(&Side<'_>) -> R) -> Result<R, String> {
+    let maps = files.iter().map(|path| tensafe_pickle::map_file(path).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    let checkpoints = maps
+        .iter()
+        .zip(files)
+        .map(|(bytes, path)| {
+            tensafe_pickle::load(bytes, &options.load)
+                .map_err(|e| format!("{}: neither safetensors ({st_error}) nor a torch checkpoint ({e})", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let planned = checkpoints
+        .iter()
+        .zip(files)
+        .map(|(checkpoint, path)| tensafe_pickle::plan_checkpoint(checkpoint, options).map_err(|e| format!("{}: {e}", path.display())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut tensors = Tensors::new();
+    for (plan, path) in planned.iter().zip(files) {
+        for (name, p) in &plan.tensors {
+            if tensors.insert(name.clone(), Tensor { dtype: p.dtype(), shape: p.shape().to_vec(), data: p.data() }).is_some() {
+                return Err(format!("{}: tensor `{name}` is in an earlier shard too", path.display()));
+            }
+        }
+    }
+    Ok(f(&Side { kind: "torch checkpoint", tensors, metadata: None }))
 }
 
 /// Calls `f` with the tensors of a remote safetensors file or sharded
@@ -171,8 +206,9 @@ impl Serialize for Magnitude {
 /// and bytes) and, between safetensors sides, the same metadata; 1
 /// differences; 2 a file could not be read.
 pub fn run(args: &DiffArgs) -> ExitCode {
-    let result = with_tensors(&args.a, |a| {
-        with_tensors(&args.b, |b| {
+    let options = args.reading.options(false);
+    let result = with_tensors(&args.a, &options, |a| {
+        with_tensors(&args.b, &options, |b| {
             let changes = compare(a, b);
             let changed = changes.iter().filter(|c| matches!(c.change, "dtype" | "shape" | "content")).count();
             let identical = a.tensors.keys().filter(|k| b.tensors.contains_key(*k)).count() - changed;

@@ -4,11 +4,12 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::value::{Heap, Object, Value};
+use crate::value::{Heap, Object, Storage, Value};
 use crate::vm::{Mode, PidSchema, StorageTable, Vm, VmOptions};
 use crate::zip;
 
@@ -427,30 +428,44 @@ fn load_legacy<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<
     }
     let mut records = HashMap::new();
     for key in &keys {
-        let decl = &storages.by_key[key];
-        let header = bytes
-            .get(pos..pos + 8)
-            .ok_or_else(|| Error::Container(format!("legacy stream: truncated before storage `{key}` at offset {pos}")))?;
-        let header: [u8; 8] = header.try_into().expect("8 bytes");
-        let numel = if little_endian { u64::from_le_bytes(header) } else { u64::from_be_bytes(header) };
-        if numel != decl.numel {
-            return Err(Error::Container(format!(
-                "legacy stream: storage `{key}` at offset {pos} holds {numel} elements but the pickle declares {}",
-                decl.numel
-            )));
-        }
-        let len = decl.byte_len().expect("checked when the pid was read");
-        let start = pos + 8;
-        let end = (start as u64).checked_add(len).filter(|&e| e <= bytes.len() as u64).ok_or_else(|| {
-            Error::Container(format!("legacy stream: storage `{key}` ({len} bytes at offset {start}) runs past the end of the file"))
-        })? as usize;
-        records.insert(key.clone(), Cow::Borrowed(&bytes[start..end]));
-        pos = end;
+        let data = legacy_storage(bytes, pos, &storages.by_key[key], little_endian)
+            .map_err(|m| Error::Container(format!("legacy stream: storage `{key}` at offset {pos} {m}")))?;
+        records.insert(key.clone(), Cow::Borrowed(&bytes[data.clone()]));
+        pos = data.end;
     }
-    if pos != bytes.len() {
+    let last = keys.last().map(|key| &storages.by_key[key]);
+    if !legacy_tail_is_torchs(bytes.len() - pos, last) {
         return Err(Error::Container(format!("legacy stream: {} unexpected bytes after the last storage (offset {pos})", bytes.len() - pos)));
     }
-    Ok(Checkpoint { format: Format::Legacy, heap, storages, root, records, big_endian: !little_endian, warnings: vec![] })
+    // The bytes are little-endian whatever machine wrote them.
+    Ok(Checkpoint { format: Format::Legacy, heap, storages, root, records, big_endian: false, warnings: vec![] })
+}
+
+/// One storage of the legacy raw section, at `pos`: its element count (8
+/// bytes), then its bytes; returns where the bytes lie. torch writes both
+/// little-endian on any machine (sys_info's `little_endian` describes the
+/// machine only); torch before 1.5 wrote the count in the machine's order,
+/// which a big-endian machine's torch reads back, so that order is taken
+/// too where sys_info says big-endian.
+pub(crate) fn legacy_storage(bytes: &[u8], pos: usize, decl: &Storage, machine_little_endian: bool) -> std::result::Result<Range<usize>, String> {
+    let count: [u8; 8] = bytes.get(pos..pos + 8).ok_or("is cut short by the end of the file")?.try_into().expect("8 bytes");
+    let numel = u64::from_le_bytes(count);
+    if numel != decl.numel && (machine_little_endian || u64::from_be_bytes(count) != decl.numel) {
+        return Err(format!("holds {numel} elements but the pickle declares {}", decl.numel));
+    }
+    let len = decl.byte_len().ok_or("has a size past 2^64 bytes")?;
+    let start = pos + 8;
+    let end = (start as u64).checked_add(len).filter(|&e| e <= bytes.len() as u64).ok_or_else(|| format!("({len} bytes) runs past the end of the file"))?;
+    Ok(start..end as usize)
+}
+
+/// Whether `tail` bytes after the last storage are what torch's legacy
+/// writer leaves: it writes every byte of a storage but counts whole
+/// elements, so a byte storage viewed as a wider type (`x[:6].view(int16)`
+/// of 7 bytes) is followed by less than an element, which torch's reader
+/// never reads.
+pub(crate) fn legacy_tail_is_torchs(tail: usize, last: Option<&Storage>) -> bool {
+    tail == 0 || last.is_some_and(|storage| (tail as u64) < storage.storage_type.element_size())
 }
 
 /// `{'protocol_version': 1001, 'little_endian': bool, 'type_sizes': {str: int}}`.

@@ -132,8 +132,16 @@ impl<'a> TensorPlan<'a> {
 
     /// The output bytes as they lie in the input, when no copy is needed.
     pub fn borrowed(&self) -> Option<&'a [u8]> {
+        if !self.borrowable() {
+            return None;
+        }
+        if self.len == 0 {
+            // torch leaves an empty tensor's offset unchecked: it may lie past
+            // the end of its storage (`x.view(5, 2)[5:, 1:]` of 10 elements).
+            return Some(&[]);
+        }
         let start = self.offset * self.itemsize;
-        self.borrowable().then(|| &self.storage[start..start + self.len])
+        Some(&self.storage[start..start + self.len])
     }
 
     fn gather(&self) -> Vec<u8> {
@@ -350,6 +358,17 @@ pub struct Planned<'a> {
     pub tensors: Vec<(String, TensorPlan<'a>)>,
 }
 
+/// Two entries for one metadata key: kept non-tensor values, the names of
+/// removed duplicates, and the `format` entry every converted file carries.
+fn metadata_clash(key: &str, options: &ConvertOptions) -> Error {
+    if key == "format" && options.format_metadata {
+        return Error::Structure(
+            "the checkpoint's top-level `format` entry cannot be kept as metadata: every converted file carries `format: pt` there (convert without --keep-metadata)".into(),
+        );
+    }
+    Error::Structure(format!("metadata key `{key}` is used twice"))
+}
+
 /// Plans a conversion: selects and names the tensors, checks each against
 /// its storage bytes and the output budget, and builds the metadata.
 pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> Result<Planned<'a>> {
@@ -375,7 +394,7 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
     for (path, value) in &ex.non_tensors {
         let text = extract::to_json(&ck.heap, value, &mut budget).to_string();
         if options.keep_non_tensors && metadata.insert(path.clone(), text.clone()).is_some() {
-            return Err(Error::Structure(format!("metadata key `{path}` is used twice")));
+            return Err(metadata_clash(path, options));
         }
         report.non_tensors.push((path.clone(), text));
     }
@@ -405,7 +424,7 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
                     dropped[i] = true;
                     let (removed, kept) = (ex.tensors[i].0.clone(), ex.tensors[keep].0.clone());
                     if metadata.insert(removed.clone(), kept.clone()).is_some() {
-                        return Err(Error::Structure(format!("metadata key `{removed}` is used twice")));
+                        return Err(metadata_clash(&removed, options));
                     }
                     report.deduplicated.push((removed, kept));
                 }
@@ -660,11 +679,8 @@ pub struct ShardedReport {
 /// refused shard leaves it as it was); then what remains there of an
 /// earlier checkpoint is removed (`tensafe::remove_stale_files`).
 pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -> Result<ShardedReport> {
-    let text = tensafe::read_index_text(index).map_err(|source| Error::Io { path: index.to_owned(), source })?;
-    let input = tensafe::ShardIndex::parse(&text).map_err(|e| Error::Structure(format!("{}: {e}", index.display())))?;
-    let mut shard_names: Vec<&str> = input.weight_map.values().map(String::as_str).collect();
-    shard_names.sort();
-    shard_names.dedup();
+    let (input, shard_names) = read_shard_index(index)?;
+    let shard_names: Vec<&str> = shard_names.iter().map(String::as_str).collect();
     let dir = index.parent().unwrap_or(Path::new("."));
     let created = create_folders(out_dir)?;
     let result = convert_shards(&input, &shard_names, dir, out_dir, options);
@@ -674,6 +690,17 @@ pub fn convert_sharded(index: &Path, out_dir: &Path, options: &ConvertOptions) -
         created.iter().rev().try_for_each(std::fs::remove_dir).ok();
     }
     result
+}
+
+/// A sharded checkpoint's index (`pytorch_model.bin.index.json`) and the
+/// names of its shard files, sorted, each once (beside the index).
+pub fn read_shard_index(index: &Path) -> Result<(tensafe::ShardIndex, Vec<String>)> {
+    let text = tensafe::read_index_text(index).map_err(|source| Error::Io { path: index.to_owned(), source })?;
+    let parsed = tensafe::ShardIndex::parse(&text).map_err(|e| Error::Structure(format!("{}: {e}", index.display())))?;
+    let mut shard_names: Vec<String> = parsed.weight_map.values().cloned().collect();
+    shard_names.sort();
+    shard_names.dedup();
+    Ok((parsed, shard_names))
 }
 
 /// Creates `path` and the folders above it that are missing, and returns

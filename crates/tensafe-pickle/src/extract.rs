@@ -100,11 +100,18 @@ pub fn extract(heap: &Heap, root: &Value, options: &ExtractOptions, limits: &Lim
         Some(Object::Dict(d)) => Some(d),
         _ => None,
     };
-    let all_tensors = top_dict.is_some_and(|d| d.entries.iter().all(|(_, v)| is_tensor(heap, v)));
+    if is_tensor(heap, root) {
+        return Err(Error::Structure(
+            "the checkpoint is one tensor, not a dict of named tensors: safetensors stores tensors by name, and this one has none".into(),
+        ));
+    }
+    // A state dict: tensors by name, and maybe values that hold none (a
+    // module's `_extra_state`, a step count); nothing nested holds tensors.
+    let flat_state_dict = top_dict.is_some_and(|d| {
+        d.entries.iter().any(|(_, v)| is_tensor(heap, v)) && d.entries.iter().all(|(_, v)| is_tensor(heap, v) || !w.holds_tensor(v))
+    });
     let whole_module = matches!(heap.object(root), Some(Object::Opaque(o)) if module_state(heap, o).is_some());
-    let selected: Option<(String, Value)> = if all_tensors || whole_module {
-        Some((String::new(), root.clone()))
-    } else if let Some(key) = &options.key {
+    let selected: Option<(String, Value)> = if let Some(key) = &options.key {
         let mut v = root.clone();
         for part in key.split('.') {
             v = dict_get(heap, &v, part)
@@ -112,15 +119,19 @@ pub fn extract(heap: &Heap, root: &Value, options: &ExtractOptions, limits: &Lim
                 .clone();
         }
         Some((key.clone(), v))
+    } else if flat_state_dict || whole_module {
+        Some((String::new(), root.clone()))
     } else {
-        STATE_DICT_KEYS
-            .iter()
-            .find_map(|k| dict_get(heap, root, k).filter(|v| w.holds_tensor(v)).map(|v| (k.to_string(), v.clone())))
+        STATE_DICT_KEYS.iter().find_map(|k| {
+            dict_get(heap, root, k).filter(|v| w.holds_tensor(v) && !is_tensor(heap, v)).map(|v| (k.to_string(), v.clone()))
+        })
     };
     match selected {
         Some((path, value)) => {
             w.out.root = path.clone();
-            w.walk(&value, "")?;
+            // A tensor picked by --key is named by the key.
+            let prefix = if is_tensor(heap, &value) { path.as_str() } else { "" };
+            w.walk(&value, prefix)?;
             // Everything beside the root: reported, or converted when it is
             // optimizer state and that was asked for.
             if let Some(d) = top_dict
@@ -243,9 +254,6 @@ impl Walker<'_> {
     }
 
     fn emit(&mut self, name: String, id: ObjId) -> Result<()> {
-        if name.is_empty() {
-            return Err(Error::Structure("a tensor at the top level has no name; pass --key or --flatten on a dict".into()));
-        }
         if !self.names.insert(name.clone()) {
             return Err(Error::Tensor { name, reason: "two tensors get this name after flattening with `.`".into() });
         }

@@ -45,7 +45,7 @@ pub mod zip;
 
 pub use container::{detect, load, Checkpoint, Kind, LoadOptions};
 pub use convert::{
-    convert_checkpoint, convert_file, convert_sharded, map_file, plan_checkpoint, ConvertOptions, ConvertReport, Planned, ShardedReport,
+    convert_checkpoint, convert_file, convert_sharded, map_file, plan_checkpoint, read_shard_index, ConvertOptions, ConvertReport, Planned, ShardedReport,
     TensorPlan, TensorReport,
 };
 pub use error::{Error, PickleError, Result};

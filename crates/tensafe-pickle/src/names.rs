@@ -33,9 +33,11 @@ impl TorchDtype {
         matches!(self.name, "float16" | "bfloat16" | "float32" | "float64" | "complex64" | "float8_e4m3fn" | "float8_e5m2")
     }
 
-    /// Whether negating a value is a two's complement negation.
+    /// Whether negating a value is a two's complement negation (uint8's
+    /// wraps, as torch's does; torch has no negation for the wider unsigned
+    /// types, nor for the fnuz and e8m0 floats).
     pub(crate) fn neg_is_twos_complement(self) -> bool {
-        matches!(self.name, "int8" | "int16" | "int32" | "int64")
+        matches!(self.name, "int8" | "int16" | "int32" | "int64" | "uint8")
     }
 
     /// Size of the part to byte-swap: the element, or each half of a complex.

@@ -739,10 +739,11 @@ impl<'o> Scanner<'o> {
                     let decl = &storages.by_key[key];
                     match record.map(|at| &archive.entries[at]) {
                         None => r.finding(Severity::Suspicious, "storage", format!("storage `{key}` has no record")),
+                        // torch.load refuses it: a damaged file, not a way to run code.
                         Some(rec) if Some(rec.size) != decl.byte_len() => r.finding(
-                            Severity::Dangerous,
+                            Severity::Suspicious,
                             "storage",
-                            format!("record `{}` holds {} bytes but the pickle declares {:?}", rec.name, rec.size, decl.byte_len()),
+                            format!("record `{}` holds {} bytes but the pickle declares {} elements of {} bytes", rec.name, rec.size, decl.numel, decl.storage_type.element_size()),
                         ),
                         Some(_) => {}
                     }
@@ -1098,17 +1099,14 @@ fn sys_info_little(heap: &Heap, v: &Value) -> Option<bool> {
     })
 }
 
-/// Follows the legacy raw storage section; returns where it ends.
+/// Follows the legacy raw storage section; returns where it ends (after
+/// what torch leaves past the last storage).
 fn raw_section(bytes: &[u8], mut pos: usize, keys: &[String], declared: &StorageTable, little: bool) -> Result<usize, String> {
+    let mut last = None;
     for key in keys {
         let decl = declared.by_key.get(key.as_str()).ok_or_else(|| format!("key `{key}` was not declared"))?;
-        let h: [u8; 8] = bytes.get(pos..pos + 8).ok_or("truncated")?.try_into().expect("8 bytes");
-        let numel = if little { u64::from_le_bytes(h) } else { u64::from_be_bytes(h) };
-        if numel != decl.numel {
-            return Err(format!("storage `{key}` holds {numel} elements but {} were declared", decl.numel));
-        }
-        let len = decl.byte_len().ok_or("size overflows")?;
-        pos = (pos as u64 + 8).checked_add(len).filter(|&e| e <= bytes.len() as u64).ok_or("runs past the end")? as usize;
+        pos = container::legacy_storage(bytes, pos, decl, little).map_err(|m| format!("storage `{key}` {m}"))?.end;
+        last = Some(decl);
     }
-    Ok(pos)
+    Ok(if container::legacy_tail_is_torchs(bytes.len() - pos, last) { bytes.len() } else { pos })
 }

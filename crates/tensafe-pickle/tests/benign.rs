@@ -116,18 +116,26 @@ fn legacy_storage_views_and_big_endian_streams() {
     // View elements 4..10 = [4..10]; offset 1 → 5; shape (2,2) stride (1,2): [[5,7],[6,8]].
     let expect: Vec<u8> = [5f32, 7., 6., 8.].iter().flat_map(|f| f.to_le_bytes()).collect();
     assert_eq!(t[0].3, expect);
-    // The same data written by a big-endian machine.
+    // The same data written by a big-endian machine: torch writes the bytes
+    // little-endian there too (sys_info only says what the machine was), and
+    // the element count little-endian, or before torch 1.5 big-endian.
     let sys_be = legacy_sys_info().into_iter().map(|b| if b == 0x88 { 0x89 } else { b }).collect::<Vec<u8>>();
-    let be_data: Vec<u8> = (0..12).flat_map(|i| (i as f32).to_be_bytes()).collect();
-    let mut big = legacy_magic();
-    big.extend(Asm::new().proto(2).int(1001).stop().finish());
-    big.extend(sys_be);
-    big.extend(object);
-    big.extend(legacy_keys(&["1"]));
-    big.extend_from_slice(&12u64.to_be_bytes());
-    big.extend_from_slice(&be_data);
-    assert_eq!(convert(&big), t);
-    assert_eq!(scan_bytes(&big, "big", &ScanOptions::default()).verdict, Verdict::Safe);
+    let with_count = |sys_info: &[u8], count: [u8; 8]| {
+        let mut file = legacy_stream(legacy_magic(), sys_info.to_vec(), object.clone(), legacy_keys(&["1"]), &[(12, &floats12())]);
+        let at = file.len() - floats12().len() - 8;
+        file[at..at + 8].copy_from_slice(&count);
+        file
+    };
+    for count in [12u64.to_le_bytes(), 12u64.to_be_bytes()] {
+        let big = with_count(&sys_be, count);
+        assert_eq!(convert(&big), t);
+        assert_eq!(scan_bytes(&big, "big", &ScanOptions::default()).verdict, Verdict::Safe);
+    }
+    // A little-endian machine's count is read as little-endian only.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.bin"), with_count(&legacy_sys_info(), 12u64.to_be_bytes())).unwrap();
+    let error = tensafe_pickle::convert_file(&dir.path().join("in.bin"), &dir.path().join("out.safetensors"), &ConvertOptions::default()).unwrap_err();
+    assert!(error.to_string().contains("holds 864691128455135232 elements but the pickle declares 12"), "{error}");
 }
 
 #[test]
