@@ -444,7 +444,7 @@ fn load_legacy<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<
 /// One storage of the legacy raw section, at `pos`: its element count (8
 /// bytes), then its bytes; returns where the bytes lie. torch writes both
 /// little-endian on any machine (sys_info's `little_endian` describes the
-/// machine only); torch before 1.5 wrote the count in the machine's order,
+/// machine only); older torch wrote the count in the machine's order,
 /// which a big-endian machine's torch reads back, so that order is taken
 /// too where sys_info says big-endian.
 pub(crate) fn legacy_storage(bytes: &[u8], pos: usize, decl: &Storage, machine_little_endian: bool) -> std::result::Result<Range<usize>, String> {

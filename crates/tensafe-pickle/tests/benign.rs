@@ -118,7 +118,7 @@ fn legacy_storage_views_and_big_endian_streams() {
     assert_eq!(t[0].3, expect);
     // The same data written by a big-endian machine: torch writes the bytes
     // little-endian there too (sys_info only says what the machine was), and
-    // the element count little-endian, or before torch 1.5 big-endian.
+    // the element count little-endian, or (older torch) big-endian.
     let sys_be = legacy_sys_info().into_iter().map(|b| if b == 0x88 { 0x89 } else { b }).collect::<Vec<u8>>();
     let with_count = |sys_info: &[u8], count: [u8; 8]| {
         let mut file = legacy_stream(legacy_magic(), sys_info.to_vec(), object.clone(), legacy_keys(&["1"]), &[(12, &floats12())]);
