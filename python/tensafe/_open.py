@@ -575,7 +575,10 @@ class PySafeSlice:
         return self._code
 
     def __getitem__(self, index: Any) -> Any:
-        if self._framework == "pt" and not _natively_sliced(index):
+        # torch checks a lone slice's step before the rank of a 0-d tensor
+        # (`[::0]` is a ValueError there): such an index is torch's too.
+        torch_checks_first = not self._shape and isinstance(index, slice)
+        if self._framework == "pt" and (torch_checks_first or not _natively_sliced(index)):
             if _dtypes.BY_CODE[self._code][0] < 8:
                 raise SliceIndexError(
                     f"{self._code} tensors (packed sub-byte values) take only ints, slices, None and one ... as indices"

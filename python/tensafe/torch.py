@@ -198,7 +198,11 @@ def _to_ndarray(tensor: torch.Tensor) -> Tuple[Any, torch.Tensor]:
         # Lazy conjugate/negative views: their memory holds the other values
         # (the reference saves those, wrongly); materialise the real ones.
         tensor = tensor.resolve_conj().resolve_neg()
-    return tensor.reshape(-1).view(torch.uint8).numpy(), tensor
+    # A contiguous tensor may still have an odd stride on a dimension of size
+    # 0 or 1 (x[:1, 2]: stride (4,)), which reshape keeps and a byte view
+    # refuses: the flat view is made with stride 1 outright (same memory).
+    flat = tensor.as_strided((tensor.numel(),), (1,))
+    return flat.view(torch.uint8).numpy(), tensor
 
 
 def _item(name: str, tensor: torch.Tensor) -> _save.Item:

@@ -655,6 +655,26 @@ def test_lazy_conjugate_and_negative_views_save_their_values():
     assert loaded["conj"].tolist() == [1 - 2j, 3 + 1j] and loaded["neg"].tolist() == [0.0, -1.0, -2.0]
 
 
+def test_contiguous_tensors_with_an_odd_stride_on_a_size_one_dimension_save_like_the_reference(tmp_path):
+    # torch calls these contiguous; reshape(-1) keeps their stride, which a byte view refuses.
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    cases = {
+        "column": x[:1, 2],
+        "transposed": x.t()[1:2, :1],
+        "real": torch.tensor([1 + 2j], dtype=torch.complex64).real,
+        "empty": torch.zeros(0, 4)[:, 0],
+        "half_clone": x[:1, 2].clone().half(),
+    }
+    assert all(t.is_contiguous() and t.stride()[-1] != 1 for t in cases.values())
+    assert ts_pt.save(cases) == ref_pt.save(cases)
+    ts_pt.save_file(cases, tmp_path / "t.safetensors")
+    ref_pt.save_file(cases, tmp_path / "r.safetensors")
+    assert (tmp_path / "t.safetensors").read_bytes() == (tmp_path / "r.safetensors").read_bytes()
+    keep_alive, keep_alive_ref = [], []
+    ours = tensafe.serialize(ts_pt._flatten_as_ptr(cases, keep_alive), metadata=None)
+    assert ours == safetensors.serialize(ref_pt._flatten_as_ptr(cases, keep_alive_ref), metadata=None)
+
+
 def test_metadata_with_a_lone_surrogate_is_a_unicode_error_like_the_reference():
     for lib in (ref_pt, ts_pt):
         with pytest.raises(UnicodeEncodeError):

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -266,6 +267,16 @@ def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):
     # Indices torch refuses are refused with torch's own error.
     with tensafe.safe_open(path, "pt") as f, pytest.raises(IndexError, match="out of bounds"):
         f.get_slice("a")[[0, 7]]
+    # On a 0-d tensor, torch checks a lone slice's step before the rank (a
+    # lone slice gets torch's own error; in a tuple, the rank comes first).
+    ref_pt.save_file({"s": torch.tensor(3.0)}, path)
+    for index in [slice(None, None, 0), slice(None, None, -1), slice(1, None), (slice(None, None, 0),)]:
+        with safetensors.safe_open(path, "pt") as theirs, tensafe.safe_open(path, "pt") as ours:
+            with pytest.raises((IndexError, ValueError)) as expected:
+                theirs.get_slice("s")[index]
+            text = re.escape(str(expected.value)) if isinstance(index, slice) else None
+            with pytest.raises(type(expected.value), match=text):
+                ours.get_slice("s")[index]
 
 
 def test_slice_errors_are_clear(tmp_path):
