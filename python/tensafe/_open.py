@@ -15,7 +15,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import _dtypes, _progress
-from ._errors import SliceIndexError
+from ._errors import SliceIndexError, not_an_instance
 from ._tensafe_rust import DIRECT_ALIGN, File, HostBuffer, SafetensorError, printable
 
 _FRAMEWORKS = {
@@ -32,8 +32,7 @@ _DEVICE_RE = re.compile(r"^(%s)(?::(\d+))?$" % "|".join(_ACCELERATORS))
 
 def _framework(framework: Any) -> str:
     if not isinstance(framework, str):
-        # TypeError, as the reference's argument conversion raises.
-        raise TypeError(f"framework must be a str, got {type(framework).__name__}")
+        raise not_an_instance("framework", framework, "str")
     try:
         return _FRAMEWORKS[framework]
     except KeyError:
@@ -439,7 +438,7 @@ class safe_open:
     # -- tensors -----------------------------------------------------------
     def get_tensor(self, name: str) -> Any:
         file = self._open()
-        code, shape, begin, end = file.info(name)
+        code, shape, begin, end = _info(file, name)
         if file.backend in _IN_MEMORY and self._framework in ("pt", "numpy"):
             if self._cutter is None:
                 self._cutter = _Cutter(self._framework, file.data_buffer())
@@ -469,7 +468,7 @@ class safe_open:
 
     def get_slice(self, name: str) -> "PySafeSlice":
         file = self._open()
-        code, shape, _begin, _end = file.info(name)
+        code, shape, _begin, _end = _info(file, name)
         return PySafeSlice(file, name, code, shape, self._framework, self._device)
 
 
@@ -504,6 +503,8 @@ class _CheckpointOpen(safe_open):
 
     def _shard(self, name: str) -> safe_open:
         self._parts()
+        if not isinstance(name, str):
+            raise not_an_instance("name", name, "str")
         try:
             return self._where[name]
         except KeyError:
@@ -594,6 +595,14 @@ class PySafeSlice:
         return _convert(self._framework, self._device, self._code, shape, data)
 
 
+def _info(file: File, name: Any) -> Tuple[str, List[int], int, int]:
+    """`file.info(name)`, a name that is not a str refused in the reference's words."""
+    try:
+        return file.info(name)
+    except TypeError:
+        raise not_an_instance("name", name, "str") from None
+
+
 def _natively_sliced(index: Any) -> bool:
     """Whether the native reader takes `index`: ints (not booleans; numpy
     integer scalars and 0-d integer arrays and tensors count, but not 0-d
@@ -631,7 +640,7 @@ def _open_source(source: Any, backend: str) -> File:
         return File(os.fspath(source), backend)
     if hasattr(source, "read"):
         return _open_file_object(source, backend)
-    raise TypeError(f"expected a path, a bytes-like object or a file object, got {type(source).__name__}")
+    raise TypeError(f"argument 'filename': expected a path, a bytes-like object or a file object, got {type(source).__name__}")
 
 
 def _open_file_object(source: Any, backend: str) -> File:

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+from ._errors import not_an_instance
 from ._tensafe_rust import SafetensorError, parse_size, printable, save_sharded_buffers, serialize_buffers
 
 Item = Tuple[str, str, List[int], Any]
@@ -24,7 +25,7 @@ TO_BYTES: Any = object()
 
 def check_metadata(metadata: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
     if metadata is not None and not isinstance(metadata, dict):
-        raise TypeError(f"argument 'metadata': '{type(metadata).__name__}' object is not an instance of 'dict'")
+        raise not_an_instance("metadata", metadata, "dict")
     return metadata
 
 
@@ -33,7 +34,10 @@ def path_argument(path: Any, argument: str = "filename") -> Any:
     the reference's words."""
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"argument '{argument}': expected str, bytes or os.PathLike object, not {type(path).__name__}")
-    return os.fspath(path)
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        raise not_an_instance(argument, path, "str")
+    return path
 
 
 def write(items: List[Item], metadata: Optional[Dict[str, str]], filename: Any = TO_BYTES) -> Optional[bytes]:
@@ -66,7 +70,7 @@ def numpy_item(name: str, array: Any, code: Optional[str] = None) -> Item:
     from . import _dtypes
 
     if not isinstance(name, str):
-        raise TypeError(f"argument 'tensor_dict': '{type(name).__name__}' object is not an instance of 'str'")
+        raise not_an_instance("tensor_dict", name, "str")
     if not isinstance(array, np.ndarray):
         raise SafetensorError(f"Key `{printable(name)}` is invalid, expected numpy.ndarray but received {type(array)}")
     code = code or _dtypes.code_for_numpy(array.dtype)

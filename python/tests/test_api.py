@@ -295,8 +295,16 @@ def test_argument_type_errors_read_as_the_references(tmp_path, framework):
         "bytes that are a str": lambda lib: lib.load("x"),
         "no filename": lambda lib: lib.save_file({"a": make(2)}, None),
         "a filename that is an int": lambda lib: lib.save_file({"a": make(2)}, 3),
+        "a filename that is bytes": lambda lib: lib.save_file({"a": make(2)}, b"x.safetensors"),
         "a missing directory": lambda lib: lib.save_file({"a": make(2)}, tmp_path / "missing" / "x.safetensors"),
     }
+    path = tmp_path / "m.safetensors"
+    ref.save_file({"a": make(2)}, path)
+    calls.update({
+        "a tensor name that is an int": lambda lib: lib.safe_open(path, framework).get_tensor(1),
+        "a slice name that is None": lambda lib: lib.safe_open(path, framework).get_slice(None),
+        "a framework that is None": lambda lib: lib.safe_open(path, None),
+    })
     if framework == "np":
         calls["an unknown dtype"] = lambda lib: lib.save({"a": np.zeros(2, dtype=np.complex128)})
     for what, call in calls.items():
@@ -310,7 +318,7 @@ def test_argument_type_errors_read_as_the_references(tmp_path, framework):
         # The reference names its random temporary file; tensafe the directory.
         expected = str(theirs).split(" at path ")[0]
         assert str(mine).startswith(expected), (what, str(theirs), str(mine))
-    assert not list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_save_errors_name_the_tensor():
