@@ -48,7 +48,10 @@ pub const NAMED_TEMP_FILES_ENV: &str = "TENSAFE_NAMED_TEMP_FILES";
 ///
 /// The new file gets the mode of the file it replaces, or `0o666` minus the
 /// process umask when there is none, like any newly created file. When `path`
-/// is a symbolic link, the link is kept and its target is replaced.
+/// is a symbolic link, the link itself is replaced and what it names is left
+/// as it was (as the reference and huggingface_hub do): a save writes in the
+/// destination's directory only, and a Hugging Face cache blob, which links
+/// of several revisions share, is never rewritten through one of them.
 pub fn write_atomically<F>(path: &Path, write: F) -> Result<()>
 where
     F: FnOnce(&mut dyn Write) -> std::io::Result<()>,
@@ -171,8 +174,9 @@ impl StagedWrites {
     where
         F: FnOnce(&mut File) -> std::io::Result<()>,
     {
-        let (target, existing) = resolve_symlinks(path)?;
-        refuse_unless_regular(&target, existing.as_ref())?;
+        let existing = existing_file(path);
+        refuse_unless_regular(path, existing.as_ref())?;
+        let target = path.to_path_buf();
         let dir = match target.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
@@ -482,21 +486,8 @@ fn refuse_unless_regular(target: &Path, existing: Option<&std::fs::Metadata>) ->
     ))
 }
 
-/// Follows symbolic links at `path` (up to a fixed depth) to the file they
-/// name, and what is there now (`None`: nothing yet).
-fn resolve_symlinks(path: &Path) -> Result<(PathBuf, Option<std::fs::Metadata>)> {
-    let mut current = path.to_path_buf();
-    for _ in 0..40 {
-        match std::fs::symlink_metadata(&current) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                let link = std::fs::read_link(&current).map_err(|e| Error::io("reading a symbolic link", e))?;
-                current = match current.parent() {
-                    Some(parent) if link.is_relative() => parent.join(link),
-                    _ => link,
-                };
-            }
-            found => return Ok((current, found.ok())),
-        }
-    }
-    Err(Error::io("following symbolic links", std::io::Error::other("too many levels of symbolic links")))
+/// What is at `path` now: `None` for nothing, or for a symbolic link, which
+/// the new file replaces like any file (whatever it names).
+fn existing_file(path: &Path) -> Option<std::fs::Metadata> {
+    std::fs::symlink_metadata(path).ok().filter(|meta| !meta.file_type().is_symlink())
 }

@@ -482,14 +482,16 @@ fn a_destination_that_is_not_a_regular_file_is_refused_and_kept() {
     let link = dir.path().join("link.safetensors");
     std::os::unix::fs::symlink("fifo", &link).unwrap();
 
-    for (path, what) in [(&fifo, "a FIFO"), (&directory, "a directory"), (&link, "a FIFO")] {
+    for (path, what) in [(&fifo, "a FIFO"), (&directory, "a directory")] {
         let message = save_small(path, "w", 1).expect_err("not a regular file").to_string();
         assert!(message.contains(what) && message.contains("which a save does not replace"), "{message}");
     }
+    // A link to one is replaced like any link, what it names left alone.
+    save_small(&link, "w", 1).unwrap();
+    assert!(fs::symlink_metadata(&link).unwrap().is_file());
     use std::os::unix::fs::FileTypeExt;
     assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
     assert!(fs::symlink_metadata(&directory).unwrap().is_dir());
-    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     assert_eq!(listing(dir.path()), ["directory", "fifo", "link.safetensors"]);
 }
 
@@ -568,47 +570,38 @@ fn replacing_a_file_keeps_its_mode() {
 }
 
 #[test]
-fn writing_through_a_symlink_replaces_its_target() {
+fn a_symlinked_destination_is_replaced_and_what_it_names_kept() {
+    // The Hugging Face cache's layout: a snapshot's files link to blobs that
+    // several revisions share.
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let links = dir.path().join("links");
-    fs::create_dir_all(&store).unwrap();
-    fs::create_dir_all(&links).unwrap();
-    let real = store.join("real.safetensors");
-    save_small(&real, "w", 1).unwrap();
-    fs::set_permissions(&real, fs::Permissions::from_mode(0o640)).unwrap();
+    let blobs = dir.path().join("blobs");
+    let snapshot = dir.path().join("snapshot");
+    fs::create_dir_all(&blobs).unwrap();
+    fs::create_dir_all(&snapshot).unwrap();
+    let blob = blobs.join("sha-old");
+    save_small(&blob, "w", 1).unwrap();
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o444)).unwrap();
 
-    // links/b -> links/a -> ../store/real.safetensors, both relative.
-    let a = links.join("a.safetensors");
-    let b = links.join("b.safetensors");
-    std::os::unix::fs::symlink("../store/real.safetensors", &a).unwrap();
+    // snapshot/b -> snapshot/a -> ../blobs/sha-old, both relative.
+    let a = snapshot.join("a.safetensors");
+    let b = snapshot.join("b.safetensors");
+    std::os::unix::fs::symlink("../blobs/sha-old", &a).unwrap();
     std::os::unix::fs::symlink("a.safetensors", &b).unwrap();
+    let read = |path: &Path| SafeTensors::deserialize(&fs::read(path).unwrap()).unwrap().tensor("w").unwrap().data().to_vec();
 
-    for (through, fill) in [(&a, 2u8), (&b, 3u8)] {
-        save_small(through, "w", fill).unwrap();
-        for link in [&a, &b] {
-            assert!(
-                fs::symlink_metadata(link).unwrap().file_type().is_symlink(),
-                "{} is no longer a link",
-                link.display()
-            );
-        }
-        assert_eq!(fs::read_link(&a).unwrap(), Path::new("../store/real.safetensors"));
-        assert_eq!(fs::read_link(&b).unwrap(), Path::new("a.safetensors"));
-        let bytes = fs::read(&real).unwrap();
-        assert_eq!(SafeTensors::deserialize(&bytes).unwrap().tensor("w").unwrap().data(), [fill; 4]);
-        assert_eq!(mode(&real), 0o640);
-        // The temporary file went next to the target, and is gone.
-        assert_eq!(listing(&store), ["real.safetensors"]);
-        assert_eq!(listing(&links), ["a.safetensors", "b.safetensors"]);
-    }
+    save_small(&b, "w", 2).unwrap();
+    assert!(fs::symlink_metadata(&b).unwrap().is_file(), "the link was kept");
+    assert_eq!(read(&b), [2; 4]);
+    // The other link and the blob are as they were.
+    assert_eq!(fs::read_link(&a).unwrap(), Path::new("../blobs/sha-old"));
+    assert_eq!((read(&a), read(&blob), mode(&blob)), (vec![1; 4], vec![1; 4], 0o444));
+    assert_eq!(listing(&blobs), ["sha-old"]);
+    assert_eq!(listing(&snapshot), ["a.safetensors", "b.safetensors"]);
 
-    // A dangling link: the file it names is created, the link kept.
-    let dangling = links.join("dangling.safetensors");
-    std::os::unix::fs::symlink("../store/created.safetensors", &dangling).unwrap();
+    // A dangling link: replaced, and the file it names not created.
+    let dangling = snapshot.join("dangling.safetensors");
+    std::os::unix::fs::symlink("../blobs/created", &dangling).unwrap();
     save_small(&dangling, "w", 4).unwrap();
-    assert!(fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
-    let bytes = fs::read(store.join("created.safetensors")).unwrap();
-    assert_eq!(SafeTensors::deserialize(&bytes).unwrap().tensor("w").unwrap().data(), [4; 4]);
-    assert_eq!(listing(&store), ["created.safetensors", "real.safetensors"]);
+    assert_eq!(read(&dangling), [4; 4]);
+    assert_eq!(listing(&blobs), ["sha-old"]);
 }
