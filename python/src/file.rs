@@ -8,7 +8,7 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict};
-use tensafe::{Error, Header, MmapFile, PreadFile, SlicePlan, TensorInfo};
+use tensafe::{Error, FileVersion, Header, MmapFile, PreadFile, SlicePlan, TensorInfo};
 use tensafe_io::prefetch::Prefetch;
 
 use crate::buffers::TensorBuffer;
@@ -45,11 +45,26 @@ fn read_with_engine(
         tensafe_io::Progress::Done(done) => report(done).map_err(std::io::Error::other),
         tensafe_io::Progress::Tick => Python::attach(|py| py.check_signals()).map_err(std::io::Error::other),
     };
+    let before = FileVersion::of(p.file()).ok();
     let stats = tensafe_io::gather::read_runs_into(p.file(), ranges, dst, &options, heard).map_err(|e| match e.downcast::<PyErr>() {
         Ok(raised) => raised,
         Err(e) => SafetensorError::new_err(format!("I/O error reading {}: {e}", p.path().display())),
     })?;
+    check_unchanged(p, before)?;
     Ok(stats.reads)
+}
+
+/// Refuses what a long read of `p` gave if the file was written since
+/// `before` (by another process, in place, which a truncation check does
+/// not see): the bytes read could mix two versions of it.
+pub(crate) fn check_unchanged(p: &PreadFile, before: Option<FileVersion>) -> PyResult<()> {
+    if before.is_some() && FileVersion::of(p.file()).ok() != before {
+        return Err(SafetensorError::new_err(format!(
+            "{} changed while it was read (written in place by another process): what was read may mix its old and new bytes",
+            p.path().display()
+        )));
+    }
+    Ok(())
 }
 
 /// Asked, from time to time, whether a read should give up (Ctrl-C).
@@ -133,11 +148,10 @@ pub(crate) struct File {
     prefetches: std::sync::Mutex<Prefetches>,
 }
 
-/// A mapped file's background reads into the page cache.
+/// A mapped file's background reads into the page cache (through the
+/// file's own descriptor: a mapped file holds one).
 #[derive(Default)]
 struct Prefetches {
-    /// Their own handle of the file, shared.
-    file: Option<std::sync::Arc<std::fs::File>>,
     /// The whole data section's (`prefetch`).
     whole: Option<Prefetch>,
     /// Single tensors' (`prefetch_range`), by offset in the data section.
@@ -180,12 +194,7 @@ impl File {
         if state.whole.is_some() || len == 0 || (!whole && state.ranges.contains_key(&offset)) {
             return;
         }
-        if state.file.is_none() {
-            // Without a second handle (no descriptors left) the load stays lazy.
-            state.file = m.positional().file().try_clone().ok().map(std::sync::Arc::new);
-        }
-        let Some(file) = state.file.clone() else { return };
-        let request = Prefetch::start(file, m.header().data_start() + offset, len);
+        let request = Prefetch::start(m.positional().shared_file(), m.header().data_start() + offset, len);
         if whole {
             state.whole = Some(request);
         } else {
@@ -227,7 +236,7 @@ impl File {
 
     /// The handle for positional reads of a local file (mapped files have
     /// one too); `None` for files in memory or remote.
-    fn local(&self) -> Option<&PreadFile> {
+    pub(crate) fn local(&self) -> Option<&PreadFile> {
         match &self.source {
             Source::Pread(p) => Some(p),
             Source::Mapped(m) => Some(m.positional()),

@@ -11,10 +11,11 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use tensafe::FileVersion;
 use tensafe_cuda::DeviceSink;
 use tensafe_io::staging::{self, Chunk, Progress};
 
-use crate::file::File;
+use crate::file::{File, check_unchanged};
 use crate::progress::{PROGRESS_STEP, ProgressSteps};
 
 create_exception!(
@@ -105,6 +106,7 @@ pub fn stage_data(
         Target::Host(_) => None,
     };
     let failure = FirstFailure::default();
+    let before = file.local().and_then(|local| FileVersion::of(local.file()).ok());
     let report = py.detach(|| {
         // SAFETY: the exports are held until this returns, and the regions are disjoint.
         let slot_slices = slot_regions.iter().map(|&(ptr, len)| unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }).collect();
@@ -139,6 +141,9 @@ pub fn stage_data(
         return Err(raised);
     }
     let report = report.map_err(to_python)?;
+    if let Some(local) = file.local() {
+        check_unchanged(local, before)?;
+    }
     if let Some(callback) = &progress {
         callback.call1(py, (total, total))?;
     }

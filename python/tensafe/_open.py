@@ -168,6 +168,8 @@ def _read_all(file: File, threads: Optional[int], progress: Any) -> memoryview:
     data = memoryview(HostBuffer(shift + file.data_len))[shift : shift + file.data_len]
     if file.data_len:
         file.read_all_into(data, threads=threads, progress=progress)
+    elif progress is not None:
+        progress(0, 0)  # nothing to read: done at once, as a mapped file's
     return data
 
 
@@ -200,7 +202,8 @@ _gc_was_enabled = False
 
 @contextlib.contextmanager
 def _gc_paused():
-    """Pauses the cyclic garbage collector while many tensors are created.
+    """Pauses the cyclic garbage collector while many tensors are created
+    (not while bytes are read: the pause is process-wide).
 
     Building 50k tensors allocates hundreds of thousands of objects, each batch
     of which triggers a collection that walks every live object (torch alone
@@ -220,6 +223,20 @@ def _gc_paused():
             _gc_pauses -= 1
             if _gc_pauses == 0 and _gc_was_enabled:
                 gc.enable()
+
+
+def _gc_after_fork() -> None:
+    """In a child forked while another thread held a pause: the pauses were
+    that thread's, which the child does not have, so none holds there."""
+    global _gc_lock, _gc_pauses
+    _gc_lock = threading.Lock()  # may have been held by that thread
+    if _gc_pauses:
+        _gc_pauses = 0
+        if _gc_was_enabled:
+            gc.enable()
+
+
+os.register_at_fork(after_in_child=_gc_after_fork)
 
 
 class _Cutter:
@@ -279,12 +296,10 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
     # once the same call runs on another backend.
     if threads is not None:
         _check_count("threads", threads, 1)
+        # No more readers start than there are reads: a count past any
+        # machine's means as many as can be used (and fits the engine's int).
+        threads = min(operator.index(threads), _MAX_THREADS)
     progress = _progress.resolve(progress, "loading ")
-    with _gc_paused():
-        return _bulk_unpaused(file, framework, device, threads, progress, drop_cache)
-
-
-def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads: Optional[int], progress: Any, drop_cache: bool) -> Dict[str, Any]:
     to_other_device = framework == "pt" and device != "cpu"
     if framework == "pt" and _is_cuda(device):
         # Straight to the device through pinned staging buffers; the tensors
@@ -310,6 +325,12 @@ def _bulk_unpaused(file: File, framework: str, device: Union[str, int], threads:
     copied = file.backend not in _IN_MEMORY or hasattr(data, "device")
     if drop_cache and copied:  # the bytes are in their final place: the cache's copy is not needed
         file.drop_cache()
+    with _gc_paused():
+        return _cut_all(file, framework, device, data)
+
+
+def _cut_all(file: File, framework: str, device: Union[str, int], data: Any) -> Dict[str, Any]:
+    """Every tensor of `file`, cut out of `data` (its data section)."""
     cutter = _Cutter(framework, data)
     out: Dict[str, Any] = {}
     for code, shape, begin, each, names in file.runs():
@@ -330,6 +351,9 @@ def _convert(framework: str, device: Union[str, int], code: str, shape: List[int
         return _to_torch(code, shape, buf, device)
     return _wrap(framework, device, _to_numpy(code, shape, buf))
 
+
+#: The most reader threads a bulk load starts, whatever `threads` asks.
+_MAX_THREADS = 1024
 
 #: The smallest tensor that `get_tensor` reads ahead in the background
 #: (`File.prefetch_range`); the page faults' own readahead covers smaller ones.

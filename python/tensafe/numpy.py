@@ -85,7 +85,9 @@ def _flatten(tensor_dict: Dict[str, np.ndarray], keep_alive_buffer: List[Any]) -
     return flattened
 
 
-def load_file(filename: Union[str, os.PathLike], *, backend: str = "mmap", threads: Optional[int] = None, progress: Any = None) -> Dict[str, np.ndarray]:
+def load_file(
+    filename: Union[str, os.PathLike], *, backend: str = "mmap", threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False
+) -> Dict[str, np.ndarray]:
     """Loads every array of a file, in file order (see `tensafe.torch.load_file`)."""
     with safe_open(filename, framework="np", backend=backend) as f:
-        return f.get_tensors(threads=threads, progress=progress)
+        return f.get_tensors(threads=threads, progress=progress, drop_cache=drop_cache)

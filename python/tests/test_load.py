@@ -64,7 +64,8 @@ def test_a_bad_thread_count_is_refused_on_every_backend(tmp_path, backend):
     for threads in (0, -1, "4", True):
         with pytest.raises(ValueError, match="threads must be an integer >= 1"):
             ts_pt.load_file(path, backend=backend, threads=threads)
-    assert torch.equal(ts_pt.load_file(path, backend=backend, threads=np.int64(2))["w"], torch.ones(4))
+    for threads in (np.int64(2), 2**64):  # past any machine's: as many as can be used
+        assert torch.equal(ts_pt.load_file(path, backend=backend, threads=threads)["w"], torch.ones(4))
 
 
 def test_several_files_and_slices(tmp_path):
@@ -177,6 +178,93 @@ def test_bulk_loads_leave_the_garbage_collector_as_they_found_it(tmp_path):
         assert not gc.isenabled(), "a caller's disabled collector stays disabled"
     finally:
         gc.enable()
+
+
+def test_the_collector_runs_while_bytes_are_read_and_a_fork_does_not_inherit_a_pause(tmp_path):
+    import gc
+
+    path = tmp_path / "gc.safetensors"
+    ts_pt.save_file({f"t{i}": torch.zeros(1 << 16) for i in range(64)}, path)
+    # The pause covers making the tensors only: other threads collect during the reads.
+    seen = []
+    ts_pt.load_file(path, backend="pread", threads=2, progress=lambda done, total: seen.append(gc.isenabled()))
+    assert seen and all(seen), seen
+    # A child forked while another thread holds a pause collects as usual.
+    from tensafe._open import _gc_paused
+
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _gc_paused():
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(30)
+    try:
+        assert not gc.isenabled()
+        child = os.fork()
+        if child == 0:
+            ok = gc.isenabled()
+            ts_pt.load_file(path)
+            os._exit(0 if ok and gc.isenabled() else 1)
+        _, status = os.waitpid(child, 0)
+    finally:
+        release.set()
+        holder.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert gc.isenabled()
+
+
+def test_a_file_written_in_place_during_a_read_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    # 24 MiB: three of the engine's 8 MiB reads, with progress between them.
+    ts_pt.save_file({f"t{i}": torch.ones(1 << 20) for i in range(6)}, path)
+    os.utime(path, (0, 0))  # so that the write below changes the time whatever the clock's granularity
+    data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+    def rewrite(done, total):
+        if done < total:
+            with open(path, "r+b") as f:  # in place, no truncation, as another process would
+                f.seek(data_start)
+                f.write(torch.full((1 << 16,), 2.0).numpy().tobytes())
+
+    with pytest.raises(tensafe.SafetensorError, match="changed while it was read"):
+        ts_pt.load_file(path, backend="pread", threads=1, progress=rewrite)
+    # Unchanged, it loads; an empty data section reports its end too.
+    assert torch.equal(ts_pt.load_file(path, backend="pread")["t0"][: 1 << 16], torch.full((1 << 16,), 2.0))
+    ts_pt.save_file({"empty": torch.zeros(0)}, path)
+    for backend in ("mmap", "pread"):
+        heard = []
+        ts_np.load_file(path, backend=backend, progress=lambda *a: heard.append(a), drop_cache=True)
+        assert heard == [(0, 0)], (backend, heard)
+
+
+def test_a_load_whose_reader_threads_cannot_start_raises(tmp_path):
+    path = tmp_path / "t.safetensors"
+    ts_pt.save_file({"w": torch.ones(1000)}, path)
+    # Every thread's stack is refused: a Python error, not a PanicException.
+    script = (
+        "import tensafe.numpy as t, sys\n"
+        "try:\n    t.load_file(sys.argv[1], backend='pread', threads=4)\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script, str(path)], env={**os.environ, "RUST_MIN_STACK": str(1 << 40)}, capture_output=True, text=True, timeout=120)
+    assert "SafetensorError" in out.stdout and "cannot start a reader thread" in out.stdout, (out.stdout, out.stderr)
+
+
+def test_a_mapped_file_holds_one_descriptor_while_its_tensors_live(tmp_path):
+    paths = [tmp_path / f"f{i}.safetensors" for i in range(20)]
+    for i, path in enumerate(paths):
+        ts_pt.save_file({"w": torch.full((1 << 12,), float(i))}, path)
+    before = len(os.listdir("/proc/self/fd"))
+    kept = [ts_pt.load_file(path) for path in paths]  # the background reads share the file's descriptor
+    assert len(os.listdir("/proc/self/fd")) - before <= len(paths)
+    assert [float(k["w"][0]) for k in kept] == list(range(20))
 
 
 def _chunk_count(file, chunk, direct):

@@ -242,11 +242,11 @@ fn execute(
     let threads = options.threads.max(1).min(job_count.max(1));
     let (done_tx, done_rx) = mpsc::channel::<usize>();
     let relayed = std::thread::scope(|scope| {
-        for _ in 0..threads {
+        let readers = (0..threads).map(|_| {
             let done_tx = done_tx.clone();
             let (queue, stopped, stop) = (&queue, &stopped, &stop);
             let (in_flight, peak, direct_bytes) = (&in_flight, &peak, &direct_bytes);
-            scope.spawn(move || {
+            move || {
                 // A span's bytes land here (allocated by the first span), at
                 // their offset within a page in the file, as direct reads need.
                 let mut scratch: Vec<u8> = Vec::new();
@@ -294,7 +294,10 @@ fn execute(
                     // The receiver is gone only once the load is over.
                     let _ = done_tx.send(delivered);
                 }
-            });
+            }
+        });
+        if let Err(e) = start_threads(scope, readers) {
+            stop(e);
         }
         drop(done_tx);
         // Until every reader has ended (the scope then joins them, passing on a panic).
@@ -309,6 +312,26 @@ fn execute(
         peak_in_flight: peak.into_inner(),
         direct_bytes: direct_bytes.into_inner(),
     })
+}
+
+/// Starts each of `workers` on a thread of `scope`, as many as the system
+/// lets this process start: where one cannot be started (no memory left
+/// for its stack, a limit on threads), those started do all the work (they
+/// share one queue), and it is an error only when none could be started.
+/// Returns how many were started.
+pub(crate) fn start_threads<'scope, F>(scope: &'scope std::thread::Scope<'scope, '_>, workers: impl IntoIterator<Item = F>) -> io::Result<usize>
+where
+    F: FnOnce() + Send + 'scope,
+{
+    let mut started = 0;
+    for worker in workers {
+        match std::thread::Builder::new().spawn_scoped(scope, worker) {
+            Ok(_) => started += 1,
+            Err(e) if started == 0 => return Err(io::Error::new(e.kind(), format!("cannot start a reader thread: {e}"))),
+            Err(_) => break,
+        }
+    }
+    Ok(started)
 }
 
 /// Below this many bytes `DirectIo::Auto` reads through the cache: the

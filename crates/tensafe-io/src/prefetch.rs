@@ -64,8 +64,9 @@ struct Job {
 
 impl Prefetch {
     /// Starts reading `len` bytes of `file` at `offset` into the page cache on
-    /// the background thread, after the requests before it. `file` is a handle
-    /// the requests for one file share (`try_clone` of the caller's).
+    /// the background thread, after the requests before it. `file` is the
+    /// caller's own handle, shared (`PreadFile::shared_file`): positional
+    /// reads leave its offset alone, and no descriptor is added.
     pub fn start(file: Arc<File>, offset: u64, len: u64) -> Prefetch {
         let shared = Shared::new(&LIVE);
         if cfg!(target_os = "linux")

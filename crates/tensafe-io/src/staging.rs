@@ -117,10 +117,13 @@ where
     let (done_tx, done_rx) = mpsc::channel::<usize>();
     let mut report = Report::default();
     std::thread::scope(|scope| {
-        for share in shares {
+        let readers = shares.into_iter().map(|share| {
             let done_tx = done_tx.clone();
             let (shared, read) = (&shared, &read);
-            scope.spawn(move || shared.run_reader(share, sink, read, done_tx));
+            move || shared.run_reader(share, sink, read, done_tx)
+        });
+        if let Err(e) = crate::start_threads(scope, readers) {
+            shared.stop(e.into());
         }
         drop(done_tx);
         report.chunks = crate::progress::relay(done_rx, &mut progress, || shared.failed.load(Ordering::Relaxed), |e| shared.stop(e)).messages;

@@ -1,5 +1,6 @@
-//! Opening the files a user names ([`open_regular`]), and which read
-//! strategy suits the filesystem a file lives on ([`FilesystemKind`]).
+//! Opening the files a user names ([`open_regular`]), telling whether one
+//! changed while it was read ([`FileVersion`]), and which read strategy
+//! suits the filesystem a file lives on ([`FilesystemKind`]).
 //!
 //! Page faults on a mapping of a network or FUSE file each become a round trip
 //! to the server, which makes mmap 10–50× slower there than positional reads
@@ -68,6 +69,39 @@ fn special_kind(kind: std::fs::FileType) -> &'static str {
 #[cfg(not(unix))]
 fn special_kind(_: std::fs::FileType) -> &'static str {
     "something else"
+}
+
+/// One state of a file as its metadata tells it, without reading it: its
+/// size and the times of its last write and status change. A write in
+/// place changes them (to the filesystem's clock granularity), so a reader
+/// that finds the same version after a long read as before it knows that
+/// no write it could tell happened meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileVersion {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    /// Status change time (seconds, nanoseconds): a write that restores the
+    /// modification time (`touch -r`) still moves it.
+    #[cfg(unix)]
+    changed: (i64, i64),
+}
+
+impl FileVersion {
+    /// The version of an open file now.
+    pub fn of(file: &File) -> io::Result<FileVersion> {
+        let meta = file.metadata()?;
+        #[cfg(unix)]
+        let changed = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.ctime(), meta.ctime_nsec())
+        };
+        Ok(FileVersion {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            #[cfg(unix)]
+            changed,
+        })
+    }
 }
 
 /// What kind of filesystem holds a file, as far as read strategy goes.

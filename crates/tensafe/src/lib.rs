@@ -36,7 +36,7 @@ mod writer;
 pub use atomic::{remove_unfinished_files, write_atomically, write_file_atomically, StagedWrites, MAX_UNNAMED_STAGED_FILES, NAMED_TEMP_FILES_ENV};
 pub use dtype::Dtype;
 pub use error::{Diagnosis, Error, Result};
-pub use fs::{open_regular, FilesystemKind};
+pub use fs::{open_regular, FileVersion, FilesystemKind};
 pub use header::{Header, Printable, PrintableLine, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 pub use parallel::{Split, TensorParallelPlan};
 pub use reader::{MmapFile, PreadFile, SafeTensors, TensorView};

@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 
@@ -106,7 +107,9 @@ impl<'data> SafeTensors<'data> {
 #[derive(Debug)]
 pub struct PreadFile {
     path: PathBuf,
-    file: File,
+    /// Shared with background readers ([`PreadFile::shared_file`]): one
+    /// descriptor per open file, however many read it.
+    file: Arc<File>,
     header: Header,
 }
 
@@ -131,7 +134,7 @@ impl PreadFile {
     pub fn from_file(file: File, path: impl Into<PathBuf>, options: &ReadOptions) -> Result<Self> {
         let path = path.into();
         let header = read_header(&file, options).map_err(|e| e.in_file(&path))?;
-        Ok(PreadFile { path, file, header })
+        Ok(PreadFile { path, file: Arc::new(file), header })
     }
 
     /// The validated header.
@@ -147,6 +150,12 @@ impl PreadFile {
     /// The open file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The open file, shared, for readers that outlive a borrow of this one
+    /// (positional reads do not move the file offset, so they may share it).
+    pub fn shared_file(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     /// Reads `buf.len()` bytes starting at `offset` within the data section.
