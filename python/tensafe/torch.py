@@ -252,8 +252,9 @@ def save_sharded(
     """Saves tensors as `model-0000i-of-0000n.safetensors` shards of at most
     `max_shard_size` plus `model.safetensors.index.json` (the transformers
     layout), in dict order. Returns the index, or None if one file sufficed
-    (then written as `model.safetensors`). Each shard carries `metadata`,
-    `{"format": "pt"}` by default as transformers and huggingface_hub write.
+    (then written as `model.safetensors`). Each shard carries `{"format":
+    "pt"}`, as transformers and huggingface_hub write (and transformers 4
+    requires to load it), and `metadata` (its `format` entry, if any, wins).
     `save_directory` may be a URL prefix (s3://, gs://, az://): the shards
     are uploaded, then the index. Open the result with `safe_open` or
     `load_file` on the directory.
@@ -264,7 +265,8 @@ def save_sharded(
     names is removed: shards `model-0000i-of-0000n.safetensors` that are not
     new, and `model.safetensors` beside a new index (or an index beside a
     new `model.safetensors`). Other files are left alone."""
-    return _save.write_sharded(_flatten(tensors), save_directory, max_shard_size, {"format": "pt"} if metadata is None else metadata)
+    metadata = {"format": "pt", **(_save.check_metadata(metadata) or {})}
+    return _save.write_sharded(_flatten(tensors), save_directory, max_shard_size, metadata)
 
 
 def save_model(model: torch.nn.Module, filename: str, metadata: Optional[Dict[str, str]] = None, force_contiguous: bool = True) -> None:
@@ -358,6 +360,8 @@ def load_tensor_parallel(
     # A rule's dim counts from the first dimension: not negative.
     _check_count("rank", rank, 0)
     _check_count("world_size", world_size, 1)
+    # Pairs as tuples (a JSON or YAML config gives lists).
+    rules = [tuple(rule) for rule in rules]
     for pattern, dim in rules:
         if dim is not None:
             _check_count(f"the dim of rule {pattern!r}", dim, 0)

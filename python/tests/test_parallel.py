@@ -1,5 +1,7 @@
 """Tensor-parallel loads: each rank reads only its part."""
 
+import json
+
 import pytest
 import torch
 
@@ -84,6 +86,9 @@ def test_numpy_integers_count_as_ranks_and_dims(tmp_path):
     path = tmp_path / "m.safetensors"
     ts_pt.save_file({"w": torch.arange(16.0).reshape(4, 4)}, path)
     part = ts_pt.load_tensor_parallel(path, np.int64(1), np.int32(2), [("*", np.int64(1))])
+    assert torch.equal(part.tensors["w"], torch.arange(16.0).reshape(4, 4)[:, 2:])
+    # Rules as a JSON config gives them: lists.
+    part = ts_pt.load_tensor_parallel(path, 1, 2, json.loads('[["*", 1]]'))
     assert torch.equal(part.tensors["w"], torch.arange(16.0).reshape(4, 4)[:, 2:])
 
 

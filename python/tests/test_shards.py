@@ -40,6 +40,21 @@ def test_same_shards_as_huggingface_hub(tmp_path):
     assert text == json.dumps(hub_index, indent=2, sort_keys=True) + "\n"
 
 
+def test_shards_keep_their_format_beside_user_metadata(tmp_path):
+    # transformers 4 refuses shards whose metadata has no `format`.
+    ts_pt.save_sharded(state_dict(), tmp_path, max_shard_size="2KB", metadata={"k": "v"})
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:
+        with safetensors.safe_open(shard, "pt") as f:
+            assert f.metadata() == {"format": "pt", "k": "v"}
+    ts_pt.save_sharded(state_dict(), tmp_path / "tf", metadata={"format": "tf"})
+    with safetensors.safe_open(tmp_path / "tf" / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "tf"}
+    with pytest.raises(TypeError, match="argument 'metadata'"):
+        ts_pt.save_sharded(state_dict(), tmp_path / "bad", metadata="x")
+
+
 def test_one_shard_is_a_plain_model_file(tmp_path):
     sd = {"a": torch.ones(3)}
     assert ts_pt.save_sharded(sd, tmp_path, max_shard_size="5GB") is None

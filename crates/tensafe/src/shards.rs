@@ -326,7 +326,8 @@ impl Checkpoint<PreadFile> {
         let mut shards = Vec::new();
         for file in index.shard_files() {
             let shard_path = dir.join(file);
-            if !shard_path.is_file() {
+            // Something there that is not a file is named for what it is (below).
+            if !shard_path.exists() {
                 return Err(Error::InvalidCheckpoint { reason: format!("missing shard {} (listed in the index)", Printable(file)) }
                     .in_file(index_path));
             }
@@ -878,6 +879,9 @@ mod tests {
         std::fs::write(&index_path, original).unwrap();
         std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
         assert!(ShardedCheckpoint::open(dir.path()).unwrap_err().to_string().contains("missing shard model-00002-of-00003"));
+        std::fs::create_dir(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+        let error = ShardedCheckpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("model-00002-of-00003.safetensors") && error.contains("is a directory, not a regular file"), "{error}");
     }
 
     #[test]
