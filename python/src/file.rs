@@ -60,7 +60,7 @@ fn read_with_engine(
 pub(crate) fn check_unchanged(p: &PreadFile, before: Option<FileVersion>) -> PyResult<()> {
     if before.is_some() && FileVersion::of(p.file()).ok() != before {
         return Err(SafetensorError::new_err(format!(
-            "{} changed while it was read (written in place by another process): what was read may mix its old and new bytes",
+            "{} changed while it was read (its size or modification time moved: another process wrote to it): what was read may mix its old and new bytes",
             p.path().display()
         )));
     }

@@ -260,7 +260,11 @@ def test_flat_state_dicts_with_other_values_and_picked_tensors(exe, tmp_path):
     # A top-level `format` entry cannot be kept: the file's own `format: pt` is there.
     torch.save({"model": {"w": t}, "format": "v2"}, src)
     out = run(exe, "convert", "--keep-metadata", src, tmp_path / "fmt.safetensors")
-    assert out.returncode == 1 and "carries `format: pt`" in out.stderr, out.stderr
+    assert out.returncode == 1 and "carries `format: pt`" in out.stderr and "without --keep-metadata" in out.stderr, out.stderr
+    # Nor can a copy named `format` that --dedupe removes be recorded there.
+    torch.save({"model": {"a": t, "format": t}}, src)
+    out = run(exe, "convert", "--dedupe", src, tmp_path / "fmt.safetensors")
+    assert out.returncode == 1 and "without --dedupe" in out.stderr, out.stderr
 
 
 def test_training_checkpoint_skips_optimizer_state_unless_asked(exe, tmp_path):
@@ -519,6 +523,11 @@ def test_real_model_sharded(exe, tmp_path, minilm_path):
     torch.save({k: changed[k] for k in shards[1]}, src / "pytorch_model-00002-of-00002.bin")
     report = json.loads(run(exe, "diff", "--json", src, out).stdout)
     assert [c["name"] for c in report["changes"]] == [shards[1][0]]
+    # A broken safetensors checkpoint is reported as one, by its folder or index.
+    (out / "model-00002-of-00002.safetensors").unlink()
+    for broken in [out, out / "model.safetensors.index.json"]:
+        out_diff = run(exe, "diff", src, broken)
+        assert out_diff.returncode == 2 and "missing shard model-00002-of-00002.safetensors" in out_diff.stderr, out_diff.stderr
 
 
 def test_sharded_dedupe_lists_only_what_the_shards_hold(exe, tmp_path):

@@ -232,6 +232,17 @@ def test_a_file_written_in_place_during_a_read_is_refused(tmp_path):
 
     with pytest.raises(tensafe.SafetensorError, match="changed while it was read"):
         ts_pt.load_file(path, backend="pread", threads=1, progress=rewrite)
+    # What changes no byte (mode, links, a rename and back) is no change.
+    os.utime(path, (0, 0))
+
+    def touch_metadata(done, total):
+        if done < total:
+            os.chmod(path, 0o600)
+            os.link(path, tmp_path / "link")
+            os.rename(path, tmp_path / "moved")
+            os.rename(tmp_path / "moved", path)
+
+    ts_pt.load_file(path, backend="pread", threads=1, progress=touch_metadata)
     # Unchanged, it loads; an empty data section reports its end too.
     assert torch.equal(ts_pt.load_file(path, backend="pread")["t0"][: 1 << 16], torch.full((1 << 16,), 2.0))
     ts_pt.save_file({"empty": torch.zeros(0)}, path)

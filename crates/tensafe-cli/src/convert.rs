@@ -30,20 +30,22 @@ pub struct ConvertArgs {
 }
 
 /// How a torch checkpoint is read into named tensors: `convert`'s options,
-/// which `diff` takes too so that it reads a checkpoint as it was converted.
+/// which `diff` takes too so that it reads a checkpoint as `convert` with
+/// the same options writes it.
 #[derive(Args)]
 pub struct ReadingArgs {
     /// Dotted key of the state dict inside the checkpoint (e.g. `model` or `state_dict`).
     #[arg(long)]
     key: Option<String>,
-    /// Convert every tensor in every container when no state dict is found.
+    /// Take every tensor in every container when no state dict is found
+    /// (named by their path, joined with `.`).
     #[arg(long)]
     flatten: bool,
-    /// Also convert optimizer state (named `optimizer.…`).
+    /// Also take optimizer state (named `optimizer.…`).
     #[arg(long)]
     include_optimizer: bool,
-    /// Write exact aliases once; the metadata maps each removed name to the
-    /// kept one (the reference's save_model convention).
+    /// Keep exact aliases once; the file's metadata maps each removed name
+    /// to the kept one (the reference's save_model convention).
     #[arg(long)]
     dedupe: bool,
     /// Map BOOL bytes other than 0/1 to 1 instead of refusing the file.

@@ -71,6 +71,8 @@ fn with_tensors<R>(path: &Path, options: &ConvertOptions, f: impl FnOnce(&Side<'
     let st_error = if tensafe::is_checkpoint_path(path) {
         match tensafe::ShardedCheckpoint::open(path) {
             Ok(checkpoint) => return with_checkpoint_tensors(checkpoint, f),
+            // Unless a torch checkpoint is there, what is wrong is the safetensors one.
+            Err(e) if !holds_torch_checkpoint(path) => return Err(e.to_string()),
             Err(e) => e,
         }
     } else {
@@ -94,6 +96,16 @@ fn with_tensors<R>(path: &Path, options: &ConvertOptions, f: impl FnOnce(&Side<'
         None => vec![crate::convert::single_input(path)],
     };
     with_pickle_tensors(&files, options, &st_error, f)
+}
+
+/// Whether a folder or index `path` is a torch checkpoint's: a folder with
+/// `pytorch_model.bin` or its index, or an index listing files that are not
+/// `.safetensors`.
+fn holds_torch_checkpoint(path: &Path) -> bool {
+    if path.is_dir() {
+        return crate::convert::sharded_index(path).is_some() || crate::convert::single_input(path) != path;
+    }
+    tensafe_pickle::read_shard_index(path).is_ok_and(|(_, shards)| shards.iter().any(|shard| !shard.ends_with(".safetensors")))
 }
 
 /// Calls `f` with the tensors of a local sharded safetensors checkpoint,

@@ -359,12 +359,16 @@ pub struct Planned<'a> {
 }
 
 /// Two entries for one metadata key: kept non-tensor values, the names of
-/// removed duplicates, and the `format` entry every converted file carries.
-fn metadata_clash(key: &str, options: &ConvertOptions) -> Error {
+/// removed duplicates (`removed_copy`), and the `format` entry every
+/// converted file carries.
+fn metadata_clash(key: &str, removed_copy: bool, options: &ConvertOptions) -> Error {
     if key == "format" && options.format_metadata {
-        return Error::Structure(
-            "the checkpoint's top-level `format` entry cannot be kept as metadata: every converted file carries `format: pt` there (convert without --keep-metadata)".into(),
-        );
+        let (what, flag) = if removed_copy {
+            ("a copy removed by --dedupe is named `format`, so it cannot be recorded in the metadata", "--dedupe")
+        } else {
+            ("the checkpoint's top-level `format` entry cannot be kept as metadata", "--keep-metadata")
+        };
+        return Error::Structure(format!("{what}: every converted file carries `format: pt` there (convert without {flag})"));
     }
     Error::Structure(format!("metadata key `{key}` is used twice"))
 }
@@ -394,7 +398,7 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
     for (path, value) in &ex.non_tensors {
         let text = extract::to_json(&ck.heap, value, &mut budget).to_string();
         if options.keep_non_tensors && metadata.insert(path.clone(), text.clone()).is_some() {
-            return Err(metadata_clash(path, options));
+            return Err(metadata_clash(path, false, options));
         }
         report.non_tensors.push((path.clone(), text));
     }
@@ -424,7 +428,7 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
                     dropped[i] = true;
                     let (removed, kept) = (ex.tensors[i].0.clone(), ex.tensors[keep].0.clone());
                     if metadata.insert(removed.clone(), kept.clone()).is_some() {
-                        return Err(metadata_clash(&removed, options));
+                        return Err(metadata_clash(&removed, true, options));
                     }
                     report.deduplicated.push((removed, kept));
                 }

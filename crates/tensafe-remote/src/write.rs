@@ -17,7 +17,7 @@
 //! ([`abort_unfinished_uploads`]).
 
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -205,6 +205,9 @@ struct UploadSlot {
     /// Parts sent and not yet answered: an abort waits for them, as parts
     /// that land after an abort may be kept.
     parts_in_flight: AtomicUsize,
+    /// Whether its writer is aborting it (after a failure): the upload is
+    /// out of the slot meanwhile, and a signal's abort waits for that one.
+    writer_aborting: AtomicBool,
 }
 
 impl UploadSlot {
@@ -217,8 +220,12 @@ impl UploadSlot {
     /// abort may be kept (S3 says to abort again), and a slow store must not
     /// hold up the first abort. Ok if either abort was.
     async fn abort(&self, mut upload: Box<dyn MultipartUpload>) -> object_store::Result<()> {
+        // Counted before the first abort: a part answered while it runs may
+        // still have been stored after it. (No part starts once the upload
+        // is out of its slot.)
+        let parts_were_in_flight = self.parts_in_flight.load(Ordering::SeqCst) > 0;
         let first = upload.abort().await;
-        if self.parts_in_flight.load(Ordering::SeqCst) == 0 {
+        if !parts_were_in_flight {
             return first;
         }
         while self.parts_in_flight.load(Ordering::SeqCst) > 0 {
@@ -233,7 +240,7 @@ static UNFINISHED_UPLOADS: LazyLock<Mutex<Vec<Weak<UploadSlot>>>> = LazyLock::ne
 
 impl Listed {
     fn new(upload: Box<dyn MultipartUpload>) -> Listed {
-        let slot = Arc::new(UploadSlot { upload: Mutex::new(Some(upload)), parts_in_flight: AtomicUsize::new(0) });
+        let slot = Arc::new(UploadSlot { upload: Mutex::new(Some(upload)), parts_in_flight: AtomicUsize::new(0), writer_aborting: AtomicBool::new(false) });
         let mut list = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         list.retain(|upload| upload.strong_count() > 0);
         list.push(Arc::downgrade(&slot));
@@ -287,36 +294,52 @@ impl MultipartUpload for Listed {
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
-        let taken = self.0.upload().take();
-        match taken {
-            Some(upload) => self.0.abort(upload).await,
-            None => Ok(()),
-        }
+        let taken = {
+            let mut slot = self.0.upload();
+            // Marked under the lock: a signal's abort sees the upload or the mark.
+            self.0.writer_aborting.store(slot.is_some(), Ordering::SeqCst);
+            slot.take()
+        };
+        let Some(upload) = taken else { return Ok(()) };
+        let aborted = self.0.abort(upload).await;
+        self.0.writer_aborting.store(false, Ordering::SeqCst);
+        aborted
     }
 }
 
 /// Aborts every multipart upload of this process still in progress, so that
 /// the store drops their parts (S3 and GCS keep them, billed, until a
-/// lifecycle rule removes them); returns how many it aborted. For a program
+/// lifecycle rule removes them); returns how many it aborted (or, where a
+/// writer was aborting its upload already, waited for). For a program
 /// about to end on a signal: the uploads' writers wait for good from then
 /// on, and the process must exit. Waits at most `wait` in all. An upload
 /// whose creation is still unanswered is not known yet, and not aborted.
 pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     let slots: Vec<Arc<UploadSlot>> = UNFINISHED_UPLOADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().filter_map(Weak::upgrade).collect();
-    let uploads: Vec<(Box<dyn MultipartUpload>, Arc<UploadSlot>)> = slots
-        .into_iter()
-        .filter_map(|slot| {
-            let upload = slot.upload().take()?;
-            Some((upload, slot))
-        })
-        .collect();
-    let count = uploads.len();
+    let mut uploads: Vec<(Box<dyn MultipartUpload>, Arc<UploadSlot>)> = Vec::new();
+    // Uploads their writers are aborting already: waited for, so that the
+    // process does not end between their two aborts.
+    let mut aborting: Vec<Arc<UploadSlot>> = Vec::new();
+    for slot in slots {
+        let taken = slot.upload().take();
+        match taken {
+            Some(upload) => uploads.push((upload, slot)),
+            None if slot.writer_aborting.load(Ordering::SeqCst) => aborting.push(slot),
+            None => {}
+        }
+    }
+    let count = uploads.len() + aborting.len();
     if count == 0 {
         return 0;
     }
     let aborts = futures::future::join_all(uploads.into_iter().map(|(upload, slot)| async move { slot.abort(upload).await }));
+    let writers = futures::future::join_all(aborting.into_iter().map(|slot| async move {
+        while slot.writer_aborting.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }));
     // The timer is made inside the runtime, which drives it.
-    let _ = block_on(async move { tokio::time::timeout(wait, aborts).await });
+    let _ = block_on(async move { tokio::time::timeout(wait, futures::future::join(aborts, writers)).await });
     count
 }
 
@@ -372,6 +395,8 @@ mod tests {
         /// How long each part may take to be answered: it is answered as
         /// soon as the upload is aborted, or when this time is up.
         part_time: Duration,
+        /// How long each abort takes to be answered.
+        abort_time: Duration,
         fail_completion: bool,
     }
 
@@ -405,6 +430,7 @@ mod tests {
         }
         async fn abort(&mut self) -> object_store::Result<()> {
             self.events.lock().unwrap().push("abort");
+            tokio::time::sleep(self.abort_time).await;
             Ok(())
         }
     }
@@ -453,6 +479,19 @@ mod tests {
         drop(upload.put_part(PutPayload::from(vec![4u8])));
         block_on(upload.abort()).unwrap().unwrap();
         assert_eq!(failing.events(), ["abort", "part", "abort"]);
+
+        // A signal while a writer aborts its upload waits for both aborts.
+        let slow = Recorder { part_time: Duration::from_secs(20), abort_time: Duration::from_millis(300), ..Recorder::default() };
+        let mut upload = Listed::new(Box::new(slow.clone()));
+        drop(upload.put_part(PutPayload::from(vec![5u8])));
+        let slot = upload.0.clone();
+        let writer = std::thread::spawn(move || block_on(upload.abort()).unwrap().unwrap());
+        while !slot.writer_aborting.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(abort_unfinished_uploads(Duration::from_secs(5)) >= 1);
+        assert_eq!(slow.events(), ["abort", "part", "abort"], "the signal's abort returned before the writer's second abort");
+        writer.join().unwrap();
     }
 
     #[test]

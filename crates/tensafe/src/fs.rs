@@ -71,36 +71,23 @@ fn special_kind(_: std::fs::FileType) -> &'static str {
     "something else"
 }
 
-/// One state of a file as its metadata tells it, without reading it: its
-/// size and the times of its last write and status change. A write in
-/// place changes them (to the filesystem's clock granularity), so a reader
-/// that finds the same version after a long read as before it knows that
-/// no write it could tell happened meanwhile.
+/// One state of a file's bytes as its metadata tells it, without reading
+/// them: its size and last modification time. A write in place moves the
+/// time (to the filesystem's clock granularity), so a reader that finds the
+/// same version after a long read as before it knows that no write it could
+/// tell happened meanwhile. (The status-change time is left out: a chmod, a
+/// new hard link or a rename move it without touching a byte.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileVersion {
     len: u64,
     modified: Option<std::time::SystemTime>,
-    /// Status change time (seconds, nanoseconds): a write that restores the
-    /// modification time (`touch -r`) still moves it.
-    #[cfg(unix)]
-    changed: (i64, i64),
 }
 
 impl FileVersion {
     /// The version of an open file now.
     pub fn of(file: &File) -> io::Result<FileVersion> {
         let meta = file.metadata()?;
-        #[cfg(unix)]
-        let changed = {
-            use std::os::unix::fs::MetadataExt;
-            (meta.ctime(), meta.ctime_nsec())
-        };
-        Ok(FileVersion {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-            #[cfg(unix)]
-            changed,
-        })
+        Ok(FileVersion { len: meta.len(), modified: meta.modified().ok() })
     }
 }
 
