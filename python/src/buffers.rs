@@ -7,13 +7,41 @@ use pyo3::exceptions::PyOSError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::file::{File, Source};
+use tensafe::SharedMapping;
+use tensafe_io::prefetch::Prefetch;
 
-/// A zero-copy window on a tensor inside a [`File`]'s copy-on-write mapping.
-/// It keeps the file (and so the mapping) alive while any view of it exists.
+/// A mapped file's bytes, which the tensors cut out of them keep alive, and
+/// the background reads that fill the page cache ahead of their first
+/// touch, which stop when it is dropped. It holds no descriptor: the
+/// `File` holds one while it is open, as the prefetch holds one while it
+/// runs, and once both are done the tensors hold none (as the reference's).
+#[pyclass(module = "tensafe._tensafe_rust", frozen)]
+pub(crate) struct MappedRegion {
+    mapping: SharedMapping,
+    pub(crate) prefetches: std::sync::Mutex<Prefetches>,
+}
+
+impl MappedRegion {
+    pub(crate) fn new(mapping: SharedMapping) -> Self {
+        MappedRegion { mapping, prefetches: Default::default() }
+    }
+}
+
+/// A mapped file's background reads into the page cache.
+#[derive(Default)]
+pub(crate) struct Prefetches {
+    /// The whole data section's (`prefetch`).
+    pub(crate) whole: Option<Prefetch>,
+    /// Single tensors' (`prefetch_range`), by offset in the data section.
+    pub(crate) ranges: std::collections::HashMap<u64, Prefetch>,
+}
+
+/// A zero-copy window on a tensor inside a copy-on-write [`MappedRegion`],
+/// which it keeps alive while any view of it exists.
 #[pyclass(module = "tensafe._tensafe_rust", frozen)]
 pub(crate) struct TensorBuffer {
-    pub(crate) file: Py<File>,
+    pub(crate) region: Py<MappedRegion>,
+    /// From the start of the mapped file.
     pub(crate) offset: usize,
     pub(crate) len: usize,
 }
@@ -22,12 +50,9 @@ pub(crate) struct TensorBuffer {
 impl TensorBuffer {
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let this = slf.get();
-        let Source::Mapped(mapped) = &this.file.get().source else {
-            unreachable!("buffers are only made for mapped files");
-        };
-        let base = mapped.as_mut_ptr().expect("File maps copy-on-write");
+        let base = this.region.get().mapping.as_mut_ptr().expect("File maps copy-on-write");
         // SAFETY: offset..offset+len lies inside the mapping (validated header);
-        // the mapping lives as long as `file`, which this object keeps alive,
+        // the mapping lives as long as `region`, which this object keeps alive,
         // and PyBuffer_FillInfo takes a reference to this object for the view.
         let rc = unsafe {
             ffi::PyBuffer_FillInfo(view, slf.as_ptr(), base.add(this.offset).cast(), this.len as isize, 0, flags)

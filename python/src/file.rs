@@ -11,7 +11,7 @@ use pyo3::types::{PyByteArray, PyDict};
 use tensafe::{Error, FileVersion, Header, MmapFile, PreadFile, SlicePlan, TensorInfo};
 use tensafe_io::prefetch::Prefetch;
 
-use crate::buffers::TensorBuffer;
+use crate::buffers::{MappedRegion, TensorBuffer};
 use crate::indexing::{parse_index, slice_error};
 use crate::progress::progress_reporter;
 use crate::{SafetensorError, error, header_error, remote_error};
@@ -142,20 +142,9 @@ pub(crate) struct File {
     /// `O_DIRECT` (other failures, such as a shortage of descriptors, leave
     /// it unset for the next read to try again).
     direct: OnceLock<Option<std::fs::File>>,
-    /// The background reads of a mapped file into the page cache, stopped
-    /// when this file is dropped (which the tensors cut out of its mapping
-    /// delay: they hold it).
-    prefetches: std::sync::Mutex<Prefetches>,
-}
-
-/// A mapped file's background reads into the page cache (through the
-/// file's own descriptor: a mapped file holds one).
-#[derive(Default)]
-struct Prefetches {
-    /// The whole data section's (`prefetch`).
-    whole: Option<Prefetch>,
-    /// Single tensors' (`prefetch_range`), by offset in the data section.
-    ranges: std::collections::HashMap<u64, Prefetch>,
+    /// A mapped file's mapping as the tensors cut out of it hold it (and its
+    /// background reads), made by the first of them.
+    region: OnceLock<Py<MappedRegion>>,
 }
 
 /// The error for a bytes-like object whose bytes are not in one piece.
@@ -188,11 +177,12 @@ impl File {
     /// Queues a background read of `len` bytes at `offset` in the data
     /// section of a mapped file (`whole`: all of it); see `prefetch`. Once
     /// per range, and nothing more once the whole file is asked for.
-    fn start_prefetch(&self, offset: u64, len: u64, whole: bool) {
-        let Source::Mapped(m) = &self.source else { return };
-        let mut state = self.prefetches.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn start_prefetch(&self, py: Python<'_>, offset: u64, len: u64, whole: bool) -> PyResult<()> {
+        let Source::Mapped(m) = &self.source else { return Ok(()) };
+        let region = self.region(py, m)?.get();
+        let mut state = region.prefetches.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if state.whole.is_some() || len == 0 || (!whole && state.ranges.contains_key(&offset)) {
-            return;
+            return Ok(());
         }
         let request = Prefetch::start(m.positional().shared_file(), m.header().data_start() + offset, len);
         if whole {
@@ -200,10 +190,28 @@ impl File {
         } else {
             state.ranges.insert(offset, request);
         }
+        Ok(())
+    }
+
+    /// The mapped region of `m` (this file's), made on first use.
+    fn region(&self, py: Python<'_>, m: &MmapFile) -> PyResult<&Py<MappedRegion>> {
+        if let Some(region) = self.region.get() {
+            return Ok(region);
+        }
+        // Two threads may both make one; the second is dropped unused.
+        let _ = self.region.set(Py::new(py, MappedRegion::new(m.shared_mapping()))?);
+        Ok(self.region.get().expect("just set"))
+    }
+
+    /// A zero-copy buffer of `len` bytes at `offset` in the mapped file `m`
+    /// (this file's), which keeps the mapping alive but not this file.
+    fn mapped_buffer<'py>(&self, py: Python<'py>, m: &MmapFile, offset: usize, len: usize) -> PyResult<Bound<'py, PyAny>> {
+        let region = self.region(py, m)?.clone_ref(py);
+        Ok(Bound::new(py, TensorBuffer { region, offset, len })?.into_any())
     }
 
     fn from_source(source: Source) -> Self {
-        File { source, direct: OnceLock::new(), prefetches: Default::default() }
+        File { source, direct: OnceLock::new(), region: OnceLock::new() }
     }
 
     /// The `O_DIRECT` handle of `local` (this file's), opened on first use;
@@ -424,10 +432,7 @@ impl File {
         let py = slf.py();
         let this = slf.get();
         match &this.source {
-            Source::Mapped(m) => {
-                let buffer = TensorBuffer { file: slf.clone().unbind(), offset: m.header().data_start() as usize, len: m.header().data_len() };
-                Ok(Bound::new(py, buffer)?.into_any())
-            }
+            Source::Mapped(m) => this.mapped_buffer(py, m, m.header().data_start() as usize, m.header().data_len()),
             Source::Memory { header, object, .. } => {
                 let start = header.data_start() as isize;
                 object.bind(py).get_item(pyo3::types::PySlice::new(py, start, start + header.data_len() as isize, 1))
@@ -438,21 +443,20 @@ impl File {
 
     /// Starts reading a mapped file's data section into the page cache on a
     /// background thread (`tensafe_io::prefetch`), ahead of a bulk load's
-    /// first touch of its tensors; it stops when this file is dropped. Once
-    /// per file; a no-op for other sources.
-    fn prefetch(&self) {
+    /// first touch of its tensors; it stops when the tensors' mapping
+    /// (`MappedRegion`) is dropped. Once per file; a no-op for other sources.
+    fn prefetch(&self, py: Python<'_>) -> PyResult<()> {
         let len = self.header().data_len() as u64;
-        self.start_prefetch(0, len, true);
+        self.start_prefetch(py, 0, len, true)
     }
 
     /// Like `prefetch`, for `len` bytes at `offset` in the data section (one
     /// tensor that `get_tensor` hands out); nothing once the whole file is.
-    fn prefetch_range(&self, offset: u64, len: u64) -> PyResult<()> {
+    fn prefetch_range(&self, py: Python<'_>, offset: u64, len: u64) -> PyResult<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.header().data_len() as u64) {
             return Err(PyValueError::new_err("the range is not in the data section"));
         }
-        self.start_prefetch(offset, len, false);
-        Ok(())
+        self.start_prefetch(py, offset, len, false)
     }
 
     /// Copies `len(dst)` bytes of the data section starting at `offset` into
@@ -686,11 +690,7 @@ impl File {
         let this = slf.get();
         let info = this.header().info(name).map_err(|_| not_found(name))?;
         match &this.source {
-            Source::Mapped(m) => {
-                let offset = m.header().data_start() as usize + info.data_offsets.0;
-                let buffer = TensorBuffer { file: slf.clone().unbind(), offset, len: info.byte_len() };
-                Ok(Bound::new(py, buffer)?.into_any())
-            }
+            Source::Mapped(m) => this.mapped_buffer(py, m, m.header().data_start() as usize + info.data_offsets.0, info.byte_len()),
             source @ (Source::Pread(_) | Source::Remote(_)) => {
                 let begin = info.data_offsets.0;
                 let prefix = format!("Could not read tensor {} from file: ", tensafe::Printable(name));

@@ -35,7 +35,8 @@ class TensorSpec:
     def data_len(self) -> int: ...
 
 class TensorBuffer:
-    """Zero-copy, copy-on-write window on one tensor of a mapped file (buffer protocol)."""
+    """Zero-copy, copy-on-write window on one tensor of a mapped file (buffer protocol);
+    it keeps the mapping alive, not the file or its descriptor."""
 
     def __len__(self) -> int: ...
 

@@ -39,7 +39,7 @@ pub use error::{Diagnosis, Error, Result};
 pub use fs::{open_regular, FileVersion, FilesystemKind};
 pub use header::{Header, Printable, PrintableLine, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 pub use parallel::{Split, TensorParallelPlan};
-pub use reader::{MmapFile, PreadFile, SafeTensors, TensorView};
+pub use reader::{MmapFile, PreadFile, SafeTensors, SharedMapping, TensorView};
 pub use shards::{
     is_checkpoint_path, parse_size, read_index_text, remove_stale_files, MAX_INDEX_SIZE, plan_shards, reshard, save_sharded, Checkpoint, LazyTensor, ShardFile, ShardIndex, ShardPlan, ShardedCheckpoint, TensorSource, INDEX_FILE,
     SINGLE_FILE,

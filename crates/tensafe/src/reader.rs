@@ -240,7 +240,7 @@ pub struct MmapFile {
     /// The open file the mapping was made from, kept for positional reads
     /// (see [`MmapFile::positional`]).
     file: PreadFile,
-    mapping: Mapping,
+    mapping: SharedMapping,
 }
 
 #[derive(Debug)]
@@ -249,11 +249,29 @@ enum Mapping {
     CopyOnWrite(MmapMut),
 }
 
-impl Mapping {
-    fn bytes(&self) -> &[u8] {
-        match self {
+/// A file's mapping, shared: it stays valid as long as one of these lives,
+/// without the file's descriptor (a mapping does not need it), so that
+/// views handed out can outlive the open [`MmapFile`] and hold no
+/// descriptor once it is closed (as the reference's mapped tensors hold none).
+#[derive(Debug, Clone)]
+pub struct SharedMapping(Arc<Mapping>);
+
+impl SharedMapping {
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        match &*self.0 {
             Mapping::ReadOnly(m) => m,
             Mapping::CopyOnWrite(m) => m,
+        }
+    }
+
+    /// Start of a copy-on-write mapping, for callers that hand out writable
+    /// views; `None` for a read-only mapping. Writing through it is only sound
+    /// while no Rust reference to the same bytes is in use.
+    pub fn as_mut_ptr(&self) -> Option<*mut u8> {
+        match &*self.0 {
+            Mapping::CopyOnWrite(m) => Some(m.as_ptr() as *mut u8),
+            Mapping::ReadOnly(_) => None,
         }
     }
 }
@@ -296,6 +314,7 @@ impl MmapFile {
                 Mmap::map(file).map(Mapping::ReadOnly)
             }
         }
+        .map(|mapping| SharedMapping(Arc::new(mapping)))
         .map_err(|e| Error::io("mapping the file", e).in_file(path))?;
         let expected = header.data_start() + header.data_len() as u64;
         let actual = mapping.bytes().len() as u64;
@@ -306,14 +325,14 @@ impl MmapFile {
         Ok(MmapFile { file: pread, mapping })
     }
 
-    /// Start of a copy-on-write mapping, for callers that hand out writable
-    /// views; `None` for a read-only mapping. Writing through it is only sound
-    /// while no Rust reference to the same bytes is in use.
+    /// Start of a copy-on-write mapping (see [`SharedMapping::as_mut_ptr`]).
     pub fn as_mut_ptr(&self) -> Option<*mut u8> {
-        match &self.mapping {
-            Mapping::CopyOnWrite(m) => Some(m.as_ptr() as *mut u8),
-            Mapping::ReadOnly(_) => None,
-        }
+        self.mapping.as_mut_ptr()
+    }
+
+    /// The mapping, shared: it outlives this file (and its descriptor).
+    pub fn shared_mapping(&self) -> SharedMapping {
+        self.mapping.clone()
     }
 
     /// The validated header.
