@@ -13,8 +13,8 @@ use tensafe_io::prefetch::Prefetch;
 /// A mapped file's bytes, which the tensors cut out of them keep alive, and
 /// the background reads that fill the page cache ahead of their first
 /// touch, which stop when it is dropped. It holds no descriptor: the
-/// `File` holds one while it is open, as the prefetch holds one while it
-/// runs, and once both are done the tensors hold none (as the reference's).
+/// `File` holds one while it is open, and a prefetch until it has run or is
+/// dropped (queued or not); then the tensors hold none (as the reference's).
 #[pyclass(module = "tensafe._tensafe_rust", frozen)]
 pub(crate) struct MappedRegion {
     mapping: SharedMapping,

@@ -35,6 +35,12 @@ pub struct Prefetch {
 /// What a request and the background thread share.
 struct Shared {
     stop: AtomicBool,
+    /// The file (an `Arc<File>` made raw) until the background thread takes
+    /// it to run the request, or the request is dropped: a request stopped
+    /// while it waits in the queue does not keep its file's descriptor open
+    /// until the thread reaches it. An atomic, not a lock: `Prefetch::drop`
+    /// may run in a forked child.
+    file: AtomicPtr<File>,
     /// Bytes asked for so far.
     done: AtomicU64,
     /// The request's length while it counts in `live` (0 before it is let
@@ -45,8 +51,23 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(live: &'static AtomicU64) -> Arc<Shared> {
-        Arc::new(Shared { stop: AtomicBool::new(false), done: AtomicU64::new(0), counted: AtomicU64::new(0), live })
+    fn new(file: Arc<File>, live: &'static AtomicU64) -> Arc<Shared> {
+        let file = AtomicPtr::new(Arc::into_raw(file).cast_mut());
+        Arc::new(Shared { stop: AtomicBool::new(false), file, done: AtomicU64::new(0), counted: AtomicU64::new(0), live })
+    }
+
+    /// The file, taken (once: `None` after).
+    fn take_file(&self) -> Option<Arc<File>> {
+        let raw = self.file.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        // SAFETY: a non-null pointer here came from `Arc::into_raw` in `new`,
+        // and the swap hands it to one caller only.
+        (!raw.is_null()).then(|| unsafe { Arc::from_raw(raw.cast_const()) })
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        drop(self.take_file());
     }
 }
 
@@ -56,7 +77,6 @@ static LIVE: AtomicU64 = AtomicU64::new(0);
 
 /// One request, as the background thread holds it.
 struct Job {
-    file: Arc<File>,
     offset: u64,
     len: u64,
     shared: Arc<Shared>,
@@ -68,12 +88,12 @@ impl Prefetch {
     /// caller's own handle, shared (`PreadFile::shared_file`): positional
     /// reads leave its offset alone, and no descriptor is added.
     pub fn start(file: Arc<File>, offset: u64, len: u64) -> Prefetch {
-        let shared = Shared::new(&LIVE);
+        let shared = Shared::new(file, &LIVE);
         if cfg!(target_os = "linux")
             && let Some(queue) = worker()
         {
             // A send fails only if the thread is gone: the load stays lazy.
-            let _ = queue.send(Job { file, offset, len, shared: shared.clone() });
+            let _ = queue.send(Job { offset, len, shared: shared.clone() });
         }
         Prefetch { shared }
     }
@@ -90,6 +110,7 @@ impl Drop for Prefetch {
         // with `admit`: the request is uncounted here or there, never twice
         // or not at all.
         self.shared.stop.store(true, Ordering::SeqCst);
+        drop(self.shared.take_file());
         self.shared.live.fetch_sub(self.shared.counted.swap(0, Ordering::SeqCst), Ordering::SeqCst);
     }
 }
@@ -114,8 +135,10 @@ fn worker() -> Option<&'static Sender<Job>> {
     let (send, receive) = channel::<Job>();
     let spawned = std::thread::Builder::new().name("tensafe-prefetch".into()).spawn(move || {
         for job in receive {
+            // Held while it runs; a request dropped while queued has let go of it.
+            let Some(file) = job.shared.take_file() else { continue };
             if admit(&job, memory_info()) {
-                run(&job, advice_limit(&job.file), will_need);
+                run(&job, &file, advice_limit(&file), will_need);
             }
         }
     });
@@ -153,13 +176,13 @@ fn admit(job: &Job, memory: Option<(u64, u64)>) -> bool {
     true
 }
 
-/// Asks for `job`'s range with `advise` in calls of at most `limit` bytes
-/// until it is done or stopped; returns the bytes asked for.
-fn run(job: &Job, limit: u64, mut advise: impl FnMut(&File, u64, u64) -> io::Result<()>) -> u64 {
+/// Asks for `job`'s range of `file` with `advise` in calls of at most
+/// `limit` bytes until it is done or stopped; returns the bytes asked for.
+fn run(job: &Job, file: &File, limit: u64, mut advise: impl FnMut(&File, u64, u64) -> io::Result<()>) -> u64 {
     let mut at = 0;
     while at < job.len && !job.shared.stop.load(Ordering::Relaxed) {
         let len = limit.max(1).min(job.len - at);
-        if advise(&job.file, job.offset + at, len).is_err() {
+        if advise(file, job.offset + at, len).is_err() {
             break; // advice the filesystem refuses: the load stays lazy
         }
         at += len;
@@ -252,8 +275,8 @@ mod tests {
     /// A request for the first `len` bytes of `file`, and its handle,
     /// counted in `live`.
     fn request_in(file: &File, len: u64, live: &'static AtomicU64) -> (Job, Prefetch) {
-        let shared = Shared::new(live);
-        (Job { file: Arc::new(file.try_clone().unwrap()), offset: 0, len, shared: shared.clone() }, Prefetch { shared })
+        let shared = Shared::new(Arc::new(file.try_clone().unwrap()), live);
+        (Job { offset: 0, len, shared: shared.clone() }, Prefetch { shared })
     }
 
     /// A request for the first `len` bytes of `file`, counted apart.
@@ -294,7 +317,7 @@ mod tests {
         let one_call = cached_fraction(&file, 0, 32 << 20);
         evict(&file, 0, 0).unwrap();
         let (job, _prefetch) = request(&file, 32 << 20);
-        assert_eq!(run(&job, advice_limit(&file), will_need), 32 << 20);
+        assert_eq!(run(&job, &file, advice_limit(&file), will_need), 32 << 20);
         wait_until_cached(&file, 32 << 20);
         eprintln!("one call of 32 MiB cached {:.0}% of it; calls of {} KiB cached it all", one_call * 100.0, advice_limit(&file) >> 10);
     }
@@ -304,7 +327,7 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let (job, _prefetch) = request(&file, (16 << 20) - 5);
         let mut calls = Vec::new();
-        let asked = run(&job, 3 << 20, |_, offset, len| {
+        let asked = run(&job, &file, 3 << 20, |_, offset, len| {
             calls.push((offset, len));
             Ok(())
         });
@@ -324,7 +347,7 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let (job, prefetch) = request(&file, 64 << 20);
         let mut prefetch = Some(prefetch);
-        let asked = run(&job, 1 << 20, |_, _, _| {
+        let asked = run(&job, &file, 1 << 20, |_, _, _| {
             drop(prefetch.take()); // dropped during the first call
             Ok(())
         });
@@ -332,11 +355,33 @@ mod tests {
     }
 
     #[test]
+    fn a_request_holds_its_file_until_taken_to_run_or_dropped() {
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let live: &'static AtomicU64 = Box::leak(Box::default());
+        // Dropped while queued: the file is let go at once, and the thread finds none.
+        let shared = Shared::new(file.clone(), live);
+        let (job, prefetch) = (Job { offset: 0, len: 1, shared: shared.clone() }, Prefetch { shared });
+        assert_eq!(Arc::strong_count(&file), 2);
+        drop(prefetch);
+        assert_eq!(Arc::strong_count(&file), 1);
+        assert!(job.shared.take_file().is_none());
+        // Taken to run: held by the thread, once.
+        let job = Job { offset: 0, len: 1, shared: Shared::new(file.clone(), live) };
+        let taken = job.shared.take_file().unwrap();
+        assert!(job.shared.take_file().is_none());
+        drop(taken);
+        assert_eq!(Arc::strong_count(&file), 1);
+        // Never taken (no thread to take it): let go with the request.
+        drop(Job { offset: 0, len: 1, shared: Shared::new(file.clone(), live) });
+        assert_eq!(Arc::strong_count(&file), 1);
+    }
+
+    #[test]
     fn a_refused_advice_stops_the_request() {
         let file = tempfile::tempfile().unwrap();
         let (job, _prefetch) = request(&file, 8 << 20);
         let mut calls = 0;
-        assert_eq!(run(&job, 1 << 20, |_, _, _| if { calls += 1; calls } == 3 { Err(io::ErrorKind::Unsupported.into()) } else { Ok(()) }), 2 << 20);
+        assert_eq!(run(&job, &file, 1 << 20, |_, _, _| if { calls += 1; calls } == 3 { Err(io::ErrorKind::Unsupported.into()) } else { Ok(()) }), 2 << 20);
     }
 
     #[test]
