@@ -2,28 +2,47 @@
 //! mapped file's tensors, and fresh host allocations for whole-file loads.
 
 use std::ffi::c_int;
+use std::sync::Arc;
 
 use pyo3::exceptions::PyOSError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-
 use tensafe::SharedMapping;
 use tensafe_io::prefetch::Prefetch;
 
 /// A mapped file's bytes, which the tensors cut out of them keep alive, and
 /// the background reads that fill the page cache ahead of their first
-/// touch, which stop when it is dropped. It holds no descriptor: the
-/// `File` holds one while it is open, and a prefetch until it has run or is
-/// dropped (queued or not); then the tensors hold none (as the reference's).
+/// touch (through the mapping), which stop when it is dropped. It holds no
+/// descriptor: only the `File` does, while it is open, so the tensors alone
+/// hold none (as the reference's).
 #[pyclass(module = "tensafe._tensafe_rust", frozen)]
 pub(crate) struct MappedRegion {
-    mapping: SharedMapping,
+    mapping: Arc<RegionBytes>,
+    /// The most one read-ahead call asks for (`tensafe_io::prefetch::advice_limit`).
+    advice_limit: u64,
     pub(crate) prefetches: std::sync::Mutex<Prefetches>,
 }
 
+/// The mapping as the background reads hold it.
+struct RegionBytes(SharedMapping);
+
+impl tensafe_io::prefetch::Mapped for RegionBytes {
+    fn bytes(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
 impl MappedRegion {
-    pub(crate) fn new(mapping: SharedMapping) -> Self {
-        MappedRegion { mapping, prefetches: Default::default() }
+    /// The region of a mapping of `file`.
+    pub(crate) fn new(mapping: SharedMapping, file: &std::fs::File) -> Self {
+        let advice_limit = tensafe_io::prefetch::advice_limit(file);
+        MappedRegion { mapping: Arc::new(RegionBytes(mapping)), advice_limit, prefetches: Default::default() }
+    }
+
+    /// Starts reading `len` bytes at `offset` in the mapped file into the page
+    /// cache in the background (see `tensafe_io::prefetch`).
+    pub(crate) fn start_prefetch(&self, offset: u64, len: u64) -> Prefetch {
+        Prefetch::start(self.mapping.clone(), offset, len, self.advice_limit)
     }
 }
 
@@ -50,7 +69,7 @@ pub(crate) struct TensorBuffer {
 impl TensorBuffer {
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let this = slf.get();
-        let base = this.region.get().mapping.as_mut_ptr().expect("File maps copy-on-write");
+        let base = this.region.get().mapping.0.as_mut_ptr().expect("File maps copy-on-write");
         // SAFETY: offset..offset+len lies inside the mapping (validated header);
         // the mapping lives as long as `region`, which this object keeps alive,
         // and PyBuffer_FillInfo takes a reference to this object for the view.

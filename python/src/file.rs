@@ -9,7 +9,6 @@ use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict};
 use tensafe::{Error, FileVersion, Header, MmapFile, PreadFile, SlicePlan, TensorInfo};
-use tensafe_io::prefetch::Prefetch;
 
 use crate::buffers::{MappedRegion, TensorBuffer};
 use crate::indexing::{parse_index, slice_error};
@@ -184,7 +183,7 @@ impl File {
         if state.whole.is_some() || len == 0 || (!whole && state.ranges.contains_key(&offset)) {
             return Ok(());
         }
-        let request = Prefetch::start(m.positional().shared_file(), m.header().data_start() + offset, len);
+        let request = region.start_prefetch(m.header().data_start() + offset, len);
         if whole {
             state.whole = Some(request);
         } else {
@@ -199,7 +198,7 @@ impl File {
             return Ok(region);
         }
         // Two threads may both make one; the second is dropped unused.
-        let _ = self.region.set(Py::new(py, MappedRegion::new(m.shared_mapping()))?);
+        let _ = self.region.set(Py::new(py, MappedRegion::new(m.shared_mapping(), m.positional().file()))?);
         Ok(self.region.get().expect("just set"))
     }
 

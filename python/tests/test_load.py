@@ -275,10 +275,7 @@ def test_mapped_tensors_hold_no_descriptor_once_the_file_is_closed(tmp_path):
         ts_pt.save_file({"w": torch.full((1 << 12,), float(i))}, path)
     before = len(os.listdir("/proc/self/fd"))
     kept = [ts_pt.load_file(path) for path in paths]
-    # Each background read into the page cache holds its file's descriptor until it is done.
-    deadline = time.monotonic() + 30
-    while len(os.listdir("/proc/self/fd")) > before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # Their background reads into the page cache go through the mapping, not the file.
     assert len(os.listdir("/proc/self/fd")) <= before
     assert [float(k["w"][0]) for k in kept] == list(range(20))
     # An open handle holds one until it is closed; its tensors outlive it.

@@ -5,9 +5,10 @@
 //! and the faulting thread does all the kernel's work: it allocates every
 //! page-cache page, issues the readahead and waits for it. [`Prefetch`]
 //! moves that work to a background thread, which asks the kernel for the
-//! file piece by piece (`posix_fadvise(WILLNEED)`: pages allocated and reads
-//! queued, no copy) while the caller's thread only maps pages that are
-//! already there or on their way. On the 2-core development VM, where fresh
+//! file piece by piece (`madvise(WILLNEED)` on the mapping, which the
+//! kernel serves as `posix_fadvise(WILLNEED)` on the file: pages allocated
+//! and reads queued, no copy, and no file descriptor needed) while the
+//! caller's thread only maps pages that are already there or on their way. On the 2-core development VM, where fresh
 //! memory also faults on the host, a cold `load_file` plus a first touch of
 //! every page of 1 GiB took a median of 0.59 s with it, 1.33 s without it,
 //! against 0.79–0.89 s for a raw 4-thread read (docs/ARCHITECTURE.md).
@@ -26,6 +27,21 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::Arc;
 
+/// A whole mapped file, whose pages a request reads ahead: it stays mapped
+/// as long as this lives. `bytes` starts at a page boundary (as a mapping
+/// of a file from its start does).
+pub trait Mapped: Send + Sync {
+    /// The mapped bytes.
+    fn bytes(&self) -> &[u8];
+}
+
+#[cfg(target_os = "linux")]
+impl Mapped for memmap2::Mmap {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 /// A request to read part of a file into the page cache in the background;
 /// dropping it stops the reading (after the call under way).
 pub struct Prefetch {
@@ -35,12 +51,12 @@ pub struct Prefetch {
 /// What a request and the background thread share.
 struct Shared {
     stop: AtomicBool,
-    /// The file (an `Arc<File>` made raw) until the background thread takes
-    /// it to run the request, or the request is dropped: a request stopped
-    /// while it waits in the queue does not keep its file's descriptor open
+    /// The mapping (a boxed `Arc` made raw) until the background thread
+    /// takes it to run the request, or the request is dropped: a request
+    /// stopped while it waits in the queue does not keep the mapping alive
     /// until the thread reaches it. An atomic, not a lock: `Prefetch::drop`
     /// may run in a forked child.
-    file: AtomicPtr<File>,
+    mapping: AtomicPtr<Arc<dyn Mapped>>,
     /// Bytes asked for so far.
     done: AtomicU64,
     /// The request's length while it counts in `live` (0 before it is let
@@ -51,23 +67,23 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(file: Arc<File>, live: &'static AtomicU64) -> Arc<Shared> {
-        let file = AtomicPtr::new(Arc::into_raw(file).cast_mut());
-        Arc::new(Shared { stop: AtomicBool::new(false), file, done: AtomicU64::new(0), counted: AtomicU64::new(0), live })
+    fn new(mapping: Arc<dyn Mapped>, live: &'static AtomicU64) -> Arc<Shared> {
+        let mapping = AtomicPtr::new(Box::into_raw(Box::new(mapping)));
+        Arc::new(Shared { stop: AtomicBool::new(false), mapping, done: AtomicU64::new(0), counted: AtomicU64::new(0), live })
     }
 
-    /// The file, taken (once: `None` after).
-    fn take_file(&self) -> Option<Arc<File>> {
-        let raw = self.file.swap(std::ptr::null_mut(), Ordering::SeqCst);
-        // SAFETY: a non-null pointer here came from `Arc::into_raw` in `new`,
+    /// The mapping, taken (once: `None` after).
+    fn take_mapping(&self) -> Option<Arc<dyn Mapped>> {
+        let raw = self.mapping.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        // SAFETY: a non-null pointer here came from `Box::into_raw` in `new`,
         // and the swap hands it to one caller only.
-        (!raw.is_null()).then(|| unsafe { Arc::from_raw(raw.cast_const()) })
+        (!raw.is_null()).then(|| *unsafe { Box::from_raw(raw) })
     }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        drop(self.take_file());
+        drop(self.take_mapping());
     }
 }
 
@@ -79,21 +95,24 @@ static LIVE: AtomicU64 = AtomicU64::new(0);
 struct Job {
     offset: u64,
     len: u64,
+    /// The most one advice asks for ([`advice_limit`]).
+    limit: u64,
     shared: Arc<Shared>,
 }
 
 impl Prefetch {
-    /// Starts reading `len` bytes of `file` at `offset` into the page cache on
-    /// the background thread, after the requests before it. `file` is the
-    /// caller's own handle, shared (`PreadFile::shared_file`): positional
-    /// reads leave its offset alone, and no descriptor is added.
-    pub fn start(file: Arc<File>, offset: u64, len: u64) -> Prefetch {
-        let shared = Shared::new(file, &LIVE);
+    /// Starts reading `len` bytes of the mapped file `mapping` at `offset`
+    /// into the page cache on the background thread, after the requests
+    /// before it, in calls of at most `limit` bytes ([`advice_limit`] of
+    /// the file). The request holds the mapping, not the file: no
+    /// descriptor stays open for it.
+    pub fn start(mapping: Arc<dyn Mapped>, offset: u64, len: u64, limit: u64) -> Prefetch {
+        let shared = Shared::new(mapping, &LIVE);
         if cfg!(target_os = "linux")
             && let Some(queue) = worker()
         {
             // A send fails only if the thread is gone: the load stays lazy.
-            let _ = queue.send(Job { offset, len, shared: shared.clone() });
+            let _ = queue.send(Job { offset, len, limit, shared: shared.clone() });
         }
         Prefetch { shared }
     }
@@ -110,7 +129,7 @@ impl Drop for Prefetch {
         // with `admit`: the request is uncounted here or there, never twice
         // or not at all.
         self.shared.stop.store(true, Ordering::SeqCst);
-        drop(self.shared.take_file());
+        drop(self.shared.take_mapping());
         self.shared.live.fetch_sub(self.shared.counted.swap(0, Ordering::SeqCst), Ordering::SeqCst);
     }
 }
@@ -136,9 +155,9 @@ fn worker() -> Option<&'static Sender<Job>> {
     let spawned = std::thread::Builder::new().name("tensafe-prefetch".into()).spawn(move || {
         for job in receive {
             // Held while it runs; a request dropped while queued has let go of it.
-            let Some(file) = job.shared.take_file() else { continue };
+            let Some(mapping) = job.shared.take_mapping() else { continue };
             if admit(&job, memory_info()) {
-                run(&job, &file, advice_limit(&file), will_need);
+                run(&job, mapping.bytes(), job.limit, will_need);
             }
         }
     });
@@ -176,13 +195,14 @@ fn admit(job: &Job, memory: Option<(u64, u64)>) -> bool {
     true
 }
 
-/// Asks for `job`'s range of `file` with `advise` in calls of at most
-/// `limit` bytes until it is done or stopped; returns the bytes asked for.
-fn run(job: &Job, file: &File, limit: u64, mut advise: impl FnMut(&File, u64, u64) -> io::Result<()>) -> u64 {
+/// Asks for `job`'s range of the mapped `bytes` with `advise` in calls of
+/// at most `limit` bytes until it is done or stopped; returns the bytes
+/// asked for.
+fn run(job: &Job, bytes: &[u8], limit: u64, mut advise: impl FnMut(&[u8], u64, u64) -> io::Result<()>) -> u64 {
     let mut at = 0;
     while at < job.len && !job.shared.stop.load(Ordering::Relaxed) {
         let len = limit.max(1).min(job.len - at);
-        if advise(file, job.offset + at, len).is_err() {
+        if advise(bytes, job.offset + at, len).is_err() {
             break; // advice the filesystem refuses: the load stays lazy
         }
         at += len;
@@ -196,7 +216,7 @@ fn run(job: &Job, file: &File, limit: u64, mut advise: impl FnMut(&File, u64, u6
 /// file's readahead window, and quietly drops the rest; the first holds
 /// whatever the window is. 128 KiB (the kernel's default window) where the
 /// device cannot be told (network filesystems, overlays).
-fn advice_limit(file: &File) -> u64 {
+pub fn advice_limit(file: &File) -> u64 {
     const DEFAULT: u64 = 128 << 10;
     #[cfg(target_os = "linux")]
     {
@@ -215,22 +235,27 @@ fn advice_limit(file: &File) -> u64 {
     DEFAULT
 }
 
-/// Asks the kernel to read `len` bytes at `offset` into the page cache; it
-/// returns once the reads are queued.
-fn will_need(file: &File, offset: u64, len: u64) -> io::Result<()> {
+/// Asks the kernel to read `len` bytes at `offset` of the mapped file
+/// `bytes` into the page cache (the pages the range touches); it returns
+/// once the reads are queued.
+fn will_need(bytes: &[u8], offset: u64, len: u64) -> io::Result<()> {
+    let end = offset.checked_add(len).filter(|&end| end <= bytes.len() as u64).ok_or(io::ErrorKind::InvalidInput)?;
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(io::ErrorKind::InvalidInput.into());
-        };
-        // SAFETY: plain syscall on a valid descriptor.
-        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+        let base = bytes.as_ptr() as usize;
+        debug_assert_eq!(base % page, 0, "a mapping starts on a page");
+        let start = (base + offset as usize) / page * page;
+        // SAFETY: [start, base + end) lies in the mapping (its start is a
+        // page boundary), which the caller keeps mapped; WILLNEED changes no
+        // memory, it only asks the kernel to read the file behind it.
+        let rc = unsafe { libc::madvise(start as *mut libc::c_void, base + end as usize - start, libc::MADV_WILLNEED) };
         if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
+            return Err(io::Error::last_os_error());
         }
     }
-    let _ = (file, offset, len);
+    let _ = end;
     Ok(())
 }
 
@@ -272,16 +297,31 @@ mod tests {
         Some((temp, file))
     }
 
-    /// A request for the first `len` bytes of `file`, and its handle,
-    /// counted in `live`.
-    fn request_in(file: &File, len: u64, live: &'static AtomicU64) -> (Job, Prefetch) {
-        let shared = Shared::new(Arc::new(file.try_clone().unwrap()), live);
-        (Job { offset: 0, len, shared: shared.clone() }, Prefetch { shared })
+    /// A stand-in for a mapping, for requests that are not run on it.
+    struct NoBytes;
+
+    impl Mapped for NoBytes {
+        fn bytes(&self) -> &[u8] {
+            &[]
+        }
     }
 
-    /// A request for the first `len` bytes of `file`, counted apart.
-    fn request(file: &File, len: u64) -> (Job, Prefetch) {
-        request_in(file, len, Box::leak(Box::default()))
+    /// A request for the first `len` bytes of `mapping`, and its handle,
+    /// counted in `live`.
+    fn request_in(mapping: Arc<dyn Mapped>, len: u64, live: &'static AtomicU64) -> (Job, Prefetch) {
+        let shared = Shared::new(mapping, live);
+        (Job { offset: 0, len, limit: 1 << 20, shared: shared.clone() }, Prefetch { shared })
+    }
+
+    /// A request for the first `len` bytes of a stand-in mapping, counted apart.
+    fn request(len: u64) -> (Job, Prefetch) {
+        request_in(Arc::new(NoBytes), len, Box::leak(Box::default()))
+    }
+
+    /// `file` mapped, as the loads map it.
+    fn mapped(file: &File) -> memmap2::Mmap {
+        // SAFETY: the tests' own files, not changed while mapped.
+        unsafe { memmap2::Mmap::map(file) }.unwrap()
     }
 
     /// Waits until the first `len` bytes of `file` are cached (the reads
@@ -302,7 +342,7 @@ mod tests {
             eprintln!("skipped: under 1 GiB of memory available");
             return;
         }
-        let prefetch = Prefetch::start(Arc::new(file.try_clone().unwrap()), 0, 32 << 20);
+        let prefetch = Prefetch::start(Arc::new(mapped(&file)), 0, 32 << 20, advice_limit(&file));
         wait_until_cached(&file, 32 << 20);
         assert_eq!(prefetch.requested(), 32 << 20);
     }
@@ -312,22 +352,22 @@ mod tests {
         let Some((_temp, file)) = evicted_file(32 << 20) else { return };
         // One call for the whole file reads only its first few MiB (on the
         // development VM 8 of 32: the readahead window), and says nothing.
-        will_need(&file, 0, 32 << 20).unwrap();
+        let map = mapped(&file);
+        will_need(&map, 0, 32 << 20).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         let one_call = cached_fraction(&file, 0, 32 << 20);
         evict(&file, 0, 0).unwrap();
-        let (job, _prefetch) = request(&file, 32 << 20);
-        assert_eq!(run(&job, &file, advice_limit(&file), will_need), 32 << 20);
+        let (job, _prefetch) = request(32 << 20);
+        assert_eq!(run(&job, &map, advice_limit(&file), will_need), 32 << 20);
         wait_until_cached(&file, 32 << 20);
         eprintln!("one call of 32 MiB cached {:.0}% of it; calls of {} KiB cached it all", one_call * 100.0, advice_limit(&file) >> 10);
     }
 
     #[test]
     fn a_request_is_asked_for_in_order_in_calls_of_at_most_the_limit() {
-        let file = tempfile::tempfile().unwrap();
-        let (job, _prefetch) = request(&file, (16 << 20) - 5);
+        let (job, _prefetch) = request((16 << 20) - 5);
         let mut calls = Vec::new();
-        let asked = run(&job, &file, 3 << 20, |_, offset, len| {
+        let asked = run(&job, &[], 3 << 20, |_, offset, len| {
             calls.push((offset, len));
             Ok(())
         });
@@ -344,10 +384,9 @@ mod tests {
 
     #[test]
     fn dropping_the_prefetch_stops_its_request() {
-        let file = tempfile::tempfile().unwrap();
-        let (job, prefetch) = request(&file, 64 << 20);
+        let (job, prefetch) = request(64 << 20);
         let mut prefetch = Some(prefetch);
-        let asked = run(&job, &file, 1 << 20, |_, _, _| {
+        let asked = run(&job, &[], 1 << 20, |_, _, _| {
             drop(prefetch.take()); // dropped during the first call
             Ok(())
         });
@@ -355,51 +394,49 @@ mod tests {
     }
 
     #[test]
-    fn a_request_holds_its_file_until_taken_to_run_or_dropped() {
-        let file = Arc::new(tempfile::tempfile().unwrap());
+    fn a_request_holds_its_mapping_until_taken_to_run_or_dropped() {
+        let mapping: Arc<dyn Mapped> = Arc::new(NoBytes);
         let live: &'static AtomicU64 = Box::leak(Box::default());
-        // Dropped while queued: the file is let go at once, and the thread finds none.
-        let shared = Shared::new(file.clone(), live);
-        let (job, prefetch) = (Job { offset: 0, len: 1, shared: shared.clone() }, Prefetch { shared });
-        assert_eq!(Arc::strong_count(&file), 2);
+        // Dropped while queued: the mapping is let go at once, and the thread finds none.
+        let (job, prefetch) = request_in(mapping.clone(), 1, live);
+        assert_eq!(Arc::strong_count(&mapping), 2);
         drop(prefetch);
-        assert_eq!(Arc::strong_count(&file), 1);
-        assert!(job.shared.take_file().is_none());
+        assert_eq!(Arc::strong_count(&mapping), 1);
+        assert!(job.shared.take_mapping().is_none());
         // Taken to run: held by the thread, once.
-        let job = Job { offset: 0, len: 1, shared: Shared::new(file.clone(), live) };
-        let taken = job.shared.take_file().unwrap();
-        assert!(job.shared.take_file().is_none());
+        let (job, _prefetch) = request_in(mapping.clone(), 1, live);
+        let taken = job.shared.take_mapping().unwrap();
+        assert!(job.shared.take_mapping().is_none());
         drop(taken);
-        assert_eq!(Arc::strong_count(&file), 1);
+        assert_eq!(Arc::strong_count(&mapping), 1);
         // Never taken (no thread to take it): let go with the request.
-        drop(Job { offset: 0, len: 1, shared: Shared::new(file.clone(), live) });
-        assert_eq!(Arc::strong_count(&file), 1);
+        drop(request_in(mapping.clone(), 1, live));
+        assert_eq!(Arc::strong_count(&mapping), 1);
     }
 
     #[test]
     fn a_refused_advice_stops_the_request() {
-        let file = tempfile::tempfile().unwrap();
-        let (job, _prefetch) = request(&file, 8 << 20);
+        let (job, _prefetch) = request(8 << 20);
         let mut calls = 0;
-        assert_eq!(run(&job, &file, 1 << 20, |_, _, _| if { calls += 1; calls } == 3 { Err(io::ErrorKind::Unsupported.into()) } else { Ok(()) }), 2 << 20);
+        assert_eq!(run(&job, &[], 1 << 20, |_, _, _| if { calls += 1; calls } == 3 { Err(io::ErrorKind::Unsupported.into()) } else { Ok(()) }), 2 << 20);
     }
 
     #[test]
     fn only_files_that_fit_in_memory_are_read_ahead() {
-        let file = tempfile::tempfile().unwrap();
         let live: &'static AtomicU64 = Box::leak(Box::default());
+        let request_of = |len| request_in(Arc::new(NoBytes), len, live);
         let gib = 1u64 << 30;
         let memory = Some((16 * gib, 32 * gib)); // (available, total)
-        let (large, _large) = request_in(&file, 9 * gib, live);
+        let (large, _large) = request_of(9 * gib);
         assert!(!admit(&large, memory), "over half of what is available");
-        let (first, first_handle) = request_in(&file, 8 * gib, live);
+        let (first, first_handle) = request_of(8 * gib);
         assert!(!admit(&first, None), "memory unknown");
         assert!(admit(&first, memory));
-        let (second, second_handle) = request_in(&file, 8 * gib, live);
+        let (second, second_handle) = request_of(8 * gib);
         assert!(admit(&second, memory));
         assert_eq!(live.load(Ordering::SeqCst), 16 * gib);
         // With the live ones, over half of RAM (though it fits what is available).
-        let (third, _third) = request_in(&file, gib, live);
+        let (third, _third) = request_of(gib);
         assert!(!admit(&third, memory));
         // A dropped request leaves the count, once, and is not let run.
         drop(first_handle);

@@ -107,9 +107,7 @@ impl<'data> SafeTensors<'data> {
 #[derive(Debug)]
 pub struct PreadFile {
     path: PathBuf,
-    /// Shared with background readers ([`PreadFile::shared_file`]): one
-    /// descriptor per open file, however many read it.
-    file: Arc<File>,
+    file: File,
     header: Header,
 }
 
@@ -134,7 +132,7 @@ impl PreadFile {
     pub fn from_file(file: File, path: impl Into<PathBuf>, options: &ReadOptions) -> Result<Self> {
         let path = path.into();
         let header = read_header(&file, options).map_err(|e| e.in_file(&path))?;
-        Ok(PreadFile { path, file: Arc::new(file), header })
+        Ok(PreadFile { path, file, header })
     }
 
     /// The validated header.
@@ -150,12 +148,6 @@ impl PreadFile {
     /// The open file.
     pub fn file(&self) -> &File {
         &self.file
-    }
-
-    /// The open file, shared, for readers that outlive a borrow of this one
-    /// (positional reads do not move the file offset, so they may share it).
-    pub fn shared_file(&self) -> Arc<File> {
-        self.file.clone()
     }
 
     /// Reads `buf.len()` bytes starting at `offset` within the data section.
