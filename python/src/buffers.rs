@@ -27,8 +27,8 @@ pub(crate) struct MappedRegion {
 struct RegionBytes(SharedMapping);
 
 impl tensafe_io::prefetch::Mapped for RegionBytes {
-    fn bytes(&self) -> &[u8] {
-        self.0.bytes()
+    fn region(&self) -> (*const u8, usize) {
+        self.0.region()
     }
 }
 

@@ -8,8 +8,9 @@
 //! file piece by piece (`madvise(WILLNEED)` on the mapping, which the
 //! kernel serves as `posix_fadvise(WILLNEED)` on the file: pages allocated
 //! and reads queued, no copy, and no file descriptor needed) while the
-//! caller's thread only maps pages that are already there or on their way. On the 2-core development VM, where fresh
-//! memory also faults on the host, a cold `load_file` plus a first touch of
+//! caller's thread only maps pages that are already there or on their
+//! way. On the 2-core development VM, where fresh memory also faults on the
+//! host, a cold `load_file` plus a first touch of
 //! every page of 1 GiB took a median of 0.59 s with it, 1.33 s without it,
 //! against 0.79–0.89 s for a raw 4-thread read (docs/ARCHITECTURE.md).
 //!
@@ -28,17 +29,19 @@ use std::sync::mpsc::{Sender, channel};
 use std::sync::Arc;
 
 /// A whole mapped file, whose pages a request reads ahead: it stays mapped
-/// as long as this lives. `bytes` starts at a page boundary (as a mapping
-/// of a file from its start does).
+/// as long as this lives.
 pub trait Mapped: Send + Sync {
-    /// The mapped bytes.
-    fn bytes(&self) -> &[u8];
+    /// Where the mapping starts (a page boundary, as for any mapping of a
+    /// file from its start) and its length. An address, not a slice: the
+    /// request never reads the bytes, which the caller's threads may be
+    /// writing into (a copy-on-write mapping).
+    fn region(&self) -> (*const u8, usize);
 }
 
 #[cfg(target_os = "linux")]
 impl Mapped for memmap2::Mmap {
-    fn bytes(&self) -> &[u8] {
-        self
+    fn region(&self) -> (*const u8, usize) {
+        (self.as_ptr(), self.len())
     }
 }
 
@@ -157,7 +160,7 @@ fn worker() -> Option<&'static Sender<Job>> {
             // Held while it runs; a request dropped while queued has let go of it.
             let Some(mapping) = job.shared.take_mapping() else { continue };
             if admit(&job, memory_info()) {
-                run(&job, mapping.bytes(), job.limit, will_need);
+                run(&job, mapping.region(), job.limit, will_need);
             }
         }
     });
@@ -195,14 +198,14 @@ fn admit(job: &Job, memory: Option<(u64, u64)>) -> bool {
     true
 }
 
-/// Asks for `job`'s range of the mapped `bytes` with `advise` in calls of
+/// Asks for `job`'s range of the mapped `region` with `advise` in calls of
 /// at most `limit` bytes until it is done or stopped; returns the bytes
 /// asked for.
-fn run(job: &Job, bytes: &[u8], limit: u64, mut advise: impl FnMut(&[u8], u64, u64) -> io::Result<()>) -> u64 {
+fn run(job: &Job, region: (*const u8, usize), limit: u64, mut advise: impl FnMut((*const u8, usize), u64, u64) -> io::Result<()>) -> u64 {
     let mut at = 0;
     while at < job.len && !job.shared.stop.load(Ordering::Relaxed) {
         let len = limit.max(1).min(job.len - at);
-        if advise(bytes, job.offset + at, len).is_err() {
+        if advise(region, job.offset + at, len).is_err() {
             break; // advice the filesystem refuses: the load stays lazy
         }
         at += len;
@@ -236,15 +239,15 @@ pub fn advice_limit(file: &File) -> u64 {
 }
 
 /// Asks the kernel to read `len` bytes at `offset` of the mapped file
-/// `bytes` into the page cache (the pages the range touches); it returns
-/// once the reads are queued.
-fn will_need(bytes: &[u8], offset: u64, len: u64) -> io::Result<()> {
-    let end = offset.checked_add(len).filter(|&end| end <= bytes.len() as u64).ok_or(io::ErrorKind::InvalidInput)?;
+/// `(base, size)` into the page cache (the pages the range touches); it
+/// returns once the reads are queued.
+fn will_need((base, size): (*const u8, usize), offset: u64, len: u64) -> io::Result<()> {
+    let end = offset.checked_add(len).filter(|&end| end <= size as u64).ok_or(io::ErrorKind::InvalidInput)?;
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
-        let base = bytes.as_ptr() as usize;
+        let base = base as usize;
         debug_assert_eq!(base % page, 0, "a mapping starts on a page");
         let start = (base + offset as usize) / page * page;
         // SAFETY: [start, base + end) lies in the mapping (its start is a
@@ -301,10 +304,13 @@ mod tests {
     struct NoBytes;
 
     impl Mapped for NoBytes {
-        fn bytes(&self) -> &[u8] {
-            &[]
+        fn region(&self) -> (*const u8, usize) {
+            (std::ptr::null(), 0)
         }
     }
+
+    /// No mapping, for requests run with a stand-in advice.
+    const NOWHERE: (*const u8, usize) = (std::ptr::null(), 0);
 
     /// A request for the first `len` bytes of `mapping`, and its handle,
     /// counted in `live`.
@@ -353,12 +359,12 @@ mod tests {
         // One call for the whole file reads only its first few MiB (on the
         // development VM 8 of 32: the readahead window), and says nothing.
         let map = mapped(&file);
-        will_need(&map, 0, 32 << 20).unwrap();
+        will_need(map.region(), 0, 32 << 20).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         let one_call = cached_fraction(&file, 0, 32 << 20);
         evict(&file, 0, 0).unwrap();
         let (job, _prefetch) = request(32 << 20);
-        assert_eq!(run(&job, &map, advice_limit(&file), will_need), 32 << 20);
+        assert_eq!(run(&job, map.region(), advice_limit(&file), will_need), 32 << 20);
         wait_until_cached(&file, 32 << 20);
         eprintln!("one call of 32 MiB cached {:.0}% of it; calls of {} KiB cached it all", one_call * 100.0, advice_limit(&file) >> 10);
     }
@@ -367,7 +373,7 @@ mod tests {
     fn a_request_is_asked_for_in_order_in_calls_of_at_most_the_limit() {
         let (job, _prefetch) = request((16 << 20) - 5);
         let mut calls = Vec::new();
-        let asked = run(&job, &[], 3 << 20, |_, offset, len| {
+        let asked = run(&job, NOWHERE, 3 << 20, |_, offset, len| {
             calls.push((offset, len));
             Ok(())
         });
@@ -386,7 +392,7 @@ mod tests {
     fn dropping_the_prefetch_stops_its_request() {
         let (job, prefetch) = request(64 << 20);
         let mut prefetch = Some(prefetch);
-        let asked = run(&job, &[], 1 << 20, |_, _, _| {
+        let asked = run(&job, NOWHERE, 1 << 20, |_, _, _| {
             drop(prefetch.take()); // dropped during the first call
             Ok(())
         });
@@ -418,7 +424,7 @@ mod tests {
     fn a_refused_advice_stops_the_request() {
         let (job, _prefetch) = request(8 << 20);
         let mut calls = 0;
-        assert_eq!(run(&job, &[], 1 << 20, |_, _, _| if { calls += 1; calls } == 3 { Err(io::ErrorKind::Unsupported.into()) } else { Ok(()) }), 2 << 20);
+        assert_eq!(run(&job, NOWHERE, 1 << 20, |_, _, _| if { calls += 1; calls } == 3 { Err(io::ErrorKind::Unsupported.into()) } else { Ok(()) }), 2 << 20);
     }
 
     #[test]

@@ -257,6 +257,16 @@ impl SharedMapping {
         }
     }
 
+    /// Where the mapping starts and its length, for callers that need the
+    /// address only (and keep no reference to bytes that others may be
+    /// writing through [`Self::as_mut_ptr`]).
+    pub fn region(&self) -> (*const u8, usize) {
+        match &*self.0 {
+            Mapping::ReadOnly(m) => (m.as_ptr(), m.len()),
+            Mapping::CopyOnWrite(m) => (m.as_ptr(), m.len()),
+        }
+    }
+
     /// Start of a copy-on-write mapping, for callers that hand out writable
     /// views; `None` for a read-only mapping. Writing through it is only sound
     /// while no Rust reference to the same bytes is in use.
