@@ -68,12 +68,14 @@ fn with_tensors<R>(path: &Path, options: &ConvertOptions, f: impl FnOnce(&Side<'
     if let Some(url) = crate::remote::url(path) {
         return with_remote_tensors(url, f);
     }
-    let st_error = if tensafe::is_checkpoint_path(path) {
+    let (st_error, files) = if tensafe::is_checkpoint_path(path) {
         match tensafe::ShardedCheckpoint::open(path) {
             Ok(checkpoint) => return with_checkpoint_tensors(checkpoint, f),
-            // Unless a torch checkpoint is there, what is wrong is the safetensors one.
-            Err(e) if !holds_torch_checkpoint(path) => return Err(e.to_string()),
-            Err(e) => e,
+            Err(e) => match torch_checkpoint_files(path) {
+                Some(files) => (e, files),
+                // No torch checkpoint there: what is wrong is the safetensors one.
+                None => return Err(e.to_string()),
+            },
         }
     } else {
         match MmapFile::open(path) {
@@ -84,28 +86,26 @@ fn with_tensors<R>(path: &Path, options: &ConvertOptions, f: impl FnOnce(&Side<'
                     .collect();
                 return Ok(f(&Side::safetensors(tensors, Some(file.header()))));
             }
-            Err(e) => e,
+            Err(e) => (e, vec![path.to_owned()]),
         }
-    };
-    let files = match crate::convert::sharded_index(path) {
-        Some(index) => {
-            let (_, shards) = tensafe_pickle::read_shard_index(&index).map_err(|e| e.to_string())?;
-            let dir = index.parent().unwrap_or(Path::new("."));
-            shards.iter().map(|shard| dir.join(shard)).collect()
-        }
-        None => vec![crate::convert::single_input(path)],
     };
     with_pickle_tensors(&files, options, &st_error, f)
 }
 
-/// Whether a folder or index `path` is a torch checkpoint's: a folder with
-/// `pytorch_model.bin` or its index, or an index listing files that are not
-/// `.safetensors`.
-fn holds_torch_checkpoint(path: &Path) -> bool {
-    if path.is_dir() {
-        return crate::convert::sharded_index(path).is_some() || crate::convert::single_input(path) != path;
+/// The files of the torch checkpoint a folder or index `path` names: the
+/// shards of a torch index (one listing files that are not `.safetensors`),
+/// or a folder's `pytorch_model.bin`; `None` where it names none.
+fn torch_checkpoint_files(path: &Path) -> Option<Vec<PathBuf>> {
+    if let Some(index) = crate::convert::sharded_index(path) {
+        let (_, shards) = tensafe_pickle::read_shard_index(&index).ok()?;
+        if shards.iter().all(|shard| shard.ends_with(".safetensors")) {
+            return None;
+        }
+        let dir = index.parent().unwrap_or(Path::new("."));
+        return Some(shards.iter().map(|shard| dir.join(shard)).collect());
     }
-    tensafe_pickle::read_shard_index(path).is_ok_and(|(_, shards)| shards.iter().any(|shard| !shard.ends_with(".safetensors")))
+    let single = crate::convert::single_input(path);
+    (single != path).then(|| vec![single])
 }
 
 /// Calls `f` with the tensors of a local sharded safetensors checkpoint,

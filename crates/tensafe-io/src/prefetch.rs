@@ -38,13 +38,6 @@ pub trait Mapped: Send + Sync {
     fn region(&self) -> (*const u8, usize);
 }
 
-#[cfg(target_os = "linux")]
-impl Mapped for memmap2::Mmap {
-    fn region(&self) -> (*const u8, usize) {
-        (self.as_ptr(), self.len())
-    }
-}
-
 /// A request to read part of a file into the page cache in the background;
 /// dropping it stops the reading (after the call under way).
 pub struct Prefetch {
@@ -302,6 +295,12 @@ mod tests {
 
     /// A stand-in for a mapping, for requests that are not run on it.
     struct NoBytes;
+
+    impl Mapped for memmap2::Mmap {
+        fn region(&self) -> (*const u8, usize) {
+            (self.as_ptr(), self.len())
+        }
+    }
 
     impl Mapped for NoBytes {
         fn region(&self) -> (*const u8, usize) {

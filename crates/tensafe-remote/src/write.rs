@@ -228,10 +228,16 @@ impl UploadSlot {
         if !parts_were_in_flight {
             return first;
         }
-        while self.parts_in_flight.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(|| self.parts_in_flight.load(Ordering::SeqCst) == 0).await;
         upload.abort().await.or(first)
+    }
+}
+
+/// Waits until `done` says so (asked every 10 ms: what it waits for is
+/// another task's, or another thread's, with no event to wait on).
+async fn wait_until(done: impl Fn() -> bool) {
+    while !done() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -334,9 +340,7 @@ pub fn abort_unfinished_uploads(wait: Duration) -> usize {
     }
     let aborts = futures::future::join_all(uploads.into_iter().map(|(upload, slot)| async move { slot.abort(upload).await }));
     let writers = futures::future::join_all(aborting.into_iter().map(|slot| async move {
-        while slot.writer_aborting.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until(|| !slot.writer_aborting.load(Ordering::SeqCst)).await;
     }));
     // The timer is made inside the runtime, which drives it.
     let _ = block_on(async move { tokio::time::timeout(wait, futures::future::join(aborts, writers)).await });
