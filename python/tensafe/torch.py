@@ -144,7 +144,7 @@ def _remove_duplicate_names(
 
 # -- saving ------------------------------------------------------------------
 
-def _evaluate_tensors_for_save(tensors: Dict[str, torch.Tensor]) -> None:
+def _evaluate_tensors_for_save(tensors: Dict[str, torch.Tensor], remedy: str = "save_model") -> None:
     """The reference's checks before a save, in its order and wording: a
     dict of tensors, none sparse, none sharing memory."""
     if not isinstance(tensors, dict):
@@ -166,14 +166,14 @@ def _evaluate_tensors_for_save(tensors: Dict[str, torch.Tensor]) -> None:
         raise RuntimeError(
             f"""
             Some tensors share memory, this will lead to duplicate memory on disk and potential differences when loading them again: {shared}.
-            A potential way to correctly save your model is to use `save_model`.
+            A potential way to correctly save your model is to use `{remedy}`.
             More information at https://huggingface.co/docs/safetensors/torch_shared_tensors
             """
         )
 
 
-def _flatten(tensors: Dict[str, torch.Tensor]) -> List[_save.Item]:
-    _evaluate_tensors_for_save(tensors)
+def _flatten(tensors: Dict[str, torch.Tensor], remedy: str = "save_model") -> List[_save.Item]:
+    _evaluate_tensors_for_save(tensors, remedy)
     return [_item(name, tensor) for name, tensor in tensors.items()]
 
 
@@ -266,11 +266,14 @@ def save_sharded(
     new, and `model.safetensors` beside a new index (or an index beside a
     new `model.safetensors`). Other files are left alone."""
     metadata = {"format": "pt", **(_save.check_metadata(metadata) or {})}
-    return _save.write_sharded(_flatten(tensors), save_directory, max_shard_size, metadata)
+    return _save.write_sharded(_flatten(tensors, "save_model_sharded"), save_directory, max_shard_size, metadata)
 
 
-def save_model(model: torch.nn.Module, filename: str, metadata: Optional[Dict[str, str]] = None, force_contiguous: bool = True) -> None:
-    """Saves a model's state dict, storing shared tensors once (aliases go to metadata)."""
+def _state_without_aliases(model: torch.nn.Module, metadata: Optional[Dict[str, str]], force_contiguous: bool) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]:
+    """A model's state dict with each group of tensors sharing memory (tied
+    weights) stored once, under the name `_remove_duplicate_names` keeps; each
+    dropped name is recorded in `metadata` as an alias of the kept one (in the
+    caller's dict, as the reference does), unless `metadata` has that key."""
     state_dict = model.state_dict()
     to_remove = _remove_duplicate_names(state_dict)
     for kept, removed in to_remove.items():
@@ -282,10 +285,34 @@ def save_model(model: torch.nn.Module, filename: str, metadata: Optional[Dict[st
             del state_dict[name]
     if force_contiguous:
         state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    return state_dict, metadata
+
+
+def save_model(model: torch.nn.Module, filename: str, metadata: Optional[Dict[str, str]] = None, force_contiguous: bool = True) -> None:
+    """Saves a model's state dict, storing shared tensors once (aliases go to metadata)."""
+    state_dict, metadata = _state_without_aliases(model, metadata, force_contiguous)
     try:
         save_file(state_dict, filename, metadata=metadata)
     except ValueError as e:
         raise ValueError(f"{e} Or use save_model(..., force_contiguous=True), read the docs for potential caveats.") from e
+
+
+def save_model_sharded(
+    model: torch.nn.Module,
+    save_directory: Union[str, os.PathLike],
+    max_shard_size: Union[int, str] = "5GB",
+    metadata: Optional[Dict[str, str]] = None,
+    force_contiguous: bool = True,
+) -> Optional[Dict[str, Any]]:
+    """`save_sharded` of a model's state dict, with tied weights stored once
+    as `save_model` stores them (each dropped name is an alias in every
+    shard's metadata). `load_model(model, save_directory)` reads it back into
+    a model, which ties them again."""
+    state_dict, metadata = _state_without_aliases(model, metadata, force_contiguous)
+    try:
+        return save_sharded(state_dict, save_directory, max_shard_size, metadata)
+    except ValueError as e:
+        raise ValueError(f"{e} Or use save_model_sharded(..., force_contiguous=True).") from e
 
 
 # -- loading -----------------------------------------------------------------

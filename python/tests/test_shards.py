@@ -55,6 +55,47 @@ def test_shards_keep_their_format_beside_user_metadata(tmp_path):
         ts_pt.save_sharded(state_dict(), tmp_path / "bad", metadata="x")
 
 
+class TiedModel(torch.nn.Module):
+    """An output layer that shares the embedding's weight, as many language models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.lin = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_a_model_with_tied_weights_saves_sharded_as_huggingface_hub_splits_it(tmp_path):
+    torch.manual_seed(0)
+    model = TiedModel()
+    with pytest.raises(RuntimeError, match="use `save_model_sharded`"):
+        ts_pt.save_sharded(model.state_dict(), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+    hub, ours = tmp_path / "hub", tmp_path / "ours"
+    hub.mkdir()
+    huggingface_hub.save_torch_state_dict(model.state_dict(), str(hub), max_shard_size=2000)
+    index = ts_pt.save_model_sharded(model, ours, max_shard_size=2000)
+    hub_index = json.loads((hub / "model.safetensors.index.json").read_text())
+    # The same tied name dropped, the same split; the hub records the alias in
+    # the index, tensafe in every shard (where safe_open's metadata() shows it).
+    assert index["weight_map"] == hub_index["weight_map"] == {"emb.weight": "model-00001-of-00002.safetensors", "lin.bias": "model-00002-of-00002.safetensors", "lin.weight": "model-00002-of-00002.safetensors"}
+    assert hub_index["metadata"] == {**index["metadata"], "head.weight": "emb.weight"}
+    for name in hub_index["weight_map"].values():
+        with safetensors.safe_open(hub / name, "pt") as theirs, safetensors.safe_open(ours / name, "pt") as f:
+            assert f.metadata() == {"format": "pt", "head.weight": "emb.weight"}
+            assert f.keys() == theirs.keys()
+            for key in f.keys():
+                assert torch.equal(f.get_tensor(key), theirs.get_tensor(key))
+
+    loaded = TiedModel()
+    assert ts_pt.load_model(loaded, ours) == (set(), [])
+    assert loaded.head.weight is loaded.emb.weight
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_one_shard_is_a_plain_model_file(tmp_path):
     sd = {"a": torch.ones(3)}
     assert ts_pt.save_sharded(sd, tmp_path, max_shard_size="5GB") is None
