@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -162,6 +164,19 @@ def test_numpy_sharded_round_trip(tmp_path):
     assert len(set(index["weight_map"].values())) == 4
     loaded = ts_np.load_file(tmp_path)
     assert all(np.array_equal(loaded[k], v) for k, v in arrays.items())
+
+
+def test_a_checkpoint_with_more_shards_than_open_files_allowed_says_what_to_do(tmp_path):
+    ts_pt.save_sharded({f"w{i}": torch.ones(64) for i in range(80)}, tmp_path, max_shard_size=256)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) == 80
+    probe = (
+        "import resource, sys, tensafe.torch as t\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "try:\n    t.load_file(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("SafetensorError ") and "model-000" in out, out
+    assert "Too many open files" in out and "the checkpoint's 80 shards are held open together" in out and "ulimit -n" in out, out
 
 
 def test_inconsistent_checkpoints_are_refused_with_the_reason(tmp_path):

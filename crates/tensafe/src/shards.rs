@@ -257,6 +257,21 @@ pub fn is_checkpoint_path(path: &Path) -> bool {
 /// can cost.
 pub const MAX_INDEX_SIZE: u64 = 64 << 20;
 
+/// A shard that cannot be opened for want of descriptors says what to do:
+/// an open checkpoint holds all of its `shards` open at once.
+fn with_descriptor_advice(error: Error, shards: usize) -> Error {
+    // EMFILE, the same number on Linux, macOS and the BSDs.
+    const TOO_MANY_OPEN_FILES: i32 = 24;
+    match error {
+        Error::InFile { path, source } => with_descriptor_advice(*source, shards).in_file(path),
+        Error::Io { context, source } if source.raw_os_error() == Some(TOO_MANY_OPEN_FILES) => Error::Io {
+            context: format!("{context}; the checkpoint's {shards} shards are held open together: raise the limit on open files (ulimit -n)"),
+            source,
+        },
+        other => other,
+    }
+}
+
 /// An index file's text, refused past [`MAX_INDEX_SIZE`] (by its size
 /// first, and while reading, should it grow).
 pub fn read_index_text(path: &Path) -> std::io::Result<String> {
@@ -323,15 +338,16 @@ impl Checkpoint<PreadFile> {
         let text = read_index_text(index_path).map_err(|e| Error::io("reading the index", e).in_file(index_path))?;
         let index = ShardIndex::parse(&text).map_err(|e| e.in_file(index_path))?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
+        let files = index.shard_files();
         let mut shards = Vec::new();
-        for file in index.shard_files() {
+        for file in &files {
             let shard_path = dir.join(file);
             // Something there that is not a file is named for what it is (below).
             if !shard_path.exists() {
                 return Err(Error::InvalidCheckpoint { reason: format!("missing shard {} (listed in the index)", Printable(file)) }
                     .in_file(index_path));
             }
-            shards.push(PreadFile::open(&shard_path)?);
+            shards.push(PreadFile::open(&shard_path).map_err(|e| with_descriptor_advice(e, files.len()))?);
         }
         Checkpoint::indexed(index, shards).map_err(|reason| Error::InvalidCheckpoint { reason }.in_file(index_path))
     }
