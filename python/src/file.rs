@@ -503,7 +503,8 @@ impl File {
         self.local().is_some_and(|local| py.detach(|| tensafe_io::prefers_direct(local.file(), local.header().data_start(), len)))
     }
 
-    /// Reads the whole data section into `dst` (a writable contiguous buffer of
+    /// Reads the whole data section of a local (pread or mapped: from the
+    /// file) or remote file into `dst` (a writable contiguous buffer of
     /// `data_len` bytes) with the parallel I/O engine, without the GIL.
     /// `progress(done, total)` is called as bytes arrive. Returns the number
     /// of pieces read (`tensafe_io::Stats::reads`).
@@ -531,9 +532,12 @@ impl File {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
             match &self.source {
-                Source::Pread(p) => {
-                    let range = tensafe_io::ReadRange { file_offset: p.header().data_start(), dst_offset: 0, len };
-                    read_with_engine(p, &[range], dst, engine_options(threads, chunk_bytes, direct), &mut report)
+                // A mapped file too: read from the file, not the mapping, for
+                // a private copy (numpy's loads).
+                Source::Pread(_) | Source::Mapped(_) => {
+                    let local = self.local().expect("a local file");
+                    let range = tensafe_io::ReadRange { file_offset: local.header().data_start(), dst_offset: 0, len };
+                    read_with_engine(local, &[range], dst, engine_options(threads, chunk_bytes, direct), &mut report)
                 }
                 Source::Remote(r) => {
                     // On this (the calling) thread, which drives the transfer:
@@ -563,7 +567,7 @@ impl File {
                     }
                     read.map(|traffic| traffic.requests).map_err(remote_error)
                 }
-                _ => Err(PyValueError::new_err("read_all_into is for pread and remote files; the others are in memory")),
+                Source::Memory { .. } => Err(PyValueError::new_err("read_all_into is for files, local or remote; this one is in memory")),
             }
         })
     }

@@ -307,7 +307,7 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
         from ._pipeline import load_data_section
 
         data = load_data_section(file, device, threads=threads, progress=progress)
-    elif file.backend not in _IN_MEMORY:
+    elif file.backend not in _IN_MEMORY or _copies_out_of_the_mapping(file, framework):
         data = _read_all(file, threads, progress)
     else:
         # The mapping itself: tensors read the page cache, which a background
@@ -322,11 +322,20 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
     if to_other_device and not hasattr(data, "device"):
         # Other accelerators: one host-to-device copy, tensors are views of it.
         data = _torch_bytes(data).to(device)
-    copied = file.backend not in _IN_MEMORY or hasattr(data, "device")
+    copied = file.backend not in _IN_MEMORY or hasattr(data, "device") or _copies_out_of_the_mapping(file, framework)
     if drop_cache and copied:  # the bytes are in their final place: the cache's copy is not needed
         file.drop_cache()
     with _gc_paused():
         return _cut_all(file, framework, device, data)
+
+
+def _copies_out_of_the_mapping(file: File, framework: str) -> bool:
+    """Whether tensors of a mapped file are copies rather than views of it:
+    numpy arrays are, as the reference's are (a numpy user does not expect an
+    array that changes, or kills the process with SIGBUS, when the file is
+    rewritten or cut short). torch tensors are views, as the reference's; the
+    other frameworks copy out of numpy themselves."""
+    return framework == "numpy" and file.backend == "mmap"
 
 
 def _cut_all(file: File, framework: str, device: Union[str, int], data: Any) -> Dict[str, Any]:
@@ -400,7 +409,8 @@ class safe_open:
     `backend="mmap"` (default) maps the file copy-on-write: tensors are zero-copy
     views and nothing is read before it is touched. Writing into a returned
     tensor never reaches the file, but is visible to later `get_tensor` calls
-    on the same handle (as with the reference). `backend="pread"` reads each
+    on the same handle (as with the reference). numpy arrays are copies, as
+    the reference's are. `backend="pread"` reads each
     tensor into private memory with positional reads, the better choice on
     network and FUSE filesystems; `backend="auto"` picks `pread` there and
     `mmap` elsewhere.
@@ -467,6 +477,8 @@ class safe_open:
             if self._cutter is None:
                 self._cutter = _Cutter(self._framework, file.data_buffer())
             tensor = self._cutter.cut(code, shape, begin, end)
+            if _copies_out_of_the_mapping(file, self._framework):
+                return tensor.copy()
             if self._device != "cpu":
                 return tensor.to(self._device)
             if end - begin >= _PREFETCH_MIN_BYTES:

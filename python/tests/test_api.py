@@ -11,6 +11,7 @@ import torch
 
 import safetensors
 import safetensors.torch as ref_pt
+import safetensors.numpy as ref_np
 import tensafe
 import tensafe.numpy as ts_np
 import tensafe.torch as ts_pt
@@ -405,6 +406,26 @@ def test_mmap_tensors_are_lazy_private_and_outlive_the_handle(tmp_path):
     t += 1  # copy-on-write: the file is untouched
     assert t.tolist() == [1.0, 2.0, 3.0, 4.0]
     assert ts_pt.load_file(path)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_numpy_arrays_are_copies_as_the_reference_makes_them(tmp_path):
+    """A numpy user does not expect an array that follows the file: written
+    in place later, or cut short (SIGBUS on a mapped page past the end)."""
+    path = tmp_path / "n.safetensors"
+    ref_np.save_file({"m": np.zeros((2, 3), np.float32), "v": np.arange(1 << 16, dtype=np.int64)}, path)
+    loaded = ts_np.load_file(path)
+    with tensafe.safe_open(path, "np") as f:
+        got = f.get_tensor("m")
+        got[0, 0] = 42  # not seen by the handle's later reads, as in the reference
+        assert f.get_tensor("m")[0, 0] == 0 and f.get_slice("m")[0:1][0, 0] == 0
+        with safetensors.safe_open(path, "np") as theirs:
+            mine = f.get_tensor("m")
+            mine[1, 1] = 7
+            assert np.array_equal(f.get_tensor("m"), theirs.get_tensor("m"))
+    with open(path, "r+b") as out:  # cut short in place: the arrays keep their values
+        out.truncate(8)
+    assert loaded["m"].sum() == 0 and loaded["v"].sum() == (1 << 16) * ((1 << 16) - 1) // 2
+    assert got[0, 0] == 42
 
 
 def test_overwriting_a_mapped_file_keeps_old_tensors_intact(tmp_path):
