@@ -15,7 +15,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import _dtypes, _progress
-from ._errors import SliceIndexError, not_an_instance
+from ._errors import SliceIndexError, SliceValueError, not_an_instance
 from ._tensafe_rust import DIRECT_ALIGN, File, HostBuffer, SafetensorError, printable
 
 _FRAMEWORKS = {
@@ -597,8 +597,10 @@ class PySafeSlice:
     for every framework. With torch, any other index — index lists, arrays
     and tensors, boolean masks, booleans, several ellipses — is applied by
     torch to the whole tensor (a zero-copy view with `backend="mmap"`), as
-    the reference's default torch path does for every index; the native
-    reader keeps the reference's restricted rules for the other frameworks.
+    the reference's default torch path does for every index. With paddle,
+    such indices and negative steps are paddle's, applied to the whole
+    tensor, as the reference does. The native reader keeps the reference's
+    restricted rules for the other frameworks.
     """
 
     def __init__(self, file: File, name: str, code: str, shape: List[int], framework: str, device: Any):
@@ -627,8 +629,28 @@ class PySafeSlice:
             if self._file.backend in _IN_MEMORY and selected.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
                 selected = selected.clone()  # a view into the mapping (booleans index as basic indexing): slices never alias the file
             return selected
-        shape, data = self._file.read_slice(self._name, index)
+        if self._framework == "paddle" and not _natively_sliced_as_paddle(index):
+            return self._whole_in_paddle()[index]
+        try:
+            shape, data = self._file.read_slice(self._name, index)
+        except (SliceIndexError, SliceValueError):
+            if self._framework != "paddle":
+                raise
+            return self._whole_in_paddle()[index]  # paddle's own error, as the reference's
         return _convert(self._framework, self._device, self._code, shape, data)
+
+    def _whole_in_paddle(self) -> Any:
+        """The whole tensor in paddle: the reference indexes paddle tensors with
+        paddle's own rules (booleans as masks, negative steps, index lists)."""
+        return _convert("paddle", self._device, self._code, self._shape, self._file.buffer(self._name))
+
+
+def _natively_sliced_as_paddle(index: Any) -> bool:
+    """Whether the native reader gives what paddle's indexing gives: the
+    native forms without a slice of negative or zero step."""
+    items = index if isinstance(index, tuple) else (index,)
+    steps = [item.step for item in items if isinstance(item, slice) and item.step is not None]
+    return _natively_sliced(index) and all(isinstance(step, numbers.Integral) and step > 0 for step in steps)
 
 
 def _info(file: File, name: Any) -> Tuple[str, List[int], int, int]:

@@ -165,6 +165,7 @@ def check(module, tmp_path):
                 lib.save({"bad": [1.0]})
         check_paddle_bfloat16(ours, ref, tmp_path)
         check_paddle_dtypes_built_from_bytes(ours, tmp_path)
+        check_paddle_slices(ref, tmp_path)
         import paddle
 
         # `load`'s device, as the reference takes it: a string, a Place, or None.
@@ -193,6 +194,35 @@ def check(module, tmp_path):
         for load in (lambda: ours.load((tmp_path / "f8.safetensors").read_bytes()), lambda: ours._np2mx({"f8": np.zeros(3, ml_dtypes.float8_e4m3fn)})):
             with pytest.raises(tensafe.SafetensorError, match="mlx has no float8_e4m3fn type"):
                 load()
+
+
+def check_paddle_slices(ref, tmp_path):
+    """The reference indexes paddle slices with paddle's own rules (booleans
+    as masks, negative steps, index lists) and raises paddle's errors: the
+    same values, shapes and error classes, on both backends."""
+    import paddle
+    import safetensors
+
+    import tensafe
+
+    path = tmp_path / "slices.safetensors"
+    ref.save_file({"m": paddle.arange(12, dtype="float32").reshape([3, 4]), "s": paddle.to_tensor(5.0)}, path)
+    indices = [True, False, (0, True), slice(None, None, -1), (slice(None), slice(3, 0, -2)), [0, 2], np.array([0, 2]), (0, [1]), 5, -4,
+               (0, 9), (slice(None), slice(None, None, 2)), (1, slice(1, 3)), Ellipsis, (None, 0), slice(0, 0), slice(None, None, 0),
+               (0, 0, 0), (Ellipsis, Ellipsis), slice(5, 1), slice(100, 200)]
+
+    def outcome(f, name, index):
+        try:
+            got = f.get_slice(name)[index]
+            return list(got.shape), got.numpy().tolist()
+        except Exception as e:
+            return [kind.__name__ for kind in type(e).__mro__ if kind in (IndexError, ValueError, TypeError)]
+
+    for backend in ("mmap", "pread"):
+        with safetensors.safe_open(path, "paddle") as theirs, tensafe.safe_open(path, "paddle", backend=backend) as f:
+            for name in ("m", "s"):
+                for index in indices:
+                    assert outcome(f, name, index) == outcome(theirs, name, index), (backend, name, index)
 
 
 def check_private_converters(ours, ref, arrays):
