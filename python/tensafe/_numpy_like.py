@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Optional
 
 from . import _save
@@ -13,10 +14,11 @@ ToNumpy = Callable[[Any], Any]
 
 
 def items(tensors: Dict[str, Any], to_numpy: ToNumpy, kind: str, code_of: Optional[Callable[[Any], Optional[str]]] = None) -> list:
-    """Converts values with `to_numpy` into a new list; the caller's dict is left alone
-    (the reference's flax and tensorflow modules overwrite it). `code_of` gives a
-    value's dtype code when its numpy form does not tell it."""
-    if not isinstance(tensors, dict):
+    """Converts values with `to_numpy` into a new list; the caller's dict (any
+    mapping: a flax FrozenDict too) is left alone (the reference's flax and
+    tensorflow modules overwrite it). `code_of` gives a value's dtype code
+    when its numpy form does not tell it."""
+    if not isinstance(tensors, Mapping):
         raise ValueError(f"Expected a dict of [str, {kind}] but received {type(tensors)}")
     return [_save.numpy_item(name, to_numpy(value), code_of(value) if code_of else None) for name, value in tensors.items()]
 

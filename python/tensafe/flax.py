@@ -13,6 +13,7 @@ from . import _numpy_like
 # The reference's module has these names too (code imports them from it).
 from . import numpy  # noqa: F401
 from ._open import safe_open  # noqa: F401
+from jax import Array  # noqa: F401
 
 
 def save(tensors: Dict[str, jnp.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -18,7 +19,8 @@ from ._tensafe_rust import TensorSpec, deserialize, serialize, serialize_file  #
 
 
 def _items(tensor_dict: Dict[str, np.ndarray]):
-    if not isinstance(tensor_dict, dict):
+    # Any mapping, as the reference's (which only calls `items()`) takes.
+    if not isinstance(tensor_dict, Mapping):
         raise ValueError(f"Expected a dict of [str, np.ndarray] but received {type(tensor_dict)}")
     return [_save.numpy_item(k, v) for k, v in tensor_dict.items()]
 

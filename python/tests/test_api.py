@@ -4,6 +4,7 @@ import io
 import os
 import pickle
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -286,7 +287,6 @@ def test_a_checkpoint_index_without_tensors_has_no_metadata(tmp_path):
 
 @pytest.mark.parametrize("framework", ["pt", "np"])
 def test_argument_type_errors_read_as_the_references(tmp_path, framework):
-    import safetensors.numpy as ref_np
 
     ours, ref, make = (ts_pt, ref_pt, torch.zeros) if framework == "pt" else (ts_np, ref_np, np.zeros)
     calls = {
@@ -327,6 +327,9 @@ def test_save_errors_name_the_tensor():
         ts_pt.save("x")
     with pytest.raises(ValueError, match=r"Expected a dict of \[str, np.ndarray\] but received <class 'list'>"):
         ts_np.save([np.zeros(2)])  # the reference's numpy module: AttributeError
+    # Any mapping saves, as with the reference's numpy module (it calls items()).
+    proxy = types.MappingProxyType({"a": np.arange(3, dtype=np.float32)})
+    assert ts_np.save(proxy) == ref_np.save(dict(proxy)) == ref_np.save(proxy)
     with pytest.raises(ValueError, match="Key `t` is invalid, expected torch.Tensor but received <class 'dict'>"):
         ts_pt.save({"t": {}})
     with pytest.raises(ValueError, match="non contiguous tensor: `nc`"):
@@ -336,7 +339,6 @@ def test_save_errors_name_the_tensor():
         ts_pt.save({"x": base, "y": base[:5]})
     with pytest.raises(KeyError):
         ts_pt.save({"c": torch.zeros(2, dtype=torch.complex128)})
-    import safetensors.numpy as ref_np
 
     for unstorable in (np.array(["text"]), np.zeros(2, dtype=np.complex128), np.array([None])):
         messages = []
@@ -580,7 +582,6 @@ def test_modules_have_every_name_of_the_references():
     they define or import is there, apart from stdlib modules and typing."""
     import types
 
-    import safetensors.numpy as ref_np
 
     for ours, theirs in ((ts_pt, ref_pt), (ts_np, ref_np), (tensafe, safetensors)):
         names = {
@@ -729,7 +730,6 @@ def test_remove_duplicate_names_lets_a_lone_partial_tensor_through():
 
 
 def test_saving_a_value_that_is_not_an_array_names_its_key_escaped():
-    import safetensors.numpy as ref_np
 
     values = {"fine": np.zeros(2, np.float32), "layer.0\n": [1.0, 2.0]}
     with pytest.raises(AttributeError):
