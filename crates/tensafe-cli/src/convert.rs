@@ -113,6 +113,16 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    // A safetensors file, index or folder (one holding no torch checkpoint).
+    let names_torch_files_in_it = single_input(&args.input) != args.input || sharded_index(&args.input).is_some_and(|i| i != args.input);
+    if !names_torch_files_in_it && tensafe::ShardedCheckpoint::open(&args.input).is_ok() {
+        say_err!("tensafe convert: {} is already a safetensors checkpoint: nothing to convert", args.input.display());
+        return ExitCode::FAILURE;
+    }
+    if args.input.is_dir() && !names_torch_files_in_it {
+        say_err!("tensafe convert: {}: a folder with no torch checkpoint in it (pytorch_model.bin, or pytorch_model.bin.index.json and its shards)", args.input.display());
+        return ExitCode::FAILURE;
+    }
     if let Some(index) = sharded_index(&args.input) {
         return match tensafe_pickle::convert_sharded(&index, &args.output, &options) {
             Ok(report) => {
@@ -139,6 +149,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
     // A folder holding an unsharded `pytorch_model.bin`; a folder as output.
     let input = single_input(&args.input);
     if tensafe::PreadFile::open(&input).is_ok() {
+        // A folder's pytorch_model.bin that is a safetensors file.
         say_err!("tensafe convert: {} is already a safetensors file: nothing to convert", input.display());
         return ExitCode::FAILURE;
     }

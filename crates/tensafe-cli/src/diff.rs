@@ -24,7 +24,7 @@ pub struct DiffArgs {
     /// or not, read as `convert` reads it), or the URL of a safetensors file
     /// or checkpoint (s3://, gs://, az://, http(s)://).
     a: PathBuf,
-    /// The second file.
+    /// The second file or folder, of any kind the first may be.
     b: PathBuf,
     /// How a torch checkpoint side is read, as `convert` reads it.
     #[command(flatten)]

@@ -9,7 +9,7 @@ use tensafe_pickle::{scan_file, ScanOptions, ScanReport, Severity, Verdict};
 /// Arguments of `tensafe scan`.
 #[derive(Args)]
 pub struct ScanArgs {
-    /// Files, or folders to scan recursively (symbolic links are not followed).
+    /// Files, or folders to scan recursively (links to files are scanned, links to folders are not followed).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
     /// Print one JSON report per file (a JSON array).
@@ -132,7 +132,8 @@ fn print_report(r: &ScanReport, verbose: bool) {
         if rep.dropped_events > 0 && (verbose || rep.severity() > Severity::Safe) {
             say!("  {}: {} more events not recorded", rep.name, rep.dropped_events);
         }
-        if let Some(e) = &rep.error {
+        // Already said as the file's error when it stopped the scan.
+        if let Some(e) = rep.error.as_ref().filter(|e| !r.error.as_ref().is_some_and(|whole| whole.starts_with(e.as_str()))) {
             say!("  {}: stopped: {e}", rep.name);
         }
     }

@@ -126,7 +126,7 @@ fn convert_never_overwrites_its_input_nor_leaves_part_of_a_checkpoint() {
     assert!(run(&["convert"], &[&input, &converted]).status.success());
     let out = run(&["convert"], &[&converted, &dir.path().join("again.safetensors")]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is already a safetensors file"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is already a safetensors checkpoint"));
 
     // Into a folder that holds an index: the index would hide the new file.
     let folder = dir.path().join("folder");
@@ -176,4 +176,59 @@ fn scan_follows_what_it_is_given_and_never_calls_nothing_safe() {
     let out = run(&["scan", "--json"], &[&empty]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no file to scan"));
+}
+
+#[test]
+fn convert_and_scan_say_what_a_wrong_input_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let lfs = dir.path().join("lfs.bin");
+    std::fs::write(&lfs, "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 438019\n").unwrap();
+    let html = dir.path().join("html.bin");
+    std::fs::write(&html, "<!DOCTYPE html><html><body>Access denied</body></html>").unwrap();
+    let output = dir.path().join("out.safetensors");
+    for (input, what) in [(&lfs, "Git LFS pointer file"), (&html, "HTML page")] {
+        let out = run(&["convert"], &[input, &output]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("not a torch checkpoint; this is a") && err.contains(what) && !err.contains("opcode"), "{err}");
+        let out = run(&["scan"], &[input]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(text.contains("(not a pickle)") && text.contains(what), "{text}");
+        assert!(!text.contains("stopped"), "the error is said once: {text}");
+    }
+    assert!(!output.exists());
+
+    // A sharded safetensors checkpoint, by its index or its folder.
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    let data = 1f32.to_le_bytes().repeat(2);
+    tensafe::serialize_to_file([("w", RawTensor { dtype: Dtype::F32, shape: &[2], data: &data })], None, sharded.join("model-00001-of-00001.safetensors")).unwrap();
+    std::fs::write(sharded.join(tensafe::INDEX_FILE), "{\"weight_map\": {\"w\": \"model-00001-of-00001.safetensors\"}}").unwrap();
+    for input in [sharded.clone(), sharded.join(tensafe::INDEX_FILE)] {
+        let out = run(&["convert"], &[&input, &dir.path().join("again")]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.code() == Some(1) && err.contains("is already a safetensors checkpoint: nothing to convert"), "{err}");
+    }
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = run(&["convert"], &[&empty, &dir.path().join("again")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a folder with no torch checkpoint in it"), "{out:?}");
+    assert!(!dir.path().join("again").exists());
+}
+
+#[test]
+fn a_sharded_conversion_into_a_file_is_the_outputs_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let torch = dir.path().join("torch");
+    std::fs::create_dir(&torch).unwrap();
+    std::fs::write(torch.join("pytorch_model-00001-of-00001.bin"), legacy_checkpoint()).unwrap();
+    std::fs::write(torch.join("pytorch_model.bin.index.json"), "{\"weight_map\": {\"w\": \"pytorch_model-00001-of-00001.bin\"}}").unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"mine").unwrap();
+    let out = run(&["convert"], &[&torch, &file]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("writing the output:") && err.contains("it exists and is not a folder") && !err.contains("refused"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
 }

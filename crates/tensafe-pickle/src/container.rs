@@ -237,6 +237,14 @@ pub fn load<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<'a>
             if bytes.is_empty() {
                 return Err(Error::Container("empty file".into()));
             }
+            // Text that no pickle starts with: say what it is, not which
+            // opcode is invalid.
+            match tensafe::Diagnosis::sniff(&bytes[..bytes.len().min(512)]) {
+                what @ (tensafe::Diagnosis::GitLfsPointer { .. } | tensafe::Diagnosis::Html | tensafe::Diagnosis::Json) => {
+                    return Err(Error::Unsupported(format!("not a torch checkpoint{what}")));
+                }
+                _ => {}
+            }
             if zip::has_end_record(bytes) {
                 return Err(Error::Container(
                     "polyglot: the file does not start with a zip header (torch reads it as a pickle stream) but ends with a zip directory (zip tools read an archive)".into(),

@@ -718,9 +718,13 @@ fn create_folders(path: &Path) -> Result<Vec<&Path>> {
         match std::fs::create_dir(folder) {
             Ok(()) => created.push(folder),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && folder.is_dir() => {}
-            Err(source) => {
+            Err(mut source) => {
                 created.iter().rev().try_for_each(std::fs::remove_dir).ok();
-                return Err(Error::Io { path: folder.to_owned(), source });
+                if source.kind() == io::ErrorKind::AlreadyExists {
+                    source = io::Error::new(io::ErrorKind::AlreadyExists, "it exists and is not a folder");
+                }
+                // The output's fault, not the input's.
+                return Err(Error::Write(tensafe::Error::Io { context: "creating the output folder".into(), source }.in_file(folder)));
             }
         }
     }

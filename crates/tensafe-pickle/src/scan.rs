@@ -529,7 +529,16 @@ impl<'o> Scanner<'o> {
             index += 1;
             if failed {
                 // Its report says where and why (a malformed opcode, or a limit).
-                let why = r.pickles.last().and_then(|p| p.report.error.clone()).unwrap_or_else(|| format!("the pickle at offset {pos} failed"));
+                let mut why = r.pickles.last().and_then(|p| p.report.error.clone()).unwrap_or_else(|| format!("the pickle at offset {pos} failed"));
+                if pos == 0 {
+                    // Text no pickle starts with: say what it is.
+                    if let what @ (tensafe::Diagnosis::GitLfsPointer { .. } | tensafe::Diagnosis::Html | tensafe::Diagnosis::Json) =
+                        tensafe::Diagnosis::sniff(&bytes[..bytes.len().min(512)])
+                    {
+                        r.container = "not a pickle".into();
+                        why = format!("{why}{what}");
+                    }
+                }
                 r.fail(format!("{why}; the bytes after it were not scanned"));
                 return;
             }
