@@ -237,13 +237,8 @@ pub fn load<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<'a>
             if bytes.is_empty() {
                 return Err(Error::Container("empty file".into()));
             }
-            // Text that no pickle starts with: say what it is, not which
-            // opcode is invalid.
-            match tensafe::Diagnosis::sniff(&bytes[..bytes.len().min(512)]) {
-                what @ (tensafe::Diagnosis::GitLfsPointer { .. } | tensafe::Diagnosis::Html | tensafe::Diagnosis::Json) => {
-                    return Err(Error::Unsupported(format!("not a torch checkpoint{what}")));
-                }
-                _ => {}
+            if let Some(what) = text_not_a_pickle(bytes) {
+                return Err(Error::Unsupported(format!("not a torch checkpoint{what}")));
             }
             if zip::has_end_record(bytes) {
                 return Err(Error::Container(
@@ -252,6 +247,17 @@ pub fn load<'a>(bytes: &'a [u8], options: &LoadOptions) -> Result<Checkpoint<'a>
             }
             load_legacy(bytes, options)
         }
+    }
+}
+
+/// What a file is when it is text that no pickle starts with (a Git LFS
+/// pointer, an HTML page, a JSON document), to say that rather than which
+/// opcode is invalid.
+pub(crate) fn text_not_a_pickle(bytes: &[u8]) -> Option<tensafe::Diagnosis> {
+    use tensafe::Diagnosis;
+    match Diagnosis::sniff(&bytes[..bytes.len().min(512)]) {
+        what @ (Diagnosis::GitLfsPointer { .. } | Diagnosis::Html | Diagnosis::Json) => Some(what),
+        _ => None,
     }
 }
 

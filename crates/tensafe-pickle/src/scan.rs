@@ -530,14 +530,9 @@ impl<'o> Scanner<'o> {
             if failed {
                 // Its report says where and why (a malformed opcode, or a limit).
                 let mut why = r.pickles.last().and_then(|p| p.report.error.clone()).unwrap_or_else(|| format!("the pickle at offset {pos} failed"));
-                if pos == 0 {
-                    // Text no pickle starts with: say what it is.
-                    if let what @ (tensafe::Diagnosis::GitLfsPointer { .. } | tensafe::Diagnosis::Html | tensafe::Diagnosis::Json) =
-                        tensafe::Diagnosis::sniff(&bytes[..bytes.len().min(512)])
-                    {
-                        r.container = "not a pickle".into();
-                        why = format!("{why}{what}");
-                    }
+                if let Some(what) = (pos == 0).then(|| crate::container::text_not_a_pickle(bytes)).flatten() {
+                    r.container = "not a pickle".into();
+                    why = format!("{why}{what}");
                 }
                 r.fail(format!("{why}; the bytes after it were not scanned"));
                 return;
