@@ -62,7 +62,9 @@ enum Command {
     },
     /// Validate files completely and read every byte; exit code 1 on any problem.
     Verify {
-        /// The .safetensors files (paths or s3://, gs://, az://, http(s):// URLs).
+        /// The .safetensors files or checkpoints (a folder or index: every
+        /// shard, after checking the index), paths or s3://, gs://, az://,
+        /// http(s):// URLs (a URL ending in `/` or `.json` is a checkpoint).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -242,7 +244,27 @@ fn reshard(input: &Path, output: &Path, max_shard_size: &str) -> ExitCode {
 /// Full validation plus a read of every data byte; BOOL tensors must hold 0 or 1.
 fn verify(path: &Path) -> Result<String, String> {
     let start = Instant::now();
-    let file = PreadFile::open(path).map_err(|e| e.to_string())?;
+    let summary = |tensors: usize, bytes: u64| {
+        let seconds = start.elapsed().as_secs_f64();
+        format!("{tensors} tensors, {bytes} bytes read in {seconds:.3} s ({:.2} GB/s)", bytes as f64 / seconds.max(1e-9) / 1e9)
+    };
+    // A folder or index: the index and shards agree, then every shard.
+    let checkpoint = tensafe::ShardedCheckpoint::open(path).map_err(|e| e.to_string())?;
+    let is_one_file = checkpoint.index().is_none();
+    let shards = checkpoint.into_shards();
+    let (mut tensors, mut bytes) = (0, 0);
+    for shard in &shards {
+        let (t, b) = verify_file(shard)?;
+        (tensors, bytes) = (tensors + t, bytes + b);
+    }
+    match is_one_file {
+        true => Ok(format!("{}: {}", path.display(), summary(tensors, bytes))),
+        false => Ok(format!("{}: {} shards, {}", path.display(), shards.len(), summary(tensors, bytes))),
+    }
+}
+
+/// Reads every data byte of one file: (tensors, bytes of the file).
+fn verify_file(file: &PreadFile) -> Result<(usize, u64), String> {
     let header = file.header();
     const CHUNK: usize = 8 << 20;
     let mut buf = vec![0u8; CHUNK.min(header.data_len().max(1))];
@@ -253,21 +275,12 @@ fn verify(path: &Path) -> Result<String, String> {
             let len = CHUNK.min(end - at);
             file.read_data_at(at as u64, &mut buf[..len]).map_err(|e| e.to_string())?;
             if info.dtype == Dtype::Bool {
-                check_bools(&path.display().to_string(), name, &buf[..len], (at - begin) as u64, header.data_start() + at as u64)?;
+                check_bools(&file.path().display().to_string(), name, &buf[..len], (at - begin) as u64, header.data_start() + at as u64)?;
             }
             at += len;
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let total = header.data_start() + header.data_len() as u64;
-    Ok(format!(
-        "{}: {} tensors, {} bytes read in {:.3} s ({:.2} GB/s)",
-        path.display(),
-        header.len(),
-        total,
-        seconds,
-        total as f64 / seconds.max(1e-9) / 1e9
-    ))
+    Ok((header.len(), header.data_start() + header.data_len() as u64))
 }
 
 /// Fails on the first byte of a BOOL tensor's `chunk` that is not 0 or 1;

@@ -75,10 +75,32 @@ impl From<RemoteError> for Failure {
 
 /// `tensafe verify URL`: the header, then every data byte streamed through a
 /// bounded buffer (BOOL tensors must hold 0 or 1), with a progress bar on
-/// long transfers when stderr is a terminal.
+/// long transfers when stderr is a terminal. A URL ending in `/` or `.json`
+/// is a checkpoint: its index and shards are checked for agreement, then
+/// every shard so.
 pub fn verify(url: &str) -> Result<String, String> {
     let start = Instant::now();
-    let file = RemoteFile::open(url).map_err(|e| e.to_string())?;
+    let summary = |tensors: usize, bytes: u64, requests: u64| {
+        let seconds = start.elapsed().as_secs_f64();
+        format!("{tensors} tensors, {bytes} bytes read in {seconds:.3} s ({:.2} GB/s, {requests} requests)", bytes as f64 / seconds.max(1e-9) / 1e9)
+    };
+    let checkpoint = RemoteCheckpoint::open(url, &RemoteOptions::default()).map_err(|e| e.to_string())?;
+    let is_one_file = checkpoint.index().is_none();
+    let shards = checkpoint.into_shards();
+    let (mut tensors, mut bytes, mut requests) = (0, 0, 0);
+    for shard in &shards {
+        let (t, b, r) = verify_file(shard)?;
+        (tensors, bytes, requests) = (tensors + t, bytes + b, requests + r);
+    }
+    match is_one_file {
+        true => Ok(format!("{url}: {}", summary(tensors, bytes, requests))),
+        false => Ok(format!("{url}: {} shards, {}", shards.len(), summary(tensors, bytes, requests))),
+    }
+}
+
+/// Reads every data byte of one remote file: (tensors, bytes, requests).
+fn verify_file(file: &RemoteFile) -> Result<(usize, u64, u64), String> {
+    let url = file.url().as_str();
     let header = file.header();
     let data_len = header.data_len() as u64;
     let bar = if data_len >= LONG_TRANSFER { indicatif::ProgressBar::new(data_len) } else { indicatif::ProgressBar::hidden() };
@@ -104,13 +126,5 @@ pub fn verify(url: &str) -> Result<String, String> {
     });
     bar.finish_and_clear();
     let traffic = result.map_err(|Failure(e)| e)?;
-    let seconds = start.elapsed().as_secs_f64();
-    let total = file.size();
-    Ok(format!(
-        "{url}: {} tensors, {total} bytes read in {:.3} s ({:.2} GB/s, {} requests)",
-        header.len(),
-        seconds,
-        total as f64 / seconds.max(1e-9) / 1e9,
-        file.traffic().requests.max(traffic.requests)
-    ))
+    Ok((header.len(), file.size(), file.traffic().requests.max(traffic.requests)))
 }

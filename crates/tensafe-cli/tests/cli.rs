@@ -92,6 +92,25 @@ fn verify_reports_and_exits() {
     let missing = tensafe(&["inspect", dir.path().join("nope").to_str().unwrap()]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("No such file"));
+
+    // A checkpoint, by its folder or index: the index against the shards, then every shard.
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    std::fs::copy(&good, ckpt.join("model-00001-of-00002.safetensors")).unwrap();
+    std::fs::copy(&bad_bool, ckpt.join("model-00002-of-00002.safetensors")).unwrap();
+    let index = ckpt.join(tensafe::INDEX_FILE);
+    let names: Vec<String> = tensafe::PreadFile::open(&good).unwrap().header().iter().map(|(n, _)| n.to_owned()).collect();
+    let map: Vec<String> = names.iter().map(|n| format!("\"{n}\": \"model-00001-of-00002.safetensors\"")).collect();
+    let write_index = |second: &str| std::fs::write(&index, format!("{{\"weight_map\": {{{}, \"m\": \"{second}\"}}}}", map.join(", "))).unwrap();
+    write_index("model-00002-of-00002.safetensors");
+    for path in [&ckpt, &index] {
+        let text = stdout(&tensafe(&["verify", path.to_str().unwrap()]));
+        assert!(text.starts_with("FAIL") && text.contains("model-00002-of-00002.safetensors: BOOL tensor `m` holds the byte 2"), "{text}");
+    }
+    std::fs::copy(&good, ckpt.join("model-00002-of-00002.safetensors")).unwrap();
+    write_index("model-00001-of-00002.safetensors");
+    let text = stdout(&tensafe(&["verify", ckpt.to_str().unwrap()]));
+    assert!(text.starts_with("FAIL") && text.contains("tensor `m`"), "the index names a shard without it: {text}");
 }
 
 #[test]

@@ -71,6 +71,16 @@ fn inspect_and_verify_http_urls() {
     assert!(ok.status.success(), "{}", stdout(&ok));
     assert!(stdout(&ok).starts_with(&format!("OK    {}: 7 tensors", nginx.url("mixed.safetensors"))), "{}", stdout(&ok));
 
+    // A checkpoint: every shard, by the index or the directory URL, as locally.
+    let local = tensafe(&["verify", root.path().join("ckpt").to_str().unwrap()], &[]);
+    assert!(local.status.success() && stdout(&local).contains(" shards, "), "{}", stdout(&local));
+    for url in [nginx.url("ckpt/model.safetensors.index.json"), nginx.url("ckpt/")] {
+        let remote = tensafe(&["verify", &url], &[]);
+        assert!(remote.status.success(), "{url}: {}", stdout(&remote));
+        let counts = |o: &Output| stdout(o).split_once(": ").unwrap().1.split(" bytes read").next().unwrap().to_owned();
+        assert_eq!(counts(&remote), counts(&local), "{url}");
+    }
+
     let bad = tensafe(&["verify", &nginx.url("bad-bool.safetensors"), &nginx.url("missing.safetensors")], &[]);
     assert_eq!(bad.status.code(), Some(1));
     let text = stdout(&bad);

@@ -320,8 +320,12 @@ impl Checkpoint<PreadFile> {
                 return Ok(Checkpoint::single(PreadFile::open(path.join(SINGLE_FILE))?));
             } else {
                 // Not found, like a missing file (and a remote "directory" with neither).
-                let neither = format!("it has neither {INDEX_FILE} nor {SINGLE_FILE}");
-                return Err(Error::io(format!("opening the checkpoint in {}", path.display()), std::io::Error::new(std::io::ErrorKind::NotFound, neither)));
+                let torch = ["pytorch_model.bin.index.json", "pytorch_model.bin"].into_iter().find(|name| path.join(name).is_file());
+                let neither = match torch {
+                    Some(name) => format!("it has neither {INDEX_FILE} nor {SINGLE_FILE}, but a torch checkpoint ({name}): `tensafe convert` converts it without unpickling it"),
+                    None => format!("it has neither {INDEX_FILE} nor {SINGLE_FILE}"),
+                };
+                return Err(Error::io("opening the checkpoint in this folder", std::io::Error::new(std::io::ErrorKind::NotFound, neither)).in_file(path));
             }
         } else if is_index_file(path) {
             Some(path.to_path_buf())
