@@ -41,7 +41,7 @@ pub enum RemoteError {
         detail: String,
     },
     /// 401/403: missing, wrong or insufficient credentials.
-    #[error("{url}: access denied (HTTP {status}): {}; check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_ACCOUNT_KEY …)", Printable(detail))]
+    #[error("{url}: access denied (HTTP {status}): {}; {}", Printable(detail), credentials_hint(url))]
     Forbidden {
         /// The URL.
         url: String,
@@ -205,8 +205,48 @@ impl ClientError {
 }
 
 impl fmt::Display for ClientError {
+    /// The client's text, and the first cause's where it adds to it (the
+    /// client says "error sending request"; its cause, "Connection refused").
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", Printable(&self.error.to_string()))
+        let text = self.error.to_string();
+        write!(f, "{}", Printable(&text))?;
+        let mut cause = self.causes.as_deref();
+        while let Some(link) = cause {
+            if link.next.is_none() && !text.contains(&link.text) {
+                write!(f, " ({})", link.text)?;
+            }
+            cause = link.next.as_deref();
+        }
+        Ok(())
+    }
+}
+
+/// What to check when a store refuses access to `url`: the credentials its
+/// scheme reads from the environment; a web server gets none.
+fn credentials_hint(url: &str) -> &'static str {
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase()).unwrap_or_default();
+    match scheme.as_str() {
+        "s3" | "s3a" => "check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)",
+        "gs" => "check the credentials in the environment (GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_SERVICE_ACCOUNT)",
+        "http" | "https" => "the web server refuses it (tensafe sends no credentials to http(s):// URLs)",
+        _ => "check the credentials in the environment (AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_KEY)",
+    }
+}
+
+/// A server's explanation as a message carries it: an HTML error page in it
+/// (web servers send one with a 404 or 403) is cut off, and the rest kept
+/// to a few hundred characters.
+pub(crate) fn server_detail(text: &str) -> String {
+    const MAX: usize = 1000;
+    let lower = text.to_ascii_lowercase();
+    let page = ["<!doctype", "<html"].iter().filter_map(|tag| lower.find(tag)).min();
+    let (kept, tail) = match page {
+        Some(at) => (text[..at].trim_end().trim_end_matches(':'), " (an HTML error page)"),
+        None => (text.trim_end(), ""),
+    };
+    match kept.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…{tail}", &kept[..cut]),
+        None => format!("{kept}{tail}"),
     }
 }
 
@@ -256,5 +296,53 @@ impl From<RemoteError> for tensafe::Error {
             RemoteError::Format { url, source } => source.in_file(url),
             other => tensafe::Error::Io { context: "reading a remote object".into(), source: std::io::Error::other(other) },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_html_error_page_is_cut_from_the_detail_and_long_text_shortened() {
+        let nginx = "Server returned non-2xx status code: 404 Not Found: <html>\r\n<head><title>404 Not Found</title></head>\r\n</html>\r\n";
+        assert_eq!(server_detail(nginx), "Server returned non-2xx status code: 404 Not Found (an HTML error page)");
+        assert_eq!(server_detail("403 Forbidden: <!DOCTYPE HTML PUBLIC>…"), "403 Forbidden (an HTML error page)");
+        let xml = "403 Forbidden: <?xml version=\"1.0\"?><Error><Code>AccessDenied</Code></Error>";
+        assert_eq!(server_detail(xml), xml, "a store's XML error says what is wrong: kept");
+        let long = "é".repeat(5000);
+        assert_eq!(server_detail(&long), format!("{}…", "é".repeat(1000)));
+    }
+
+    #[test]
+    fn access_denied_says_what_to_check_for_the_urls_scheme() {
+        let denied = |url: &str| RemoteError::Forbidden { url: url.into(), status: 403, detail: "no".into() }.to_string();
+        assert!(denied("s3://b/k").contains("AWS_SECRET_ACCESS_KEY") && !denied("s3://b/k").contains("GOOGLE"));
+        assert!(denied("gs://b/k").contains("GOOGLE_APPLICATION_CREDENTIALS") && !denied("gs://b/k").contains("AWS"));
+        assert!(denied("az://c/k").contains("AZURE_STORAGE_ACCOUNT_KEY") && denied("ABFSS://c/k").contains("AZURE"));
+        let web = denied("https://example.invalid/k");
+        assert!(web.contains("sends no credentials") && !web.contains("AWS") && !web.contains("AZURE"), "{web}");
+    }
+
+    #[test]
+    fn a_client_error_shows_its_root_cause_when_the_text_leaves_it_out() {
+        // As the HTTP client words it: the request failed, the cause under it.
+        #[derive(Debug)]
+        struct Sending(std::io::Error);
+        impl fmt::Display for Sending {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for Sending {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let root = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let error = ClientError::new(object_store::Error::Generic { store: "HTTP", source: Box::new(Sending(root)) });
+        let text = error.to_string();
+        assert!(text.ends_with("(Connection refused (os error 111))"), "{text}");
+        assert_eq!(text.matches("Connection refused").count(), 1, "{text}");
     }
 }

@@ -401,7 +401,7 @@ pub(crate) fn classify_status(url: String, e: object_store::Error, probe: Option
     {
         return RemoteError::Redirected { url, location };
     }
-    let detail = e.to_string();
+    let detail = crate::error::server_detail(&e.to_string());
     match e {
         object_store::Error::NotFound { .. } => RemoteError::NotFound { url, detail },
         _ if status == 404 => RemoteError::NotFound { url, detail },
