@@ -4,7 +4,7 @@
     .venv/bin/python bench/scanner_compare.py
 
 The hostile corpus is the one tensafe-pickle's tests build opcode by opcode
-(one or more files per hostile class of shared/PICKLE.md), written out with
+(one or more files per class of hostile input), written out with
 TENSAFE_WRITE_CORPUS; the benign side is the bundled torch checkpoint and
 fresh torch.save files. All three tools only parse: nothing here unpickles.
 Prints each tool's verdict per file and every disagreement with tensafe.

@@ -645,6 +645,13 @@ impl File {
         })
     }
 
+    /// Whether `name` is a URL that opens remotely (a scheme tensafe reads,
+    /// in any case, then `://`) rather than a local path.
+    #[staticmethod]
+    fn is_remote(name: &str) -> bool {
+        tensafe_remote::RemoteUrl::is_remote(name)
+    }
+
     /// Whether a local `path` opens as a checkpoint of several files (a
     /// directory or an index) rather than as one safetensors file.
     #[staticmethod]

@@ -371,13 +371,10 @@ _PREFETCH_MIN_BYTES = 1 << 20
 #: File backends whose bytes are addressable memory (the others are read: pread, remote).
 _IN_MEMORY = ("mmap", "memory")
 
-_REMOTE_SCHEMES = ("s3://", "s3a://", "gs://", "az://", "abfs://", "abfss://", "http://", "https://")
-
-
 def _is_checkpoint(name: str) -> bool:
     """A directory (local, or a remote URL ending in `/`) or an index file
     (locally: named `*.json` and not a safetensors file)."""
-    if name.startswith(_REMOTE_SCHEMES):
+    if File.is_remote(name):
         return name.endswith(("/", ".json"))
     return File.is_checkpoint(name)
 

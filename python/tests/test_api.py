@@ -530,6 +530,14 @@ def test_type_stubs_cover_the_compiled_module():
     names |= {t.id for n in ast.parse(stub.read_text()).body if isinstance(n, ast.AnnAssign) for t in [n.target]}
     public = {n for n in dir(_tensafe_rust) if not n.startswith("__") or n == "__version__"}
     assert public - names == set(), public - names
+    # And the other way: a member the stub names but the module lacks lets
+    # type checkers pass code that fails with AttributeError.
+    missing = []
+    for node in ast.parse(stub.read_text()).body:
+        if isinstance(node, ast.ClassDef):
+            cls = getattr(_tensafe_rust, node.name, None)
+            missing += [f"{node.name}.{item.name}" for item in node.body if isinstance(item, ast.FunctionDef) and not hasattr(cls, item.name)]
+    assert not missing, missing
 
 
 def test_serialize_file_matches_the_reference(tmp_path):
@@ -739,3 +747,4 @@ def test_saving_a_value_that_is_not_an_array_names_its_key_escaped():
     # The reference's torch message has the key raw (a newline, here).
     with pytest.raises(ValueError, match=r"Key `layer\.0\\n` is invalid, expected torch\.Tensor"):
         ts_pt.save({"layer.0\n": [1.0, 2.0]})
+

@@ -1,4 +1,4 @@
-//! The hostile corpus: one test per class of PICKLE.md §17, built by
+//! The hostile corpus: one test per class of hostile input, built by
 //! assembling opcodes and zip records here. For each: conversion refuses
 //! (and writes nothing), the scanner flags it, and the canary payload —
 //! `posix.system("touch <marker>")`, which any real unpickler would run —
@@ -1011,7 +1011,7 @@ fn joblib_dtypes_numpy_would_size_otherwise_are_dangerous() {
     }
 }
 
-// joblib (PICKLE.md §10): raw array bytes inside the stream must not end the
+// joblib: raw array bytes inside the stream must not end the
 // scan (a payload after them would go unreported) nor hide a payload.
 #[test]
 fn joblib_array_bytes_do_not_hide_what_follows() {
@@ -1088,7 +1088,7 @@ fn gzip(payload: &[u8], name: Option<&str>) -> Vec<u8> {
     out
 }
 
-// joblib's compressed files (PICKLE.md §10; `compress=3` is zlib): the
+// joblib's compressed files (`compress=3` is zlib): the
 // scanner inflates zlib and gzip wrappers within its budget and scans the
 // stream inside, so a payload cannot hide behind compression.
 #[test]

@@ -31,11 +31,13 @@
 //!
 //! ## URLs
 //!
+//! Schemes are matched in any case ([`RemoteUrl::is_remote`]).
+//!
 //! | URL | store |
 //! |---|---|
 //! | `s3://bucket/key`, `s3a://…` | Amazon S3 and S3-compatible stores (MinIO, SeaweedFS, Ceph, R2 …) |
 //! | `gs://bucket/key` | Google Cloud Storage |
-//! | `az://container/path`, `abfs[s]://container/path`, `abfs[s]://container@account.dfs.core.windows.net/path` | Azure Blob Storage / ADLS Gen2 |
+//! | `az://container/path`, `azure://…`, `adl://…`, `abfs[s]://container/path`, `abfs[s]://container@account.dfs.core.windows.net/path` | Azure Blob Storage / ADLS Gen2 |
 //! | `http://host/path`, `https://host/path` | any web server that supports `Range` (always plain HTTP, never signed) |
 //!
 //! ## Credentials and endpoints: environment variables

@@ -40,8 +40,8 @@ pub struct RemoteUrl {
 }
 
 impl RemoteUrl {
-    /// Parses `s3://`, `s3a://`, `gs://`, `az://`, `abfs://`, `abfss://`,
-    /// `http://` and `https://` URLs. `https://` is always plain HTTP, even on
+    /// Parses `s3://`, `s3a://`, `gs://`, `az://`, `azure://`, `adl://`,
+    /// `abfs://`, `abfss://`, `http://` and `https://` URLs. `https://` is always plain HTTP, even on
     /// cloud hosts: use the cloud scheme for signed access.
     pub fn parse(text: &str) -> Result<RemoteUrl> {
         let invalid = |reason: &str| RemoteError::InvalidUrl { url: text.to_owned(), reason: reason.to_owned() };

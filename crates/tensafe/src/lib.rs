@@ -6,8 +6,8 @@
 //! little-endian tensor data.
 //!
 //! * Reading validates everything the reference implementation validates, in
-//!   the same order, and more (duplicate names, unprintable names); errors
-//!   say what is wrong and where ([`Error`]).
+//!   the same order, and more (duplicate names); errors say what is wrong
+//!   and where ([`Error`]).
 //! * [`SafeTensors`] reads from memory, [`MmapFile`] maps a file,
 //!   [`PreadFile`] reads the header alone and tensors on demand.
 //! * [`SlicePlan`] plans numpy-style selections as byte ranges.

@@ -1,7 +1,8 @@
 //! Three ways to read a file, sharing one validated [`Header`]:
 //!
 //! * [`SafeTensors`] — bytes already in memory (a `&[u8]`);
-//! * [`MmapFile`] — a read-only memory map, zero-copy views into the page cache;
+//! * [`MmapFile`] — a read-only or copy-on-write memory map, zero-copy views
+//!   into the page cache;
 //! * [`PreadFile`] — positional reads: the header in at most two reads, each
 //!   tensor only when asked for. Prefer it on network and FUSE filesystems,
 //!   where page faults on a mapping are slow, and for header-only inspection.
