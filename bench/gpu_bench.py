@@ -88,8 +88,15 @@ def timed(fn) -> float:
 
 def medians(cases: dict, reps: int, seed: int) -> dict:
     """Median seconds per case, interleaved (each repetition in a new random
-    order drawn from `seed`); nan for a case that failed."""
-    times = run_interleaved(cases, reps, after_each=torch.cuda.empty_cache, keep_going=True, shuffle=seed)
+    order drawn from `seed`); nan for a case that failed. The medians so far
+    are printed after each repetition, so that a run its time limit cuts
+    short still shows what it measured."""
+
+    def so_far(done: int, times: dict) -> None:
+        line = ", ".join(f"{name} {statistics.median(t):.3f} s" for name, t in times.items() if t)
+        print(f"(medians after {done} of {reps} repetitions: {line})", flush=True)
+
+    times = run_interleaved(cases, reps, after_each=torch.cuda.empty_cache, keep_going=True, shuffle=seed, after_repetition=so_far)
     return {name: statistics.median(times[name]) if name in times else float("nan") for name in cases}
 
 

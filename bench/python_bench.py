@@ -64,14 +64,18 @@ def small_tensors(count: int) -> dict:
     return {f"experts.{i // 64}.w{i % 64}": torch.randn(16, generator=g) for i in range(count)}
 
 
-def run_interleaved(cases: dict, reps: int, after_each: Any = None, keep_going: bool = False, shuffle: Optional[int] = None) -> dict:
+def run_interleaved(
+    cases: dict, reps: int, after_each: Any = None, keep_going: bool = False, shuffle: Optional[int] = None, after_repetition: Any = None
+) -> dict:
     """Runs every case `reps` times, in insertion order then reversed, so that
     drift in the machine's state hits every case alike; a case returns its
     own time in seconds. Returns each case's times. `after_each` runs after
     every case; with `keep_going`, a case that raises is reported and left
     out of the rest (and of the result), and the others still run. With
     `shuffle` (a seed), each repetition runs the cases in a new random
-    order instead, so that no case always follows the same one."""
+    order instead, so that no case always follows the same one.
+    `after_repetition(done, times)` runs after each repetition but the last
+    (a long run cut short can then still say what it measured)."""
     times: dict = {name: [] for name in cases}
     orders = random.Random(shuffle) if shuffle is not None else None
     for rep in range(reps):
@@ -93,6 +97,8 @@ def run_interleaved(cases: dict, reps: int, after_each: Any = None, keep_going: 
                 print(f"FAILED: {name}: {type(e).__name__}: {e}")
             if after_each is not None:
                 after_each()
+        if after_repetition is not None and rep + 1 < reps:
+            after_repetition(rep + 1, times)
     return times
 
 

@@ -209,12 +209,25 @@ def test_the_collector_runs_while_bytes_are_read_and_a_fork_does_not_inherit_a_p
             ok = gc.isenabled()
             ts_pt.load_file(path)
             os._exit(0 if ok and gc.isenabled() else 1)
-        _, status = os.waitpid(child, 0)
+        code = exit_code_within(child, 60)
     finally:
         release.set()
         holder.join()
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert code == 0, f"the forked child failed (exit status {code})"
     assert gc.isenabled()
+
+
+def exit_code_within(pid: int, seconds: float):
+    """The exit code of child `pid`, or None if it ran `seconds` (then killed):
+    a stuck child fails its test instead of holding the whole run."""
+    deadline = time.monotonic() + seconds
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ended[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return None
+    return os.waitstatus_to_exitcode(ended[1])
 
 
 def test_a_file_written_in_place_during_a_read_is_refused(tmp_path):
@@ -834,27 +847,26 @@ def test_a_process_forked_after_a_load_reads_ahead_with_its_own_thread(page_cach
     """The background thread does not survive a fork: a child forked after
     the parent's first load starts one of its own (not the parent's queue,
     which nothing serves there) and its loads still fill the page cache."""
+    from tensafe._tensafe_rust import File
+
     path, expected = tmp_path / "forked.safetensors", np.arange(8 * 2**20, dtype=np.int32)
     ref_np.save_file({"x": expected}, path)
-    assert np.array_equal(ts_np.load_file(path)["x"], expected)  # the parent's thread now runs
+    parents = File(str(path), "mmap")
+    parents.prefetch()  # what a mapped torch load asks: the parent's thread now runs
+    assert bytes(parents.data_buffer()) == expected.tobytes()
     evict(path)
     pid = os.fork()
-    if pid == 0:  # numpy only here: torch's thread pools are not fork-safe
+    if pid == 0:  # the binding only here: torch's thread pools are not fork-safe
         code = 1
         try:
-            loaded, deadline = ts_np.load_file(path), time.monotonic() + 20  # nothing touched
+            mapped, deadline = File(str(path), "mmap"), time.monotonic() + 20
+            mapped.prefetch()  # nothing touched
             while resident_fraction(path) < 0.99 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            code = 3 if resident_fraction(path) < 0.99 else 0 if np.array_equal(loaded["x"], expected) else 4
+            code = 3 if resident_fraction(path) < 0.99 else 0 if bytes(mapped.data_buffer()) == expected.tobytes() else 4
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 60
-    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if ended[0] == 0:  # still running: stuck
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child's load did not end in 60 s")
-    code = os.waitstatus_to_exitcode(ended[1])
+    code = exit_code_within(pid, 60)
+    assert code is not None, "the forked child's load did not end in 60 s"
     assert code != 3, "the forked child's load read nothing ahead in 20 s"
     assert code == 0, f"the forked child failed (exit status {code})"
