@@ -83,8 +83,9 @@ impl Header {
         let declared = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
         if declared > options.max_header_size {
             let hint = match Diagnosis::sniff(prefix) {
-                // The whole declared header is there: not truncated, just large.
-                Diagnosis::TruncatedHeader if declared.saturating_add(8) <= file_len => Diagnosis::Unknown,
+                // No real file declares such a header, whole or cut short:
+                // the length is damaged, or the file is not safetensors.
+                Diagnosis::TruncatedHeader => Diagnosis::Unknown,
                 hint => hint,
             };
             return Err(Error::HeaderTooLarge { declared, limit: options.max_header_size, hint });
@@ -459,12 +460,18 @@ mod tests {
     fn reference_check_order() {
         assert!(matches!(parse(b""), Err(Error::HeaderTooSmall { file_len: 0, .. })));
         assert!(matches!(parse(&u64::MAX.to_le_bytes()), Err(Error::HeaderTooLarge { .. })));
-        // Over the limit: called truncated only when the file ends before the declared header does.
+        // Over the limit: never called truncated, whether the file ends
+        // before the declared header does or not (no real file has one).
         let mut large = 150_000_000u64.to_le_bytes().to_vec();
         large.extend_from_slice(b"{}");
         let message = |file_len| Header::header_len(&large, file_len, &ReadOptions::default()).unwrap_err().to_string();
-        assert!(!message(300_000_000).contains("truncated"), "{}", message(300_000_000));
-        assert!(message(1_000).contains("truncated"), "{}", message(1_000));
+        for file_len in [300_000_000, 1_000] {
+            assert!(message(file_len).contains("header too large") && !message(file_len).contains("truncated"), "{}", message(file_len));
+        }
+        // Under it, a file that ends inside its header is.
+        let mut cut = 5_000u64.to_le_bytes().to_vec();
+        cut.extend_from_slice(b"{\"a\":");
+        assert!(Header::header_len(&cut, 14, &ReadOptions::default()).unwrap_err().to_string().contains("truncated"));
         assert!(matches!(parse(&100u64.to_le_bytes()), Err(Error::InvalidHeaderLength { .. })));
         assert!(matches!(parse(&file("{\"a\":1}\0", 0)), Err(Error::InvalidJson { .. })));
         let hole = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;

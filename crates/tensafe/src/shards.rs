@@ -742,8 +742,13 @@ mod tests {
     fn a_directory_with_no_checkpoint_is_not_found() {
         let dir = tempfile::tempdir().unwrap();
         let err = ShardedCheckpoint::open(dir.path()).map(drop).unwrap_err();
-        assert!(matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{err:?}");
+        assert!(matches!(err.without_file(), Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{err:?}");
+        assert!(err.to_string().starts_with(&dir.path().display().to_string()), "the folder first: {err}");
         assert!(err.to_string().contains(&format!("neither {INDEX_FILE} nor {SINGLE_FILE}")), "{err}");
+        // A folder holding a torch checkpoint says what converts it.
+        std::fs::write(dir.path().join("pytorch_model.bin"), b"").unwrap();
+        let err = ShardedCheckpoint::open(dir.path()).map(drop).unwrap_err().to_string();
+        assert!(err.contains("a torch checkpoint (pytorch_model.bin): `tensafe convert` converts it"), "{err}");
     }
 
     #[test]
