@@ -11,7 +11,7 @@ use pyo3::types::{PyByteArray, PyDict};
 use tensafe::{Error, FileVersion, Header, MmapFile, PreadFile, SlicePlan, TensorInfo};
 
 use crate::buffers::{MappedRegion, TensorBuffer};
-use crate::indexing::{parse_index, slice_error};
+use crate::indexing::{ErrorOrder, parse_index, slice_error};
 use crate::progress::progress_reporter;
 use crate::{SafetensorError, error, header_error, remote_error};
 
@@ -234,9 +234,9 @@ impl File {
 
     /// Tensor `name`'s entry and the plan of its selection `index` (numpy
     /// basic indexing), errors worded as the reference's.
-    fn slice_plan(&self, py: Python<'_>, name: &str, index: &Bound<'_, PyAny>) -> PyResult<(&TensorInfo, SlicePlan)> {
+    fn slice_plan(&self, py: Python<'_>, name: &str, index: &Bound<'_, PyAny>, order: ErrorOrder) -> PyResult<(&TensorInfo, SlicePlan)> {
         let info = self.header().info(name).map_err(|_| not_found(name))?;
-        let indices = parse_index(index)?;
+        let indices = parse_index(index, order)?;
         let plan = SlicePlan::new(info.dtype, &info.shape, &indices).map_err(|e| slice_error(py, &info.shape, &indices, &e))?;
         Ok((info, plan))
     }
@@ -576,7 +576,7 @@ impl File {
     /// selection `index` of tensor `name` (as `read_slice`), for placing
     /// selections in one buffer before `read_slices_into`.
     fn slice_layout(&self, py: Python<'_>, name: &str, index: &Bound<'_, PyAny>) -> PyResult<(Vec<usize>, usize, u64)> {
-        let (info, plan) = self.slice_plan(py, name, index)?;
+        let (info, plan) = self.slice_plan(py, name, index, ErrorOrder::Torch)?;
         let first = plan.ranges().next().map_or(0, |run| run.start);
         Ok((plan.shape().to_vec(), plan.byte_len(), self.header().data_start() + (info.data_offsets.0 + first) as u64))
     }
@@ -606,7 +606,7 @@ impl File {
         let data_start = self.header().data_start();
         let mut ranges = Vec::new();
         for (name, index, at) in &slices {
-            let (info, plan) = self.slice_plan(py, name, index)?;
+            let (info, plan) = self.slice_plan(py, name, index, ErrorOrder::Torch)?;
             let mut written = *at;
             for run in plan.ranges() {
                 let file_offset = data_start + (info.data_offsets.0 + run.start) as u64;
@@ -716,9 +716,13 @@ impl File {
 
     /// Copies the selection `index` (int, slice, `...`, `None` or a tuple of
     /// them, numpy semantics) of a tensor into a new bytearray.
-    /// Returns `(shape, bytearray)`.
-    fn read_slice<'py>(&self, py: Python<'py>, name: &str, index: &Bound<'py, PyAny>) -> PyResult<(Vec<usize>, Bound<'py, PyByteArray>)> {
-        let (info, plan) = self.slice_plan(py, name, index)?;
+    /// Returns `(shape, bytearray)`. With `torch_order`, a wrong index is
+    /// reported in the order torch checks them (the shape before the steps),
+    /// else in the reference's order for the other frameworks.
+    #[pyo3(signature = (name, index, torch_order = false))]
+    fn read_slice<'py>(&self, py: Python<'py>, name: &str, index: &Bound<'py, PyAny>, torch_order: bool) -> PyResult<(Vec<usize>, Bound<'py, PyByteArray>)> {
+        let order = if torch_order { ErrorOrder::Torch } else { ErrorOrder::Reference };
+        let (info, plan) = self.slice_plan(py, name, index, order)?;
         let array = PyByteArray::new_with(py, plan.byte_len(), |dst| {
             py.detach(|| match (self.source.data(), &self.source) {
                 (Some(data), _) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst).map_err(|e| error("", &e)),

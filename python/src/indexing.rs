@@ -95,8 +95,19 @@ fn not_an_int(value: &Bound<'_, PyAny>) -> PyErr {
     ))
 }
 
+/// Which of several wrong indices an error reports.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorOrder {
+    /// The reference's for numpy and the other frameworks: several ellipses,
+    /// then each item in turn (its type, a slice's step), then the shape.
+    Reference,
+    /// torch's (the reference's torch path is torch's indexing): the shape
+    /// (too many indices, out of bounds) before a slice's step.
+    Torch,
+}
+
 /// Turns a Python index (int, slice, Ellipsis, None or a tuple/list of them) into slice items.
-pub(crate) fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>> {
+pub(crate) fn parse_index(index: &Bound<'_, PyAny>, order: ErrorOrder) -> PyResult<Vec<SliceIndex>> {
     let items: Vec<Bound<'_, PyAny>> = if let Ok(tuple) = index.cast::<PyTuple>() {
         tuple.iter().collect()
     } else if let Ok(list) = index.cast::<PyList>() {
@@ -109,6 +120,9 @@ pub(crate) fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>>
     } else {
         vec![index.clone()]
     };
+    if items.iter().filter(|item| item.is_instance_of::<PyEllipsis>()).count() > 1 {
+        return Err(typed_slice_error(index.py(), "SliceIndexError", Error::SeveralEllipses.reference_text()));
+    }
     items
         .iter()
         .enumerate()
@@ -122,7 +136,12 @@ pub(crate) fn parse_index(index: &Bound<'_, PyAny>) -> PyResult<Vec<SliceIndex>>
                     let value = slice.getattr(attr)?;
                     if value.is_none() { Ok(None) } else { saturating_int(&value)?.map(Some).ok_or_else(|| not_an_int(&value)) }
                 };
-                Ok(SliceIndex::Range { start: bound("start")?, stop: bound("stop")?, step: bound("step")? })
+                let step = bound("step")?;
+                if let Some(step) = step.filter(|&step| step <= 0 && order == ErrorOrder::Reference) {
+                    let message = format!("Slice step must be a positive integer, got {step} (position {position})");
+                    return Err(typed_slice_error(index.py(), "SliceValueError", message));
+                }
+                Ok(SliceIndex::Range { start: bound("start")?, stop: bound("stop")?, step })
             } else if let Some(i) = saturating_int(item)? {
                 if item.extract::<i64>().is_err() {
                     // Out of bounds for any dimension; said with the value

@@ -629,7 +629,7 @@ class PySafeSlice:
         if self._framework == "paddle" and not _natively_sliced_as_paddle(index):
             return self._whole_in_paddle()[index]
         try:
-            shape, data = self._file.read_slice(self._name, index)
+            shape, data = self._file.read_slice(self._name, index, torch_order=self._framework == "pt")
         except (SliceIndexError, SliceValueError):
             if self._framework != "paddle":
                 raise

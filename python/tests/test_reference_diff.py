@@ -279,6 +279,32 @@ def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):
                 ours.get_slice("s")[index]
 
 
+def test_of_several_wrong_indices_the_error_is_the_one_the_reference_reports(tmp_path):
+    """numpy and the other frameworks: several ellipses, then each index in
+    turn (its type, a slice's step), then the shape; torch (whose indexing
+    the reference's torch path is): the shape before a step."""
+    path = tmp_path / "s.safetensors"
+    ref_pt.save_file({"m": torch.zeros(2, 3, 4), "s": torch.tensor(3.0)}, path)
+    z = slice(None, None, 0)
+    cases = [("m", (0, 0, 0, 0, z)), ("m", (7, z)), ("m", (z, 7)), ("s", (z,)), ("s", (0, z)), ("m", (z, "a")), ("m", ("a", z)),
+             ("m", (7, Ellipsis, Ellipsis)), ("m", (Ellipsis, Ellipsis, z)), ("m", ("a", Ellipsis, Ellipsis)), ("m", (0, 0, 0, 7))]
+
+    def error(f, name, index):
+        with pytest.raises(Exception) as info:
+            f.get_slice(name)[index]
+        kinds = [kind.__name__ for kind in type(info.value).__mro__ if kind in (IndexError, ValueError, TypeError)]
+        return kinds, str(info.value)
+
+    for framework in ("pt", "np"):
+        with safetensors.safe_open(path, framework) as theirs, tensafe.safe_open(path, framework) as ours:
+            for name, index in cases:
+                (their_kinds, their_text), (our_kinds, our_text) = error(theirs, name, index), error(ours, name, index)
+                if framework == "pt":  # torch's own words there; the same class
+                    assert our_kinds == their_kinds, (index, their_text, our_text)
+                else:  # the reference's words, tensafe's with more detail after them
+                    assert our_text.startswith(their_text.split(": expected")[0].strip()), (index, their_text, our_text)
+
+
 def test_slice_errors_are_clear(tmp_path):
     path = tmp_path / "s.safetensors"
     ts_np.save_file({"a": np.zeros((10, 5), np.float32)}, path)
