@@ -291,10 +291,8 @@ impl File {
     #[pyo3(signature = (filename, backend = "mmap"))]
     fn new(py: Python<'_>, filename: PathBuf, backend: &str) -> PyResult<Self> {
         check_backend(backend)?;
-        let text = filename.to_string_lossy();
-        if tensafe_remote::RemoteUrl::is_remote(&text) {
-            let url = text.into_owned();
-            let remote = py.detach(|| tensafe_remote::RemoteFile::open(&url)).map_err(remote_error)?;
+        if let Some(url) = crate::remote_url(&filename) {
+            let remote = py.detach(|| tensafe_remote::RemoteFile::open(url)).map_err(remote_error)?;
             return Ok(File::from_source(Source::Remote(Box::new(remote))));
         }
         let file = tensafe::open_regular(&filename).map_err(|e| match e.kind() {
@@ -648,8 +646,8 @@ impl File {
     /// Whether `name` is a URL that opens remotely (a scheme tensafe reads,
     /// in any case, then `://`) rather than a local path.
     #[staticmethod]
-    fn is_remote(name: &str) -> bool {
-        tensafe_remote::RemoteUrl::is_remote(name)
+    fn is_remote(name: PathBuf) -> bool {
+        crate::remote_url(&name).is_some()
     }
 
     /// Whether a local `path` opens as a checkpoint of several files (a
@@ -664,9 +662,8 @@ impl File {
     #[staticmethod]
     #[pyo3(signature = (path, backend = "mmap"))]
     fn open_checkpoint(py: Python<'_>, path: PathBuf, backend: &str) -> PyResult<Vec<File>> {
-        let text = path.to_string_lossy().into_owned();
-        if tensafe_remote::RemoteUrl::is_remote(&text) {
-            let checkpoint = py.detach(|| tensafe_remote::RemoteCheckpoint::open(&text, &Default::default())).map_err(remote_error)?;
+        if let Some(url) = crate::remote_url(&path) {
+            let checkpoint = py.detach(|| tensafe_remote::RemoteCheckpoint::open(url, &Default::default())).map_err(remote_error)?;
             return Ok(checkpoint.into_shards().into_iter().map(|r| File::from_source(Source::Remote(Box::new(r)))).collect());
         }
         let checkpoint = py.detach(|| tensafe::ShardedCheckpoint::open(&path)).map_err(|e| {

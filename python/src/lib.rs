@@ -30,6 +30,13 @@ create_exception!(
     "Raised for invalid files, invalid arguments and failed reads or writes."
 );
 
+/// The text of `path` when it is a URL tensafe reads (s3://, gs://, az://,
+/// http(s)://, … in any case): one rule for opens, saves and checkpoint
+/// detection. A name that is not UTF-8 is never a URL, but a local path.
+fn remote_url(path: &std::path::Path) -> Option<&str> {
+    path.to_str().filter(|text| tensafe_remote::RemoteUrl::is_remote(text))
+}
+
 /// Python-visible text of a core error: the reference's message prefix, then ours.
 fn error(prefix: &str, e: &Error) -> PyErr {
     if let Error::Io { source, .. } = e.without_file()

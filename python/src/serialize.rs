@@ -180,18 +180,14 @@ fn metadata_arg(metadata: Option<&Bound<'_, PyDict>>) -> PyResult<Option<BTreeMa
         .transpose()
 }
 
-/// The text of `path` when it is a URL (s3://, gs://, az://, http(s)://).
-fn remote_url(path: &std::path::Path) -> Option<&str> {
-    path.to_str().filter(|text| tensafe_remote::RemoteUrl::is_remote(text))
-}
 
 /// Writes to `filename` (atomically; a URL is uploaded) or into new
 /// `bytes`, without the GIL.
 fn write<'py>(py: Python<'py>, tensors: Vec<Owned>, metadata: Option<BTreeMap<String, String>>, filename: Option<PathBuf>) -> PyResult<Option<Bound<'py, PyBytes>>> {
     let items = || tensors.iter().map(|t| (t.name.as_str(), t.raw()));
     match filename {
-        Some(path) if remote_url(&path).is_some() => {
-            let url = remote_url(&path).expect("checked");
+        Some(path) if crate::remote_url(&path).is_some() => {
+            let url = crate::remote_url(&path).expect("checked");
             py.detach(|| tensafe_remote::serialize_to_url(items(), metadata.as_ref(), url, &Default::default()).map_err(remote_error))?;
             Ok(None)
         }
@@ -301,7 +297,7 @@ pub(crate) fn save_sharded_buffers<'py>(
     let owned = buffers_from_list(tensors)?;
     let metadata = metadata_arg(metadata)?;
     let items = || owned.iter().map(|t| (t.name.as_str(), t.raw()));
-    let index = match remote_url(&directory) {
+    let index = match crate::remote_url(&directory) {
         Some(url) => py
             .detach(|| tensafe_remote::save_sharded_to_url(items(), url, max_shard_bytes, metadata.as_ref(), &Default::default()).map_err(remote_error))?,
         None => py

@@ -159,9 +159,10 @@ def _is_cuda(device: Union[str, int]) -> bool:
 
 
 def _read_all(file: File, threads: Optional[int], progress: Any) -> memoryview:
-    """Reads a pread or remote file's whole data section into one fresh
-    allocation (huge pages where the kernel offers them) with the parallel
-    I/O engine; the memoryview keeps the allocation alive. The data starts
+    """Reads a file's whole data section (pread, remote, or mapped: from the
+    file) into one fresh allocation (huge pages where the kernel offers
+    them) with the parallel I/O engine; the memoryview keeps the allocation
+    alive. The data starts
     at the same offset within a 4 KiB page as in the file, so that cold
     reads can go straight from the disk into it (O_DIRECT)."""
     shift = file.data_start % DIRECT_ALIGN
@@ -290,8 +291,9 @@ def _frombuffer(*args: Any, **kwargs: Any) -> Any:
 
 
 def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
-    """Every tensor of a file, cut out of one buffer: the mapping itself (mmap),
-    or one allocation filled by parallel reads (pread)."""
+    """Every tensor of a file, cut out of one buffer: the mapping itself
+    (mmap, torch and the frameworks that copy out of numpy), or one
+    allocation filled by parallel reads (pread, and numpy's private copies)."""
     # Checked whatever the backend, so that a bad value is not found only
     # once the same call runs on another backend.
     if threads is not None:
@@ -486,9 +488,10 @@ class safe_open:
     def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
         """Every tensor, in file order.
 
-        With `backend="mmap"` the tensors are lazy views of the mapping, and on
-        Linux a background thread reads the file into the page cache ahead of
-        their first touch (if it fits in memory). With
+        With `backend="mmap"` torch tensors are lazy views of the mapping, and
+        on Linux a background thread reads the file into the page cache ahead
+        of their first touch (if it fits in memory); numpy arrays are copies,
+        read as with `backend="pread"`. With
         `backend="pread"` the whole file is read into one allocation by
         `threads` parallel readers (default 4), calling `progress(done, total)`
         as bytes arrive (`progress=True`: a progress bar on stderr);
@@ -615,11 +618,7 @@ class PySafeSlice:
         # (`[::0]` is a ValueError there): such an index is torch's too.
         torch_checks_first = not self._shape and isinstance(index, slice)
         if self._framework == "pt" and (torch_checks_first or not _natively_sliced(index)):
-            if _dtypes.BY_CODE[self._code][0] < 8:
-                raise SliceIndexError(
-                    f"{self._code} tensors (packed sub-byte values) take only ints, slices, None and one ... as indices"
-                )
-            whole = _convert("pt", "cpu", self._code, self._shape, self._file.buffer(self._name))
+            whole = _convert("pt", "cpu", self._code, self._shape, self._whole_bytes())
             selected = whole[index]
             if self._device != "cpu":
                 return selected.to(self._device)
@@ -631,15 +630,23 @@ class PySafeSlice:
         try:
             shape, data = self._file.read_slice(self._name, index, torch_order=self._framework == "pt")
         except (SliceIndexError, SliceValueError):
-            if self._framework != "paddle":
+            if self._framework != "paddle" or _dtypes.BY_CODE[self._code][0] < 8:
                 raise
             return self._whole_in_paddle()[index]  # paddle's own error, as the reference's
         return _convert(self._framework, self._device, self._code, shape, data)
 
+    def _whole_bytes(self) -> Any:
+        """The whole tensor's bytes, for a framework's own indexing: refused
+        for packed sub-byte dtypes, whose bytes hold several elements (the
+        framework would index bytes where a slice counts elements)."""
+        if _dtypes.BY_CODE[self._code][0] < 8:
+            raise SliceIndexError(f"{self._code} tensors (packed sub-byte values) take only ints, slices, None and one ... as indices")
+        return self._file.buffer(self._name)
+
     def _whole_in_paddle(self) -> Any:
         """The whole tensor in paddle: the reference indexes paddle tensors with
         paddle's own rules (booleans as masks, negative steps, index lists)."""
-        return _convert("paddle", self._device, self._code, self._shape, self._file.buffer(self._name))
+        return _convert("paddle", self._device, self._code, self._shape, self._whole_bytes())
 
 
 def _natively_sliced_as_paddle(index: Any) -> bool:
@@ -674,9 +681,11 @@ def _natively_sliced(index: Any) -> bool:
             continue
         elif isinstance(item, bool) or not hasattr(item, "__index__"):
             return False
-        elif getattr(item, "ndim", 0) != 0 or str(getattr(item, "dtype", "")) in ("bool", "torch.bool"):
-            return False  # arrays, tensors and booleans are torch's
-        elif str(getattr(item, "dtype", "")) in ("uint8", "torch.uint8") and not isinstance(item, numbers.Integral):
+        # numpy's `bool`, torch's `torch.bool`, paddle's `paddle.bool`.
+        dtype = str(getattr(item, "dtype", "")).rsplit(".", 1)[-1]
+        if getattr(item, "ndim", 0) != 0 or dtype == "bool":
+            return False  # arrays, tensors and booleans are the framework's
+        if dtype == "uint8" and not isinstance(item, numbers.Integral):
             return False  # 0-d uint8 arrays and tensors: masks to torch (numpy's uint8 scalars are ints)
     return ellipses <= 1
 

@@ -2,6 +2,7 @@
 
 import io
 import os
+import pathlib
 import pickle
 import threading
 import types
@@ -748,3 +749,19 @@ def test_saving_a_value_that_is_not_an_array_names_its_key_escaped():
     with pytest.raises(ValueError, match=r"Key `layer\.0\\n` is invalid, expected torch\.Tensor"):
         ts_pt.save({"layer.0\n": [1.0, 2.0]})
 
+
+
+def test_names_that_are_not_utf8_are_local_paths_and_urls_follow_one_rule(tmp_path):
+    name = os.path.join(os.fsencode(tmp_path), b"bad\xff.safetensors")
+    ref_np.save_file({"a": np.arange(3, dtype=np.float32)}, os.fsdecode(name))
+    for path in (os.fsdecode(name), pathlib.Path(os.fsdecode(name))):
+        assert ts_np.load_file(path)["a"].tolist() == [0.0, 1.0, 2.0]
+        with tensafe.safe_open(path, "np") as f:
+            assert f.keys() == ["a"]
+    # The Rust rule for URLs, in any case, for opens, saves and checkpoints alike.
+    from tensafe._open import _is_checkpoint
+    from tensafe._tensafe_rust import File
+
+    assert File.is_remote("HTTP://127.0.0.1/x.safetensors") and File.is_remote("adl://c/x/") and File.is_remote("s3a://b/k")
+    assert not File.is_remote("http:/x") and not File.is_remote(str(tmp_path)) and not File.is_remote(os.fsdecode(name))
+    assert _is_checkpoint("Https://host/ckpt/") and _is_checkpoint("azure://c/ckpt/model.safetensors.index.json")

@@ -370,31 +370,29 @@ fn content_difference(dtype: Dtype, a: &[u8], b: &[u8]) -> (usize, usize, Option
     let width = dtype.bits() / 8;
     let n = a.len() / width;
     let differs = |i: usize| a[i * width..(i + 1) * width] != b[i * width..(i + 1) * width];
-    // One pass, nothing kept per element (a whole embedding may differ).
-    let gap: Box<dyn Fn(usize) -> Magnitude + '_> = if dtype == Dtype::C64 {
+    if dtype == Dtype::C64 {
         let part = |d: &[u8], k: usize| f32::from_le_bytes(d[k..k + 4].try_into().expect("4 bytes")) as f64;
-        Box::new(move |i| Magnitude::Float((part(a, i * 8) - part(b, i * 8)).hypot(part(a, i * 8 + 4) - part(b, i * 8 + 4))))
+        let gap = |i: usize| (part(a, i * 8) - part(b, i * 8)).hypot(part(a, i * 8 + 4) - part(b, i * 8 + 4));
+        let (differing, max) = largest_gap(n, differs, gap, 0.0, larger);
+        (differing, n, Some(Magnitude::Float(max)))
     } else if integer(dtype, &[0; 8], 0).is_some() {
         // |x - y| of two 64-bit integers fits 64 bits unsigned.
-        Box::new(move |i| Magnitude::Int((integer(dtype, a, i).expect("an element") - integer(dtype, b, i).expect("an element")).unsigned_abs() as u64))
+        let gap = |i: usize| (integer(dtype, a, i).expect("an element") - integer(dtype, b, i).expect("an element")).unsigned_abs() as u64;
+        let (differing, max) = largest_gap(n, differs, gap, 0, u64::max);
+        (differing, n, Some(Magnitude::Int(max)))
     } else if float(dtype, &[0; 8], 0).is_some() {
-        Box::new(move |i| Magnitude::Float((float(dtype, a, i).expect("an element") - float(dtype, b, i).expect("an element")).abs()))
+        let gap = |i: usize| (float(dtype, a, i).expect("an element") - float(dtype, b, i).expect("an element")).abs();
+        let (differing, max) = largest_gap(n, differs, gap, 0.0, larger);
+        (differing, n, Some(Magnitude::Float(max)))
     } else {
-        let differing = (0..n).filter(|&i| differs(i)).count();
-        return (differing, n, None);
-    };
-    let (mut differing, mut max) = (0, None);
-    for i in (0..n).filter(|&i| differs(i)) {
-        differing += 1;
-        max = Some(match (max, gap(i)) {
-            (Some(Magnitude::Float(m)), Magnitude::Float(x)) => Magnitude::Float(larger(m, x)),
-            (Some(Magnitude::Int(m)), Magnitude::Int(x)) => Magnitude::Int(m.max(x)),
-            (_, first) => first,
-        });
+        ((0..n).filter(|&i| differs(i)).count(), n, None)
     }
-    // Nothing differs: a gap of zero in the dtype's kind.
-    let max = max.or_else(|| Some(if integer(dtype, &[0; 8], 0).is_some() { Magnitude::Int(0) } else { Magnitude::Float(0.0) }));
-    (differing, n, max)
+}
+
+/// Of elements `0..n`: how many differ, and the largest `gap` among them, in
+/// one pass that keeps nothing per element (a whole embedding may differ).
+fn largest_gap<T>(n: usize, differs: impl Fn(usize) -> bool, gap: impl Fn(usize) -> T, zero: T, larger: impl Fn(T, T) -> T) -> (usize, T) {
+    (0..n).filter(|&i| differs(i)).fold((0, zero), |(count, max), i| (count + 1, larger(max, gap(i))))
 }
 
 #[cfg(test)]

@@ -244,23 +244,23 @@ fn reshard(input: &Path, output: &Path, max_shard_size: &str) -> ExitCode {
 /// Full validation plus a read of every data byte; BOOL tensors must hold 0 or 1.
 fn verify(path: &Path) -> Result<String, String> {
     let start = Instant::now();
-    let summary = |tensors: usize, bytes: u64| {
-        let seconds = start.elapsed().as_secs_f64();
-        format!("{tensors} tensors, {bytes} bytes read in {seconds:.3} s ({:.2} GB/s)", bytes as f64 / seconds.max(1e-9) / 1e9)
-    };
     // A folder or index: the index and shards agree, then every shard.
     let checkpoint = tensafe::ShardedCheckpoint::open(path).map_err(|e| e.to_string())?;
-    let is_one_file = checkpoint.index().is_none();
-    let shards = checkpoint.into_shards();
     let (mut tensors, mut bytes) = (0, 0);
-    for shard in &shards {
+    for shard in checkpoint.shards() {
         let (t, b) = verify_file(shard)?;
         (tensors, bytes) = (tensors + t, bytes + b);
     }
-    match is_one_file {
-        true => Ok(format!("{}: {}", path.display(), summary(tensors, bytes))),
-        false => Ok(format!("{}: {} shards, {}", path.display(), shards.len(), summary(tensors, bytes))),
-    }
+    let shards = checkpoint.index().map(|_| checkpoint.shards().len());
+    Ok(verified(&path.display().to_string(), shards, tensors, bytes, start, None))
+}
+
+/// The `verify` line of a file, or of a checkpoint of `shards` files.
+pub(crate) fn verified(what: &str, shards: Option<usize>, tensors: usize, bytes: u64, start: Instant, requests: Option<u64>) -> String {
+    let seconds = start.elapsed().as_secs_f64();
+    let shards = shards.map(|n| format!("{n} shards, ")).unwrap_or_default();
+    let requests = requests.map(|n| format!(", {n} requests")).unwrap_or_default();
+    format!("{what}: {shards}{tensors} tensors, {bytes} bytes read in {seconds:.3} s ({:.2} GB/s{requests})", bytes as f64 / seconds.max(1e-9) / 1e9)
 }
 
 /// Reads every data byte of one file: (tensors, bytes of the file).
@@ -273,7 +273,7 @@ fn verify_file(file: &PreadFile) -> Result<(usize, u64), String> {
         let mut at = begin;
         while at < end {
             let len = CHUNK.min(end - at);
-            file.read_data_at(at as u64, &mut buf[..len]).map_err(|e| e.to_string())?;
+            file.read_data_at(at as u64, &mut buf[..len]).map_err(|e| e.in_file(file.path()).to_string())?;
             if info.dtype == Dtype::Bool {
                 check_bools(&file.path().display().to_string(), name, &buf[..len], (at - begin) as u64, header.data_start() + at as u64)?;
             }

@@ -80,26 +80,20 @@ impl From<RemoteError> for Failure {
 /// every shard so.
 pub fn verify(url: &str) -> Result<String, String> {
     let start = Instant::now();
-    let summary = |tensors: usize, bytes: u64, requests: u64| {
-        let seconds = start.elapsed().as_secs_f64();
-        format!("{tensors} tensors, {bytes} bytes read in {seconds:.3} s ({:.2} GB/s, {requests} requests)", bytes as f64 / seconds.max(1e-9) / 1e9)
-    };
     let checkpoint = RemoteCheckpoint::open(url, &RemoteOptions::default()).map_err(|e| e.to_string())?;
-    let is_one_file = checkpoint.index().is_none();
-    let shards = checkpoint.into_shards();
-    let (mut tensors, mut bytes, mut requests) = (0, 0, 0);
-    for shard in &shards {
-        let (t, b, r) = verify_file(shard)?;
-        (tensors, bytes, requests) = (tensors + t, bytes + b, requests + r);
+    let (mut tensors, mut bytes) = (0, 0);
+    for shard in checkpoint.shards() {
+        let (t, b) = verify_file(shard)?;
+        (tensors, bytes) = (tensors + t, bytes + b);
     }
-    match is_one_file {
-        true => Ok(format!("{url}: {}", summary(tensors, bytes, requests))),
-        false => Ok(format!("{url}: {} shards, {}", shards.len(), summary(tensors, bytes, requests))),
-    }
+    let shards = checkpoint.index().map(|_| checkpoint.shards().len());
+    // Every request: the index (or the probe for one), headers and data.
+    let requests = checkpoint.traffic().requests;
+    Ok(crate::verified(url, shards, tensors, bytes, start, Some(requests)))
 }
 
-/// Reads every data byte of one remote file: (tensors, bytes, requests).
-fn verify_file(file: &RemoteFile) -> Result<(usize, u64, u64), String> {
+/// Reads every data byte of one remote file: (tensors, bytes).
+fn verify_file(file: &RemoteFile) -> Result<(usize, u64), String> {
     let url = file.url().as_str();
     let header = file.header();
     let data_len = header.data_len() as u64;
@@ -125,6 +119,6 @@ fn verify_file(file: &RemoteFile) -> Result<(usize, u64, u64), String> {
         Ok(())
     });
     bar.finish_and_clear();
-    let traffic = result.map_err(|Failure(e)| e)?;
-    Ok((header.len(), file.size(), file.traffic().requests.max(traffic.requests)))
+    result.map_err(|Failure(e)| e)?;
+    Ok((header.len(), file.size()))
 }

@@ -32,6 +32,10 @@ fn fixtures(root: &Path) {
     std::fs::create_dir(root.join("ckpt")).unwrap();
     tensafe::save_sharded(tensors.iter().map(Tensor::raw), root.join("ckpt"), 300_000, None).unwrap().expect("shards");
     tensafe::serialize_to_file([("m", RawTensor { dtype: Dtype::Bool, shape: &[3], data: &[0, 1, 2] })], None, root.join("bad-bool.safetensors")).unwrap();
+    // A folder with one model file (no index), and a safetensors file named `.json`.
+    std::fs::create_dir(root.join("single")).unwrap();
+    std::fs::copy(root.join("mixed.safetensors"), root.join("single").join(tensafe::SINGLE_FILE)).unwrap();
+    std::fs::copy(root.join("mixed.safetensors"), root.join("named.json")).unwrap();
 }
 
 /// The AWS_* variables a user would set for the SeaweedFS server.
@@ -80,6 +84,19 @@ fn inspect_and_verify_http_urls() {
         let counts = |o: &Output| stdout(o).split_once(": ").unwrap().1.split(" bytes read").next().unwrap().to_owned();
         assert_eq!(counts(&remote), counts(&local), "{url}");
     }
+
+    // Every request is counted: a folder without an index costs the probe
+    // for one more than its model file alone. A safetensors file named
+    // `.json` is one file, as locally, not an index.
+    let requests = |url: &str| {
+        let out = tensafe(&["verify", url], &[]);
+        assert!(out.status.success(), "{url}: {}", stdout(&out));
+        stdout(&out).rsplit_once(", ").unwrap().1.trim_end().trim_end_matches(" requests)").parse::<u64>().unwrap()
+    };
+    assert_eq!(requests(&nginx.url("single/")), requests(&nginx.url("single/model.safetensors")) + 1);
+    assert_eq!(requests(&nginx.url("named.json")), requests(&nginx.url("mixed.safetensors")) + 1, "the index attempt, then the file");
+    let named = stdout(&tensafe(&["verify", &nginx.url("named.json")], &[]));
+    assert!(named.contains(": 7 tensors") && !named.contains("shards"), "{named}");
 
     let bad = tensafe(&["verify", &nginx.url("bad-bool.safetensors"), &nginx.url("missing.safetensors")], &[]);
     assert_eq!(bad.status.code(), Some(1));

@@ -34,15 +34,18 @@ impl std::ops::Deref for RemoteCheckpoint {
 }
 
 impl RemoteCheckpoint {
-    /// Opens an index URL (`….json`), a "directory" URL ending in `/` (its
+    /// Opens an index URL (`….json`; a safetensors file so named opens as
+    /// one, as locally), a "directory" URL ending in `/` (its
     /// `model.safetensors.index.json`, else its `model.safetensors`), or one
     /// safetensors file. Reads the index and every shard's header, with the
-    /// same consistency checks as a local checkpoint.
+    /// same consistency checks as a local checkpoint. The traffic counts the
+    /// index requests too, a probe that found none included.
     pub fn open(url: &str, options: &RemoteOptions) -> Result<RemoteCheckpoint> {
+        let index_requests = Counter::new();
         if url.ends_with('/') {
             let index_url = RemoteUrl::parse(&format!("{url}{INDEX_FILE}"))?;
-            return match RemoteCheckpoint::from_index(&index_url, options) {
-                Err(e) if e.is_not_found() => RemoteCheckpoint::single(&format!("{url}{SINGLE_FILE}"), options).map_err(|e| {
+            return match RemoteCheckpoint::from_index(&index_url, options, &index_requests) {
+                Err(e) if e.is_not_found() => RemoteCheckpoint::single(&format!("{url}{SINGLE_FILE}"), options, &index_requests).map_err(|e| {
                     if e.is_not_found() {
                         // Not found, as a local directory with neither is.
                         RemoteError::NotFound { url: url.to_owned(), detail: format!("it has neither {INDEX_FILE} nor {SINGLE_FILE}") }
@@ -54,21 +57,25 @@ impl RemoteCheckpoint {
             };
         }
         let parsed = RemoteUrl::parse(url)?;
-        if parsed.object_path().as_ref().ends_with(".json") {
-            RemoteCheckpoint::from_index(&parsed, options)
-        } else {
-            RemoteCheckpoint::single(url, options)
+        if !parsed.object_path().as_ref().ends_with(".json") {
+            return RemoteCheckpoint::single(url, options, &index_requests);
+        }
+        match RemoteCheckpoint::from_index(&parsed, options, &index_requests) {
+            // Not an index: a safetensors file named `.json` opens as one
+            // (no index is a valid safetensors file); else the index's error.
+            Err(e) if !e.is_not_found() => RemoteCheckpoint::single(url, options, &index_requests).map_err(|_| e),
+            opened => opened,
         }
     }
 
-    fn single(url: &str, options: &RemoteOptions) -> Result<RemoteCheckpoint> {
+    /// One file; `index_requests` counted what looking for an index cost.
+    fn single(url: &str, options: &RemoteOptions, index_requests: &Counter) -> Result<RemoteCheckpoint> {
         let file = RemoteFile::open_with(url, options)?;
-        Ok(RemoteCheckpoint { files: Checkpoint::single(file), index_traffic: Traffic::default() })
+        Ok(RemoteCheckpoint { files: Checkpoint::single(file), index_traffic: index_requests.traffic() })
     }
 
-    fn from_index(index_url: &RemoteUrl, options: &RemoteOptions) -> Result<RemoteCheckpoint> {
-        let counter = Counter::new();
-        let text = read_small(index_url, options, &counter)?;
+    fn from_index(index_url: &RemoteUrl, options: &RemoteOptions, counter: &Counter) -> Result<RemoteCheckpoint> {
+        let text = read_small(index_url, options, counter)?;
         let url = index_url.as_str();
         let text = String::from_utf8(text).map_err(|_| invalid(url, "the index is not UTF-8 text".into()))?;
         let index = ShardIndex::parse(&text).map_err(|e| RemoteError::format(url, e))?;

@@ -224,12 +224,14 @@ impl fmt::Display for ClientError {
 /// What to check when a store refuses access to `url`: the credentials its
 /// scheme reads from the environment; a web server gets none.
 fn credentials_hint(url: &str) -> &'static str {
-    let scheme = url.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase()).unwrap_or_default();
-    match scheme.as_str() {
-        "s3" | "s3a" => "check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)",
-        "gs" => "check the credentials in the environment (GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_SERVICE_ACCOUNT)",
-        "http" | "https" => "the web server refuses it (tensafe sends no credentials to http(s):// URLs)",
-        _ => "check the credentials in the environment (AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_KEY)",
+    match crate::store::Scheme::of(url) {
+        Some(crate::store::Scheme::S3) => "check the credentials in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)",
+        Some(crate::store::Scheme::Gcs) => "check the credentials in the environment (GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_SERVICE_ACCOUNT)",
+        Some(crate::store::Scheme::Azure) => {
+            "check the credentials in the environment (AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_KEY)"
+        }
+        Some(crate::store::Scheme::Http) => "the web server refuses it (tensafe sends no credentials to http(s):// URLs)",
+        None => "check the credentials",
     }
 }
 

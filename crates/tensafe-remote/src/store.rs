@@ -31,6 +31,25 @@ pub enum Scheme {
     Http,
 }
 
+impl Scheme {
+    /// The store a URL scheme names (`s3`, `S3A`, `abfss`, …, in any case):
+    /// the one list of the schemes tensafe reads.
+    pub fn named(scheme: &str) -> Option<Scheme> {
+        match scheme.to_ascii_lowercase().as_str() {
+            "s3" | "s3a" => Some(Scheme::S3),
+            "gs" => Some(Scheme::Gcs),
+            "az" | "abfs" | "abfss" | "azure" | "adl" => Some(Scheme::Azure),
+            "http" | "https" => Some(Scheme::Http),
+            _ => None,
+        }
+    }
+
+    /// The store `text` names when it is a URL (a scheme, then `://`).
+    pub fn of(text: &str) -> Option<Scheme> {
+        text.split_once("://").and_then(|(scheme, _)| Scheme::named(scheme))
+    }
+}
+
 /// A parsed remote URL: which store, and the object inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteUrl {
@@ -46,12 +65,8 @@ impl RemoteUrl {
     pub fn parse(text: &str) -> Result<RemoteUrl> {
         let invalid = |reason: &str| RemoteError::InvalidUrl { url: text.to_owned(), reason: reason.to_owned() };
         let url = Url::parse(text).map_err(|e| invalid(&e.to_string()))?;
-        let scheme = match url.scheme() {
-            "s3" | "s3a" => Scheme::S3,
-            "gs" => Scheme::Gcs,
-            "az" | "abfs" | "abfss" | "azure" | "adl" => Scheme::Azure,
-            "http" | "https" => Scheme::Http,
-            other => return Err(invalid(&format!("unknown scheme `{other}`"))),
+        let Some(scheme) = Scheme::named(url.scheme()) else {
+            return Err(invalid(&format!("unknown scheme `{}`", url.scheme())));
         };
         if url.host_str().is_none_or(str::is_empty) {
             return Err(invalid("no bucket, container or host"));
@@ -69,8 +84,7 @@ impl RemoteUrl {
     /// Whether `text` looks like a URL this crate handles (a scheme it knows,
     /// followed by `://`), as opposed to a local path.
     pub fn is_remote(text: &str) -> bool {
-        let Some((scheme, _)) = text.split_once("://") else { return false };
-        matches!(scheme.to_ascii_lowercase().as_str(), "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" | "adl" | "http" | "https")
+        Scheme::of(text).is_some()
     }
 
     /// The URL as given (normalized).
