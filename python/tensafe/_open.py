@@ -504,8 +504,8 @@ class safe_open:
 
     def get_slice(self, name: str) -> "PySafeSlice":
         file = self._open()
-        code, shape, _begin, _end = _info(file, name)
-        return PySafeSlice(file, name, code, shape, self._framework, self._device)
+        code, shape, begin, _end = _info(file, name)
+        return PySafeSlice(file, name, code, shape, self._framework, self._device, begin)
 
 
 # `inspect.signature(safe_open)` would describe `__new__`, which takes
@@ -593,19 +593,22 @@ class PySafeSlice:
     """A tensor not yet read: `get_shape()`, `get_dtype()` and numpy-style `[...]`
     that reads only the selected bytes.
 
-    Ints, slices with positive steps, `None` and one `...` are read natively,
-    for every framework. With torch, any other index — index lists, arrays
-    and tensors, boolean masks, booleans, several ellipses — is applied by
-    torch to the whole tensor (a zero-copy view with `backend="mmap"`), as
-    the reference's default torch path does for every index. With paddle,
-    such indices and negative steps are paddle's, applied to the whole
-    tensor, as the reference does. The native reader keeps the reference's
-    restricted rules for the other frameworks.
+    With torch and `backend="mmap"`, every index is torch's, applied to the
+    whole tensor, a view of the mapping: basic indices give views of it
+    (writing into one is seen by the handle's later reads, never by the
+    file), as the reference's do. Otherwise ints, slices with positive
+    steps, `None` and one `...` are read natively (only the selected bytes);
+    with torch, any other index — index lists, arrays and tensors, boolean
+    masks, booleans, several ellipses — is applied by torch to the whole
+    tensor, as the reference's default torch path does for every index.
+    With paddle, such indices and negative steps are paddle's, applied to
+    the whole tensor, as the reference does. The native reader keeps the
+    reference's restricted rules for the other frameworks.
     """
 
-    def __init__(self, file: File, name: str, code: str, shape: List[int], framework: str, device: Any):
+    def __init__(self, file: File, name: str, code: str, shape: List[int], framework: str, device: Any, begin: int = 0):
         self._file, self._name, self._code, self._shape = file, name, code, shape
-        self._framework, self._device = framework, device
+        self._framework, self._device, self._begin = framework, device, begin
 
     def get_shape(self) -> List[int]:
         return list(self._shape)
@@ -617,13 +620,23 @@ class PySafeSlice:
         # torch checks a lone slice's step before the rank of a 0-d tensor
         # (`[::0]` is a ValueError there): such an index is torch's too.
         torch_checks_first = not self._shape and isinstance(index, slice)
-        if self._framework == "pt" and (torch_checks_first or not _natively_sliced(index)):
+        # A mapped file: the whole tensor is a view of the mapping, and
+        # torch's basic indexing of it a view too, as the reference's (no
+        # copy: transformers loads every weight as `get_slice(name)[...]`).
+        mapped = self._file.backend == "mmap" and _dtypes.BY_CODE[self._code][0] >= 8
+        native = not torch_checks_first and _natively_sliced(index)
+        if self._framework == "pt" and (mapped or not native):
+            if native:
+                # The native checks and words first (no read), then bounds
+                # past 64 bits clamped, which torch would truncate.
+                self._file.slice_layout(self._name, index)
+                index = _within_int64(index)
             whole = _convert("pt", "cpu", self._code, self._shape, self._whole_bytes())
             selected = whole[index]
             if self._device != "cpu":
                 return selected.to(self._device)
-            if self._file.backend in _IN_MEMORY and selected.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
-                selected = selected.clone()  # a view into the mapping (booleans index as basic indexing): slices never alias the file
+            if mapped and selected.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
+                self._read_ahead(selected)  # a view (an advanced index copied, reading it already)
             return selected
         if self._framework == "paddle" and not _natively_sliced_as_paddle(index):
             return self._whole_in_paddle()[index]
@@ -634,6 +647,17 @@ class PySafeSlice:
                 raise
             return self._whole_in_paddle()[index]  # paddle's own error, as the reference's
         return _convert(self._framework, self._device, self._code, shape, data)
+
+    def _read_ahead(self, view: Any) -> None:
+        """A view of the tensor's mapping spanning 1 MiB or more: those bytes
+        are read into the page cache in the background, ahead of its first
+        touch, as `get_tensor` does for its tensor."""
+        if view.numel() == 0:
+            return
+        first = view.storage_offset() * view.element_size()
+        last = first + (1 + sum((n - 1) * step for n, step in zip(view.shape, view.stride()))) * view.element_size()
+        if last - first >= _PREFETCH_MIN_BYTES:
+            self._file.prefetch_range(self._begin + first, last - first)
 
     def _whole_bytes(self) -> Any:
         """The whole tensor's bytes, for a framework's own indexing: refused
@@ -647,6 +671,20 @@ class PySafeSlice:
         """The whole tensor in paddle: the reference indexes paddle tensors with
         paddle's own rules (booleans as masks, negative steps, index lists)."""
         return _convert("paddle", self._device, self._code, self._shape, self._whole_bytes())
+
+
+def _within_int64(index: Any) -> Any:
+    """`index` (a native one) with each slice's start, stop and step clamped
+    to ±2^62, which selects the same (no dimension is that long) and which
+    torch computes right (it truncates bounds past 64 bits, and a step of
+    2^63 - 1 overflows its length: it selects nothing)."""
+    def clamp(bound: Any) -> Any:
+        return None if bound is None else max(-(2**62), min(operator.index(bound), 2**62))
+
+    def within(item: Any) -> Any:
+        return slice(clamp(item.start), clamp(item.stop), clamp(item.step)) if isinstance(item, slice) else item
+
+    return tuple(within(item) for item in index) if isinstance(index, tuple) else within(index)
 
 
 def _natively_sliced_as_paddle(index: Any) -> bool:

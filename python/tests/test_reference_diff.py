@@ -227,7 +227,8 @@ def test_torch_slices_take_every_index_torch_takes_like_the_reference(tmp_path, 
     index lists, arrays, tensors and masks work there, so they work here
     (on both backends), with the same values and shapes."""
     path = tmp_path / "s.safetensors"
-    ref_pt.save_file({"a": torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)}, path)
+    original = torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)
+    ref_pt.save_file({"a": original}, path)
     with safetensors.safe_open(path, "pt") as f:
         try:
             expected = f.get_slice("a")[index]
@@ -235,12 +236,33 @@ def test_torch_slices_take_every_index_torch_takes_like_the_reference(tmp_path, 
             with tensafe.safe_open(path, "pt", backend=backend) as ours, pytest.raises(IndexError):
                 ours.get_slice("a")[index]
             return
+        # Basic indices give views of the mapping: a write into one is seen
+        # by the handle's later reads (never by the file).
+        expected.fill_(-1)
+        expected_after = f.get_tensor("a")
     with tensafe.safe_open(path, "pt", backend=backend) as f:
         got = f.get_slice("a")[index]
-        assert got.shape == expected.shape and torch.equal(got, expected)
-        # A slice never aliases the file's mapping: writing into it changes nothing else.
+        assert got.shape == expected.shape and torch.equal(got, expected.new_full(expected.shape, 0) + original[index])
         got.fill_(-1)
-        assert torch.equal(f.get_tensor("a"), torch.arange(60, dtype=torch.float32).reshape(3, 4, 5))
+        # As the reference's with a mapping; private memory with pread.
+        assert torch.equal(f.get_tensor("a"), expected_after if backend == "mmap" else original)
+    assert torch.equal(ts_pt.load_file(path)["a"], original)
+
+
+def test_a_whole_slice_of_a_mapped_file_is_a_view_of_its_tensor_as_the_reference_makes_it(tmp_path):
+    """transformers loads every weight as `get_slice(name)[...]`: with the
+    reference that is a view of the mapping, no copy; so it is here."""
+    path = tmp_path / "v.safetensors"
+    ref_pt.save_file({"w": torch.arange(2 << 20, dtype=torch.float32).reshape(1024, -1), "b": torch.ones(3)}, path)
+    for lib in (safetensors, tensafe):
+        with lib.safe_open(path, "pt") as f:
+            for name in ("w", "b"):
+                whole, rows, tensor = f.get_slice(name)[...], f.get_slice(name)[1:], f.get_tensor(name)
+                assert whole.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr(), (lib.__name__, name)
+                assert rows.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr(), (lib.__name__, name)
+                assert torch.equal(whole, tensor) and torch.equal(rows, tensor[1:])
+    with tensafe.safe_open(path, "pt", backend="pread") as f:  # private memory: a copy of the selected bytes
+        assert f.get_slice("w")[...].untyped_storage().data_ptr() != f.get_tensor("w").untyped_storage().data_ptr()
 
 
 def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):
