@@ -2,6 +2,7 @@
 
     python -m tensafe.drop_in your_script.py [args...]
     python -m tensafe.drop_in -m your.module [args...]
+    python -m tensafe.drop_in -c "code" [args...]
 
 or, as the first import of a program: `import tensafe.drop_in; tensafe.drop_in.install()`.
 
@@ -133,16 +134,24 @@ def install() -> None:
 
 def main() -> None:
     if len(sys.argv) < 2:
-        sys.exit("usage: python -m tensafe.drop_in SCRIPT [ARGS...]  |  python -m tensafe.drop_in -m MODULE [ARGS...]")
+        sys.exit("usage: python -m tensafe.drop_in SCRIPT [ARGS...]  |  -m MODULE [ARGS...]  |  -c CODE [ARGS...]")
     install()
     # Where PYTHONPATH entries go, for children to inherit: through the
     # environment (subprocess), and through sys.path itself (multiprocessing's
     # spawn hands its children the parent's sys.path).
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_CHILD_PATH, os.environ.get("PYTHONPATH")) if p)
     sys.path.insert(1, _CHILD_PATH)
+    if sys.argv[1] in ("-m", "-c") and len(sys.argv) < 3:
+        sys.exit(f"python -m tensafe.drop_in: {sys.argv[1]} needs an argument")
     if sys.argv[1] == "-m":
         sys.argv = sys.argv[2:]
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    elif sys.argv[1] == "-c":
+        # As `python -c`: the code runs as `__main__`, `sys.argv[0]` is "-c".
+        code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]
+        main_module = types.ModuleType("__main__")
+        sys.modules["__main__"] = main_module
+        exec(compile(code, "<string>", "exec"), main_module.__dict__)
     else:
         sys.argv = sys.argv[1:]
         script = sys.argv[0]

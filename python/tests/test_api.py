@@ -4,6 +4,8 @@ import io
 import os
 import pathlib
 import pickle
+import subprocess
+import sys
 import threading
 import types
 
@@ -454,8 +456,6 @@ def test_a_save_killed_midway_leaves_the_old_file_and_nothing_else(tmp_path):
     no code of tensafe's runs, yet what it wrote had no name, and goes with
     the process instead of staying beside the file as a hidden 1 GiB."""
     import signal
-    import subprocess
-    import sys
     import time
 
     try:
@@ -607,8 +607,6 @@ def test_modules_have_every_name_of_the_references():
 
 def _drop_in_output(script, cwd):
     """The lines `script` prints, run with `python -m tensafe.drop_in` from `cwd`."""
-    import subprocess
-    import sys
 
     out = subprocess.run([sys.executable, "-m", "tensafe.drop_in", str(script)], capture_output=True, text=True, cwd=cwd, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -638,9 +636,15 @@ def test_drop_in_serves_the_compiled_module_names(tmp_path):
     ]
 
 
+def test_drop_in_runs_code_given_with_c_as_python_does(tmp_path):
+    code = "import sys, safetensors; print(safetensors.__file__.count('tensafe') > 0, sys.argv, __name__)"
+    out = subprocess.run([sys.executable, "-m", "tensafe.drop_in", "-c", code, "a", "b"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0 and out.stdout.split("\n")[0] == "True ['-c', 'a', 'b'] __main__", out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-m", "tensafe.drop_in", "-c"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "-c needs an argument" in out.stderr, out.stderr
+
+
 def test_drop_in_install_replaces_a_reference_imported_before():
-    import subprocess
-    import sys
 
     code = (
         "import safetensors.torch, tensafe.drop_in\n"
