@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import inspect
 import io
@@ -473,9 +474,7 @@ class safe_open:
         file = self._open()
         code, shape, begin, end = _info(file, name)
         if file.backend in _IN_MEMORY and self._framework in ("pt", "numpy"):
-            if self._cutter is None:
-                self._cutter = _Cutter(self._framework, file.data_buffer())
-            tensor = self._cutter.cut(code, shape, begin, end)
+            tensor = self._in_memory(file, code, shape, begin, end)
             if _copies_out_of_the_mapping(file, self._framework):
                 return tensor.copy()
             if self._device != "cpu":
@@ -484,6 +483,13 @@ class safe_open:
                 file.prefetch_range(begin, end - begin)  # ahead of its first touch, as `prefetch`
             return tensor
         return _convert(self._framework, self._device, code, shape, file.buffer(name))
+
+    def _in_memory(self, file: File, code: str, shape: List[int], begin: int, end: int) -> Any:
+        """A tensor of a mapped or in-memory file, cut out of its data
+        section in place (per handle, one buffer and typed views per dtype)."""
+        if self._cutter is None:
+            self._cutter = _Cutter(self._framework, file.data_buffer())
+        return self._cutter.cut(code, shape, begin, end)
 
     def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
         """Every tensor, in file order.
@@ -504,8 +510,11 @@ class safe_open:
 
     def get_slice(self, name: str) -> "PySafeSlice":
         file = self._open()
-        code, shape, begin, _end = _info(file, name)
-        return PySafeSlice(file, name, code, shape, self._framework, self._device, begin)
+        code, shape, begin, end = _info(file, name)
+        whole = None
+        if file.backend == "mmap" and self._framework == "pt":
+            whole = functools.partial(self._in_memory, file, code, shape, begin, end)
+        return PySafeSlice(file, name, code, shape, self._framework, self._device, (begin, end), whole)
 
 
 # `inspect.signature(safe_open)` would describe `__new__`, which takes
@@ -606,9 +615,14 @@ class PySafeSlice:
     reference's restricted rules for the other frameworks.
     """
 
-    def __init__(self, file: File, name: str, code: str, shape: List[int], framework: str, device: Any, begin: int = 0):
+    def __init__(
+        self, file: File, name: str, code: str, shape: List[int], framework: str, device: Any, span: Tuple[int, int] = (0, 0), whole: Any = None
+    ):
         self._file, self._name, self._code, self._shape = file, name, code, shape
-        self._framework, self._device, self._begin = framework, device, begin
+        self._framework, self._device = framework, device
+        # The tensor's bytes in the data section, and (a mapped file, torch)
+        # what makes the whole tensor as a view of the mapping.
+        self._span, self._whole = span, whole
 
     def get_shape(self) -> List[int]:
         return list(self._shape)
@@ -623,20 +637,23 @@ class PySafeSlice:
         # A mapped file: the whole tensor is a view of the mapping, and
         # torch's basic indexing of it a view too, as the reference's (no
         # copy: transformers loads every weight as `get_slice(name)[...]`).
-        mapped = self._file.backend == "mmap" and _dtypes.BY_CODE[self._code][0] >= 8
+        mapped = self._whole is not None and _dtypes.BY_CODE[self._code][0] >= 8
         native = not torch_checks_first and _natively_sliced(index)
         if self._framework == "pt" and (mapped or not native):
-            if native:
+            if native and index is not Ellipsis:
                 # The native checks and words first (no read), then bounds
-                # past 64 bits clamped, which torch would truncate.
+                # past 64 bits clamped, which torch would get wrong.
                 self._file.slice_layout(self._name, index)
-                index = _within_int64(index)
-            whole = _convert("pt", "cpu", self._code, self._shape, self._whole_bytes())
+                index = _within_int64(index, max(self._shape, default=1))
+            whole = self._whole() if mapped else _convert("pt", "cpu", self._code, self._shape, self._whole_bytes())
             selected = whole[index]
             if self._device != "cpu":
                 return selected.to(self._device)
-            if mapped and selected.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():
-                self._read_ahead(selected)  # a view (an advanced index copied, reading it already)
+            if selected.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr():  # a view
+                if self._file.backend == "memory":
+                    return selected.clone()  # never one of the caller's buffer
+                if mapped:
+                    self._read_ahead(selected)
             return selected
         if self._framework == "paddle" and not _natively_sliced_as_paddle(index):
             return self._whole_in_paddle()[index]
@@ -652,12 +669,11 @@ class PySafeSlice:
         """A view of the tensor's mapping spanning 1 MiB or more: those bytes
         are read into the page cache in the background, ahead of its first
         touch, as `get_tensor` does for its tensor."""
-        if view.numel() == 0:
-            return
+        if view.numel() * view.element_size() < _PREFETCH_MIN_BYTES:
+            return  # too little to be worth a request (a column of a matrix spans it all)
         first = view.storage_offset() * view.element_size()
         last = first + (1 + sum((n - 1) * step for n, step in zip(view.shape, view.stride()))) * view.element_size()
-        if last - first >= _PREFETCH_MIN_BYTES:
-            self._file.prefetch_range(self._begin + first, last - first)
+        self._file.prefetch_range(self._span[0] + first, last - first)
 
     def _whole_bytes(self) -> Any:
         """The whole tensor's bytes, for a framework's own indexing: refused
@@ -673,16 +689,19 @@ class PySafeSlice:
         return _convert("paddle", self._device, self._code, self._shape, self._whole_bytes())
 
 
-def _within_int64(index: Any) -> Any:
-    """`index` (a native one) with each slice's start, stop and step clamped
-    to ±2^62, which selects the same (no dimension is that long) and which
-    torch computes right (it truncates bounds past 64 bits, and a step of
-    2^63 - 1 overflows its length: it selects nothing)."""
-    def clamp(bound: Any) -> Any:
-        return None if bound is None else max(-(2**62), min(operator.index(bound), 2**62))
+def _within_int64(index: Any, longest: int) -> Any:
+    """`index` (a native one) with each slice's start and stop clamped to
+    ±2^62 and its step to `longest` (the tensor's longest dimension, at
+    least 1), which selects the same and which torch computes right (it
+    truncates bounds past 64 bits, and a huge step overflows its length or
+    strides)."""
+    def clamp(bound: Any, limit: int) -> Any:
+        return None if bound is None else max(-limit, min(operator.index(bound), limit))
 
     def within(item: Any) -> Any:
-        return slice(clamp(item.start), clamp(item.stop), clamp(item.step)) if isinstance(item, slice) else item
+        if not isinstance(item, slice):
+            return item
+        return slice(clamp(item.start, 2**62), clamp(item.stop, 2**62), clamp(item.step, max(longest, 1)))
 
     return tuple(within(item) for item in index) if isinstance(index, tuple) else within(index)
 

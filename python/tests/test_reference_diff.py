@@ -263,6 +263,18 @@ def test_a_whole_slice_of_a_mapped_file_is_a_view_of_its_tensor_as_the_reference
                 assert torch.equal(whole, tensor) and torch.equal(rows, tensor[1:])
     with tensafe.safe_open(path, "pt", backend="pread") as f:  # private memory: a copy of the selected bytes
         assert f.get_slice("w")[...].untyped_storage().data_ptr() != f.get_tensor("w").untyped_storage().data_ptr()
+    # Bytes the caller handed over are never written through a slice (a list
+    # of slices is basic indexing to torch, not to the native reader).
+    given = bytearray(path.read_bytes())
+    with tensafe.safe_open(given, "pt") as f:
+        f.get_slice("b")[[slice(None)]].fill_(-7)
+    assert given == path.read_bytes()
+    # A step past every dimension selects one element, without overflowing
+    # torch's strides (an empty tensor too).
+    ref_pt.save_file({"e": torch.zeros(0, 3), "v": torch.arange(6.0)}, path)
+    with tensafe.safe_open(path, "pt") as f, safetensors.safe_open(path, "pt") as theirs:
+        assert f.get_slice("e")[:: 2**63].shape == (0, 3) and f.get_slice("v")[1::2**70].tolist() == [1.0]
+        assert f.get_slice("v")[1:5:7].tolist() == theirs.get_slice("v")[1:5:7].tolist() == [1.0]
 
 
 def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):
