@@ -22,6 +22,8 @@ touch of every page of every tensor):
   along dim 0 or 1, the norms whole), cold: tensafe `load_tensor_parallel`
   against the reference's `get_slice` with the same bounds (lazy views: the
   touch reads them)
+- every tensor as `get_slice(name)[...]` (how transformers loads weights),
+  cold: tensafe against the reference, both lazy views of the mapping
 - small tensors: open + get_tensors of a file of `--small` tiny tensors, warm
 
 Prints medians, with the fastest and slowest repetition, in seconds and
@@ -47,6 +49,7 @@ import torch
 
 import safetensors
 import safetensors.torch as ref_pt
+import tensafe
 import tensafe.torch as ts_pt
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -118,6 +121,12 @@ def tp_rules(dim: int) -> list:
     return [("*norm*", None), ("*", dim)]
 
 
+def whole_slices(lib: Any, path: str) -> dict:
+    """Every tensor as transformers loads it: `get_slice(name)[...]`."""
+    with lib.safe_open(path, "pt") as f:
+        return {name: f.get_slice(name)[...] for name in f.keys()}
+
+
 def reference_rank_part(path: str, dim: int) -> dict:
     """What `load_tensor_parallel` returns, through the reference: each
     tensor's `get_slice` indexed with the same bounds (lazy views)."""
@@ -181,6 +190,8 @@ def main() -> None:
             "reference rank part, rows": cold(lambda: touch_all(reference_rank_part(path, 0))),
             "tensafe rank part, columns": cold(lambda: touch_all(ts_pt.load_tensor_parallel(path, 0, 2, tp_rules(1)).tensors)),
             "reference rank part, columns": cold(lambda: touch_all(reference_rank_part(path, 1))),
+            "tensafe get_slice[...] + touch": cold(lambda: touch_all(whole_slices(tensafe, path))),
+            "reference get_slice[...] + touch": cold(lambda: touch_all(whole_slices(safetensors, path))),
             f"tensafe {args.small} small": warm(lambda: ts_pt.load_file(small)),
             f"reference {args.small} small": warm(lambda: ref_pt.load_file(small)),
         }
@@ -209,6 +220,7 @@ def main() -> None:
         compare("pread private load       ", "tensafe pread (private)", "reference pread (private)")
         compare("rank 0 of 2, row parts   ", "tensafe rank part, rows", "reference rank part, rows")
         compare("rank 0 of 2, column parts", "tensafe rank part, columns", "reference rank part, columns")
+        compare("get_slice(name)[...] + touch", "tensafe get_slice[...] + touch", "reference get_slice[...] + touch")
         ts_small, ref_small = med[f"tensafe {args.small} small"], med[f"reference {args.small} small"]
         print(f"{args.small} small tensors, open + get all:     tensafe {ts_small * 1e3:.1f} ms "
               f"({ts_small / args.small * 1e6:.1f} us/tensor), reference {ref_small * 1e3:.1f} ms "
