@@ -599,8 +599,9 @@ class _CheckpointOpen(safe_open):
 
 
 class PySafeSlice:
-    """A tensor not yet read: `get_shape()`, `get_dtype()` and numpy-style `[...]`
-    that reads only the selected bytes.
+    """A tensor not yet read: `get_shape()`, `get_dtype()` and numpy-style
+    `[...]`, which reads only the selected bytes or (torch, mapped files)
+    makes a view of them.
 
     With torch and `backend="mmap"`, every index is torch's, applied to the
     whole tensor, a view of the mapping: basic indices give views of it
@@ -666,9 +667,9 @@ class PySafeSlice:
         return _convert(self._framework, self._device, self._code, shape, data)
 
     def _read_ahead(self, view: Any) -> None:
-        """A view of the tensor's mapping spanning 1 MiB or more: those bytes
-        are read into the page cache in the background, ahead of its first
-        touch, as `get_tensor` does for its tensor."""
+        """A view of the tensor's mapping holding 1 MiB or more: the bytes it
+        spans are read into the page cache in the background, ahead of its
+        first touch, as `get_tensor` does for its tensor."""
         if view.numel() * view.element_size() < _PREFETCH_MIN_BYTES:
             return  # too little to be worth a request (a column of a matrix spans it all)
         first = view.storage_offset() * view.element_size()
