@@ -529,15 +529,14 @@ impl File {
         py.detach(|| {
             // SAFETY: the buffer export is held for the duration of the call.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            match &self.source {
+            match (self.local(), &self.source) {
                 // A mapped file too: read from the file, not the mapping, for
                 // a private copy (numpy's loads).
-                Source::Pread(_) | Source::Mapped(_) => {
-                    let local = self.local().expect("a local file");
+                (Some(local), _) => {
                     let range = tensafe_io::ReadRange { file_offset: local.header().data_start(), dst_offset: 0, len };
                     read_with_engine(local, &[range], dst, engine_options(threads, chunk_bytes, direct), &mut report)
                 }
-                Source::Remote(r) => {
+                (None, Source::Remote(r)) => {
                     // On this (the calling) thread, which drives the transfer:
                     // the callback in order, and a check for Ctrl-C every tick;
                     // an exception from either cancels the requests at the
@@ -565,7 +564,7 @@ impl File {
                     }
                     read.map(|traffic| traffic.requests).map_err(remote_error)
                 }
-                Source::Memory { .. } => Err(PyValueError::new_err("read_all_into is for files, local or remote; this one is in memory")),
+                (None, _) => Err(PyValueError::new_err("read_all_into is for files, local or remote; this one is in memory")),
             }
         })
     }

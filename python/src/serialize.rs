@@ -185,14 +185,13 @@ fn metadata_arg(metadata: Option<&Bound<'_, PyDict>>) -> PyResult<Option<BTreeMa
 /// `bytes`, without the GIL.
 fn write<'py>(py: Python<'py>, tensors: Vec<Owned>, metadata: Option<BTreeMap<String, String>>, filename: Option<PathBuf>) -> PyResult<Option<Bound<'py, PyBytes>>> {
     let items = || tensors.iter().map(|t| (t.name.as_str(), t.raw()));
-    match filename {
-        Some(path) if crate::remote_url(&path).is_some() => {
-            let url = crate::remote_url(&path).expect("checked");
+    match filename.as_deref().map(|path| (path, crate::remote_url(path))) {
+        Some((_, Some(url))) => {
             py.detach(|| tensafe_remote::serialize_to_url(items(), metadata.as_ref(), url, &Default::default()).map_err(remote_error))?;
             Ok(None)
         }
-        Some(path) => {
-            py.detach(|| tensafe::serialize_to_file(items(), metadata.as_ref(), &path)).map_err(serialize_error)?;
+        Some((path, None)) => {
+            py.detach(|| tensafe::serialize_to_file(items(), metadata.as_ref(), path)).map_err(serialize_error)?;
             Ok(None)
         }
         None => {

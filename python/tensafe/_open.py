@@ -304,13 +304,14 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
         threads = min(operator.index(threads), _MAX_THREADS)
     progress = _progress.resolve(progress, "loading ")
     to_other_device = framework == "pt" and device != "cpu"
+    read_into_memory = file.backend not in _IN_MEMORY or _copies_out_of_the_mapping(file, framework)
     if framework == "pt" and _is_cuda(device):
         # Straight to the device through pinned staging buffers; the tensors
         # are views of one device allocation.
         from ._pipeline import load_data_section
 
         data = load_data_section(file, device, threads=threads, progress=progress)
-    elif file.backend not in _IN_MEMORY or _copies_out_of_the_mapping(file, framework):
+    elif read_into_memory:
         data = _read_all(file, threads, progress)
     else:
         # The mapping itself: tensors read the page cache, which a background
@@ -325,8 +326,9 @@ def _bulk(file: File, framework: str, device: Union[str, int], threads: Optional
     if to_other_device and not hasattr(data, "device"):
         # Other accelerators: one host-to-device copy, tensors are views of it.
         data = _torch_bytes(data).to(device)
-    copied = file.backend not in _IN_MEMORY or hasattr(data, "device") or _copies_out_of_the_mapping(file, framework)
-    if drop_cache and copied:  # the bytes are in their final place: the cache's copy is not needed
+    # Read into memory or copied to a device, the bytes are in their final
+    # place: the page cache's copy is not needed.
+    if drop_cache and (read_into_memory or hasattr(data, "device")):
         file.drop_cache()
     with _gc_paused():
         return _cut_all(file, framework, device, data)
@@ -514,7 +516,7 @@ class safe_open:
         whole = None
         if file.backend == "mmap" and self._framework == "pt":
             whole = functools.partial(self._in_memory, file, code, shape, begin, end)
-        return PySafeSlice(file, name, code, shape, self._framework, self._device, (begin, end), whole)
+        return PySafeSlice(file, name, code, shape, self._framework, self._device, begin, whole)
 
 
 # `inspect.signature(safe_open)` would describe `__new__`, which takes
@@ -616,14 +618,15 @@ class PySafeSlice:
     reference's restricted rules for the other frameworks.
     """
 
-    def __init__(
-        self, file: File, name: str, code: str, shape: List[int], framework: str, device: Any, span: Tuple[int, int] = (0, 0), whole: Any = None
-    ):
+    def __init__(self, file: File, name: str, code: str, shape: List[int], framework: str, device: Any, begin: int = 0, whole: Any = None):
         self._file, self._name, self._code, self._shape = file, name, code, shape
         self._framework, self._device = framework, device
-        # The tensor's bytes in the data section, and (a mapped file, torch)
-        # what makes the whole tensor as a view of the mapping.
-        self._span, self._whole = span, whole
+        # Where the tensor starts in the data section, and (a mapped file,
+        # torch) what makes the whole tensor as a view of the mapping.
+        self._begin, self._whole = begin, whole
+        # Packed sub-byte values (F4): a byte holds several elements, so only
+        # the native reader, which counts elements, may index them.
+        self._packed = _dtypes.BY_CODE[code][0] < 8
 
     def get_shape(self) -> List[int]:
         return list(self._shape)
@@ -638,7 +641,7 @@ class PySafeSlice:
         # A mapped file: the whole tensor is a view of the mapping, and
         # torch's basic indexing of it a view too, as the reference's (no
         # copy: transformers loads every weight as `get_slice(name)[...]`).
-        mapped = self._whole is not None and _dtypes.BY_CODE[self._code][0] >= 8
+        mapped = self._whole is not None and not self._packed
         native = not torch_checks_first and _natively_sliced(index)
         if self._framework == "pt" and (mapped or not native):
             if native and index is not Ellipsis:
@@ -661,7 +664,7 @@ class PySafeSlice:
         try:
             shape, data = self._file.read_slice(self._name, index, torch_order=self._framework == "pt")
         except (SliceIndexError, SliceValueError):
-            if self._framework != "paddle" or _dtypes.BY_CODE[self._code][0] < 8:
+            if self._framework != "paddle" or self._packed:
                 raise
             return self._whole_in_paddle()[index]  # paddle's own error, as the reference's
         return _convert(self._framework, self._device, self._code, shape, data)
@@ -674,13 +677,13 @@ class PySafeSlice:
             return  # too little to be worth a request (a column of a matrix spans it all)
         first = view.storage_offset() * view.element_size()
         last = first + (1 + sum((n - 1) * step for n, step in zip(view.shape, view.stride()))) * view.element_size()
-        self._file.prefetch_range(self._span[0] + first, last - first)
+        self._file.prefetch_range(self._begin + first, last - first)
 
     def _whole_bytes(self) -> Any:
         """The whole tensor's bytes, for a framework's own indexing: refused
         for packed sub-byte dtypes, whose bytes hold several elements (the
         framework would index bytes where a slice counts elements)."""
-        if _dtypes.BY_CODE[self._code][0] < 8:
+        if self._packed:
             raise SliceIndexError(f"{self._code} tensors (packed sub-byte values) take only ints, slices, None and one ... as indices")
         return self._file.buffer(self._name)
 

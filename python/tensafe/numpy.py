@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _dtypes, _save
+from . import _dtypes, _numpy_like, _save
 from ._open import _to_numpy, safe_open
 from ._tensafe_rust import TensorSpec, deserialize, serialize, serialize_file  # noqa: F401  (the reference's module has them)
 
 
 def _items(tensor_dict: Dict[str, np.ndarray]):
     # Any mapping, as the reference's (which only calls `items()`) takes.
-    if not isinstance(tensor_dict, Mapping):
-        raise ValueError(f"Expected a dict of [str, np.ndarray] but received {type(tensor_dict)}")
-    return [_save.numpy_item(k, v) for k, v in tensor_dict.items()]
+    return _numpy_like.items(tensor_dict, lambda array: array, "np.ndarray")
 
 
 def save(tensor_dict: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None) -> bytes:

@@ -113,13 +113,16 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    // A safetensors file, index or folder (one holding no torch checkpoint).
-    let names_torch_files_in_it = single_input(&args.input) != args.input || sharded_index(&args.input).is_some_and(|i| i != args.input);
-    if !names_torch_files_in_it && tensafe::ShardedCheckpoint::open(&args.input).is_ok() {
-        say_err!("tensafe convert: {} is already a safetensors checkpoint: nothing to convert", args.input.display());
+    // What is converted: a torch index (named, or in a folder), else one
+    // file (named, or a folder's pytorch_model.bin). Already safetensors (a
+    // file, index or folder, or a pytorch_model.bin that is one): refused.
+    let folder_index = sharded_index(&args.input).filter(|index| index != &args.input);
+    let single = single_input(&args.input);
+    if folder_index.is_none() && tensafe::ShardedCheckpoint::open(&single).is_ok() {
+        say_err!("tensafe convert: {} is already a safetensors checkpoint: nothing to convert", single.display());
         return ExitCode::FAILURE;
     }
-    if args.input.is_dir() && !names_torch_files_in_it {
+    if folder_index.is_none() && single.is_dir() {
         say_err!("tensafe convert: {}: a folder with no torch checkpoint in it (pytorch_model.bin, or pytorch_model.bin.index.json and its shards)", args.input.display());
         return ExitCode::FAILURE;
     }
@@ -147,12 +150,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         };
     }
     // A folder holding an unsharded `pytorch_model.bin`; a folder as output.
-    let input = single_input(&args.input);
-    if tensafe::PreadFile::open(&input).is_ok() {
-        // A folder's pytorch_model.bin that is a safetensors file.
-        say_err!("tensafe convert: {} is already a safetensors file: nothing to convert", input.display());
-        return ExitCode::FAILURE;
-    }
+    let input = single;
     let into_dir = output_url.is_none() && args.output.is_dir();
     let output = if into_dir { args.output.join(tensafe::SINGLE_FILE) } else { args.output.clone() };
     let converted = match output_url {

@@ -246,19 +246,19 @@ fn verify(path: &Path) -> Result<String, String> {
     let start = Instant::now();
     // A folder or index: the index and shards agree, then every shard.
     let checkpoint = tensafe::ShardedCheckpoint::open(path).map_err(|e| e.to_string())?;
-    let (mut tensors, mut bytes) = (0, 0);
-    for shard in checkpoint.shards() {
-        let (t, b) = verify_file(shard)?;
-        (tensors, bytes) = (tensors + t, bytes + b);
-    }
-    let shards = checkpoint.index().map(|_| checkpoint.shards().len());
-    Ok(verified(&path.display().to_string(), shards, tensors, bytes, start, None))
+    let (tensors, bytes) = verify_each(&checkpoint, verify_file)?;
+    Ok(verified(&path.display().to_string(), &checkpoint, tensors, bytes, start, None))
 }
 
-/// The `verify` line of a file, or of a checkpoint of `shards` files.
-pub(crate) fn verified(what: &str, shards: Option<usize>, tensors: usize, bytes: u64, start: Instant, requests: Option<u64>) -> String {
+/// Verifies every shard of `checkpoint` with `verify`: (tensors, bytes) in all.
+pub(crate) fn verify_each<F: tensafe::ShardFile>(checkpoint: &tensafe::Checkpoint<F>, verify: impl Fn(&F) -> Result<(usize, u64), String>) -> Result<(usize, u64), String> {
+    checkpoint.shards().iter().try_fold((0, 0), |(tensors, bytes), shard| verify(shard).map(|(t, b)| (tensors + t, bytes + b)))
+}
+
+/// The `verify` line of a file or checkpoint.
+pub(crate) fn verified<F: tensafe::ShardFile>(what: &str, checkpoint: &tensafe::Checkpoint<F>, tensors: usize, bytes: u64, start: Instant, requests: Option<u64>) -> String {
     let seconds = start.elapsed().as_secs_f64();
-    let shards = shards.map(|n| format!("{n} shards, ")).unwrap_or_default();
+    let shards = checkpoint.index().map(|_| format!("{} shards, ", checkpoint.shards().len())).unwrap_or_default();
     let requests = requests.map(|n| format!(", {n} requests")).unwrap_or_default();
     format!("{what}: {shards}{tensors} tensors, {bytes} bytes read in {seconds:.3} s ({:.2} GB/s{requests})", bytes as f64 / seconds.max(1e-9) / 1e9)
 }

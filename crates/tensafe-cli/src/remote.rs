@@ -81,15 +81,10 @@ impl From<RemoteError> for Failure {
 pub fn verify(url: &str) -> Result<String, String> {
     let start = Instant::now();
     let checkpoint = RemoteCheckpoint::open(url, &RemoteOptions::default()).map_err(|e| e.to_string())?;
-    let (mut tensors, mut bytes) = (0, 0);
-    for shard in checkpoint.shards() {
-        let (t, b) = verify_file(shard)?;
-        (tensors, bytes) = (tensors + t, bytes + b);
-    }
-    let shards = checkpoint.index().map(|_| checkpoint.shards().len());
+    let (tensors, bytes) = crate::verify_each(&checkpoint, verify_file)?;
     // Every request: the index (or the probe for one), headers and data.
     let requests = checkpoint.traffic().requests;
-    Ok(crate::verified(url, shards, tensors, bytes, start, Some(requests)))
+    Ok(crate::verified(url, &checkpoint, tensors, bytes, start, Some(requests)))
 }
 
 /// Reads every data byte of one remote file: (tensors, bytes).

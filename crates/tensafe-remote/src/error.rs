@@ -210,14 +210,11 @@ impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = self.error.to_string();
         write!(f, "{}", Printable(&text))?;
-        let mut cause = self.causes.as_deref();
-        while let Some(link) = cause {
-            if link.next.is_none() && !text.contains(&link.text) {
-                write!(f, " ({})", link.text)?;
-            }
-            cause = link.next.as_deref();
+        let root = std::iter::successors(self.causes.as_deref(), |cause| cause.next.as_deref()).last();
+        match root {
+            Some(root) if !text.contains(&root.text) => write!(f, " ({})", root.text),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
