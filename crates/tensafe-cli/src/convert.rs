@@ -133,12 +133,12 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
                     out!("{}\n", serde_json::to_string_pretty(&report).expect("reports serialize"));
                 } else {
                     for (input, output, r) in &report.shards {
-                        say!("{input} → {output}: {} tensors, {}", r.tensors.len(), crate::human_bytes(r.data_bytes as u128));
+                        say!("{input} → {output}: {}, {}", crate::count(r.tensors.len(), "tensor"), crate::human_bytes(r.data_bytes as u128));
                         print_details(r);
                     }
                     say!(
-                        "wrote {} shards and {} ({}) in {:.2} s",
-                        report.shards.len(),
+                        "wrote {} and {} ({}) in {:.2} s",
+                        crate::count(report.shards.len(), "shard"),
                         report.index.display(),
                         crate::human_bytes(report.total_size as u128),
                         start.elapsed().as_secs_f64()
@@ -174,11 +174,11 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
                 let seconds = start.elapsed().as_secs_f64();
                 let root = if report.root.is_empty() { String::new() } else { format!(", state dict at `{}`", report.root) };
                 say!(
-                    "{} ({} format{root}) → {}: {} tensors, {} in {:.2} s ({:.0} MB/s)",
+                    "{} ({} format{root}) → {}: {}, {} in {:.2} s ({:.0} MB/s)",
                     input.display(),
                     report.format,
                     output.display(),
-                    report.tensors.len(),
+                    crate::count(report.tensors.len(), "tensor"),
                     crate::human_bytes(report.data_bytes as u128),
                     seconds,
                     report.data_bytes as f64 / seconds.max(1e-9) / 1e6

@@ -244,8 +244,8 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         });
         out!("{}\n", serde_json::to_string_pretty(&out).expect("JSON values serialize"));
     } else {
-        say!("a: {} ({kind_a}, {na} tensors)", args.a.display());
-        say!("b: {} ({kind_b}, {nb} tensors)", args.b.display());
+        say!("a: {} ({kind_a}, {})", args.a.display(), crate::count(na, "tensor"));
+        say!("b: {} ({kind_b}, {})", args.b.display(), crate::count(nb, "tensor"));
         for c in &changes {
             let mark = match c.change {
                 "added" => "+",
@@ -254,7 +254,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
             };
             say!("{mark} {:<8} {}  {}", c.change, tensafe::Printable(&c.name), c.detail);
         }
-        say!("{identical} identical tensors, {} differences", changes.len());
+        say!("{}, {}", crate::count(identical, "identical tensor"), crate::count(changes.len(), "difference"));
     }
     if changes.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }

@@ -118,12 +118,14 @@ fn to_table(path: &Path, parts: &[Part<'_>]) -> String {
     let header_bytes: usize = parts.iter().map(|p| p.header.header_len_bytes()).sum();
     let sharded = parts.iter().any(|p| p.shard.is_some());
     let mut out = String::new();
-    let shards = if sharded { format!(" in {} shards", parts.len()) } else { String::new() };
+    let shards = if sharded { format!(" in {}", crate::count(parts.len(), "shard")) } else { String::new() };
     let _ = writeln!(
         out,
-        "{}: {tensors} tensors{shards}, {} parameters, {} of data, {header_bytes}-byte header{}",
+        "{}: {}{shards}, {} {}, {} of data, {header_bytes}-byte header{}",
         tensafe::Printable(&path.display().to_string()),
+        crate::count(tensors, "tensor"),
         group_digits(parameters),
+        crate::plural(parameters, "parameter"),
         human_bytes(data),
         if sharded { "s" } else { "" },
     );

@@ -227,7 +227,7 @@ fn reshard(input: &Path, output: &Path, max_shard_size: &str) -> ExitCode {
     match result {
         Ok(Some(index)) => {
             let shards: std::collections::BTreeSet<&String> = index.weight_map.values().collect();
-            say!("wrote {} shards and {} to {}", shards.len(), tensafe::INDEX_FILE, output.display());
+            say!("wrote {} and {} to {}", count(shards.len(), "shard"), tensafe::INDEX_FILE, output.display());
             ExitCode::SUCCESS
         }
         Ok(None) => {
@@ -239,6 +239,16 @@ fn reshard(input: &Path, output: &Path, max_shard_size: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `n` and a noun, plural unless `n` is 1: "1 tensor", "3 tensors".
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    format!("{n} {}", plural(n as u128, noun))
+}
+
+/// The noun as it follows the number `n`.
+pub(crate) fn plural(n: u128, noun: &str) -> String {
+    if n == 1 { noun.to_string() } else { format!("{noun}s") }
 }
 
 /// Full validation plus a read of every data byte; BOOL tensors must hold 0 or 1.
@@ -258,9 +268,9 @@ pub(crate) fn verify_each<F: tensafe::ShardFile>(checkpoint: &tensafe::Checkpoin
 /// The `verify` line of a file or checkpoint.
 pub(crate) fn verified<F: tensafe::ShardFile>(what: &str, checkpoint: &tensafe::Checkpoint<F>, tensors: usize, bytes: u64, start: Instant, requests: Option<u64>) -> String {
     let seconds = start.elapsed().as_secs_f64();
-    let shards = checkpoint.index().map(|_| format!("{} shards, ", checkpoint.shards().len())).unwrap_or_default();
-    let requests = requests.map(|n| format!(", {n} requests")).unwrap_or_default();
-    format!("{what}: {shards}{tensors} tensors, {bytes} bytes read in {seconds:.3} s ({:.2} GB/s{requests})", bytes as f64 / seconds.max(1e-9) / 1e9)
+    let shards = checkpoint.index().map(|_| format!("{}, ", count(checkpoint.shards().len(), "shard"))).unwrap_or_default();
+    let requests = requests.map(|n| format!(", {}", count(n as usize, "request"))).unwrap_or_default();
+    format!("{what}: {shards}{}, {bytes} bytes read in {seconds:.3} s ({:.2} GB/s{requests})", count(tensors, "tensor"), bytes as f64 / seconds.max(1e-9) / 1e9)
 }
 
 /// Reads every data byte of one file: (tensors, bytes of the file).

@@ -101,7 +101,7 @@ fn label(v: Verdict) -> &'static str {
 }
 
 fn print_report(r: &ScanReport, verbose: bool) {
-    let tensors = if r.tensors.is_empty() { String::new() } else { format!(", {} tensors", r.tensors.len()) };
+    let tensors = if r.tensors.is_empty() { String::new() } else { format!(", {}", crate::count(r.tensors.len(), "tensor")) };
     say!("{:<10}  {}  ({}{tensors})", label(r.verdict), r.path, r.container);
     if let Some(e) = &r.error {
         say!("  error: {e}");
@@ -114,7 +114,7 @@ fn print_report(r: &ScanReport, verbose: bool) {
         let rep = &p.report;
         for i in rep.imports.iter().filter(|i| show(i.severity)) {
             let raw = i.raw.as_ref().map(|r| format!(" (written as {r})")).unwrap_or_default();
-            say!("  [{:?}] {} offset {}: {} {}{raw} ({})", i.severity, rep.name, i.offset, i.opcode, i.global, i.status);
+            say!("  [{:?}] {}, opcode at {}: {} {}{raw} ({})", i.severity, rep.name, i.offset, i.opcode, i.global, i.status);
         }
         for c in rep.calls.iter().filter(|c| show(c.severity)) {
             // Reachability matters for calls that would run code; modelled
@@ -124,10 +124,10 @@ fn print_report(r: &ScanReport, verbose: bool) {
                 (_, true) => " [result reachable from the unpickled object]",
                 (_, false) => " [result discarded or only in the memo: it would run all the same]",
             };
-            say!("  [{:?}] {} offset {}: {} {} {}{reach}", c.severity, rep.name, c.offset, c.opcode, c.callee, c.args);
+            say!("  [{:?}] {}, opcode at {}: {} {} {}{reach}", c.severity, rep.name, c.offset, c.opcode, c.callee, c.args);
         }
         for a in rep.anomalies.iter().filter(|a| show(a.severity)) {
-            say!("  [{:?}] {} offset {}: {}: {}", a.severity, rep.name, a.offset, a.kind, a.detail);
+            say!("  [{:?}] {}, opcode at {}: {}: {}", a.severity, rep.name, a.offset, a.kind, a.detail);
         }
         if rep.dropped_events > 0 && (verbose || rep.severity() > Severity::Safe) {
             say!("  {}: {} more events not recorded", rep.name, rep.dropped_events);

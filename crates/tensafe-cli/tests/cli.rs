@@ -38,6 +38,17 @@ fn inspect_small_file_table() {
 }
 
 #[test]
+fn counts_of_one_are_singular() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.safetensors");
+    write_file(&path, 1);
+    let file = path.to_str().unwrap();
+    assert!(stdout(&tensafe(&["inspect", file])).contains("1 tensor, 1 parameter, 4 B of data"));
+    assert!(stdout(&tensafe(&["verify", file])).contains(": 1 tensor, "));
+    assert!(stdout(&tensafe(&["diff", file, file])).contains("1 identical tensor, 0 differences"));
+}
+
+#[test]
 fn inspect_json_of_5000_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("many.safetensors");

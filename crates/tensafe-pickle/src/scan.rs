@@ -154,12 +154,12 @@ impl ScanReport {
             if p.torch_would_run || has_extension(&p.report.name, ".pkl") || self.container == "pickle" {
                 for i in &p.report.imports {
                     if i.severity > Severity::Safe {
-                        self.would_execute.push(format!("{}: import {} (offset {})", p.report.name, i.global, i.offset));
+                        self.would_execute.push(format!("{}: import {} (opcode at {})", p.report.name, i.global, i.offset));
                     }
                 }
                 for c in &p.report.calls {
                     if c.severity > Severity::Safe {
-                        self.would_execute.push(format!("{}: {} {}{} (offset {})", p.report.name, c.opcode, c.callee, c.args, c.offset));
+                        self.would_execute.push(format!("{}: {} {}{} (opcode at {})", p.report.name, c.opcode, c.callee, c.args, c.offset));
                     }
                 }
             }
@@ -480,9 +480,9 @@ impl<'o> Scanner<'o> {
                 }
             }
             let label = if index < 5 && index > 0 && legacy_ok {
-                format!("{name} pickle {} ({}) at offset {pos}", index + 1, labels[index])
+                format!("{name} pickle {} ({}) from byte {pos}", index + 1, labels[index])
             } else {
-                format!("{name} pickle {} at offset {pos}", index + 1)
+                format!("{name} pickle {} from byte {pos}", index + 1)
             };
             let pids = if index == 3 && legacy_ok { PidSchema::Legacy } else { PidSchema::Any };
             let runs = index == 0 || (legacy_ok && index < 5);
