@@ -132,9 +132,7 @@ impl Owned {
 fn specs_from_dict(tensor_dict: &Bound<'_, PyDict>) -> PyResult<Vec<Owned>> {
     let mut out = Vec::with_capacity(tensor_dict.len());
     for (name, spec) in tensor_dict.iter() {
-        let name: String = name.extract().map_err(|_| {
-            not_an_instance("tensor_dict", &name, "str")
-        })?;
+        let name = text("tensor_dict", &name)?;
         let spec = spec.cast::<TensorSpec>().map_err(|_| {
             not_an_instance("tensor_dict", &spec, "TensorSpec")
         })?;
@@ -160,13 +158,14 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
-/// A metadata key or value: a TypeError for what is not a `str`, and the
-/// string's own error (UnicodeEncodeError for a lone surrogate) for a `str`
-/// that is not UTF-8, as the reference raises them.
-fn metadata_text(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+/// A tensor name or a metadata key or value given as `argument`: a
+/// TypeError for what is not a `str`, and the string's own error
+/// (UnicodeEncodeError for a lone surrogate) for a `str` that is not UTF-8,
+/// as the reference raises them.
+fn text(argument: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
     match obj.cast::<pyo3::types::PyString>() {
         Ok(text) => text.to_str().map(str::to_owned),
-        Err(_) => Err(not_an_instance("metadata", obj, "str")),
+        Err(_) => Err(not_an_instance(argument, obj, "str")),
     }
 }
 
@@ -174,7 +173,7 @@ fn metadata_arg(metadata: Option<&Bound<'_, PyDict>>) -> PyResult<Option<BTreeMa
     metadata
         .map(|dict| {
             dict.iter()
-                .map(|(k, v)| Ok((metadata_text(&k)?, metadata_text(&v)?)))
+                .map(|(k, v)| Ok((text("metadata", &k)?, text("metadata", &v)?)))
                 .collect()
         })
         .transpose()
@@ -240,9 +239,7 @@ fn buffers_from_list(tensors: &Bound<'_, PyList>) -> PyResult<Vec<Owned>> {
     let mut owned = Vec::with_capacity(tensors.len());
     for item in tensors.iter() {
         let (name, code, shape, obj): (Bound<'_, PyAny>, String, Vec<usize>, Bound<'_, PyAny>) = item.extract()?;
-        let name: String = name.extract().map_err(|_| {
-            not_an_instance("tensor_dict", &name, "str")
-        })?;
+        let name = text("tensor_dict", &name)?;
         let dtype = Dtype::from_code(&code).ok_or_else(|| SafetensorError::new_err(format!("unknown dtype code {code}")))?;
         let buffer = PyUntypedBuffer::get(&obj)?;
         if !buffer.is_c_contiguous() {

@@ -72,7 +72,13 @@ def _end_ptr(tensor: torch.Tensor) -> int:
 
 
 def _filter_shared_not_shared(tensors: List[Set[str]], state_dict: Dict[str, torch.Tensor]) -> List[Set[str]]:
-    """Splits each storage group into clusters of overlapping byte ranges."""
+    """Splits each storage group into clusters of overlapping byte ranges.
+
+    A cluster ends where a tensor starts past the end of every tensor before
+    it. (The reference compares with the previous tensor's end only, so a
+    view inside a larger tensor but after a smaller view of it, as `C` in
+    `x, x[10:20], x[30:40]`, falls into a cluster of its own, and
+    `save_model` refuses a module holding them.)"""
     result: List[Set[str]] = []
     for group in tensors:
         if len(group) < 2:
@@ -80,15 +86,14 @@ def _filter_shared_not_shared(tensors: List[Set[str]], state_dict: Dict[str, tor
             continue
         members = sorted((state_dict[n].data_ptr(), _end_ptr(state_dict[n]), n) for n in group)
         cluster: Set[str] = {members[0][2]}
-        previous_end = members[0][1]
+        cluster_end = members[0][1]
         for start, end, name in members[1:]:
-            # Compared with the previous member's end, as the reference does.
-            if start >= previous_end:
+            if start >= cluster_end:
                 result.append(cluster)
                 cluster = {name}
             else:
                 cluster.add(name)
-            previous_end = end
+            cluster_end = max(cluster_end, end)
         result.append(cluster)
     return result
 

@@ -369,6 +369,39 @@ def test_shared_tensor_helpers_match_the_reference():
     assert ts_pt.storage_ptr(x) == ref_pt.storage_ptr(x) and ts_pt.storage_size(x) == ref_pt.storage_size(x)
 
 
+def test_views_nested_in_a_tensor_are_one_group_of_shared_tensors(tmp_path):
+    """README: a view inside a larger tensor but after a smaller view of it
+    is shared with them (the reference puts it in a group of its own), so
+    save_model stores the largest once, where the reference refuses."""
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            x = torch.arange(100, dtype=torch.float32)
+            self.register_buffer("A", x)
+            self.register_buffer("B", x[10:20])
+            self.register_buffer("C", x[30:40])
+
+    model = Nested()
+    state = model.state_dict()
+    assert ref_pt._find_shared_tensors(state) == [{"A", "B"}, {"C"}]
+    assert ts_pt._find_shared_tensors(state) == [{"A", "B", "C"}]
+    assert ts_pt._remove_duplicate_names(state) == {"A": ["B", "C"]}
+    with pytest.raises(RuntimeError, match="no suitable name to keep"):
+        ref_pt.save_model(model, tmp_path / "ref.safetensors")
+    ts_pt.save_model(model, tmp_path / "ours.safetensors")
+    assert set(ts_pt.load_file(tmp_path / "ours.safetensors")) == {"A"}
+    loaded = Nested()
+    for buffer in loaded.buffers():
+        buffer.zero_()
+    missing, unexpected = ts_pt.load_model(loaded, tmp_path / "ours.safetensors")
+    assert not missing and not unexpected
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), state.values()))
+    # Saving them all as they are is refused, naming the three together.
+    with pytest.raises(RuntimeError, match="share memory") as info:
+        ts_pt.save_file(state, tmp_path / "all.safetensors")
+    assert "'A'" in str(info.value) and "'B'" in str(info.value) and "'C'" in str(info.value)
+
+
 def test_save_model_and_load_model_round_trip_tied_weights(tmp_path):
     class Tied(torch.nn.Module):
         def __init__(self):
@@ -716,6 +749,19 @@ def test_contiguous_tensors_with_an_odd_stride_on_a_size_one_dimension_save_like
     keep_alive, keep_alive_ref = [], []
     ours = tensafe.serialize(ts_pt._flatten_as_ptr(cases, keep_alive), metadata=None)
     assert ours == safetensors.serialize(ref_pt._flatten_as_ptr(cases, keep_alive_ref), metadata=None)
+
+
+def test_a_name_with_a_lone_surrogate_is_a_unicode_error_like_the_reference(tmp_path):
+    for ref, ours, tensor in ((ref_pt, ts_pt, torch.ones(1)), (ref_np, ts_np, np.ones(1, np.float32))):
+        for lib in (ref, ours):
+            with pytest.raises(UnicodeEncodeError):
+                lib.save({"\udcff": tensor})
+            with pytest.raises(UnicodeEncodeError):
+                lib.save_file({"\udcff": tensor}, tmp_path / "s.safetensors")
+    assert not (tmp_path / "s.safetensors").exists()
+    for lib, flatten in ((safetensors, ref_pt._flatten_as_ptr), (tensafe, ts_pt._flatten_as_ptr)):
+        with pytest.raises(UnicodeEncodeError):
+            lib.serialize(flatten({"\udcff": torch.ones(1)}, []), metadata=None)
 
 
 def test_metadata_with_a_lone_surrogate_is_a_unicode_error_like_the_reference():

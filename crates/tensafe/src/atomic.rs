@@ -46,7 +46,8 @@ pub const NAMED_TEMP_FILES_ENV: &str = "TENSAFE_NAMED_TEMP_FILES";
 
 /// Writes a file through `write` and moves it into place at `path`.
 ///
-/// The new file gets the mode of the file it replaces, or `0o666` minus the
+/// The new file gets the permission bits of the file it replaces (not its
+/// setuid, setgid or sticky bits), or `0o666` minus the
 /// process umask when there is none, like any newly created file. When `path`
 /// is a symbolic link, the link itself is replaced and what it names is left
 /// as it was (as the reference and huggingface_hub do): a save writes in the
@@ -187,12 +188,14 @@ impl StagedWrites {
         })?;
 
         let mut builder = tempfile::Builder::new();
-        let prefix = format!(".{}.", file_name.to_string_lossy());
+        let prefix = temp_prefix(file_name);
         builder.prefix(&prefix).suffix(".tmp");
         #[cfg(unix)]
         let existing_mode = {
             use std::os::unix::fs::PermissionsExt;
-            let mode = existing.as_ref().map(|m| m.permissions().mode() & 0o7777);
+            // The permission bits only: a replaced setuid, setgid or sticky
+            // file does not make the save's file one.
+            let mode = existing.as_ref().map(|m| m.permissions().mode() & 0o777);
             // Created with 0o666 the kernel applies the umask, as for any new file.
             builder.permissions(std::fs::Permissions::from_mode(0o666));
             mode
@@ -302,6 +305,21 @@ impl StagedWrites {
         }
         Ok(())
     }
+}
+
+/// The start of a temporary file's name beside `file_name`: `.`, the name,
+/// `.`, cut short enough that the whole name (with tempfile's 6 random
+/// letters and `.tmp`) stays within the 255 bytes a file name may have on
+/// common filesystems, so that any name that can be saved to can be staged.
+fn temp_prefix(file_name: &std::ffi::OsStr) -> String {
+    const NAME_MAX: usize = 255;
+    const ADDED: usize = ".".len() + ".".len() + 6 + ".tmp".len();
+    let name = file_name.to_string_lossy();
+    let mut end = name.len().min(NAME_MAX - ADDED);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(".{}.", &name[..end])
 }
 
 /// Gives a written file the mode of the file it replaces (when there is

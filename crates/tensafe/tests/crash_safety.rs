@@ -12,7 +12,10 @@
 //! * The cleanup a signal handler runs removes the staged temporary files,
 //!   and a commit after it renames nothing (it waits for the process to end).
 //! * A new file's mode is `0o666` minus the umask; a replaced file keeps its
-//!   mode; a symbolic link is kept and the file it names is replaced.
+//!   permission bits (not setuid, setgid or sticky); a symbolic link is kept
+//!   and the file it names is replaced.
+//! * A name of the longest length (255 bytes) can be saved to, although the
+//!   temporary file beside it has a longer name.
 
 #![cfg(unix)]
 
@@ -43,6 +46,10 @@ const JOB_SIZE_LIMITED_SAVE: &str = "size-limited-save";
 /// Child job: save new files under various umasks (the umask is per process,
 /// so changing it among the parallel tests would be a race).
 const JOB_UMASK_MODES: &str = "umask-modes";
+
+/// Child job: save (twice, so once replacing) to names of the longest length
+/// a file name may have, in the path's directory.
+const JOB_LONGEST_NAMES: &str = "longest-names";
 
 /// Child job: stage two files beside the path, run the signal cleanup
 /// ([`tensafe::remove_unfinished_files`]), then commit on another thread.
@@ -125,6 +132,22 @@ fn child_process() {
                 let expected = u32::from(0o666 & !mask);
                 assert_eq!(mode(&new_path), expected, "umask {mask:03o}");
             }
+        }
+        Some(JOB_LONGEST_NAMES) => {
+            let dir = path.parent().expect("the path has a directory");
+            // 255 bytes each: ASCII, and two-byte characters after one ASCII.
+            let names = ["n".repeat(251) + ".bin", "x".to_owned() + &"é".repeat(127)];
+            for name in &names {
+                assert_eq!(name.len(), 255);
+                for fill in [1, 2] {
+                    save_small(&dir.join(name), "w", fill).unwrap_or_else(|e| panic!("saving to a {}-byte name: {e}", name.len()));
+                }
+                let saved = fs::read(dir.join(name)).unwrap();
+                assert_eq!(SafeTensors::deserialize(&saved).unwrap().tensor("w").unwrap().data(), [2; 4]);
+            }
+            let mut expected: Vec<OsString> = names.iter().map(OsString::from).collect();
+            expected.sort();
+            assert_eq!(listing(dir), expected);
         }
         #[cfg(target_os = "linux")]
         Some(JOB_CLEANUP_THEN_COMMIT) => {
@@ -547,6 +570,15 @@ fn new_file_mode_follows_the_umask() {
 }
 
 #[test]
+fn names_of_the_longest_length_can_be_saved_to() {
+    // The temporary file beside the destination has a longer name than it.
+    for named in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        run_child_with(JOB_LONGEST_NAMES, &dir.path().join("unused"), named);
+    }
+}
+
+#[test]
 fn replacing_a_file_keeps_its_mode() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
@@ -567,6 +599,10 @@ fn replacing_a_file_keeps_its_mode() {
         assert_eq!(SafeTensors::deserialize(&new).unwrap().tensor("w").unwrap().data(), [2; 4]);
         assert_eq!(listing(dir.path()), ["model.safetensors"]);
     }
+    // Of a setuid, setgid or sticky file, the permission bits only.
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o7755)).unwrap();
+    save_small(&path, "w", 3).unwrap();
+    assert_eq!(mode(&path), 0o755);
 }
 
 #[test]
