@@ -392,8 +392,8 @@ pub fn plan_checkpoint<'a>(ck: &'a Checkpoint<'_>, options: &ConvertOptions) -> 
     if options.format_metadata {
         metadata.insert("format".into(), "pt".into());
     }
-    // The JSON of all non-tensor values together: at most 64 MiB (a header
-    // holds at most 100 MB), the rest shown as "…".
+    // The JSON of all non-tensor values together, within one budget (a
+    // header holds at most 100 MB), the rest shown as "…".
     let mut budget = NON_TENSOR_JSON_BYTES;
     for (path, value) in &ex.non_tensors {
         let text = extract::to_json(&ck.heap, value, &mut budget).to_string();
@@ -484,9 +484,10 @@ const FILE_COPY_MIN: usize = 256 << 10;
 /// The write buffer for the header, small tensors and gathered ones.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// Bytes of JSON all of a checkpoint's non-tensor values may render to
-/// (in the report, and in the metadata with `keep_non_tensors`).
-const NON_TENSOR_JSON_BYTES: usize = 64 << 20;
+/// The budget of [`extract::to_json`] all of a checkpoint's non-tensor
+/// values share (in the report, and in the metadata with
+/// `keep_non_tensors`): about the bytes their JSON takes in memory.
+pub const NON_TENSOR_JSON_BYTES: usize = 64 << 20;
 
 /// Writes a planned conversion to replace `out` when `staged` is committed
 /// (a temporary file, one fsync; the rename at the commit). With `source`,

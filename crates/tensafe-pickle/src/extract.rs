@@ -398,9 +398,12 @@ fn module_state(heap: &Heap, o: &crate::value::Opaque) -> Option<Vec<(Value, Str
 
 /// A JSON rendering of a non-tensor value, bounded in depth and in size by
 /// `budget`: [`JSON_NODE_UNITS`] per value (about what a JSON value takes
-/// in memory) and a unit per byte of its strs, spent as it renders (what is
-/// left shows as `"…"`). A pickle can refer to one long str many
-/// times: counted by values alone, 4000 references to 1 MB took 4 GB.
+/// in memory), a cut-off placeholder included, and a unit per byte of its
+/// strs, spent as it renders. What is left once the budget is spent, or
+/// below [`JSON_DEPTH`], shows as `"…"`, once per container: the work is
+/// bounded by the budget, however often a pickle refers to one value (4000
+/// references to a 1 MB str took 4 GB when only values were counted, and
+/// wide lists of values past the depth limit, free, took minutes).
 pub fn to_json(heap: &Heap, v: &Value, budget: &mut usize) -> serde_json::Value {
     json_inner(heap, v, 0, budget)
 }
@@ -422,11 +425,33 @@ fn within(s: &str, budget: &mut usize) -> String {
 /// Units of [`to_json`]'s budget one value costs, whatever its size.
 pub const JSON_NODE_UNITS: usize = 32;
 
+/// Containers nested deeper than this render as `"…"`.
+pub const JSON_DEPTH: usize = 32;
+
+/// What [`to_json`] shows for what it does not render.
+fn cut_off() -> serde_json::Value {
+    json!("…")
+}
+
 fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde_json::Value {
-    if *budget < JSON_NODE_UNITS || depth > 32 {
-        return json!("…");
+    // Every value pays, the placeholder too, and a container's items stop
+    // when the budget does.
+    if *budget < JSON_NODE_UNITS || depth > JSON_DEPTH {
+        *budget = budget.saturating_sub(JSON_NODE_UNITS);
+        return cut_off();
     }
     *budget -= JSON_NODE_UNITS;
+    let items = |values: &mut dyn Iterator<Item = &Value>, budget: &mut usize| -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for value in values {
+            if *budget < JSON_NODE_UNITS {
+                out.push(cut_off());
+                break;
+            }
+            out.push(json_inner(heap, value, depth + 1, budget));
+        }
+        out
+    };
     match v {
         Value::None => serde_json::Value::Null,
         Value::Bool(b) => json!(b),
@@ -437,22 +462,23 @@ fn json_inner(heap: &Heap, v: &Value, depth: usize, budget: &mut usize) -> serde
         Value::Str(s) => json!(within(s, budget)),
         Value::Bytes(_) => json!(within(&heap.summary(v, 1000), budget)),
         Value::Obj(id) => match heap.get(*id) {
-            Object::Tuple(items) | Object::List(items) => {
-                serde_json::Value::Array(items.iter().map(|i| json_inner(heap, i, depth + 1, budget)).collect())
+            Object::Tuple(values) | Object::List(values) => serde_json::Value::Array(items(&mut values.iter(), budget)),
+            Object::Set(s) => serde_json::Value::Array(items(&mut s.items.iter(), budget)),
+            Object::Dict(d) => {
+                let mut map = serde_json::Map::new();
+                for (k, v) in &d.entries {
+                    if *budget < JSON_NODE_UNITS {
+                        map.insert("…".into(), cut_off());
+                        break;
+                    }
+                    let key = match k.as_str() {
+                        Some(k) => within(k, budget),
+                        None => within(&heap.summary(k, 100), budget),
+                    };
+                    map.insert(key, json_inner(heap, v, depth + 1, budget));
+                }
+                serde_json::Value::Object(map)
             }
-            Object::Set(s) => serde_json::Value::Array(s.items.iter().map(|i| json_inner(heap, i, depth + 1, budget)).collect()),
-            Object::Dict(d) => serde_json::Value::Object(
-                d.entries
-                    .iter()
-                    .map(|(k, v)| {
-                        let key = match k.as_str() {
-                            Some(k) => within(k, budget),
-                            None => within(&heap.summary(k, 100), budget),
-                        };
-                        (key, json_inner(heap, v, depth + 1, budget))
-                    })
-                    .collect(),
-            ),
             Object::Complex(re, im) => json!([re, im]),
             Object::Opaque(o) => {
                 let class = heap.global(&o.callable).map(|g| g.qualified()).unwrap_or_else(|| "?".into());

@@ -394,7 +394,10 @@ impl<'a, 'h> Vm<'a, 'h> {
                 self.flag(
                     Severity::Dangerous,
                     "frame",
-                    format!("{n}-byte read at offset {} crosses the frame end at offset {end}", self.pos),
+                    format!(
+                        "{n}-byte read at offset {} crosses the frame end at offset {end} (CPython reading from a file drops the rest of the frame and reads on after it, so it may take other names and values from here on than this report shows)",
+                        self.pos
+                    ),
                 )?;
             }
         }

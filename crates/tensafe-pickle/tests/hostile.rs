@@ -1588,6 +1588,54 @@ fn non_tensor_values_render_to_bounded_json() {
     assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
 }
 
+// A value that refers to a wide list through many paths, below the depth
+// JSON is rendered to: every value rendered, a cut-off one too, spends the
+// budget (the items past the depth limit were free, and a 6 KB pickle took
+// minutes and gigabytes).
+#[test]
+fn values_cut_off_from_non_tensor_json_spend_its_budget() {
+    use tensafe_pickle::extract::{JSON_DEPTH, JSON_NODE_UNITS};
+    const WIDE: usize = 100;
+    // Memo 0: a short str; 1: a list of WIDE references to it; then five
+    // levels of ten references each to the level below (10^5 paths to it).
+    let mut asm = Asm::new().proto(2).empty_dict().short_str("w").tensor_v2("FloatStorage", "0", 12, 0, &[12], &[1]).setitem();
+    asm = asm.short_str("hp").short_str("x").binput(0).pop().empty_list().mark();
+    for _ in 0..WIDE {
+        asm = asm.binget(0);
+    }
+    asm = asm.op(b'e').binput(1).pop();
+    let mut memo = 1;
+    for _ in 0..5 {
+        asm = asm.empty_list().mark();
+        for _ in 0..10 {
+            asm = asm.binget(memo);
+        }
+        memo += 1;
+        asm = asm.op(b'e').binput(memo).pop();
+    }
+    // Wrapped in lists of one, so that the wide list lies at the depth limit.
+    for _ in 0..JSON_DEPTH - 5 {
+        asm = asm.empty_list().binget(memo).append();
+        memo += 1;
+        asm = asm.binput(memo).pop();
+    }
+    let pkl = asm.binget(memo).setitem().stop().finish();
+    let c = Canary::new();
+    let input = c.dir.path().join("input.pt");
+    std::fs::write(&input, torch_zip(&pkl, &[("0", &floats12())])).unwrap();
+    let report = tensafe_pickle::convert_file(&input, &c.out(), &ConvertOptions::default()).unwrap();
+    let (path, text) = &report.non_tensors[0];
+    assert_eq!(path, "hp");
+    let values: serde_json::Value = serde_json::from_str(text).unwrap();
+    fn count(v: &serde_json::Value) -> usize {
+        1 + v.as_array().map_or(0, |items| items.iter().map(count).sum())
+    }
+    // Without the charge: 10^5 visits of the wide list, 10^7 values.
+    let most = tensafe_pickle::convert::NON_TENSOR_JSON_BYTES / JSON_NODE_UNITS + JSON_DEPTH + 1;
+    assert!(count(&values) <= most, "{} values rendered, at most {most} expected", count(&values));
+    assert!(text.trim_end_matches(']').ends_with("\"…\""), "the rest cut off: …{}", &text[text.len() - 50..]);
+}
+
 // The file's error says where the pickle stopped and why, not only that it
 // was "malformed" somewhere after the failing opcode.
 #[test]
