@@ -779,6 +779,14 @@ fn class28_compression_bombs() {
     let options = ConvertOptions { load: LoadOptions { limits: tensafe_pickle::Limits { max_inflate: 100, ..Default::default() }, ..Default::default() }, ..Default::default() };
     let bytes = zip_with(|z| z.entries[0].method = 8);
     assert!(refused_with(&bytes, &options).contains("inflate budget"));
+    // The scan says it could not read the entry: an error, not a danger (a
+    // large checkpoint zipped again is one).
+    let mut scan_options = ScanOptions::default();
+    scan_options.limits.max_inflate = 100;
+    let r = scan_bytes(&bytes, "input", &scan_options);
+    assert_eq!(r.verdict, Verdict::Error, "{:?}", r.findings);
+    assert!(r.error.as_deref().unwrap_or_default().contains("was not scanned: it inflates to"), "{:?}", r.error);
+    assert!(r.findings.iter().all(|f| f.severity < Severity::Dangerous), "{:?}", r.findings);
 }
 
 // 29. Legacy tar with links and traversal.
