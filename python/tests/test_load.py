@@ -870,3 +870,29 @@ def test_a_process_forked_after_a_load_reads_ahead_with_its_own_thread(page_cach
     assert code is not None, "the forked child's load did not end in 60 s"
     assert code != 3, "the forked child's load read nothing ahead in 20 s"
     assert code == 0, f"the forked child failed (exit status {code})"
+
+
+def test_a_file_larger_than_memory_and_swap_opens_mapped(tmp_path):
+    """The default backend maps a file privately (writable tensors, no write
+    reaching the file) without reserving memory for it: the kernel's default
+    overcommit check refused such a mapping larger than RAM and swap, where
+    the reference's read-only mapping (its numpy path) opens."""
+    meminfo = dict(line.split(":", 1) for line in pathlib.Path("/proc/meminfo").read_text().splitlines())
+    ram_and_swap = sum(int(meminfo[key].split()[0]) * 1024 for key in ("MemTotal", "SwapTotal"))
+    if pathlib.Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "2":
+        pytest.skip("strict overcommit (vm.overcommit_memory=2) refuses any mapping past its commit limit")
+    size = ram_and_swap * 5 // 4
+    path = tmp_path / "sparse.safetensors"
+    header = b'{"a":{"dtype":"U8","shape":[%d],"data_offsets":[0,%d]}}' % (size, size)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.write(b"\x07" * 16)
+        try:
+            f.truncate(8 + len(header) + size)  # sparse: no disk used
+        except OSError as e:
+            pytest.skip(f"this filesystem cannot hold a sparse file of {size} bytes: {e}")
+    with tensafe.safe_open(path, "np") as f:
+        assert f.get_slice("a")[5:10].tolist() == [7] * 5
+    with tensafe.safe_open(path, "pt") as f:
+        part = f.get_slice("a")[14:18]
+        assert part.tolist() == [7, 7, 0, 0]

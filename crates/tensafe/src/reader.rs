@@ -312,7 +312,11 @@ impl MmapFile {
         // writer never does that, it replaces files by rename.
         let mapping = unsafe {
             if copy_on_write {
-                MmapOptions::new().map_copy(file).map(Mapping::CopyOnWrite)
+                // No swap reserved up front (MAP_NORESERVE): pages are only
+                // copied where written, and the kernel's default overcommit
+                // check refuses a private writable mapping larger than RAM
+                // and swap, which a read-only one of the same file is not.
+                MmapOptions::new().no_reserve_swap().map_copy(file).map(Mapping::CopyOnWrite)
             } else {
                 Mmap::map(file).map(Mapping::ReadOnly)
             }
