@@ -277,6 +277,20 @@ def test_a_whole_slice_of_a_mapped_file_is_a_view_of_its_tensor_as_the_reference
         assert f.get_slice("v")[1:5:7].tolist() == theirs.get_slice("v")[1:5:7].tolist() == [1.0]
 
 
+def test_a_tensor_with_no_elements_slices_whatever_its_other_dimensions(tmp_path):
+    # Valid: no bytes; its other dimensions multiply past 64 bits, so its
+    # row-major strides (the native plan's, torch's) overflow.
+    path = tmp_path / "e.safetensors"
+    header = b'{"a":{"dtype":"F32","shape":[0,1099511627776,1099511627776],"data_offsets":[0,0]}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with safetensors.safe_open(path, "pt") as theirs:
+        expected = tuple(theirs.get_slice("a")[0:0, 5:7].shape)
+    assert expected == (0, 2, 1 << 40)
+    for framework, backend in (("pt", "mmap"), ("pt", "pread"), ("np", "mmap"), ("np", "pread")):
+        with tensafe.safe_open(path, framework, backend=backend) as f:
+            assert tuple(f.get_slice("a")[0:0, 5:7].shape) == expected, (framework, backend)
+
+
 def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):
     path = tmp_path / "s.safetensors"
     ref_pt.save_file({"a": torch.zeros(3, 4)}, path)

@@ -71,17 +71,20 @@ impl SlicePlan {
         let (dims, out_shape) = select(shape, indices)?;
         let overflow = || Error::Overflow { name: "<slice>".into(), shape: shape.to_vec() };
 
+        let out_elements = dims.iter().try_fold(1usize, |a, d| a.checked_mul(d.count)).ok_or_else(overflow)?;
+        let byte_len = dtype.byte_len(out_elements).ok_or(Error::Misaligned { name: None })?;
+        if out_elements == 0 {
+            // Before the strides: those of a tensor with no elements (a
+            // dimension of 0 beside others) may not fit in a usize.
+            return Ok(SlicePlan { shape: out_shape, byte_len: 0, base: 0, run: 0, loops: Vec::new() });
+        }
+
         // Element strides of the input, row-major.
         let mut strides = vec![0usize; shape.len()];
         let mut acc = 1usize;
         for (k, &size) in shape.iter().enumerate().rev() {
             strides[k] = acc;
             acc = acc.checked_mul(size).ok_or_else(overflow)?;
-        }
-        let out_elements = dims.iter().try_fold(1usize, |a, d| a.checked_mul(d.count)).ok_or_else(overflow)?;
-        let byte_len = dtype.byte_len(out_elements).ok_or(Error::Misaligned { name: None })?;
-        if out_elements == 0 {
-            return Ok(SlicePlan { shape: out_shape, byte_len: 0, base: 0, run: 0, loops: Vec::new() });
         }
 
         // The innermost dimensions taken whole form one contiguous block; the
@@ -361,5 +364,8 @@ mod tests {
         assert_eq!(plan.ranges().count(), 0);
         let plan = SlicePlan::new(Dtype::F32, &[3, 5], &[SliceIndex::range(3, 3)]).unwrap();
         assert_eq!(plan.shape(), [0, 5]);
+        // No elements, though the other dimensions multiply past 2^64.
+        let plan = SlicePlan::new(Dtype::F32, &[0, 1 << 40, 1 << 40], &[FULL, SliceIndex::range(5, 7)]).unwrap();
+        assert_eq!((plan.shape(), plan.byte_len()), (&[0, 2, 1 << 40][..], 0));
     }
 }
