@@ -130,7 +130,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
         return match tensafe_pickle::convert_sharded(&index, &args.output, &options) {
             Ok(report) => {
                 if args.json {
-                    out!("{}\n", serde_json::to_string_pretty(&report).expect("reports serialize"));
+                    crate::emit_json(&report);
                 } else {
                     for (input, output, r) in &report.shards {
                         say!("{input} → {output}: {}, {}", crate::count(r.tensors.len(), "tensor"), crate::human_bytes(r.data_bytes as u128));
@@ -169,7 +169,7 @@ pub fn run(args: &ConvertArgs) -> ExitCode {
     match converted {
         Ok(report) => {
             if args.json {
-                out!("{}\n", serde_json::to_string_pretty(&report).expect("reports serialize"));
+                crate::emit_json(&report);
             } else {
                 let seconds = start.elapsed().as_secs_f64();
                 let root = if report.root.is_empty() { String::new() } else { format!(", state dict at `{}`", report.root) };

@@ -242,7 +242,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
             "identical": identical,
             "changes": changes,
         });
-        out!("{}\n", serde_json::to_string_pretty(&out).expect("JSON values serialize"));
+        crate::emit_json(&out);
     } else {
         say!("a: {} ({kind_a}, {})", args.a.display(), crate::count(na, "tensor"));
         say!("b: {} ({kind_b}, {})", args.b.display(), crate::count(nb, "tensor"));

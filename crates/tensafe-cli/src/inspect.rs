@@ -36,7 +36,7 @@ pub(crate) fn print_checkpoint<'a>(path: &Path, sharded: bool, shards: impl Iter
 /// Prints what `inspect` shows of `parts`.
 fn print(path: &Path, parts: &[Part<'_>], as_json: bool) -> ExitCode {
     if as_json {
-        out!("{}\n", serde_json::to_string_pretty(&to_json(parts)).expect("JSON values serialize"));
+        crate::emit_json(&to_json(parts));
     } else {
         out!("{}", to_table(path, parts));
     }

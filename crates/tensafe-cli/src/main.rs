@@ -109,6 +109,13 @@ pub(crate) fn emit(text: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Writes `value` to standard output as pretty JSON, what a name from a
+/// file could do to a terminal escaped ([`tensafe::PrintableJson`]).
+pub(crate) fn emit_json(value: &impl serde::Serialize) {
+    let text = serde_json::to_string_pretty(value).expect("reports and JSON values serialize");
+    emit(format_args!("{}\n", tensafe::PrintableJson(&text)));
+}
+
 /// Set when a signal's cleanup begins: the main thread then waits for it.
 static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

@@ -70,7 +70,7 @@ pub fn run(args: &ScanArgs) -> ExitCode {
     }
     let reports: Vec<ScanReport> = files.iter().map(|f| scan_file(f, &options)).collect();
     if args.json {
-        out!("{}\n", serde_json::to_string_pretty(&reports).expect("reports serialize"));
+        crate::emit_json(&reports);
     } else {
         for r in &reports {
             print_report(r, args.verbose);

@@ -38,6 +38,30 @@ fn inspect_small_file_table() {
 }
 
 #[test]
+fn json_output_escapes_what_could_drive_a_terminal() {
+    // An 8-bit CSI and a right-to-left override in a tensor name and in
+    // metadata: JSON writers leave both as they are.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hostile.safetensors");
+    let name = "w\u{9b}2J\u{202e}";
+    let metadata = std::collections::BTreeMap::from([("k\u{7f}".to_owned(), "\u{9b}v".to_owned())]);
+    let tensor = RawTensor { dtype: Dtype::U8, shape: &[1], data: &[0] };
+    tensafe::serialize_to_file([(name, tensor)], Some(&metadata), &path).unwrap();
+    let other = dir.path().join("other.safetensors");
+    tensafe::serialize_to_file([("x", tensor)], None, &other).unwrap();
+    let (file, other) = (path.to_str().unwrap(), other.to_str().unwrap());
+    for args in [&["inspect", "--json", file][..], &["diff", "--json", file, other]] {
+        let out = tensafe(args);
+        let text = stdout(&out);
+        assert!(!text.contains(['\u{9b}', '\u{202e}', '\u{7f}']), "{args:?}: {text}");
+        assert!(text.contains(r"w\u009b2J\u202e"), "{args:?}: {text}");
+        // Read back, the same name.
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(json.to_string().contains(name), "{args:?}: {json}");
+    }
+}
+
+#[test]
 fn counts_of_one_are_singular() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("one.safetensors");

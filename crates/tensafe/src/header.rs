@@ -287,6 +287,33 @@ impl fmt::Display for PrintableLine<'_> {
     }
 }
 
+/// JSON text (such as serde_json writes) in which every character that
+/// [`Printable`] escapes and JSON writers leave as they are (DEL, the C1
+/// controls, the invisible format characters) is a `\uXXXX` escape, which
+/// any JSON reader reads back as the same character: what a hostile name
+/// holds cannot drive a terminal through JSON output either. (Such
+/// characters can only be inside strings: JSON's own syntax is ASCII.)
+#[derive(Debug, Clone, Copy)]
+pub struct PrintableJson<'a>(pub &'a str);
+
+impl fmt::Display for PrintableJson<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        for c in self.0.chars() {
+            // The ASCII controls but DEL are escaped by any JSON writer,
+            // and line breaks between tokens must stay.
+            if (c == '\u{7f}' || !c.is_ascii()) && Printable::escapes(c, false) {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    write!(f, "\\u{unit:04x}")?;
+                }
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn write_escaped(f: &mut fmt::Formatter<'_>, text: &str, backslash: bool) -> fmt::Result {
     use fmt::Write;
     for c in text.chars() {
@@ -529,6 +556,18 @@ mod tests {
         let err = parse(&file(bom, 4)).unwrap_err().to_string();
         assert!(err.starts_with("invalid JSON in header: expected value at line 1 column 1"), "{err}");
         assert!(!err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn printable_json_escapes_what_json_writers_leave_and_reads_back_the_same() {
+        let names = ["w\u{9b}2J\u{202e}", "del\u{7f}", "tag\u{e0041}", "plain é ü 名", "esc\u{1b}[2J\nnewline"];
+        let value = serde_json::json!({ "names": names });
+        let text = PrintableJson(&serde_json::to_string_pretty(&value).unwrap()).to_string();
+        assert!(text.contains(r"w\u009b2J\u202e") && text.contains(r"del\u007f") && text.contains(r"tag\udb40\udc41"), "{text}");
+        assert!(text.contains("plain é ü 名") && text.contains(r"esc\u001b[2J\nnewline"), "{text}");
+        assert!(text.chars().all(|c| !(c == '\u{7f}' || !c.is_ascii()) || !Printable::escapes(c, false)), "{text}");
+        assert_eq!(text.lines().count(), 9, "the layout's line breaks stay: {text}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), value);
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub use atomic::{remove_unfinished_files, write_atomically, write_file_atomicall
 pub use dtype::Dtype;
 pub use error::{Diagnosis, Error, Result};
 pub use fs::{open_regular, FileVersion, FilesystemKind};
-pub use header::{Header, Printable, PrintableLine, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
+pub use header::{Header, Printable, PrintableJson, PrintableLine, ReadOptions, TensorInfo, DEFAULT_MAX_HEADER_SIZE, METADATA_KEY};
 pub use parallel::{Split, TensorParallelPlan};
 pub use reader::{MmapFile, PreadFile, SafeTensors, SharedMapping, TensorView};
 pub use shards::{
