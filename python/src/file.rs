@@ -53,6 +53,46 @@ fn read_with_engine(
     Ok(stats.reads)
 }
 
+/// A slice of a pread file of one run up to this size is one read on the
+/// calling thread; larger ones, and those of several runs (a column's
+/// rows), go through the engine: its readers, runs close together read as
+/// one span, a check for Ctrl-C every tick.
+const ENGINE_SLICE_BYTES: usize = 1 << 20;
+
+/// Reads the runs of `plan`, of the tensor whose bytes begin at `begin` in
+/// `p`, into `dst` with the engine. Runs of a few bytes each that fill a
+/// good part of the bytes they span (a column of a narrow matrix): the span
+/// is read, and the runs copied out of it (a run costs the engine about
+/// ten times what a copy does). Otherwise the runs, a million at a time (a
+/// list of runs takes 24 bytes each: a column of a tall tensor has one per
+/// row).
+fn read_plan_with_engine(p: &PreadFile, begin: u64, plan: &SlicePlan, dst: &mut [u8]) -> PyResult<()> {
+    const RUNS_AT_A_TIME: usize = 1 << 20;
+    const SMALL_RUN: usize = 1 << 10;
+    let span = plan.span();
+    if plan.byte_len() < SMALL_RUN * plan.num_ranges() && span.len() / 4 <= plan.byte_len() {
+        let mut bytes = vec![0u8; span.len()];
+        let whole = [tensafe_io::ReadRange { file_offset: begin + span.start as u64, dst_offset: 0, len: span.len() }];
+        read_with_engine(p, &whole, &mut bytes, engine_options(None, None, None), &mut |_| Ok(()))?;
+        return plan.copy_from_span(&bytes, dst).map_err(|e| error("", &e));
+    }
+    let mut runs = plan.ranges();
+    let mut batch = Vec::new();
+    let mut written = 0;
+    loop {
+        let start = written;
+        batch.clear();
+        for run in runs.by_ref().take(RUNS_AT_A_TIME) {
+            batch.push(tensafe_io::ReadRange { file_offset: begin + run.start as u64, dst_offset: written - start, len: run.len() });
+            written += run.len();
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        read_with_engine(p, &batch, &mut dst[start..written], engine_options(None, None, None), &mut |_| Ok(()))?;
+    }
+}
+
 /// Refuses what a long read of `p` gave if the file was written since
 /// `before` (by another process, in place, which a truncation check does
 /// not see): the bytes read could mix two versions of it.
@@ -723,6 +763,10 @@ impl File {
             py.detach(|| match (self.source.data(), &self.source) {
                 (Some(data), _) => plan.copy_into(&data[info.data_offsets.0..info.data_offsets.1], dst).map_err(|e| error("", &e)),
                 (None, Source::Remote(r)) => r.read_slice_into(name, &plan, dst).map(|_| ()).map_err(remote_error),
+                (None, Source::Pread(p)) if plan.num_ranges() > 1 || plan.byte_len() > ENGINE_SLICE_BYTES => {
+                    let data_start = self.header().data_start() + info.data_offsets.0 as u64;
+                    read_plan_with_engine(p, data_start, &plan, dst)
+                }
                 (None, Source::Pread(p)) => p.read_slice_into(name, &plan, dst).map_err(|e| error("Could not read tensor bytes for slicing: ", &e)),
                 (None, _) => unreachable!("only pread and remote files have no data in memory"),
             })

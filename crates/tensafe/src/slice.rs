@@ -137,14 +137,34 @@ impl SlicePlan {
         ByteRanges { plan: self, position: vec![0; self.loops.len()], done: self.byte_len == 0 }
     }
 
+    /// The bytes of the tensor from the start of the first run to the end of
+    /// the last (empty for an empty selection).
+    pub fn span(&self) -> Range<usize> {
+        if self.byte_len == 0 {
+            return 0..0;
+        }
+        let last = self.base + self.loops.iter().map(|(count, stride)| (count - 1) * stride).sum::<usize>();
+        self.base..last + self.run
+    }
+
     /// Copies the selection out of `tensor` (the whole tensor's bytes) into `dst`.
     pub fn copy_into(&self, tensor: &[u8], dst: &mut [u8]) -> Result<()> {
+        let span = self.span();
+        let bytes = tensor.get(span.clone()).ok_or(Error::BufferSize { expected: span.end as u64, actual: tensor.len() as u64 })?;
+        self.copy_from_span(bytes, dst)
+    }
+
+    /// Copies the selection out of `span`, the tensor's bytes of
+    /// [`SlicePlan::span`], into `dst`.
+    pub fn copy_from_span(&self, span: &[u8], dst: &mut [u8]) -> Result<()> {
         if dst.len() != self.byte_len {
             return Err(Error::BufferSize { expected: self.byte_len as u64, actual: dst.len() as u64 });
         }
+        let start = self.span().start;
         let mut written = 0;
         for range in self.ranges() {
-            let src = tensor.get(range.clone()).ok_or(Error::BufferSize { expected: range.end as u64, actual: tensor.len() as u64 })?;
+            let (from, to) = (range.start - start, range.end - start);
+            let src = span.get(from..to).ok_or(Error::BufferSize { expected: to as u64, actual: span.len() as u64 })?;
             dst[written..written + src.len()].copy_from_slice(src);
             written += src.len();
         }
@@ -355,6 +375,31 @@ mod tests {
         assert_eq!(plan.ranges().next(), Some(1..2));
         assert!(matches!(SlicePlan::new(Dtype::F4, &[4, 4], &[FULL, SliceIndex::range(1, 3)]), Err(Error::Misaligned { .. })));
         assert!(matches!(SlicePlan::new(Dtype::F4, &[3, 3], &[Index(1)]), Err(Error::Misaligned { .. })));
+    }
+
+    #[test]
+    fn the_span_runs_from_the_first_byte_selected_to_the_last() {
+        let shape = [4, 5, 6];
+        let cases: [&[SliceIndex]; 5] = [
+            &[FULL, Index(2)],
+            &[SliceIndex::range(1, 3), FULL, SliceIndex::range(2, 4)],
+            &[Index(3)],
+            &[SliceIndex::Range { start: Some(0), stop: Some(4), step: Some(3) }, Index(1), Index(5)],
+            &[],
+        ];
+        let tensor: Vec<u8> = (0..4 * 5 * 6 * 2).map(|i| i as u8).collect();
+        for indices in cases {
+            let plan = SlicePlan::new(Dtype::F16, &shape, indices).unwrap();
+            let ranges: Vec<_> = plan.ranges().collect();
+            let span = plan.span();
+            assert_eq!(span, ranges[0].start..ranges.last().unwrap().end, "{indices:?}");
+            let (mut from_tensor, mut from_span) = (vec![0; plan.byte_len()], vec![0; plan.byte_len()]);
+            plan.copy_into(&tensor, &mut from_tensor).unwrap();
+            plan.copy_from_span(&tensor[span], &mut from_span).unwrap();
+            assert_eq!(from_tensor, from_span, "{indices:?}");
+            assert_eq!(from_tensor, ranges.iter().flat_map(|r| tensor[r.clone()].to_vec()).collect::<Vec<_>>());
+        }
+        assert_eq!(SlicePlan::new(Dtype::F16, &shape, &[SliceIndex::range(2, 2)]).unwrap().span(), 0..0);
     }
 
     #[test]
