@@ -489,9 +489,11 @@ class safe_open:
     def _in_memory(self, file: File, code: str, shape: List[int], begin: int, end: int) -> Any:
         """A tensor of a mapped or in-memory file, cut out of its data
         section in place (per handle, one buffer and typed views per dtype)."""
-        if self._cutter is None:
-            self._cutter = _Cutter(self._framework, file.data_buffer())
-        return self._cutter.cut(code, shape, begin, end)
+        # Read once: another thread may close the handle (and drop it) meanwhile.
+        cutter = self._cutter
+        if cutter is None:
+            cutter = self._cutter = _Cutter(self._framework, file.data_buffer())
+        return cutter.cut(code, shape, begin, end)
 
     def get_tensors(self, *, threads: Optional[int] = None, progress: Any = None, drop_cache: bool = False) -> Dict[str, Any]:
         """Every tensor, in file order.
