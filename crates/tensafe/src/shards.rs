@@ -313,10 +313,13 @@ impl Checkpoint<PreadFile> {
     pub fn open(path: impl AsRef<Path>) -> Result<ShardedCheckpoint> {
         let path = path.as_ref();
         let index_path = if path.is_dir() {
+            // Present in any form (a FIFO, a folder, a broken link): opened,
+            // so that the error says what is wrong with it.
+            let present = |name: &str| path.join(name).symlink_metadata().is_ok();
             let index = path.join(INDEX_FILE);
-            if index.is_file() {
+            if present(INDEX_FILE) {
                 Some(index)
-            } else if path.join(SINGLE_FILE).is_file() {
+            } else if present(SINGLE_FILE) {
                 return Ok(Checkpoint::single(PreadFile::open(path.join(SINGLE_FILE))?));
             } else {
                 // Not found, like a missing file (and a remote "directory" with neither).
@@ -749,6 +752,19 @@ mod tests {
         std::fs::write(dir.path().join("pytorch_model.bin"), b"").unwrap();
         let err = ShardedCheckpoint::open(dir.path()).map(drop).unwrap_err().to_string();
         assert!(err.contains("a torch checkpoint (pytorch_model.bin): `tensafe convert` converts it"), "{err}");
+        // An index or model file that is there but is no file: named as what it is.
+        #[cfg(unix)]
+        for name in [INDEX_FILE, SINGLE_FILE] {
+            let dir = tempfile::tempdir().unwrap();
+            let missing = dir.path().join("gone");
+            std::os::unix::fs::symlink(&missing, dir.path().join(name)).unwrap();
+            let err = ShardedCheckpoint::open(dir.path()).map(drop).unwrap_err().to_string();
+            assert!(err.contains(name) && !err.contains("neither"), "{name}: {err}");
+            std::fs::remove_file(dir.path().join(name)).unwrap();
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            let err = ShardedCheckpoint::open(dir.path()).map(drop).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains("directory") && !err.contains("neither"), "{name}: {err}");
+        }
     }
 
     #[test]
