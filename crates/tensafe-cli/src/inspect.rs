@@ -62,23 +62,44 @@ fn totals_by_dtype(parts: &[Part<'_>]) -> BTreeMap<Dtype, Totals> {
     totals
 }
 
-fn to_json(parts: &[Part<'_>]) -> serde_json::Value {
+/// One tensor of `inspect --json`, borrowed from its header (a header of a
+/// million tensors would take gigabytes as `serde_json::Value`s).
+#[derive(serde::Serialize)]
+struct TensorEntry<'a> {
+    name: &'a str,
+    dtype: &'static str,
+    shape: &'a [usize],
+    data_offsets: [usize; 2],
+    file_offset: u64,
+    bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<&'a str>,
+}
+
+/// What `inspect --json` prints.
+#[derive(serde::Serialize)]
+struct Listing<'a> {
+    header_bytes: u64,
+    data_bytes: u64,
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    tensors: Vec<TensorEntry<'a>>,
+    totals: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<Vec<Option<&'a str>>>,
+}
+
+fn to_json<'a>(parts: &'a [Part<'a>]) -> Listing<'a> {
     let tensors: Vec<_> = parts
         .iter()
         .flat_map(|part| {
-            part.header.iter().map(move |(name, info)| {
-                let mut entry = json!({
-                    "name": name,
-                    "dtype": info.dtype.code(),
-                    "shape": info.shape,
-                    "data_offsets": [info.data_offsets.0, info.data_offsets.1],
-                    "file_offset": part.header.data_start() + info.data_offsets.0 as u64,
-                    "bytes": info.byte_len(),
-                });
-                if let Some(shard) = &part.shard {
-                    entry["shard"] = json!(shard);
-                }
-                entry
+            part.header.iter().map(move |(name, info)| TensorEntry {
+                name,
+                dtype: info.dtype.code(),
+                shape: &info.shape,
+                data_offsets: [info.data_offsets.0, info.data_offsets.1],
+                file_offset: part.header.data_start() + info.data_offsets.0 as u64,
+                bytes: info.byte_len(),
+                shard: part.shard.as_deref(),
             })
         })
         .collect();
@@ -91,22 +112,20 @@ fn to_json(parts: &[Part<'_>]) -> serde_json::Value {
         .and_then(Header::metadata)
         .map(|m| m.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>());
     let data_bytes: u64 = parts.iter().map(|p| p.header.data_len() as u64).sum();
-    let mut out = json!({
-        "header_bytes": parts.iter().map(|p| p.header.header_len_bytes() as u64).sum::<u64>(),
-        "data_bytes": data_bytes,
-        "metadata": metadata,
-        "tensors": tensors,
-        "totals": {
-            "tensors": tensors.len(),
-            "parameters": by_dtype.values().map(|v| v["parameters"].as_u64().unwrap_or(0)).sum::<u64>(),
-            "bytes": data_bytes,
-            "by_dtype": by_dtype,
-        },
+    let totals = json!({
+        "tensors": tensors.len(),
+        "parameters": by_dtype.values().map(|v| v["parameters"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "bytes": data_bytes,
+        "by_dtype": by_dtype,
     });
-    if parts.iter().any(|p| p.shard.is_some()) {
-        out["shards"] = json!(parts.iter().map(|p| p.shard.clone()).collect::<Vec<_>>());
+    Listing {
+        header_bytes: parts.iter().map(|p| p.header.header_len_bytes() as u64).sum::<u64>(),
+        data_bytes,
+        metadata,
+        tensors,
+        totals,
+        shards: parts.iter().any(|p| p.shard.is_some()).then(|| parts.iter().map(|p| p.shard.as_deref()).collect()),
     }
-    out
 }
 
 fn to_table(path: &Path, parts: &[Part<'_>]) -> String {
