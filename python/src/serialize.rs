@@ -3,6 +3,7 @@
 //! `serialize_buffers` and `save_sharded_buffers`, and `deserialize`.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 
 use pyo3::buffer::PyUntypedBuffer;
@@ -180,6 +181,51 @@ fn metadata_arg(metadata: Option<&Bound<'_, PyDict>>) -> PyResult<Option<BTreeMa
 }
 
 
+/// Bytes a save writes between two runs of Python's signal handlers.
+const SIGNAL_CHECK_BYTES: usize = 64 << 20;
+
+/// A writer that runs Python's signal handlers (taking the GIL for it)
+/// every [`SIGNAL_CHECK_BYTES`] written, so that Ctrl-C stops a long save:
+/// the handler's exception fails the write, the temporary file is removed
+/// and the file saved to stays as it was. (The reference, and this before,
+/// raised it only once the new file was in place.)
+struct Interruptible<'w> {
+    out: &'w mut dyn Write,
+    unchecked: usize,
+}
+
+impl<'w> Interruptible<'w> {
+    fn new(out: &'w mut dyn Write) -> Self {
+        Interruptible { out, unchecked: 0 }
+    }
+}
+
+impl Write for Interruptible<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.unchecked >= SIGNAL_CHECK_BYTES {
+            Python::attach(|py| py.check_signals()).map_err(std::io::Error::other)?;
+            self.unchecked = 0;
+        }
+        let written = self.out.write(&buf[..buf.len().min(SIGNAL_CHECK_BYTES)])?;
+        self.unchecked += written;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The exception a signal handler raised during a save, or the save's error.
+fn raised_or_serialize_error(e: Error) -> PyErr {
+    if let Error::Io { source, .. } = e.without_file()
+        && let Some(raised) = source.get_ref().and_then(|inner| inner.downcast_ref::<PyErr>())
+    {
+        return Python::attach(|py| raised.clone_ref(py));
+    }
+    serialize_error(e)
+}
+
 /// Writes to `filename` (atomically; a URL is uploaded) or into new
 /// `bytes`, without the GIL.
 fn write<'py>(py: Python<'py>, tensors: Vec<Owned>, metadata: Option<BTreeMap<String, String>>, filename: Option<PathBuf>) -> PyResult<Option<Bound<'py, PyBytes>>> {
@@ -190,7 +236,11 @@ fn write<'py>(py: Python<'py>, tensors: Vec<Owned>, metadata: Option<BTreeMap<St
             Ok(None)
         }
         Some((path, None)) => {
-            py.detach(|| tensafe::serialize_to_file(items(), metadata.as_ref(), path)).map_err(serialize_error)?;
+            py.detach(|| {
+                let prepared = tensafe::prepare(items(), metadata.as_ref(), &Default::default()).map_err(|e| e.in_file(path))?;
+                tensafe::write_atomically(path, |out| prepared.write_to(&mut Interruptible::new(out))).map_err(|e| e.in_file(path))
+            })
+            .map_err(raised_or_serialize_error)?;
             Ok(None)
         }
         None => {

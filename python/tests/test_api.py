@@ -815,3 +815,32 @@ def test_names_that_are_not_utf8_are_local_paths_and_urls_follow_one_rule(tmp_pa
     assert File.is_remote("HTTP://127.0.0.1/x.safetensors") and File.is_remote("adl://c/x/") and File.is_remote("s3a://b/k")
     assert not File.is_remote("http:/x") and not File.is_remote(str(tmp_path)) and not File.is_remote(os.fsdecode(name))
     assert _is_checkpoint("Https://host/ckpt/") and _is_checkpoint("azure://c/ckpt/model.safetensors.index.json")
+
+
+def test_a_signal_handler_stops_a_save_midway_and_the_old_file_stays(tmp_path):
+    """Ctrl-C (here an alarm whose handler raises) stops a long save_file
+    between two 64 MiB writes: its exception comes out, the file saved to is
+    still the old one and no temporary file is left. (The reference raises it
+    only once the new file is in place.)"""
+    import time
+
+    from conftest import seconds_until_a_signal_stops, stops_early
+
+    path = tmp_path / "model.safetensors"
+    ts_np.save_file({"old": np.arange(3, dtype=np.int64)}, path)
+    old = path.read_bytes()
+    big = {"x": np.resize(np.arange(251, dtype=np.uint8), 1 << 30)}
+
+    def save():
+        start = time.perf_counter()
+        ts_np.save_file(big, path)
+        return time.perf_counter() - start
+
+    full = save()
+    ts_np.save_file({"old": np.arange(3, dtype=np.int64)}, path)
+    if full < 0.4:
+        pytest.skip(f"a 1 GiB save takes {full:.2f} s here: too short to stop midway")
+    stopped = stops_early(lambda: seconds_until_a_signal_stops(save, after=0.05), full)
+    assert stopped < full / 2, f"stopped after {stopped:.2f} s of a {full:.2f} s save"
+    assert path.read_bytes() == old
+    assert os.listdir(tmp_path) == ["model.safetensors"]
