@@ -130,7 +130,7 @@ fn print_report(r: &ScanReport, verbose: bool) {
             say!("  [{:?}] {}, opcode at {}: {}: {}", a.severity, rep.name, a.offset, a.kind, a.detail);
         }
         if rep.dropped_events > 0 && (verbose || rep.severity() > Severity::Safe) {
-            say!("  {}: {} more events not recorded", rep.name, rep.dropped_events);
+            say!("  {}: {} more {} not recorded", rep.name, rep.dropped_events, crate::plural(u128::from(rep.dropped_events), "event"));
         }
         // Already said as the file's error when it stopped the scan.
         if let Some(e) = rep.error.as_ref().filter(|e| !r.error.as_ref().is_some_and(|whole| whole.starts_with(e.as_str()))) {

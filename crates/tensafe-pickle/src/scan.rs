@@ -686,14 +686,33 @@ impl<'o> Scanner<'o> {
             if !parsed_at.insert((e.data_offset, e.method, e.compressed_size)) {
                 continue;
             }
-            if e.method == 8 && e.size > budget {
-                // Not a sign of danger (a large checkpoint zipped again is
-                // one): an entry the scan could not read.
-                r.fail(format!("entry `{}` was not scanned: it inflates to {} bytes, more than the {budget} left of the inflate limit", e.name, e.size));
-                continue;
-            }
+            let declared_past_budget = e.method == 8 && e.size > budget;
             let data = match archive.data(bytes, e, &mut budget) {
                 Ok(d) => d,
+                // The declared size is only a claim, which other readers
+                // (Python's zipfile) ignore: what the entry really inflates
+                // to decides. Past the budget, it is an entry the scan could
+                // not read (a large checkpoint zipped again is not a sign of
+                // danger); within it, the claim was false, and what it holds
+                // is scanned.
+                Err(_) if declared_past_budget => {
+                    let raw = &bytes[e.data_offset as usize..(e.data_offset + e.compressed_size) as usize];
+                    match miniz_oxide::inflate::decompress_to_vec_with_limit(raw, budget as usize) {
+                        Ok(real) => {
+                            r.finding(Severity::Dangerous, "zip", format!("entry `{}` declares {} inflated bytes but inflates to {}", e.name, e.size, real.len()));
+                            budget -= real.len() as u64;
+                            std::borrow::Cow::Owned(real)
+                        }
+                        Err(error) if error.status == miniz_oxide::inflate::TINFLStatus::HasMoreOutput => {
+                            r.fail(format!("entry `{}` was not scanned: it inflates to more than the {budget} bytes left of the inflate limit", e.name));
+                            continue;
+                        }
+                        Err(error) => {
+                            r.finding(Severity::Dangerous, "zip", format!("entry `{}`: inflating failed ({:?})", e.name, error.status));
+                            continue;
+                        }
+                    }
+                }
                 Err(msg) => {
                     r.finding(Severity::Dangerous, "zip", msg);
                     if e.method == 0 {

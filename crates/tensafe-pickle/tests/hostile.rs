@@ -785,8 +785,18 @@ fn class28_compression_bombs() {
     scan_options.limits.max_inflate = 100;
     let r = scan_bytes(&bytes, "input", &scan_options);
     assert_eq!(r.verdict, Verdict::Error, "{:?}", r.findings);
-    assert!(r.error.as_deref().unwrap_or_default().contains("was not scanned: it inflates to"), "{:?}", r.error);
+    assert!(r.error.as_deref().unwrap_or_default().contains("was not scanned: it inflates to more than"), "{:?}", r.error);
     assert!(r.findings.iter().all(|f| f.severity < Severity::Dangerous), "{:?}", r.findings);
+    // A size claimed past the budget is not taken on trust: a small payload
+    // that claims more (Python's zipfile reads its real bytes) is scanned.
+    let c = Canary::new();
+    let payload = Asm::new().proto(2).system_call(&c.marker()).stop().finish();
+    let lying = Zip::new(vec![Entry { method: 8, declared_size: Some(1_000_000), crc: Some(0), ..Entry::new("payload.pkl", &payload) }]).build();
+    scan_options.limits.max_inflate = 1000;
+    let r = scan_bytes(&lying, "input", &scan_options);
+    assert_eq!(r.verdict, Verdict::Dangerous, "{:?} {:?}", r.findings, r.error);
+    assert!(imports(&r).iter().any(|g| g == "posix.system"), "{:?}", imports(&r));
+    assert!(r.findings.iter().any(|f| f.detail.contains("declares 1000000 inflated bytes but inflates to")), "{:?}", r.findings);
 }
 
 // 29. Legacy tar with links and traversal.
