@@ -108,14 +108,21 @@ def _torch_bytes(buf: Any) -> Any:
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 
-def _torch_from_bytes(code: str, shape: List[int], flat: Any) -> Any:
-    """Reinterprets a uint8 tensor holding one tensor (a view when aligned)."""
+def _torch_empty(shape: List[int], dtype: Any, device: Any = None) -> Any:
+    """A torch tensor of no elements: reshaped, as torch.empty(shape)
+    computes contiguous strides, which overflow for a 0 beside dimensions
+    that multiply past 64 bits (the reference gives such tensors)."""
     import torch
 
+    return torch.empty(0, dtype=dtype, device=device).reshape(shape)
+
+
+def _torch_from_bytes(code: str, shape: List[int], flat: Any) -> Any:
+    """Reinterprets a uint8 tensor holding one tensor (a view when aligned)."""
     dtype = _dtypes.torch_dtype(code)
     shape = _dtypes.packed_shape(code, shape)
     if flat.numel() == 0:
-        return torch.empty(shape, dtype=dtype, device=flat.device)
+        return _torch_empty(shape, dtype, flat.device)
     try:
         return flat.view(dtype).reshape(shape)
     except RuntimeError:
@@ -274,9 +281,7 @@ class _Cutter:
         if code == "F4":
             shape = _dtypes.packed_shape(code, shape)
         if end == begin:
-            import torch
-
-            return torch.empty(shape, dtype=dtype)
+            return _torch_empty(shape, dtype)
         flat = _frombuffer(self.buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
         # Already 1-D: skip the reshape (a microsecond per tensor).
         return flat if len(shape) == 1 else flat.view(shape)

@@ -289,6 +289,14 @@ def test_a_tensor_with_no_elements_slices_whatever_its_other_dimensions(tmp_path
     for framework, backend in (("pt", "mmap"), ("pt", "pread"), ("np", "mmap"), ("np", "pread")):
         with tensafe.safe_open(path, framework, backend=backend) as f:
             assert tuple(f.get_slice("a")[0:0, 5:7].shape) == expected, (framework, backend)
+    # The whole of it too, with torch, as the reference gives it (numpy
+    # refuses an array whose dimensions multiply past 64 bits).
+    with safetensors.safe_open(path, "pt") as theirs:
+        whole = tuple(theirs.get_slice("a")[:].shape)
+    for backend in ("mmap", "pread"):
+        with tensafe.safe_open(path, "pt", backend=backend) as f:
+            assert tuple(f.get_slice("a")[:].shape) == tuple(f.get_slice("a")[...].shape) == whole, backend
+            assert tuple(f.get_tensor("a").shape) == whole, backend
 
 
 def test_slice_errors_are_also_the_builtin_errors_torch_raises(tmp_path):

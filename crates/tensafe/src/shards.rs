@@ -313,13 +313,16 @@ impl Checkpoint<PreadFile> {
     pub fn open(path: impl AsRef<Path>) -> Result<ShardedCheckpoint> {
         let path = path.as_ref();
         let index_path = if path.is_dir() {
-            // Present in any form (a FIFO, a folder, a broken link): opened,
+            // A file first (the index, then the model file); else one that is
+            // there in another form (a FIFO, a folder, a broken link), opened
             // so that the error says what is wrong with it.
+            let file = |name: &str| path.join(name).is_file();
             let present = |name: &str| path.join(name).symlink_metadata().is_ok();
             let index = path.join(INDEX_FILE);
-            if present(INDEX_FILE) {
+            let single = !file(INDEX_FILE) && (file(SINGLE_FILE) || !present(INDEX_FILE) && present(SINGLE_FILE));
+            if !single && present(INDEX_FILE) {
                 Some(index)
-            } else if present(SINGLE_FILE) {
+            } else if single {
                 return Ok(Checkpoint::single(PreadFile::open(path.join(SINGLE_FILE))?));
             } else {
                 // Not found, like a missing file (and a remote "directory" with neither).
@@ -764,6 +767,16 @@ mod tests {
             std::fs::create_dir(dir.path().join(name)).unwrap();
             let err = ShardedCheckpoint::open(dir.path()).map(drop).unwrap_err().to_string();
             assert!(err.contains(name) && err.contains("directory") && !err.contains("neither"), "{name}: {err}");
+        }
+        // A model file beside a broken index link opens, as transformers
+        // (which looks for model.safetensors first) opens it.
+        #[cfg(unix)]
+        {
+            let dir = tempfile::tempdir().unwrap();
+            std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join(INDEX_FILE)).unwrap();
+            let data = 1f32.to_le_bytes();
+            crate::serialize_to_file([("w", crate::RawTensor { dtype: crate::Dtype::F32, shape: &[1], data: &data })], None, dir.path().join(SINGLE_FILE)).unwrap();
+            assert!(ShardedCheckpoint::open(dir.path()).unwrap().index().is_none());
         }
     }
 
