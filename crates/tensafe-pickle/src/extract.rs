@@ -399,9 +399,11 @@ fn module_state(heap: &Heap, o: &crate::value::Opaque) -> Option<Vec<(Value, Str
 /// A JSON rendering of a non-tensor value, bounded in depth and in size by
 /// `budget`: [`JSON_NODE_UNITS`] per value (about what a JSON value takes
 /// in memory), a cut-off placeholder included, and a unit per byte of its
-/// strs, spent as it renders. What is left once the budget is spent, or
-/// below [`JSON_DEPTH`], shows as `"…"`, once per container: the work is
-/// bounded by the budget, however often a pickle refers to one value (4000
+/// strs, spent as it renders. A value below [`JSON_DEPTH`] shows as `"…"`
+/// (and pays as any value), and what a container has left once the budget
+/// is spent as one `"…"`: the work is bounded by the budget (a big int is
+/// one value, up to its limit of digits), however often a pickle refers to
+/// one value (4000
 /// references to a 1 MB str took 4 GB when only values were counted, and
 /// wide lists of values past the depth limit, free, took minutes).
 pub fn to_json(heap: &Heap, v: &Value, budget: &mut usize) -> serde_json::Value {
