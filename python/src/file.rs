@@ -60,19 +60,14 @@ fn read_with_engine(
 const ENGINE_SLICE_BYTES: usize = 1 << 20;
 
 /// Reads the runs of `plan`, of the tensor whose bytes begin at `begin` in
-/// `p`, into `dst` with the engine. Runs of a few bytes each that fill half
-/// or more of the bytes they span (a column of a narrow matrix), or span at
-/// most 64 MiB: the span is read into a temporary buffer (at most the
-/// larger of twice the selection and 64 MiB), and the runs copied out of it
-/// (a run costs the engine about ten times what a copy does). Otherwise the
-/// runs, a million at a time (a list of runs takes 24 bytes each: a column
-/// of a tall tensor has one per row).
+/// `p`, into `dst` with the engine: the span, its runs copied out of it,
+/// where [`SlicePlan::reads_as_span`] (a column of a narrow matrix); else
+/// the runs, a million at a time (a list of runs takes 24 bytes each: a
+/// column of a tall tensor has one per row).
 fn read_plan_with_engine(p: &PreadFile, begin: u64, plan: &SlicePlan, dst: &mut [u8]) -> PyResult<()> {
     const RUNS_AT_A_TIME: usize = 1 << 20;
-    const SMALL_RUN: usize = 1 << 10;
-    const SMALL_SPAN: usize = 64 << 20;
-    let span = plan.span();
-    if plan.byte_len() < SMALL_RUN * plan.num_ranges() && (span.len() / 2 <= plan.byte_len() || span.len() <= SMALL_SPAN) {
+    if plan.reads_as_span() {
+        let span = plan.span();
         let mut bytes = vec![0u8; span.len()];
         let whole = [tensafe_io::ReadRange { file_offset: begin + span.start as u64, dst_offset: 0, len: span.len() }];
         read_with_engine(p, &whole, &mut bytes, engine_options(None, None, None), &mut |_| Ok(()))?;

@@ -245,15 +245,7 @@ impl RemoteFile {
     /// a caller read the slices of many tensors (e.g. one rank's share of a
     /// whole checkpoint) in one concurrent [`read_into`].
     pub fn slice_ranges<'f>(&'f self, name: &str, plan: &SlicePlan, dst_offset: usize, out: &mut Vec<RemoteRange<'f>>) -> Result<()> {
-        let format = |e| RemoteError::format(self.url.as_str(), e);
-        let info = self.header.info(name).map_err(format)?;
-        let end = plan.ranges().map(|r| r.end).max().unwrap_or(0);
-        if end > info.byte_len() {
-            return Err(format(tensafe::Error::InvalidSlice {
-                reason: format!("the plan reaches byte {end} of tensor `{}`, which has {} bytes", tensafe::Printable(name), info.byte_len()),
-            }));
-        }
-        let base = self.header.data_start() + info.data_offsets.0 as u64;
+        let base = self.slice_base(name, plan)?;
         let mut at = dst_offset;
         out.extend(plan.ranges().map(|r| {
             let range = self.range(base + r.start as u64, at, r.len());
@@ -263,6 +255,20 @@ impl RemoteFile {
         Ok(())
     }
 
+    /// Where tensor `name`'s bytes begin in the file, once `plan` is known to
+    /// stay within them.
+    fn slice_base(&self, name: &str, plan: &SlicePlan) -> Result<u64> {
+        let format = |e| RemoteError::format(self.url.as_str(), e);
+        let info = self.header.info(name).map_err(format)?;
+        let end = plan.span().end;
+        if end > info.byte_len() {
+            return Err(format(tensafe::Error::InvalidSlice {
+                reason: format!("the plan reaches byte {end} of tensor `{}`, which has {} bytes", tensafe::Printable(name), info.byte_len()),
+            }));
+        }
+        Ok(self.header.data_start() + info.data_offsets.0 as u64)
+    }
+
     /// Reads only the bytes a slice selects into `dst` (`plan.byte_len()`
     /// bytes): the plan's runs become range requests, merged across gaps of
     /// at most [`RemoteOptions::merge_gap`].
@@ -270,6 +276,15 @@ impl RemoteFile {
         if dst.len() != plan.byte_len() {
             let e = tensafe::Error::BufferSize { expected: plan.byte_len() as u64, actual: dst.len() as u64 };
             return Err(RemoteError::format(self.url.as_str(), e));
+        }
+        if plan.reads_as_span() && plan.largest_gap() <= self.options.merge_gap {
+            // One range for runs of a few bytes (no list of millions of them).
+            let span = plan.span();
+            let mut bytes = vec![0u8; span.len()];
+            let start = self.slice_base(name, plan)? + span.start as u64;
+            let traffic = read_into(&[self.range(start, 0, span.len())], &mut bytes, &self.options, None)?;
+            plan.copy_from_span(&bytes, dst).map_err(|e| RemoteError::format(self.url.as_str(), e))?;
+            return Ok(traffic);
         }
         let mut ranges = Vec::with_capacity(plan.num_ranges());
         self.slice_ranges(name, plan, 0, &mut ranges)?;

@@ -147,6 +147,36 @@ impl SlicePlan {
         self.base..last + self.run
     }
 
+    /// Whether a reader should read the [`SlicePlan::span`] and copy the runs
+    /// out of it ([`SlicePlan::copy_from_span`]) rather than read each run:
+    /// for runs under 1 KiB on average (a read, or a range in a request,
+    /// costs about ten times a copy of its bytes) that fill at least half of
+    /// the span, or span at most 64 MiB, so that the span's buffer holds at
+    /// most the larger of twice the selection and 64 MiB.
+    pub fn reads_as_span(&self) -> bool {
+        const SMALL_RUN: usize = 1 << 10;
+        const SMALL_SPAN: usize = 64 << 20;
+        let span = self.span().len();
+        self.byte_len < SMALL_RUN.saturating_mul(self.num_ranges()) && (span / 2 <= self.byte_len || span <= SMALL_SPAN)
+    }
+
+    /// The largest number of bytes between two consecutive runs (0 for one
+    /// run): what a reader that merges runs across gaps must bridge to read
+    /// the span as one.
+    pub fn largest_gap(&self) -> usize {
+        // Advancing loop k by one (those inside it back at their start)
+        // jumps its stride from the start of the last run inside it.
+        let mut inner_extent = self.run;
+        let mut largest = 0;
+        for &(count, stride) in self.loops.iter().rev() {
+            if count > 1 {
+                largest = largest.max(stride - inner_extent);
+            }
+            inner_extent += (count - 1) * stride;
+        }
+        if self.byte_len == 0 { 0 } else { largest }
+    }
+
     /// Copies the selection out of `tensor` (the whole tensor's bytes) into `dst`.
     pub fn copy_into(&self, tensor: &[u8], dst: &mut [u8]) -> Result<()> {
         let span = self.span();
@@ -398,6 +428,8 @@ mod tests {
             plan.copy_from_span(&tensor[span], &mut from_span).unwrap();
             assert_eq!(from_tensor, from_span, "{indices:?}");
             assert_eq!(from_tensor, ranges.iter().flat_map(|r| tensor[r.clone()].to_vec()).collect::<Vec<_>>());
+            let gaps = ranges.windows(2).map(|pair| pair[1].start - pair[0].end);
+            assert_eq!(plan.largest_gap(), gaps.max().unwrap_or(0), "{indices:?}");
         }
         assert_eq!(SlicePlan::new(Dtype::F16, &shape, &[SliceIndex::range(2, 2)]).unwrap().span(), 0..0);
     }
