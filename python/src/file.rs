@@ -62,8 +62,7 @@ const ENGINE_SLICE_BYTES: usize = 1 << 20;
 /// Reads the runs of `plan`, of the tensor whose bytes begin at `begin` in
 /// `p`, into `dst` with the engine: the span, its runs copied out of it,
 /// where [`SlicePlan::reads_as_span`] (a column of a narrow matrix); else
-/// the runs, a million at a time (a list of runs takes 24 bytes each: a
-/// column of a tall tensor has one per row).
+/// the runs, a million at a time ([`SlicePlan::batches`]).
 fn read_plan_with_engine(p: &PreadFile, begin: u64, plan: &SlicePlan, dst: &mut [u8]) -> PyResult<()> {
     const RUNS_AT_A_TIME: usize = 1 << 20;
     if plan.reads_as_span() {
@@ -73,21 +72,11 @@ fn read_plan_with_engine(p: &PreadFile, begin: u64, plan: &SlicePlan, dst: &mut 
         read_with_engine(p, &whole, &mut bytes, engine_options(None, None, None), &mut |_| Ok(()))?;
         return plan.copy_from_span(&bytes, dst).map_err(|e| error("", &e));
     }
-    let mut runs = plan.ranges();
-    let mut batch = Vec::new();
-    let mut written = 0;
-    loop {
-        let start = written;
-        batch.clear();
-        for run in runs.by_ref().take(RUNS_AT_A_TIME) {
-            batch.push(tensafe_io::ReadRange { file_offset: begin + run.start as u64, dst_offset: written - start, len: run.len() });
-            written += run.len();
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        read_with_engine(p, &batch, &mut dst[start..written], engine_options(None, None, None), &mut |_| Ok(()))?;
+    for (part, runs) in plan.batches(RUNS_AT_A_TIME) {
+        let ranges: Vec<_> = runs.into_iter().map(|(at, dst_offset, len)| tensafe_io::ReadRange { file_offset: begin + at as u64, dst_offset, len }).collect();
+        read_with_engine(p, &ranges, &mut dst[part], engine_options(None, None, None), &mut |_| Ok(()))?;
     }
+    Ok(())
 }
 
 /// Refuses what a long read of `p` gave if the file was written since

@@ -287,25 +287,15 @@ impl RemoteFile {
             return Ok(traffic);
         }
         // The runs a quarter million at a time: a list of them takes about
-        // 140 bytes a run with its pieces, and a column of a tall tensor
-        // has one run per row.
+        // 140 bytes a run with its pieces.
         const RUNS_AT_A_TIME: usize = 1 << 18;
         let base = self.slice_base(name, plan)?;
-        let mut runs = plan.ranges();
-        let mut batch = Vec::new();
-        let (mut written, mut traffic) = (0, Traffic::default());
-        loop {
-            let start = written;
-            batch.clear();
-            for run in runs.by_ref().take(RUNS_AT_A_TIME) {
-                batch.push(self.range(base + run.start as u64, written - start, run.len()));
-                written += run.len();
-            }
-            if batch.is_empty() {
-                return Ok(traffic);
-            }
-            traffic = traffic + read_into(&batch, &mut dst[start..written], &self.options, None)?;
+        let mut traffic = Traffic::default();
+        for (part, runs) in plan.batches(RUNS_AT_A_TIME) {
+            let ranges: Vec<_> = runs.into_iter().map(|(at, to, len)| self.range(base + at as u64, to, len)).collect();
+            traffic = traffic + read_into(&ranges, &mut dst[part], &self.options, None)?;
         }
+        Ok(traffic)
     }
 
     /// Reads the whole data section (every tensor, in file order) into `dst`

@@ -177,6 +177,28 @@ impl SlicePlan {
         if self.byte_len == 0 { 0 } else { largest }
     }
 
+    /// The runs, at most `size` at a time (a list of every run can take
+    /// gigabytes: a column of a tall tensor has one per row). Each batch
+    /// comes with the part of the output it fills and its runs as (offset
+    /// in the tensor, offset in that part, length).
+    pub fn batches(&self, size: usize) -> impl Iterator<Item = (Range<usize>, Vec<(usize, usize, usize)>)> + '_ {
+        let mut runs = self.ranges();
+        let mut written = 0;
+        std::iter::from_fn(move || {
+            let start = written;
+            let batch: Vec<_> = runs
+                .by_ref()
+                .take(size.max(1))
+                .map(|run| {
+                    let at = written - start;
+                    written += run.len();
+                    (run.start, at, run.len())
+                })
+                .collect();
+            (!batch.is_empty()).then(|| (start..written, batch))
+        })
+    }
+
     /// Copies the selection out of `tensor` (the whole tensor's bytes) into `dst`.
     pub fn copy_into(&self, tensor: &[u8], dst: &mut [u8]) -> Result<()> {
         let span = self.span();
@@ -430,6 +452,17 @@ mod tests {
             assert_eq!(from_tensor, ranges.iter().flat_map(|r| tensor[r.clone()].to_vec()).collect::<Vec<_>>());
             let gaps = ranges.windows(2).map(|pair| pair[1].start - pair[0].end);
             assert_eq!(plan.largest_gap(), gaps.max().unwrap_or(0), "{indices:?}");
+            // In batches of 2: the same runs, each batch filling its part.
+            let mut from_batches = vec![0; plan.byte_len()];
+            let mut filled = 0;
+            for (part, runs) in plan.batches(2) {
+                assert!(runs.len() <= 2 && part.start == filled, "{indices:?}");
+                for (at, to, len) in runs {
+                    from_batches[part.start + to..part.start + to + len].copy_from_slice(&tensor[at..at + len]);
+                }
+                filled = part.end;
+            }
+            assert_eq!((filled, from_batches), (plan.byte_len(), from_tensor), "{indices:?}");
         }
         assert_eq!(SlicePlan::new(Dtype::F16, &shape, &[SliceIndex::range(2, 2)]).unwrap().span(), 0..0);
     }
