@@ -195,7 +195,7 @@ impl SlicePlan {
                     (run.start, at, run.len())
                 })
                 .collect();
-            (!batch.is_empty()).then(|| (start..written, batch))
+            (!batch.is_empty()).then_some((start..written, batch))
         })
     }
 
