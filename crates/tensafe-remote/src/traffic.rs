@@ -324,7 +324,10 @@ impl Body for CountingBody {
                 let message = format!("the server's answer has more than {ANSWER_BODY_LIMIT} bytes, far more than this request's answer takes");
                 return Poll::Ready(Some(Err(HttpError::new(HttpErrorKind::Decode, std::io::Error::other(message)))));
             }
-            if n >= this.left {
+            // A failing body that reached its limit exactly goes on: only a
+            // byte past it is an error (cut there, the answer was read as
+            // complete and misparsed).
+            if n >= this.left && this.past_limit == PastLimit::Cut {
                 // Cut where a character starts, so that a UTF-8 body stays
                 // UTF-8 (object_store drops a body that is not, status and all).
                 let mut cut = this.left as usize;
@@ -408,6 +411,42 @@ mod tests {
         .unwrap();
         assert_eq!(read.len() as u64, ERROR_BODY_LIMIT - 1);
         assert!(std::str::from_utf8(&read).is_ok() && body.is_end_stream());
+    }
+
+    /// A body of the given frames.
+    struct Frames(std::collections::VecDeque<Bytes>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = HttpError;
+
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    /// Reads a failing body of `frames` with a limit of `limit` bytes.
+    fn read_failing(frames: &[usize], limit: u64) -> Result<Vec<u8>, HttpError> {
+        let frames = Frames(frames.iter().map(|&n| Bytes::from(vec![b'a'; n])).collect());
+        let mut body = CountingBody { inner: Some(HttpResponseBody::new(frames)), probe: None, left: limit, past_limit: PastLimit::Fail };
+        let mut read = Vec::new();
+        crate::store::block_on(async {
+            while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                read.extend_from_slice(frame?.data_ref().expect("data frames"));
+            }
+            Ok(read)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn answers_past_their_limit_fail_wherever_a_frame_ends() {
+        assert_eq!(read_failing(&[60, 40], 100).unwrap().len(), 100);
+        assert_eq!(read_failing(&[100], 100).unwrap().len(), 100);
+        for frames in [&[60, 41][..], &[101], &[100, 1], &[60, 40, 5]] {
+            let error = read_failing(frames, 100).expect_err("past the limit");
+            assert!(error.to_string().contains("more than"), "{frames:?}: {error}");
+        }
     }
 
     #[test]
