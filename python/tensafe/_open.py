@@ -648,9 +648,7 @@ class PySafeSlice:
         # A mapped file: the whole tensor is a view of the mapping, and
         # torch's basic indexing of it a view too, as the reference's (no
         # copy: transformers loads every weight as `get_slice(name)[...]`).
-        # A tensor with no elements has no bytes to view, and torch may
-        # not even compute its strides (a 0 beside dimensions of 2^40).
-        mapped = self._whole is not None and not self._packed and 0 not in self._shape
+        mapped = self._whole is not None and not self._packed
         native = not torch_checks_first and _natively_sliced(index)
         if self._framework == "pt" and (mapped or not native):
             if native and index is not Ellipsis:

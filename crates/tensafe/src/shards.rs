@@ -316,13 +316,11 @@ impl Checkpoint<PreadFile> {
             // A file first (the index, then the model file); else one that is
             // there in another form (a FIFO, a folder, a broken link), opened
             // so that the error says what is wrong with it.
-            let file = |name: &str| path.join(name).is_file();
-            let present = |name: &str| path.join(name).symlink_metadata().is_ok();
-            let index = path.join(INDEX_FILE);
-            let single = !file(INDEX_FILE) && (file(SINGLE_FILE) || !present(INDEX_FILE) && present(SINGLE_FILE));
-            if !single && present(INDEX_FILE) {
-                Some(index)
-            } else if single {
+            let names = [INDEX_FILE, SINGLE_FILE];
+            let chosen = names.into_iter().find(|name| path.join(name).is_file()).or_else(|| names.into_iter().find(|name| path.join(name).symlink_metadata().is_ok()));
+            if chosen == Some(INDEX_FILE) {
+                Some(path.join(INDEX_FILE))
+            } else if chosen == Some(SINGLE_FILE) {
                 return Ok(Checkpoint::single(PreadFile::open(path.join(SINGLE_FILE))?));
             } else {
                 // Not found, like a missing file (and a remote "directory" with neither).
